@@ -1,0 +1,1 @@
+"""intentrec online side: session state, context enrichment, ranking, HTTP ingress."""

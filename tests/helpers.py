@@ -1,0 +1,22 @@
+"""Small test helpers shared by every tier."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def wait_for_condition(
+    predicate: Callable[[], bool], timeout: float = 60.0, interval: float = 0.2, what: str = ""
+) -> None:
+    """Poll ``predicate`` until it returns True; fail with a readable message at the deadline."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception as exc:  # the condition may raise while a server is coming up
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"condition {what or predicate!r} not met within {timeout}s (last error: {last_exc!r})")
