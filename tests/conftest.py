@@ -54,7 +54,10 @@ def ray_cluster() -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
+        # address="local" always starts a fresh cluster: never join a `ray start` cluster that
+        # another test (the fake-cluster or job-submit smoke tests) may have running.
         ray.init(
+            address="local",
             num_cpus=2,
             include_dashboard=False,
             object_store_memory=256 * 1024 * 1024,
