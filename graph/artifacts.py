@@ -1,0 +1,262 @@
+"""Versioned model artifacts with an atomically switched ``LATEST`` pointer.
+
+Layout under ``root`` (a local folder or a pyarrow filesystem URI such as ``s3://bucket/models``)::
+
+    root/
+      LATEST                      one line: the version name (replaced atomically, last)
+      20171201T000000-1a2b3c/     one folder per version, never modified after LATEST names it
+        manifest.json             version, created, data fingerprint, config, training time, files
+        metrics.json              {model: {task: {metric: value}}}
+        user_emb.npy  item_emb.npy
+        users.parquet             user_id (row i = user index i)
+        items.parquet             item_id, title, category, department, brand, price (row = index)
+        signals/                  graph.signals.RankingSignals.save()
+        _COMPLETE                 written last inside the folder
+
+A reader resolves ``LATEST`` once and then reads only that folder, so a publish that happens while
+it reads cannot hand it half a model: the folder it reads was complete before the pointer moved.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from graph.errors import ArtifactError, NotFoundError
+
+LATEST = "LATEST"
+COMPLETE_MARKER = "_COMPLETE"
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+SIGNALS_DIR = "signals"
+FORMAT_VERSION = 1
+
+
+def _fs(root: str) -> tuple[pafs.FileSystem, str]:
+    """Resolve a local path or URI into (filesystem, path)."""
+    if "://" in root:
+        fs, path = pafs.FileSystem.from_uri(root)
+        return fs, path.rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
+
+
+def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return bytes(f.read())
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def new_version_name(now: datetime | None = None) -> str:
+    """Sortable, unique version name: ``YYYYmmddTHHMMSS-<6 hex>`` (UTC)."""
+    now = now or datetime.now(UTC)
+    return f"{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class ModelArtifact:
+    """One loaded model version: everything the ranker and the API need.
+
+    Shapes:
+        - **user_emb** ``[num_users, d]``, **item_emb** ``[num_items, d]`` (float32).
+    """
+
+    version: str
+    path: str
+    manifest: dict[str, Any]
+    metrics: dict[str, Any]
+    user_ids: np.ndarray
+    items: pd.DataFrame
+    user_emb: np.ndarray
+    item_emb: np.ndarray
+    signals: Any  # graph.signals.RankingSignals (typed loosely to keep this module import-light)
+
+    def user_index(self) -> dict[str, int]:
+        return {u: i for i, u in enumerate(self.user_ids.tolist())}
+
+    def item_index(self) -> dict[str, int]:
+        return {it: i for i, it in enumerate(self.items["item_id"].tolist())}
+
+
+def write_artifact(
+    root: str,
+    *,
+    user_ids: np.ndarray,
+    items: pd.DataFrame,
+    user_emb: np.ndarray,
+    item_emb: np.ndarray,
+    signals: Any,
+    metrics: dict[str, Any],
+    manifest: dict[str, Any],
+    version: str | None = None,
+    set_latest: bool = True,
+) -> str:
+    """Write a complete version folder, then (optionally) switch ``LATEST`` to it.
+
+    Returns:
+        The version name.
+    """
+    if user_emb.shape[0] != len(user_ids) or item_emb.shape[0] != len(items):
+        raise ArtifactError(
+            f"embedding rows ({user_emb.shape[0]} users, {item_emb.shape[0]} items) do not match "
+            f"the id maps ({len(user_ids)} users, {len(items)} items)"
+        )
+    fs, base = _fs(root)
+    version = version or new_version_name()
+    vdir = f"{base}/{version}"
+    fs.create_dir(vdir, recursive=True)
+
+    def npy(arr: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr, dtype=np.float32))
+        return buf.getvalue()
+
+    _write_bytes(fs, f"{vdir}/user_emb.npy", npy(user_emb))
+    _write_bytes(fs, f"{vdir}/item_emb.npy", npy(item_emb))
+    for name, df in (
+        ("users.parquet", pd.DataFrame({"user_id": np.asarray(user_ids).astype(str)})),
+        ("items.parquet", items.reset_index(drop=True)),
+    ):
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        _write_bytes(fs, f"{vdir}/{name}", buf.getvalue())
+    with tempfile.TemporaryDirectory() as tmp:
+        signals.save(tmp)
+        fs.create_dir(f"{vdir}/{SIGNALS_DIR}", recursive=True)
+        for f in sorted(Path(tmp).iterdir()):
+            _write_bytes(fs, f"{vdir}/{SIGNALS_DIR}/{f.name}", f.read_bytes())
+    full_manifest = {
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "num_users": len(user_ids),
+        "num_items": len(items),
+        "dim": int(item_emb.shape[1]),
+        **manifest,
+    }
+    _write_bytes(fs, f"{vdir}/{METRICS}", json.dumps(metrics, indent=2, sort_keys=True).encode())
+    _write_bytes(fs, f"{vdir}/{MANIFEST}", json.dumps(full_manifest, indent=2, default=str).encode())
+    _write_bytes(fs, f"{vdir}/{COMPLETE_MARKER}", b"ok\n")
+    if set_latest:
+        set_latest_version(root, version)
+    return version
+
+
+def set_latest_version(root: str, version: str) -> None:
+    """Point ``LATEST`` at ``version`` atomically (rename on local disk; one PUT on object stores).
+
+    Raises:
+        NotFoundError: if the version folder is not complete.
+    """
+    fs, base = _fs(root)
+    if not _exists(fs, f"{base}/{version}/{COMPLETE_MARKER}"):
+        raise NotFoundError(
+            f"model version {version!r} is not a complete artifact under {root}; "
+            f"available: {list_versions(root)}",
+            field="version",
+        )
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{base}/.{LATEST}.{os.getpid()}.{time.monotonic_ns()}"
+        with open(tmp, "w") as f:
+            f.write(version + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, f"{base}/{LATEST}")
+    else:
+        _write_bytes(fs, f"{base}/{LATEST}", (version + "\n").encode())
+
+
+def latest_version(root: str) -> str:
+    """The version ``LATEST`` names.
+
+    Raises:
+        ArtifactError: when there is none yet, saying how to make one.
+    """
+    fs, base = _fs(root)
+    try:
+        return _read_bytes(fs, f"{base}/{LATEST}").decode().strip()
+    except (FileNotFoundError, OSError) as exc:
+        raise ArtifactError(
+            f"no trained model under {root} (no {LATEST} file): run `python train_job.py` "
+            f"(or `python train_job.py --output {root}`) first"
+        ) from exc
+
+
+def list_versions(root: str) -> list[str]:
+    """Complete versions under ``root``, oldest first."""
+    fs, base = _fs(root)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError:
+        return []
+    out = [
+        Path(i.path).name
+        for i in infos
+        if i.type == pafs.FileType.Directory and not Path(i.path).name.startswith(".")
+        and _exists(fs, f"{i.path}/{COMPLETE_MARKER}")
+    ]
+    return sorted(out)
+
+
+def resolve_version(root: str, version: str = "latest") -> str:
+    """``"latest"`` → the pointer's target; a named version is checked to exist."""
+    if version == "latest":
+        return latest_version(root)
+    if version not in list_versions(root):
+        raise NotFoundError(
+            f"model version {version!r} not found under {root}; available: {list_versions(root)}",
+            field="version",
+        )
+    return version
+
+
+def read_artifact(root: str, version: str = "latest") -> ModelArtifact:
+    """Load a complete model version (``"latest"`` or a name)."""
+    from graph.signals import RankingSignals  # local: keeps `import graph.artifacts` light
+
+    version = resolve_version(root, version)
+    fs, base = _fs(root)
+    vdir = f"{base}/{version}"
+    if not _exists(fs, f"{vdir}/{COMPLETE_MARKER}"):
+        raise ArtifactError(f"model version {version} under {root} is incomplete; retrain or roll back")
+    manifest = json.loads(_read_bytes(fs, f"{vdir}/{MANIFEST}"))
+    metrics = json.loads(_read_bytes(fs, f"{vdir}/{METRICS}"))
+    user_emb = np.load(io.BytesIO(_read_bytes(fs, f"{vdir}/user_emb.npy")))
+    item_emb = np.load(io.BytesIO(_read_bytes(fs, f"{vdir}/item_emb.npy")))
+    users = pq.read_table(io.BytesIO(_read_bytes(fs, f"{vdir}/users.parquet"))).to_pandas()
+    items = pq.read_table(io.BytesIO(_read_bytes(fs, f"{vdir}/items.parquet"))).to_pandas()
+    with tempfile.TemporaryDirectory() as tmp:
+        for info in fs.get_file_info(pafs.FileSelector(f"{vdir}/{SIGNALS_DIR}")):
+            Path(tmp, Path(info.path).name).write_bytes(_read_bytes(fs, info.path))
+        signals = RankingSignals.load(tmp)
+    return ModelArtifact(
+        version=version,
+        path=vdir,
+        manifest=manifest,
+        metrics=metrics,
+        user_ids=users["user_id"].astype(str).to_numpy(),
+        items=items,
+        user_emb=user_emb,
+        item_emb=item_emb,
+        signals=signals,
+    )

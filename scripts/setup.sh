@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv and install intentrec with its dev extras.
+# torch==2.13.0 is installed FIRST: an unpinned torch resolved through another package would pull a
+# multi-GB CUDA build on x86_64. Set INTENTREC_TORCH to install another build (e.g. a CUDA one).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+echo "[setup] installing ${INTENTREC_TORCH:-torch==2.13.0} first"
+pip install -q "${INTENTREC_TORCH:-torch==2.13.0}"
+echo "[setup] installing intentrec and its dependencies (ray[serve,train] 2.60, torch-geometric, faiss-cpu, ...)"
+pip install -q -e ".[dev]"
+echo "[setup] done: $(python -c 'import ray, torch, torch_geometric; print(f"ray {ray.__version__}, torch {torch.__version__}, pyg {torch_geometric.__version__}")')"
