@@ -19,4 +19,6 @@ def wait_for_condition(
         except Exception as exc:  # the condition may raise while a server is coming up
             last_exc = exc
         time.sleep(interval)
-    raise TimeoutError(f"condition {what or predicate!r} not met within {timeout}s (last error: {last_exc!r})")
+    raise TimeoutError(
+        f"condition {what or predicate!r} not met within {timeout}s (last error: {last_exc!r})"
+    )

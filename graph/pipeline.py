@@ -1,0 +1,165 @@
+"""The offline pipeline: data → graph → GNN (Ray Train) → signals and fusion weights → evaluation
+→ versioned artifact. ``train_job.py`` is a thin CLI over :func:`run_pipeline`.
+
+Leakage guard, in order:
+
+1. ``train`` = events before ``split_at``; ``test`` = events from it on (only evaluation reads them).
+2. ``val_cut`` splits ``train`` again. The GNN and a first set of signals are fitted on events
+   before ``val_cut``; the fusion weights are fitted on the validation window
+   ``[val_cut, split_at)``. Nothing after ``split_at`` influences any fitted number.
+3. Signals are then refitted on all of ``train``, and the trained GNN is propagated over the
+   full training graph (LightGCN's propagation has no parameters, so the newest edges still shape
+   the final embeddings without retraining).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from graph import schema as S
+from graph.artifacts import write_artifact
+from graph.config import TrainConfig
+from graph.data import Dataset, load_builtin, load_files, temporal_split
+from graph.errors import ConfigError
+from graph.interactions import build_interactions
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+
+class PipelineConfig(BaseModel):
+    """Everything one training run needs. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: str | None = Field(None, description="canonical events file (Parquet/CSV)")
+    items: str | None = Field(None, description="canonical items file (Parquet/CSV)")
+    max_users: int | None = Field(None, ge=10, description="seeded sample of users (small runs)")
+    split_at: datetime | None = Field(None, description="test split; default per data set")
+    val_days: float = Field(28.0, gt=0, le=365, description="validation window before the split")
+    output: str = Field("artifacts", description="artifact root (folder or URI)")
+    eval_max_users: int | None = Field(None, ge=1, description="cap users evaluated per task")
+    eval_max_baskets: int | None = Field(None, ge=1, description="cap baskets in in-session tasks")
+    skip_eval: bool = False
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("items")
+    @classmethod
+    def _pair(cls, v: str | None, info: Any) -> str | None:
+        if (v is None) != (info.data.get("events") is None):
+            raise ValueError("give both --events and --items, or neither (built-in data)")
+        return v
+
+
+@dataclass
+class PipelineResult:
+    version: str
+    output: str
+    metrics: dict[str, Any]
+    table: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def load_dataset(cfg: PipelineConfig) -> Dataset:
+    if cfg.events is not None and cfg.items is not None:
+        return load_files(cfg.events, cfg.items)
+    return load_builtin(max_users=cfg.max_users, seed=cfg.train.seed)
+
+
+def run_pipeline(cfg: PipelineConfig, progress: Progress = print) -> PipelineResult:
+    """Run the whole offline job. Ray must already be initialised (``train_job.py`` does it).
+
+    Returns:
+        The published version, its metrics table and timings.
+    """
+    from graph.evaluate import evaluate, format_table
+    from graph.ranking import Ranker, fit_weights
+    from graph.signals import fit_signals
+    from graph.train_loop import embed, fit
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ds = load_dataset(cfg)
+    if cfg.max_users is not None and cfg.events is not None:
+        keep = pd.Series(ds.events[S.USER_COL].unique()).sample(
+            n=min(cfg.max_users, ds.events[S.USER_COL].nunique()), random_state=cfg.train.seed
+        )
+        ds.events = ds.events[ds.events[S.USER_COL].isin(keep)].reset_index(drop=True)
+    split_at = pd.Timestamp(cfg.split_at).tz_localize(None) if cfg.split_at else ds.default_split_at
+    train, test = temporal_split(ds.events, split_at)
+    val_cut = split_at - pd.Timedelta(days=cfg.val_days)
+    fit_part, val_part = train[train[S.TS_COL] < val_cut], train[train[S.TS_COL] >= val_cut]
+    if fit_part.empty or val_part.empty:
+        raise ConfigError(
+            f"validation window of {cfg.val_days} days before {split_at} leaves "
+            f"{len(fit_part)} fit / {len(val_part)} validation events; choose --val-days so both "
+            "are non-empty",
+            field="val_days",
+        )
+    progress(
+        f"[data] {ds.name}: {len(ds.events):,} events, {ds.events[S.USER_COL].nunique():,} users, "
+        f"{len(ds.items):,} items | train < {split_at:%Y-%m-%d} ({len(train):,}), "
+        f"validation from {val_cut:%Y-%m-%d} ({len(val_part):,}), test ({len(test):,})"
+    )
+    inter_full = build_interactions(train, ds.items)
+    inter_fit = build_interactions(fit_part, ds.items, user_ids=inter_full.user_ids,
+                                   now=fit_part[S.TS_COL].max())
+    timings["data_s"] = time.perf_counter() - t0
+    progress(
+        f"[graph] {inter_full.num_users:,} users x {inter_full.num_items:,} items, "
+        f"{inter_full.num_edges:,} edges ({inter_fit.num_edges:,} before the validation cut)"
+    )
+
+    t1 = time.perf_counter()
+    result = fit(inter_fit, cfg.train, progress=progress)
+    timings["train_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    progress("[weights] fitting fusion weights on the validation window")
+    val_signals = fit_signals(fit_part, inter_full)
+    val_ranker = Ranker(result.user_emb, result.item_emb, val_signals)
+    weights = fit_weights(val_ranker, fit_part, val_part, inter_full, seed=cfg.train.seed,
+                          progress=progress)
+    signals = fit_signals(train, inter_full)
+    signals.weights = weights
+    user_emb, item_emb = embed(result, inter_full)
+    ranker = Ranker(user_emb, item_emb, signals)
+    timings["weights_s"] = time.perf_counter() - t2
+
+    metrics: dict[str, Any] = {}
+    table = "(evaluation skipped)"
+    if not cfg.skip_eval:
+        t3 = time.perf_counter()
+        metrics = evaluate(
+            train, test, inter_full, signals, ranker, seed=cfg.train.seed,
+            max_users=cfg.eval_max_users, max_baskets=cfg.eval_max_baskets, progress=progress,
+        )
+        table = format_table(metrics)
+        timings["eval_s"] = time.perf_counter() - t3
+
+    manifest = {
+        "data": {"name": ds.name, "fingerprint": ds.fingerprint(), "split_at": str(split_at),
+                 "val_cut": str(val_cut), "num_events": len(ds.events)},
+        "config": cfg.model_dump(mode="json"),
+        "training": {"seconds": round(timings["train_s"], 2), "epochs": len(result.history),
+                     "history": result.history},
+        "weights": weights if isinstance(weights, dict) else getattr(weights, "__dict__", str(weights)),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+    version = write_artifact(
+        cfg.output, user_ids=inter_full.user_ids, items=ds.items, user_emb=user_emb,
+        item_emb=item_emb, signals=signals, metrics=metrics, manifest=manifest,
+    )
+    timings["total_s"] = time.perf_counter() - t0
+    progress(f"[artifact] published version {version} under {cfg.output} (LATEST updated)")
+    return PipelineResult(version=version, output=cfg.output, metrics=metrics, table=table,
+                          history=result.history, timings=timings)
