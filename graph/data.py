@@ -217,6 +217,9 @@ def load_files(events_path: str | Path, items_path: str | Path) -> Dataset:
     items = _read_table(items_path, "items").to_pandas()
     _require(items, (S.ITEM_COL, S.CATEGORY_COL), items_path, "items")
     items = items.copy()
+    for col in (S.TITLE_COL, S.CATEGORY_COL, S.BRAND_COL):
+        if col in items.columns:  # CSV readers give "" for an empty cell
+            items[col] = items[col].astype("object").map(lambda v: None if v == "" else v)
     items[S.ITEM_COL] = items[S.ITEM_COL].astype(str)
     if items[S.ITEM_COL].duplicated().any():
         n = int(items[S.ITEM_COL].duplicated().sum())
@@ -277,7 +280,8 @@ def validate_events(ev: pd.DataFrame, source: str) -> pd.DataFrame:
                         field=S.USER_COL)
     ev[S.USER_COL] = ev[S.USER_COL].astype(str)
     ev[S.ITEM_COL] = ev[S.ITEM_COL].astype("object").where(ev[S.ITEM_COL].notna(), None)
-    ev[S.ITEM_COL] = ev[S.ITEM_COL].map(lambda v: None if v is None else str(v))
+    # CSV readers give "" for an empty cell: an empty item id is a missing one.
+    ev[S.ITEM_COL] = ev[S.ITEM_COL].map(lambda v: None if v is None or str(v) == "" else str(v))
 
     bad_type = ~ev[S.EVENT_COL].isin(S.EVENT_TYPES)
     if bad_type.any():

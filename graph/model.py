@@ -1,0 +1,364 @@
+"""IntentGNN: LightGCN over the user-item graph, with an item-feature encoder for cold start.
+
+Nodes are indexed homogeneously: users ``[0, U)``, items ``[U, U + I)``. The symmetric,
+gcn-normalised adjacency is built once (:func:`build_adjacency`) as a torch CSR tensor, so
+each LightGCN layer is one sparse-dense matmul rather than a gather/scatter over every edge.
+Measured on the built-in graph's size (94k nodes, 1.74M directed edges, d=64, 3 layers,
+forward + backward, one CPU thread): CSR matmul 0.6-0.8 s and ~1.0 GB peak RSS, COO matmul
+0.7-1.1 s and ~1.2 GB, PyG's edge_index gather/scatter 4-5 s and ~1.8 GB. Because the
+adjacency is symmetric, the backward pass reuses the same CSR matrix (A^T = A) instead of
+letting autograd build a transpose each step, which cuts another ~30%.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch_geometric.nn import LGConv
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
+from torch_geometric.utils import to_torch_csr_tensor
+
+
+class _SymmetricSpMM(torch.autograd.Function):
+    """``adj @ x`` whose gradient is ``adj @ grad``: valid because ``adj`` is symmetric."""
+
+    @staticmethod
+    def forward(ctx: Any, adj: Tensor, x: Tensor) -> Tensor:
+        ctx.save_for_backward(adj)
+        return torch.sparse.mm(adj, x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[None, Tensor]:
+        (adj,) = ctx.saved_tensors
+        return None, torch.sparse.mm(adj, grad_out)
+
+
+class SymmetricLGConv(LGConv):
+    """:class:`~torch_geometric.nn.LGConv` for a pre-normalised symmetric sparse adjacency.
+
+    Normalisation is done once by :func:`build_adjacency` (``normalize=False`` here); the
+    sparse-dense product is :class:`_SymmetricSpMM`. An ``edge_index`` input still takes
+    LGConv's generic message-passing path.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(normalize=False)
+
+    def message_and_aggregate(self, adj_t: Any, x: Tensor) -> Tensor:
+        if isinstance(adj_t, Tensor) and adj_t.layout == torch.sparse_csr:
+            return _SymmetricSpMM.apply(adj_t, x)  # type: ignore[no-any-return]
+        return super().message_and_aggregate(adj_t, x)
+
+
+def build_adjacency(
+    edge_index: Tensor, edge_weight: Tensor | None, num_users: int, num_items: int
+) -> Tensor:
+    """The symmetric, gcn-normalised user-item adjacency as a torch CSR tensor.
+
+    Edge weights are compressed with ``log1p`` so that a household that bought an item fifty
+    times does not drown every other edge of that item; ``D^-1/2 A D^-1/2`` then uses the
+    weighted degrees (LightGCN's normalisation, no self loops).
+
+    Args:
+        edge_index: User-item pairs, row 0 user index in ``[0, U)``, row 1 item index in
+            ``[0, I)``.
+        edge_weight: Non-negative strength of each pair, or None for all ones.
+        num_users: U.
+        num_items: I.
+
+    Returns:
+        The ``[U + I, U + I]`` float32 CSR matrix with both directions of every edge.
+
+    Shapes:
+        - edge_index: ``[2, E]`` long
+        - edge_weight: ``[E]`` float
+        - output: sparse CSR ``[U + I, U + I]`` with ``2 * E`` stored values
+    """
+    if edge_index.dim() != 2 or edge_index.size(0) != 2:
+        raise ValueError(f"edge_index must have shape [2, E], got {list(edge_index.shape)}")
+    num_nodes = num_users + num_items
+    users = edge_index[0].long()
+    items = edge_index[1].long() + num_users
+    if edge_weight is None:
+        weight = torch.ones(users.numel(), dtype=torch.float32)
+    else:
+        weight = torch.log1p(edge_weight.float().clamp_min(0.0))
+    full_index = torch.cat([torch.stack([users, items]), torch.stack([items, users])], dim=1)
+    full_weight = torch.cat([weight, weight])
+    norm_index, norm_weight = gcn_norm(
+        full_index, full_weight, num_nodes, add_self_loops=False, dtype=torch.float32
+    )
+    return to_torch_csr_tensor(norm_index, norm_weight, size=(num_nodes, num_nodes))
+
+
+class IntentGNN(nn.Module):
+    """LightGCN with an item-feature encoder at layer 0.
+
+    Layer-0 user embedding is the user id embedding; layer-0 item embedding is the item id
+    embedding plus one embedding per item feature field (index 0 = unknown, a zero vector),
+    so an item without interactions still has a vector built from its department, category,
+    brand, price band. The output is the mean of the layer-0..L embeddings.
+
+    Args:
+        num_users: U.
+        num_items: I.
+        feature_cardinalities: Vocabulary size of each item feature field, including the
+            0 = unknown slot.
+        dim: Embedding width.
+        num_layers: LightGCN layers.
+        item_features: Feature codes of every item, one column per field (None: all unknown).
+
+    Shapes:
+        - item_features: ``[I, F]`` long, ``item_features[:, f] < feature_cardinalities[f]``
+    """
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        feature_cardinalities: Sequence[int],
+        dim: int = 64,
+        num_layers: int = 3,
+        *,
+        item_features: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if item_features is None:
+            item_features = torch.zeros(num_items, len(feature_cardinalities), dtype=torch.long)
+        if item_features.dim() != 2 or item_features.size(0) != num_items:
+            raise ValueError(
+                f"item_features must have shape [num_items={num_items}, F], "
+                f"got {list(item_features.shape)}"
+            )
+        if item_features.size(1) != len(feature_cardinalities):
+            raise ValueError(
+                f"item_features has {item_features.size(1)} columns but "
+                f"{len(feature_cardinalities)} feature_cardinalities were given"
+            )
+        for f, card in enumerate(feature_cardinalities):
+            col = item_features[:, f]
+            if col.numel() and (int(col.min()) < 0 or int(col.max()) >= card):
+                raise ValueError(
+                    f"item_features[:, {f}] has codes in [{int(col.min())}, {int(col.max())}] "
+                    f"but feature_cardinalities[{f}] is {card}; codes must be in [0, {card})"
+                )
+        self.num_users = num_users
+        self.num_items = num_items
+        self.dim = dim
+        self.num_layers = num_layers
+        self.feature_cardinalities = [int(c) for c in feature_cardinalities]
+        self.user_emb = nn.Embedding(num_users, dim)
+        self.item_emb = nn.Embedding(num_items, dim)
+        self.feature_embs = nn.ModuleList(
+            nn.Embedding(int(card), dim, padding_idx=0) for card in feature_cardinalities
+        )
+        self.convs = nn.ModuleList(SymmetricLGConv() for _ in range(num_layers))
+        # Not persistent: checkpoints hold weights only; the codes come from the data.
+        self.register_buffer("item_features", item_features.long().clone(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every embedding (normal, std 0.1, as in LightGCN)."""
+        nn.init.normal_(self.user_emb.weight, std=0.1)
+        nn.init.normal_(self.item_emb.weight, std=0.1)
+        for emb in self.feature_embs:
+            assert isinstance(emb, nn.Embedding)
+            nn.init.normal_(emb.weight, std=0.1)
+            with torch.no_grad():
+                emb.weight[0].zero_()
+
+    def item_feature_embedding(self) -> Tensor:
+        """Sum of the feature-field embeddings of every item.
+
+        Shapes:
+            - output: ``[I, d]``
+        """
+        feats: Tensor = self.item_features
+        out = torch.zeros(self.num_items, self.dim, device=feats.device)
+        for f, emb in enumerate(self.feature_embs):
+            out = out + emb(feats[:, f])
+        return out
+
+    def layer0(self, id_dropout_mask: Tensor | None = None) -> Tensor:
+        """Layer-0 embedding of every node (users first, then items).
+
+        Args:
+            id_dropout_mask: True for items whose id embedding is dropped (zeroed), or None.
+
+        Shapes:
+            - id_dropout_mask: ``[I]`` bool
+            - output: ``[U + I, d]``
+        """
+        item_id = self.item_emb.weight
+        if id_dropout_mask is not None:
+            item_id = item_id * (~id_dropout_mask).unsqueeze(1).to(item_id.dtype)
+        items = item_id + self.item_feature_embedding()
+        return torch.cat([self.user_emb.weight, items], dim=0)
+
+    def forward(self, adj: Tensor, id_dropout_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Propagate over the whole graph and return the final user and item embeddings.
+
+        Args:
+            adj: Normalised adjacency from :func:`build_adjacency`, on the model's device.
+            id_dropout_mask: True for items whose id embedding is dropped this step.
+
+        Returns:
+            ``(user_emb, item_emb)``, the mean of the layer-0..L embeddings.
+
+        Shapes:
+            - adj: sparse ``[U + I, U + I]``
+            - id_dropout_mask: ``[I]`` bool
+            - output: ``([U, d], [I, d])``
+        """
+        x = self.layer0(id_dropout_mask)
+        total = x
+        for conv in self.convs:
+            x = conv(x, adj)
+            total = total + x
+        out = total / (self.num_layers + 1)
+        return out[: self.num_users], out[self.num_users :]
+
+
+def bpr_loss(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor, reg: float) -> Tensor:
+    """Bayesian personalised ranking loss with L2 on the batch embeddings.
+
+    ``mean(-log sigmoid(u.p - u.n)) + reg * (|u|^2 + |p|^2 + mean_k |n_k|^2) / (2 B)``.
+
+    Args:
+        user_emb: Embeddings of the batch's users.
+        pos_emb: Embeddings of their positive items.
+        neg_emb: Embeddings of K sampled negatives per positive (``[B, d]`` when K = 1).
+        reg: L2 weight.
+
+    Shapes:
+        - user_emb: ``[B, d]``
+        - pos_emb: ``[B, d]``
+        - neg_emb: ``[B, K, d]`` or ``[B, d]``
+        - output: scalar
+    """
+    if neg_emb.dim() == 2:
+        neg_emb = neg_emb.unsqueeze(1)
+    pos_score = (user_emb * pos_emb).sum(-1)  # [B]
+    neg_score = (user_emb.unsqueeze(1) * neg_emb).sum(-1)  # [B, K]
+    rank_loss = -torch.nn.functional.logsigmoid(pos_score.unsqueeze(1) - neg_score).mean()
+    batch = max(user_emb.size(0), 1)
+    l2 = (
+        user_emb.pow(2).sum() + pos_emb.pow(2).sum() + neg_emb.pow(2).sum(-1).mean(1).sum()
+    ) / (2 * batch)
+    return rank_loss + reg * l2
+
+
+class NegativeSampler:
+    """Uniform item negatives, re-sampled while they are positives of the user.
+
+    Positives are kept as sorted int64 keys ``user * I + item``; membership of a whole batch
+    is one ``np.searchsorted``.
+
+    Args:
+        edge_index: Positive user-item pairs (row 0 user index, row 1 item index).
+        num_items: I.
+        max_rounds: Re-sampling rounds before giving up (only reached when a user has
+            positives on nearly every item).
+
+    Shapes:
+        - edge_index: ``[2, E]``
+    """
+
+    def __init__(self, edge_index: Tensor | np.ndarray, num_items: int, max_rounds: int = 1000):
+        ei = edge_index.cpu().numpy() if isinstance(edge_index, Tensor) else edge_index
+        users = np.asarray(ei[0], dtype=np.int64)
+        items = np.asarray(ei[1], dtype=np.int64)
+        self.num_items = int(num_items)
+        self.max_rounds = max_rounds
+        self._keys = np.unique(users * self.num_items + items)
+        if users.size:
+            per_user = np.bincount(self._keys // self.num_items)
+            full = np.flatnonzero(per_user >= self.num_items)
+            if full.size:
+                raise ValueError(
+                    f"user index {int(full[0])} interacted with all {self.num_items} items: "
+                    "no negative item exists for it; drop such users before training"
+                )
+
+    def is_positive(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Whether each ``(users[j], items[j])`` pair is a positive edge (same shape)."""
+        keys = users.astype(np.int64) * self.num_items + items.astype(np.int64)
+        if self._keys.size == 0:
+            return np.zeros(keys.shape, dtype=bool)
+        pos = np.searchsorted(self._keys, keys)
+        pos = np.minimum(pos, self._keys.size - 1)
+        return np.asarray(self._keys[pos] == keys)
+
+    def sample(self, users: np.ndarray, num_negatives: int, rng: np.random.Generator) -> np.ndarray:
+        """Draw ``num_negatives`` items per user, none of them a positive of that user.
+
+        Args:
+            users: User indices of the batch.
+            num_negatives: K.
+            rng: Source of randomness (seeded by the caller).
+
+        Returns:
+            Item indices in ``[0, I)``.
+
+        Shapes:
+            - users: ``[B]``
+            - output: ``[B, K]`` int64
+        """
+        users_k = np.repeat(np.asarray(users, dtype=np.int64)[:, None], num_negatives, axis=1)
+        neg = rng.integers(0, self.num_items, size=users_k.shape, dtype=np.int64)
+        bad = self.is_positive(users_k, neg)
+        for _ in range(self.max_rounds):
+            n_bad = int(bad.sum())
+            if n_bad == 0:
+                return neg
+            neg[bad] = rng.integers(0, self.num_items, size=n_bad, dtype=np.int64)
+            bad[bad] = self.is_positive(users_k[bad], neg[bad])
+        raise RuntimeError(
+            f"could not draw negatives for {int(bad.sum())} pairs in {self.max_rounds} rounds: "
+            "some users have positives on nearly every item"
+        )
+
+
+@torch.no_grad()
+def export_embeddings(
+    model: IntentGNN, adj: Tensor, item_has_edges: Tensor | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Final user and item embeddings as numpy, for ranking and serving.
+
+    Items without training edges get their id embedding zeroed: it was never trained (only
+    its random initialisation), so cold items rely on their features alone, which is what
+    ``id_dropout`` trained the feature path to do.
+
+    Args:
+        model: A trained model (not DDP-wrapped).
+        adj: The adjacency the model was trained on, on the model's device.
+        item_has_edges: True for items with at least one training edge.
+
+    Returns:
+        ``(user_emb, item_emb)`` as float32 numpy arrays.
+
+    Shapes:
+        - item_has_edges: ``[I]`` bool
+        - output: ``([U, d], [I, d])``
+    """
+    was_training = model.training
+    model.eval()
+    if isinstance(item_has_edges, Tensor):
+        has_edges = item_has_edges.detach().cpu().bool()
+    else:
+        has_edges = torch.from_numpy(np.asarray(item_has_edges, dtype=bool))
+    if has_edges.shape != (model.num_items,):
+        raise ValueError(
+            f"item_has_edges must have shape [{model.num_items}], got {list(has_edges.shape)}"
+        )
+    mask = (~has_edges).to(adj.device)
+    user_emb, item_emb = model(adj, id_dropout_mask=mask)
+    model.train(was_training)
+    return (
+        user_emb.detach().float().cpu().numpy().astype(np.float32, copy=False),
+        item_emb.detach().float().cpu().numpy().astype(np.float32, copy=False),
+    )
