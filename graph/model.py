@@ -12,8 +12,9 @@ letting autograd build a transpose each step, which cuts another ~30%.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -92,7 +93,10 @@ def build_adjacency(
     norm_index, norm_weight = gcn_norm(
         full_index, full_weight, num_nodes, add_self_loops=False, dtype=torch.float32
     )
-    return to_torch_csr_tensor(norm_index, norm_weight, size=(num_nodes, num_nodes))
+    with warnings.catch_warnings():
+        # torch's "sparse CSR is beta" / "invariant checks disabled" notices, once per build.
+        warnings.filterwarnings("ignore", message=r"Sparse (CSR tensor support|invariant)")
+        return to_torch_csr_tensor(norm_index, norm_weight, size=(num_nodes, num_nodes))
 
 
 class IntentGNN(nn.Module):
@@ -177,34 +181,45 @@ class IntentGNN(nn.Module):
         Shapes:
             - output: ``[I, d]``
         """
-        feats: Tensor = self.item_features
+        feats = cast(Tensor, self.item_features)
         out = torch.zeros(self.num_items, self.dim, device=feats.device)
         for f, emb in enumerate(self.feature_embs):
-            out = out + emb(feats[:, f])
+            out = out + cast(Tensor, emb(feats[:, f]))
         return out
 
-    def layer0(self, id_dropout_mask: Tensor | None = None) -> Tensor:
+    def layer0(
+        self, id_dropout_mask: Tensor | None = None, user_mask: Tensor | None = None
+    ) -> Tensor:
         """Layer-0 embedding of every node (users first, then items).
 
         Args:
             id_dropout_mask: True for items whose id embedding is dropped (zeroed), or None.
+            user_mask: True for users whose id embedding is zeroed (users never trained), or
+                None.
 
         Shapes:
             - id_dropout_mask: ``[I]`` bool
+            - user_mask: ``[U]`` bool
             - output: ``[U + I, d]``
         """
         item_id = self.item_emb.weight
         if id_dropout_mask is not None:
             item_id = item_id * (~id_dropout_mask).unsqueeze(1).to(item_id.dtype)
+        users = self.user_emb.weight
+        if user_mask is not None:
+            users = users * (~user_mask).unsqueeze(1).to(users.dtype)
         items = item_id + self.item_feature_embedding()
-        return torch.cat([self.user_emb.weight, items], dim=0)
+        return torch.cat([users, items], dim=0)
 
-    def forward(self, adj: Tensor, id_dropout_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, adj: Tensor, id_dropout_mask: Tensor | None = None, user_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Propagate over the whole graph and return the final user and item embeddings.
 
         Args:
             adj: Normalised adjacency from :func:`build_adjacency`, on the model's device.
             id_dropout_mask: True for items whose id embedding is dropped this step.
+            user_mask: True for users whose id embedding is zeroed.
 
         Returns:
             ``(user_emb, item_emb)``, the mean of the layer-0..L embeddings.
@@ -212,9 +227,10 @@ class IntentGNN(nn.Module):
         Shapes:
             - adj: sparse ``[U + I, U + I]``
             - id_dropout_mask: ``[I]`` bool
+            - user_mask: ``[U]`` bool
             - output: ``([U, d], [I, d])``
         """
-        x = self.layer0(id_dropout_mask)
+        x = self.layer0(id_dropout_mask, user_mask)
         total = x
         for conv in self.convs:
             x = conv(x, adj)
@@ -323,40 +339,56 @@ class NegativeSampler:
         )
 
 
+def _as_bool_mask(mask: Tensor | np.ndarray, size: int, name: str) -> Tensor:
+    out = (
+        mask.detach().cpu().bool()
+        if isinstance(mask, Tensor)
+        else torch.from_numpy(np.asarray(mask, dtype=bool))
+    )
+    if out.shape != (size,):
+        raise ValueError(f"{name} must have shape [{size}], got {list(out.shape)}")
+    return out
+
+
 @torch.no_grad()
 def export_embeddings(
-    model: IntentGNN, adj: Tensor, item_has_edges: Tensor | np.ndarray
+    model: IntentGNN,
+    adj: Tensor,
+    item_has_edges: Tensor | np.ndarray,
+    user_has_edges: Tensor | np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Final user and item embeddings as numpy, for ranking and serving.
 
     Items without training edges get their id embedding zeroed: it was never trained (only
     its random initialisation), so cold items rely on their features alone, which is what
-    ``id_dropout`` trained the feature path to do.
+    ``id_dropout`` trained the feature path to do. Likewise, given ``user_has_edges``, users
+    without training edges get a zero id embedding (their vector then comes from their
+    neighbours in ``adj`` only, or is zero).
 
     Args:
         model: A trained model (not DDP-wrapped).
-        adj: The adjacency the model was trained on, on the model's device.
-        item_has_edges: True for items with at least one training edge.
+        adj: Adjacency to propagate over (the training graph, or a newer graph with the same
+            nodes), on the model's device.
+        item_has_edges: True for items with at least one *training* edge.
+        user_has_edges: True for users with at least one training edge; None keeps every
+            user's id embedding.
 
     Returns:
         ``(user_emb, item_emb)`` as float32 numpy arrays.
 
     Shapes:
         - item_has_edges: ``[I]`` bool
+        - user_has_edges: ``[U]`` bool
         - output: ``([U, d], [I, d])``
     """
     was_training = model.training
     model.eval()
-    if isinstance(item_has_edges, Tensor):
-        has_edges = item_has_edges.detach().cpu().bool()
-    else:
-        has_edges = torch.from_numpy(np.asarray(item_has_edges, dtype=bool))
-    if has_edges.shape != (model.num_items,):
-        raise ValueError(
-            f"item_has_edges must have shape [{model.num_items}], got {list(has_edges.shape)}"
-        )
-    mask = (~has_edges).to(adj.device)
-    user_emb, item_emb = model(adj, id_dropout_mask=mask)
+    item_mask = ~_as_bool_mask(item_has_edges, model.num_items, "item_has_edges")
+    user_mask = None
+    if user_has_edges is not None:
+        user_mask = ~_as_bool_mask(user_has_edges, model.num_users, "user_has_edges")
+        user_mask = user_mask.to(adj.device)
+    user_emb, item_emb = model(adj, id_dropout_mask=item_mask.to(adj.device), user_mask=user_mask)
     model.train(was_training)
     return (
         user_emb.detach().float().cpu().numpy().astype(np.float32, copy=False),

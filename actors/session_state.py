@@ -1,0 +1,1226 @@
+"""Session state of the online path: sharded, bounded per session, durable across actor crashes.
+
+Layout:
+
+- :class:`SessionShard` is a named, detached Ray actor. Shard ``i`` of ``n`` holds, for the
+  sessions and users routed to it, a time-ordered window of recent events per session (bounded by
+  ``window`` and ``ttl_seconds``, LRU-bounded by ``max_sessions_per_shard``) and a short history
+  per user (``user_history`` events across sessions).
+- :class:`ShardState` is the shard's logic as a plain class (no Ray), so unit tests and the
+  benchmark drive it directly; the actor only adds the asyncio plumbing (group commit).
+- :class:`SessionStore` is the client the Serve ingress uses: it routes by a stable hash and fans
+  out.
+
+Routing: a session lives on ``blake2b(session_id) % num_shards``; a user's history lives on the
+user's *home* shard ``blake2b(user_id) % num_shards``. An event with a user is written to both
+(one call when they coincide), so a read needs at most two calls, never a fan-out. Events posted
+without a session are filed under the user's implicit session ``"user:<user_id>"``, which is
+routed to the user's home shard (one call for user-only requests). Changing ``num_shards`` starts
+from empty state: every shard directory is named ``shard-<i>-of-<n>``.
+
+Durability (write-ahead log): ``append`` assigns sequence numbers, writes the batch to the log
+(write + flush + fsync when ``fsync``), applies it to memory and only then returns: an acknowledged
+event is on disk. On start (also after a crash: ``max_restarts=-1``) the shard loads its newest
+snapshot and replays the log records after it. Every ``snapshot_every`` appended events the memory
+image is written as a snapshot and the older log is deleted.
+
+- Local paths (or ``file://``): one append-only NDJSON file per log generation, written with
+  ``os.write`` and ``fdatasync``. A torn last line (the process died mid-write; it was never
+  acknowledged) is ignored with a warning and truncated away on restore.
+- Any other ``pyarrow.fs`` URI (``s3://bucket/prefix``, ``gs://...``): object stores cannot
+  append, so each commit is written as its own small segment object (``wal-<first_seq>.jsonl``,
+  durable when the upload completes) and snapshots compact them. Latency is one PUT per commit.
+- ``fsync=False`` still survives the actor process being killed (the page cache belongs to the
+  kernel), not a machine crash.
+- A local path is local to the node the shard runs on: on a multi-node cluster use a shared mount
+  or an object-store URI, or a shard rescheduled to another node starts empty.
+
+Idempotency: every event carries an ``event_id`` (client-supplied, or derived from its content).
+A shard remembers the last ``dedupe_capacity`` ids with the sequence number they got; re-appending
+a known id returns the original sequence number and stores nothing. That is what makes
+``max_task_retries=-1`` safe: a retried append after a crash cannot duplicate events.
+
+Forgetting a user writes a tombstone to the log, drops every session the user appeared in and the
+user's history from memory, and compacts before acknowledging, so the user's events are gone from
+disk too (replaying the tombstone covers a crash in between).
+
+Record formats (one JSON object per line):
+``{"t": "append", "events": [{"seq", "event_id", "roles", "user_id", "session_id", "item_id",
+"event", "ts", "query"}, ...]}``, ``{"t": "forget", "seq", "user_id"}``; a snapshot is a header
+``{"t": "snapshot", "version", "shard", "num_shards", "last_seq"}`` then ``session``, ``user`` and
+``seen`` lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import pyarrow.fs as pafs
+import ray
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from graph.errors import BadRequestError, ConfigError, IntentrecError, UnavailableError
+from graph.schema import EVENT_TYPES, SEARCH
+
+logger = logging.getLogger(__name__)
+
+ROLE_SESSION: Final = 1
+ROLE_USER: Final = 2
+USER_SESSION_PREFIX: Final = "user:"
+MAX_ID_CHARS: Final = 256
+MAX_QUERY_CHARS: Final = 1024
+_SNAPSHOT_VERSION: Final = 1
+_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
+
+
+# --------------------------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """One shopper event as the session state keeps it.
+
+    Args:
+        user_id: The shopper, or None for an anonymous session.
+        session_id: The session; see :func:`default_session_key` for events without one.
+        item_id: The item, None for a search.
+        event: One of :data:`graph.schema.EVENT_TYPES`.
+        ts: Event time, unix seconds. Windows are ordered by it and expire on it.
+        query: Search text of a ``search`` event.
+        seq: Assigned by the shard on append, increasing per shard; -1 before that.
+        event_id: Idempotency key; "" means "derive it from the content" (:func:`derive_event_id`).
+    """
+
+    user_id: str | None
+    session_id: str
+    item_id: str | None
+    event: str
+    ts: float
+    query: str | None = None
+    seq: int = -1
+    event_id: str = ""
+
+    @classmethod
+    def create(
+        cls,
+        event: str,
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        item_id: str | None = None,
+        ts: float | None = None,
+        query: str | None = None,
+        event_id: str | None = None,
+    ) -> SessionEvent:
+        """Build an event with defaults: the user's implicit session, the clock, a content id.
+
+        Raises:
+            BadRequestError: Neither a session_id nor a user_id is given.
+        """
+        if not session_id:
+            if not user_id:
+                raise BadRequestError(
+                    "an event needs a session_id or a user_id; send at least one", "session_id"
+                )
+            session_id = default_session_key(user_id)
+        ev = cls(user_id, session_id, item_id, event, time.time() if ts is None else float(ts), query)
+        return replace(ev, event_id=event_id or derive_event_id(ev))
+
+
+def default_session_key(user_id: str) -> str:
+    """Session key for events posted with a user but no session: ``"user:<user_id>"``."""
+    return USER_SESSION_PREFIX + user_id
+
+
+def derive_event_id(ev: SessionEvent) -> str:
+    """Content-derived idempotency key: identical events (same ts to the bit) are one event."""
+    key = json.dumps([ev.user_id, ev.session_id, ev.item_id, ev.event, repr(ev.ts), ev.query])
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+def stable_hash(key: str) -> int:
+    """Process-independent 64-bit hash (Python's ``hash()`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+def shard_for(key: str, num_shards: int) -> int:
+    """Shard of a session id or user id; a user's implicit session goes to the user's shard."""
+    if key.startswith(USER_SESSION_PREFIX):
+        key = key[len(USER_SESSION_PREFIX) :]
+    return stable_hash(key) % num_shards
+
+
+def _check_id(value: object, where: str, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        raise BadRequestError(
+            f"{where} ({value!r}) must be a non-empty string of at most {MAX_ID_CHARS} characters",
+            where,
+        )
+
+
+def validate_event(ev: object, where: str, now: float, max_skew: float) -> SessionEvent:
+    """Check one event and fill its ``event_id``; raise ``BadRequestError`` naming the field.
+
+    Args:
+        ev: The candidate event.
+        where: Its path in the request, e.g. ``"events[3]"``.
+        now: The validating process's clock (unix seconds).
+        max_skew: How far in the future ``ts`` may be.
+    """
+    if not isinstance(ev, SessionEvent):
+        raise BadRequestError(f"{where} must be a SessionEvent, got {type(ev).__name__}", where)
+    _check_id(ev.session_id, f"{where}.session_id", optional=False)
+    _check_id(ev.user_id, f"{where}.user_id", optional=True)
+    if ev.event not in EVENT_TYPES:
+        raise BadRequestError(
+            f"{where}.event ({ev.event!r}) is not an event type; use one of {', '.join(EVENT_TYPES)}",
+            f"{where}.event",
+        )
+    _check_id(ev.item_id, f"{where}.item_id", optional=ev.event == SEARCH)
+    if not isinstance(ev.ts, int | float) or not math.isfinite(ev.ts) or ev.ts <= 0:
+        raise BadRequestError(f"{where}.ts ({ev.ts!r}) must be unix seconds > 0", f"{where}.ts")
+    if ev.ts > now + max_skew:
+        raise BadRequestError(
+            f"{where}.ts ({ev.ts}) is {ev.ts - now:.0f}s in the future (more than {max_skew:.0f}s); "
+            "send the event time in unix seconds (UTC)",
+            f"{where}.ts",
+        )
+    if ev.query is not None and (not isinstance(ev.query, str) or len(ev.query) > MAX_QUERY_CHARS):
+        raise BadRequestError(
+            f"{where}.query must be a string of at most {MAX_QUERY_CHARS} characters", f"{where}.query"
+        )
+    if not isinstance(ev.event_id, str) or len(ev.event_id) > MAX_ID_CHARS:
+        raise BadRequestError(f"{where}.event_id must be a short string", f"{where}.event_id")
+    return ev if ev.event_id else replace(ev, event_id=derive_event_id(ev))
+
+
+def _event_to_json(ev: SessionEvent, roles: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "seq": ev.seq,
+        "event_id": ev.event_id,
+        "user_id": ev.user_id,
+        "session_id": ev.session_id,
+        "item_id": ev.item_id,
+        "event": ev.event,
+        "ts": ev.ts,
+        "query": ev.query,
+    }
+    if roles is not None:
+        out["roles"] = roles
+    return out
+
+
+def _event_from_json(d: dict[str, Any]) -> SessionEvent:
+    return SessionEvent(
+        d["user_id"], d["session_id"], d["item_id"], d["event"], float(d["ts"]), d["query"],
+        int(d["seq"]), d["event_id"],
+    )  # fmt: skip
+
+
+def _order(ev: SessionEvent) -> tuple[float, int]:
+    return (ev.ts, ev.seq)
+
+
+def _insert_ordered(window: deque[SessionEvent], ev: SessionEvent) -> None:
+    """Insert keeping (ts, seq) order in O(window); a full window drops its oldest event."""
+    if not window or _order(window[-1]) <= _order(ev):
+        window.append(ev)  # the common case: events arrive in time order
+        return
+    if len(window) == window.maxlen:
+        if _order(ev) < _order(window[0]):
+            return  # older than everything in a full window: outside it
+        window.popleft()
+    i = len(window)
+    while i > 0 and _order(window[i - 1]) > _order(ev):
+        i -= 1
+    window.insert(i, ev)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+_RANGES: Final[dict[str, tuple[float, float, str]]] = {
+    "num_shards": (1, 1024, "use about one shard per 2-4 serving replicas, e.g. 4"),
+    "window": (1, 10_000, "a session window of 20-100 events is typical, e.g. 50"),
+    "ttl_seconds": (1, 30 * 86_400, "sessions are usually 30 min of inactivity: 1800"),
+    "user_history": (0, 10_000, "use e.g. 50 (0 keeps no per-user history)"),
+    "max_sessions_per_shard": (1, 10_000_000, "bound memory per shard, e.g. 100000"),
+    "max_users_per_shard": (1, 10_000_000, "bound memory per shard, e.g. 100000"),
+    "dedupe_capacity": (0, 10_000_000, "keep at least the events of a few retry windows, e.g. 100000"),
+    "max_clock_skew_seconds": (0, 86_400, "use e.g. 300"),
+    "snapshot_every": (1, 10_000_000, "use e.g. 10000"),
+    "num_cpus": (0, 64, "session shards are I/O bound: use 0"),
+    "call_timeout_s": (0.1, 3600, "use e.g. 30"),
+}
+
+
+class SessionStateConfig(BaseModel):
+    """Configuration of the session-state layer (strict: unknown keys are errors).
+
+    Args:
+        num_shards: Number of shard actors. Changing it starts from empty state.
+        window: Events kept per session (the most recent by event time).
+        ttl_seconds: Events older than this (by ``ts``) leave the window; a session whose newest
+            event is older is evicted.
+        user_history: Events kept per user across sessions (0: none).
+        max_sessions_per_shard: Memory bound: least recently used sessions are evicted beyond it.
+        max_users_per_shard: Memory bound on per-user histories, LRU as well.
+        dedupe_capacity: Event ids remembered per shard for idempotent retries.
+        max_clock_skew_seconds: How far in the future an event's ``ts`` may be.
+        wal_uri: Log directory: a local path (relative paths are made absolute by the client),
+            ``file:///abs/path``, or a pyarrow filesystem URI such as ``s3://bucket/prefix``.
+        fsync: fdatasync the local log before acknowledging (survives power loss, not just a
+            process kill).
+        snapshot_every: Compact the log into a snapshot after this many appended events.
+        namespace: Ray namespace of the shard actors.
+        actor_prefix: Shard ``i`` of ``n`` is the actor ``<actor_prefix>-<i>-of-<n>``.
+        num_cpus: CPUs reserved per shard actor.
+        call_timeout_s: Client-side limit for one shard call (including a restart wait).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_shards: int = 4
+    window: int = 50
+    ttl_seconds: float = 1800.0
+    user_history: int = 50
+    max_sessions_per_shard: int = 100_000
+    max_users_per_shard: int = 100_000
+    dedupe_capacity: int = 100_000
+    max_clock_skew_seconds: float = 300.0
+    wal_uri: str = "./state/sessions"
+    fsync: bool = True
+    snapshot_every: int = 10_000
+    namespace: str = "intentrec"
+    actor_prefix: str = "intentrec-session"
+    num_cpus: float = 0.0
+    call_timeout_s: float = 30.0
+
+    @field_validator(*_RANGES)
+    @classmethod
+    def _in_range(cls, v: float, info: Any) -> float:
+        lo, hi, fix = _RANGES[info.field_name]
+        if not lo <= v <= hi:
+            raise ValueError(f"{info.field_name} ({v}) must be between {lo} and {hi}; {fix}")
+        return v
+
+    @field_validator("wal_uri")
+    @classmethod
+    def _wal_uri(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("wal_uri ('') must name a directory, e.g. './state/sessions' or s3://b/p")
+        return v
+
+    @field_validator("namespace", "actor_prefix")
+    @classmethod
+    def _name(cls, v: str, info: Any) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"{info.field_name} ({v!r}) must be 1-100 letters, digits, '.', '_' or '-'")
+        return v
+
+    def shard_name(self, index: int) -> str:
+        """Actor name of shard ``index``."""
+        return f"{self.actor_prefix}-{index}-of-{self.num_shards}"
+
+    def resolved(self) -> SessionStateConfig:
+        """This config with a relative local ``wal_uri`` made absolute (in the caller's cwd)."""
+        if _URI_RE.match(self.wal_uri) or os.path.isabs(self.wal_uri):
+            return self
+        return self.model_copy(update={"wal_uri": os.path.abspath(self.wal_uri)})
+
+
+# --------------------------------------------------------------------------------------------
+# Log storage: a local append-only file, or one object per commit on a pyarrow filesystem
+# --------------------------------------------------------------------------------------------
+
+
+class _Log(Protocol):
+    def names(self) -> list[str]: ...
+    def read(self, name: str) -> bytes: ...
+    def open_segment(self, first_seq: int) -> str: ...
+    def append(self, data: bytes, first_seq: int) -> None: ...
+    def write_atomic(self, name: str, chunks: Iterable[bytes]) -> None: ...
+    def delete(self, name: str) -> None: ...
+    def truncate(self, name: str, size: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _segment_name(first_seq: int) -> str:
+    return f"wal-{first_seq:020d}.jsonl"
+
+
+class _LocalLog:
+    """Append-only files on a local disk: ``os.write`` of a whole commit, then ``fdatasync``."""
+
+    def __init__(self, directory: str, fsync: bool) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self._fd: int | None = None
+        self._size = 0
+        self.segment = ""
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.dir.iterdir() if p.is_file())
+
+    def read(self, name: str) -> bytes:
+        return (self.dir / name).read_bytes()
+
+    def _sync_dir(self) -> None:
+        if self.fsync:
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def open_segment(self, first_seq: int) -> str:
+        self.close()
+        self.segment = _segment_name(first_seq)
+        self._fd = os.open(self.dir / self.segment, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._size = os.fstat(self._fd).st_size
+        self._sync_dir()  # the new file's directory entry must be durable too
+        return self.segment
+
+    def append(self, data: bytes, first_seq: int) -> None:
+        if self._fd is None:
+            self.open_segment(first_seq)
+        assert self._fd is not None
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+            if self.fsync:
+                os.fdatasync(self._fd)
+        except OSError:
+            # Drop a partial commit so later records never follow a torn line.
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                logger.exception("could not truncate %s after a failed write", self.segment)
+            raise
+        self._size += len(data)
+
+    def write_atomic(self, name: str, chunks: Iterable[bytes]) -> None:
+        tmp = self.dir / (name + ".tmp")
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, self.dir / name)
+        self._sync_dir()
+
+    def delete(self, name: str) -> None:
+        (self.dir / name).unlink(missing_ok=True)
+
+    def truncate(self, name: str, size: int) -> None:
+        os.truncate(self.dir / name, size)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _ObjectLog:
+    """A ``pyarrow.fs`` filesystem (object stores cannot append): one object per commit."""
+
+    def __init__(self, fs: pafs.FileSystem, base: str) -> None:
+        self.fs = fs
+        self.base = base.rstrip("/")
+        self.fs.create_dir(self.base, recursive=True)
+
+    def _path(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def names(self) -> list[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+    def read(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self._path(name)) as f:
+            return bytes(f.readall())
+
+    def open_segment(self, first_seq: int) -> str:
+        return _segment_name(first_seq)
+
+    def append(self, data: bytes, first_seq: int) -> None:
+        # An object becomes visible only when its upload completes: a commit is all or nothing.
+        with self.fs.open_output_stream(self._path(_segment_name(first_seq))) as f:
+            f.write(data)
+
+    def write_atomic(self, name: str, chunks: Iterable[bytes]) -> None:
+        tmp = self._path(name + ".tmp")
+        with self.fs.open_output_stream(tmp) as f:
+            for chunk in chunks:
+                f.write(chunk)
+        self.fs.move(tmp, self._path(name))
+
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self._path(name))
+
+    def truncate(self, name: str, size: int) -> None:
+        with self.fs.open_input_stream(self._path(name)) as f:
+            data = f.read(size)
+        with self.fs.open_output_stream(self._path(name)) as f:
+            f.write(data)
+
+    def close(self) -> None:
+        pass
+
+
+def _open_log(config: SessionStateConfig, shard: int, filesystem: pafs.FileSystem | None) -> _Log:
+    sub = f"shard-{shard:04d}-of-{config.num_shards:04d}"
+    uri = config.wal_uri
+    if filesystem is not None:
+        return _ObjectLog(filesystem, f"{uri.rstrip('/')}/{sub}")
+    if not _URI_RE.match(uri):
+        return _LocalLog(os.path.join(os.path.abspath(uri), sub), config.fsync)
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"wal_uri ({uri!r}) cannot be opened: {exc}", "wal_uri") from exc
+    if isinstance(fs, pafs.LocalFileSystem):
+        return _LocalLog(os.path.join(path, sub), config.fsync)
+    return _ObjectLog(fs, f"{path.rstrip('/')}/{sub}")
+
+
+# --------------------------------------------------------------------------------------------
+# The shard's logic (plain Python)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Session:
+    events: deque[SessionEvent]
+    users: set[str] = field(default_factory=set)
+    last_ts: float = 0.0
+
+
+@dataclass(slots=True)
+class _Staged:
+    """One operation between sequencing and applying: its log record and its eventual result."""
+
+    kind: str  # "append" | "forget"
+    record: bytes  # b"" when there is nothing to write (all duplicates, unknown user)
+    first_seq: int
+    events: list[tuple[SessionEvent, int]] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
+    user_id: str | None = None
+
+
+class ShardState:
+    """Sessions, user histories and the write-ahead log of one shard; no Ray involved.
+
+    Operations go through three steps so the actor can group-commit: :meth:`stage` (validate,
+    deduplicate, assign sequence numbers, encode), :meth:`write` (blocking I/O only; touches no
+    in-memory state) and :meth:`apply`. :meth:`append` and :meth:`forget_user` run all three.
+
+    Args:
+        config: The store configuration.
+        shard_index: This shard's index in ``[0, num_shards)``.
+        clock: Unix-seconds clock (tests inject one to exercise the TTL).
+        filesystem: Write the log through this pyarrow filesystem, one object per commit, with
+            ``wal_uri`` as a path inside it (tests use it for the object-store path).
+    """
+
+    def __init__(
+        self,
+        config: SessionStateConfig,
+        shard_index: int,
+        *,
+        clock: Callable[[], float] = time.time,
+        filesystem: pafs.FileSystem | None = None,
+    ) -> None:
+        if not 0 <= shard_index < config.num_shards:
+            raise ConfigError(f"shard_index ({shard_index}) must be in [0, {config.num_shards})")
+        self.config = config
+        self.shard_index = shard_index
+        self._clock = clock
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._users: OrderedDict[str, deque[SessionEvent]] = OrderedDict()
+        self._user_sessions: dict[str, set[str]] = {}
+        self._seen: OrderedDict[str, tuple[int, str | None]] = OrderedDict()
+        self._pending: dict[str, int] = {}  # event_id -> seq, staged but not yet applied
+        # Users whose events may be on disk (latest snapshot + log since): forget_user must
+        # compact for them even when memory no longer holds them.
+        self._disk_users: set[str] = set()
+        self._next_seq = 1
+        self._since_snapshot = 0
+        self._forget_pending = False
+        self.counters: dict[str, float] = dict.fromkeys(
+            ("appended", "commits", "duplicates", "evicted_lru", "evicted_ttl", "forgotten_events",
+             "snapshots", "restored_snapshot_seq", "restored_records", "torn_records", "corrupt_records",
+             "restore_seconds"), 0,
+        )  # fmt: skip
+        self._log = _open_log(config, shard_index, filesystem)
+        self._restore()
+
+    # --- staging -----------------------------------------------------------------------
+
+    def stage(self, op: tuple[str, Any, Any]) -> _Staged:
+        """Sequence one operation: ``("append", events, roles)`` or ``("forget", user_id, None)``."""
+        kind, a, b = op
+        if kind == "append":
+            return self._stage_append(a, b)
+        if kind == "forget":
+            return self._stage_forget(a)
+        raise BadRequestError(f"unknown shard operation {kind!r}")
+
+    def _stage_append(self, events: Sequence[SessionEvent], roles: Sequence[int] | None) -> _Staged:
+        now = self._clock()
+        if roles is not None and len(roles) != len(events):
+            raise BadRequestError(f"roles ({len(roles)}) must match events ({len(events)})", "roles")
+        checked = [
+            validate_event(ev, f"events[{i}]", now, self.config.max_clock_skew_seconds)
+            for i, ev in enumerate(events)
+        ]
+        staged = _Staged("append", b"", self._next_seq)
+        for i, ev in enumerate(checked):
+            known = self._seen.get(ev.event_id)
+            seq = known[0] if known is not None else self._pending.get(ev.event_id)
+            if seq is None:
+                seq = self._next_seq
+                self._next_seq += 1
+                self._pending[ev.event_id] = seq
+                staged.events.append(
+                    (replace(ev, seq=seq), ROLE_SESSION | ROLE_USER if roles is None else roles[i])
+                )
+                if ev.user_id is not None:
+                    self._disk_users.add(ev.user_id)
+            else:
+                self.counters["duplicates"] += 1
+            staged.seqs.append(seq)
+        if staged.events:
+            rec = {"t": "append", "events": [_event_to_json(e, r) for e, r in staged.events]}
+            staged.record = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+            staged.first_seq = staged.events[0][0].seq
+        return staged
+
+    def _stage_forget(self, user_id: str) -> _Staged:
+        _check_id(user_id, "user_id", optional=False)
+        staged = _Staged("forget", b"", self._next_seq, user_id=user_id)
+        if user_id in self._disk_users or user_id in self._users or user_id in self._user_sessions:
+            seq = self._next_seq
+            self._next_seq += 1
+            rec = {"t": "forget", "seq": seq, "user_id": user_id}
+            staged.record = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+        return staged
+
+    def write(self, staged: Sequence[_Staged]) -> None:
+        """Write the staged records as one commit (blocking I/O; safe off the event loop).
+
+        Raises:
+            UnavailableError: The log could not be written; nothing of the commit is applied.
+        """
+        data = b"".join(s.record for s in staged)
+        if not data:
+            return
+        first = min(s.first_seq for s in staged if s.record)
+        try:
+            self._log.append(data, first)
+        except OSError as exc:
+            raise UnavailableError(
+                f"session shard {self.shard_index} could not write its log ({exc}); retry"
+            ) from exc
+        self.counters["commits"] += 1
+
+    def abort(self, staged: _Staged) -> None:
+        """Forget a staged operation whose write failed (its sequence numbers stay unused)."""
+        for ev, _ in staged.events:
+            self._pending.pop(ev.event_id, None)
+
+    def apply(self, staged: _Staged) -> list[int] | int:
+        """Apply a written operation to memory; returns its result (seqs or removed count)."""
+        if staged.kind == "forget":
+            assert staged.user_id is not None
+            if not staged.record:
+                return 0
+            self._forget_pending = True
+            return self._apply_forget(staged.user_id)
+        now = self._clock()
+        for ev, roles in staged.events:
+            self._pending.pop(ev.event_id, None)
+            self._apply_event(ev, roles, now)
+        self._since_snapshot += len(staged.events)
+        self.counters["appended"] += len(staged.events)
+        self._enforce_bounds(now)
+        return staged.seqs
+
+    def compaction_due(self) -> bool:
+        """A forget was applied, or ``snapshot_every`` events were appended since the snapshot."""
+        return self._forget_pending or self._since_snapshot >= self.config.snapshot_every
+
+    # --- synchronous API (tests, benchmark) ----------------------------------------------
+
+    def append(self, events: Sequence[SessionEvent], roles: Sequence[int] | None = None) -> list[int]:
+        """Durably append ``events`` (log first, then memory).
+
+        Args:
+            events: The events; all are validated before anything is written.
+            roles: Per event, bit 1 = session window, bit 2 = user history (default: both).
+
+        Returns:
+            Each event's sequence number; the original one for an ``event_id`` seen before.
+
+        Raises:
+            BadRequestError: An event is invalid; nothing is stored.
+            UnavailableError: The log could not be written; nothing is stored.
+        """
+        staged = self.stage(("append", events, roles))
+        try:
+            self.write([staged])
+        except Exception:
+            self.abort(staged)
+            raise
+        result = self.apply(staged)
+        if self.compaction_due():
+            self.compact()
+        assert isinstance(result, list)
+        return result
+
+    def forget_user(self, user_id: str) -> int:
+        """Remove the user's sessions and history from memory and disk; returns events removed."""
+        staged = self.stage(("forget", user_id, None))
+        self.write([staged])
+        removed = self.apply(staged)
+        if self.compaction_due():
+            self.compact()
+        assert isinstance(removed, int)
+        return removed
+
+    def compact(self) -> None:
+        """Write the memory image as a snapshot and delete the older log and snapshots."""
+        self.install_snapshot(self.snapshot_payload())
+
+    # --- reads -------------------------------------------------------------------------
+
+    def get_session(self, session_id: str | None, user_id: str | None = None) -> dict[str, Any]:
+        """The session's window (expired events dropped) and the user's history, oldest first.
+
+        Returns:
+            ``{"session_id", "user_id", "events": list[SessionEvent], "user_events": [...]}``;
+            a part this shard does not hold is an empty list.
+        """
+        now = self._clock()
+        events: list[SessionEvent] = []
+        if session_id is not None:
+            sess = self._sessions.get(session_id)
+            if sess is not None:
+                cutoff = now - self.config.ttl_seconds
+                while sess.events and sess.events[0].ts < cutoff:
+                    sess.events.popleft()
+                if sess.events:
+                    self._sessions.move_to_end(session_id)
+                    events = list(sess.events)
+                else:
+                    self._drop_session(session_id)
+                    self.counters["evicted_ttl"] += 1
+        user_events: list[SessionEvent] = []
+        if user_id is not None and user_id in self._users:
+            self._users.move_to_end(user_id)
+            user_events = list(self._users[user_id])
+        return {"session_id": session_id, "user_id": user_id, "events": events, "user_events": user_events}
+
+    def stats(self) -> dict[str, Any]:
+        """Sizes and counters of this shard."""
+        return {
+            "shard": self.shard_index,
+            "sessions": len(self._sessions),
+            "users": len(self._users),
+            "session_events": sum(len(s.events) for s in self._sessions.values()),
+            "user_events": sum(len(h) for h in self._users.values()),
+            "dedupe_ids": len(self._seen),
+            "next_seq": self._next_seq,
+            "since_snapshot": self._since_snapshot,
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        """Close the log file."""
+        self._log.close()
+
+    # --- memory ------------------------------------------------------------------------
+
+    def _apply_event(self, ev: SessionEvent, roles: int, now: float) -> None:
+        cfg = self.config
+        if roles & ROLE_SESSION and ev.ts >= now - cfg.ttl_seconds:
+            sess = self._sessions.get(ev.session_id)
+            if sess is None:
+                sess = self._sessions[ev.session_id] = _Session(deque(maxlen=cfg.window))
+            else:
+                self._sessions.move_to_end(ev.session_id)
+            _insert_ordered(sess.events, ev)
+            sess.last_ts = max(sess.last_ts, ev.ts)
+            if ev.user_id is not None:
+                sess.users.add(ev.user_id)
+                self._user_sessions.setdefault(ev.user_id, set()).add(ev.session_id)
+        if roles & ROLE_USER and ev.user_id is not None and cfg.user_history > 0:
+            hist = self._users.get(ev.user_id)
+            if hist is None:
+                hist = self._users[ev.user_id] = deque(maxlen=cfg.user_history)
+            else:
+                self._users.move_to_end(ev.user_id)
+            _insert_ordered(hist, ev)
+        if cfg.dedupe_capacity > 0:
+            self._seen[ev.event_id] = (ev.seq, ev.user_id)
+            if len(self._seen) > cfg.dedupe_capacity:
+                self._seen.popitem(last=False)
+
+    def _drop_session(self, session_id: str) -> int:
+        sess = self._sessions.pop(session_id)
+        for uid in sess.users:
+            owned = self._user_sessions.get(uid)
+            if owned is not None:
+                owned.discard(session_id)
+                if not owned:
+                    del self._user_sessions[uid]
+        return len(sess.events)
+
+    def _enforce_bounds(self, now: float) -> None:
+        cfg = self.config
+        while len(self._sessions) > cfg.max_sessions_per_shard:
+            self._drop_session(next(iter(self._sessions)))
+            self.counters["evicted_lru"] += 1
+        # Amortised TTL sweep from the least recently touched end; the rest expire lazily on read.
+        cutoff = now - cfg.ttl_seconds
+        for _ in range(16):
+            if not self._sessions:
+                break
+            sid, sess = next(iter(self._sessions.items()))
+            if sess.last_ts >= cutoff:
+                break
+            self._drop_session(sid)
+            self.counters["evicted_ttl"] += 1
+        while len(self._users) > cfg.max_users_per_shard:
+            self._users.popitem(last=False)
+            self.counters["evicted_lru"] += 1
+
+    def _apply_forget(self, user_id: str) -> int:
+        removed = 0
+        for sid in list(self._user_sessions.get(user_id, ())):
+            if sid in self._sessions:
+                removed += self._drop_session(sid)
+        self._user_sessions.pop(user_id, None)
+        hist = self._users.pop(user_id, None)
+        removed += len(hist) if hist is not None else 0
+        for eid in [k for k, (_, uid) in self._seen.items() if uid == user_id]:
+            del self._seen[eid]
+        self.counters["forgotten_events"] += removed
+        return removed
+
+    # --- snapshots and restore ---------------------------------------------------------
+
+    def snapshot_payload(self) -> tuple[int, list[bytes], set[str]]:
+        """Encode the memory image (on the owning thread); returns (last_seq, chunks, users)."""
+        last_seq = self._next_seq - 1
+        header = {
+            "t": "snapshot", "version": _SNAPSHOT_VERSION, "shard": self.shard_index,
+            "num_shards": self.config.num_shards, "last_seq": last_seq,
+        }  # fmt: skip
+        lines = [header]
+        users: set[str] = set()
+        for sid, sess in self._sessions.items():
+            lines.append(
+                {"t": "session", "session_id": sid, "events": [_event_to_json(e) for e in sess.events]}
+            )
+            users.update(sess.users)
+        for uid, hist in self._users.items():
+            lines.append({"t": "user", "user_id": uid, "events": [_event_to_json(e) for e in hist]})
+            users.add(uid)
+        seen = [[eid, seq, uid] for eid, (seq, uid) in self._seen.items()]
+        for i in range(0, len(seen), 1000):
+            lines.append({"t": "seen", "ids": seen[i : i + 1000]})
+        chunks = [(json.dumps(x, separators=(",", ":")) + "\n").encode() for x in lines]
+        return last_seq, chunks, users
+
+    def install_snapshot(self, payload: tuple[int, list[bytes], set[str]]) -> None:
+        """Write a snapshot, start a new log generation, delete everything older (blocking I/O)."""
+        last_seq, chunks, users = payload
+        old = self._log.names()
+        name = f"snapshot-{last_seq:020d}.jsonl"
+        self._log.write_atomic(name, chunks)
+        segment = self._log.open_segment(last_seq + 1)
+        for n in old:
+            if n not in (name, segment) and n.startswith(("wal-", "snapshot-")):
+                self._log.delete(n)
+        self._disk_users = set(users)
+        self._since_snapshot = 0
+        self._forget_pending = False
+        self.counters["snapshots"] += 1
+
+    def _restore(self) -> None:
+        t0 = time.perf_counter()
+        names = self._log.names()
+        for n in names:
+            if n.endswith(".tmp"):
+                self._log.delete(n)  # an interrupted snapshot; the previous one is intact
+        snapshots = [n for n in names if n.startswith("snapshot-") and n.endswith(".jsonl")]
+        last_seq = self._load_snapshot(snapshots[-1]) if snapshots else 0
+        self.counters["restored_snapshot_seq"] = last_seq
+        self._next_seq = last_seq + 1
+        tombstones = 0
+        now = self._clock()
+        for name in (n for n in names if n.startswith("wal-") and n.endswith(".jsonl")):
+            data = self._log.read(name)
+            cut = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
+            body = data[:cut]
+            if cut < len(data):
+                # The process died inside os.write: this commit was never acknowledged. Cut it
+                # off so that no later record is ever written after a torn line.
+                logger.warning(
+                    "session shard %d: ignoring a torn last record in %s (%d bytes)",
+                    self.shard_index, name, len(data) - cut,
+                )  # fmt: skip
+                self.counters["torn_records"] += 1
+                self._log.truncate(name, cut)
+            for lineno, line in enumerate(body.split(b"\n"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    tombstones += self._replay(rec, last_seq, now)
+                except (ValueError, KeyError, TypeError) as exc:
+                    logger.error(
+                        "session shard %d: skipping corrupt record %s:%d (%s)",
+                        self.shard_index, name, lineno, exc,
+                    )  # fmt: skip
+                    self.counters["corrupt_records"] += 1
+        self._enforce_bounds(now)
+        self._log.open_segment(self._next_seq)
+        if tombstones:
+            self.compact()  # a forget was logged but maybe not compacted: finish it now
+        self.counters["restore_seconds"] = time.perf_counter() - t0
+
+    def _replay(self, rec: dict[str, Any], last_seq: int, now: float) -> int:
+        if rec["t"] == "forget":
+            seq = int(rec["seq"])
+            self._next_seq = max(self._next_seq, seq + 1)
+            if seq > last_seq:
+                self._apply_forget(rec["user_id"])
+                self.counters["restored_records"] += 1
+                return 1
+            return 0
+        if rec["t"] != "append":
+            raise ValueError(f"unknown record type {rec['t']!r}")
+        for d in rec["events"]:
+            ev = _event_from_json(d)
+            self._next_seq = max(self._next_seq, ev.seq + 1)
+            if ev.seq <= last_seq or ev.event_id in self._seen:
+                continue
+            self._apply_event(ev, int(d["roles"]), now)
+            if ev.user_id is not None:
+                self._disk_users.add(ev.user_id)
+            self._since_snapshot += 1
+            self.counters["restored_records"] += 1
+        return 0
+
+    def _load_snapshot(self, name: str) -> int:
+        lines = self._log.read(name).splitlines()
+        header = json.loads(lines[0])
+        if header.get("t") != "snapshot" or header.get("version") != _SNAPSHOT_VERSION:
+            raise ConfigError(f"{name} is not a version-{_SNAPSHOT_VERSION} session snapshot")
+        if (header["shard"], header["num_shards"]) != (self.shard_index, self.config.num_shards):
+            raise ConfigError(f"{name} belongs to shard {header['shard']} of {header['num_shards']}")
+        window, hist_len = self.config.window, self.config.user_history
+        for line in lines[1:]:
+            rec = json.loads(line)
+            if rec["t"] == "session":
+                events = [_event_from_json(d) for d in rec["events"]]
+                sess = _Session(deque(events, maxlen=window))
+                sess.users = {e.user_id for e in events if e.user_id is not None}
+                sess.last_ts = max((e.ts for e in events), default=0.0)
+                self._sessions[rec["session_id"]] = sess
+                for uid in sess.users:
+                    self._user_sessions.setdefault(uid, set()).add(rec["session_id"])
+                self._disk_users |= sess.users
+            elif rec["t"] == "user" and hist_len > 0:
+                self._users[rec["user_id"]] = deque(map(_event_from_json, rec["events"]), maxlen=hist_len)
+                self._disk_users.add(rec["user_id"])
+            elif rec["t"] == "seen":
+                for eid, seq, uid in rec["ids"]:
+                    self._seen[eid] = (int(seq), uid)
+        return int(header["last_seq"])
+
+
+# --------------------------------------------------------------------------------------------
+# The Ray actor
+# --------------------------------------------------------------------------------------------
+
+
+class SessionShard:
+    """Ray actor around :class:`ShardState` (apply ``ray.remote`` via :class:`SessionStore`).
+
+    An asyncio actor: reads run on the event loop and never wait for a disk flush. Writes are
+    queued and *group-committed*: one writer drains the queue, writes every waiting operation as
+    one commit (one fdatasync) in a worker thread, then applies them in arrival order and
+    acknowledges. Only the writer mutates the log; reads only see applied, i.e. durable, state.
+
+    Args:
+        config: ``SessionStateConfig.model_dump()`` (re-validated here).
+        shard_index: This shard's index.
+    """
+
+    def __init__(self, config: dict[str, Any], shard_index: int) -> None:
+        self._state = ShardState(SessionStateConfig.model_validate(config), shard_index)
+        self._queue: list[tuple[tuple[str, Any, Any], asyncio.Future[Any]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def append(self, events: list[SessionEvent], roles: list[int] | None = None) -> list[int]:
+        """Durably append; returns sequence numbers (see :meth:`ShardState.append`)."""
+        result: list[int] = await self._submit(("append", events, roles))
+        return result
+
+    async def forget_user(self, user_id: str) -> int:
+        """Remove a user from memory and disk (compacted before returning); events removed."""
+        result: int = await self._submit(("forget", user_id, None))
+        return result
+
+    async def get_session(self, session_id: str | None, user_id: str | None = None) -> dict[str, Any]:
+        """See :meth:`ShardState.get_session`."""
+        return self._state.get_session(session_id, user_id)
+
+    async def stats(self) -> dict[str, Any]:
+        """Shard sizes and counters, plus the process id and whether it was restarted."""
+        ctx = ray.get_runtime_context()
+        return {**self._state.stats(), "pid": os.getpid(), "restarted": ctx.was_current_actor_reconstructed}
+
+    async def ping(self) -> dict[str, Any]:
+        """The configuration this shard runs with (the client checks it matches its own)."""
+        return self._state.config.model_dump()
+
+    async def pid(self) -> int:
+        """The actor's process id (tests kill it)."""
+        return os.getpid()
+
+    async def _submit(self, op: tuple[str, Any, Any]) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((op, fut))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self._queue:
+            # A forget closes its group so that an append queued after it is deduplicated
+            # against the post-forget state, not against events the forget removes.
+            n = next((i + 1 for i, (op, _) in enumerate(self._queue) if op[0] == "forget"), len(self._queue))
+            group, self._queue = self._queue[:n], self._queue[n:]
+            try:
+                await self._commit(group)
+            except Exception as exc:  # a bug: fail the callers rather than leave them waiting
+                logger.exception("session shard %d: commit failed", self._state.shard_index)
+                for _, fut in group:
+                    _settle(fut, exc=UnavailableError(f"session shard failed ({exc}); retry"))
+
+    async def _commit(self, group: list[tuple[tuple[str, Any, Any], asyncio.Future[Any]]]) -> None:
+        staged: list[tuple[_Staged, asyncio.Future[Any]]] = []
+        for op, fut in group:
+            try:
+                staged.append((self._state.stage(op), fut))
+            except IntentrecError as exc:
+                _settle(fut, exc=exc)
+        try:
+            await asyncio.to_thread(self._state.write, [s for s, _ in staged])
+        except Exception as exc:
+            for s, fut in staged:
+                self._state.abort(s)
+                _settle(fut, exc=exc)
+            return
+        results = [self._state.apply(s) for s, _ in staged]
+        compact_error: Exception | None = None
+        if self._state.compaction_due():
+            try:
+                payload = self._state.snapshot_payload()
+                await asyncio.to_thread(self._state.install_snapshot, payload)
+            except Exception as exc:
+                logger.exception("session shard %d: compaction failed", self._state.shard_index)
+                compact_error = exc
+        for (s, fut), res in zip(staged, results, strict=True):
+            if s.kind == "forget" and s.record and compact_error is not None:
+                msg = f"user removed from memory but not yet from disk ({compact_error}); retry"
+                _settle(fut, exc=UnavailableError(msg))
+            else:
+                _settle(fut, result=res)
+
+
+def _settle(fut: asyncio.Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
+    if fut.done():  # the caller was cancelled
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+# --------------------------------------------------------------------------------------------
+# The client
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSnapshot:
+    """What the session state knows for one request.
+
+    Args:
+        session_id: The session read (the user's implicit session when only a user was given).
+        user_id: The user, if given.
+        events: The session's window, oldest first (expired events dropped).
+        user_events: The user's recent history across sessions, oldest first (may overlap
+            ``events``).
+    """
+
+    session_id: str | None
+    user_id: str | None
+    events: tuple[SessionEvent, ...]
+    user_events: tuple[SessionEvent, ...]
+
+
+class SessionStore:
+    """Client of the shard actors, used by the Serve ingress (safe to create in every replica).
+
+    Creates or attaches to the named shards (``get_if_exists=True``). They are *detached*: owned
+    by no replica, so they survive a replica restart or scale-down and are shared by all
+    replicas; the cost is that they outlive ``serve shutdown`` and must be removed with
+    :meth:`kill`. A crashed shard restarts (``max_restarts=-1``) and calls are retried
+    (``max_task_retries=-1``, safe because appends are idempotent by ``event_id``).
+
+    Args:
+        config: The store configuration; a relative ``wal_uri`` is resolved here.
+    """
+
+    def __init__(self, config: SessionStateConfig | None = None) -> None:
+        self.config = (config or SessionStateConfig()).resolved()
+        cls = ray.remote(SessionShard)
+        payload = self.config.model_dump()
+        self.handles: list[Any] = [
+            cls.options(
+                name=self.config.shard_name(i),
+                namespace=self.config.namespace,
+                get_if_exists=True,
+                lifetime="detached",
+                max_restarts=-1,
+                max_task_retries=-1,
+                num_cpus=self.config.num_cpus,
+            ).remote(payload, i)
+            for i in range(self.config.num_shards)
+        ]
+
+    def shard_of(self, key: str) -> int:
+        """Shard of a session id or user id (see :func:`shard_for`)."""
+        return shard_for(key, self.config.num_shards)
+
+    async def _call(self, ref: Any) -> Any:
+        try:
+            return await asyncio.wait_for(ref, timeout=self.config.call_timeout_s)
+        except IntentrecError:
+            raise
+        except TimeoutError as exc:
+            raise UnavailableError(
+                f"session state did not answer within {self.config.call_timeout_s}s; retry"
+            ) from exc
+        except ray.exceptions.RayActorError as exc:
+            raise UnavailableError(f"session shard unavailable ({exc}); retry") from exc
+
+    async def append(self, events: Sequence[SessionEvent]) -> int:
+        """Durably store events (all or nothing on validation); returns how many were accepted.
+
+        Re-sending an event with the same ``event_id`` is accepted again but stored once.
+
+        Raises:
+            BadRequestError: An event is invalid (the field is named, e.g. ``events[3].event``).
+            UnavailableError: A shard could not be reached; retrying the same events is safe.
+        """
+        now = time.time()
+        checked = [
+            validate_event(ev, f"events[{i}]", now, self.config.max_clock_skew_seconds)
+            for i, ev in enumerate(events)
+        ]
+        per_shard: dict[int, tuple[list[SessionEvent], list[int]]] = {}
+        for ev in checked:
+            s = self.shard_of(ev.session_id)
+            u = self.shard_of(ev.user_id) if ev.user_id is not None else s
+            targets = [(s, ROLE_SESSION | ROLE_USER)] if s == u else [(s, ROLE_SESSION), (u, ROLE_USER)]
+            for shard, roles in targets:
+                evs, rls = per_shard.setdefault(shard, ([], []))
+                evs.append(ev)
+                rls.append(roles)
+        await asyncio.gather(
+            *(self._call(self.handles[s].append.remote(evs, rls)) for s, (evs, rls) in per_shard.items())
+        )
+        return len(checked)
+
+    async def get(self, session_id: str | None = None, user_id: str | None = None) -> SessionSnapshot:
+        """Read a session's window and the user's history (at most two shard calls).
+
+        With only ``user_id``, the session is the user's implicit one (events posted without a
+        session).
+
+        Raises:
+            BadRequestError: Neither id is given.
+        """
+        if not session_id and not user_id:
+            raise BadRequestError("give a session_id, a user_id or both", "session_id")
+        sid = session_id or default_session_key(user_id or "")
+        s = self.shard_of(sid)
+        u = self.shard_of(user_id) if user_id else s
+        calls = [self._call(self.handles[s].get_session.remote(sid, user_id if u == s else None))]
+        if u != s:
+            calls.append(self._call(self.handles[u].get_session.remote(None, user_id)))
+        parts = await asyncio.gather(*calls)
+        user_events = parts[-1]["user_events"] if user_id else []
+        return SessionSnapshot(sid, user_id, tuple(parts[0]["events"]), tuple(user_events))
+
+    async def forget_user(self, user_id: str) -> int:
+        """Remove the user's session data from every shard's memory and log; events removed."""
+        _check_id(user_id, "user_id", optional=False)
+        counts = await asyncio.gather(*(self._call(h.forget_user.remote(user_id)) for h in self.handles))
+        return int(sum(counts))
+
+    async def stats(self) -> list[dict[str, Any]]:
+        """Per-shard sizes and counters."""
+        return list(await asyncio.gather(*(self._call(h.stats.remote()) for h in self.handles)))
+
+    async def ready(self) -> None:
+        """Wait for every shard and check it runs this store's configuration.
+
+        Raises:
+            ConfigError: A shard with the same name already runs another configuration.
+        """
+        mine = self.config.model_dump()
+        for i, theirs in enumerate(
+            await asyncio.gather(*(self._call(h.ping.remote()) for h in self.handles))
+        ):
+            diff = {k: theirs.get(k) for k in mine if theirs.get(k) != mine[k]}
+            if diff:
+                raise ConfigError(
+                    f"session shard {self.config.shard_name(i)} already runs with {diff}; "
+                    "kill it (SessionStore.kill()) or use another actor_prefix"
+                )
+
+    def kill(self) -> None:
+        """Kill the shard actors for good (their logs stay on disk)."""
+        for h in self.handles:
+            ray.kill(h, no_restart=True)

@@ -1,0 +1,626 @@
+"""THE ranking math, shared by offline evaluation, benchmarks and the online Serve ranker.
+
+The score of item ``i`` for a request is a weighted sum of pre-normalised components::
+
+    score(i) = sum_c w[mode, c] * component_c(i)
+    gnn      z-scored user embedding . item embedding (0 for an unknown user)
+    session  z-scored (weighted mean of the session items' embeddings) . item embedding
+    repeat   "buy again": share of the user's recent baskets that held the item, boosted when the
+             item is due by its own repurchase rhythm (see ``repeat_scores``)
+    cooc     weighted mean item-item co-occurrence similarity with the session items
+    pop      log popularity scaled to [0, 1]
+    context  department log-lift at the request's weekday/hour, plus the holiday lift
+
+The two embedding components are z-scored per request against the whole catalogue (mean and
+standard deviation of ``q . item_emb`` over all items, computed exactly from the item embedding
+mean and covariance), so a score does not depend on which candidates are scored and the weights of
+different components are comparable. ``mode`` is ``session`` when the request's session holds at
+least one item event and ``no_session`` otherwise (``graph.signals.FusionWeights``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from graph import schema as S
+from graph.errors import ArtifactError, BadRequestError
+from graph.signals import (
+    COMPONENTS,
+    ComponentWeights,
+    FusionWeights,
+    RankingSignals,
+    holiday_dates,
+    to_unix_seconds,
+)
+
+SESSION_HALF_LIFE_S = 1800.0
+Users = Sequence[int | None] | np.ndarray
+
+
+@dataclass(frozen=True)
+class SessionSignal:
+    """What the current session says about intent: items and their net weights.
+
+    Shapes:
+        - **items** ``[n]`` int64 item indices (unique), **weights** ``[n]`` float32 (negative for
+          an item taken out of the cart).
+    """
+
+    items: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def is_empty(self) -> bool:
+        return len(self.items) == 0
+
+
+def session_signal(
+    events: Sequence[tuple[int, str, float]], now: float, half_life_s: float = SESSION_HALF_LIFE_S
+) -> SessionSignal:
+    """Aggregate session events into per-item weights.
+
+    Each event adds ``EVENT_WEIGHTS[event] * 0.5 ** (age / half_life_s)`` to its item, so a
+    purchase counts more than a view, a recent click more than one twenty minutes ago, and a
+    ``remove_from_cart`` subtracts. Items whose weights cancel out are dropped.
+
+    Args:
+        events: ``(item_index, event_type, ts)`` with ``ts`` in unix seconds; search events (no
+            item) should not be passed.
+        now: Request time, unix seconds (events from the future count as age 0).
+        half_life_s: Half-life of an event's weight.
+
+    Raises:
+        BadRequestError: for an unknown event type or a negative item index.
+    """
+    if not events:
+        return SessionSignal(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+    acc: dict[int, float] = {}
+    for n, (item, event, ts) in enumerate(events):
+        if event not in S.EVENT_WEIGHTS:
+            raise BadRequestError(
+                f"session event {n} has type {event!r}; allowed: {list(S.EVENT_TYPES)}",
+                field=f"events[{n}].event",
+            )
+        if item < 0:
+            raise BadRequestError(f"session event {n} has item index {item} < 0",
+                                  field=f"events[{n}].item_id")
+        decay = 0.5 ** (max(now - ts, 0.0) / half_life_s)
+        acc[int(item)] = acc.get(int(item), 0.0) + S.EVENT_WEIGHTS[event] * decay
+    kept = {i: w for i, w in acc.items() if abs(w) > 1e-9}
+    items = np.fromiter(kept.keys(), dtype=np.int64, count=len(kept))
+    weights = np.fromiter(kept.values(), dtype=np.float32, count=len(kept))
+    return SessionSignal(items, weights)
+
+
+@dataclass(frozen=True)
+class ContextSignal:
+    """When the request happens.
+
+    Args:
+        weekday: 0 = Monday … 6 = Sunday, in the time convention of the training events.
+        hour: 0–23, same convention.
+        is_holiday: The day is a public holiday in the data's country.
+        ts: Request time in unix seconds; the recency of "buy again" is measured to it (default:
+            the signals' fit time).
+    """
+
+    weekday: int
+    hour: int
+    is_holiday: bool = False
+    ts: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.weekday <= 6:
+            raise BadRequestError(f"weekday ({self.weekday}) must be in 0..6", field="weekday")
+        if not 0 <= self.hour <= 23:
+            raise BadRequestError(f"hour ({self.hour}) must be in 0..23", field="hour")
+
+    @classmethod
+    def from_timestamp(cls, ts: pd.Timestamp | float, country: str = "US") -> ContextSignal:
+        """Context of a naive-UTC timestamp (or unix seconds), with the country's holidays."""
+        t = pd.Timestamp(ts, unit="s") if isinstance(ts, int | float) else pd.Timestamp(ts)
+        if t.tzinfo is not None:
+            t = t.tz_convert("UTC").tz_localize(None)
+        hol = t.date() in holiday_dates(country, [t.year])
+        return cls(weekday=t.weekday(), hour=t.hour, is_holiday=hol, ts=to_unix_seconds(t))
+
+
+def repeat_scores(signals: RankingSignals, users: np.ndarray, now: np.ndarray) -> sp.csr_matrix:
+    """Buy-again score of every item a user has bought.
+
+    ``share`` = decayed purchase weight of the item / decayed number of the user's sessions: the
+    recent fraction of the user's baskets that held it (about the probability that the next
+    basket holds it). It is multiplied by a "due" factor ``1 + min(gap / interval, 2) / 2`` for
+    items bought at least twice, where ``interval`` is the user's typical gap between purchases of
+    the item and ``gap`` the time since the last one: milk bought weekly and last bought ten days
+    ago ranks above milk bought yesterday.
+
+    Shapes:
+        - **users** ``[B]`` int (``-1`` = unknown user, an empty row), **now** ``[B]`` unix seconds.
+        - return ``[B, I]`` CSR float32.
+    """
+    num_items = signals.num_items
+    known = users >= 0
+    rows = np.where(known, users, 0)
+    starts = signals.hist_indptr[rows]
+    lengths = np.where(known, signals.hist_indptr[rows + 1] - starts, 0)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    if indptr[-1] == 0:
+        return sp.csr_matrix((len(users), num_items), dtype=np.float32)
+    row_of = np.repeat(np.arange(len(users)), lengths)
+    pos = np.arange(indptr[-1]) - indptr[row_of] + starts[row_of]
+    count = signals.hist_count[pos].astype(np.float64)
+    share = signals.hist_weight[pos] / np.maximum(signals.user_decayed_sessions[rows[row_of]], 1e-6)
+    interval = (signals.hist_last[pos] - signals.hist_first[pos]) / np.maximum(count - 1.0, 1.0)
+    gap = np.maximum(now[row_of] - signals.hist_last[pos], 0.0)
+    due = np.where(count >= 2, 1.0 + np.minimum(gap / np.maximum(interval, 86400.0), 2.0) / 2.0, 1.0)
+    data = np.minimum(share, 1.0) * due
+    return sp.csr_matrix(
+        (data.astype(np.float32), signals.hist_indices[pos], indptr), shape=(len(users), num_items)
+    )
+
+
+def _as_users(users: Users) -> np.ndarray:
+    return np.array([-1 if u is None else int(u) for u in users], dtype=np.int64)
+
+
+def top_k_from_scores(
+    scores: np.ndarray,
+    k: int,
+    exclude: Sequence[np.ndarray | None] | None = None,
+    candidates: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best items per row, after removing excluded items.
+
+    The single top-k path of the project: the Ranker and every evaluation baseline go through it,
+    so exclusion and tie handling are the same for all.
+
+    Shapes:
+        - **scores** ``[B, n]`` (columns = ``candidates``, or all items when None).
+        - **exclude**: ``B`` arrays of item indices (or None) never to return.
+        - return ``(indices [B, min(k, n)] int64 item indices, scores [B, min(k, n)])``; rows with
+          fewer than ``k`` allowed items are padded with index ``-1`` and score ``-inf``.
+    """
+    scores = np.array(scores, dtype=np.float32, copy=True)
+    if exclude is not None:
+        for b, ex in enumerate(exclude):
+            if ex is None or len(ex) == 0:
+                continue
+            if candidates is None:
+                scores[b, ex] = -np.inf
+            else:
+                scores[b, np.isin(candidates, ex)] = -np.inf
+    k = min(k, scores.shape[1])
+    vals, pos = torch.topk(torch.from_numpy(scores), k, dim=1)
+    idx = pos.numpy().astype(np.int64)
+    if candidates is not None:
+        idx = np.asarray(candidates, dtype=np.int64)[idx]
+    v = vals.numpy()
+    idx[~np.isfinite(v)] = -1
+    return idx, v
+
+
+class Ranker:
+    """Scores items for batches of requests from embeddings and ``RankingSignals``.
+
+    Args:
+        user_emb: GNN user embeddings, row = ``inter.user_ids`` index.
+        item_emb: GNN item embeddings, row = catalogue index.
+        signals: Non-parametric signals and fusion weights fitted with the same indexing.
+        chunk_size: Requests scored at once over the full catalogue (bounds memory at about
+            ``chunk_size * num_items * 4`` bytes per component).
+
+    Shapes:
+        - **user_emb** ``[U, d]``, **item_emb** ``[I, d]``.
+
+    Raises:
+        ArtifactError: if shapes disagree with the signals.
+    """
+
+    def __init__(
+        self,
+        user_emb: np.ndarray,
+        item_emb: np.ndarray,
+        signals: RankingSignals,
+        *,
+        chunk_size: int = 256,
+    ) -> None:
+        if item_emb.shape[0] != signals.num_items or user_emb.shape[0] != signals.num_users:
+            raise ArtifactError(
+                f"embeddings ({user_emb.shape[0]} users, {item_emb.shape[0]} items) do not match "
+                f"the ranking signals ({signals.num_users} users, {signals.num_items} items)"
+            )
+        if user_emb.ndim != 2 or item_emb.ndim != 2 or user_emb.shape[1] != item_emb.shape[1]:
+            raise ArtifactError(f"embedding shapes {user_emb.shape} and {item_emb.shape} differ in d")
+        self.user_emb = np.ascontiguousarray(user_emb, dtype=np.float32)
+        self.item_emb = np.ascontiguousarray(item_emb, dtype=np.float32)
+        self.signals = signals
+        self.chunk_size = chunk_size
+        ie = self.item_emb.astype(np.float64)
+        self._item_mean = ie.mean(axis=0)
+        self._item_cov = np.cov(ie, rowvar=False).reshape(ie.shape[1], ie.shape[1])
+        pop = np.log1p(np.maximum(signals.popularity.astype(np.float64), 0.0))
+        self._pop = (pop / max(pop.max(), 1e-12)).astype(np.float32)
+
+    @property
+    def num_items(self) -> int:
+        return self.signals.num_items
+
+    @property
+    def weights(self) -> FusionWeights:
+        return self.signals.weights
+
+    # --------------------------------------------------------------------------- components
+    def _zdot(self, q: np.ndarray, cand: np.ndarray | None) -> np.ndarray:
+        """``(q . item - mean) / std`` over the catalogue for each query row; 0 where q is 0."""
+        mean = q.astype(np.float64) @ self._item_mean
+        var = np.einsum("bd,de,be->b", q.astype(np.float64), self._item_cov, q.astype(np.float64))
+        std = np.sqrt(np.maximum(var, 0.0))
+        emb = self.item_emb if cand is None else self.item_emb[cand]
+        out = q @ emb.T
+        ok = std > 1e-9
+        out[ok] = (out[ok] - mean[ok, None].astype(np.float32)) / std[ok, None].astype(np.float32)
+        out[~ok] = 0.0
+        return out
+
+    def _session_matrix(self, sessions: Sequence[SessionSignal | None]) -> sp.csr_matrix:
+        """Row ``b`` = session ``b``'s item weights normalised to sum(|w|) = 1. Shapes: ``[B, I]``."""
+        rows, cols, vals = [], [], []
+        for b, s in enumerate(sessions):
+            if s is None or s.is_empty:
+                continue
+            w = s.weights.astype(np.float64)
+            rows.append(np.full(len(w), b))
+            cols.append(s.items)
+            vals.append(w / max(np.abs(w).sum(), 1e-12))
+        if not rows:
+            return sp.csr_matrix((len(sessions), self.num_items), dtype=np.float32)
+        return sp.csr_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(len(sessions), self.num_items), dtype=np.float32,
+        )
+
+    def _chunk_components(
+        self,
+        users: np.ndarray,
+        sessions: Sequence[SessionSignal | None],
+        contexts: Sequence[ContextSignal | None],
+        cand: np.ndarray | None,
+    ) -> dict[str, np.ndarray]:
+        b = len(users)
+        n = self.num_items if cand is None else len(cand)
+        known = users >= 0
+        u = np.zeros((b, self.user_emb.shape[1]), dtype=np.float32)
+        u[known] = self.user_emb[users[known]]
+        out: dict[str, np.ndarray] = {"gnn": self._zdot(u, cand)}
+
+        smat = self._session_matrix(sessions)
+        out["session"] = self._zdot(np.asarray(smat @ self.item_emb, dtype=np.float32), cand)
+        cooc = (smat @ self.signals.item_sim).toarray()
+        out["cooc"] = (cooc if cand is None else cooc[:, cand]).astype(np.float32)
+
+        now = np.array([self.signals.now if c is None or c.ts is None else c.ts for c in contexts])
+        rep = repeat_scores(self.signals, users, now)
+        out["repeat"] = (rep.toarray() if cand is None else rep[:, cand].toarray()).astype(np.float32)
+
+        pop = self._pop if cand is None else self._pop[cand]
+        out["pop"] = np.broadcast_to(pop, (b, n)).copy()
+
+        dept = self.signals.item_department if cand is None else self.signals.item_department[cand]
+        ctx = np.zeros((b, n), dtype=np.float32)
+        for r, c in enumerate(contexts):
+            if c is None:
+                continue
+            lift = self.signals.context_lift[c.weekday, c.hour]
+            if c.is_holiday:
+                lift = lift + self.signals.holiday_lift
+            ctx[r] = lift[dept]
+        out["context"] = ctx
+        return {c: out[c] for c in COMPONENTS}
+
+    def _check(
+        self, users: Users, sessions: Sequence[SessionSignal | None] | None,
+        contexts: Sequence[ContextSignal | None] | None, candidates: np.ndarray | None,
+    ) -> tuple[np.ndarray, list[SessionSignal | None], list[ContextSignal | None], np.ndarray | None]:
+        u = _as_users(users)
+        b = len(u)
+        sess = [None] * b if sessions is None else list(sessions)
+        ctx = [None] * b if contexts is None else list(contexts)
+        if len(sess) != b or len(ctx) != b:
+            raise BadRequestError(f"{b} users but {len(sess)} sessions and {len(ctx)} contexts")
+        if (u >= self.signals.num_users).any():
+            raise BadRequestError(f"user index {int(u.max())} >= {self.signals.num_users} users")
+        for s in sess:
+            if s is not None and len(s.items) and int(s.items.max()) >= self.num_items:
+                raise BadRequestError(f"session item index {int(s.items.max())} out of range")
+        cand = None
+        if candidates is not None:
+            cand = np.asarray(candidates, dtype=np.int64)
+            if len(cand) and (cand.min() < 0 or cand.max() >= self.num_items):
+                raise BadRequestError(f"candidate indices must be in [0, {self.num_items})",
+                                      field="candidates")
+        return u, sess, ctx, cand
+
+    def components(
+        self,
+        users: Users,
+        sessions: Sequence[SessionSignal | None] | None,
+        contexts: Sequence[ContextSignal | None] | None,
+        candidates: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Every normalised component, unweighted.
+
+        Args:
+            users: User indices (``None`` or ``-1`` = unknown user: no gnn, no repeat).
+            sessions: One ``SessionSignal`` (or None) per request; None = all None.
+            contexts: One ``ContextSignal`` (or None) per request; None = all None.
+            candidates: Item indices to score; None = the whole catalogue.
+
+        Shapes:
+            - return ``{component: [B, n_candidates]}`` float32, keys ``COMPONENTS``.
+        """
+        u, sess, ctx, cand = self._check(users, sessions, contexts, candidates)
+        parts = [
+            self._chunk_components(u[s: s + self.chunk_size], sess[s: s + self.chunk_size],
+                                   ctx[s: s + self.chunk_size], cand)
+            for s in range(0, max(len(u), 1), self.chunk_size)
+        ]
+        return {c: np.concatenate([p[c] for p in parts]) for c in COMPONENTS}
+
+    def mode_weights(
+        self, sessions: Sequence[SessionSignal | None], weights: FusionWeights | None = None
+    ) -> np.ndarray:
+        """Per-request weight vector: ``session`` weights when the session has items.
+
+        Shapes:
+            - return ``[B, len(COMPONENTS)]`` float32.
+        """
+        fw = weights or self.weights
+        ws, wn = fw.session.as_array(), fw.no_session.as_array()
+        return np.stack(
+            [ws if s is not None and not s.is_empty else wn for s in sessions]
+        ).astype(np.float32) if len(sessions) else np.zeros((0, len(COMPONENTS)), np.float32)
+
+    def score(
+        self,
+        users: Users,
+        sessions: Sequence[SessionSignal | None] | None,
+        contexts: Sequence[ContextSignal | None] | None,
+        candidates: np.ndarray | None = None,
+        weights: FusionWeights | None = None,
+    ) -> np.ndarray:
+        """Fused score ``sum_c w[mode, c] * component_c``.
+
+        Args:
+            users, sessions, contexts, candidates: As in ``components``.
+            weights: Override the signals' fusion weights (weight fitting uses this).
+
+        Shapes:
+            - return ``[B, n_candidates]`` float32.
+        """
+        u, sess, ctx, cand = self._check(users, sessions, contexts, candidates)
+        out = [
+            self._fused(u[s: s + self.chunk_size], sess[s: s + self.chunk_size],
+                        ctx[s: s + self.chunk_size], cand, weights)
+            for s in range(0, max(len(u), 1), self.chunk_size)
+        ]
+        return np.concatenate(out)
+
+    def _fused(
+        self, u: np.ndarray, sess: list[SessionSignal | None], ctx: list[ContextSignal | None],
+        cand: np.ndarray | None, weights: FusionWeights | None,
+    ) -> np.ndarray:
+        comps = self._chunk_components(u, sess, ctx, cand)
+        w = self.mode_weights(sess, weights)
+        total = np.zeros_like(comps["gnn"])
+        for j, c in enumerate(COMPONENTS):
+            if np.any(w[:, j] != 0):
+                total += w[:, j: j + 1] * comps[c]
+        return total
+
+    def top_k(
+        self,
+        users: Users,
+        sessions: Sequence[SessionSignal | None] | None,
+        contexts: Sequence[ContextSignal | None] | None,
+        k: int,
+        exclude: Sequence[np.ndarray | None] | None = None,
+        candidates: np.ndarray | None = None,
+        weights: FusionWeights | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best items per request, scored in chunks (bounded memory).
+
+        Args:
+            users, sessions, contexts, candidates, weights: As in ``score``.
+            k: How many items per request.
+            exclude: Per request, item indices never to return (already in the cart, ...).
+
+        Shapes:
+            - return ``(indices [B, k] int64, scores [B, k] float32)``, ``-1`` / ``-inf`` padding.
+        """
+        u, sess, ctx, cand = self._check(users, sessions, contexts, candidates)
+        idx, val = [], []
+        for s in range(0, max(len(u), 1), self.chunk_size):
+            sc = self._fused(u[s: s + self.chunk_size], sess[s: s + self.chunk_size],
+                             ctx[s: s + self.chunk_size], cand, weights)
+            ex = None if exclude is None else list(exclude[s: s + self.chunk_size])
+            i, v = top_k_from_scores(sc, k, ex, cand)
+            idx.append(i)
+            val.append(v)
+        return np.concatenate(idx), np.concatenate(val)
+
+    def explain(
+        self,
+        user: int | None,
+        session: SessionSignal | None,
+        context: ContextSignal | None,
+        item_indices: np.ndarray,
+    ) -> list[dict[str, float]]:
+        """Weighted contribution of each component to each item's score.
+
+        Returns:
+            One dict per item, ``{component: w * value}``; the contributions sum to the score.
+        """
+        cand = np.asarray(item_indices, dtype=np.int64)
+        comps = self.components([user], [session], [context], candidates=cand)
+        w = self.mode_weights([session])[0]
+        return [
+            {c: float(w[j] * comps[c][0, n]) for j, c in enumerate(COMPONENTS)}
+            for n in range(len(cand))
+        ]
+
+
+# ------------------------------------------------------------------------ weight fitting
+@dataclass
+class QueryBatch:
+    """Labelled ranking requests: one task of the evaluation protocol or its validation twin.
+
+    Shapes:
+        - **users** ``[B]`` int64 (``-1`` = unknown user).
+        - **sessions**, **contexts**, **exclude**, **targets**: ``B`` entries each; ``targets[b]``
+          holds the relevant item indices of request ``b`` (never empty).
+    """
+
+    name: str
+    users: np.ndarray
+    sessions: list[SessionSignal | None]
+    contexts: list[ContextSignal | None]
+    exclude: list[np.ndarray | None]
+    targets: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+@dataclass
+class _Pool:
+    """Per-request candidate pool with component values, for fast weight search."""
+
+    values: np.ndarray  # [C, R, P]
+    relevant: np.ndarray  # [R, P] bool
+    valid: np.ndarray  # [R, P] bool
+    num_targets: np.ndarray  # [R]
+
+
+def _build_pool(ranker: Ranker, q: QueryBatch, pool: int) -> _Pool:
+    """Union of each component's top ``pool`` items per request (after exclusion)."""
+    vals, rel, valid = [], [], []
+    for s in range(0, len(q), ranker.chunk_size):
+        sl = slice(s, s + ranker.chunk_size)
+        comps = ranker.components(q.users[sl], q.sessions[sl], q.contexts[sl])
+        ex = q.exclude[sl]
+        per = [top_k_from_scores(comps[c], pool, ex)[0] for c in COMPONENTS]
+        cand = np.sort(np.concatenate(per, axis=1), axis=1)
+        ok = cand >= 0
+        ok[:, 1:] &= cand[:, 1:] != cand[:, :-1]
+        safe = np.where(ok, cand, 0)
+        vals.append(np.stack([np.take_along_axis(comps[c], safe, axis=1) for c in COMPONENTS]))
+        rel.append(np.stack([np.isin(safe[r], t) & ok[r]
+                             for r, t in enumerate(q.targets[sl])]))
+        valid.append(ok)
+    return _Pool(
+        values=np.concatenate(vals, axis=1),
+        relevant=np.concatenate(rel),
+        valid=np.concatenate(valid),
+        num_targets=np.array([len(np.unique(t)) for t in q.targets], dtype=np.float64),
+    )
+
+
+def _pool_recall(p: _Pool, w: np.ndarray, k: int) -> float:
+    score = np.tensordot(w, p.values, axes=1)
+    score[~p.valid] = -np.inf
+    kk = min(k, score.shape[1])
+    top = np.argpartition(-score, kk - 1, axis=1)[:, :kk]
+    hits = np.take_along_axis(p.relevant, top, axis=1).sum(axis=1)
+    return float((hits / p.num_targets).mean())
+
+
+GRID: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 100.0)
+
+
+def _coordinate_ascent(
+    pools: list[_Pool], start: ComponentWeights, active: Sequence[str], k: int, rounds: int,
+) -> tuple[ComponentWeights, float]:
+    w = start.as_array()
+    pos = [COMPONENTS.index(c) for c in active]
+
+    def objective(v: np.ndarray) -> float:
+        return float(np.mean([_pool_recall(p, v, k) for p in pools]))
+
+    best = objective(w)
+    for r in range(rounds + 1):
+        improved = False
+        for j in pos:
+            # Coarse grid first; the last round refines around the current value.
+            values = GRID if r < rounds else tuple(w[j] * f for f in (0.6, 0.8, 1.25, 1.6))
+            for v in values:
+                trial = w.copy()
+                trial[j] = v
+                if not np.any(trial[pos] > 0):
+                    continue
+                val = objective(trial)
+                if val > best + 1e-6:
+                    best, w, improved = val, trial, True
+        if not improved and r < rounds:
+            break
+    return ComponentWeights(**{c: float(w[n]) for n, c in enumerate(COMPONENTS)}), best
+
+
+def fit_weights(
+    ranker: Ranker,
+    no_session: Sequence[QueryBatch],
+    session: Sequence[QueryBatch],
+    *,
+    k: int = S.TOP_K,
+    pool: int = 100,
+    rounds: int = 3,
+    fitted_on: str = "validation window",
+    progress: Callable[[str], None] | None = None,
+) -> FusionWeights:
+    """Fit the fusion weights maximising mean recall@k on labelled VALIDATION queries.
+
+    Coordinate ascent over a log-spaced grid, then a local refinement. Each request's candidates
+    are the union of the top ``pool`` items of every component (after exclusion) — an item outside
+    all of them cannot reach the fused top ``k`` for any sensible weights — and a relevant item
+    outside the pool counts as a miss, so the objective is the full-ranking recall up to that
+    approximation. The ranker's signals and embeddings must come from data before the validation
+    window, and the queries from inside it: never pass test queries here.
+
+    Args:
+        ranker: Ranker built on pre-validation embeddings and signals.
+        no_session: Query batches of requests without session events (each batch weighs equally).
+        session: Query batches of requests with session events.
+        k: Cut-off of the recall being maximised.
+        pool: Items per component in each request's candidate pool.
+        rounds: Coarse coordinate-ascent rounds.
+        fitted_on: Provenance text stored in the result.
+        progress: Called with one line per mode.
+
+    Returns:
+        ``FusionWeights`` with the fitted weights and the validation recall each mode reached.
+    """
+    out = FusionWeights(fitted_on=fitted_on)
+    start = ranker.weights
+    for mode, batches, active in (
+        ("no_session", no_session, ("gnn", "repeat", "pop", "context")),
+        ("session", session, COMPONENTS),
+    ):
+        batches = [b for b in batches if len(b)]
+        if not batches:
+            continue
+        pools = [_build_pool(ranker, b, pool) for b in batches]
+        init = getattr(start, mode)
+        w, best = _coordinate_ascent(pools, init, active, k, rounds)
+        setattr(out, mode, w)
+        for b, p in zip(batches, pools, strict=True):
+            out.validation[f"{mode}/{b.name}/recall@{k}"] = _pool_recall(p, w.as_array(), k)
+        if progress is not None:
+            progress(f"fit_weights {mode}: mean recall@{k} {best:.4f} with {w.model_dump()}")
+    return out
+

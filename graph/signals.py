@@ -1,0 +1,443 @@
+"""Non-parametric ranking signals fitted on training events only.
+
+The GNN learns what a user tends to like; these signals carry what it cannot or should not learn:
+
+- ``popularity`` ``[I]``: recency-decayed purchase counts (cold start, tie-breaks).
+- user purchase history ``[U, I]`` (CSR): decayed frequency, basket count, first and last
+  purchase time per (user, item) — the raw material of the "buy again" score. Grocery shoppers
+  repeat themselves, and the best predictor of a repurchase is how large a share of the user's
+  baskets held the item lately (see ``graph.ranking.repeat_scores``).
+- ``item_sim`` ``[I, I]`` (CSR): item–item co-occurrence within sessions, cosine-normalised with
+  shrinkage, top-k neighbours per item.
+- ``context_lift`` ``[7, 24, D]`` and ``holiday_lift`` ``[D]``: log-lift of a department's share of
+  purchases at a weekday/hour (and on public holidays) over its overall share, smoothed towards 0.
+- ``weights``: the fusion weights of ``graph.ranking.Ranker``, fitted on a validation window.
+
+Everything is indexed like the ``Interactions`` it was fitted with: rows of the user arrays are
+``inter.user_ids``, item positions are ``inter.item_ids`` (the whole catalogue).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import holidays
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from pydantic import BaseModel, ConfigDict, Field
+
+from graph import schema as S
+from graph.errors import ArtifactError, DataError
+from graph.interactions import Interactions
+
+COMPONENTS: tuple[str, ...] = ("gnn", "session", "repeat", "cooc", "pop", "context")
+SIGNALS_FORMAT = 1
+_ARRAYS = "signals.npz"
+_HISTORY = "user_history.npz"
+_ITEM_SIM = "item_sim.npz"
+_META = "signals.json"
+
+
+class ComponentWeights(BaseModel):
+    """Weight of each ranking component in the fused score (components are pre-normalised).
+
+    Defaults are a sensible untuned prior; ``graph.ranking.fit_weights`` replaces them with weights
+    fitted on a validation window.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    gnn: float = Field(default=1.0, ge=0.0)
+    session: float = Field(default=1.0, ge=0.0)
+    repeat: float = Field(default=2.0, ge=0.0)
+    cooc: float = Field(default=2.0, ge=0.0)
+    pop: float = Field(default=0.5, ge=0.0)
+    context: float = Field(default=0.1, ge=0.0)
+
+    def as_array(self) -> np.ndarray:
+        """Weights in ``COMPONENTS`` order. Shapes: ``[len(COMPONENTS)]``."""
+        return np.array([getattr(self, c) for c in COMPONENTS], dtype=np.float64)
+
+
+class FusionWeights(BaseModel):
+    """One weight set per ranking mode.
+
+    A request whose session carries at least one item event is ranked with ``session``; every
+    other request (next-basket style, or a session with no item events yet) with ``no_session``.
+    The two modes answer different questions — "what will this user buy over the coming weeks"
+    vs "what completes this basket" — so each gets weights fitted on validation queries of its
+    own kind.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    no_session: ComponentWeights = Field(default_factory=ComponentWeights)
+    session: ComponentWeights = Field(default_factory=ComponentWeights)
+    fitted_on: str = "untuned defaults"
+    validation: dict[str, float] = Field(default_factory=dict)
+
+
+@dataclass
+class SignalParams:
+    """Hyper-parameters the signals were fitted with (kept for reproducibility)."""
+
+    pop_half_life_days: float = 30.0
+    history_half_life_days: float = 60.0
+    sim_top_k: int = 100
+    sim_shrink: float = 10.0
+    context_smoothing: float = 20.0
+    country: str = "US"
+
+
+@dataclass
+class RankingSignals:
+    """Non-parametric signals plus the fusion weights; see the module docstring.
+
+    Shapes:
+        - **popularity** ``[I]`` float32: decayed purchase weight per item.
+        - **hist_indptr** ``[U+1]``, **hist_indices** ``[nnz]``: the CSR pattern of the user
+          history; **hist_weight** (decayed event weight), **hist_count** (sessions holding the
+          item), **hist_first** / **hist_last** (unix seconds of the first/last such session)
+          ``[nnz]``.
+        - **user_sessions** ``[U]`` (sessions with a positive event), **user_decayed_sessions**
+          ``[U]`` (the same, recency-decayed), **user_last** ``[U]`` (unix seconds).
+        - **item_sim** ``[I, I]`` CSR float32, at most ``sim_top_k`` entries per row, zero
+          diagonal.
+        - **item_department** ``[I]`` int: index into ``department_names`` (0 = unknown).
+        - **context_lift** ``[7, 24, D]``, **holiday_lift** ``[D]`` float32.
+    """
+
+    popularity: np.ndarray
+    hist_indptr: np.ndarray
+    hist_indices: np.ndarray
+    hist_weight: np.ndarray
+    hist_count: np.ndarray
+    hist_first: np.ndarray
+    hist_last: np.ndarray
+    user_sessions: np.ndarray
+    user_decayed_sessions: np.ndarray
+    user_last: np.ndarray
+    item_sim: sp.csr_matrix
+    item_department: np.ndarray
+    department_names: list[str]
+    context_lift: np.ndarray
+    holiday_lift: np.ndarray
+    now: float
+    params: SignalParams = field(default_factory=SignalParams)
+    weights: FusionWeights = field(default_factory=FusionWeights)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.hist_indptr) - 1
+
+    @property
+    def num_items(self) -> int:
+        return len(self.popularity)
+
+    def _hist(self, data: np.ndarray) -> sp.csr_matrix:
+        return sp.csr_matrix(
+            (data, self.hist_indices, self.hist_indptr), shape=(self.num_users, self.num_items)
+        )
+
+    @property
+    def user_history(self) -> sp.csr_matrix:
+        """Decayed purchase weight per (user, item). Shapes: ``[U, I]`` CSR."""
+        return self._hist(self.hist_weight)
+
+    @property
+    def user_counts(self) -> sp.csr_matrix:
+        """Number of sessions in which the user bought the item. Shapes: ``[U, I]`` CSR."""
+        return self._hist(self.hist_count)
+
+    def user_items(self, user: int) -> np.ndarray:
+        """Item indices the user has positive history with. Shapes: ``[n]``."""
+        return self.hist_indices[self.hist_indptr[user]: self.hist_indptr[user + 1]]
+
+    # ----------------------------------------------------------------------------- save/load
+    def save(self, directory: str | Path) -> None:
+        """Write the signals as ``.npz``/``.json`` files into ``directory`` (flat, no sub-folders)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            d / _ARRAYS,
+            popularity=self.popularity,
+            item_department=self.item_department,
+            context_lift=self.context_lift,
+            holiday_lift=self.holiday_lift,
+            user_sessions=self.user_sessions,
+            user_decayed_sessions=self.user_decayed_sessions,
+            user_last=self.user_last,
+        )
+        np.savez(
+            d / _HISTORY,
+            indptr=self.hist_indptr,
+            indices=self.hist_indices,
+            weight=self.hist_weight,
+            count=self.hist_count,
+            first=self.hist_first,
+            last=self.hist_last,
+        )
+        sp.save_npz(d / _ITEM_SIM, self.item_sim)
+        meta = {
+            "format": SIGNALS_FORMAT,
+            "now": self.now,
+            "department_names": self.department_names,
+            "params": self.params.__dict__,
+            "weights": self.weights.model_dump(),
+        }
+        (d / _META).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> RankingSignals:
+        """Read what ``save`` wrote.
+
+        Raises:
+            ArtifactError: if a file is missing or of an unknown format.
+        """
+        d = Path(directory)
+        missing = [n for n in (_ARRAYS, _HISTORY, _ITEM_SIM, _META) if not (d / n).exists()]
+        if missing:
+            raise ArtifactError(f"ranking signals in {d} lack {missing}; re-export the model")
+        meta = json.loads((d / _META).read_text())
+        if meta.get("format") != SIGNALS_FORMAT:
+            raise ArtifactError(
+                f"ranking signals in {d} have format {meta.get('format')}, this code reads "
+                f"{SIGNALS_FORMAT}; retrain with this version"
+            )
+        with np.load(d / _ARRAYS) as a, np.load(d / _HISTORY) as h:
+            arrays = {k: a[k] for k in a.files}
+            hist = {k: h[k] for k in h.files}
+        return cls(
+            popularity=arrays["popularity"],
+            hist_indptr=hist["indptr"],
+            hist_indices=hist["indices"],
+            hist_weight=hist["weight"],
+            hist_count=hist["count"],
+            hist_first=hist["first"],
+            hist_last=hist["last"],
+            user_sessions=arrays["user_sessions"],
+            user_decayed_sessions=arrays["user_decayed_sessions"],
+            user_last=arrays["user_last"],
+            item_sim=sp.csr_matrix(sp.load_npz(d / _ITEM_SIM)),
+            item_department=arrays["item_department"],
+            department_names=list(meta["department_names"]),
+            context_lift=arrays["context_lift"],
+            holiday_lift=arrays["holiday_lift"],
+            now=float(meta["now"]),
+            params=SignalParams(**meta["params"]),
+            weights=FusionWeights.model_validate(meta["weights"]),
+        )
+
+
+# --------------------------------------------------------------------------------- fitting
+def to_unix_seconds(ts: pd.Series | pd.Timestamp) -> Any:
+    """Naive-UTC timestamps → float unix seconds (a Series → ``np.ndarray``)."""
+    if isinstance(ts, pd.Timestamp):
+        return float(ts.value) / 1e9
+    return ts.to_numpy(dtype="datetime64[ns]").astype(np.int64).astype(np.float64) / 1e9
+
+
+def _decay(age_s: np.ndarray, half_life_days: float) -> np.ndarray:
+    return np.power(0.5, np.clip(age_s, 0.0, None) / (half_life_days * 86400.0))
+
+
+def _top_k_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """Keep the ``k`` largest entries of each row (vectorised; ties by column index)."""
+    m = sp.csr_matrix(m)
+    m.sum_duplicates()
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    order = np.lexsort((m.indices, -m.data, rows))
+    rank = np.arange(len(order)) - m.indptr[rows[order]]
+    keep = order[rank < k]
+    keep.sort()  # restores row-major order, so the CSR pattern stays valid
+    out = sp.csr_matrix(
+        (m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape, dtype=np.float32
+    )
+    out.sort_indices()
+    return out
+
+
+def item_cooccurrence(
+    session_codes: np.ndarray, item_codes: np.ndarray, num_items: int, top_k: int, shrink: float
+) -> sp.csr_matrix:
+    """Item–item similarity from sessions: ``c_ij / (sqrt(c_i c_j) + shrink)``, top-k per row.
+
+    ``c_ij`` counts sessions holding both items, ``c_i`` sessions holding item ``i``; the
+    shrinkage keeps two rare items that met once from looking like perfect neighbours.
+
+    Shapes:
+        - **session_codes**, **item_codes** ``[n]``: one row per (session, item) event.
+        - return ``[num_items, num_items]`` CSR float32.
+    """
+    pairs = np.unique(np.stack([session_codes, item_codes], axis=1), axis=0)
+    num_sessions = int(pairs[:, 0].max()) + 1 if len(pairs) else 0
+    x = sp.csr_matrix(
+        (np.ones(len(pairs), dtype=np.float32), (pairs[:, 0], pairs[:, 1])),
+        shape=(num_sessions, num_items),
+    )
+    c = sp.csr_matrix(x.T @ x)
+    c.setdiag(0)
+    c.eliminate_zeros()
+    n = np.asarray(x.sum(axis=0)).ravel()
+    c = c.tocoo()
+    data = c.data / (np.sqrt(n[c.row] * n[c.col]) + shrink)
+    sim = sp.csr_matrix((data.astype(np.float32), (c.row, c.col)), shape=(num_items, num_items))
+    return _top_k_rows(sim, top_k)
+
+
+def _lift(counts: np.ndarray, base_share: np.ndarray, prior: float) -> np.ndarray:
+    """Smoothed log-lift ``log((n + prior) / (E + prior))`` of department counts over expectation.
+
+    ``E`` is the count the cell would have with the base shares; the pseudo-count ``prior`` pulls
+    cells with little evidence (rare departments, quiet hours) towards a lift of 0.
+
+    Shapes:
+        - **counts** ``[..., D]``, **base_share** ``[D]``; return ``[..., D]``.
+    """
+    expected = counts.sum(axis=-1, keepdims=True) * base_share
+    return np.clip(np.log((counts + prior) / (expected + prior)), -2.0, 2.0)
+
+
+def holiday_dates(country: str, years: range | list[int] | tuple[int, ...]) -> frozenset[Any]:
+    """Public holiday dates of ``country`` (``holidays`` library) for ``years`` (cached).
+
+    Raises:
+        DataError: for a country the library does not know.
+    """
+    return _holiday_dates(country, tuple(int(y) for y in years))
+
+
+@functools.lru_cache(maxsize=64)
+def _holiday_dates(country: str, years: tuple[int, ...]) -> frozenset[Any]:
+    try:
+        cal = holidays.country_holidays(country, years=list(years))
+    except NotImplementedError as exc:
+        raise DataError(
+            f"no public holiday calendar for country {country!r}; use an ISO 3166 code such as 'US'",
+            field="country",
+        ) from exc
+    return frozenset(cal.keys())
+
+
+def fit_signals(
+    train_events: pd.DataFrame,
+    inter: Interactions,
+    now: pd.Timestamp | None = None,
+    *,
+    params: SignalParams | None = None,
+    weights: FusionWeights | None = None,
+) -> RankingSignals:
+    """Fit every non-parametric signal on training events.
+
+    Only events with an item and a positive ``EVENT_WEIGHTS`` weight count. Events of users outside
+    ``inter.user_ids`` are left out of the user history but still count for popularity,
+    co-occurrence and context; events of items outside the catalogue are ignored.
+
+    Args:
+        train_events: Canonical events, all before the split (the caller guarantees it; nothing
+            here looks at a test window).
+        inter: Fixes the user and item indexing (``inter.user_ids``, ``inter.item_ids``) and the
+            item departments (feature field ``department``).
+        now: Reference time of the recency decays (default: the last training event).
+        params: Hyper-parameters (defaults: ``SignalParams()``).
+        weights: Fusion weights to carry (default: untuned ``FusionWeights()``).
+
+    Raises:
+        DataError: if no usable event is left.
+    """
+    params = params or SignalParams()
+    ev = train_events[train_events[S.ITEM_COL].notna()]
+    w = ev[S.EVENT_COL].map(S.EVENT_WEIGHTS).fillna(0.0).to_numpy(dtype=np.float64)
+    items = pd.Index(inter.item_ids).get_indexer(ev[S.ITEM_COL].astype(str))
+    keep = (w > 0) & (items >= 0)
+    ev, w, items = ev[keep], w[keep], items[keep]
+    if ev.empty:
+        raise DataError("no training event with a catalogue item and a positive weight",
+                        field=S.EVENT_COL)
+    num_users, num_items = inter.num_users, inter.num_items
+    now_ts = ev[S.TS_COL].max() if now is None else now
+    now_s = to_unix_seconds(pd.Timestamp(now_ts))
+    ts = to_unix_seconds(ev[S.TS_COL])
+    age = now_s - ts
+
+    popularity = np.bincount(
+        items, weights=w * _decay(age, params.pop_half_life_days), minlength=num_items
+    ).astype(np.float32)
+
+    sessions = pd.factorize(ev[S.SESSION_COL].astype(str))[0].astype(np.int64)
+    item_sim = item_cooccurrence(sessions, items, num_items, params.sim_top_k, params.sim_shrink)
+
+    # --- user history: one row per (user, item), "occasions" = distinct sessions -----------
+    users = pd.Index(inter.user_ids).get_indexer(ev[S.USER_COL].astype(str))
+    known = users >= 0
+    df = pd.DataFrame({
+        "u": users[known], "i": items[known], "s": sessions[known], "ts": ts[known],
+        "w": (w * _decay(age, params.history_half_life_days))[known],
+    })
+    pair = df.groupby(["u", "i"], sort=True).agg(
+        weight=("w", "sum"), count=("s", "nunique"), first=("ts", "min"), last=("ts", "max")
+    )
+    u_idx = pair.index.get_level_values(0).to_numpy()
+    hist_indptr = np.concatenate([[0], np.cumsum(np.bincount(u_idx, minlength=num_users))])
+    sess = df.groupby(["u", "s"], sort=False)["ts"].max().reset_index()
+    user_sessions = np.bincount(sess["u"], minlength=num_users).astype(np.float32)
+    user_decayed = np.bincount(
+        sess["u"], weights=_decay(now_s - sess["ts"].to_numpy(), params.history_half_life_days),
+        minlength=num_users,
+    ).astype(np.float32)
+    user_last = np.full(num_users, np.nan)
+    last = df.groupby("u")["ts"].max()
+    user_last[last.index.to_numpy()] = last.to_numpy()
+
+    # --- context: department share by weekday/hour and on holidays ----------------------------
+    dept_col = inter.feature_names.index("department") if "department" in inter.feature_names else None
+    if dept_col is None:
+        item_department = np.zeros(num_items, dtype=np.int64)
+        department_names = ["<unk>"]
+    else:
+        item_department = inter.item_features[:, dept_col].numpy().astype(np.int64)
+        department_names = list(inter.feature_vocab.get("department", [])) or [
+            str(i) for i in range(int(item_department.max()) + 1)
+        ]
+    num_depts = len(department_names)
+    dept = item_department[items]
+    dt = ev[S.TS_COL]
+    wd, hr = dt.dt.weekday.to_numpy(), dt.dt.hour.to_numpy()
+    cell = np.bincount((wd * 24 + hr) * num_depts + dept, minlength=7 * 24 * num_depts)
+    cell = cell.reshape(7, 24, num_depts).astype(np.float64)
+    overall = cell.sum(axis=(0, 1))
+    base = np.maximum(overall / overall.sum(), 1e-12)
+    context_lift = _lift(cell, base, params.context_smoothing).astype(np.float32)
+
+    hol = holiday_dates(params.country, range(dt.min().year, dt.max().year + 2))
+    is_hol = dt.dt.date.isin(hol).to_numpy()
+    on = np.bincount(dept[is_hol], minlength=num_depts).astype(np.float64)
+    off = np.bincount(dept[~is_hol], minlength=num_depts).astype(np.float64)
+    off_share = np.maximum(off / max(off.sum(), 1.0), 1e-12)
+    holiday_lift = _lift(on, off_share, params.context_smoothing).astype(np.float32)
+
+    return RankingSignals(
+        popularity=popularity,
+        hist_indptr=hist_indptr.astype(np.int64),
+        hist_indices=pair.index.get_level_values(1).to_numpy().astype(np.int32),
+        hist_weight=pair["weight"].to_numpy(np.float32),
+        hist_count=pair["count"].to_numpy(np.float32),
+        hist_first=pair["first"].to_numpy(np.float64),
+        hist_last=pair["last"].to_numpy(np.float64),
+        user_sessions=user_sessions,
+        user_decayed_sessions=user_decayed,
+        user_last=user_last,
+        item_sim=item_sim,
+        item_department=item_department,
+        department_names=department_names,
+        context_lift=context_lift,
+        holiday_lift=holiday_lift,
+        now=now_s,
+        params=params,
+        weights=weights or FusionWeights(),
+    )

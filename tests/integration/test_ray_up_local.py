@@ -1,0 +1,391 @@
+"""`ray up` / `ray down` for real: Ray's `local` provider over SSH to this machine.
+
+The cluster launcher is driven exactly as a user drives it: `ray up -y deploy/local_cluster.yaml`
+SSHes to the head (127.0.0.1), rsyncs the project there (file_mounts), installs it
+(setup_commands), runs `ray stop`, starts Ray and deploys a Serve app (head_start_ray_commands);
+the test then calls the app over HTTP, checks `ray status`, and runs `ray down -y`.
+
+`ray stop` kills every Ray process it can see, so everything runs inside fresh PID, network and
+mount namespaces (``unshare --pid --net --mount --fork --mount-proc``), the test process's own
+Ray cluster is out of its sight. Inside, only the namespace's view changes:
+- loopback is brought up (a new network namespace starts with it down), so ports 22/6379/8000/
+  8265 are free and private;
+- a tmpfs over /tmp (Ray's /tmp/ray, SSH control sockets, config caches) and over /run (sshd's
+  privilege-separation dir);
+- a copy of /etc/passwd bind-mounted over it that gives root a throwaway HOME (not a mount over
+  /root, which may hold the Python interpreter itself, e.g. pyenv): sshd reads authorized_keys
+  there, and `ray up` writes ~/ray_bootstrap_config.yaml, ~/ray_bootstrap_key.pem and the
+  synced project there;
+- an overlay over the virtualenv, so `pip install -e ~/intentrec` from setup_commands lands in a
+  throwaway upper layer, not in the shared venv.
+When the namespace's first process exits the kernel kills everything left in it.
+
+This file is both the test and (``python -m tests.integration.test_ray_up_local --inside DIR``)
+the program that runs as PID 1 inside the namespace.
+
+Needs root, util-linux `unshare`, iproute2 `ip`, `rsync`, and the OpenSSH server and client
+(Debian: ``apt-get install -y openssh-server openssh-client rsync iproute2``); skips otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helpers import wait_for_condition
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LOCAL_CLUSTER_YAML = REPO_ROOT / "deploy" / "local_cluster.yaml"
+SSHD = Path("/usr/sbin/sshd")
+VENV = Path(sys.prefix)
+RAY_CLI = Path(sys.executable).with_name("ray")
+
+# Set to True once serve_config.yaml deploys the real app on a fresh head (it must not need
+# anything that is not synced by file_mounts, e.g. a trained artifact under the gitignored
+# artifacts/). Until then the head serves a one-deployment probe app that imports the synced
+# project, and the shipped `serve deploy ~/intentrec/serve_config.yaml` is pointed at it.
+USE_PROJECT_SERVE_CONFIG = False
+# HTTP path that must answer 200 once the app is up (the real app's health check, or the probe).
+PROJECT_HEALTH_PATH = "/healthz"
+
+SERVE_DEPLOY_CMD = "serve deploy ~/intentrec/serve_config.yaml"
+NAMESPACE_TIMEOUT_S = 480
+HTTP = "http://127.0.0.1:8000"
+
+PROBE_APP = '''
+"""One-deployment Serve app proving the head imports the project synced by file_mounts."""
+from ray import serve
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class Probe:
+    async def __call__(self, request) -> dict:
+        import graph
+        from graph import schema
+
+        return {"project_file": graph.__file__, "event_types": list(schema.EVENT_TYPES)}
+
+
+app = Probe.bind()
+'''
+
+PROBE_SERVE_CONFIG = {
+    "proxy_location": "HeadOnly",
+    "http_options": {"host": "127.0.0.1", "port": 8000},
+    "applications": [
+        {"name": "probe", "route_prefix": "/probe", "import_path": "intentrec_probe_app:app"}
+    ],
+}
+
+
+# --------------------------------------------------------------------------- outside: pytest
+def _missing_prerequisite() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root: unshare of PID/network/mount namespaces and sshd logging in as root"
+    for tool, package in (
+        ("unshare", "util-linux"),
+        ("ip", "iproute2"),
+        ("rsync", "rsync"),
+        ("ssh", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
+    ):
+        if shutil.which(tool) is None:
+            return f"`{tool}` not found: apt-get install -y {package}"
+    if not SSHD.exists():
+        return f"{SSHD} not found: apt-get install -y openssh-server"
+    shadow = Path("/etc/shadow")
+    if shadow.exists():
+        root = next((ln for ln in shadow.read_text().splitlines() if ln.startswith("root:")), "")
+        if root.split(":")[1:2] and root.split(":")[1].startswith("!"):
+            return "root's account is locked ('!' in /etc/shadow): sshd refuses key logins as root"
+    probe = subprocess.run(
+        ["unshare", "--pid", "--net", "--mount", "--fork", "--mount-proc", "true"],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        return f"cannot create PID/network/mount namespaces here: {probe.stderr.strip()}"
+    return None
+
+
+def _prepare(workdir: Path) -> None:
+    """Everything that does not need the namespace: keys, sshd config, HOME, cluster config."""
+    ssh_dir = workdir / "ssh"
+    home = workdir / "home"
+    (home / ".ssh").mkdir(parents=True)
+    ssh_dir.mkdir()
+    for d in (workdir / "venv_upper", workdir / "venv_work"):
+        d.mkdir()
+    keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", ""]
+    subprocess.run([*keygen, "-f", str(ssh_dir / "host_ed25519")], check=True)
+    client_key = home / ".ssh" / "intentrec_cluster"  # the path deploy/local_cluster.yaml names
+    subprocess.run([*keygen, "-f", str(client_key)], check=True)
+    (home / ".ssh" / "authorized_keys").write_text(client_key.with_suffix(".pub").read_text())
+    passwd = []
+    for line in Path("/etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == "root":
+            fields[5] = str(home)
+        passwd.append(":".join(fields))
+    (workdir / "passwd").write_text("\n".join(passwd) + "\n")
+
+    (ssh_dir / "sshd_config").write_text(
+        textwrap.dedent(f"""\
+            ListenAddress 127.0.0.1
+            Port 22
+            HostKey {ssh_dir / "host_ed25519"}
+            PidFile {ssh_dir / "sshd.pid"}
+            AuthorizedKeysFile .ssh/authorized_keys
+            PermitRootLogin prohibit-password
+            PasswordAuthentication no
+            KbdInteractiveAuthentication no
+            UsePAM no
+            # The work dir lives under world-writable /var/tmp.
+            StrictModes no
+            Subsystem sftp internal-sftp
+            LogLevel VERBOSE
+            """)
+    )
+    # Ray runs every remote command as `bash --login -c -i 'source ~/.bashrc; ...'`.
+    (home / ".bashrc").write_text(
+        textwrap.dedent(f"""\
+            export PATH={VENV / "bin"}:$PATH
+            export RAY_USAGE_STATS_ENABLED=0
+            export PYTHONPATH=$HOME/intentrec_probe
+            """)
+    )
+
+    config = yaml.safe_load(LOCAL_CLUSTER_YAML.read_text())
+    head = config["head_start_ray_commands"]
+    assert SERVE_DEPLOY_CMD in head, f"{LOCAL_CLUSTER_YAML} no longer runs `{SERVE_DEPLOY_CMD}`"
+    # Two cores are shared with other work: keep the head small.
+    config["head_start_ray_commands"] = [
+        f"{cmd} --num-cpus=1 --object-store-memory=150000000" if "ray start --head" in cmd else cmd
+        for cmd in head
+    ]
+    if not USE_PROJECT_SERVE_CONFIG:
+        probe = workdir / "probe"
+        probe.mkdir()
+        (probe / "intentrec_probe_app.py").write_text(PROBE_APP)
+        (probe / "serve_config.yaml").write_text(yaml.safe_dump(PROBE_SERVE_CONFIG))
+        config["file_mounts"]["~/intentrec_probe"] = str(probe)
+        config["head_start_ray_commands"] = [
+            cmd.replace("~/intentrec/serve_config.yaml", "~/intentrec_probe/serve_config.yaml")
+            for cmd in config["head_start_ray_commands"]
+        ]
+    # Offline in the namespace: build the editable wheel with the venv's own setuptools.
+    config["setup_commands"] = [
+        cmd.replace("pip install", "pip install --no-build-isolation", 1)
+        if "pip install" in cmd and "--no-build-isolation" not in cmd
+        else cmd
+        for cmd in config["setup_commands"]
+    ]
+    (workdir / "cluster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    # `ray up` runs from a clean copy of the checkout, as after `git clone`: Ray hashes every file
+    # under a file_mounts source (ignoring rsync filters) and would read the whole in-tree venv.
+    subprocess.run(
+        ["rsync", "-a", "--exclude=.git", "--filter=:- .gitignore", f"{REPO_ROOT}/", f"{workdir / 'src'}/"],
+        check=True,
+    )
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else f"({path.name} missing)"
+
+
+def test_ray_up_serves_the_app_and_ray_down_tears_it_down() -> None:
+    reason = _missing_prerequisite()
+    if reason:
+        pytest.skip(reason)
+    workdir = Path(tempfile.mkdtemp(prefix="irup", dir="/var/tmp"))
+    try:
+        _prepare(workdir)
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        cmd = [
+            "unshare", "--pid", "--net", "--mount", "--fork", "--mount-proc", "--kill-child",
+            sys.executable, "-m", "tests.integration.test_ray_up_local", "--inside", str(workdir),
+        ]  # fmt: skip
+        started = time.monotonic()
+        out = subprocess.run(
+            cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+            timeout=NAMESPACE_TIMEOUT_S + 60,
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+        result_file = workdir / "result.json"
+        logs = "\n".join(
+            f"--- {name}\n{_tail(workdir / name)}"
+            for name in ("ray_up.log", "ray_down.log", "sshd.log", "head_logs.txt")
+        )
+        assert out.returncode == 0 and result_file.exists(), (
+            f"namespace run failed (rc={out.returncode}) after {elapsed:.0f}s\n"
+            f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}\n{logs}"
+        )
+        result: dict[str, Any] = json.loads(result_file.read_text())
+        print(json.dumps(result["seconds"], indent=1))
+
+        # The app answered from the copy file_mounts synced into the throwaway HOME.
+        assert result["http_status"] == 200
+        if not USE_PROJECT_SERVE_CONFIG:
+            synced_init = workdir / "home" / "intentrec" / "graph" / "__init__.py"
+            assert result["http_body"]["project_file"] == str(synced_init)
+            assert "purchase" in result["http_body"]["event_types"]
+        # rsync_filter/.gitignore kept the local venv and git history off the node.
+        assert "pyproject.toml" in result["synced"]
+        assert ".venv" not in result["synced"] and ".git" not in result["synced"]
+        assert result["ray_status_rc"] == 0, result["ray_status"]
+        # `ray down` stopped Ray on the head: no raylet or GCS left in the namespace.
+        assert result["ray_processes_after_down"] == []
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- inside: PID 1
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True)
+
+
+def _isolate(workdir: Path) -> None:
+    _sh("ip", "link", "set", "lo", "up")
+    _sh("mount", "-t", "tmpfs", "tmpfs", "/tmp")
+    _sh("mount", "-t", "tmpfs", "tmpfs", "/run")
+    Path("/run/sshd").mkdir(mode=0o755)
+    _sh("mount", "--bind", str(workdir / "passwd"), "/etc/passwd")
+    _sh(
+        "mount", "-t", "overlay", "overlay", "-o",
+        f"lowerdir={VENV},upperdir={workdir / 'venv_upper'},workdir={workdir / 'venv_work'}",
+        str(VENV),
+    )  # fmt: skip
+
+
+def _run_logged(workdir: Path, name: str, cmd: list[str], timeout: float, env: dict) -> int:
+    with (workdir / f"{name}.log").open("w") as log:
+        return subprocess.run(
+            cmd, cwd=workdir / "src", env=env, stdout=log, stderr=subprocess.STDOUT,
+            timeout=timeout, check=False,
+        ).returncode  # fmt: skip
+
+
+def _ray_processes() -> list[str]:
+    names = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm, state = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2]
+        if state != "Z" and comm in ("raylet", "gcs_server"):
+            names.append(comm)
+    return names
+
+
+def _http_get(path: str) -> tuple[int, Any]:
+    with urllib.request.urlopen(HTTP + path, timeout=5) as resp:
+        body = resp.read().decode()
+        try:
+            return resp.status, json.loads(body)
+        except json.JSONDecodeError:
+            return resp.status, body
+
+
+def _inside(workdir: Path) -> None:
+    seconds: dict[str, float] = {}
+    result: dict[str, Any] = {"seconds": seconds}
+    t0 = time.monotonic()
+    _isolate(workdir)
+    _sh(str(SSHD), "-f", str(workdir / "ssh" / "sshd_config"), "-E", str(workdir / "sshd.log"))
+
+    def sshd_listening() -> bool:
+        with socket.create_connection(("127.0.0.1", 22), timeout=1):
+            return True
+
+    wait_for_condition(sshd_listening, timeout=20, what="sshd on 127.0.0.1:22")
+    seconds["namespace_and_sshd"] = time.monotonic() - t0
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    home = workdir / "home"
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    config = str(workdir / "cluster.yaml")
+    try:
+        t = time.monotonic()
+        rc = _run_logged(workdir, "ray_up", [str(RAY_CLI), "up", "-y", "--no-config-cache", config],
+                         timeout=300, env=env)  # fmt: skip
+        seconds["ray_up"] = time.monotonic() - t
+        if rc != 0:
+            raise RuntimeError(f"ray up exited {rc}")
+        result["synced"] = sorted(os.listdir(home / "intentrec"))
+
+        t = time.monotonic()
+        path = PROJECT_HEALTH_PATH if USE_PROJECT_SERVE_CONFIG else "/probe"
+        wait_for_condition(lambda: _http_get(path)[0] == 200, timeout=120, what=f"GET {path}")
+        result["http_status"], result["http_body"] = _http_get(path)
+        seconds["serve_ready_after_ray_up"] = time.monotonic() - t
+
+        status = subprocess.run(
+            [str(RAY_CLI), "status", "--address", "127.0.0.1:6379"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        result["ray_status_rc"], result["ray_status"] = status.returncode, status.stdout[-2000:]
+    finally:
+        head_logs = Path("/tmp/ray/session_latest/logs")
+        if head_logs.is_dir():
+            with (workdir / "head_logs.txt").open("w") as out:
+                for log in sorted(head_logs.glob("*.err")) + sorted(head_logs.glob("serve/*")):
+                    out.write(f"== {log.name}\n{_tail(log, 1500)}\n")
+        t = time.monotonic()
+        rc = _run_logged(workdir, "ray_down", [str(RAY_CLI), "down", "-y", config],
+                         timeout=120, env=env)  # fmt: skip
+        seconds["ray_down"] = time.monotonic() - t
+        result["ray_down_rc"] = rc
+
+    wait_for_condition(lambda: not _ray_processes(), timeout=30, what="raylet/gcs_server gone")
+    result["ray_processes_after_down"] = _ray_processes()
+    seconds["total_inside"] = time.monotonic() - t0
+    (workdir / "result.json").write_text(json.dumps(result, indent=1))
+
+
+def _as_init(main: Callable[[], None]) -> int:
+    """Run ``main`` in a child while this process, PID 1 of the namespace, reaps orphans.
+
+    Daemons (sshd, the head's Ray processes) are re-parented to PID 1; unreaped, they would stay
+    zombies that `ray stop` waits out its whole grace period for.
+    """
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            main()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    while True:
+        pid, status = os.wait()
+        if pid == child:
+            return os.waitstatus_to_exitcode(status)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="run inside the test's namespaces (PID 1)")
+    parser.add_argument("--inside", type=Path, required=True)
+    workdir = parser.parse_args().inside
+    sys.exit(_as_init(lambda: _inside(workdir)))

@@ -1,0 +1,159 @@
+"""Session shards on a real local Ray cluster: kill -9 loses no acknowledged event; forget works."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+
+from actors.session_state import SessionEvent, SessionStateConfig, SessionStore
+from graph.errors import BadRequestError, ConfigError
+from tests.helpers import wait_for_condition
+
+pytestmark = pytest.mark.integration
+
+
+def make_config(tmp_path: Path, **kw: object) -> SessionStateConfig:
+    return SessionStateConfig(
+        num_shards=2,
+        window=500,
+        user_history=500,
+        wal_uri=str(tmp_path / "wal"),
+        namespace="intentrec-test",
+        actor_prefix=f"sess-{uuid.uuid4().hex[:10]}",  # unique per test: no shared actors
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def store(ray_cluster: None, tmp_path: Path) -> Iterator[SessionStore]:
+    st = SessionStore(make_config(tmp_path, snapshot_every=40))
+    asyncio.run(st.ready())
+    yield st
+    st.kill()
+
+
+def pids(store: SessionStore) -> list[int]:
+    return [ray.get(h.pid.remote(), timeout=30) for h in store.handles]
+
+
+def kill_all_and_wait(store: SessionStore) -> None:
+    """SIGKILL every shard process for real and wait until Ray has restarted each of them."""
+    old = pids(store)
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    wait_for_condition(
+        lambda: all(new != dead for new, dead in zip(pids(store), old, strict=True)),
+        timeout=120,
+        what="shards restarted after SIGKILL",
+    )
+
+
+def test_killed_shards_lose_no_acknowledged_event(store: SessionStore) -> None:
+    sessions = [f"s-{k}" for k in range(6)]
+    users = ["u-a", "u-b", None]
+    acked: list[SessionEvent] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    async def writer() -> None:
+        n = 0
+        while not stop.is_set():
+            sid = sessions[n % len(sessions)]
+            ev = SessionEvent.create(
+                "view", session_id=sid, user_id=users[n % 3], item_id=f"i{n}", ts=time.time()
+            )
+            await store.append([ev])  # returned = acknowledged = must survive
+            acked.append(ev)
+            n += 1
+
+    def run_writer() -> None:
+        try:
+            asyncio.run(writer())
+        except BaseException as exc:  # surfaced by the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run_writer, daemon=True)
+    thread.start()
+    try:
+        wait_for_condition(lambda: len(acked) >= 60, timeout=60, what="60 events acknowledged")
+        kill_all_and_wait(store)  # appends are in flight while the shards die
+        mark = len(acked)
+        wait_for_condition(lambda: len(acked) >= mark + 30, timeout=60, what="appends resume")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not errors, errors
+    # A second kill with no writer: everything must come back from snapshot + log alone.
+    kill_all_and_wait(store)
+
+    stats = asyncio.run(store.stats())
+    assert all(s["restarted"] for s in stats)
+    assert sum(s["restored_records"] for s in stats) > 0 and any(s["restored_snapshot_seq"] for s in stats)
+
+    for sid in sessions:
+        snap = asyncio.run(store.get(session_id=sid))
+        expected = [e.event_id for e in acked if e.session_id == sid]
+        got = [e.event_id for e in snap.events]
+        assert got == expected, f"{sid}: lost or reordered {set(expected) ^ set(got)}"
+        seqs = [e.seq for e in snap.events]
+        assert seqs == sorted(seqs)
+    for uid in ("u-a", "u-b"):
+        snap = asyncio.run(store.get(user_id=uid))
+        assert [e.event_id for e in snap.user_events] == [e.event_id for e in acked if e.user_id == uid]
+
+    # A retried batch (same event ids) after the restart is stored once.
+    assert asyncio.run(store.append(acked[:5])) == 5
+    assert [e.event_id for e in asyncio.run(store.get(session_id=sessions[0])).events] == [
+        e.event_id for e in acked if e.session_id == sessions[0]
+    ]
+
+
+def test_forget_user_end_to_end(store: SessionStore, tmp_path: Path) -> None:
+    now = time.time()
+    events = [
+        SessionEvent.create(
+            "add_to_cart", session_id=f"cart-{k % 5}", user_id="alice-7f3", item_id=f"p{k}", ts=now + k * 1e-3
+        )
+        for k in range(20)
+    ] + [SessionEvent.create("view", session_id="cart-bob", user_id="bob-1c9", item_id="q", ts=now)]
+    # Session-less events of alice go to her implicit session.
+    events.append(SessionEvent.create("search", user_id="alice-7f3", query="kids cereal", ts=now))
+    assert asyncio.run(store.append(events)) == 22
+    only_user = asyncio.run(store.get(user_id="alice-7f3"))
+    assert [e.query for e in only_user.events] == ["kids cereal"]
+    assert len(only_user.user_events) == 21
+
+    files = lambda: b"".join(p.read_bytes() for p in (tmp_path / "wal").rglob("*") if p.is_file())  # noqa: E731
+    assert b"alice-7f3" in files()
+    removed = asyncio.run(store.forget_user("alice-7f3"))
+    assert removed == 42  # 21 session-window copies + 21 history copies
+    assert b"alice-7f3" not in files() and b"bob-1c9" in files()
+    gone = asyncio.run(store.get(session_id="cart-1", user_id="alice-7f3"))
+    assert gone.events == () and gone.user_events == ()
+
+    kill_all_and_wait(store)
+    gone = asyncio.run(store.get(session_id="cart-1", user_id="alice-7f3"))
+    assert gone.events == () and gone.user_events == ()
+    assert [e.item_id for e in asyncio.run(store.get(session_id="cart-bob")).events] == ["q"]
+
+
+def test_bad_input_and_config_mismatch(store: SessionStore, tmp_path: Path) -> None:
+    bad = SessionEvent("u", "s", "i", "teleport", time.time())
+    with pytest.raises(BadRequestError) as info:
+        asyncio.run(store.append([bad]))
+    assert info.value.field == "events[0].event"
+    with pytest.raises(BadRequestError):
+        asyncio.run(store.get())
+    # Same actor names, different settings: attaching must not silently use the old ones.
+    other = SessionStore(store.config.model_copy(update={"window": 7}))
+    with pytest.raises(ConfigError, match="window"):
+        asyncio.run(other.ready())

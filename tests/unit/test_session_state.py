@@ -1,0 +1,334 @@
+"""Session-state logic without Ray: windows, TTL, LRU, user history, the log, forget, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import pytest
+from pydantic import ValidationError
+
+from actors.session_state import (
+    ROLE_SESSION,
+    ROLE_USER,
+    SessionEvent,
+    SessionShard,
+    SessionStateConfig,
+    ShardState,
+    default_session_key,
+    shard_for,
+    stable_hash,
+)
+from graph.errors import BadRequestError
+
+T0 = 1_700_000_000.0
+
+
+class Clock:
+    """A settable clock for TTL tests."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_config(tmp_path: Path, **kw: Any) -> SessionStateConfig:
+    return SessionStateConfig(num_shards=1, wal_uri=str(tmp_path / "wal"), **kw)
+
+
+def ev(session: str, item: str, ts: float, user: str | None = None, event: str = "view") -> SessionEvent:
+    return SessionEvent.create(event, session_id=session, user_id=user, item_id=item, ts=ts)
+
+
+def items(events: list[SessionEvent]) -> list[str | None]:
+    return [e.item_id for e in events]
+
+
+def disk_bytes(tmp_path: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted((tmp_path / "wal").rglob("*")) if p.is_file())
+
+
+# --- memory bounds --------------------------------------------------------------------------
+
+
+def test_window_keeps_the_most_recent_events_in_time_order(tmp_path: Path) -> None:
+    st = ShardState(make_config(tmp_path, window=3), 0, clock=Clock(T0 + 100))
+    st.append([ev("s", f"i{k}", T0 + k) for k in range(5)])
+    # A late event (older ts) lands in time order; one older than a full window is left out.
+    st.append([ev("s", "late", T0 + 3.5), ev("s", "ancient", T0 - 50)])
+    assert items(st.get_session("s")["events"]) == ["i3", "late", "i4"]
+
+
+def test_ttl_drops_expired_events_then_evicts_the_session(tmp_path: Path) -> None:
+    clock = Clock()
+    st = ShardState(make_config(tmp_path, ttl_seconds=100), 0, clock=clock)
+    st.append([ev("s", "old", T0), ev("s", "new", T0 + 50)])
+    clock.now = T0 + 120
+    assert items(st.get_session("s")["events"]) == ["new"]
+    clock.now = T0 + 200
+    assert st.get_session("s")["events"] == []
+    assert st.stats()["sessions"] == 0 and st.stats()["evicted_ttl"] == 1
+
+
+def test_idle_sessions_are_swept_on_append_without_being_read(tmp_path: Path) -> None:
+    clock = Clock()
+    st = ShardState(make_config(tmp_path, ttl_seconds=100), 0, clock=clock)
+    st.append([ev("a", "x", T0), ev("b", "y", T0)])
+    clock.now = T0 + 500
+    st.append([ev("c", "z", T0 + 499)])
+    assert st.stats()["sessions"] == 1
+
+
+def test_lru_bound_evicts_the_least_recently_used_session(tmp_path: Path) -> None:
+    st = ShardState(make_config(tmp_path, max_sessions_per_shard=2), 0, clock=Clock(T0 + 10))
+    st.append([ev("s1", "a", T0), ev("s2", "b", T0)])
+    st.get_session("s1")  # a read counts as use
+    st.append([ev("s3", "c", T0)])
+    assert items(st.get_session("s1")["events"]) == ["a"]
+    assert st.get_session("s2")["events"] == []
+    assert st.stats()["evicted_lru"] == 1
+
+
+def test_user_history_spans_sessions_and_is_bounded(tmp_path: Path) -> None:
+    st = ShardState(make_config(tmp_path, user_history=3), 0, clock=Clock(T0 + 10))
+    st.append([ev("s1", "a", T0 + 1, "u"), ev("s1", "b", T0 + 2, "u"), ev("s2", "c", T0 + 3, "u")])
+    st.append([ev("s2", "d", T0 + 4, "u"), ev("s2", "other", T0 + 5, "v")])
+    out = st.get_session("s1", "u")
+    assert items(out["events"]) == ["a", "b"]
+    assert items(out["user_events"]) == ["b", "c", "d"]
+    # Roles: a user-only copy does not enter the session window (the store routes it).
+    st.append([ev("s9", "e", T0 + 6, "u")], roles=[ROLE_USER])
+    assert st.get_session("s9")["events"] == [] and items(st.get_session(None, "u")["user_events"])[-1] == "e"
+    st.append([ev("s8", "f", T0 + 7, "w")], roles=[ROLE_SESSION])
+    assert st.get_session(None, "w")["user_events"] == []
+
+
+# --- durability -----------------------------------------------------------------------------
+
+
+def test_replay_restores_exactly_the_acknowledged_events_in_order(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, snapshot_every=4)  # forces a snapshot in the middle
+    clock = Clock(T0 + 100)
+    st = ShardState(cfg, 0, clock=clock)
+    seqs: list[int] = []
+    for k in range(7):
+        seqs += st.append([ev("s", f"i{k}", T0 + k, "u"), ev(f"t{k}", "x", T0 + k)])
+    before = st.get_session("s", "u")
+    st.close()
+    names = sorted(p.name for p in (tmp_path / "wal").rglob("*") if p.is_file())
+    assert any(n.startswith("snapshot-") for n in names) and any(n.startswith("wal-") for n in names)
+
+    again = ShardState(cfg, 0, clock=clock)
+    after = again.get_session("s", "u")
+    assert after["events"] == before["events"] and after["user_events"] == before["user_events"]
+    assert items(after["events"]) == [f"i{k}" for k in range(7)]
+    assert again.stats()["sessions"] == 8
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert again.append([ev("s", "next", T0 + 50)])[0] > max(seqs)
+
+
+def test_torn_last_record_is_ignored_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = make_config(tmp_path)
+    clock = Clock(T0 + 100)
+    st = ShardState(cfg, 0, clock=clock)
+    st.append([ev("s", "a", T0 + 1)])
+    st.append([ev("s", "b", T0 + 2)])
+    st.close()
+    (wal,) = (tmp_path / "wal").rglob("wal-*.jsonl")
+    with open(wal, "ab") as f:
+        f.write(b'{"t":"append","events":[{"seq":3,"event_id":"x","user_')  # died mid-write
+
+    with caplog.at_level(logging.WARNING, logger="actors.session_state"):
+        again = ShardState(cfg, 0, clock=clock)
+    assert "torn" in caplog.text
+    assert again.stats()["torn_records"] == 1
+    assert items(again.get_session("s")["events"]) == ["a", "b"]
+    # The torn tail was cut off: later records are readable and no warning repeats.
+    again.append([ev("s", "c", T0 + 3)])
+    again.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="actors.session_state"):
+        third = ShardState(cfg, 0, clock=clock)
+    assert "torn" not in caplog.text and third.stats()["corrupt_records"] == 0
+    assert items(third.get_session("s")["events"]) == ["a", "b", "c"]
+
+
+def test_object_store_log_writes_one_segment_per_commit(tmp_path: Path) -> None:
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    cfg = SessionStateConfig(num_shards=1, wal_uri="bucket/prefix", snapshot_every=5)
+    clock = Clock(T0 + 100)
+    st = ShardState(cfg, 0, clock=clock, filesystem=fs)
+    for k in range(3):
+        st.append([ev("s", f"i{k}", T0 + k, "u")])
+    shard_dir = tmp_path / "bucket" / "prefix" / "shard-0000-of-0001"
+    assert len(list(shard_dir.glob("wal-*.jsonl"))) == 3
+    st.append([ev("s", "i3", T0 + 3, "u"), ev("s", "i4", T0 + 4, "u")])  # reaches snapshot_every
+    assert list(shard_dir.glob("wal-*.jsonl")) == [] and len(list(shard_dir.glob("snapshot-*"))) == 1
+    st.append([ev("s", "i5", T0 + 5, "u")])
+    again = ShardState(cfg, 0, clock=clock, filesystem=fs)
+    assert items(again.get_session("s", "u")["events"]) == [f"i{k}" for k in range(6)]
+
+
+# --- forget ---------------------------------------------------------------------------------
+
+
+def _two_users(st: ShardState) -> None:
+    st.append([ev("sess-alice", "p1", T0 + 1, "alice-7f3"), ev("sess-alice", "p2", T0 + 2, None)])
+    st.append([ev("sess-bob", "p3", T0 + 3, "bob-1c9"), ev("sess-alice", "p4", T0 + 4, "alice-7f3")])
+
+
+def test_forget_user_removes_memory_and_disk(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    clock = Clock(T0 + 100)
+    st = ShardState(cfg, 0, clock=clock)
+    _two_users(st)
+    assert b"alice-7f3" in disk_bytes(tmp_path)
+
+    removed = st.forget_user("alice-7f3")
+    # The whole session (3 events, including an anonymous one) and 2 history events.
+    assert removed == 5
+    assert st.get_session("sess-alice", "alice-7f3") == {
+        "session_id": "sess-alice", "user_id": "alice-7f3", "events": [], "user_events": [],
+    }  # fmt: skip
+    assert b"alice-7f3" not in disk_bytes(tmp_path)
+    assert b"bob-1c9" in disk_bytes(tmp_path)
+    assert st.forget_user("alice-7f3") == 0  # idempotent
+    st.close()
+
+    again = ShardState(cfg, 0, clock=clock)
+    assert again.get_session("sess-alice", "alice-7f3")["events"] == []
+    assert items(again.get_session("sess-bob", "bob-1c9")["user_events"]) == ["p3"]
+
+
+def test_forget_survives_a_crash_before_compaction(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    clock = Clock(T0 + 100)
+    st = ShardState(cfg, 0, clock=clock)
+    _two_users(st)
+    st.write([st.stage(("forget", "alice-7f3", None))])  # tombstone durable, then "crash"
+    st.close()
+
+    again = ShardState(cfg, 0, clock=clock)
+    assert again.get_session("sess-alice", "alice-7f3")["user_events"] == []
+    assert b"alice-7f3" not in disk_bytes(tmp_path)  # restore finished the compaction
+
+
+def test_forget_reaches_events_already_evicted_from_memory(tmp_path: Path) -> None:
+    st = ShardState(make_config(tmp_path, max_sessions_per_shard=1, user_history=0), 0, clock=Clock(T0 + 9))
+    st.append([ev("s1", "a", T0, "alice-7f3")])
+    st.append([ev("s2", "b", T0, "bob-1c9")])  # evicts s1 from memory; still in the log
+    assert b"alice-7f3" in disk_bytes(tmp_path)
+    st.forget_user("alice-7f3")
+    assert b"alice-7f3" not in disk_bytes(tmp_path)
+
+
+# --- idempotency and validation -------------------------------------------------------------
+
+
+def test_re_append_is_idempotent_also_after_restart(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    clock = Clock(T0 + 100)
+    st = ShardState(cfg, 0, clock=clock)
+    batch = [ev("s", "a", T0 + 1, "u"), ev("s", "b", T0 + 2, "u")]
+    first = st.append(batch)
+    assert st.append(batch) == first
+    assert st.append([batch[1], batch[1]]) == [first[1], first[1]]
+    assert items(st.get_session("s")["events"]) == ["a", "b"]
+    assert st.stats()["duplicates"] == 4
+    st.close()
+    again = ShardState(cfg, 0, clock=clock)
+    assert again.append(batch) == first
+    assert items(again.get_session("s", "u")["user_events"]) == ["a", "b"]
+    # A client-supplied id wins over content: same content, new id, is a new event.
+    again.append([SessionEvent.create("view", session_id="s", item_id="b", ts=T0 + 2, event_id="c-1")])
+    assert items(again.get_session("s")["events"]) == ["a", "b", "b"]
+
+
+def test_event_ids_and_routing_are_stable() -> None:
+    a = SessionEvent.create("view", session_id="s", item_id="i", ts=T0)
+    assert a.event_id == SessionEvent.create("view", session_id="s", item_id="i", ts=T0).event_id
+    assert a.event_id != SessionEvent.create("click", session_id="s", item_id="i", ts=T0).event_id
+    # Pinned: a different hash would route every session to another shard (state "lost").
+    assert stable_hash("session-42") == 0x28BD467CBC4B1AAC
+    assert [shard_for(f"session-{k}", 4) for k in range(8)] == [3, 0, 1, 0, 0, 3, 0, 2]
+    # A user's implicit session is routed with the user's history.
+    assert shard_for(default_session_key("u-9"), 8) == shard_for("u-9", 8)
+    counts = [0] * 4
+    for k in range(4000):
+        counts[shard_for(f"session-{k}", 4)] += 1
+    assert min(counts) > 800
+    anon = SessionEvent.create("view", user_id="u-9", item_id="i", ts=T0)
+    assert anon.session_id == "user:u-9"
+    with pytest.raises(BadRequestError):
+        SessionEvent.create("view", item_id="i")
+
+
+def test_bad_events_are_rejected_naming_the_field_and_store_nothing(tmp_path: Path) -> None:
+    st = ShardState(make_config(tmp_path), 0, clock=Clock(T0 + 100))
+    good = ev("s", "a", T0)
+    cases = {
+        "events[1].event": SessionEvent("u", "s", "i", "teleport", T0),
+        "events[1].item_id": SessionEvent("u", "s", None, "view", T0),
+        "events[1].ts": SessionEvent("u", "s", "i", "view", T0 + 10_000),
+        "events[1].session_id": SessionEvent("u", "", "i", "view", T0),
+    }
+    for field, bad in cases.items():
+        with pytest.raises(BadRequestError) as info:
+            st.append([good, bad])
+        assert info.value.field == field, info.value.message
+    st.append([SessionEvent("u", "s", None, "search", T0, query="cereal")])  # search needs no item
+    assert items(st.get_session("s")["events"]) == [None]  # the good event of bad batches is absent
+
+
+def test_config_errors_name_the_value_and_the_fix() -> None:
+    with pytest.raises(ValidationError, match=r"window \(0\) must be between 1 and 10000"):
+        SessionStateConfig(window=0)
+    with pytest.raises(ValidationError, match="extra"):
+        SessionStateConfig(windw=10)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="actor_prefix"):
+        SessionStateConfig(actor_prefix="bad name!")
+    rel = SessionStateConfig(wal_uri="state/x").resolved()
+    assert Path(rel.wal_uri).is_absolute()
+    assert SessionStateConfig(wal_uri="s3://b/p").resolved().wal_uri == "s3://b/p"
+
+
+# --- the actor's group commit, driven without Ray ---------------------------------------------
+
+
+def test_actor_group_commits_concurrent_appends_in_arrival_order(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+
+    async def scenario() -> tuple[list[list[int]], int, int, list[SessionEvent]]:
+        shard = SessionShard(cfg.model_dump(), 0)
+        writes = 0
+        real_write = shard._state.write
+
+        def counting_write(staged: Any) -> None:
+            nonlocal writes
+            writes += 1
+            real_write(staged)
+
+        shard._state.write = counting_write  # type: ignore[method-assign]
+        now = time.time()  # the actor validates ts against the real clock
+        appends = [shard.append([ev("s", f"i{k}", now + k, "alice-7f3")]) for k in range(20)]
+        results = await asyncio.gather(*appends)
+        commits = writes
+        forgot = await shard.forget_user("alice-7f3")
+        # Queued behind a forget: deduplicated against the post-forget state, so it is stored.
+        late = [shard.forget_user("alice-7f3"), shard.append([ev("s", "i0", now, "alice-7f3")])]
+        await asyncio.gather(*late)
+        got = await shard.get_session("s")
+        return results, commits, forgot, got["events"]
+
+    results, writes, forgot, events = asyncio.run(scenario())
+    seqs = [r[0] for r in results]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 20
+    assert writes <= 2  # the 20 concurrent appends shared a commit (one fdatasync)
+    assert forgot == 40  # 20 in the session window + 20 in the user's history
+    assert items(events) == ["i0"]
