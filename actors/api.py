@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from graph import schema as S
+from graph.errors import IntentrecError
 
 MAX_K = 200
 DEFAULT_K = S.TOP_K
@@ -68,15 +69,18 @@ class EventIn(_Strict):
     """
 
     session_id: Id = Field(description="the shopping session this event belongs to")
-    user_id: Id | None = Field(None, description="the shopper, when known (logged in)")
+    user_id: Id | None = Field(default=None, description="the shopper, when known (logged in)")
     event: EventType
     # validate_default: the checks below must run when the field is absent, so that the error
     # names the missing field ("events[3].item_id") rather than the whole event.
-    item_id: Id | None = Field(None, validate_default=True)
-    ts: datetime | None = Field(None, description="event time; default: the server clock")
-    query: str | None = Field(None, min_length=1, max_length=MAX_QUERY_LEN, validate_default=True)
-    qty: float | None = Field(None, gt=0, le=10_000)
-    price: float | None = Field(None, ge=0, le=1_000_000)
+    item_id: Id | None = Field(default=None, validate_default=True)
+    ts: datetime | None = Field(default=None, description="event time; default: the server clock")
+    query: str | None = Field(default=None, min_length=1, max_length=MAX_QUERY_LEN, validate_default=True)
+    qty: float | None = Field(default=None, gt=0, le=10_000)
+    price: float | None = Field(default=None, ge=0, le=1_000_000)
+    event_id: Id | None = Field(
+        default=None, description="idempotency key: re-posting an event with the same id stores it once"
+    )
 
     @field_validator("item_id")
     @classmethod
@@ -117,15 +121,15 @@ class ContextIn(_Strict):
     """Request context. Missing fields fall back to the server clock / "unknown"."""
 
     ts: datetime | None = Field(
-        None, description="request time; its UTC offset (or `timezone`) gives the local hour"
+        default=None, description="request time; its UTC offset (or `timezone`) gives the local hour"
     )
     timezone: str | None = Field(
-        None, max_length=64, description="IANA zone (e.g. 'America/Chicago') for the local time"
+        default=None, max_length=64, description="IANA zone (e.g. 'America/Chicago') for the local time"
     )
     device: Device | None = None
-    region: str | None = Field(None, min_length=1, max_length=64)
+    region: str | None = Field(default=None, min_length=1, max_length=64)
     country: str | None = Field(
-        None, pattern=r"^[A-Za-z]{2}$", description="ISO 3166-1 alpha-2 (holiday calendar)"
+        default=None, pattern=r"^[A-Za-z]{2}$", description="ISO 3166-1 alpha-2 (holiday calendar)"
     )
 
     @field_validator("timezone")
@@ -149,14 +153,14 @@ class RecommendationRequest(_Strict):
     """``POST /v1/recommendations``: who, how many, in which context, with which filters."""
 
     user_id: Id | None = None
-    session_id: Id | None = Field(None, validate_default=True)
-    k: int = Field(DEFAULT_K, ge=1, le=MAX_K)
+    session_id: Id | None = Field(default=None, validate_default=True)
+    k: int = Field(default=DEFAULT_K, ge=1, le=MAX_K)
     context: ContextIn | None = None
-    query: str | None = Field(None, min_length=1, max_length=MAX_QUERY_LEN,
+    query: str | None = Field(default=None, min_length=1, max_length=MAX_QUERY_LEN,
                               description="search text, matched against item titles/categories")
     exclude_items: list[Id] = Field(default_factory=list, max_length=MAX_EXCLUDE)
     category: str | None = Field(
-        None, min_length=1, max_length=MAX_CATEGORY_LEN,
+        default=None, min_length=1, max_length=MAX_CATEGORY_LEN,
         description="keep items whose category path starts with this (case-insensitive)",
     )
 
@@ -171,7 +175,7 @@ class RecommendationRequest(_Strict):
 class ReloadRequest(_Strict):
     """``POST /v1/admin/reload``: load ``LATEST`` again, or roll to a named version."""
 
-    version: str | None = Field(None, min_length=1, max_length=128,
+    version: str | None = Field(default=None, min_length=1, max_length=128,
                                 description="a version folder name; default: what LATEST names")
 
 
@@ -182,10 +186,10 @@ class ReloadRequest(_Strict):
 
 class AcceptedEvent(_Out):
     index: int = Field(description="position of the event in the request")
-    session_id: str
+    session_id: str = Field(description="the session it was filed under")
     event: str
     item_id: str | None
-    known_item: bool = Field(description="whether the model knows the item (unknown ones are kept)")
+    event_id: str = Field(description="idempotency key (given, or derived from the content)")
 
 
 class EventsAccepted(_Out):
@@ -248,9 +252,10 @@ class ModelInfo(_Out):
 
 class ForgetResponse(_Out):
     user_id: str
-    sessions_removed: int
-    events_removed: int
-    personal_data_removed: bool
+    events_removed: int = Field(description="session-state events removed (memory and log)")
+    personal_data_removed: bool = Field(
+        description="the model's embedding and purchase history of the user are no longer used"
+    )
 
 
 class ReloadResponse(_Out):
@@ -264,28 +269,44 @@ class Health(_Out):
     model_version: str
 
 
-class ErrorBody(_Out):
-    error: str
-    field: str | None = None
+class ErrorDetail(_Out):
+    field: str
     message: str
 
 
-def field_path(loc: Sequence[str | int]) -> str:
+class ErrorBody(_Out):
+    """Every 4xx/5xx body: the error's name, the field at fault and what to do."""
+
+    error: str
+    field: str | None = None
+    message: str
+    details: list[ErrorDetail] | None = None
+
+
+class UnauthorizedError(IntentrecError):
+    """A write or admin endpoint was called without the right API key."""
+
+    http_status = 401
+
+
+def field_path(loc: Sequence[str | int], *, request_loc: bool = True) -> str:
     """Render a pydantic error location as a field path: ``("body","batch","events",3,"event")``
     → ``"events[3].event"``.
 
-    The leading ``body``/``query``/``path`` part and the tags of the events union are dropped.
+    Args:
+        loc: The error's ``loc``.
+        request_loc: ``loc`` comes from FastAPI and starts with where the value was (``body``,
+            ``query``, ``path``, ...): that part is dropped. The tags of the events union are
+            always dropped.
     """
     parts = list(loc)
-    if parts and parts[0] in ("body", "query", "path", "header"):
+    if request_loc and parts and parts[0] in ("body", "query", "path", "header", "cookie"):
         parts = parts[1:]
     out = ""
     for p in parts:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif p in UNION_TAGS:
-            continue
-        elif p.startswith("function-") or p.startswith("tagged-union"):
+        elif p in UNION_TAGS or p.startswith(("function-", "tagged-union")):
             continue
         else:
             out += ("." if out else "") + p

@@ -8,8 +8,10 @@ A request is answered in four steps:
 1. **Candidates** (a few hundred to a couple of thousand items, never the whole catalogue):
    inner-product neighbours of the user's long-term embedding and of the session embedding
    (faiss, exact), the user's buy-again items, item-to-item neighbours of the latest session
-   items, popular items overall and in the departments the request's context favours, and items
-   matching the search text (a token index over titles and categories built at load time).
+   items, popular items of the session's top intent categories, popular items overall and in the
+   departments the request's context favours, and items matching the search text (a token index
+   over titles and categories built at load time). Candidates only decide what gets scored; the
+   order is the shared Ranker's.
 2. **Scores** from :meth:`graph.ranking.Ranker.score` — the exact function the offline evaluation
    uses — plus, when there is search text, a match bonus (see :data:`QUERY_WEIGHT`).
 3. **Top-k** through :func:`graph.ranking.top_k_from_scores` (exclusions: the request's
@@ -61,10 +63,12 @@ COOC_PER_ITEM = 50
 BUY_AGAIN_K = 200
 QUERY_K = 200
 CATEGORY_K = 200
+INTENT_CATEGORIES = 2
+INTENT_PER_CATEGORY = 30
 # A full search match adds this many standard deviations of the candidates' scores.
 QUERY_WEIGHT = 2.0
-# Search events of the session count as an implicit query at this fraction of QUERY_WEIGHT.
-SESSION_QUERY_FRACTION = 0.5
+# The session's latest search counts as an implicit query at this fraction of QUERY_WEIGHT.
+SESSION_QUERY_FRACTION = 0.75
 # A component is given as a reason when it carries at least this share of an item's positive score.
 REASON_SHARE = 0.15
 MAX_REASONS = 3
@@ -108,7 +112,7 @@ def day_part(hour: int) -> str:
 
 def cadence_text(count: float, first: float, last: float) -> str:
     """Human wording of a purchase rhythm from the user's history of one item."""
-    n = int(round(count))
+    n = round(count)
     if n < 2:
         return "you bought this before"
     days = (last - first) / 86400.0 / (n - 1)
@@ -463,13 +467,13 @@ class RankerService:
         q_tokens = tokenize(q.query) if q.query else []
         s_tokens = [t for t in tokenize(search_text[-1]) if t not in q_tokens] if search_text else []
 
+        intent = infer_intent(((e[0], e[1], e[2]) for e in q.events),
+                              lambda it: _label(m, it), now)
         cand = self._candidates(m, user, session, item_events, context, q_tokens + s_tokens,
-                                q.category)
+                                q.category, [c for c, _ in intent[:INTENT_CATEGORIES]])
         if q.category:
             cand = cand[np.char.startswith(m.categories_lower[cand], q.category.strip().lower())]
         exclude = self._exclusions(m, q.exclude_items, item_events)
-        intent = infer_intent(((e[0], e[1], e[2]) for e in q.events),
-                              lambda it: _label(m, it), now)
         base = {"model_version": m.version, "user_known": user is not None,
                 "session_events": len(q.events),
                 "intent": [{"category": c, "weight": round(w, 4)} for c, w in intent]}
@@ -542,7 +546,7 @@ class RankerService:
     def _candidates(
         self, m: LoadedModel, user: int | None, session: SessionSignal | None,
         item_events: list[tuple[int, str, float]], context: ContextSignal | None,
-        tokens: list[str], category: str | None,
+        tokens: list[str], category: str | None, intent: Sequence[str] = (),
     ) -> np.ndarray:
         r = m.ranker
         parts: list[np.ndarray] = [m.popular]
@@ -579,6 +583,8 @@ class RankerService:
             parts.append(m.tokens.candidates(tokens, m.popularity, QUERY_K))
         if category:
             parts.append(m.category_items(category)[:CATEGORY_K])
+        for label in intent:
+            parts.append(m.category_items(label)[:INTENT_PER_CATEGORY])
         return np.unique(np.concatenate(parts).astype(np.int64))
 
     @staticmethod

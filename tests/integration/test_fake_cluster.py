@@ -13,6 +13,7 @@ session's own cluster), and teardown kills exactly the processes of the session 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -90,14 +91,10 @@ def _kill_session(sid: int) -> None:
     # SIGTERM lets raylets clean up their sockets; whatever is still there 5 s later is killed.
     for sig, grace_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 15)):
         for pid in _session_pids(sid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         try:
-            wait_for_condition(
-                lambda: not _session_pids(sid), timeout=grace_s, what="fake cluster gone"
-            )
+            wait_for_condition(lambda: not _session_pids(sid), timeout=grace_s, what="fake cluster gone")
             return
         except TimeoutError:
             continue

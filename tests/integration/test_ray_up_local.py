@@ -88,9 +88,7 @@ app = Probe.bind()
 PROBE_SERVE_CONFIG = {
     "proxy_location": "HeadOnly",
     "http_options": {"host": "127.0.0.1", "port": 8000},
-    "applications": [
-        {"name": "probe", "route_prefix": "/probe", "import_path": "intentrec_probe_app:app"}
-    ],
+    "applications": [{"name": "probe", "route_prefix": "/probe", "import_path": "intentrec_probe_app:app"}],
 }
 
 
@@ -110,10 +108,12 @@ def _missing_prerequisite() -> str | None:
     if not SSHD.exists():
         return f"{SSHD} not found: apt-get install -y openssh-server"
     shadow = Path("/etc/shadow")
-    if shadow.exists():
-        root = next((ln for ln in shadow.read_text().splitlines() if ln.startswith("root:")), "")
-        if root.split(":")[1:2] and root.split(":")[1].startswith("!"):
-            return "root's account is locked ('!' in /etc/shadow): sshd refuses key logins as root"
+    root_entry = next(
+        (ln for ln in shadow.read_text().splitlines() if ln.startswith("root:")) if shadow.exists() else (),
+        "root:",
+    )
+    if root_entry.split(":")[1].startswith("!"):
+        return "root's account is locked ('!' in /etc/shadow): sshd (UsePAM no) refuses its key logins"
     probe = subprocess.run(
         ["unshare", "--pid", "--net", "--mount", "--fork", "--mount-proc", "true"],
         capture_output=True,
@@ -199,10 +199,14 @@ def _prepare(workdir: Path) -> None:
     (workdir / "cluster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     # `ray up` runs from a clean copy of the checkout, as after `git clone`: Ray hashes every file
     # under a file_mounts source (ignoring rsync filters) and would read the whole in-tree venv.
+    src = workdir / "src"
     subprocess.run(
-        ["rsync", "-a", "--exclude=.git", "--filter=:- .gitignore", f"{REPO_ROOT}/", f"{workdir / 'src'}/"],
-        check=True,
+        ["rsync", "-a", "--exclude=.git", "--filter=:- .gitignore", f"{REPO_ROOT}/", f"{src}/"], check=True
     )
+    # Stand-ins for what a real checkout has and the sync must leave behind.
+    for ignored in (".git/HEAD", ".venv/pyvenv.cfg", "artifacts/LATEST"):
+        (src / ignored).parent.mkdir(exist_ok=True)
+        (src / ignored).write_text("must not be synced\n")
 
 
 def _tail(path: Path, n: int = 3000) -> str:
@@ -246,9 +250,9 @@ def test_ray_up_serves_the_app_and_ray_down_tears_it_down() -> None:
             synced_init = workdir / "home" / "intentrec" / "graph" / "__init__.py"
             assert result["http_body"]["project_file"] == str(synced_init)
             assert "purchase" in result["http_body"]["event_types"]
-        # rsync_filter/.gitignore kept the local venv and git history off the node.
+        # rsync_filter (.gitignore) and rsync_exclude kept venv, artifacts and git history home.
         assert "pyproject.toml" in result["synced"]
-        assert ".venv" not in result["synced"] and ".git" not in result["synced"]
+        assert not {".venv", ".git", "artifacts"} & set(result["synced"]), result["synced"]
         assert result["ray_status_rc"] == 0, result["ray_status"]
         # `ray down` stopped Ray on the head: no raylet or GCS left in the namespace.
         assert result["ray_processes_after_down"] == []

@@ -14,7 +14,8 @@ import torch
 from pydantic import ValidationError
 
 from graph.config import TrainConfig
-from graph.errors import ConfigError
+from graph.errors import ConfigError, DataError, UnavailableError
+from graph.interactions import Interactions
 from graph.model import (
     IntentGNN,
     NegativeSampler,
@@ -23,10 +24,14 @@ from graph.model import (
     export_embeddings,
 )
 from graph.train_loop import (
+    TrainResult,
     build_graph_adjacency,
     build_model,
     check_compatible,
+    embed,
     epoch_batches,
+    fit,
+    graph_payload,
     load_meta,
     load_state,
     make_optimizer,
@@ -362,6 +367,75 @@ def test_incompatible_checkpoint_is_a_config_error() -> None:
         check_compatible(saved, model_args(p, small_cfg(dim=32)), "abc", "here")
     with pytest.raises(ConfigError, match="another graph"):
         check_compatible(saved, model_args(p, small_cfg(dim=16)), "def", "here")
+
+
+# --- driver-side checks (no cluster needed) ------------------------------------------
+
+
+def to_interactions(p: dict[str, Any]) -> Interactions:
+    return Interactions(
+        user_ids=np.array([f"u{i}" for i in range(p["num_users"])]),
+        item_ids=np.array([f"i{i}" for i in range(p["num_items"])]),
+        edge_index=torch.from_numpy(p["edge_index"]),
+        edge_weight=torch.from_numpy(p["edge_weight"]),
+        item_features=torch.from_numpy(p["item_features"]),
+        feature_names=["a", "b"],
+        feature_cardinalities=list(p["feature_cardinalities"]),
+    )
+
+
+def test_fit_refuses_to_start_ray(monkeypatch: Any) -> None:
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(UnavailableError, match=r"call ray.init\(\)"):
+        fit(to_interactions(random_payload()), small_cfg())
+
+
+def test_graph_payload_validates_and_fingerprints() -> None:
+    p = random_payload()
+    inter = to_interactions(p)
+    payload = graph_payload(inter)
+    assert payload["fingerprint"] == graph_payload(to_interactions(p))["fingerprint"]
+    inter.edge_weight = inter.edge_weight * 2
+    assert graph_payload(inter)["fingerprint"] != payload["fingerprint"]
+    inter.edge_index = inter.edge_index.clone()
+    inter.edge_index[1, 0] = p["num_items"]
+    with pytest.raises(DataError, match=r"item indices in \[0, 11\)"):
+        graph_payload(inter)
+    bad = to_interactions(p)
+    bad.item_features = bad.item_features.clone()
+    bad.item_features[0, 1] = 3
+    with pytest.raises(DataError, match="feature_cardinalities"):
+        graph_payload(bad)
+
+
+def test_embed_propagates_over_a_newer_graph_and_zeroes_untrained_ids() -> None:
+    p, _, _ = clustered_payload()
+    cfg = small_cfg()
+    model, _, _ = run_epochs(p, cfg, range(1, 3))
+    users, items = (np.bincount(p["edge_index"][k], minlength=p[f"num_{n}"]) > 0
+                    for k, n in ((0, "users"), (1, "items")))
+    result = TrainResult(np.zeros(0), np.zeros(0), model=model, trained_users=users,
+                         trained_items=items)
+    same_u, same_i = embed(result, to_interactions(p))
+    ref_u, ref_i = export_embeddings(model, build_graph_adjacency(p), items, users)
+    assert np.allclose(same_u, ref_u, atol=1e-6) and np.allclose(same_i, ref_i, atol=1e-6)
+    # A newer graph with an edge to a cold item: the item now gets a neighbour's signal,
+    # but its untrained id embedding stays out.
+    cold = int(np.flatnonzero(~items)[0])
+    newer = dict(p)
+    newer["edge_index"] = np.concatenate([p["edge_index"], [[0], [cold]]], axis=1)
+    newer["edge_weight"] = np.concatenate([p["edge_weight"], [1.0]]).astype(np.float32)
+    _, new_i = embed(result, to_interactions(newer))
+    assert not np.allclose(new_i[cold], same_i[cold])
+    with torch.no_grad():
+        model.item_emb.weight[cold] += 100.0
+    _, again = embed(result, to_interactions(newer))
+    assert np.allclose(again[cold], new_i[cold], atol=1e-5)
+    other = random_payload(num_users=p["num_users"], num_items=p["num_items"] + 1)
+    with pytest.raises(DataError, match="same user_ids and items"):
+        embed(result, to_interactions(other))
 
 
 # --- configuration --------------------------------------------------------------------

@@ -1,0 +1,461 @@
+"""The intentrec Serve application: one HTTP endpoint over session state, context and the ranker.
+
+Hot path of ``POST /v1/recommendations`` (three hops, two of them concurrent)::
+
+    HTTP ─▶ Ingress ─┬─▶ SessionStore.get  (session shard actor; 1–2 calls)  ─┐
+                     └─▶ ContextEnricher.enrich (Serve handle)               ─┴─▶ GNNRanker.recommend
+
+``POST /v1/events`` is one hop (the session shards, durable before the 202), which is what makes
+an accepted event visible to the very next recommendation (read-your-writes).
+
+Run it:
+
+- ``serve run serve_app:app`` — defaults: the ``latest`` model under ``./artifacts`` (a missing
+  model fails the ranker's start with "run `python train_job.py`").
+- ``serve deploy serve_config.yaml`` — ``import_path: serve_app:build_app`` with typed ``args``
+  (:class:`AppArgs`, unknown keys rejected).
+
+This module deliberately has no ``from __future__ import annotations``: Ray Serve reads the
+annotation of ``build_app``'s parameter at run time to turn the config's ``args`` into
+:class:`AppArgs`.
+"""
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, Request, Security
+from fastapi import Path as PathParam
+from fastapi import Query as QueryParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from actors.api import (
+    MAX_ID_LEN,
+    MAX_K,
+    AcceptedEvent,
+    ContextOut,
+    ErrorBody,
+    EventBatch,
+    EventIn,
+    EventsAccepted,
+    EventsBody,
+    ForgetResponse,
+    Health,
+    ModelInfo,
+    RecommendationRequest,
+    RecommendationResponse,
+    ReloadRequest,
+    ReloadResponse,
+    SimilarResponse,
+    UnauthorizedError,
+    field_path,
+)
+from actors.context import ContextEnricher
+from actors.ranker import GNNRanker, RankQuery
+from actors.session_state import SessionEvent, SessionSnapshot, SessionStateConfig, SessionStore
+from graph.artifacts import latest_version
+from graph.errors import ArtifactError, BadRequestError, IntentrecError
+
+log = logging.getLogger("intentrec.serve")
+API_KEY_HEADER = "X-API-Key"
+_URI_PREFIXES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "file://")
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`build_app` (the ``args`` of ``serve_config.yaml``). Strict.
+
+    Args:
+        artifacts_root: Folder or URI with model versions; relative paths are resolved against
+            the working directory of the process that builds the app.
+        model_version: ``latest`` (follow the ``LATEST`` pointer) or a version name (pinned).
+        reload_poll_s: Seconds between checks of ``LATEST`` for a new version; 0 turns automatic
+            pickup off (``POST /v1/admin/reload`` still works).
+        api_key_env: Name of the environment variable holding the API key. When it is set and
+            non-empty, write and admin endpoints require the key in the ``X-API-Key`` header.
+        default_country: Holiday calendar when a request names no country (ISO alpha-2).
+        default_timezone: Zone of request times that carry no offset (IANA name).
+        state_dir: Serving state besides sessions (the forgotten-users file); relative paths are
+            resolved like ``artifacts_root``. Use a shared mount on a multi-node cluster.
+        session: Session-state configuration (shards, window, TTL, write-ahead log).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifacts_root: str = "artifacts"
+    model_version: str = Field(default="latest", min_length=1, max_length=128)
+    reload_poll_s: float = Field(default=30.0, ge=0.0, le=86_400.0)
+    api_key_env: str = Field(default="INTENTREC_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    default_country: str = Field(default="US", pattern=r"^[A-Z]{2}$")
+    default_timezone: str = "UTC"
+    state_dir: str = "state"
+    session: SessionStateConfig = Field(default_factory=SessionStateConfig)
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"default_timezone ({v!r}) is not an IANA zone; use e.g. 'UTC'") from exc
+        return v
+
+    def resolved(self) -> "AppArgs":
+        """Relative local paths made absolute here (replicas may run in another directory)."""
+
+        def absolute(p: str) -> str:
+            return p if p.startswith(_URI_PREFIXES) or "://" in p else str(Path(p).resolve())
+
+        return self.model_copy(update={
+            "artifacts_root": absolute(self.artifacts_root),
+            "state_dir": absolute(self.state_dir),
+            "session": self.session.resolved(),
+        })
+
+    @property
+    def tombstones_path(self) -> str:
+        return str(Path(self.state_dir) / "forgotten_users.txt")
+
+
+# --------------------------------------------------------------------------------------
+# FastAPI app: error mapping
+# --------------------------------------------------------------------------------------
+
+api = FastAPI(
+    title="intentrec",
+    version="0.1.0",
+    description=(
+        "Real-time, session-aware recommendations. Events posted to `/v1/events` change the very "
+        "next recommendation for that session. Write and admin endpoints need the `X-API-Key` "
+        "header when the server has an API key configured."
+    ),
+)
+_api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
+                        description="required on write/admin endpoints when a key is configured")
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody},
+    503: {"model": ErrorBody},
+}
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The user exception inside a Ray task error (``RayTaskError.cause``), else ``exc``."""
+    return getattr(exc, "cause", None) or exc
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    details = [{"field": field_path(e.get("loc", ())), "message": str(e.get("msg", ""))}
+               for e in errors]
+    first = details[0] if details else {"field": "body", "message": "invalid request"}
+    _count(request, 422)
+    return JSONResponse(
+        status_code=422,
+        content={"error": "ValidationError", "field": first["field"],
+                 "message": f"{first['field']}: {first['message']}", "details": details},
+    )
+
+
+@api.exception_handler(IntentrecError)
+async def _project_error(request: Request, exc: IntentrecError) -> JSONResponse:
+    err = _cause(exc)
+    if not isinstance(err, IntentrecError):  # pragma: no cover - defensive
+        err = exc
+    return JSONResponse(status_code=err.http_status, content=err.to_dict())
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    err = _cause(exc)
+    if isinstance(err, IntentrecError):  # a project error wrapped by Ray on its way here
+        return JSONResponse(status_code=err.http_status, content=err.to_dict())
+    log.exception("unexpected error on %s", request.url.path, exc_info=exc)
+    return JSONResponse(status_code=500, content={
+        "error": "InternalError", "message": "unexpected server error; it has been logged"})
+
+
+# --------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------
+
+
+class _Metrics:
+    """Prometheus metrics of the ingress (exported by Ray's metrics agent)."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Histogram
+
+        # Ray's stubs type tag_keys as a 1-tuple; any tuple of names is accepted.
+        self.requests = Counter("intentrec_requests", "HTTP requests by endpoint and status",
+                                tag_keys=("endpoint", "status"))  # type: ignore[arg-type]
+        self.latency = Histogram(
+            "intentrec_request_latency_ms", "Ingress time per request (ms)",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
+            tag_keys=("endpoint",),
+        )
+        self.events = Counter("intentrec_events_accepted", "Session events accepted")
+
+
+_METRICS: _Metrics | None = None
+
+
+def _count(request: Request, status: int) -> None:
+    if _METRICS is not None:
+        route = request.scope.get("route")
+        endpoint = getattr(route, "name", None) or "unmatched"
+        _METRICS.requests.inc(tags={"endpoint": endpoint, "status": str(status)})
+
+
+@asynccontextmanager
+async def _observed(endpoint: str) -> AsyncIterator[None]:
+    """Count and time one request; the status of a raised project error is its HTTP status."""
+    t0 = time.perf_counter()
+    status = 200
+    try:
+        yield
+    except BaseException as exc:
+        err = _cause(exc)
+        status = err.http_status if isinstance(err, IntentrecError) else 500
+        raise
+    finally:
+        if _METRICS is not None:
+            _METRICS.requests.inc(tags={"endpoint": endpoint, "status": str(status)})
+            _METRICS.latency.observe((time.perf_counter() - t0) * 1000.0,
+                                     tags={"endpoint": endpoint})
+
+
+def _unix(ts: datetime | None) -> float | None:
+    """Unix seconds of an event time; a time without an offset is UTC (the schema's rule)."""
+    if ts is None:
+        return None
+    return (ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)).timestamp()
+
+
+def _wire_events(snapshot: SessionSnapshot, user_only: bool) -> tuple[Any, ...]:
+    """Session events for the ranker: ``(item_id, event, ts, query)``, oldest first.
+
+    A request with only a user reads the user's recent events across sessions; one with a
+    session reads that session.
+    """
+    events: Sequence[SessionEvent] = snapshot.events
+    if user_only and snapshot.user_events:
+        seen = {e.event_id for e in snapshot.events}
+        events = sorted([*snapshot.events, *(e for e in snapshot.user_events
+                                             if e.event_id not in seen)], key=lambda e: e.ts)
+    return tuple((e.item_id, e.event, e.ts, e.query) for e in events)
+
+
+# --------------------------------------------------------------------------------------
+# The ingress deployment
+# --------------------------------------------------------------------------------------
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=128,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
+)
+@serve.ingress(api)
+class Ingress:
+    """HTTP endpoints of SPEC.md ("Online API").
+
+    Args:
+        ranker: Handle to :class:`actors.ranker.GNNRanker`.
+        enricher: Handle to :class:`actors.context.ContextEnricher`.
+        args: :class:`AppArgs` as a dict (resolved paths).
+    """
+
+    def __init__(self, ranker: DeploymentHandle, enricher: DeploymentHandle,
+                 args: dict[str, Any]) -> None:
+        global _METRICS
+        self.args = AppArgs.model_validate(args)
+        self.ranker = ranker
+        self.enricher = enricher
+        self.store = SessionStore(self.args.session)
+        key = os.environ.get(self.args.api_key_env, "")
+        self._key: bytes | None = key.encode() if key else None
+        _METRICS = _Metrics()
+        log.info("intentrec ingress ready (api key %s)", "on" if self._key else "off")
+
+    def _authorize(self, key: str | None) -> None:
+        if self._key is None:
+            return
+        if key is None or not hmac.compare_digest(key.encode(), self._key):
+            raise UnauthorizedError(
+                f"this endpoint needs the API key in the {API_KEY_HEADER} header",
+                field=API_KEY_HEADER,
+            )
+
+    @api.post("/v1/events", status_code=202, response_model=EventsAccepted,
+              responses=_ERROR_RESPONSES, summary="Post one event or a batch")
+    async def post_events(
+        self,
+        body: Annotated[EventsBody, Body(openapi_examples={
+            "one": {"value": {"session_id": "s1", "user_id": "u1", "event": "add_to_cart",
+                              "item_id": "1082185"}},
+            "batch": {"value": {"events": [
+                {"session_id": "s1", "event": "view", "item_id": "1082185"},
+                {"session_id": "s1", "event": "search", "query": "kids cereal"}]}},
+        })],
+        api_key: Annotated[str | None, Security(_api_key)] = None,
+    ) -> EventsAccepted:
+        async with _observed("events"):
+            self._authorize(api_key)
+            events: list[EventIn] = body.events if isinstance(body, EventBatch) else [body]
+            batch = [
+                SessionEvent.create(
+                    e.event, session_id=e.session_id, user_id=e.user_id, item_id=e.item_id,
+                    ts=_unix(e.ts), query=e.query, event_id=e.event_id,
+                )
+                for e in events
+            ]
+            try:
+                accepted = await self.store.append(batch)
+            except BadRequestError as exc:
+                if not isinstance(body, EventBatch) and exc.field and exc.field.startswith("events[0]"):
+                    raise BadRequestError(exc.message.replace("events[0].", ""),
+                                          exc.field.removeprefix("events[0].") or "body") from exc
+                raise
+            if _METRICS is not None:
+                _METRICS.events.inc(accepted)
+            return EventsAccepted(accepted=accepted, events=[
+                AcceptedEvent(index=n, session_id=ev.session_id, event=ev.event,
+                              item_id=ev.item_id, event_id=ev.event_id)
+                for n, ev in enumerate(batch)
+            ])
+
+    @api.post("/v1/recommendations", response_model=RecommendationResponse,
+              responses=_ERROR_RESPONSES, summary="Recommend items for a user and/or session")
+    async def recommend(self, req: RecommendationRequest) -> dict[str, Any]:
+        async with _observed("recommendations"):
+            ctx = req.context.model_dump(exclude_none=True) if req.context is not None else None
+            snapshot, enriched = await asyncio.gather(
+                self.store.get(req.session_id, req.user_id),
+                self.enricher.enrich.remote(ctx),
+            )
+            query = RankQuery(
+                user_id=req.user_id,
+                events=_wire_events(snapshot, user_only=req.session_id is None),
+                context=enriched["signal"],
+                k=req.k,
+                query=req.query,
+                exclude_items=tuple(req.exclude_items),
+                category=req.category,
+                now=time.time(),
+            )
+            out: dict[str, Any] = await self.ranker.recommend.remote(query)
+            return {**out, "context": ContextOut(**enriched["display"])}
+
+    @api.get("/v1/items/{item_id}/similar", response_model=SimilarResponse,
+             responses=_ERROR_RESPONSES, summary="Item-to-item neighbours")
+    async def similar(
+        self,
+        item_id: Annotated[str, PathParam(min_length=1, max_length=MAX_ID_LEN)],
+        k: Annotated[int, QueryParam(ge=1, le=MAX_K)] = 20,
+    ) -> dict[str, Any]:
+        async with _observed("similar"):
+            out: dict[str, Any] = await self.ranker.similar.remote(item_id, k)
+            return out
+
+    @api.delete("/v1/users/{user_id}", response_model=ForgetResponse,
+                responses=_ERROR_RESPONSES, summary="Forget a user")
+    async def forget_user(
+        self,
+        user_id: Annotated[str, PathParam(min_length=1, max_length=MAX_ID_LEN)],
+        api_key: Annotated[str | None, Security(_api_key)] = None,
+    ) -> ForgetResponse:
+        async with _observed("forget_user"):
+            self._authorize(api_key)
+            removed, _ = await asyncio.gather(
+                self.store.forget_user(user_id), self.ranker.forget_user.remote(user_id)
+            )
+            return ForgetResponse(user_id=user_id, events_removed=int(removed),
+                                  personal_data_removed=True)
+
+    @api.get("/v1/model", response_model=ModelInfo, responses=_ERROR_RESPONSES,
+             summary="The model version in use and its offline metrics")
+    async def model(self) -> dict[str, Any]:
+        async with _observed("model"):
+            out: dict[str, Any] = await self.ranker.model_info.remote()
+            return out
+
+    @api.post("/v1/admin/reload", response_model=ReloadResponse, responses=_ERROR_RESPONSES,
+              summary="Load LATEST again, or roll to a named version")
+    async def reload(
+        self,
+        body: ReloadRequest | None = None,
+        api_key: Annotated[str | None, Security(_api_key)] = None,
+    ) -> dict[str, Any]:
+        async with _observed("reload"):
+            self._authorize(api_key)
+            out: dict[str, Any] = await self.ranker.reload.remote(body.version if body else None)
+            return out
+
+    @api.get("/healthz", response_model=Health, responses=_ERROR_RESPONSES,
+             summary="Liveness and readiness")
+    async def healthz(self) -> dict[str, Any]:
+        info = await self.ranker.model_info.remote()
+        return {"status": "ok", "model_version": info["version"]}
+
+
+# --------------------------------------------------------------------------------------
+# Application builders
+# --------------------------------------------------------------------------------------
+
+
+def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None) -> Application:
+    """Bind the deployments into one application.
+
+    Args:
+        args: The application arguments (relative paths are resolved here).
+        env_vars: Extra environment variables for every replica (merged with the cluster's
+            runtime environment), e.g. the API key in tests. Production sets them in
+            ``serve_config.yaml`` (``runtime_env.env_vars``) instead.
+    """
+    args = args.resolved()
+    opts: dict[str, Any] = {}
+    if env_vars:
+        opts = {"runtime_env": {"env_vars": dict(env_vars)}}
+
+    def with_env(dep: Any, num_cpus: float) -> Any:
+        return dep.options(ray_actor_options={"num_cpus": num_cpus, **opts}) if opts else dep
+
+    ranker = with_env(GNNRanker, 0.5).bind(
+        args.artifacts_root, args.model_version, args.reload_poll_s, args.tombstones_path
+    )
+    enricher = with_env(ContextEnricher, 0.1).bind(args.default_country, args.default_timezone)
+    return with_env(Ingress, 0.25).bind(ranker, enricher, args.model_dump())
+
+
+def build_app(args: AppArgs) -> Application:
+    """Typed application builder for ``serve deploy serve_config.yaml`` / ``serve run``.
+
+    Never fails for a missing model (``serve_app:app`` must import anywhere); the ranker's
+    replicas fail at start with the ``python train_job.py`` hint instead.
+    """
+    if not isinstance(args, AppArgs):  # Serve validates already; plain callers may pass a dict
+        args = AppArgs.model_validate(args)
+    try:
+        latest_version(args.resolved().artifacts_root)
+    except ArtifactError as exc:
+        if args.model_version == "latest":
+            log.warning("%s", exc.message)
+    return compose(args)
+
+
+app = build_app(AppArgs())

@@ -1,0 +1,107 @@
+"""Request models: limits, strictness and error locations that name the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import TypeAdapter, ValidationError
+
+from actors.api import (
+    MAX_EVENTS_PER_BATCH,
+    MAX_K,
+    ContextIn,
+    EventBatch,
+    EventIn,
+    EventsBody,
+    RecommendationRequest,
+    ReloadRequest,
+    field_path,
+)
+
+BODY: TypeAdapter[Any] = TypeAdapter(EventsBody)
+
+
+def _fields(exc: ValidationError) -> list[str]:
+    return [field_path(e["loc"], request_loc=False) for e in exc.errors()]
+
+
+def _ev(**kw: Any) -> dict[str, Any]:
+    return {"session_id": "s1", "event": "view", "item_id": "i1", **kw}
+
+
+def test_single_event_and_batch_are_both_accepted() -> None:
+    one = BODY.validate_python(_ev(event="add_to_cart"))
+    assert isinstance(one, EventIn) and one.event == "add_to_cart"
+    batch = BODY.validate_python({"events": [_ev(), _ev(event="search", item_id=None, query="milk")]})
+    assert isinstance(batch, EventBatch) and len(batch.events) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"events": [_ev(), _ev(), _ev(), _ev(event="bogus")]}, "events[3].event"),
+        ({"events": [_ev(), _ev(event="add_to_cart", item_id=None)]}, "events[1].item_id"),
+        ({"events": [_ev(event="search", item_id=None)]}, "events[0].query"),
+        ({"events": [_ev(session_id="x" * 129)]}, "events[0].session_id"),
+        ({"events": [_ev(qty=-1)]}, "events[0].qty"),
+        ({"events": [_ev(colour="red")]}, "events[0].colour"),
+        ({"events": []}, "events"),
+        ({"events": [_ev()] * (MAX_EVENTS_PER_BATCH + 1)}, "events"),
+        (_ev(ts="not a time"), "ts"),
+        (_ev(session_id=None), "session_id"),
+    ],
+)
+def test_event_errors_name_the_field(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        BODY.validate_python(body)
+    assert field in _fields(info.value), _fields(info.value)
+
+
+def test_unknown_item_ids_are_valid_events() -> None:
+    # Whether the model knows an item is the ranker's business: the event is kept either way.
+    assert BODY.validate_python(_ev(item_id="never-seen-before")).item_id == "never-seen-before"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"user_id": "u", "k": MAX_K + 1}, "k"),
+        ({"user_id": "u", "k": 0}, "k"),
+        ({}, "session_id"),
+        ({"user_id": "u", "exclude_items": ["x"] * 501}, "exclude_items"),
+        ({"user_id": "u", "query": "q" * 257}, "query"),
+        ({"user_id": "u", "category": ""}, "category"),
+        ({"user_id": "u", "context": {"country": "USA"}}, "context.country"),
+        ({"user_id": "u", "context": {"timezone": "Mars/Base"}}, "context.timezone"),
+        ({"user_id": "u", "context": {"device": "toaster"}}, "context.device"),
+        ({"user_id": "u", "kk": 5}, "kk"),
+    ],
+)
+def test_recommendation_errors_name_the_field(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        RecommendationRequest.model_validate(body)
+    assert field in _fields(info.value), _fields(info.value)
+
+
+def test_recommendation_defaults_and_normalisation() -> None:
+    req = RecommendationRequest.model_validate(
+        {"session_id": "s", "context": {"country": "de", "timezone": "Europe/Berlin"}}
+    )
+    assert req.k == 20 and req.user_id is None and req.exclude_items == []
+    assert req.context is not None and req.context.country == "DE"
+    assert ContextIn().ts is None
+
+
+def test_reload_request_is_strict() -> None:
+    assert ReloadRequest().version is None
+    with pytest.raises(ValidationError):
+        ReloadRequest.model_validate({"verison": "v1"})
+
+
+def test_field_path_rendering() -> None:
+    assert field_path(("body", "batch", "events", 3, "event")) == "events[3].event"
+    assert field_path(("body", "single", "ts")) == "ts"
+    assert field_path(("query", "k")) == "k"
+    assert field_path(("body",)) == "body"
+    assert field_path(("query",), request_loc=False) == "query"

@@ -1,0 +1,252 @@
+"""RankerService on a real small artifact (built-in data slice; SVD embeddings; no Ray)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from actors.ranker import (
+    RankerService,
+    RankQuery,
+    TokenIndex,
+    cadence_text,
+    day_part,
+    short_title,
+    tokenize,
+)
+from graph.artifacts import latest_version, list_versions, read_artifact, write_artifact
+from graph.errors import ArtifactError, NotFoundError
+
+
+@pytest.fixture(scope="module")
+def svc(svd_artifact_root: str) -> RankerService:
+    return RankerService(svd_artifact_root)
+
+
+def _cat_of(svc: RankerService, item_id: str) -> str:
+    m = svc.model
+    return str(m.intent_labels[m.item_index[item_id]])
+
+
+def _busy_item(svc: RankerService) -> str:
+    """A popular item with many co-occurrence neighbours (a realistic thing to put in a cart)."""
+    sim = svc.model.ranker.signals.item_sim
+    degree = np.diff(sim.indptr)
+    for i in svc.model.popular.tolist():
+        if degree[i] >= 20:
+            return str(svc.model.item_ids[i])
+    raise AssertionError("no popular item with co-occurrence neighbours")
+
+
+def _repeat_user_item(svc: RankerService) -> tuple[str, str]:
+    sig = svc.model.ranker.signals
+    users = {v: k for k, v in svc.model.user_index.items()}
+    best = int(np.argmax(sig.hist_count))
+    user = int(np.searchsorted(sig.hist_indptr, best, side="right") - 1)
+    return users[user], str(svc.model.item_ids[int(sig.hist_indices[best])])
+
+
+def _check_items(out: dict[str, Any], k: int) -> None:
+    items = out["items"]
+    assert 0 < len(items) <= k
+    ids = [it["item_id"] for it in items]
+    assert len(set(ids)) == len(ids)
+    scores = [it["score"] for it in items]
+    assert scores == sorted(scores, reverse=True)
+    for it in items:
+        assert it["title"] and it["category"] and it["reasons"]
+        assert it["price"] is None or it["price"] >= 0
+
+
+def test_missing_model_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="python train_job.py"):
+        RankerService(str(tmp_path / "nothing-here"))
+
+
+def test_known_user(svc: RankerService) -> None:
+    user = next(iter(svc.model.user_index))
+    out = svc.recommend(RankQuery(user_id=user, k=10))
+    _check_items(out, 10)
+    assert out["user_known"] and out["model_version"] == svc.model.version
+    assert out["session_events"] == 0 and out["intent"] == []
+
+
+def test_unknown_user_gets_popular_items_never_an_error(svc: RankerService) -> None:
+    out = svc.recommend(RankQuery(user_id="no-such-user", k=20))
+    _check_items(out, 20)
+    assert not out["user_known"]
+    popular = set(svc.model.item_ids[svc.model.popular[:50]].tolist())
+    assert len(popular & {it["item_id"] for it in out["items"]}) >= 10
+
+
+def test_candidates_are_a_small_slice_of_the_catalogue(svc: RankerService) -> None:
+    m = svc.model
+    user = m.user_index[next(iter(m.user_index))]
+    cand = svc._candidates(m, user, None, [], None, [], None)
+    assert 0 < len(cand) < m.num_items // 10
+
+
+def test_session_event_changes_the_next_answer_with_a_reason(svc: RankerService) -> None:
+    item = _busy_item(svc)
+    cat = _cat_of(svc, item)
+    before = svc.recommend(RankQuery(user_id="anon", k=20))
+    events = (("unknown-sku-1", "view", time.time(), None), (item, "add_to_cart", time.time(), None))
+    after = svc.recommend(RankQuery(user_id="anon", k=20, events=events))
+
+    assert after["session_events"] == 2  # the unknown item is kept, not an error
+    assert before["intent"] == [] and after["intent"][0]["category"] == cat
+    assert [it["item_id"] for it in after["items"]] != [it["item_id"] for it in before["items"]]
+    assert item not in {it["item_id"] for it in after["items"]}  # it is in the cart
+    reasons = [r for it in after["items"] for r in it["reasons"]]
+    assert any(r.startswith("because you added") and r.endswith("to your cart") for r in reasons)
+    # The carted category is scored (candidates), whatever the fused score then makes of it.
+    m = svc.model
+    session_items = [(m.item_index[item], "add_to_cart", time.time())]
+    cand = svc._candidates(m, None, None, session_items, None, [], None, [cat])
+    assert sum(m.intent_labels[c] == cat for c in cand.tolist()) >= 5
+
+
+def test_removed_from_cart_is_recommendable_again(svc: RankerService) -> None:
+    item = _busy_item(svc)
+    now = time.time()
+    events = ((item, "add_to_cart", now - 5, None), (item, "remove_from_cart", now, None))
+    assert svc._exclusions(svc.model, (), [(svc.model.item_index[item], e, t)
+                                           for _, e, t, _ in events]).size == 0
+
+
+def test_exclusions_and_category_filter(svc: RankerService) -> None:
+    first = svc.recommend(RankQuery(user_id="anon", k=5))
+    banned = tuple(it["item_id"] for it in first["items"][:3]) + ("not-an-item",)
+    out = svc.recommend(RankQuery(user_id="anon", k=20, exclude_items=banned))
+    assert not set(banned) & {it["item_id"] for it in out["items"]}
+
+    out = svc.recommend(RankQuery(user_id="anon", k=15, category="produce > "))
+    _check_items(out, 15)
+    assert all(it["category"].lower().startswith("produce > ") for it in out["items"])
+    assert svc.recommend(RankQuery(user_id="anon", category="NO SUCH DEPT"))["items"] == []
+
+
+def test_search_text_is_blended_in(svc: RankerService) -> None:
+    out = svc.recommend(RankQuery(user_id="anon", k=10, query="kids cereal"))
+    _check_items(out, 10)
+    hits = [it for it in out["items"] if "KIDS CEREAL" in it["title"]]
+    assert len(hits) >= 5
+    assert any("matches your search “kids cereal”" in r for it in hits for r in it["reasons"])
+    # A search inside the session counts too (weaker than an explicit query).
+    ev = ((None, "search", time.time(), "kids cereal"),)
+    plain = svc.recommend(RankQuery(user_id="anon", k=20))
+    sess = svc.recommend(RankQuery(user_id="anon", k=20, events=ev))
+
+    def n_hits(out: dict[str, Any]) -> int:
+        return sum("KIDS CEREAL" in it["title"] for it in out["items"])
+
+    assert n_hits(sess) > n_hits(plain)
+
+
+def test_context_moves_the_ranking_as_the_fitted_lift_says(svc: RankerService) -> None:
+    m = svc.model
+    lift = m.ranker.signals.context_lift  # [7, 24, D], estimated from the training data
+    depts = m.ranker.signals.item_department
+    # The (weekday, hour) cell where the departments differ most.
+    spread = lift.max(axis=2) - lift.min(axis=2)
+    wd, hr = np.unravel_index(int(np.argmax(spread)), spread.shape)
+    ctx = {"weekday": int(wd), "hour": int(hr), "is_holiday": False}
+    plain = svc.recommend(RankQuery(user_id="anon", k=20))
+    timed = svc.recommend(RankQuery(user_id="anon", k=20, context=ctx))
+
+    def mean_lift(out: dict[str, Any]) -> float:
+        idx = [m.item_index[it["item_id"]] for it in out["items"]]
+        return float(np.mean(lift[wd, hr, depts[idx]]))
+
+    assert [it["item_id"] for it in plain["items"]] != [it["item_id"] for it in timed["items"]]
+    assert mean_lift(timed) > mean_lift(plain)
+
+
+def test_reason_texts(svc: RankerService) -> None:
+    from graph.ranking import ContextSignal
+
+    m = svc.model
+    ctx = ContextSignal(weekday=5, hour=9)
+    assert svc._reason_text(m, "context", 0, None, None, [], ctx, None) == (
+        "popular on Saturday mornings")
+    hol = ContextSignal(weekday=0, hour=9, is_holiday=True)
+    assert svc._reason_text(m, "context", 0, None, None, [], hol, None) == "popular on public holidays"
+    user_id, item = _repeat_user_item(svc)
+    text = svc._reason_text(m, "repeat", m.item_index[item], m.user_index[user_id], None, [], None,
+                            None)
+    assert text is not None and text.startswith("you ")
+
+
+def test_similar_items(svc: RankerService) -> None:
+    item = _busy_item(svc)
+    out = svc.similar(item, 10)
+    _check_items(out, 10)
+    assert item not in {it["item_id"] for it in out["items"]}
+    assert any(r.startswith("often bought together with") for it in out["items"]
+               for r in it["reasons"])
+    with pytest.raises(NotFoundError) as info:
+        svc.similar("no-such-item", 10)
+    assert info.value.field == "item_id" and info.value.http_status == 404
+
+
+def test_forget_user_is_persistent_across_replicas(svc: RankerService, tmp_path: Path,
+                                                   svd_artifact_root: str) -> None:
+    path = str(tmp_path / "forgotten.txt")
+    a = RankerService.__new__(RankerService)
+    a.__dict__.update(svc.__dict__)
+    from actors.ranker import Tombstones
+
+    a.tombstones = Tombstones(path)
+    b = RankerService.__new__(RankerService)
+    b.__dict__.update(svc.__dict__)
+    b.tombstones = Tombstones(path)
+    user = list(svc.model.user_index)[1]
+    assert b.recommend(RankQuery(user_id=user))["user_known"]
+    a.forget_user(user)
+    assert not a.recommend(RankQuery(user_id=user))["user_known"]
+    assert not b.recommend(RankQuery(user_id=user))["user_known"]  # another replica
+    assert user in Tombstones(path)  # a restarted one
+
+
+def test_reload_swaps_atomically_and_rolls_back(svd_artifact_root: str, tmp_path: Path) -> None:
+    root = str(tmp_path / "models")
+    art = read_artifact(svd_artifact_root)
+    common = {"user_ids": art.user_ids, "items": art.items, "user_emb": art.user_emb,
+              "signals": art.signals, "metrics": {}, "manifest": {}}
+    write_artifact(root, item_emb=art.item_emb, version="v1", **common)
+    svc = RankerService(root)
+    old = svc.model
+    assert old.version == "v1"
+    assert svc.maybe_pick_up_latest() is None  # nothing new
+
+    write_artifact(root, item_emb=art.item_emb * 0.5, version="v2", **common)
+    res = svc.maybe_pick_up_latest()
+    assert res == {"previous_version": "v1", "version": "v2", "swapped": True}
+    assert svc.model is not old and svc.model.version == "v2"
+    # A request that started on the old model still completes on it.
+    assert old.ranker.score([None], [None], [None], candidates=old.popular).shape[1] > 0
+
+    res = svc.reload("v1")  # rollback: LATEST moves too, so auto pickup does not undo it
+    assert res["version"] == "v1" and latest_version(root) == "v1"
+    assert svc.maybe_pick_up_latest() is None
+    with pytest.raises(NotFoundError):
+        svc.reload("v9")
+    assert svc.model.version == "v1" and list_versions(root) == ["v1", "v2"]
+
+
+def test_text_helpers() -> None:
+    assert tokenize("KIDS Cereals, 12 OZ & Boxes") == ["kid", "cereal", "12", "box"]
+    assert short_title("GROCERY > COLD CEREAL > KIDS CEREAL, 12 OZ") == "KIDS CEREAL, 12 OZ"
+    assert [day_part(h) for h in (6, 13, 19, 23)] == ["mornings", "afternoons", "evenings", "nights"]
+    day = 86400.0
+    assert cadence_text(5, 0.0, 4 * 7 * day) == "you buy this every week"
+    assert cadence_text(3, 0.0, 60 * day) == "you buy this every month"
+    assert cadence_text(1, 0.0, 0.0) == "you bought this before"
+    idx = TokenIndex.build(["Kids Cereal", "Milk", "Cereal bars"], ["A > B", "A > C", "A > B"])
+    assert idx.match(tokenize("cereal"), np.arange(3)).tolist() == [1.0, 0.0, 1.0]
+    pop = np.array([1.0, 5.0, 3.0])
+    assert idx.candidates(tokenize("kids cereal"), pop, 5).tolist() == [0]
