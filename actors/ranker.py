@@ -79,18 +79,20 @@ _STOPWORDS = frozenset({"and", "or", "the", "of", "for", "with", "in", "to", "a"
 WireEvent = tuple[str | None, str, float, str | None]
 
 
+def _normalize(t: str) -> str | None:
+    """One raw lower-case word → its index form (light plural stemming), or None to drop it."""
+    if len(t) < 2 or t in _STOPWORDS:
+        return None
+    if len(t) > 4 and t.endswith("es") and not t.endswith("ses"):
+        return t[:-2]
+    if len(t) > 3 and t.endswith("s") and not t.endswith("ss"):
+        return t[:-1]
+    return t
+
+
 def tokenize(text: str) -> list[str]:
     """Lower-cased word tokens of ``text``, light plural stemming (``cereals`` → ``cereal``)."""
-    out = []
-    for t in _TOKEN_RE.findall(text.lower()):
-        if len(t) < 2 or t in _STOPWORDS:
-            continue
-        if len(t) > 4 and t.endswith("es") and not t.endswith("ses"):
-            t = t[:-2]
-        elif len(t) > 3 and t.endswith("s") and not t.endswith("ss"):
-            t = t[:-1]
-        out.append(t)
-    return out
+    return [n for n in map(_normalize, _TOKEN_RE.findall(text.lower())) if n is not None]
 
 
 def short_title(title: str) -> str:
@@ -141,10 +143,23 @@ class TokenIndex:
 
     @classmethod
     def build(cls, titles: Sequence[str], categories: Sequence[str]) -> TokenIndex:
+        """Index every item's title and category words."""
         acc: dict[str, list[int]] = {}
+        norm: dict[str, str | None] = {}
+        by_category: dict[str, list[str]] = {}
+        findall = _TOKEN_RE.findall
         for i, (title, cat) in enumerate(zip(titles, categories, strict=True)):
-            for t in set(tokenize(f"{title} {cat}")):
-                acc.setdefault(t, []).append(i)
+            words = by_category.get(cat)
+            if words is None:  # catalogues repeat category paths: tokenise each once
+                words = by_category[cat] = findall(cat.lower())
+            seen: set[str] = set()
+            for w in (*findall(title.lower()), *words):
+                if w not in norm:
+                    norm[w] = _normalize(w)
+                t = norm[w]
+                if t is not None and t not in seen:
+                    seen.add(t)
+                    acc.setdefault(t, []).append(i)
         return cls({t: np.asarray(v, dtype=np.int64) for t, v in acc.items()})
 
     def match(self, tokens: Sequence[str], items: np.ndarray) -> np.ndarray:
@@ -330,10 +345,9 @@ class RankerService:
         titles = items[S.TITLE_COL].astype(str).to_numpy(dtype=object)
         categories = items[S.CATEGORY_COL].astype(str).to_numpy(dtype=object)
         sep = S.CATEGORY_SEP.strip()
-        intent_labels = np.array(
-            [S.CATEGORY_SEP.join(p.strip() for p in c.split(sep)[:2]) for c in categories],
-            dtype=object,
-        )
+        label_of = {c: S.CATEGORY_SEP.join(p.strip() for p in c.split(sep)[:2])
+                    for c in set(categories.tolist())}
+        intent_labels = np.array([label_of[c] for c in categories.tolist()], dtype=object)
         prices = items[S.PRICE_COL].astype("float64").to_numpy() if S.PRICE_COL in items else (
             np.full(len(items), np.nan))
         popularity = np.asarray(artifact.signals.popularity, dtype=np.float64)
@@ -353,7 +367,7 @@ class RankerService:
             item_ids=items[S.ITEM_COL].astype(str).to_numpy(dtype=object),
             titles=titles,
             categories=categories,
-            categories_lower=np.array([c.lower() for c in categories], dtype=str),
+            categories_lower=np.array([c.lower() for c in categories.tolist()], dtype=str),
             intent_labels=intent_labels,
             prices=prices,
             popularity=popularity,

@@ -3,11 +3,14 @@
 The cluster launcher is driven exactly as a user drives it: `ray up -y deploy/local_cluster.yaml`
 SSHes to the head (127.0.0.1), rsyncs the project there (file_mounts), installs it
 (setup_commands), runs `ray stop`, starts Ray and deploys a Serve app (head_start_ray_commands);
-the test then calls the app over HTTP, checks `ray status`, and runs `ray down -y`.
+the test then calls the app over HTTP, checks `ray status`, and runs `ray down -y`. It runs from
+a clean copy of the checkout, and changes three things in the shipped file: a small head
+(`--num-cpus=1`), `pip install --no-build-isolation` (no network in the namespace), and, until
+USE_PROJECT_SERVE_CONFIG is switched on, a probe app in place of serve_config.yaml.
 
 `ray stop` kills every Ray process it can see, so everything runs inside fresh PID, network and
-mount namespaces (``unshare --pid --net --mount --fork --mount-proc``), the test process's own
-Ray cluster is out of its sight. Inside, only the namespace's view changes:
+mount namespaces (``unshare --pid --net --mount --fork --mount-proc``), where the test process's
+own Ray cluster and everyone else's are out of sight. Inside, only the namespace's view changes:
 - loopback is brought up (a new network namespace starts with it down), so ports 22/6379/8000/
   8265 are free and private;
 - a tmpfs over /tmp (Ray's /tmp/ray, SSH control sockets, config caches) and over /run (sshd's
@@ -154,7 +157,6 @@ def _prepare(workdir: Path) -> None:
             AuthorizedKeysFile .ssh/authorized_keys
             PermitRootLogin prohibit-password
             PasswordAuthentication no
-            KbdInteractiveAuthentication no
             UsePAM no
             # The work dir lives under world-writable /var/tmp.
             StrictModes no
