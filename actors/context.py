@@ -89,12 +89,7 @@ class EnrichedContext:
     def signal_fields(self) -> dict[str, Any]:
         """Keyword arguments of :class:`graph.ranking.ContextSignal` (what crosses the wire:
         plain values keep torch, which ``graph.ranking`` imports, out of the ingress process)."""
-        return {
-            "weekday": self.weekday,
-            "hour": self.hour,
-            "is_holiday": self.holiday is not None,
-            "ts": self.local.timestamp(),
-        }
+        return {"weekday": self.weekday, "hour": self.hour, "is_holiday": self.holiday is not None}
 
     def signal(self) -> Any:
         """The :class:`graph.ranking.ContextSignal` the ranker scores with."""

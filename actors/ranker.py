@@ -467,7 +467,7 @@ class RankerService:
     def recommend(self, q: RankQuery) -> dict[str, Any]:
         """Answer one recommendation request (the body of ``RecommendationResponse`` minus the
         context display, which the ingress adds)."""
-        from graph.ranking import ContextSignal, session_signal, top_k_from_scores
+        from graph.ranking import session_signal, top_k_from_scores
 
         m = self.model  # read once: a swap during this request does not affect it
         now = q.now if q.now is not None else time.time()
@@ -476,7 +476,7 @@ class RankerService:
                         for e in q.events]
         item_events = [(i, ev, ts) for i, ev, ts in known_events if i is not None and ev != S.SEARCH]
         session = session_signal(item_events, now) if item_events else None
-        context = ContextSignal(**q.context) if q.context is not None else None
+        context = _context_signal(q.context)
         search_text = [e[3] for e in q.events if e[1] == S.SEARCH and e[3]]
         q_tokens = tokenize(q.query) if q.query else []
         s_tokens = [t for t in tokenize(search_text[-1]) if t not in q_tokens] if search_text else []
@@ -507,13 +507,13 @@ class RankerService:
         top, top_scores = idx[0][keep], vals[0][keep]
         bonus_of = dict(zip(cand.tolist(), bonus.tolist(), strict=True))
         contributions = m.ranker.explain(user, session, context, top) if len(top) else []
+        why = Reasons.build(m, user, session, item_events, context,
+                            q.query or (search_text[-1] if search_text else None), top)
         items = []
         for it, sc, contrib in zip(top.tolist(), top_scores.tolist(), contributions, strict=True):
             if bonus_of.get(it, 0.0) > 0:
                 contrib = {**contrib, "query": bonus_of[it]}
-            items.append(self._item_out(m, it, sc, self._reasons(
-                m, it, contrib, user, session, item_events, context, q.query or
-                (search_text[-1] if search_text else None))))
+            items.append(self._item_out(m, it, sc, why.for_item(it, contrib)))
         return {**base, "items": items}
 
     def similar(self, item_id: str, k: int = S.TOP_K) -> dict[str, Any]:
@@ -628,11 +628,45 @@ class RankerService:
             "reasons": reasons,
         }
 
-    def _reasons(
-        self, m: LoadedModel, it: int, contrib: dict[str, float], user: int | None,
-        session: SessionSignal | None, item_events: list[tuple[int, str, float]],
-        context: ContextSignal | None, query: str | None,
-    ) -> list[str]:
+@dataclass
+class Reasons:
+    """Turns an item's component contributions into sentences, for one request.
+
+    The session item behind a "because you ..." reason is found for all top items at once: the
+    session item with the largest weighted co-occurrence (``cooc``) or embedding affinity
+    (``session``) with the recommended item.
+    """
+
+    m: LoadedModel
+    user: int | None
+    context: ContextSignal | None
+    query: str | None
+    item_events: list[tuple[int, str, float]]
+    cooc_src: dict[int, int] = field(default_factory=dict)
+    session_src: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, m: LoadedModel, user: int | None, session: SessionSignal | None,
+        item_events: list[tuple[int, str, float]], context: ContextSignal | None,
+        query: str | None, top: np.ndarray,
+    ) -> Reasons:
+        out = cls(m, user, context, query, item_events)
+        if session is None or session.is_empty or len(top) == 0:
+            return out
+        w = np.maximum(session.weights.astype(np.float32), 0.0)[:, None]
+        r = m.ranker
+        co = r.signals.item_sim[session.items][:, top].toarray() * w
+        em = (r.item_emb[session.items] @ r.item_emb[top].T) * w
+        for strength, dest in ((co, out.cooc_src), (em, out.session_src)):
+            best = strength.argmax(axis=0)
+            ok = strength[best, np.arange(len(top))] > 0
+            dest.update({int(t): int(session.items[b])
+                         for t, b, good in zip(top.tolist(), best.tolist(), ok.tolist(),
+                                               strict=True) if good})
+        return out
+
+    def for_item(self, it: int, contrib: dict[str, float]) -> list[str]:
         """Sentences for the components that carried the item (largest first)."""
         positive = {c: v for c, v in contrib.items() if v > 0}
         total = sum(positive.values())
@@ -640,51 +674,56 @@ class RankerService:
         for comp, v in sorted(positive.items(), key=lambda cv: -cv[1]):
             if total > 0 and v / total < REASON_SHARE:
                 break
-            text = self._reason_text(m, comp, it, user, session, item_events, context, query)
+            text = self.text(comp, it)
             if text and text not in out:
                 out.append(text)
             if len(out) >= MAX_REASONS:
                 break
         return out or ["popular with shoppers"]
 
-    def _reason_text(
-        self, m: LoadedModel, comp: str, it: int, user: int | None,
-        session: SessionSignal | None, item_events: list[tuple[int, str, float]],
-        context: ContextSignal | None, query: str | None,
-    ) -> str | None:
-        r = m.ranker
-        if comp == "repeat" and user is not None:
-            sig = r.signals
-            lo, hi = sig.hist_indptr[user], sig.hist_indptr[user + 1]
+    def text(self, comp: str, it: int) -> str | None:
+        """The sentence for one component of one item (None: nothing true to say)."""
+        m = self.m
+        if comp == "repeat" and self.user is not None:
+            sig = m.ranker.signals
+            lo, hi = sig.hist_indptr[self.user], sig.hist_indptr[self.user + 1]
             pos = lo + np.flatnonzero(sig.hist_indices[lo:hi] == it)
             if len(pos):
                 p = int(pos[0])
                 return cadence_text(float(sig.hist_count[p]), float(sig.hist_first[p]),
                                     float(sig.hist_last[p]))
             return "you bought this before"
-        if comp in ("cooc", "session") and session is not None and not session.is_empty:
-            if comp == "cooc":
-                affinity = np.asarray(r.signals.item_sim[session.items, it].todense()).ravel()
-            else:
-                affinity = r.item_emb[session.items] @ r.item_emb[it]
-            strength = affinity * np.maximum(session.weights, 0.0)
-            if not np.any(strength > 0):
+        if comp in ("cooc", "session"):
+            src = (self.cooc_src if comp == "cooc" else self.session_src).get(it)
+            if src is None:
                 return None
-            src = int(session.items[int(np.argmax(strength))])
-            event = _strongest_event(src, item_events)
+            event = _strongest_event(src, self.item_events)
             return "because you " + _VERB.get(event, _VERB[S.VIEW]).format(
                 t=short_title(str(m.titles[src])))
         if comp == "gnn":
             return "picked for you from your shopping history"
         if comp == "pop":
             return "popular with shoppers"
-        if comp == "context" and context is not None:
-            if context.is_holiday:
+        if comp == "context" and self.context is not None:
+            if self.context.is_holiday:
                 return "popular on public holidays"
-            return f"popular on {WEEKDAYS[context.weekday]} {day_part(context.hour)}"
-        if comp == "query" and query:
-            return f"matches your search “{query}”"
+            return f"popular on {WEEKDAYS[self.context.weekday]} {day_part(self.context.hour)}"
+        if comp == "query" and self.query:
+            return f"matches your search “{self.query}”"
         return None
+
+
+def _context_signal(fields: dict[str, Any] | None) -> ContextSignal | None:
+    """``graph.ranking.ContextSignal`` from the enricher's fields (extra fields are ignored, so an
+    enricher and a ranker of neighbouring releases still talk during a rolling update)."""
+    if fields is None:
+        return None
+    import dataclasses
+
+    from graph.ranking import ContextSignal
+
+    names = {f.name for f in dataclasses.fields(ContextSignal)}
+    return ContextSignal(**{k: v for k, v in fields.items() if k in names})
 
 
 def _label(m: LoadedModel, item_id: str) -> str | None:

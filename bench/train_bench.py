@@ -1,5 +1,11 @@
 """GNN training benchmark: epoch time, edges/second and worker memory for 1 and 2 workers.
 
+Configurations are ``WORKERSxCPUS`` (Ray Train workers x cores per worker): ``1x1``, ``2x1``
+(DDP) and ``1x2`` (one worker, two torch threads) by default. Every step propagates over the
+whole graph on every worker, a cost independent of the batch, and ``batch_size`` is per
+worker: more workers means fewer, larger global steps per epoch plus one gradient
+all-reduce of every embedding per step; more threads means a faster propagation.
+
 Runs :func:`graph.train_loop.fit` (Ray Train, DDP, full-graph LightGCN propagation per step) on
 the built-in data's training graph (purchases before the default split; ``--max-users`` takes a
 seeded sample of households), or with ``--synthetic`` on a random graph of the built-in size
@@ -12,7 +18,7 @@ of the run's wall time: worker start-up, graph transfer, adjacency build, checkp
 The numbers depend on the CPU cores the workers get: on a machine shared with other jobs they
 vary from run to run.
 
-Usage: ``python bench/train_bench.py [--epochs 2] [--max-users 500] [--workers 1,2]``
+Usage: ``python bench/train_bench.py [--epochs 2] [--max-users 500] [--configs 1x1,2x1,1x2]``
 Results print as a table and go to ``bench/results/train_bench.json``.
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -85,8 +92,10 @@ def run(inter: Interactions, cfg: TrainConfig) -> dict[str, Any]:
     """One fresh training run; the epoch metrics averaged over epochs after the first."""
     from graph.train_loop import fit, format_progress
 
+    tag = f"{cfg.num_workers}x{cfg.cpus_per_worker}"
+
     def progress(m: dict[str, Any]) -> None:
-        print(f"  [{cfg.num_workers} worker(s)] {format_progress(m)}", flush=True)
+        print(f"  [{tag}] {format_progress(m)}", flush=True)
 
     result = fit(inter, cfg, progress=progress)
     hist = result.history
@@ -95,6 +104,8 @@ def run(inter: Interactions, cfg: TrainConfig) -> dict[str, Any]:
     epoch_s = float(np.mean([h["epoch_seconds"] for h in steady]))
     return {
         "workers": cfg.num_workers,
+        "cpus_per_worker": cfg.cpus_per_worker,
+        "steps_per_epoch": math.ceil((inter.num_edges // cfg.num_workers) / cfg.batch_size),
         "epochs": len(hist),
         "epoch_s": epoch_s,
         "edges_per_s": float(np.mean([h["edges_per_second"] for h in steady])),
@@ -108,13 +119,14 @@ def run(inter: Interactions, cfg: TrainConfig) -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'workers':>7} {'epoch s':>8} {'edges/s':>10} {'peak RSS/worker MB':>19} "
-        f"{'RSS all workers MB':>19} {'setup s':>8} {'loss':>7}"
+        f"{'workers':>7} {'cpus/w':>6} {'steps':>6} {'epoch s':>8} {'edges/s':>10} "
+        f"{'peak RSS/worker MB':>19} {'RSS all workers MB':>19} {'setup s':>8} {'loss':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['workers']:>7} {r['epoch_s']:>8.1f} {r['edges_per_s']:>10,.0f} "
+            f"{r['workers']:>7} {r['cpus_per_worker']:>6} {r['steps_per_epoch']:>6} "
+            f"{r['epoch_s']:>8.1f} {r['edges_per_s']:>10,.0f} "
             f"{r['peak_rss_mb']:>19,.0f} {r['peak_rss_mb_total']:>19,.0f} "
             f"{r['setup_s']:>8.1f} {r['final_loss']:>7.4f}"
         )
@@ -125,14 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
     ap.add_argument("--max-users", type=int, default=None, help="sample of households")
-    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    ap.add_argument(
+        "--configs", default="1x1,2x1,1x2", help="comma-separated WORKERSxCPUS_PER_WORKER"
+    )
     ap.add_argument("--synthetic", action="store_true", help="random graph of the built-in size")
     ap.add_argument("--dim", type=int, default=None, help="embedding width (TrainConfig default)")
     ap.add_argument("--batch-size", type=int, default=None, help="edges per step, all workers")
     ap.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    try:
+        configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",") if c]
+    except ValueError:
+        configs = []
+    if not configs or any(len(c) != 2 or min(c) < 1 for c in configs):
+        ap.error(f"--configs ({args.configs!r}) must look like 1x1,2x1,1x2")
 
     import ray
 
@@ -145,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ray.init(
         address="local",
-        num_cpus=max(os.cpu_count() or 1, max(workers)),
-        num_gpus=max(workers) if args.use_gpu else None,
+        num_cpus=max([os.cpu_count() or 1] + [w * c for w, c in configs]),
+        num_gpus=max(w for w, _ in configs) if args.use_gpu else None,
         include_dashboard=False,
         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
             filter(None, [str(REPO), os.environ.get("PYTHONPATH")])
@@ -161,9 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="intentrec-train-bench-") as storage:
-            for n in workers:
+            for workers, cpus in configs:
                 cfg = TrainConfig(
-                    **overrides, num_workers=n, storage_path=storage, run_name=f"bench-{n}w"
+                    **overrides,
+                    num_workers=workers,
+                    cpus_per_worker=cpus,
+                    storage_path=storage,
+                    run_name=f"bench-{workers}x{cpus}",
                 )
                 rows.append(run(inter, cfg))
     finally:
@@ -181,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_edges": inter.num_edges,
         },
         "config": TrainConfig(**overrides, storage_path="/unused").model_dump(
-            exclude={"storage_path", "run_name", "num_workers"}
+            exclude={"storage_path", "run_name", "num_workers", "cpus_per_worker"}
         ),
         "machine": {
             "platform": platform.platform(),

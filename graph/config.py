@@ -31,14 +31,19 @@ class TrainConfig(BaseModel):
         epochs: Passes over the training edges. A run resumed from a checkpoint trains the
             epochs after the checkpoint's, up to this number.
         lr: Adam learning rate.
-        batch_size: Positive edges per optimisation step over all workers together; each
-            worker takes ``batch_size / num_workers`` of them, so the number of steps per
-            epoch does not depend on the number of workers.
+        batch_size: Positive edges per optimisation step *per worker* (the global batch is
+            ``batch_size * num_workers``). Each step propagates over the whole graph, a cost
+            that does not depend on the batch, so workers speed an epoch up by taking fewer
+            steps.
         reg: L2 weight on the embeddings of each batch (users, positives and negatives).
         id_dropout: Probability of dropping an item's id embedding in a training step, so the
             item-feature path learns to stand alone for cold-start items.
         num_negatives: Sampled negatives per positive edge.
         num_workers: Ray Train workers (one DDP process each).
+        cpus_per_worker: CPU cores reserved per worker; on the CPU, also the worker's torch
+            threads. Every worker propagates over the whole graph each step, so on one
+            machine 1 worker x 2 cores and 2 workers x 1 core do similar work per epoch
+            (``bench/train_bench.py`` compares them).
         use_gpu: One GPU per worker.
         seed: Seeds model initialisation (the same on every worker), shuffling and sampling.
         storage_path: Where Ray Train writes checkpoints: an absolute local path or a URI
@@ -62,6 +67,7 @@ class TrainConfig(BaseModel):
     id_dropout: float = 0.2
     num_negatives: int = 1
     num_workers: int = 2
+    cpus_per_worker: int = 1
     use_gpu: bool = False
     seed: int = 0
     storage_path: str = Field(default="checkpoints", validate_default=True)
@@ -125,6 +131,12 @@ class TrainConfig(BaseModel):
     @classmethod
     def _num_workers(cls, v: int) -> int:
         _check_range("num_workers", v, 1, 1024, "use at most the number of CPUs (or GPUs)")
+        return v
+
+    @field_validator("cpus_per_worker")
+    @classmethod
+    def _cpus_per_worker(cls, v: int) -> int:
+        _check_range("cpus_per_worker", v, 1, 1024, "use at most the cores of one node")
         return v
 
     @field_validator("seed")

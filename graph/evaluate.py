@@ -98,7 +98,9 @@ def next_basket_tasks(
     b = len(users)
     nb_all = QueryBatch("next_basket_all", users, [None] * b, [None] * b, [None] * b,
                         [future[u] for u in users])
-    disc_users, disc_ex, disc_t = [], [], []
+    disc_users: list[int] = []
+    disc_ex: list[np.ndarray | None] = []
+    disc_t: list[np.ndarray] = []
     for u in users:
         new = np.setdiff1d(future[u], history[u])
         if len(new):
@@ -107,7 +109,7 @@ def next_basket_tasks(
             disc_t.append(new)
     d = len(disc_users)
     nb_disc = QueryBatch("next_basket_discovery", np.array(disc_users, dtype=np.int64),
-                         [None] * d, [None] * d, list[np.ndarray | None](disc_ex), disc_t)
+                         [None] * d, [None] * d, disc_ex, disc_t)
     return nb_all, nb_disc
 
 
@@ -127,27 +129,27 @@ def in_session_tasks(
     bought = _bought(test_events, inter)
     meta = bought.groupby("s", sort=True).agg(u=("u", "first"), ts=("ts", "max"))
     items = _item_sets(bought, "s")
-    keys = [s for s in meta.index if len(items[s]) >= MIN_BASKET]
+    keep = np.array([len(items[s]) >= MIN_BASKET for s in meta.index], dtype=bool)
+    meta = meta[keep]
     rng = np.random.default_rng(seed)
-    if max_baskets is not None and len(keys) > max_baskets:
-        keys = [keys[j] for j in np.sort(rng.choice(len(keys), max_baskets, replace=False))]
-    users, sessions, contexts, exclude, targets = [], [], [], [], []
-    for s in keys:
+    if max_baskets is not None and len(meta) > max_baskets:
+        meta = meta.iloc[np.sort(rng.choice(len(meta), max_baskets, replace=False))]
+    sessions: list[SessionSignal | None] = []
+    contexts: list[ContextSignal | None] = []
+    exclude: list[np.ndarray | None] = []
+    targets: list[np.ndarray] = []
+    for s, ts in zip(meta.index, pd.to_datetime(meta["ts"]), strict=True):
         its = rng.permutation(items[s])
         half = len(its) // 2
-        ts = pd.Timestamp(meta.at[s, "ts"])
         now = to_unix_seconds(ts)
-        users.append(int(meta.at[s, "u"]))
         sessions.append(session_signal([(int(i), S.ADD_TO_CART, now) for i in its[:half]], now))
         contexts.append(ContextSignal.from_timestamp(ts, country))
         exclude.append(np.sort(its[:half]))
         targets.append(np.sort(its[half:]))
-    u = np.array(users, dtype=np.int64)
-    n = len(keys)
-    ins = QueryBatch("in_session", u, list[SessionSignal | None](sessions), list(contexts),
-                     list[np.ndarray | None](exclude), targets)
-    blind = QueryBatch("in_session_blind", u, [None] * n, list(contexts),
-                       list[np.ndarray | None](exclude), targets)
+    u = meta["u"].to_numpy(dtype=np.int64)
+    n = len(meta)
+    ins = QueryBatch("in_session", u, sessions, contexts, exclude, targets)
+    blind = QueryBatch("in_session_blind", u, [None] * n, list(contexts), list(exclude), targets)
     return ins, blind
 
 

@@ -74,7 +74,7 @@ def hit_at_k(ranked: np.ndarray, targets: Sequence[np.ndarray], k: int) -> np.nd
         - **ranked** ``[B, >=k]``, **targets** ``B`` arrays; return ``[B]`` float64.
     """
     _sizes(targets)
-    return hits_matrix(ranked, targets, k).any(axis=1).astype(np.float64)
+    return np.asarray(hits_matrix(ranked, targets, k).any(axis=1), dtype=np.float64)
 
 
 def summarize(ranked: np.ndarray, targets: Sequence[np.ndarray], k: int) -> dict[str, float]:

@@ -5,9 +5,10 @@ The score of item ``i`` for a request is a weighted sum of pre-normalised compon
     score(i) = sum_c w[mode, c] * component_c(i)
     gnn      z-scored user embedding . item embedding (0 for an unknown user)
     session  z-scored (weighted mean of the session items' embeddings) . item embedding
-    repeat   "buy again": share of the user's recent baskets that held the item, boosted when the
-             item is due by its own repurchase rhythm (see ``repeat_scores``)
-    cooc     weighted mean item-item co-occurrence similarity with the session items
+    repeat   "buy again": share of the user's baskets that held the item, over all time and
+             recency-decayed (see ``repeat_scores``)
+    cooc     weighted mean item-item co-occurrence (``P(i | j)``-like, see
+             ``graph.signals.item_cooccurrence``) of the item with the session items
     pop      log popularity scaled to [0, 1]
     context  department log-lift at the request's weekday/hour, plus the holiday lift
 
@@ -20,7 +21,7 @@ least one item event and ``no_session`` otherwise (``graph.signals.FusionWeights
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,6 @@ from graph.signals import (
     FusionWeights,
     RankingSignals,
     holiday_dates,
-    to_unix_seconds,
 )
 
 SESSION_HALF_LIFE_S = 1800.0
@@ -106,14 +106,11 @@ class ContextSignal:
         weekday: 0 = Monday … 6 = Sunday, in the time convention of the training events.
         hour: 0–23, same convention.
         is_holiday: The day is a public holiday in the data's country.
-        ts: Request time in unix seconds; the recency of "buy again" is measured to it (default:
-            the signals' fit time).
     """
 
     weekday: int
     hour: int
     is_holiday: bool = False
-    ts: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.weekday <= 6:
@@ -128,21 +125,21 @@ class ContextSignal:
         if t.tzinfo is not None:
             t = t.tz_convert("UTC").tz_localize(None)
         hol = t.date() in holiday_dates(country, [t.year])
-        return cls(weekday=t.weekday(), hour=t.hour, is_holiday=hol, ts=to_unix_seconds(t))
+        return cls(weekday=t.weekday(), hour=t.hour, is_holiday=hol)
 
 
-def repeat_scores(signals: RankingSignals, users: np.ndarray, now: np.ndarray) -> sp.csr_matrix:
-    """Buy-again score of every item a user has bought.
+def repeat_scores(signals: RankingSignals, users: np.ndarray) -> sp.csr_matrix:
+    """Buy-again score of every item a user has bought, in [0, 1].
 
-    ``share`` = decayed purchase weight of the item / decayed number of the user's sessions: the
-    recent fraction of the user's baskets that held it (about the probability that the next
-    basket holds it). It is multiplied by a "due" factor ``1 + min(gap / interval, 2) / 2`` for
-    items bought at least twice, where ``interval`` is the user's typical gap between purchases of
-    the item and ``gap`` the time since the last one: milk bought weekly and last bought ten days
-    ago ranks above milk bought yesterday.
+    The mean of two shares of the user's sessions (baskets) that held the item: over the whole
+    history (habit) and recency-decayed (``history_half_life_days``: current habit). A share is
+    about the probability that the next basket holds the item, so scores compare across users,
+    which matters when they are fused with other components. (A "due" factor from the item's
+    own repurchase interval was tried and lost recall on validation: in grocery, a recent purchase
+    predicts another one better than an item's rhythm does.)
 
     Shapes:
-        - **users** ``[B]`` int (``-1`` = unknown user, an empty row), **now** ``[B]`` unix seconds.
+        - **users** ``[B]`` int (``-1`` = unknown user: an empty row).
         - return ``[B, I]`` CSR float32.
     """
     num_items = signals.num_items
@@ -155,12 +152,10 @@ def repeat_scores(signals: RankingSignals, users: np.ndarray, now: np.ndarray) -
         return sp.csr_matrix((len(users), num_items), dtype=np.float32)
     row_of = np.repeat(np.arange(len(users)), lengths)
     pos = np.arange(indptr[-1]) - indptr[row_of] + starts[row_of]
-    count = signals.hist_count[pos].astype(np.float64)
-    share = signals.hist_weight[pos] / np.maximum(signals.user_decayed_sessions[rows[row_of]], 1e-6)
-    interval = (signals.hist_last[pos] - signals.hist_first[pos]) / np.maximum(count - 1.0, 1.0)
-    gap = np.maximum(now[row_of] - signals.hist_last[pos], 0.0)
-    due = np.where(count >= 2, 1.0 + np.minimum(gap / np.maximum(interval, 86400.0), 2.0) / 2.0, 1.0)
-    data = np.minimum(share, 1.0) * due
+    user = rows[row_of]
+    habit = signals.hist_count[pos] / np.maximum(signals.user_sessions[user], 1.0)
+    recent = signals.hist_weight[pos] / np.maximum(signals.user_decayed_sessions[user], 1e-6)
+    data = 0.5 * np.minimum(habit, 1.0) + 0.5 * np.minimum(recent, 1.0)
     return sp.csr_matrix(
         (data.astype(np.float32), signals.hist_indices[pos], indptr), shape=(len(users), num_items)
     )
@@ -204,6 +199,12 @@ def top_k_from_scores(
     v = vals.numpy()
     idx[~np.isfinite(v)] = -1
     return idx, v
+
+
+def _dense(m: sp.spmatrix, cand: np.ndarray | None) -> np.ndarray:
+    """Dense float32 rows of a sparse ``[B, I]`` matrix, restricted to ``cand`` columns."""
+    m = sp.csr_matrix(m)
+    return np.asarray((m if cand is None else m[:, cand]).toarray(), dtype=np.float32)
 
 
 class Ranker:
@@ -292,37 +293,43 @@ class Ranker:
         sessions: Sequence[SessionSignal | None],
         contexts: Sequence[ContextSignal | None],
         cand: np.ndarray | None,
+        needed: Collection[str] = COMPONENTS,
     ) -> dict[str, np.ndarray]:
+        """The ``needed`` components of one chunk (the fused score skips those it would multiply
+        by 0, so a next-basket chunk never builds session matrices)."""
         b = len(users)
         n = self.num_items if cand is None else len(cand)
+        out: dict[str, np.ndarray] = {}
         known = users >= 0
-        u = np.zeros((b, self.user_emb.shape[1]), dtype=np.float32)
-        u[known] = self.user_emb[users[known]]
-        out: dict[str, np.ndarray] = {"gnn": self._zdot(u, cand)}
-
-        smat = self._session_matrix(sessions)
-        out["session"] = self._zdot(np.asarray(smat @ self.item_emb, dtype=np.float32), cand)
-        cooc = (smat @ self.signals.item_sim).toarray()
-        out["cooc"] = (cooc if cand is None else cooc[:, cand]).astype(np.float32)
-
-        now = np.array([self.signals.now if c is None or c.ts is None else c.ts for c in contexts])
-        rep = repeat_scores(self.signals, users, now)
-        out["repeat"] = (rep.toarray() if cand is None else rep[:, cand].toarray()).astype(np.float32)
-
-        pop = self._pop if cand is None else self._pop[cand]
-        out["pop"] = np.broadcast_to(pop, (b, n)).copy()
-
-        dept = self.signals.item_department if cand is None else self.signals.item_department[cand]
-        ctx = np.zeros((b, n), dtype=np.float32)
-        for r, c in enumerate(contexts):
-            if c is None:
-                continue
-            lift = self.signals.context_lift[c.weekday, c.hour]
-            if c.is_holiday:
-                lift = lift + self.signals.holiday_lift
-            ctx[r] = lift[dept]
-        out["context"] = ctx
-        return {c: out[c] for c in COMPONENTS}
+        if "gnn" in needed:
+            u = np.zeros((b, self.user_emb.shape[1]), dtype=np.float32)
+            u[known] = self.user_emb[users[known]]
+            out["gnn"] = self._zdot(u, cand)
+        if "session" in needed or "cooc" in needed:
+            smat = self._session_matrix(sessions)
+            if "session" in needed:
+                q = np.asarray(smat @ self.item_emb, dtype=np.float32)
+                out["session"] = self._zdot(q, cand)
+            if "cooc" in needed:
+                cooc = smat @ self.signals.item_sim
+                out["cooc"] = _dense(cooc, cand)
+        if "repeat" in needed:
+            out["repeat"] = _dense(repeat_scores(self.signals, users), cand)
+        if "pop" in needed:
+            pop = self._pop if cand is None else self._pop[cand]
+            out["pop"] = np.broadcast_to(pop, (b, n)).copy()
+        if "context" in needed:
+            dept = self.signals.item_department if cand is None else self.signals.item_department[cand]
+            ctx = np.zeros((b, n), dtype=np.float32)
+            for r, c in enumerate(contexts):
+                if c is None:
+                    continue
+                lift = self.signals.context_lift[c.weekday, c.hour]
+                if c.is_holiday:
+                    lift = lift + self.signals.holiday_lift
+                ctx[r] = lift[dept]
+            out["context"] = ctx
+        return out
 
     def _check(
         self, users: Users, sessions: Sequence[SessionSignal | None] | None,
@@ -330,8 +337,8 @@ class Ranker:
     ) -> tuple[np.ndarray, list[SessionSignal | None], list[ContextSignal | None], np.ndarray | None]:
         u = _as_users(users)
         b = len(u)
-        sess = [None] * b if sessions is None else list(sessions)
-        ctx = [None] * b if contexts is None else list(contexts)
+        sess: list[SessionSignal | None] = [None] * b if sessions is None else list(sessions)
+        ctx: list[ContextSignal | None] = [None] * b if contexts is None else list(contexts)
         if len(sess) != b or len(ctx) != b:
             raise BadRequestError(f"{b} users but {len(sess)} sessions and {len(ctx)} contexts")
         if (u >= self.signals.num_users).any():
@@ -416,13 +423,25 @@ class Ranker:
         self, u: np.ndarray, sess: list[SessionSignal | None], ctx: list[ContextSignal | None],
         cand: np.ndarray | None, weights: FusionWeights | None,
     ) -> np.ndarray:
-        comps = self._chunk_components(u, sess, ctx, cand)
         w = self.mode_weights(sess, weights)
-        total = np.zeros_like(comps["gnn"])
-        for j, c in enumerate(COMPONENTS):
-            if np.any(w[:, j] != 0):
-                total += w[:, j: j + 1] * comps[c]
-        return total
+        has_session = any(s is not None and not s.is_empty for s in sess)
+        needed = [
+            c for j, c in enumerate(COMPONENTS)
+            if np.any(w[:, j] != 0)
+            and (has_session or c not in ("session", "cooc"))
+            and (c != "context" or any(x is not None for x in ctx))
+            and c != "pop"
+        ]
+        comps = self._chunk_components(u, sess, ctx, cand, needed)
+        n = self.num_items if cand is None else len(cand)
+        pop = self._pop if cand is None else self._pop[cand]
+        j = COMPONENTS.index("pop")
+        total = w[:, j: j + 1] * pop[None, :] if np.any(w[:, j] != 0) else np.zeros(
+            (len(u), n), dtype=np.float32)
+        for c, values in comps.items():
+            j = COMPONENTS.index(c)
+            total += w[:, j: j + 1] * values
+        return total.astype(np.float32, copy=False)
 
     def top_k(
         self,

@@ -202,19 +202,21 @@ def epoch_batches(
     """This rank's mini-batches (edge positions) of one epoch.
 
     The permutation depends on ``(seed, epoch)`` only, so every rank draws the same one and
-    the ``rank::world_size`` shards partition the edges. Every rank gets the same number of
-    batches (DDP all-reduces once per step): ``ceil(num_edges / batch_size)``, each about
-    ``batch_size / world_size`` edges.
+    the ``rank::world_size`` shards partition the edges. ``batch_size`` is per rank: each step
+    propagates over the whole graph on every rank (a cost independent of the batch), so more
+    workers must mean fewer steps per epoch, not smaller batches. Every rank gets the same
+    number of batches, as DDP all-reduces once per step.
 
     Shapes:
-        - output: list of ``[b]`` int64 arrays
+        - output: list of ``[b]`` int64 arrays, ``b <= batch_size + 1``
     """
     if num_edges < world_size:
         raise ValueError(f"{num_edges} edges cannot be split across {world_size} workers")
     perm = np.random.default_rng([seed, epoch, 0]).permutation(num_edges)
     shard = perm[rank::world_size]
-    num_steps = min(math.ceil(num_edges / batch_size), num_edges // world_size)
-    return list(np.array_split(shard, max(num_steps, 1)))
+    # The smallest shard decides, so that no rank gets an empty batch.
+    num_steps = max(1, math.ceil((num_edges // world_size) / batch_size))
+    return list(np.array_split(shard, num_steps))
 
 
 def train_epoch(
@@ -375,6 +377,8 @@ def train_func(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.cpus_per_worker)
 
     model = build_model(payload, cfg)  # seeded: identical on every rank
     _seed_everything(cfg.seed + rank)
@@ -394,9 +398,15 @@ def train_func(config: dict[str, Any]) -> None:
     edge_index = np.array(payload["edge_index"], dtype=np.int64)
     adj = build_graph_adjacency(payload, device)
     sampler = NegativeSampler(edge_index, payload["num_items"])
-    # item_features is identical on every rank: no need to broadcast it before each step.
     ddp_model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"broadcast_buffers": False}
+        model,
+        parallel_strategy_kwargs={
+            # item_features is identical on every rank: no need to broadcast it every step.
+            "broadcast_buffers": False,
+            # Gradients live in DDP's all-reduce buckets: one copy of every embedding's
+            # gradient fewer per step (they are dense over the whole graph).
+            "gradient_as_bucket_view": True,
+        },
     )
     optimizer = make_optimizer(ddp_model, cfg)
     if opt_state is not None:
@@ -516,7 +526,11 @@ def fit(
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.model_dump(), "graph": ray.put(payload)},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": 1 if cfg.use_gpu else 0},
+        ),
         run_config=RunConfig(
             storage_path=cfg.storage_path,
             name=cfg.run_name,

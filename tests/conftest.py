@@ -139,7 +139,8 @@ def trained_artifact_root(ray_cluster: None, tmp_path_factory: pytest.TempPathFa
     except Exception as exc:  # until graph.pipeline is complete: the same steps by hand
         warnings.warn(f"run_pipeline failed ({exc!r}); building the serving fixture by hand",
                       stacklevel=1)
-        _write_trained_artifact_by_hand(root / "models", train)
+        by_hand = train.model_copy(update={"run_name": "serving-fixture-by-hand"})
+        _write_trained_artifact_by_hand(root / "models", by_hand)
     return str(root / "models")
 
 

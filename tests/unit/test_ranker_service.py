@@ -12,6 +12,7 @@ import pytest
 from actors.ranker import (
     RankerService,
     RankQuery,
+    Reasons,
     TokenIndex,
     cadence_text,
     day_part,
@@ -63,7 +64,7 @@ def _check_items(out: dict[str, Any], k: int) -> None:
 
 
 def test_missing_model_says_how_to_make_one(tmp_path: Path) -> None:
-    with pytest.raises(ArtifactError, match="python train_job.py"):
+    with pytest.raises(ArtifactError, match=r"python train_job\.py"):
         RankerService(str(tmp_path / "nothing-here"))
 
 
@@ -120,7 +121,7 @@ def test_removed_from_cart_is_recommendable_again(svc: RankerService) -> None:
 
 def test_exclusions_and_category_filter(svc: RankerService) -> None:
     first = svc.recommend(RankQuery(user_id="anon", k=5))
-    banned = tuple(it["item_id"] for it in first["items"][:3]) + ("not-an-item",)
+    banned = (*(it["item_id"] for it in first["items"][:3]), "not-an-item")
     out = svc.recommend(RankQuery(user_id="anon", k=20, exclude_items=banned))
     assert not set(banned) & {it["item_id"] for it in out["items"]}
 
@@ -167,18 +168,34 @@ def test_context_moves_the_ranking_as_the_fitted_lift_says(svc: RankerService) -
 
 
 def test_reason_texts(svc: RankerService) -> None:
-    from graph.ranking import ContextSignal
+    from graph.ranking import ContextSignal, session_signal
 
     m = svc.model
-    ctx = ContextSignal(weekday=5, hour=9)
-    assert svc._reason_text(m, "context", 0, None, None, [], ctx, None) == (
+    top = np.array([0])
+
+    def why(**kw: Any) -> Reasons:
+        args: dict[str, Any] = {"user": None, "session": None, "item_events": [],
+                                "context": None, "query": None, "top": top, **kw}
+        return Reasons.build(m, **args)
+
+    assert why(context=ContextSignal(weekday=5, hour=9)).text("context", 0) == (
         "popular on Saturday mornings")
     hol = ContextSignal(weekday=0, hour=9, is_holiday=True)
-    assert svc._reason_text(m, "context", 0, None, None, [], hol, None) == "popular on public holidays"
+    assert why(context=hol).text("context", 0) == "popular on public holidays"
     user_id, item = _repeat_user_item(svc)
-    text = svc._reason_text(m, "repeat", m.item_index[item], m.user_index[user_id], None, [], None,
-                            None)
+    text = why(user=m.user_index[user_id]).text("repeat", m.item_index[item])
     assert text is not None and text.startswith("you ")
+    # "because you ..." names the session item behind the recommendation, with its event.
+    src = _busy_item(svc)
+    i = m.item_index[src]
+    sim = m.ranker.signals.item_sim
+    neighbour = int(sim.indices[sim.indptr[i]])
+    events = [(i, "view", time.time()), (i, "purchase", time.time())]
+    reasons = why(session=session_signal(events, time.time()), item_events=events,
+                  top=np.array([neighbour]))
+    assert reasons.text("cooc", neighbour) == f"because you bought {short_title(str(m.titles[i]))}"
+    assert reasons.for_item(neighbour, {"cooc": 1.0, "pop": 0.01}) == [reasons.text("cooc", neighbour)]
+    assert why().for_item(0, {"gnn": -1.0}) == ["popular with shoppers"]
 
 
 def test_similar_items(svc: RankerService) -> None:

@@ -1,0 +1,235 @@
+"""The serving app end to end: real local Ray, real Serve, real HTTP, a real trained artifact.
+
+The app is deployed once for the module (about 20 s to the first 200) and deleted at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pandas as pd
+import pytest
+
+from graph.artifacts import latest_version, read_artifact, set_latest_version, write_artifact
+from tests.helpers import wait_for_condition
+
+PORT = 8123
+APP = "intentrec-test"
+KEY = "test-key-123"
+AUTH = {"X-API-Key": KEY}
+
+
+@dataclass
+class Served:
+    url: str
+    root: str
+    first_version: str
+    users: list[str]
+    items: pd.DataFrame
+    client: httpx.Client
+
+    def post(self, path: str, body: Any, auth: bool = False) -> httpx.Response:
+        return self.client.post(self.url + path, json=body, headers=AUTH if auth else None)
+
+    def recommend(self, **body: Any) -> dict[str, Any]:
+        r = self.post("/v1/recommendations", body)
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster: None, trained_artifact_root: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    import os
+
+    from ray import serve
+
+    import serve_app
+    from actors.session_state import SessionStateConfig, SessionStore
+
+    tmp = tmp_path_factory.mktemp("serving")
+    root = str(tmp / "models")
+    shutil.copytree(trained_artifact_root, root)  # this module writes new versions into it
+    session = SessionStateConfig(num_shards=2, wal_uri=str(tmp / "wal"),
+                                 actor_prefix="intentrec-test-session")
+    args = serve_app.AppArgs(artifacts_root=root, state_dir=str(tmp / "state"),
+                             reload_poll_s=1.0, session=session)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    app = serve_app.compose(args, env_vars={"INTENTREC_API_KEY": KEY,
+                                            "PYTHONPATH": os.environ["PYTHONPATH"]})
+    serve.run(app, name=APP, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{PORT}"
+    client = httpx.Client(timeout=30.0)
+    wait_for_condition(lambda: client.get(url + "/healthz").status_code == 200, timeout=180,
+                       interval=0.5, what="the serving app answers /healthz")
+    art = read_artifact(root)
+    try:
+        yield Served(url, root, art.version, art.user_ids.tolist(), art.items, client)
+    finally:
+        client.close()
+        serve.delete(APP)
+        SessionStore(session).kill()
+
+
+def _label(s: Served, item_id: str) -> str:
+    cat = str(s.items.loc[s.items["item_id"] == item_id, "category"].iloc[0])
+    return " > ".join(p.strip() for p in cat.split(">")[:2])
+
+
+def _popular_item(s: Served) -> str:
+    art = read_artifact(s.root, s.first_version)
+    return str(art.items["item_id"].iat[int(art.signals.popularity.argmax())])
+
+
+def test_health_docs_and_model(served: Served) -> None:
+    h = served.client.get(served.url + "/healthz").json()
+    assert h == {"status": "ok", "model_version": latest_version(served.root)}
+    assert served.client.get(served.url + "/docs").status_code == 200
+    paths = served.client.get(served.url + "/openapi.json").json()["paths"]
+    for p in ("/v1/events", "/v1/recommendations", "/v1/items/{item_id}/similar",
+              "/v1/users/{user_id}", "/v1/model", "/healthz", "/v1/admin/reload"):
+        assert p in paths, p
+    m = served.client.get(served.url + "/v1/model").json()
+    assert m["version"] == served.first_version
+    assert m["num_items"] == len(served.items) and isinstance(m["metrics"], dict)
+
+
+def test_read_your_writes(served: Served) -> None:
+    user, sid, item = served.users[0], "ryw-session", _popular_item(served)
+    before = served.recommend(user_id=user, session_id=sid, k=20,
+                              context={"ts": "2017-06-10T09:30:00", "country": "US"})
+    assert before["session_events"] == 0 and before["user_known"]
+    assert before["context"]["weekday"] == "Saturday" and before["context"]["hour"] == 9
+
+    r = served.post("/v1/events", {"events": [
+        {"session_id": sid, "user_id": user, "event": "view", "item_id": item},
+        {"session_id": sid, "user_id": user, "event": "add_to_cart", "item_id": item},
+    ]}, auth=True)
+    assert r.status_code == 202, r.text
+    assert r.json()["accepted"] == 2
+
+    after = served.recommend(user_id=user, session_id=sid, k=20,
+                             context={"ts": "2017-06-10T09:30:00", "country": "US"})
+    assert after["session_events"] == 2
+    assert after["intent"][0]["category"] == _label(served, item)
+    ids = [it["item_id"] for it in after["items"]]
+    assert item not in ids  # in the cart now
+    assert ids != [it["item_id"] for it in before["items"]]
+    reasons = [r for it in after["items"] for r in it["reasons"]]
+    assert any(r.startswith("because you added") and r.endswith("to your cart") for r in reasons)
+
+
+def test_cold_start_never_fails(served: Served) -> None:
+    out = served.recommend(user_id="nobody-we-know", k=10)
+    assert not out["user_known"] and len(out["items"]) == 10
+    r = served.post("/v1/events", {"session_id": "cold", "event": "view",
+                                   "item_id": "sku-from-tomorrow"}, auth=True)
+    assert r.status_code == 202, r.text
+    out = served.recommend(session_id="cold", k=5)
+    assert out["session_events"] == 1 and len(out["items"]) == 5
+    assert served.client.get(served.url + "/v1/items/nope/similar").status_code == 404
+
+
+def test_search_filters_and_similar(served: Served) -> None:
+    out = served.recommend(session_id="q", k=10, query="kids cereal", category="grocery")
+    assert all(it["category"].lower().startswith("grocery") for it in out["items"])
+    assert any("KIDS CEREAL" in it["title"] for it in out["items"])
+    item = _popular_item(served)
+    sim = served.client.get(f"{served.url}/v1/items/{item}/similar", params={"k": 5}).json()
+    assert len(sim["items"]) == 5 and item not in {it["item_id"] for it in sim["items"]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/events", {"events": [{"session_id": "s", "event": "view", "item_id": "i"}] * 3
+                        + [{"session_id": "s", "event": "teleport", "item_id": "i"}]},
+         "events[3].event"),
+        ("/v1/events", {"session_id": "s", "event": "add_to_cart"}, "item_id"),
+        ("/v1/events", {"events": [{"session_id": "s", "event": "view", "item_id": "i",
+                                    "ts": "2999-01-01T00:00:00Z"}]}, "events[0].ts"),
+        ("/v1/recommendations", {"user_id": "u", "k": 500}, "k"),
+        ("/v1/recommendations", {"k": 5}, "session_id"),
+        ("/v1/recommendations", {"user_id": "u", "context": {"country": "Narnia"}},
+         "context.country"),
+    ],
+)
+def test_bad_input_is_a_4xx_naming_the_field(served: Served, path: str, body: Any,
+                                              field: str) -> None:
+    r = served.post(path, body, auth=True)
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field, r.json()
+
+
+def test_malformed_json_is_a_422(served: Served) -> None:
+    r = served.client.post(served.url + "/v1/recommendations", content=b"{not json",
+                           headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "field" in r.json()
+
+
+def test_api_key_guards_writes_and_admin(served: Served) -> None:
+    ev = {"session_id": "k", "event": "view", "item_id": "x"}
+    assert served.post("/v1/events", ev).status_code == 401
+    r = served.client.post(served.url + "/v1/events", json=ev, headers={"X-API-Key": "wrong"})
+    assert r.status_code == 401 and r.json()["field"] == "X-API-Key"
+    assert served.client.delete(served.url + "/v1/users/someone").status_code == 401
+    assert served.post("/v1/admin/reload", {}).status_code == 401
+    assert served.post("/v1/recommendations", {"session_id": "k"}).status_code == 200  # a read
+
+
+def test_delete_user_forgets_sessions_and_personal_data(served: Served) -> None:
+    user, sid = served.users[1], "to-forget"
+    item = _popular_item(served)
+    assert served.post("/v1/events", {"session_id": sid, "user_id": user, "event": "add_to_cart",
+                                      "item_id": item}, auth=True).status_code == 202
+    before = served.recommend(user_id=user, session_id=sid)
+    assert before["session_events"] == 1 and before["user_known"]
+
+    r = served.client.delete(f"{served.url}/v1/users/{user}", headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["events_removed"] >= 1 and r.json()["personal_data_removed"]
+    after = served.recommend(user_id=user, session_id=sid)
+    assert after["session_events"] == 0 and not after["user_known"]
+
+
+def test_model_swap_drops_no_request(served: Served) -> None:
+    art = read_artifact(served.root, served.first_version)
+    v2 = write_artifact(served.root, user_ids=art.user_ids, items=art.items,
+                        user_emb=art.user_emb, item_emb=art.item_emb, signals=art.signals,
+                        metrics=art.metrics, manifest={"note": "second version"},
+                        version="v2-test", set_latest=False)
+    stop, codes = threading.Event(), []
+
+    def hammer() -> None:
+        with httpx.Client(timeout=30.0) as c:
+            while not stop.is_set():
+                codes.append(c.post(served.url + "/v1/recommendations",
+                                    json={"session_id": "swap", "k": 10}).status_code)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        r = served.post("/v1/admin/reload", {"version": v2}, auth=True)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"previous_version": served.first_version, "version": v2,
+                            "swapped": True}
+        assert latest_version(served.root) == v2
+        # Automatic pickup: move LATEST back by hand; the ranker follows within its poll.
+        set_latest_version(served.root, served.first_version)
+        wait_for_condition(
+            lambda: served.client.get(served.url + "/v1/model").json()["version"]
+            == served.first_version, timeout=30, what="the ranker picks up LATEST")
+        r = served.post("/v1/admin/reload", {"version": "no-such-version"}, auth=True)
+        assert r.status_code == 404 and r.json()["field"] == "version"
+    finally:
+        stop.set()
+        t.join()
+    assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+
+

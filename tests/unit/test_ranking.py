@@ -1,0 +1,273 @@
+"""The shared ranking math on tiny hand-made data: components, modes, exclusion, candidates,
+explanations, weight fitting and the signals' save/load round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from graph import schema as S
+from graph.errors import BadRequestError
+from graph.interactions import Interactions, build_interactions
+from graph.ranking import (
+    ContextSignal,
+    QueryBatch,
+    Ranker,
+    SessionSignal,
+    fit_weights,
+    session_signal,
+)
+from graph.signals import (
+    COMPONENTS,
+    ComponentWeights,
+    FusionWeights,
+    RankingSignals,
+    fit_signals,
+)
+
+CATEGORIES = [
+    "DAIRY > MILK > WHOLE",      # 0 milk: user a buys it every week
+    "DAIRY > CHEESE > CHEDDAR",  # 1
+    "BAKERY > BREAD > WHITE",    # 2 bread pair: 2 and 3 are always bought together
+    "BAKERY > BREAD > RYE",      # 3
+    "PRODUCE > FRUIT > BANANA",  # 4 produce pair: 4 and 5 together
+    "PRODUCE > VEG > CARROT",    # 5
+    "DAIRY > YOGURT > PLAIN",    # 6
+    "PRODUCE > FRUIT > APPLE",   # 7 never bought (cold)
+]
+
+
+def tiny_items() -> pd.DataFrame:
+    return pd.DataFrame({
+        S.ITEM_COL: [f"i{n}" for n in range(len(CATEGORIES))],
+        S.TITLE_COL: CATEGORIES,
+        S.CATEGORY_COL: CATEGORIES,
+        S.DEPARTMENT_COL: [c.split(" > ")[0] for c in CATEGORIES],
+        S.BRAND_COL: "b",
+        S.PRICE_COL: 1.0,
+    })
+
+
+def events_from_baskets(baskets: list[tuple[str, str, list[int]]]) -> pd.DataFrame:
+    """``(user, iso time, item numbers)`` per basket → canonical purchase events."""
+    rows = []
+    for n, (user, when, items) in enumerate(baskets):
+        for it in items:
+            rows.append({S.USER_COL: user, S.ITEM_COL: f"i{it}", S.TS_COL: pd.Timestamp(when),
+                         S.EVENT_COL: S.PURCHASE, S.SESSION_COL: f"s{n}", S.QTY_COL: 1.0,
+                         S.PRICE_COL: 1.0, S.QUERY_COL: None})
+    return pd.DataFrame(rows).sort_values(S.TS_COL, kind="stable").reset_index(drop=True)
+
+
+TRAIN_BASKETS: list[tuple[str, str, list[int]]] = [
+    ("a", "2017-01-02 10:00", [0, 2, 3]),
+    ("a", "2017-01-09 10:00", [0, 1]),
+    ("a", "2017-01-16 10:00", [0, 4, 5]),
+    ("a", "2017-01-23 10:00", [0, 6]),
+    ("b", "2017-01-03 18:00", [2, 3, 6]),
+    ("b", "2017-01-10 18:00", [4, 5]),
+    ("b", "2017-01-17 18:00", [2, 3, 1]),
+    ("c", "2017-01-05 12:00", [4, 5, 1]),
+    ("c", "2017-01-12 12:00", [2, 3]),
+    ("c", "2017-01-19 12:00", [4, 5, 6]),
+]
+
+
+def tiny_setup() -> tuple[pd.DataFrame, Interactions, RankingSignals]:
+    train = events_from_baskets(TRAIN_BASKETS)
+    inter = build_interactions(train, tiny_items())
+    return train, inter, fit_signals(train, inter)
+
+
+def tiny_ranker(weights: FusionWeights | None = None) -> tuple[Ranker, Interactions]:
+    _, inter, signals = tiny_setup()
+    if weights is not None:
+        signals.weights = weights
+    rng = np.random.default_rng(0)
+    user_emb = rng.normal(size=(inter.num_users, 4)).astype(np.float32)
+    item_emb = rng.normal(size=(inter.num_items, 4)).astype(np.float32)
+    return Ranker(user_emb, item_emb, signals, chunk_size=2), inter
+
+
+def only(component: str, value: float = 1.0) -> ComponentWeights:
+    return ComponentWeights(**{c: (value if c == component else 0.0) for c in COMPONENTS})
+
+
+def test_session_signal_weights_decay_and_removals() -> None:
+    now = 10_000.0
+    s = session_signal(
+        [(3, S.VIEW, now), (3, S.ADD_TO_CART, now), (5, S.ADD_TO_CART, now - 1800.0),
+         (5, S.REMOVE_FROM_CART, now), (7, S.VIEW, now), (7, S.REMOVE_FROM_CART, now)],
+        now=now, half_life_s=1800.0,
+    )
+    got = dict(zip(s.items.tolist(), s.weights.tolist(), strict=True))
+    assert got[3] == pytest.approx(0.2 + 0.7)
+    assert got[5] == pytest.approx(0.7 * 0.5 - 0.5)  # removed after adding: net negative
+    assert got[7] == pytest.approx(0.2 - 0.5)
+    assert session_signal([], now).is_empty
+    with pytest.raises(BadRequestError, match="teleport"):
+        session_signal([(1, "teleport", now)], now)
+
+
+def test_context_signal_from_timestamp_and_validation() -> None:
+    c = ContextSignal.from_timestamp(pd.Timestamp("2017-12-25 15:30"), "US")
+    assert (c.weekday, c.hour, c.is_holiday) == (0, 15, True)
+    assert not ContextSignal.from_timestamp(pd.Timestamp("2017-12-26 15:30")).is_holiday
+    with pytest.raises(BadRequestError, match="hour"):
+        ContextSignal(weekday=1, hour=24)
+
+
+def test_components_shapes_and_keys() -> None:
+    ranker, inter = tiny_ranker()
+    sess = session_signal([(2, S.ADD_TO_CART, 0.0)], now=0.0)
+    comps = ranker.components([0, 1, None], [sess, None, sess],
+                              [ContextSignal(0, 10), None, ContextSignal(5, 20, True)])
+    assert list(comps) == list(COMPONENTS)
+    for values in comps.values():
+        assert values.shape == (3, inter.num_items)
+        assert values.dtype == np.float32
+        assert np.isfinite(values).all()
+
+
+def test_unknown_user_gets_session_context_and_popularity_only() -> None:
+    ranker, _ = tiny_ranker()
+    sess = session_signal([(2, S.ADD_TO_CART, 0.0)], now=0.0)
+    comps = ranker.components([None], [sess], [ContextSignal(0, 10)])
+    assert not comps["gnn"].any()
+    assert not comps["repeat"].any()
+    for c in ("session", "cooc", "pop", "context"):
+        assert comps[c].any(), c
+    # Without a session an unknown user still gets a ranking (popularity and context).
+    idx, scores = ranker.top_k([None], None, None, k=3)
+    assert (idx >= 0).all() and np.isfinite(scores).all()
+
+
+def test_repeat_favours_what_the_user_keeps_buying() -> None:
+    ranker, inter = tiny_ranker()
+    a = inter.user_index()["a"]
+    rep = ranker.components([a], None, None)["repeat"][0]
+    assert rep.argmax() == 0  # milk, in each of a's baskets
+    assert rep[0] == pytest.approx(1.0, abs=1e-6)
+    assert rep[7] == 0.0  # never bought
+
+
+def test_session_item_raises_its_cooccurring_neighbour() -> None:
+    w = ComponentWeights(gnn=0.0, session=0.0, repeat=0.0, cooc=1.0, pop=0.01, context=0.0)
+    ranker, _ = tiny_ranker(FusionWeights(session=w, no_session=w))
+    cart = session_signal([(4, S.ADD_TO_CART, 0.0)], now=0.0)  # banana
+    with_session = ranker.score([None], [cart], None)[0]
+    without = ranker.score([None], [None], None)[0]
+    assert with_session[5] > without[5]
+    assert with_session[5] > with_session[[0, 1, 2, 3, 6, 7]].max()  # carrot is 4's neighbour
+    idx, _ = ranker.top_k([None], [cart], None, k=1, exclude=[np.array([4])])
+    assert idx[0, 0] == 5
+
+
+def test_modes_pick_their_weights() -> None:
+    fw = FusionWeights(session=only("cooc"), no_session=only("pop"))
+    ranker, _ = tiny_ranker(fw)
+    cart = session_signal([(2, S.ADD_TO_CART, 0.0)], now=0.0)
+    w = ranker.mode_weights([cart, None, SessionSignal(np.zeros(0, np.int64), np.zeros(0, np.float32))])
+    np.testing.assert_allclose(w[0], fw.session.as_array())
+    np.testing.assert_allclose(w[1], fw.no_session.as_array())
+    np.testing.assert_allclose(w[2], fw.no_session.as_array())
+
+
+def test_exclusion_removes_items_and_pads() -> None:
+    ranker, inter = tiny_ranker()
+    excl = np.array([0, 2, 3])
+    idx, scores = ranker.top_k([0, 1], None, None, k=inter.num_items, exclude=[excl, None])
+    assert not np.isin(idx[0][idx[0] >= 0], excl).any()
+    assert (idx[0] == -1).sum() == len(excl)
+    assert np.isneginf(scores[0][idx[0] == -1]).all()
+    assert set(idx[1].tolist()) == set(range(inter.num_items))
+
+
+def test_candidate_subset_matches_full_ranking() -> None:
+    ranker, _ = tiny_ranker()
+    users = [0, None, 2]
+    sess = [session_signal([(2, S.ADD_TO_CART, 0.0), (4, S.VIEW, 0.0)], now=0.0), None,
+            session_signal([(6, S.CLICK, 0.0)], now=0.0)]
+    ctx = [ContextSignal(0, 10), ContextSignal(6, 3, True), None]
+    full = ranker.score(users, sess, ctx)
+    cand = np.array([6, 1, 5, 0])
+    np.testing.assert_allclose(ranker.score(users, sess, ctx, candidates=cand), full[:, cand],
+                               rtol=1e-5, atol=1e-6)
+    comps_full = ranker.components(users, sess, ctx)
+    comps_cand = ranker.components(users, sess, ctx, candidates=cand)
+    for c in COMPONENTS:
+        np.testing.assert_allclose(comps_cand[c], comps_full[c][:, cand], rtol=1e-5, atol=1e-6)
+    idx, _ = ranker.top_k(users, sess, ctx, k=2, candidates=cand)
+    for b in range(3):
+        order = cand[np.argsort(-full[b, cand], kind="stable")]
+        assert set(idx[b].tolist()) == set(order[:2].tolist())
+
+
+def test_explain_contributions_sum_to_the_score() -> None:
+    ranker, _ = tiny_ranker()
+    sess = session_signal([(2, S.ADD_TO_CART, 0.0)], now=0.0)
+    ctx = ContextSignal(0, 10)
+    items = np.array([3, 0, 7])
+    parts = ranker.explain(0, sess, ctx, items)
+    total = ranker.score([0], [sess], [ctx], candidates=items)[0]
+    assert len(parts) == 3
+    for p, t in zip(parts, total, strict=True):
+        assert set(p) == set(COMPONENTS)
+        assert sum(p.values()) == pytest.approx(float(t), rel=1e-5, abs=1e-6)
+
+
+def test_shape_mismatch_is_rejected() -> None:
+    _, inter, signals = tiny_setup()
+    from graph.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="do not match"):
+        Ranker(np.zeros((inter.num_users, 4)), np.zeros((inter.num_items + 1, 4)), signals)
+
+
+def test_fit_weights_finds_the_predictive_component() -> None:
+    # Requests whose relevant item is the co-occurring neighbour of the session item; the
+    # starting weights rank by popularity only, which misses it.
+    start = FusionWeights(session=only("pop"), no_session=only("pop"))
+    ranker, _ = tiny_ranker(start)
+    pairs = [(2, 3), (3, 2), (4, 5), (5, 4)]
+    q = QueryBatch(
+        name="pairs",
+        users=np.full(len(pairs), -1, dtype=np.int64),
+        sessions=[session_signal([(a, S.ADD_TO_CART, 0.0)], now=0.0) for a, _ in pairs],
+        contexts=[None] * len(pairs),
+        exclude=[np.array([a]) for a, _ in pairs],
+        targets=[np.array([b]) for _, b in pairs],
+    )
+    before = fit_weights(ranker, [], [q], k=1, rounds=0).validation  # no search: start weights
+    fitted = fit_weights(ranker, [], [q], k=1)
+    assert before["session/pairs/recall@1"] < 1.0
+    assert fitted.validation["session/pairs/recall@1"] == pytest.approx(1.0)
+    assert fitted.session.cooc > 0 or fitted.session.session > 0
+    assert fitted.no_session == ComponentWeights()  # no no-session queries: defaults kept
+
+
+def test_signals_save_load_round_trip(tmp_path: Path) -> None:
+    _, _, signals = tiny_setup()
+    signals.weights = FusionWeights(session=only("cooc", 2.5), fitted_on="test")
+    signals.save(tmp_path)
+    assert all(p.is_file() for p in tmp_path.iterdir())  # flat folder: artifacts copy files
+    back = RankingSignals.load(tmp_path)
+    for name in ("popularity", "hist_indptr", "hist_indices", "hist_weight", "hist_count",
+                 "hist_first", "hist_last", "user_sessions", "user_decayed_sessions",
+                 "user_last", "item_department", "context_lift", "holiday_lift"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(signals, name), err_msg=name)
+    assert (back.item_sim != signals.item_sim).nnz == 0
+    assert back.department_names == signals.department_names
+    assert back.weights == signals.weights
+    assert back.params == signals.params
+    assert back.now == signals.now
+
+
+def test_load_reports_missing_files(tmp_path: Path) -> None:
+    from graph.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="lack"):
+        RankingSignals.load(tmp_path)
