@@ -63,7 +63,7 @@ from actors.api import (
     UnauthorizedError,
     field_path,
 )
-from actors.context import ContextEnricher
+from actors.context import ContextEnricher, enrich_context
 from actors.ranker import GNNRanker, RankQuery
 from actors.session_state import SessionEvent, SessionSnapshot, SessionStateConfig, SessionStore
 from graph.artifacts import latest_version
@@ -89,6 +89,9 @@ class AppArgs(BaseModel):
         default_timezone: Zone of request times that carry no offset (IANA name).
         state_dir: Serving state besides sessions (the forgotten-users file); relative paths are
             resolved like ``artifacts_root``. Use a shared mount on a multi-node cluster.
+        inline_context: Compute the context in the ingress instead of calling the
+            ContextEnricher deployment: one handle call less per recommendation (the enricher is
+            then not deployed). The enrichment is the same function either way.
         session: Session-state configuration (shards, window, TTL, write-ahead log).
     """
 
@@ -101,6 +104,7 @@ class AppArgs(BaseModel):
     default_country: str = Field(default="US", pattern=r"^[A-Z]{2}$")
     default_timezone: str = "UTC"
     state_dir: str = "state"
+    inline_context: bool = False
     session: SessionStateConfig = Field(default_factory=SessionStateConfig)
 
     @field_validator("default_timezone")
@@ -276,11 +280,11 @@ class Ingress:
 
     Args:
         ranker: Handle to :class:`actors.ranker.GNNRanker`.
-        enricher: Handle to :class:`actors.context.ContextEnricher`.
+        enricher: Handle to :class:`actors.context.ContextEnricher` (None: enrich inline).
         args: :class:`AppArgs` as a dict (resolved paths).
     """
 
-    def __init__(self, ranker: DeploymentHandle, enricher: DeploymentHandle,
+    def __init__(self, ranker: DeploymentHandle, enricher: DeploymentHandle | None,
                  args: dict[str, Any]) -> None:
         global _METRICS
         self.args = AppArgs.model_validate(args)
@@ -289,7 +293,7 @@ class Ingress:
         self.store = SessionStore(self.args.session)
         key = os.environ.get(self.args.api_key_env, "")
         self._key: bytes | None = key.encode() if key else None
-        _METRICS = _Metrics()
+        _METRICS = None if os.environ.get("NO_METRICS") else _Metrics()
         log.info("intentrec ingress ready (api key %s)", "on" if self._key else "off")
 
     def _authorize(self, key: str | None) -> None:
@@ -300,6 +304,14 @@ class Ingress:
                 f"this endpoint needs the API key in the {API_KEY_HEADER} header",
                 field=API_KEY_HEADER,
             )
+
+    async def _enrich(self, ctx: dict[str, Any] | None) -> dict[str, Any]:
+        if self.enricher is not None:
+            out: dict[str, Any] = await self.enricher.enrich.remote(ctx)
+            return out
+        e = enrich_context(ctx, default_country=self.args.default_country,
+                           default_timezone=self.args.default_timezone)
+        return {"signal": e.signal_fields(), "display": e.display()}
 
     @api.post("/v1/events", status_code=202, response_model=EventsAccepted,
               responses=_ERROR_RESPONSES, summary="Post one event or a batch")
@@ -345,8 +357,7 @@ class Ingress:
         async with _observed("recommendations"):
             ctx = req.context.model_dump(exclude_none=True) if req.context is not None else None
             snapshot, enriched = await asyncio.gather(
-                self.store.get(req.session_id, req.user_id),
-                self.enricher.enrich.remote(ctx),
+                self.store.get(req.session_id, req.user_id), self._enrich(ctx)
             )
             query = RankQuery(
                 user_id=req.user_id,
@@ -438,8 +449,15 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None) -> Applica
     ranker = with_env(GNNRanker, 0.5).bind(
         args.artifacts_root, args.model_version, args.reload_poll_s, args.tombstones_path
     )
-    enricher = with_env(ContextEnricher, 0.1).bind(args.default_country, args.default_timezone)
+    enricher = None if args.inline_context else with_env(ContextEnricher, 0.1).bind(
+        args.default_country, args.default_timezone)
     return with_env(Ingress, 0.25).bind(ranker, enricher, args.model_dump())
+
+
+def _inside_an_actor() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 def build_app(args: AppArgs) -> Application:
@@ -450,10 +468,12 @@ def build_app(args: AppArgs) -> Application:
     """
     if not isinstance(args, AppArgs):  # Serve validates already; plain callers may pass a dict
         args = AppArgs.model_validate(args)
-    try:
-        latest_version(args.resolved().artifacts_root)
-    except ArtifactError as exc:
-        if args.model_version == "latest":
+    # Early hint for `serve run` / `serve deploy` (not inside replicas, which import this module
+    # from another working directory and only need the Ingress class).
+    if args.model_version == "latest" and not _inside_an_actor():
+        try:
+            latest_version(args.resolved().artifacts_root)
+        except ArtifactError as exc:
             log.warning("%s", exc.message)
     return compose(args)
 

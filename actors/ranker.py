@@ -827,7 +827,9 @@ class GNNRanker:
             raise IntentrecError("no model loaded")
 
     def __del__(self) -> None:
-        self._stop.set()
+        stop = getattr(self, "_stop", None)  # absent when __init__ failed
+        if stop is not None:
+            stop.set()
 
 
 class _RankerMetrics:

@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     inter, data_name = synthetic_graph() if args.synthetic else builtin_graph(args.max_users, 0)
     print(
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if args.use_gpu else None,
+            # Other jobs on the machine slow the workers down: a load average above the core
+            # count means the numbers are pessimistic.
+            "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]],
         },
         "rows": rows,
         "table": table,

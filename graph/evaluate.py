@@ -343,35 +343,41 @@ def fit_validation_weights(
 
 # ------------------------------------------------------------------------------- table
 def format_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """Models as rows (intentrec last), task × metric columns, ``*`` marks each column's best."""
-    models = [m for m in metrics if m != "intentrec"] + (["intentrec"] if "intentrec" in metrics
-                                                          else [])
+    """Models as rows (intentrec last), task × metric columns, ``*`` marks each column's best.
+
+    The header names each task with its number of requests ``n``.
+    """
+    models = [m for m in metrics if m != "intentrec"] + (
+        ["intentrec"] if "intentrec" in metrics else [])
     tasks = [t for t in S.TASKS if any(t in metrics[m] for m in models)]
-    names = [m for m in S.METRICS if any(m in metrics[x].get(t, {}) for x in models for t in tasks)]
-    width = max([len(m) for m in models] + [8])
-    col = 8
-    head1 = " " * width + " |"
-    head2 = "model".ljust(width) + " |"
-    for t in tasks:
-        n = max(int(metrics[m].get(t, {}).get("n", 0)) for m in models)
-        block = len(names) * (col + 1) - 1
-        head1 += f" {f'{t} (n={n})'[:block].center(block)} |"
-        head2 += "".join(f" {x.center(col)}" for x in names) + " |"
+    tasks += sorted({t for m in models for t in metrics[m]} - set(tasks))
+    names = [x for x in S.METRICS if any(x in metrics[m].get(t, {}) for m in models for t in tasks)]
+    width = max([len(m) for m in models] + [5])
+    col = max([len(x) for x in names] + [8])
+
+    def value(m: str, t: str, x: str) -> float:
+        return float(metrics[m].get(t, {}).get(x, float("nan")))
+
+    best = {(t, x): max((v for m in models if not np.isnan(v := value(m, t, x))), default=None)
+            for t in tasks for x in names}
+    titles = {t: f"{t} (n={max(int(metrics[m].get(t, {}).get('n', 0)) for m in models)})"
+              for t in tasks}
+    block = {t: max(len(titles[t]), len(names) * (col + 1) - 1) for t in tasks}
+    head1 = " " * width + " |" + "".join(f" {titles[t].center(block[t])} |" for t in tasks)
+    head2 = "model".ljust(width) + " |" + "".join(
+        f" {' '.join(x.rjust(col) for x in names).ljust(block[t])} |" for t in tasks)
     lines = [head1, head2, "-" * len(head2)]
-    best = {
-        (t, x): max((metrics[m].get(t, {}).get(x, float("nan")) for m in models),
-                    key=lambda v: -np.inf if np.isnan(v) else v)
-        for t in tasks for x in names
-    }
     for m in models:
         row = m.ljust(width) + " |"
         for t in tasks:
+            cells = []
             for x in names:
-                v = metrics[m].get(t, {}).get(x, float("nan"))
+                v = value(m, t, x)
                 mark = "*" if not np.isnan(v) and v == best[(t, x)] else " "
-                row += f" {v:7.4f}{mark}" if not np.isnan(v) else f" {'-':>7} "
-            row += " |"
+                cells.append(f"{v:.4f}{mark}".rjust(col + 1) if not np.isnan(v)
+                             else "- ".rjust(col + 1))
+            row += f" {''.join(cells)[1:].ljust(block[t])} |"
         lines.append(row)
-    lines.append("recall = hits/|relevant|; ndcg binary, ideal over min(|relevant|, k); "
-                 "* = best in column")
+    lines.append("recall = hits / |relevant|; ndcg: binary relevance, ideal DCG over "
+                 "min(|relevant|, k); * = best in column")
     return "\n".join(lines)

@@ -1,0 +1,205 @@
+"""The evaluation protocol on a tiny synthetic data set whose answers are known."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from graph import schema as S
+from graph.data import temporal_split
+from graph.evaluate import (
+    buy_again_scores,
+    evaluate,
+    format_table,
+    in_session_tasks,
+    itemknn_scores,
+    next_basket_tasks,
+    popularity_scores,
+    ranker_scores,
+    run_queries,
+)
+from graph.interactions import Interactions, build_interactions
+from graph.ranking import Ranker
+from graph.signals import RankingSignals, fit_signals
+
+CUT = pd.Timestamp("2017-03-01")
+NUM_ITEMS = 60
+
+
+def items() -> pd.DataFrame:
+    cats = [f"DEPT{n % 3} > CAT{n % 4} > SUB{n}" for n in range(NUM_ITEMS)]
+    return pd.DataFrame({
+        S.ITEM_COL: [f"i{n}" for n in range(NUM_ITEMS)], S.TITLE_COL: cats, S.CATEGORY_COL: cats,
+        S.DEPARTMENT_COL: [c.split(" > ")[0] for c in cats], S.BRAND_COL: "b", S.PRICE_COL: 1.0,
+    })
+
+
+def events(baskets: list[tuple[str, pd.Timestamp, list[int]]]) -> pd.DataFrame:
+    rows = [
+        {S.USER_COL: u, S.ITEM_COL: f"i{i}", S.TS_COL: ts, S.EVENT_COL: S.PURCHASE,
+         S.SESSION_COL: f"{u}-{ts:%Y%m%d%H}", S.QTY_COL: 1.0, S.PRICE_COL: 1.0, S.QUERY_COL: None}
+        for u, ts, its in baskets for i in its
+    ]
+    return pd.DataFrame(rows).sort_values(S.TS_COL, kind="stable").reset_index(drop=True)
+
+
+def dataset(seed: int = 0) -> pd.DataFrame:
+    """User ``loyal`` buys item 0 in every basket; everyone else buys random popular stuff and
+    the pair (5, 6) always together. Weekly baskets from January to the end of March."""
+    rng = np.random.default_rng(seed)
+    baskets: list[tuple[str, pd.Timestamp, list[int]]] = []
+    for week in range(12):
+        day = pd.Timestamp("2017-01-02") + pd.Timedelta(days=7 * week)
+        baskets.append(("loyal", day + pd.Timedelta(hours=9), [0]))
+        for u in range(6):
+            its = list(rng.choice(np.arange(1, NUM_ITEMS), size=3, replace=False))
+            if rng.random() < 0.5:
+                its = [*its, 5, 6]
+            baskets.append((f"u{u}", day + pd.Timedelta(hours=10 + u), sorted(set(its))))
+    return events(baskets)
+
+
+def setup(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, Interactions, RankingSignals, Ranker]:
+    train, test = temporal_split(dataset(seed), CUT)
+    inter = build_interactions(train, items())
+    signals = fit_signals(train, inter)
+    rng = np.random.default_rng(1)
+    ranker = Ranker(rng.normal(size=(inter.num_users, 4)).astype(np.float32),
+                    rng.normal(size=(inter.num_items, 4)).astype(np.float32), signals,
+                    chunk_size=3)
+    return train, test, inter, signals, ranker
+
+
+def test_buy_again_finds_the_item_a_user_always_buys() -> None:
+    train, test, inter, signals, _ = setup()
+    nb_all, _ = next_basket_tasks(train, test, inter)
+    loyal = inter.user_index()["loyal"]
+    row = int(np.flatnonzero(nb_all.users == loyal)[0])
+    np.testing.assert_array_equal(nb_all.targets[row], [0])
+    ranked = run_queries(buy_again_scores(signals, nb_all), nb_all, k=1, chunk=4)
+    assert ranked[row, 0] == 0
+    # Popularity does not know the loyal shopper (item 0 is bought by one user only).
+    pop_ranked = run_queries(popularity_scores(signals, nb_all), nb_all, k=1, chunk=4)
+    assert pop_ranked[row, 0] != 0
+
+
+def test_discovery_excludes_what_the_user_bought_before() -> None:
+    train, test, inter, signals, ranker = setup()
+    _, disc = next_basket_tasks(train, test, inter)
+    loyal = inter.user_index()["loyal"]
+    assert loyal not in disc.users  # bought nothing new after the cut
+    bought = {u: set(g) for u, g in train.groupby(S.USER_COL)[S.ITEM_COL]}
+    for u, ex, t in zip(disc.users, disc.exclude, disc.targets, strict=True):
+        prev = {int(x[1:]) for x in bought[str(inter.user_ids[u])]}
+        assert ex is not None and set(ex.tolist()) == prev
+        assert not set(t.tolist()) & prev
+    for fn in (popularity_scores(signals, disc), buy_again_scores(signals, disc),
+               itemknn_scores(signals, disc), ranker_scores(ranker, disc)):
+        ranked = run_queries(fn, disc, k=NUM_ITEMS, chunk=4)
+        for r, ex in zip(ranked, disc.exclude, strict=True):
+            assert ex is not None and not np.isin(r[r >= 0], ex).any()
+
+
+def test_in_session_reveals_half_and_ranks_the_rest() -> None:
+    _, test, inter, _, _ = setup()
+    ins, blind = in_session_tasks(test, inter, seed=3)
+    again, _ = in_session_tasks(test, inter, seed=3)
+    other, _ = in_session_tasks(test, inter, seed=4)
+    assert len(ins) > 0 and len(ins) == len(blind)
+    baskets = {
+        s: {int(x[1:]) for x in g}
+        for s, g in test.groupby(S.SESSION_COL)[S.ITEM_COL] if g.nunique() >= 4
+    }
+    assert len(ins) == len(baskets)
+    for s, ex, t in zip(ins.sessions, ins.exclude, ins.targets, strict=True):
+        assert s is not None and ex is not None
+        basket = set(ex.tolist()) | set(t.tolist())
+        assert basket in baskets.values()
+        assert len(ex) == len(basket) // 2 and not set(ex.tolist()) & set(t.tolist())
+        np.testing.assert_array_equal(np.sort(s.items), ex)  # revealed = the session's items
+    assert all(s is None for s in blind.sessions)
+    assert [t.tolist() for t in blind.targets] == [t.tolist() for t in ins.targets]
+    # Seeded: the same seed reveals the same items, another seed other items.
+    assert all(np.array_equal(a, b) for a, b in zip(ins.exclude, again.exclude, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(ins.exclude, other.exclude, strict=True))
+
+
+def test_rankings_do_not_depend_on_the_test_window() -> None:
+    # Leakage guard: the same users ranked against two different futures get identical rankings,
+    # and evaluating leaves the fitted signals untouched.
+    train, test, inter, signals, ranker = setup()
+    before = copy.deepcopy(signals)
+    shuffled = test.copy()
+    rng = np.random.default_rng(9)
+    shuffled[S.ITEM_COL] = rng.permutation(shuffled[S.ITEM_COL].to_numpy())
+    q1, _ = next_basket_tasks(train, test, inter)
+    q2, _ = next_basket_tasks(train, shuffled, inter)
+    common = np.intersect1d(q1.users, q2.users)
+    assert len(common) > 0
+    for make in (lambda q: ranker_scores(ranker, q), lambda q: itemknn_scores(signals, q),
+                 lambda q: buy_again_scores(signals, q)):
+        r1 = run_queries(make(q1), q1, k=5, chunk=4)[np.isin(q1.users, common)]
+        r2 = run_queries(make(q2), q2, k=5, chunk=4)[np.isin(q2.users, common)]
+        np.testing.assert_array_equal(r1, r2)
+    evaluate(train, test, inter, signals, ranker, progress=lambda _: None)
+    for name in ("popularity", "hist_weight", "hist_count", "context_lift", "holiday_lift"):
+        np.testing.assert_array_equal(getattr(signals, name), getattr(before, name))
+    assert (signals.item_sim != before.item_sim).nnz == 0
+
+
+def test_signals_ignore_events_they_are_not_given() -> None:
+    # fit_signals sees only what it is passed: adding the test window changes it (so the check
+    # below has teeth), and the protocol passes the training window only.
+    train, test, inter, signals, _ = setup()
+    with_test = fit_signals(pd.concat([train, test]), inter, now=pd.Timestamp(train[S.TS_COL].max()))
+    assert not np.array_equal(with_test.hist_count, signals.hist_count)
+    again = fit_signals(train, inter)
+    np.testing.assert_array_equal(again.hist_count, signals.hist_count)
+    np.testing.assert_array_equal(again.popularity, signals.popularity)
+
+
+def test_evaluate_reports_every_model_task_and_metric() -> None:
+    train, test, inter, signals, ranker = setup()
+    lines: list[str] = []
+    res = evaluate(train, test, inter, signals, ranker, progress=lines.append)
+    assert list(res) == list(S.MODEL_NAMES)
+    for model in S.MODEL_NAMES:
+        assert list(res[model]) == list(S.TASKS)
+        for task in S.TASKS:
+            m = res[model][task]
+            assert set(m) == {*S.METRICS, "n"}
+            assert all(0.0 <= m[x] <= 1.0 for x in S.METRICS)
+    assert any(t in line for line in lines for t in S.TASKS)
+    # Subsampling is seeded and reported.
+    small = evaluate(train, test, inter, signals, ranker, max_users=3, max_baskets=2,
+                     progress=lambda _: None)
+    assert small["intentrec"]["next_basket_all"]["n"] == 3
+    assert small["intentrec"]["in_session"]["n"] == 2
+
+
+def test_format_table_puts_intentrec_last_and_marks_the_best() -> None:
+    metrics = {
+        "intentrec": {"in_session": {"recall@20": 0.3, "ndcg@20": 0.1, "hit@20": 0.5, "n": 7}},
+        "popularity": {"in_session": {"recall@20": 0.1, "ndcg@20": 0.2, "hit@20": 0.4, "n": 7}},
+    }
+    table = format_table(metrics)
+    lines = table.splitlines()
+    assert "in_session (n=7)" in lines[0]
+    pop_row = next(x for x in lines if x.startswith("popularity"))
+    ir_row = next(x for x in lines if x.startswith("intentrec"))
+    assert lines.index(pop_row) < lines.index(ir_row)
+    assert "0.3000*" in ir_row and "0.2000*" in pop_row and "0.1000*" not in table
+
+
+@pytest.mark.parametrize("task", ["next_basket_all", "in_session"])
+def test_tasks_are_empty_not_broken_without_test_users(task: str) -> None:
+    train, test, inter, _, _ = setup()
+    late = test.assign(**{S.USER_COL: "stranger"})
+    nb, _ = next_basket_tasks(train, late, inter)
+    ins, _ = in_session_tasks(late, inter)
+    assert len(nb) == 0
+    if task == "in_session":
+        assert all(u == -1 for u in ins.users)  # unknown users still get in-session requests
