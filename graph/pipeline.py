@@ -84,7 +84,7 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress = print) -> PipelineRes
     from graph.evaluate import evaluate, format_table
     from graph.ranking import Ranker, fit_weights
     from graph.signals import fit_signals
-    from graph.train_loop import embed, fit
+    from graph.train_loop import embed, fit, format_progress
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -120,7 +120,7 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress = print) -> PipelineRes
     )
 
     t1 = time.perf_counter()
-    result = fit(inter_fit, cfg.train, progress=progress)
+    result = fit(inter_fit, cfg.train, progress=lambda m: progress("[train] " + format_progress(m)))
     timings["train_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
