@@ -293,7 +293,7 @@ class Ingress:
         self.store = SessionStore(self.args.session)
         key = os.environ.get(self.args.api_key_env, "")
         self._key: bytes | None = key.encode() if key else None
-        _METRICS = None if os.environ.get("NO_METRICS") else _Metrics()
+        _METRICS = _Metrics()
         log.info("intentrec ingress ready (api key %s)", "on" if self._key else "off")
 
     def _authorize(self, key: str | None) -> None:

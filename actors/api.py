@@ -63,24 +63,38 @@ class _Out(BaseModel):
 
 
 class EventIn(_Strict):
-    """One shopper event. ``item_id`` is required except for ``search`` (which needs ``query``).
+    """One shopper event. ``item_id`` is required except for ``search`` (which needs ``query``);
+    ``session_id`` and/or ``user_id`` say whose it is.
 
     Items unknown to the model are accepted and kept in the session: they never cause an error.
     """
 
-    session_id: Id = Field(description="the shopping session this event belongs to")
     user_id: Id | None = Field(default=None, description="the shopper, when known (logged in)")
+    session_id: Id | None = Field(
+        default=None, validate_default=True,
+        description="the shopping session; without one, the event goes to the user's implicit "
+        "session (the one a request with only this user_id reads)",
+    )
     event: EventType
     # validate_default: the checks below must run when the field is absent, so that the error
     # names the missing field ("events[3].item_id") rather than the whole event.
     item_id: Id | None = Field(default=None, validate_default=True)
     ts: datetime | None = Field(default=None, description="event time; default: the server clock")
-    query: str | None = Field(default=None, min_length=1, max_length=MAX_QUERY_LEN, validate_default=True)
-    qty: float | None = Field(default=None, gt=0, le=10_000)
-    price: float | None = Field(default=None, ge=0, le=1_000_000)
+    query: str | None = Field(default=None, min_length=1, max_length=MAX_QUERY_LEN,
+                              validate_default=True)
+    # The canonical event schema's optional columns: validated, not used by online ranking.
+    qty: float | None = Field(default=None, gt=0, le=10_000, description="not used online")
+    price: float | None = Field(default=None, ge=0, le=1_000_000, description="not used online")
     event_id: Id | None = Field(
         default=None, description="idempotency key: re-posting an event with the same id stores it once"
     )
+
+    @field_validator("session_id")
+    @classmethod
+    def _whose(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None and info.data.get("user_id") is None:
+            raise ValueError("an event needs a session_id, a user_id or both")
+        return v
 
     @field_validator("item_id")
     @classmethod

@@ -560,7 +560,9 @@ def _pool_recall(p: _Pool, w: np.ndarray, k: int) -> float:
     return float((hits / p.num_targets).mean())
 
 
-GRID: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 100.0)
+GRID: tuple[float, ...] = (
+    0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0,
+)
 
 
 def _coordinate_ascent(
@@ -570,7 +572,9 @@ def _coordinate_ascent(
     pos = [COMPONENTS.index(c) for c in active]
 
     def objective(v: np.ndarray) -> float:
-        return float(np.mean([_pool_recall(p, v, k) for p in pools]))
+        # Geometric mean over the batches: a relative gain counts the same in every task, so the
+        # small recall of discovery is not drowned by the large recall of buy-again-heavy tasks.
+        return float(np.exp(np.mean([np.log(max(_pool_recall(p, v, k), 1e-9)) for p in pools])))
 
     best = objective(w)
     for r in range(rounds + 1):
@@ -602,7 +606,7 @@ def fit_weights(
     fitted_on: str = "validation window",
     progress: Callable[[str], None] | None = None,
 ) -> FusionWeights:
-    """Fit the fusion weights maximising mean recall@k on labelled VALIDATION queries.
+    """Fit the fusion weights maximising recall@k on labelled VALIDATION queries.
 
     Coordinate ascent over a log-spaced grid, then a local refinement. Each request's candidates
     are the union of the top ``pool`` items of every component (after exclusion) — an item outside
@@ -613,7 +617,8 @@ def fit_weights(
 
     Args:
         ranker: Ranker built on pre-validation embeddings and signals.
-        no_session: Query batches of requests without session events (each batch weighs equally).
+        no_session: Query batches of requests without session events; the objective of a mode
+            is the geometric mean of its batches' recall@k, so every task weighs the same.
         session: Query batches of requests with session events.
         k: Cut-off of the recall being maximised.
         pool: Items per component in each request's candidate pool.
@@ -640,6 +645,7 @@ def fit_weights(
         for b, p in zip(batches, pools, strict=True):
             out.validation[f"{mode}/{b.name}/recall@{k}"] = _pool_recall(p, w.as_array(), k)
         if progress is not None:
-            progress(f"fit_weights {mode}: mean recall@{k} {best:.4f} with {w.model_dump()}")
+            progress(f"fit_weights {mode}: recall@{k} (geometric mean over {len(pools)} tasks) "
+                     f"{best:.4f} with {w.model_dump()}")
     return out
 

@@ -134,6 +134,12 @@ def test_cold_start_never_fails(served: Served) -> None:
     out = served.recommend(session_id="cold", k=5)
     assert out["session_events"] == 1 and len(out["items"]) == 5
     assert served.client.get(served.url + "/v1/items/nope/similar").status_code == 404
+    # Events with a user but no session land in the user's implicit session, which a request
+    # with only that user reads.
+    r = served.post("/v1/events", {"user_id": "walk-in", "event": "add_to_cart",
+                                   "item_id": _popular_item(served)}, auth=True)
+    assert r.status_code == 202 and r.json()["events"][0]["session_id"] == "user:walk-in"
+    assert served.recommend(user_id="walk-in")["session_events"] == 1
 
 
 def test_search_filters_and_similar(served: Served) -> None:

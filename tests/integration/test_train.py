@@ -13,7 +13,8 @@ from graph.config import TrainConfig
 from graph.data import load_builtin
 from graph.errors import ConfigError
 from graph.interactions import Interactions, build_interactions
-from graph.train_loop import META_FILE, STATE_FILE, embed, fit, load_meta
+from graph.train_loop import embed, fit
+from graph.training import META_FILE, STATE_FILE, load_meta
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -58,6 +58,11 @@ def test_event_errors_name_the_field(body: dict[str, Any], field: str) -> None:
     assert field in _fields(info.value), _fields(info.value)
 
 
+def test_an_event_may_name_only_the_user() -> None:
+    ev = BODY.validate_python({"user_id": "u1", "event": "view", "item_id": "i1"})
+    assert ev.session_id is None and ev.user_id == "u1"
+
+
 def test_unknown_item_ids_are_valid_events() -> None:
     # Whether the model knows an item is the ranker's business: the event is kept either way.
     assert BODY.validate_python(_ev(item_id="never-seen-before")).item_id == "never-seen-before"

@@ -1,11 +1,14 @@
 """IntentGNN, its adjacency, loss, sampler and the in-process epoch loop on tiny graphs.
 
-No Ray: ``graph.train_loop.train_epoch`` is the same function the Ray workers run.
+No Ray: ``graph.training`` (set-up, ``train_epoch``, checkpoints) is the code the Ray workers
+run; ``graph.train_loop`` only wires it into Ray Train.
 """
 
 from __future__ import annotations
 
+import ast
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,22 +26,24 @@ from graph.model import (
     build_adjacency,
     export_embeddings,
 )
-from graph.train_loop import (
-    TrainResult,
+from graph.train_loop import TrainResult, embed, fit
+from graph.training import (
     build_graph_adjacency,
     build_model,
     check_compatible,
-    embed,
     epoch_batches,
-    fit,
     graph_payload,
     load_meta,
     load_state,
     make_optimizer,
+    make_payload,
     model_args,
     save_state,
+    setup_worker,
     train_epoch,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def random_payload(
@@ -292,6 +297,55 @@ def test_epoch_batches_partition_edges_with_equal_step_counts(world_size: int) -
 # --- training -------------------------------------------------------------------------
 
 
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth of its code (``from graph import x`` gives
+    ``graph.x``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            if node.module == "graph":
+                found.update(f"graph.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_training_code_does_not_import_ray() -> None:
+    # bench/gpu_check.py runs graph.training on machines where Ray is not installed: walk the
+    # project modules it reaches (statically: a subprocess that imports torch takes seconds).
+    todo = [REPO_ROOT / "bench" / "gpu_check.py", REPO_ROOT / "graph" / "training.py"]
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        imports = _imports(path)
+        assert not {m for m in imports if m == "ray" or m.startswith("ray.")}, path
+        todo += [REPO_ROOT / f"{m.replace('.', '/')}.py" for m in imports
+                 if m.startswith("graph.") and (REPO_ROOT / f"{m.replace('.', '/')}.py").is_file()]
+    assert REPO_ROOT / "graph" / "model.py" in seen and REPO_ROOT / "graph" / "config.py" in seen
+
+
+def test_setup_worker_builds_the_same_model_on_every_rank() -> None:
+    p = random_payload()
+    cfg = small_cfg(seed=3)
+    threads = torch.get_num_threads()
+    try:  # on the CPU, setup_worker sets the process's torch threads
+        ranks = [setup_worker(p, cfg, torch.device("cpu"), rank=r) for r in (0, 1)]
+    finally:
+        torch.set_num_threads(threads)
+    first, second = (w.model.state_dict() for w in ranks)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    w = ranks[0]
+    assert torch.equal(w.adj.to_dense(), build_graph_adjacency(p).to_dense())
+    assert w.edge_index.dtype == np.int64 and np.array_equal(w.edge_index, p["edge_index"])
+    assert w.sampler.num_items == p["num_items"]
+    assert w.sampler.is_positive(p["edge_index"][0], p["edge_index"][1]).all()
+
+
 def test_training_is_deterministic_under_a_seed() -> None:
     p, _, _ = clustered_payload()
     _, _, first = run_epochs(p, small_cfg(seed=5), range(1, 4))
@@ -410,6 +464,22 @@ def test_graph_payload_validates_and_fingerprints() -> None:
     bad.item_features[0, 1] = 3
     with pytest.raises(DataError, match="feature_cardinalities"):
         graph_payload(bad)
+
+
+def test_make_payload_fingerprint_ignores_storage_dtypes() -> None:
+    # bench/gpu_check.py stores indices as int32 and must get the training payload back.
+    p = random_payload()
+    ref = graph_payload(to_interactions(p))
+    small = make_payload(
+        p["edge_index"].astype(np.int32), p["edge_weight"], p["item_features"].astype(np.int32),
+        p["feature_cardinalities"], p["num_users"], p["num_items"],
+    )
+    assert small["fingerprint"] == ref["fingerprint"]
+    assert small["edge_index"].dtype == np.int64 and small["item_features"].dtype == np.int64
+    too_few = int(p["edge_index"][0].max())  # the last user index is out of range
+    with pytest.raises(DataError, match=rf"user indices in \[0, {too_few}\)"):
+        make_payload(p["edge_index"], p["edge_weight"], p["item_features"],
+                     p["feature_cardinalities"], too_few, p["num_items"])
 
 
 def test_embed_propagates_over_a_newer_graph_and_zeroes_untrained_ids() -> None:
