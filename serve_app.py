@@ -282,15 +282,18 @@ class Ingress:
         ranker: Handle to :class:`actors.ranker.GNNRanker`.
         enricher: Handle to :class:`actors.context.ContextEnricher` (None: enrich inline).
         args: :class:`AppArgs` as a dict (resolved paths).
+        store: The session-state client; None (always, under Serve): the shard actors named by
+            ``args.session``. The in-process bound of ``bench/serve_bench.py`` passes one whose
+            shards live in its own process.
     """
 
     def __init__(self, ranker: DeploymentHandle, enricher: DeploymentHandle | None,
-                 args: dict[str, Any]) -> None:
+                 args: dict[str, Any], store: SessionStore | None = None) -> None:
         global _METRICS
         self.args = AppArgs.model_validate(args)
         self.ranker = ranker
         self.enricher = enricher
-        self.store = SessionStore(self.args.session)
+        self.store = store if store is not None else SessionStore(self.args.session)
         key = os.environ.get(self.args.api_key_env, "")
         self._key: bytes | None = key.encode() if key else None
         _METRICS = _Metrics()

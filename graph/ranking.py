@@ -131,12 +131,15 @@ class ContextSignal:
 def repeat_scores(signals: RankingSignals, users: np.ndarray) -> sp.csr_matrix:
     """Buy-again score of every item a user has bought, in [0, 1].
 
-    The mean of two shares of the user's sessions (baskets) that held the item: over the whole
-    history (habit) and recency-decayed (``history_half_life_days``: current habit). A share is
-    about the probability that the next basket holds the item, so scores compare across users,
-    which matters when they are fused with other components. (A "due" factor from the item's
-    own repurchase interval was tried and lost recall on validation: in grocery, a recent purchase
-    predicts another one better than an item's rhythm does.)
+    The mean of two shares of the user's sessions (baskets) that held the item — over the whole
+    history (habit) and recency-decayed (``history_half_life_days``: current habit) — times
+    ``item_repeat_rate ** repeat_rate_power``: milk bought once is likelier to come back than a
+    grill bought once. A share is about the probability that the next basket holds the item, so
+    scores compare across users, which matters when they are fused with other components.
+
+    Chosen on the validation window (next-basket and in-session recall of this component alone);
+    a "due" factor from the item's own repurchase interval was tried and lost recall: in grocery
+    a recent purchase predicts another one better than an item's rhythm does.
 
     Shapes:
         - **users** ``[B]`` int (``-1`` = unknown user: an empty row).
@@ -155,9 +158,11 @@ def repeat_scores(signals: RankingSignals, users: np.ndarray) -> sp.csr_matrix:
     user = rows[row_of]
     habit = signals.hist_count[pos] / np.maximum(signals.user_sessions[user], 1.0)
     recent = signals.hist_weight[pos] / np.maximum(signals.user_decayed_sessions[user], 1e-6)
-    data = 0.5 * np.minimum(habit, 1.0) + 0.5 * np.minimum(recent, 1.0)
+    items = signals.hist_indices[pos]
+    propensity = np.power(signals.item_repeat_rate[items], signals.params.repeat_rate_power)
+    data = (0.5 * np.minimum(habit, 1.0) + 0.5 * np.minimum(recent, 1.0)) * propensity
     return sp.csr_matrix(
-        (data.astype(np.float32), signals.hist_indices[pos], indptr), shape=(len(users), num_items)
+        (data.astype(np.float32), items, indptr), shape=(len(users), num_items)
     )
 
 

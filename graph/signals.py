@@ -93,6 +93,8 @@ class SignalParams:
     sim_popularity_damping: float = 0.2
     sim_basket_power: float = 0.5
     context_smoothing: float = 20.0
+    repeat_rate_prior: float = 5.0
+    repeat_rate_power: float = 0.5
     country: str = "US"
 
 
@@ -108,6 +110,8 @@ class RankingSignals:
           ``[nnz]``.
         - **user_sessions** ``[U]`` (sessions with a positive event), **user_decayed_sessions**
           ``[U]`` (the same, recency-decayed), **user_last** ``[U]`` (unix seconds).
+        - **item_repeat_rate** ``[I]``: smoothed share of the item's buyers who bought it in at
+          least two sessions (milk ≈ 0.6, a barbecue grill ≈ 0.05).
         - **item_sim** ``[I, I]`` CSR float32, row ``j`` = neighbours of item ``j``, at most
           ``sim_top_k`` entries per row, zero diagonal.
         - **item_department** ``[I]`` int: index into ``department_names`` (0 = unknown).
@@ -124,6 +128,7 @@ class RankingSignals:
     user_sessions: np.ndarray
     user_decayed_sessions: np.ndarray
     user_last: np.ndarray
+    item_repeat_rate: np.ndarray
     item_sim: sp.csr_matrix
     item_department: np.ndarray
     department_names: list[str]
@@ -174,6 +179,7 @@ class RankingSignals:
             user_sessions=self.user_sessions,
             user_decayed_sessions=self.user_decayed_sessions,
             user_last=self.user_last,
+            item_repeat_rate=self.item_repeat_rate,
         )
         np.savez(
             d / _HISTORY,
@@ -225,6 +231,7 @@ class RankingSignals:
             user_sessions=arrays["user_sessions"],
             user_decayed_sessions=arrays["user_decayed_sessions"],
             user_last=arrays["user_last"],
+            item_repeat_rate=arrays["item_repeat_rate"],
             item_sim=sp.csr_matrix(sp.load_npz(d / _ITEM_SIM)),
             item_department=arrays["item_department"],
             department_names=list(meta["department_names"]),
@@ -306,6 +313,23 @@ def item_cooccurrence(
     data = c.data / (nw[c.row] + shrink) / np.power(n[c.col] + 1.0, popularity_damping)
     sim = sp.csr_matrix((data.astype(np.float32), (c.row, c.col)), shape=(num_items, num_items))
     return _top_k_rows(sim, top_k)
+
+
+def item_repeat_rate(
+    items: np.ndarray, counts: np.ndarray, num_items: int, prior: float
+) -> np.ndarray:
+    """Per item, the share of its buyers who bought it again, shrunk to the global share.
+
+    ``(n2 + prior * g) / (n1 + prior)`` with ``n1`` users who bought the item, ``n2`` of them in
+    at least two sessions and ``g`` the same share over all (user, item) pairs.
+
+    Shapes:
+        - **items**, **counts** ``[P]``: one entry per (user, item) pair; return ``[num_items]``.
+    """
+    n1 = np.bincount(items, minlength=num_items).astype(np.float64)
+    n2 = np.bincount(items, weights=(counts >= 2).astype(np.float64), minlength=num_items)
+    g = n2.sum() / max(n1.sum(), 1.0)
+    return ((n2 + prior * g) / (n1 + prior)).astype(np.float32)
 
 
 def _lift(counts: np.ndarray, base_share: np.ndarray, prior: float) -> np.ndarray:
@@ -453,6 +477,10 @@ def fit_signals(
         user_sessions=user_sessions,
         user_decayed_sessions=user_decayed,
         user_last=user_last,
+        item_repeat_rate=item_repeat_rate(
+            pair.index.get_level_values(1).to_numpy(), pair["count"].to_numpy(), num_items,
+            params.repeat_rate_prior,
+        ),
         item_sim=item_sim,
         item_department=item_department,
         department_names=department_names,

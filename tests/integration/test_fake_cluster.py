@@ -8,17 +8,14 @@ A task that needs a GPU cannot run on the GPU-less head, so the autoscaler must 
 Isolation: the cluster gets its own temp dir and free ports (nothing on 6379/8265/10001/52365),
 the driver is a separate Python process (this pytest process may already be connected to the
 session's own cluster), and teardown kills exactly the processes of the session that
-``ray start`` was launched in (``start_new_session``), never ``ray stop``.
+``ray start`` was launched in (``start_new_session``) and their descendants, never ``ray stop``
+(``tests/cluster_helpers.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,11 +25,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import wait_for_condition
+from tests.cluster_helpers import free_ports, ray_env, ray_start_head
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAKE_MULTINODE_YAML = REPO_ROOT / "deploy" / "fake_multinode.yaml"
-RAY_CLI = Path(sys.executable).with_name("ray")
 LAUNCH_DEADLINE_S = 120
 
 # Runs in its own interpreter: connect, ask for a GPU, report where the task ran.
@@ -59,67 +55,19 @@ print("RESULT " + json.dumps({"head": head, "gpus_before": gpus_before, "ran": r
 """
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Live (non-zombie) processes whose session id is ``sid``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        state, session = fields[0], int(fields[3])
-        if session == sid and state != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def _kill_session(sid: int) -> None:
-    # SIGTERM lets raylets clean up their sockets; whatever is still there 5 s later is killed.
-    for sig, grace_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 15)):
-        for pid in _session_pids(sid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        try:
-            wait_for_condition(lambda: not _session_pids(sid), timeout=grace_s, what="fake cluster gone")
-            return
-        except TimeoutError:
-            continue
-    raise AssertionError(f"processes of session {sid} survived SIGKILL: {_session_pids(sid)}")
-
-
 @pytest.fixture
 def fake_cluster() -> Iterator[str]:
     # Short path: Ray puts unix sockets under the temp dir (107-byte limit on their paths).
     workdir = Path(tempfile.mkdtemp(prefix="irfake"))
-    gcs, client, dashboard, agent = _free_ports(4)
+    gcs, client, dashboard, agent = free_ports(4)
     config = yaml.safe_load(FAKE_MULTINODE_YAML.read_text())
     config["provider"]["gcs_address"] = f"127.0.0.1:{gcs}"
     config_path = workdir / "autoscaling.yaml"
     config_path.write_text(yaml.safe_dump(config))
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(
-        RAY_FAKE_CLUSTER="1",
-        AUTOSCALER_UPDATE_INTERVAL_S="1",
-        RAY_USAGE_STATS_ENABLED="0",
-    )
+    env = ray_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
     head_resources = config["available_node_types"][config["head_node_type"]]["resources"]
-    cmd = [
-        str(RAY_CLI), "start", "--head",
+    args = [
         f"--num-cpus={head_resources['CPU']}", f"--num-gpus={head_resources['GPU']}",
         "--object-store-memory=100000000",
         f"--port={gcs}", f"--ray-client-server-port={client}",
@@ -127,30 +75,18 @@ def fake_cluster() -> Iterator[str]:
         f"--dashboard-agent-listen-port={agent}",
         f"--temp-dir={workdir / 'ray'}",
         f"--autoscaling-config={config_path}",
-        "--disable-usage-stats",
     ]  # fmt: skip
-    log = (workdir / "ray_start.log").open("w")
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT
-    )
     try:
-        rc = proc.wait(timeout=120)
-        assert rc == 0, f"ray start failed:\n{(workdir / 'ray_start.log').read_text()[-4000:]}"
-        yield f"127.0.0.1:{gcs}"
+        with ray_start_head(args, workdir=workdir, env=env, cwd=REPO_ROOT):
+            yield f"127.0.0.1:{gcs}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        _kill_session(proc.pid)
-        log.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_gpu_task_makes_the_autoscaler_launch_a_fake_gpu_node(fake_cluster: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
     out = subprocess.run(
         [sys.executable, "-c", DRIVER, fake_cluster, str(LAUNCH_DEADLINE_S)],
-        env=env,
+        env=ray_env(),
         capture_output=True,
         text=True,
         timeout=LAUNCH_DEADLINE_S + 60,

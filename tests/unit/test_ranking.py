@@ -150,7 +150,10 @@ def test_repeat_favours_what_the_user_keeps_buying() -> None:
     a = inter.user_index()["a"]
     rep = ranker.components([a], None, None)["repeat"][0]
     assert rep.argmax() == 0  # milk, in each of a's baskets
-    assert rep[0] == pytest.approx(1.0, abs=1e-6)
+    # In every one of a's baskets (both shares are 1), damped by milk's repeat rate.
+    rate = float(ranker.signals.item_repeat_rate[0])
+    assert 0.0 < rate < 1.0
+    assert rep[0] == pytest.approx(rate ** ranker.signals.params.repeat_rate_power, rel=1e-5)
     assert rep[7] == 0.0  # never bought
 
 

@@ -1,0 +1,97 @@
+"""The in-process bound of ``bench/serve_bench.py``: the serving app's own code in one process.
+
+Not a second implementation and not a deployment mode: the same FastAPI ``api`` of
+``serve_app.py``, the same ``Ingress`` methods, the same :class:`actors.ranker.RankerService` and
+the same session-shard logic (:class:`actors.session_state.SessionShard` over ``ShardState``, WAL
+and group commit included), with every Ray hop replaced by a direct call in the same event loop,
+served by one uvicorn process. What Serve costs on top of that (proxy, handle calls, actor RPCs,
+pickling, more processes on the same cores) is the difference the benchmark reports.
+
+Run by the benchmark as ``python bench/inprocess_app.py --port 8432 --args '<AppArgs JSON>'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # as the Serve replicas (serve_config.yaml env_vars)
+
+
+class _Method:
+    """``handle.method.remote(*args)`` → an awaitable running ``method`` in this process."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return _run(self.fn, args, kwargs)
+
+
+async def _run(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    out = fn(*args, **kwargs)
+    return await out if inspect.isawaitable(out) else out
+
+
+class InProcessHandle:
+    """Stands in for a ``DeploymentHandle`` / actor handle: same call shape, no Ray."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> _Method:
+        return _Method(getattr(self._target, name))
+
+
+def build(app_args: dict[str, Any]) -> Any:
+    """The FastAPI app of ``serve_app`` bound to an in-process Ingress (returns ``serve_app.api``)."""
+    import serve_app
+    from actors.ranker import RankerService
+    from actors.session_state import SessionShard, SessionStore
+
+    args = serve_app.AppArgs.model_validate(app_args).resolved()
+    ranker = RankerService(args.artifacts_root, args.model_version, args.tombstones_path)
+    # SessionStore's routing and validation, with its shard handles pointing at shards in this
+    # process instead of actors (its constructor would start the actors).
+    store = SessionStore.__new__(SessionStore)
+    store.config = args.session
+    store.handles = [InProcessHandle(SessionShard(args.session.model_dump(), i))
+                     for i in range(args.session.num_shards)]
+    # The user class under Serve's ingress wrapper (the one that defines the routes).
+    ingress_cls = next(c for c in serve_app.Ingress.func_or_class.__mro__ if "recommend" in vars(c))
+    ingress = ingress_cls(InProcessHandle(ranker), None, args.model_dump(), store=store)
+    # @serve.ingress gave every route method a `self` dependency (one function for all of them)
+    # that asks Serve for the replica's object; here it is this one instance.
+    ask_serve = inspect.signature(ingress_cls.recommend).parameters["self"].default.dependency
+    serve_app.api.dependency_overrides[ask_serve] = lambda: ingress
+    gc.collect()
+    gc.freeze()  # as GNNRanker does after loading a model
+    return serve_app.api
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the in-process app on 127.0.0.1 until killed."""
+    import json
+
+    import uvicorn
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--args", required=True, help="serve_app.AppArgs as JSON")
+    opts = p.parse_args(argv)
+    app = build(json.loads(opts.args))
+    uvicorn.run(app, host="127.0.0.1", port=opts.port, log_level="warning", access_log=False,
+                loop="uvloop", http="httptools")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

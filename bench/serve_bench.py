@@ -1,0 +1,508 @@
+"""Serving benchmark: the Ray Serve app against the same code in one plain process (the bound).
+
+For ``POST /v1/recommendations`` and ``POST /v1/events`` it measures, on loopback:
+
+- **closed loop** at concurrency 1, 8 and 32: throughput and p50/p95/p99 latency, for the Serve
+  app and for the in-process bound (``bench/inprocess_app.py``: the same FastAPI routes,
+  ``RankerService`` and session-shard code, no Ray) back to back, so both see the same machine
+  load; the ratio serve/bound per cell;
+- **open loop** at half of each endpoint's own maximum closed-loop throughput (Poisson arrivals,
+  latency from the scheduled send time): the p99 a service sized at 50 % utilisation sees.
+
+Targets (the issue): serve throughput at c=8 at least a quarter of the bound's, no collapse at
+c=32 (throughput within 20 % of the best lower concurrency, no errors), p99 under 50 ms at half of
+the endpoint's maximum throughput.
+
+The load generator is a separate process (``bench/loadgen.py``, aiohttp + uvloop) so that the
+driver, Serve and the bound do not share its event loop; it still shares the machine's cores, and
+its CPU per request is reported. Traffic: a seeded mix of known users, sessions seeded with a few
+simulated events, anonymous sessions and unknown users (events are simulated from the real
+catalogue: no real data set has views or carts). Results print as a table and go to
+``bench/results/serve_bench.json`` with the machine's load average, versions and settings.
+
+Usage::
+
+    python bench/serve_bench.py --artifacts /tmp/bench_artifacts      # a train_job.py output
+    python bench/serve_bench.py --quick                               # short cells
+    python bench/serve_bench.py --serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+
+Without a model under ``--artifacts`` it builds one from the built-in data with truncated-SVD
+embeddings in place of the GNN (same signals and artifact format) and says so in the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local bench cluster, as in tests/conftest.py
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from bench.loadgen import LoadSpec  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "serve_bench.json"
+APP = "intentrec-bench"
+ENDPOINTS = {"recommendations": "/v1/recommendations", "events": "/v1/events"}
+TARGETS = ("serve", "bound")
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+QUERIES = ("cereal", "milk", "cheese", "kids cereal", "coffee", "chicken", "bread", "yogurt")
+DEVICES = ("mobile", "desktop", "app", "tablet")
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+def svd_artifact(root: Path, max_users: int) -> str:
+    """A model version with truncated-SVD embeddings (the GNN's stand-in) on real data."""
+    import numpy as np
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import svds
+
+    from graph.artifacts import write_artifact
+    from graph.data import load_builtin, temporal_split
+    from graph.interactions import build_interactions
+    from graph.signals import fit_signals
+
+    ds = load_builtin(max_users=max_users)
+    train, _ = temporal_split(ds.events, ds.default_split_at)
+    inter = build_interactions(train, ds.items)
+    signals = fit_signals(train, inter)
+    ei, w = inter.edge_index.numpy(), inter.edge_weight.numpy().astype(np.float64)
+    mat = sp.csr_matrix((w, (ei[0], ei[1])), shape=(inter.num_users, inter.num_items))
+    u, s, vt = svds(mat, k=32, random_state=0)
+    return write_artifact(
+        str(root), user_ids=inter.user_ids, items=ds.items,
+        user_emb=(u * np.sqrt(s)).astype(np.float32), item_emb=(vt.T * np.sqrt(s)).astype(np.float32),
+        signals=signals, metrics={},
+        manifest={"data": {"name": ds.name, "max_users": max_users},
+                  "training": {"embeddings": "truncated SVD (benchmark stand-in for the GNN)"}},
+    )  # fmt: skip
+
+
+def model_info(root: str) -> tuple[Any, dict[str, Any]]:
+    """The artifact and what the results file says about it."""
+    from graph.artifacts import read_artifact
+
+    art = read_artifact(root)
+    training = art.manifest.get("training") or {}
+    embeddings = training.get("embeddings") if isinstance(training, dict) else None
+    return art, {
+        "root": root,
+        "version": art.version,
+        "embeddings": embeddings or "GNN (IntentGNN trained by train_job.py / Ray Train)",
+        "num_users": len(art.user_ids),
+        "num_items": len(art.items),
+        "embedding_dim": int(art.item_emb.shape[1]),
+        "data": art.manifest.get("data"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Traffic
+# --------------------------------------------------------------------------------------------
+
+
+def traffic(art: Any, seed: int = 0, n: int = 2000) -> dict[str, Any]:
+    """Seed events and request bodies: known users, sessions with 3–6 events, unknown users.
+
+    Returns:
+        ``{"seed_batches": [body], "recommendations": [bytes], "events": [bytes], "mix": {...}}``.
+    """
+    import numpy as np
+
+    rng = random.Random(seed)
+    users = [str(u) for u in art.user_ids]
+    pop = np.asarray(art.signals.popularity, dtype=np.float64)
+    order = np.argsort(-pop)[:2000]
+    item_ids = art.items["item_id"].astype(str).to_numpy()[order].tolist()
+    weights = (pop[order] + 1e-9).tolist()
+
+    def items(k: int) -> list[str]:
+        return rng.choices(item_ids, weights=weights, k=k)
+
+    def kind() -> str:
+        return rng.choices(("view", "click", "add_to_cart"), weights=(0.6, 0.25, 0.15))[0]
+
+    # 300 sessions with a few events each: half belong to a known user, half are anonymous.
+    sessions: list[tuple[str, str | None]] = []
+    seed_batches = []
+    for s in range(300):
+        sid, uid = f"bench-s{s}", (rng.choice(users) if s % 2 == 0 else None)
+        sessions.append((sid, uid))
+        evs = [{"session_id": sid, "event": kind(), "item_id": it, **({"user_id": uid} if uid else {})}
+               for it in items(rng.randint(3, 6))]
+        seed_batches.append({"events": evs})
+
+    mix = {"known_user_with_session": 0.35, "known_user_only": 0.20, "anonymous_session": 0.25,
+           "unknown_user": 0.20, "with_context": 0.5, "with_query": 0.1, "k": 20}
+    recs = []
+    for i in range(n):
+        r = rng.random()
+        if r < 0.35:
+            sid, uid = rng.choice([s for s in sessions if s[1]])
+            body: dict[str, Any] = {"user_id": uid, "session_id": sid}
+        elif r < 0.55:
+            body = {"user_id": rng.choice(users)}
+        elif r < 0.80:
+            body = {"session_id": rng.choice([s for s in sessions if not s[1]])[0]}
+        else:
+            body = {"user_id": f"new-user-{i}"}
+        body["k"] = 20
+        if rng.random() < 0.5:
+            ts = datetime(2017, 1, 1) + timedelta(minutes=rng.randrange(365 * 24 * 60))
+            body["context"] = {"ts": ts.isoformat(), "country": "US", "device": rng.choice(DEVICES)}
+        if rng.random() < 0.1:
+            body["query"] = rng.choice(QUERIES)
+        recs.append(json.dumps(body).encode())
+
+    events = []
+    for _ in range(n):
+        ev: dict[str, Any] = {"session_id": f"bench-ev-s{rng.randrange(500)}", "event": kind(),
+                              "item_id": items(1)[0] if rng.random() > 0.05 else "sku-not-in-model"}
+        if rng.random() < 0.5:
+            ev["user_id"] = rng.choice(users)
+        events.append(json.dumps(ev).encode())
+    return {"seed_batches": seed_batches, "recommendations": recs, "events": events, "mix": mix}
+
+
+# --------------------------------------------------------------------------------------------
+# The two servers
+# --------------------------------------------------------------------------------------------
+
+
+def app_args(model_root: str, work: Path, name: str) -> Any:
+    import serve_app
+    from actors.session_state import SessionStateConfig
+
+    session = SessionStateConfig(num_shards=2, wal_uri=str(work / name / "wal"),
+                                 actor_prefix=f"{name}-session", namespace="intentrec-bench")
+    return serve_app.AppArgs(artifacts_root=model_root, state_dir=str(work / name / "state"),
+                             reload_poll_s=0, api_key_env="INTENTREC_BENCH_NO_API_KEY",
+                             session=session)
+
+
+def start_bound(args: Any, port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **THREAD_ENV, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "bench" / "inprocess_app.py"), "--port", str(port),
+           "--args", args.model_dump_json()]
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def start_serve(args: Any, port: int) -> dict[str, Any]:
+    """Deploy the app with ``serve_app.compose`` (the deployments' own settings); returns them."""
+    import ray
+    from ray import serve
+
+    import serve_app
+    from actors.context import ContextEnricher
+    from actors.ranker import GNNRanker
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **THREAD_ENV}})  # fmt: skip
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(serve_app.compose(args), name=APP, route_prefix="/", blocking=False)
+    deps = [serve_app.Ingress, GNNRanker] + ([] if args.inline_context else [ContextEnricher])
+    return {d.name: {"num_cpus": (d.ray_actor_options or {}).get("num_cpus"),
+                     "max_ongoing_requests": d.max_ongoing_requests,
+                     "autoscaling": {k: getattr(d._deployment_config.autoscaling_config, k)
+                                     for k in ("min_replicas", "max_replicas",
+                                               "target_ongoing_requests", "upscale_delay_s")}
+                     if d._deployment_config.autoscaling_config else None}
+            for d in deps}  # fmt: skip
+
+
+def wait_ready(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the in-process server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/healthz not ready within {timeout}s ({last!r})")
+
+
+def replicas() -> dict[str, int]:
+    """Running replicas per deployment of the Serve app."""
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    if app is None:
+        return {}
+    return {name: int(d.replica_states.get("RUNNING", 0)) for name, d in app.deployments.items()}
+
+
+def seed_sessions(url: str, batches: list[dict[str, Any]]) -> None:
+    import httpx
+
+    with httpx.Client(timeout=30) as c:
+        for b in batches:
+            r = c.post(url + "/v1/events", json=b)
+            if r.status_code != 202:
+                raise RuntimeError(f"seeding {url} failed: {r.status_code} {r.text}")
+
+
+# --------------------------------------------------------------------------------------------
+# Running, reporting
+# --------------------------------------------------------------------------------------------
+
+
+class LoadGen:
+    """The load-generator process (spawned: no state shared with this driver)."""
+
+    def __init__(self) -> None:
+        from bench import loadgen
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=loadgen.serve_forever, args=(child,), daemon=True)
+        self.proc.start()
+
+    def run(self, spec: LoadSpec) -> dict[str, Any]:
+        self.conn.send(asdict(spec))
+        out: dict[str, Any] = self.conn.recv()
+        return out
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(timeout=10)
+
+
+def _fmt(v: Any, width: int) -> str:
+    if isinstance(v, float):
+        s = f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+    else:
+        s = str(v)
+    return s.rjust(width)
+
+
+def print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str, int]]) -> None:
+    print("  ".join(title.rjust(w) for _, title, w in cols))
+    for r in rows:
+        print("  ".join(_fmt(r.get(key, ""), w) for key, _, w in cols))
+
+
+def verdict(rows: list[dict[str, Any]], open_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's three targets, per endpoint, for the Serve app."""
+    out: dict[str, Any] = {}
+    for ep in ENDPOINTS:
+        serve = {r["concurrency"]: r for r in rows if r["endpoint"] == ep and r["target"] == "serve"}
+        bound = {r["concurrency"]: r for r in rows if r["endpoint"] == ep and r["target"] == "bound"}
+        v: dict[str, Any] = {}
+        if 8 in serve and 8 in bound:
+            v["ratio_c8"] = serve[8]["throughput"] / max(bound[8]["throughput"], 1e-9)
+            v["ratio_c8_ok"] = v["ratio_c8"] >= 0.25
+        if 32 in serve:
+            best_lower = max((r["throughput"] for c, r in serve.items() if c < 32), default=0.0)
+            v["c32_over_best_lower"] = serve[32]["throughput"] / max(best_lower, 1e-9)
+            v["c32_errors"] = serve[32]["errors"]
+            v["c32_no_collapse"] = v["c32_over_best_lower"] >= 0.8 and serve[32]["errors"] == 0
+        half = [r for r in open_rows if r["endpoint"] == ep and r["target"] == "serve"]
+        if half:
+            v["half_max_rate"] = half[0]["rate"]
+            v["p99_at_half_max_ms"] = half[0]["p99_ms"]
+            v["p99_at_half_max_ok"] = half[0]["p99_ms"] < 50.0 and half[0]["errors"] == 0
+        out[ep] = v
+    return out
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("ray", "fastapi", "starlette", "uvicorn", "pydantic", "numpy", "torch", "faiss-cpu",
+                "aiohttp", "uvloop"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the table, write the JSON results."""
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--artifacts", default="artifacts",
+                   help="model root written by train_job.py (default: ./artifacts)")
+    p.add_argument("--quick", action="store_true", help="short cells (about 1.5 minutes in all)")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per cell")
+    p.add_argument("--warmup", type=float, default=2.0, help="unrecorded seconds per cell")
+    p.add_argument("--concurrency", default="1,8,32", help="closed-loop concurrencies")
+    p.add_argument("--endpoints", default=",".join(ENDPOINTS), help="which endpoints")
+    p.add_argument("--max-requests", type=int, default=20_000, help="per cell")
+    p.add_argument("--port", type=int, default=8431, help="Serve HTTP port (127.0.0.1)")
+    p.add_argument("--bound-port", type=int, default=8432, help="in-process bound port")
+    p.add_argument("--inline-context", action="store_true",
+                   help="AppArgs.inline_context: enrich in the ingress (no ContextEnricher hop)")
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for the Ray cluster (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    p.add_argument("--no-bound", action="store_true", help="measure the Serve app only")
+    p.add_argument("--output", default=str(RESULTS))
+    opts = p.parse_args(argv)
+    if opts.quick:
+        opts.duration, opts.warmup = min(opts.duration, 4.0), min(opts.warmup, 1.0)
+    concurrencies = [int(c) for c in opts.concurrency.split(",")]
+    endpoints = [e for e in opts.endpoints.split(",") if e]
+    serve_env = dict(kv.split("=", 1) for kv in opts.serve_env)
+    os.environ.update(serve_env)  # before ray.init: the local cluster's processes inherit it
+
+    load_before = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    from graph.errors import ArtifactError
+
+    model_root = str(Path(opts.artifacts).resolve())
+    try:
+        art, model = model_info(model_root)
+    except ArtifactError:
+        print(f"no model under {model_root}: building one with SVD embeddings "
+              f"(train one with `python train_job.py --output {opts.artifacts}`)")
+        model_root = str(work / "svd_artifacts")
+        svd_artifact(Path(model_root), max_users=300)
+        art, model = model_info(model_root)
+    mix = traffic(art)
+    del art
+
+    serve_args = app_args(model_root, work, "serve").model_copy(
+        update={"inline_context": opts.inline_context})
+    bound_args = app_args(model_root, work, "bound")
+    urls = {"serve": f"http://127.0.0.1:{opts.port}", "bound": f"http://127.0.0.1:{opts.bound_port}"}
+    targets = [t for t in TARGETS if not (opts.no_bound and t == "bound")]
+    bound = None if opts.no_bound else start_bound(bound_args, opts.bound_port, work / "bound.log")
+    gen: LoadGen | None = None
+    rows: list[dict[str, Any]] = []
+    open_rows: list[dict[str, Any]] = []
+    try:
+        t0 = time.perf_counter()
+        deployments = start_serve(serve_args, opts.port)
+        wait_ready(urls["serve"], 300)
+        if bound is not None:
+            wait_ready(urls["bound"], 300, bound)
+        print(f"both servers ready in {time.perf_counter() - t0:.0f}s; seeding sessions")
+        for t in targets:
+            seed_sessions(urls[t], mix["seed_batches"])
+        gen = LoadGen()
+        for ep in endpoints:
+            for c in concurrencies:
+                for t in targets:
+                    spec = LoadSpec(url=urls[t] + ENDPOINTS[ep], bodies=mix[ep], mode="closed",
+                                    concurrency=c, duration_s=opts.duration, warmup_s=opts.warmup,
+                                    max_requests=opts.max_requests)
+                    res = gen.run(spec)
+                    row = {"endpoint": ep, "concurrency": c, "target": t, **res}
+                    if t == "serve":
+                        row["replicas"] = replicas()
+                    rows.append(row)
+                    print(f"  {ep:<15} c={c:<3} {t:<5} {res['throughput']:8.1f} req/s  "
+                          f"p50 {res['p50_ms']:6.1f}  p99 {res['p99_ms']:7.1f} ms  "
+                          f"errors {res['errors']}", flush=True)
+        # Open loop at half of each endpoint's own maximum throughput.
+        for ep in endpoints:
+            for t in targets:
+                best = max((r["throughput"] for r in rows if r["endpoint"] == ep and r["target"] == t),
+                           default=0.0)
+                if best <= 0:
+                    continue
+                spec = LoadSpec(url=urls[t] + ENDPOINTS[ep], bodies=mix[ep], mode="open",
+                                concurrency=256, rate=best / 2, duration_s=max(opts.duration, 4.0),
+                                max_requests=opts.max_requests, seed=1)
+                res = gen.run(spec)
+                open_rows.append({"endpoint": ep, "target": t, "rate": best / 2,
+                                  "max_throughput": best, **res})
+                print(f"  {ep:<15} open {best / 2:7.1f}/s {t:<5} p50 {res['p50_ms']:6.1f}  "
+                      f"p99 {res['p99_ms']:7.1f} ms  errors {res['errors']}", flush=True)
+    finally:
+        if gen is not None:
+            gen.close()
+        if bound is not None:
+            bound.terminate()
+            bound.wait(timeout=30)
+        _stop_serve(serve_args)
+
+    for r in rows:
+        if r["target"] == "serve":
+            b = next((x for x in rows if x["target"] == "bound" and x["endpoint"] == r["endpoint"]
+                      and x["concurrency"] == r["concurrency"]), None)
+            r["ratio"] = r["throughput"] / b["throughput"] if b and b["throughput"] else None
+    print()
+    print_table(rows, [("endpoint", "endpoint", 15), ("concurrency", "c", 3), ("target", "target", 6),
+                       ("throughput", "req/s", 8), ("p50_ms", "p50 ms", 7), ("p95_ms", "p95 ms", 7),
+                       ("p99_ms", "p99 ms", 7), ("errors", "err", 4), ("ratio", "serve/bound", 11)])
+    print()
+    print_table(open_rows, [("endpoint", "open loop", 15), ("target", "target", 6),
+                            ("rate", "req/s", 8), ("p50_ms", "p50 ms", 7), ("p95_ms", "p95 ms", 7),
+                            ("p99_ms", "p99 ms", 7), ("errors", "err", 4)])
+    v = verdict(rows, open_rows)
+    print()
+    for ep, checks in v.items():
+        print(f"{ep}: " + ", ".join(f"{k}={_fmt(val, 1).strip()}" for k, val in checks.items()))
+    meta = {
+        "when": datetime.now().isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "versions": versions(),
+        "model": model,
+        "settings": {"duration_s": opts.duration, "warmup_s": opts.warmup,
+                     "concurrency": concurrencies, "max_requests": opts.max_requests,
+                     "open_loop": "Poisson arrivals at 0.5 x the endpoint's max closed-loop "
+                                  "throughput; latency from the scheduled send time",
+                     "serve_env": serve_env, "inline_context": opts.inline_context,
+                     "ray_init": "address=local, num_cpus=2, dashboard off, 127.0.0.1",
+                     "deployments": deployments,
+                     "session": serve_args.session.model_dump(include={"num_shards", "fsync", "window"}),
+                     "bound": "bench/inprocess_app.py: serve_app.api + Ingress + RankerService + "
+                              "in-process SessionShard, one uvicorn process (uvloop, httptools)",
+                     "client": "bench/loadgen.py: aiohttp + uvloop in a separate process; "
+                               "client_cpu_ms_per_req per row"},
+        "traffic": {**mix["mix"], "note": "session events are simulated from the real catalogue "
+                                          "(popularity-weighted items), not real clickstream"},
+    }
+    out = Path(opts.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "open_loop": open_rows, "verdict": v},
+                              indent=2, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+def _stop_serve(args: Any) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from ray import serve
+
+    from actors.session_state import SessionStore
+
+    try:
+        serve.delete(APP)
+        SessionStore(args.session).kill()
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
