@@ -329,10 +329,10 @@ def validate_events(ev: pd.DataFrame, source: str) -> pd.DataFrame:
     ev = ev.sort_values([S.USER_COL, S.TS_COL], kind="stable")
     if S.SESSION_COL not in ev.columns or ev[S.SESSION_COL].isna().all():
         # Sessionise by inactivity: a new session when a user is idle for SESSION_GAP.
-        gap = ev.groupby(S.USER_COL)[S.TS_COL].diff() > SESSION_GAP
-        first = ev[S.USER_COL] != ev[S.USER_COL].shift()
-        n = (gap | first).cumsum()
-        ev[S.SESSION_COL] = ev[S.USER_COL] + ":" + n.astype(str)
+        gap = (ev.groupby(S.USER_COL)[S.TS_COL].diff() > SESSION_GAP).to_numpy()
+        new_user = (ev[S.USER_COL] != ev[S.USER_COL].shift()).to_numpy()
+        session_no = np.cumsum(gap | new_user)
+        ev[S.SESSION_COL] = ev[S.USER_COL] + ":" + pd.Series(session_no, index=ev.index).astype(str)
     else:
         ev[S.SESSION_COL] = ev[S.SESSION_COL].astype(str).where(
             ev[S.SESSION_COL].notna(), ev[S.USER_COL] + ":nosession"

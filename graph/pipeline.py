@@ -81,8 +81,8 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress = print) -> PipelineRes
     Returns:
         The published version, its metrics table and timings.
     """
-    from graph.evaluate import evaluate, format_table
-    from graph.ranking import Ranker, fit_weights
+    from graph.evaluate import evaluate, fit_validation_weights, format_table
+    from graph.ranking import Ranker
     from graph.signals import fit_signals
     from graph.train_loop import embed, fit, format_progress
 
@@ -127,8 +127,8 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress = print) -> PipelineRes
     progress("[weights] fitting fusion weights on the validation window")
     val_signals = fit_signals(fit_part, inter_full)
     val_ranker = Ranker(result.user_emb, result.item_emb, val_signals)
-    weights = fit_weights(val_ranker, fit_part, val_part, inter_full, seed=cfg.train.seed,
-                          progress=progress)
+    weights = fit_validation_weights(val_ranker, fit_part, val_part, inter_full,
+                                     seed=cfg.train.seed, progress=progress)
     signals = fit_signals(train, inter_full)
     signals.weights = weights
     user_emb, item_emb = embed(result, inter_full)
@@ -152,7 +152,7 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress = print) -> PipelineRes
         "config": cfg.model_dump(mode="json"),
         "training": {"seconds": round(timings["train_s"], 2), "epochs": len(result.history),
                      "history": result.history},
-        "weights": weights if isinstance(weights, dict) else getattr(weights, "__dict__", str(weights)),
+        "weights": weights.model_dump(mode="json"),
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     version = write_artifact(
