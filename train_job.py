@@ -4,8 +4,8 @@
     python train_job.py --events e.parquet --items i.parquet --workers 4 --gpus
     ray job submit --working-dir . -- python train_job.py --output s3://bucket/models
 
-Starts a local Ray (127.0.0.1, no dashboard) unless one is reachable (``RAY_ADDRESS``, a
-``ray start`` cluster on this machine, or inside ``ray job submit``), trains the GNN with Ray Train,
+Uses the Ray cluster named by ``--address`` or ``RAY_ADDRESS`` (``ray job submit`` sets it), else
+starts a private local Ray (127.0.0.1, no dashboard); trains the GNN with Ray Train,
 prints the evaluation table and switches ``<output>/LATEST`` to the new version.
 """
 
@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-max-baskets", type=int, help="cap baskets per in-session task")
     g.add_argument("--skip-eval", action="store_true", help="publish without the evaluation table")
     g.add_argument("--address", default=None,
-                   help="Ray address to connect to (default: RAY_ADDRESS, a running cluster, or a "
-                        "new local one)")
+                   help="Ray cluster to use: 'auto' joins the `ray start` cluster on this machine, "
+                        "or ray://host:port / host:port. Default: RAY_ADDRESS (set by `ray job "
+                        "submit`), else a new local Ray on 127.0.0.1")
     return p
 
 
@@ -90,16 +91,16 @@ def init_ray(address: str | None) -> None:
     root = os.path.dirname(os.path.abspath(__file__))
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}}
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    if address:  # `ray job submit` sets RAY_ADDRESS; `--address auto` joins a `ray start` cluster
+        ray.init(address=address, runtime_env=env)
+        print(f"[ray] connected to {ray.get_runtime_context().gcs_address}")
         return
-    try:  # a `ray start` cluster on this machine, if there is one
-        ray.init(address="auto", runtime_env=env)
-        print(f"[ray] connected to the running cluster at {ray.get_runtime_context().gcs_address}")
-    except ConnectionError:
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env=env)
-        print(f"[ray] started a local Ray with {int(ray.cluster_resources().get('CPU', 0))} CPUs")
+    # Default: a private local cluster on 127.0.0.1. Joining whatever cluster happens to run on
+    # the machine would make a plain `python train_job.py` depend on someone else's resources.
+    # Worker logs are not streamed: progress comes back through Ray Train's report callback.
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env=env, log_to_driver=False)
+    print(f"[ray] started a local Ray with {int(ray.cluster_resources().get('CPU', 0))} CPUs")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import inspect
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,10 +69,11 @@ def build(app_args: dict[str, Any]) -> Any:
     # The user class under Serve's ingress wrapper (the one that defines the routes).
     ingress_cls = next(c for c in serve_app.Ingress.func_or_class.__mro__ if "recommend" in vars(c))
     ingress = ingress_cls(InProcessHandle(ranker), None, args.model_dump(), store=store)
-    # @serve.ingress gave every route method a `self` dependency (one function for all of them)
-    # that asks Serve for the replica's object; here it is this one instance.
-    ask_serve = inspect.signature(ingress_cls.recommend).parameters["self"].default.dependency
-    serve_app.api.dependency_overrides[ask_serve] = lambda: ingress
+    # @serve.ingress gave every route method a `self` dependency that returns
+    # `serve.get_replica_context().servable_object`; in this process that is this one instance.
+    from ray import serve
+
+    serve.get_replica_context = lambda: SimpleNamespace(servable_object=ingress)  # type: ignore[assignment]
     gc.collect()
     gc.freeze()  # as GNNRanker does after loading a model
     return serve_app.api

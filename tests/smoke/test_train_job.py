@@ -27,14 +27,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_TIMEOUT_S = 600
 MAX_USERS, EPOCHS, SEED = 300, 3, 0
 
-# Measured with MAX_USERS, EPOCHS and SEED above (see the report in the module's history: the run
-# is deterministic on the CPU); each bound is about 80% of the measured value.
+# Measured with MAX_USERS, EPOCHS and SEED above on 2 CPUs (two runs, identical to 4 decimals):
+# intentrec recall@20 next_basket_all 0.1267, in_session 0.1943, in_session_blind 0.1783
+# (buy_again 0.1198 / 0.1722 / 0.1722). Bounds are ~80% of the measured values.
 BOUNDS = {
-    ("intentrec", "next_basket_all", "recall@20"): 0.0,
-    ("intentrec", "in_session", "recall@20"): 0.0,
+    ("intentrec", "next_basket_all", "recall@20"): 0.10,
+    ("intentrec", "in_session", "recall@20"): 0.155,
 }
-# intentrec with the session signal must beat itself without it by at least this much recall@20.
-SESSION_GAIN_MIN = 0.0
+# intentrec with the session signal must beat itself without it (measured gain 0.0160 recall@20;
+# half of it required).
+SESSION_GAIN_MIN = 0.008
 
 
 def _train_job(*args: str, timeout: float = TRAIN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
