@@ -9,6 +9,8 @@ The score of item ``i`` for a request is a weighted sum of pre-normalised compon
              recency-decayed (see ``repeat_scores``)
     cooc     weighted mean item-item co-occurrence (``P(i | j)``-like, see
              ``graph.signals.item_cooccurrence``) of the item with the session items
+    line     share of the session's weight on items of the item's product line (category x
+             brand): shoppers take several flavours of one yoghurt or cat food
     pop      log popularity scaled to [0, 1]
     context  department log-lift at the request's weekday/hour, plus the holiday lift
 
@@ -40,6 +42,8 @@ from graph.signals import (
 )
 
 SESSION_HALF_LIFE_S = 1800.0
+# Components that only a session can move (0 without one).
+SESSION_COMPONENTS: tuple[str, ...] = ("session", "cooc", "line")
 Users = Sequence[int | None] | np.ndarray
 
 
@@ -253,6 +257,11 @@ class Ranker:
         self._item_cov = np.cov(ie, rowvar=False).reshape(ie.shape[1], ie.shape[1])
         pop = np.log1p(np.maximum(signals.popularity.astype(np.float64), 0.0))
         self._pop = (pop / max(pop.max(), 1e-12)).astype(np.float32)
+        n = signals.num_items
+        self._line_onehot = sp.csr_matrix(
+            (np.ones(n, dtype=np.float32), (np.arange(n), signals.item_line)),
+            shape=(n, signals.num_lines),
+        )
 
     @property
     def num_items(self) -> int:
@@ -310,7 +319,7 @@ class Ranker:
             u = np.zeros((b, self.user_emb.shape[1]), dtype=np.float32)
             u[known] = self.user_emb[users[known]]
             out["gnn"] = self._zdot(u, cand)
-        if "session" in needed or "cooc" in needed:
+        if "session" in needed or "cooc" in needed or "line" in needed:
             smat = self._session_matrix(sessions)
             if "session" in needed:
                 q = np.asarray(smat @ self.item_emb, dtype=np.float32)
@@ -318,6 +327,10 @@ class Ranker:
             if "cooc" in needed:
                 cooc = smat @ self.signals.item_sim
                 out["cooc"] = _dense(cooc, cand)
+            if "line" in needed:
+                lines = self.signals.item_line if cand is None else self.signals.item_line[cand]
+                out["line"] = np.asarray((smat @ self._line_onehot).toarray(),
+                                         dtype=np.float32)[:, lines]
         if "repeat" in needed:
             out["repeat"] = _dense(repeat_scores(self.signals, users), cand)
         if "pop" in needed:
@@ -433,7 +446,7 @@ class Ranker:
         needed = [
             c for j, c in enumerate(COMPONENTS)
             if np.any(w[:, j] != 0)
-            and (has_session or c not in ("session", "cooc"))
+            and (has_session or c not in SESSION_COMPONENTS)
             and (c != "context" or any(x is not None for x in ctx))
             and c != "pop"
         ]
@@ -637,7 +650,7 @@ def fit_weights(
     out = FusionWeights(fitted_on=fitted_on)
     start = ranker.weights
     for mode, batches, active in (
-        ("no_session", no_session, ("gnn", "repeat", "pop", "context")),
+        ("no_session", no_session, tuple(c for c in COMPONENTS if c not in SESSION_COMPONENTS)),
         ("session", session, COMPONENTS),
     ):
         batches = [b for b in batches if len(b)]

@@ -9,6 +9,8 @@ The GNN learns what a user tends to like; these signals carry what it cannot or 
   baskets held the item lately (see ``graph.ranking.repeat_scores``).
 - ``item_sim`` ``[I, I]`` (CSR): item–item co-occurrence within sessions (a damped ``P(i | j)``,
   see ``item_cooccurrence``), top-k neighbours per item.
+- ``item_line`` ``[I]``: the item's product line (category level 2 × brand); a session item raises
+  the other items of its line (grocery baskets hold several flavours of one cat food).
 - ``context_lift`` ``[7, 24, D]`` and ``holiday_lift`` ``[D]``: log-lift of a department's share of
   purchases at a weekday/hour (and on public holidays) over its overall share, smoothed towards 0.
 - ``weights``: the fusion weights of ``graph.ranking.Ranker``, fitted on a validation window.
@@ -35,7 +37,7 @@ from graph import schema as S
 from graph.errors import ArtifactError, DataError
 from graph.interactions import Interactions
 
-COMPONENTS: tuple[str, ...] = ("gnn", "session", "repeat", "cooc", "pop", "context")
+COMPONENTS: tuple[str, ...] = ("gnn", "session", "repeat", "cooc", "line", "pop", "context")
 SIGNALS_FORMAT = 1
 _ARRAYS = "signals.npz"
 _HISTORY = "user_history.npz"
@@ -56,6 +58,7 @@ class ComponentWeights(BaseModel):
     session: float = Field(default=1.0, ge=0.0)
     repeat: float = Field(default=2.0, ge=0.0)
     cooc: float = Field(default=2.0, ge=0.0)
+    line: float = Field(default=1.0, ge=0.0)
     pop: float = Field(default=0.5, ge=0.0)
     context: float = Field(default=0.1, ge=0.0)
 
@@ -115,6 +118,8 @@ class RankingSignals:
         - **item_sim** ``[I, I]`` CSR float32, row ``j`` = neighbours of item ``j``, at most
           ``sim_top_k`` entries per row, zero diagonal.
         - **item_department** ``[I]`` int: index into ``department_names`` (0 = unknown).
+        - **item_line** ``[I]`` int: product line index (category level 2 × brand), in
+          ``[0, num_lines)``.
         - **context_lift** ``[7, 24, D]``, **holiday_lift** ``[D]`` float32.
     """
 
@@ -131,6 +136,7 @@ class RankingSignals:
     item_repeat_rate: np.ndarray
     item_sim: sp.csr_matrix
     item_department: np.ndarray
+    item_line: np.ndarray
     department_names: list[str]
     context_lift: np.ndarray
     holiday_lift: np.ndarray
@@ -150,6 +156,10 @@ class RankingSignals:
         return sp.csr_matrix(
             (data, self.hist_indices, self.hist_indptr), shape=(self.num_users, self.num_items)
         )
+
+    @property
+    def num_lines(self) -> int:
+        return int(self.item_line.max()) + 1 if len(self.item_line) else 0
 
     @property
     def user_history(self) -> sp.csr_matrix:
@@ -174,6 +184,7 @@ class RankingSignals:
             d / _ARRAYS,
             popularity=self.popularity,
             item_department=self.item_department,
+            item_line=self.item_line,
             context_lift=self.context_lift,
             holiday_lift=self.holiday_lift,
             user_sessions=self.user_sessions,
@@ -234,6 +245,7 @@ class RankingSignals:
             item_repeat_rate=arrays["item_repeat_rate"],
             item_sim=sp.csr_matrix(sp.load_npz(d / _ITEM_SIM)),
             item_department=arrays["item_department"],
+            item_line=arrays["item_line"],
             department_names=list(meta["department_names"]),
             context_lift=arrays["context_lift"],
             holiday_lift=arrays["holiday_lift"],
@@ -313,6 +325,21 @@ def item_cooccurrence(
     data = c.data / (nw[c.row] + shrink) / np.power(n[c.col] + 1.0, popularity_damping)
     sim = sp.csr_matrix((data.astype(np.float32), (c.row, c.col)), shape=(num_items, num_items))
     return _top_k_rows(sim, top_k)
+
+
+def product_lines(inter: Interactions) -> np.ndarray:
+    """Product line of every item: its (category level 2, brand) pair, as dense indices.
+
+    Falls back to whichever of those feature fields exist (all items share one line if none).
+
+    Shapes:
+        - return ``[num_items]`` int64.
+    """
+    cols = [inter.feature_names.index(f) for f in ("category", "brand") if f in inter.feature_names]
+    if not cols:
+        return np.zeros(inter.num_items, dtype=np.int64)
+    keys = inter.item_features[:, cols].numpy()
+    return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
 def item_repeat_rate(
@@ -483,6 +510,7 @@ def fit_signals(
         ),
         item_sim=item_sim,
         item_department=item_department,
+        item_line=product_lines(inter),
         department_names=department_names,
         context_lift=context_lift,
         holiday_lift=holiday_lift,

@@ -73,6 +73,7 @@ def main() -> int:
     args = p.parse_args()
 
     import httpx
+    import numpy as np
     import ray
     from ray import serve
 
@@ -119,7 +120,11 @@ def main() -> int:
         print("  endpoint ready:", client.get(url + "/healthz").json())
 
         art = read_artifact(args.output)
-        user = str(art.user_ids[int(art.signals.user_history.getnnz(axis=1).argmax())])
+        # A typical shopper: the median number of distinct items bought among regulars.
+        sizes = art.signals.user_history.getnnz(axis=1)
+        regulars = np.flatnonzero(sizes >= 20)
+        median = regulars[np.argsort(sizes[regulars])[len(regulars) // 2]]
+        user = str(art.user_ids[int(median)])
         category, basket = pick_session(art, user)
         sid = f"demo-{int(time.time())}"
         context = {"ts": "2017-12-09T10:30:00-06:00", "device": "mobile", "country": "US"}

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -34,7 +35,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 EXCLUDES = [".venv", ".git", "artifacts", "checkpoints", "state", ".mypy_cache", ".pytest_cache",
             ".ruff_cache", "bench/results"]
 # A small slice of the built-in data: the point is the submission path, not model quality.
-TRAIN_ARGS = ["--max-users", "120", "--epochs", "1", "--eval-max-users", "100", "--eval-max-baskets", "200"]
+# One Ray Train worker: the head has 2 CPUs, shared with the driver and the dashboard.
+TRAIN_ARGS = ["--max-users", "120", "--epochs", "1", "--workers", "1",
+              "--eval-max-users", "100", "--eval-max-baskets", "200"]
 JOB_TIMEOUT_S = 360
 
 pytestmark = pytest.mark.timeout(2 * JOB_TIMEOUT_S + 180)
@@ -78,9 +81,11 @@ def _submit(url: str, output: Path, storage: Path, *extra: str) -> tuple[str, st
         "--", "python", "train_job.py", *TRAIN_ARGS,
         "--output", str(output), "--storage", str(storage), *extra,
     ]  # fmt: skip
+    t0 = time.monotonic()
     out = subprocess.run(
         cmd, cwd=REPO_ROOT, env=ray_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S
     )
+    print(f"ray job submit {' '.join(extra)}: {time.monotonic() - t0:.0f}s")
     logs = out.stdout + out.stderr
     assert out.returncode == 0, f"ray job submit exited {out.returncode}:\n{logs[-6000:]}"
     return job_id, logs

@@ -158,7 +158,8 @@ def test_repeat_favours_what_the_user_keeps_buying() -> None:
 
 
 def test_session_item_raises_its_cooccurring_neighbour() -> None:
-    w = ComponentWeights(gnn=0.0, session=0.0, repeat=0.0, cooc=1.0, pop=0.01, context=0.0)
+    w = ComponentWeights(gnn=0.0, session=0.0, repeat=0.0, cooc=1.0, line=0.0, pop=0.01,
+                         context=0.0)
     ranker, _ = tiny_ranker(FusionWeights(session=w, no_session=w))
     cart = session_signal([(4, S.ADD_TO_CART, 0.0)], now=0.0)  # banana
     with_session = ranker.score([None], [cart], None)[0]
@@ -167,6 +168,19 @@ def test_session_item_raises_its_cooccurring_neighbour() -> None:
     assert with_session[5] > with_session[[0, 1, 2, 3, 6, 7]].max()  # carrot is 4's neighbour
     idx, _ = ranker.top_k([None], [cart], None, k=1, exclude=[np.array([4])])
     assert idx[0, 0] == 5
+
+
+def test_session_item_raises_its_product_line() -> None:
+    ranker, _ = tiny_ranker(FusionWeights(session=only("line"), no_session=only("pop")))
+    # Apple (7) was never bought but shares banana's line (PRODUCE > FRUIT, same brand).
+    assert ranker.signals.item_line[7] == ranker.signals.item_line[4]
+    assert ranker.signals.item_line[5] != ranker.signals.item_line[4]
+    cart = session_signal([(4, S.ADD_TO_CART, 0.0)], now=0.0)
+    line = ranker.components([None], [cart], None)["line"][0]
+    assert line[7] == pytest.approx(1.0) and line[4] == pytest.approx(1.0)
+    assert not line[[0, 1, 2, 3, 5, 6]].any()
+    idx, _ = ranker.top_k([None], [cart], None, k=1, exclude=[np.array([4])])
+    assert idx[0, 0] == 7
 
 
 def test_modes_pick_their_weights() -> None:
@@ -260,7 +274,8 @@ def test_signals_save_load_round_trip(tmp_path: Path) -> None:
     back = RankingSignals.load(tmp_path)
     for name in ("popularity", "hist_indptr", "hist_indices", "hist_weight", "hist_count",
                  "hist_first", "hist_last", "user_sessions", "user_decayed_sessions",
-                 "user_last", "item_department", "context_lift", "holiday_lift"):
+                 "user_last", "item_repeat_rate", "item_department", "item_line",
+                 "context_lift", "holiday_lift"):
         np.testing.assert_array_equal(getattr(back, name), getattr(signals, name), err_msg=name)
     assert (back.item_sim != signals.item_sim).nnz == 0
     assert back.department_names == signals.department_names
