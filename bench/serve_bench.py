@@ -59,7 +59,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "serve_bench.json"
 APP = "intentrec-bench"
 ENDPOINTS = {"recommendations": "/v1/recommendations", "events": "/v1/events"}
 TARGETS = ("serve", "bound")
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 QUERIES = ("cereal", "milk", "cheese", "kids cereal", "coffee", "chicken", "bread", "yogurt")
 DEVICES = ("mobile", "desktop", "app", "tablet")
 
@@ -198,16 +197,41 @@ def app_args(model_root: str, work: Path, name: str) -> Any:
                              session=session)
 
 
-def start_bound(args: Any, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **THREAD_ENV, "PYTHONPATH": str(REPO)}
+def start_bound(args: Any, port: int, log: Path, env: dict[str, str],
+                niceness: int) -> subprocess.Popen[bytes]:
+    """The in-process bound, with the replicas' environment and the niceness Ray gives its
+    workers (so that other load on the machine slows both alike)."""
     cmd = [sys.executable, str(REPO / "bench" / "inprocess_app.py"), "--port", str(port),
            "--args", args.model_dump_json()]
     with open(log, "wb") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONPATH": str(REPO)},
+                                stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: os.nice(niceness))
 
 
-def start_serve(args: Any, port: int) -> dict[str, Any]:
-    """Deploy the app with ``serve_app.compose`` (the deployments' own settings); returns them."""
+def worker_niceness() -> int:
+    """The niceness of a Ray worker process (Ray starts its workers at 15 by default)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    return int(ray.get(niceness.remote()))
+
+
+def config_env_vars() -> dict[str, str]:
+    """``runtime_env.env_vars`` of the app in ``serve_config.yaml`` (what production replicas get)."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    env = cfg["applications"][0].get("runtime_env", {}).get("env_vars", {})
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def start_serve(args: Any, port: int, app_env: dict[str, str]) -> dict[str, Any]:
+    """Deploy the app with ``serve_app.compose`` (the deployments' own settings) and ``app_env``
+    as the replicas' environment; returns the settings."""
     import ray
     from ray import serve
 
@@ -216,10 +240,10 @@ def start_serve(args: Any, port: int) -> dict[str, Any]:
     from actors.ranker import GNNRanker
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **THREAD_ENV}})  # fmt: skip
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(serve_app.compose(args), name=APP, route_prefix="/", blocking=False)
+    app = serve_app.compose(args, env_vars={"PYTHONPATH": str(REPO), **app_env})
+    serve.run(app, name=APP, route_prefix="/", blocking=False)
     deps = [serve_app.Ingress, GNNRanker] + ([] if args.inline_context else [ContextEnricher])
     return {d.name: {"num_cpus": (d.ray_actor_options or {}).get("num_cpus"),
                      "max_ongoing_requests": d.max_ongoing_requests,
@@ -358,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inline-context", action="store_true",
                    help="AppArgs.inline_context: enrich in the ingress (no ContextEnricher hop)")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment for the Ray cluster (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+                   help="environment of the whole Ray cluster, proxy and controller included "
+                        "(e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    p.add_argument("--app-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="added to the replicas' env_vars from serve_config.yaml")
     p.add_argument("--no-bound", action="store_true", help="measure the Serve app only")
     p.add_argument("--output", default=str(RESULTS))
     opts = p.parse_args(argv)
@@ -367,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     concurrencies = [int(c) for c in opts.concurrency.split(",")]
     endpoints = [e for e in opts.endpoints.split(",") if e]
     serve_env = dict(kv.split("=", 1) for kv in opts.serve_env)
+    app_env = {**config_env_vars(), **dict(kv.split("=", 1) for kv in opts.app_env)}
     os.environ.update(serve_env)  # before ray.init: the local cluster's processes inherit it
 
     load_before = os.getloadavg()
@@ -390,13 +418,17 @@ def main(argv: list[str] | None = None) -> int:
     bound_args = app_args(model_root, work, "bound")
     urls = {"serve": f"http://127.0.0.1:{opts.port}", "bound": f"http://127.0.0.1:{opts.bound_port}"}
     targets = [t for t in TARGETS if not (opts.no_bound and t == "bound")]
-    bound = None if opts.no_bound else start_bound(bound_args, opts.bound_port, work / "bound.log")
+    bound: subprocess.Popen[bytes] | None = None
     gen: LoadGen | None = None
     rows: list[dict[str, Any]] = []
     open_rows: list[dict[str, Any]] = []
+    niceness = 0
     try:
         t0 = time.perf_counter()
-        deployments = start_serve(serve_args, opts.port)
+        deployments = start_serve(serve_args, opts.port, app_env)
+        niceness = worker_niceness()
+        if not opts.no_bound:
+            bound = start_bound(bound_args, opts.bound_port, work / "bound.log", app_env, niceness)
         wait_ready(urls["serve"], 300)
         if bound is not None:
             wait_ready(urls["bound"], 300, bound)
@@ -468,8 +500,10 @@ def main(argv: list[str] | None = None) -> int:
                      "concurrency": concurrencies, "max_requests": opts.max_requests,
                      "open_loop": "Poisson arrivals at 0.5 x the endpoint's max closed-loop "
                                   "throughput; latency from the scheduled send time",
-                     "serve_env": serve_env, "inline_context": opts.inline_context,
+                     "serve_env": serve_env, "app_env": app_env,
+                     "inline_context": opts.inline_context,
                      "ray_init": "address=local, num_cpus=2, dashboard off, 127.0.0.1",
+                     "niceness": {"ray_workers": niceness, "bound": niceness, "client": os.nice(0)},
                      "deployments": deployments,
                      "session": serve_args.session.model_dump(include={"num_shards", "fsync", "window"}),
                      "bound": "bench/inprocess_app.py: serve_app.api + Ingress + RankerService + "

@@ -35,14 +35,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from graph import schema as S
+from graph.fusion import QueryBatch, fit_weights
 from graph.interactions import Interactions
 from graph.metrics import summarize
 from graph.ranking import (
     ContextSignal,
-    QueryBatch,
     Ranker,
     SessionSignal,
-    fit_weights,
     session_signal,
     top_k_from_scores,
 )
@@ -313,7 +312,7 @@ def fit_validation_weights(
 
     ``no_session`` weights maximise the mean recall@20 of validation ``next_basket_all``,
     ``next_basket_discovery`` and ``in_session_blind``; ``session`` weights that of validation
-    ``in_session`` (``graph.ranking.fit_weights``).
+    ``in_session`` (``graph.fusion.fit_weights``).
 
     Args:
         ranker: Ranker on embeddings and signals fitted on ``train_events`` only.

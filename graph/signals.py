@@ -48,7 +48,7 @@ _META = "signals.json"
 class ComponentWeights(BaseModel):
     """Weight of each ranking component in the fused score (components are pre-normalised).
 
-    Defaults are a sensible untuned prior; ``graph.ranking.fit_weights`` replaces them with weights
+    Defaults are a sensible untuned prior; ``graph.fusion.fit_weights`` replaces them with weights
     fitted on a validation window.
     """
 

@@ -77,7 +77,7 @@ def test_demo_shows_recommendations_change_after_session_events(tmp_path: Path) 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONUNBUFFERED"] = "1"
     cmd = [
-        sys.executable, str(DEMO), "--max-users", "200", "--epochs", "1",
+        sys.executable, str(DEMO), "--max-users", "300", "--epochs", "2",
         "--port", str(port), "--output", str(tmp_path / "artifacts"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)

@@ -11,13 +11,12 @@ import pytest
 
 from graph import schema as S
 from graph.errors import BadRequestError
+from graph.fusion import QueryBatch, fit_weights
 from graph.interactions import Interactions, build_interactions
 from graph.ranking import (
     ContextSignal,
-    QueryBatch,
     Ranker,
     SessionSignal,
-    fit_weights,
     session_signal,
 )
 from graph.signals import (
