@@ -60,14 +60,13 @@ from actors.api import (
     ReloadRequest,
     ReloadResponse,
     SimilarResponse,
-    UnauthorizedError,
     field_path,
 )
 from actors.context import ContextEnricher, enrich_context
 from actors.ranker import GNNRanker, RankQuery
 from actors.session_state import SessionEvent, SessionSnapshot, SessionStateConfig, SessionStore
 from graph.artifacts import latest_version
-from graph.errors import ArtifactError, BadRequestError, IntentrecError
+from graph.errors import ArtifactError, BadRequestError, IntentrecError, UnauthorizedError
 
 log = logging.getLogger("intentrec.serve")
 API_KEY_HEADER = "X-API-Key"

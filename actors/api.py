@@ -25,7 +25,6 @@ from pydantic import (
 )
 
 from graph import schema as S
-from graph.errors import IntentrecError
 
 MAX_K = 200
 DEFAULT_K = S.TOP_K
@@ -295,12 +294,6 @@ class ErrorBody(_Out):
     field: str | None = None
     message: str
     details: list[ErrorDetail] | None = None
-
-
-class UnauthorizedError(IntentrecError):
-    """A write or admin endpoint was called without the right API key."""
-
-    http_status = 401
 
 
 def field_path(loc: Sequence[str | int], *, request_loc: bool = True) -> str:

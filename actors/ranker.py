@@ -1,28 +1,24 @@
-"""The GNN ranker: artifact → faiss index → candidates → ``graph.ranking.Ranker`` → reasons.
+"""The GNN ranker: a model version → candidates → ``graph.ranking.Ranker`` → top-k with reasons.
 
 :class:`RankerService` is the whole ranker as a plain class (no Ray), so unit tests drive it on a
-real small artifact; :class:`GNNRanker` is the Serve deployment around it.
+real small artifact; :class:`GNNRanker` is the Serve deployment around it. The steps live beside
+it, one concept per module:
 
-A request is answered in four steps:
-
-1. **Candidates** (a few hundred to a couple of thousand items, never the whole catalogue):
-   inner-product neighbours of the user's long-term embedding and of the session embedding
-   (faiss, exact), the user's buy-again items, item-to-item neighbours of the latest session
-   items, popular items of the session's top intent categories, popular items overall and in the
-   departments the request's context favours, and items matching the search text (a token index
-   over titles and categories built at load time). Candidates only decide what gets scored; the
-   order is the shared Ranker's.
-2. **Scores** from :meth:`graph.ranking.Ranker.score` — the exact function the offline evaluation
+1. **Model** (:mod:`actors.loaded_model`): the artifact, its faiss index and catalogue columns,
+   built completely before it is published.
+2. **Candidates** (:mod:`actors.candidates`): a few hundred to a couple of thousand items, never
+   the whole catalogue, from embedding neighbours, buy-again, co-occurrence, popularity, context,
+   intent and search (:mod:`actors.search_index`). Candidates only decide what gets scored.
+3. **Scores** from :meth:`graph.ranking.Ranker.score` — the exact function the offline evaluation
    uses — plus, when there is search text, a match bonus (see :data:`QUERY_WEIGHT`).
-3. **Top-k** through :func:`graph.ranking.top_k_from_scores` (exclusions: the request's
+4. **Top-k** through :func:`graph.ranking.top_k_from_scores` (exclusions: the request's
    ``exclude_items`` and what is in the session's cart).
-4. **Reasons** from :meth:`graph.ranking.Ranker.explain`: the components that carried an item,
-   each turned into a sentence ("because you added X to your cart", "you buy this every week",
-   "popular on Saturday mornings").
+5. **Reasons** (:mod:`actors.explain`) from :meth:`graph.ranking.Ranker.explain`: the components
+   that carried an item, each turned into a sentence.
 
-Model swaps: a :class:`LoadedModel` is immutable and fully built (index included) before it is
-published by one reference assignment; a request reads the reference once, so requests in flight
-finish on the model they started with.
+Model swaps: a :class:`~actors.loaded_model.LoadedModel` is immutable once published by one
+reference assignment; a request reads the reference once, so requests in flight finish on the
+model they started with.
 """
 
 from __future__ import annotations
@@ -31,254 +27,38 @@ import asyncio
 import logging
 import math
 import os
-import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
 
-from actors.context import WEEKDAYS, infer_intent
+from actors.candidates import ANN_K, candidates, exclusions
+from actors.context import infer_intent
+from actors.explain import Reasons, short_title
+from actors.loaded_model import LoadedModel
+from actors.search_index import tokenize
+from actors.tombstones import Tombstones
 from graph import schema as S
 from graph.artifacts import ModelArtifact, read_artifact, resolve_version, set_latest_version
 from graph.errors import IntentrecError, NotFoundError
 
 if TYPE_CHECKING:  # heavy imports (torch, faiss) stay out of processes that only pass requests
-    from graph.ranking import ContextSignal, Ranker, SessionSignal
+    from graph.ranking import ContextSignal
 
 log = logging.getLogger(__name__)
 
-# Per source, how many candidates to take.
-ANN_K = 100
-POPULAR_K = 100
-CONTEXT_DEPTS = 3
-CONTEXT_PER_DEPT = 30
-COOC_RECENT_ITEMS = 10
-COOC_PER_ITEM = 50
-BUY_AGAIN_K = 200
-QUERY_K = 200
-CATEGORY_K = 200
+# Intent categories of the session that are a candidate source.
 INTENT_CATEGORIES = 2
-INTENT_PER_CATEGORY = 30
 # A full search match adds this many standard deviations of the candidates' scores.
 QUERY_WEIGHT = 2.0
 # The session's latest search counts as an implicit query at this fraction of QUERY_WEIGHT.
 SESSION_QUERY_FRACTION = 0.75
-# A component is given as a reason when it carries at least this share of an item's positive score.
-REASON_SHARE = 0.15
-MAX_REASONS = 3
-_TOKEN_RE = re.compile(r"[a-z0-9]+")
-_STOPWORDS = frozenset({"and", "or", "the", "of", "for", "with", "in", "to", "a", "oz", "ct", "lb"})
 
 # One session event as the ingress sends it: (item_id, event, ts unix seconds, query).
 WireEvent = tuple[str | None, str, float, str | None]
-
-
-def _normalize(t: str) -> str | None:
-    """One raw lower-case word → its index form (light plural stemming), or None to drop it."""
-    if len(t) < 2 or t in _STOPWORDS:
-        return None
-    if len(t) > 4 and t.endswith("es") and not t.endswith("ses"):
-        return t[:-2]
-    if len(t) > 3 and t.endswith("s") and not t.endswith("ss"):
-        return t[:-1]
-    return t
-
-
-def tokenize(text: str) -> list[str]:
-    """Lower-cased word tokens of ``text``, light plural stemming (``cereals`` → ``cereal``)."""
-    return [n for n in map(_normalize, _TOKEN_RE.findall(text.lower())) if n is not None]
-
-
-def short_title(title: str) -> str:
-    """The readable end of a title: ``"GROCERY > CEREAL > KIDS CEREAL, 12 OZ"`` → ``"KIDS CEREAL,
-    12 OZ"``."""
-    return title.rsplit(S.CATEGORY_SEP, 1)[-1].strip() or title
-
-
-def day_part(hour: int) -> str:
-    """``mornings`` (5–11), ``afternoons`` (12–16), ``evenings`` (17–21) or ``nights``."""
-    if 5 <= hour < 12:
-        return "mornings"
-    if 12 <= hour < 17:
-        return "afternoons"
-    if 17 <= hour < 22:
-        return "evenings"
-    return "nights"
-
-
-def cadence_text(count: float, first: float, last: float) -> str:
-    """Human wording of a purchase rhythm from the user's history of one item."""
-    n = round(count)
-    if n < 2:
-        return "you bought this before"
-    days = (last - first) / 86400.0 / (n - 1)
-    if days <= 10:
-        return "you buy this every week"
-    if days <= 18:
-        return "you buy this every couple of weeks"
-    if days <= 40:
-        return "you buy this every month"
-    return f"you have bought this {n} times"
-
-
-_VERB = {
-    S.ADD_TO_CART: "added {t} to your cart",
-    S.PURCHASE: "bought {t}",
-    S.CLICK: "looked at {t}",
-    S.VIEW: "viewed {t}",
-}
-
-
-@dataclass
-class TokenIndex:
-    """Inverted index token → item indices (sorted), over titles and category paths."""
-
-    postings: dict[str, np.ndarray]
-
-    @classmethod
-    def build(cls, titles: Sequence[str], categories: Sequence[str]) -> TokenIndex:
-        """Index every item's title and category words."""
-        acc: dict[str, list[int]] = {}
-        norm: dict[str, str | None] = {}
-        by_category: dict[str, list[str]] = {}
-        findall = _TOKEN_RE.findall
-        for i, (title, cat) in enumerate(zip(titles, categories, strict=True)):
-            words = by_category.get(cat)
-            if words is None:  # catalogues repeat category paths: tokenise each once
-                words = by_category[cat] = findall(cat.lower())
-            seen: set[str] = set()
-            for w in (*findall(title.lower()), *words):
-                if w not in norm:
-                    norm[w] = _normalize(w)
-                t = norm[w]
-                if t is not None and t not in seen:
-                    seen.add(t)
-                    acc.setdefault(t, []).append(i)
-        return cls({t: np.asarray(v, dtype=np.int64) for t, v in acc.items()})
-
-    def match(self, tokens: Sequence[str], items: np.ndarray) -> np.ndarray:
-        """Share of ``tokens`` each item of ``items`` contains. Shapes: ``[len(items)]``."""
-        if not tokens:
-            return np.zeros(len(items), dtype=np.float32)
-        hits = np.zeros(len(items), dtype=np.float32)
-        for t in tokens:
-            post = self.postings.get(t)
-            if post is not None:
-                hits += np.isin(items, post, assume_unique=False)
-        return hits / len(tokens)
-
-    def candidates(self, tokens: Sequence[str], popularity: np.ndarray, k: int) -> np.ndarray:
-        """Up to ``k`` items holding all tokens (else the most tokens), most popular first."""
-        posts = [self.postings[t] for t in tokens if t in self.postings]
-        if not posts:
-            return np.zeros(0, dtype=np.int64)
-        allof = posts[0]
-        for p in posts[1:]:
-            allof = np.intersect1d(allof, p, assume_unique=True)
-        pool = allof if len(allof) else np.unique(np.concatenate(posts))
-        if len(pool) > k:
-            pool = pool[np.argpartition(-popularity[pool], k - 1)[:k]]
-        return pool
-
-
-@dataclass
-class LoadedModel:
-    """One fully built model version (not changed once published, its prefix cache aside).
-
-    Shapes:
-        - **titles**, **categories**, **intent_labels** ``[I]`` object; **prices** ``[I]``.
-        - **popular** ``[POPULAR_K]`` item indices, most popular first.
-    """
-
-    version: str
-    artifact: ModelArtifact
-    ranker: Ranker
-    index: Any  # faiss.IndexFlatIP over the item embeddings
-    item_index: dict[str, int]
-    user_index: dict[str, int]
-    item_ids: np.ndarray
-    titles: np.ndarray
-    categories: np.ndarray
-    categories_lower: np.ndarray
-    intent_labels: np.ndarray
-    prices: np.ndarray
-    popularity: np.ndarray
-    popular: np.ndarray
-    dept_popular: dict[int, np.ndarray]
-    tokens: TokenIndex
-    loaded_at: str
-    build_seconds: float
-    _category_cache: dict[str, np.ndarray] = field(default_factory=dict)
-
-    @property
-    def num_items(self) -> int:
-        return len(self.titles)
-
-    def category_items(self, prefix: str) -> np.ndarray:
-        """Item indices whose category path starts with ``prefix`` (case-insensitive), most
-        popular first (cached per prefix; the cache is bounded)."""
-        key = prefix.strip().lower()
-        hit = self._category_cache.get(key)
-        if hit is None:
-            mask = np.char.startswith(self.categories_lower, key)
-            idx = np.flatnonzero(mask)
-            hit = idx[np.argsort(-self.popularity[idx], kind="stable")]
-            if len(self._category_cache) > 1024:
-                self._category_cache.clear()
-            self._category_cache[key] = hit
-        return hit
-
-
-class Tombstones:
-    """Users forgotten through ``DELETE /v1/users/{id}``: their personal serving data (embedding,
-    buy-again history) is not used again, by this replica or any other, also after a reload.
-
-    Kept in an append-only file so every ranker replica sees a deletion on its next request
-    (one ``stat`` per check) and a restarted replica still honours it. With no path it is
-    in-memory only (unit tests).
-    """
-
-    def __init__(self, path: str | None) -> None:
-        self.path = None if path is None else Path(path)
-        self._users: set[str] = set()
-        self._stamp: tuple[int, int] | None = None
-        self._lock = threading.Lock()
-        self.refresh()
-
-    def refresh(self) -> None:
-        if self.path is None:
-            return
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp != self._stamp:
-            with self._lock:
-                self._users = set(self.path.read_text().splitlines()) | self._users
-                self._stamp = stamp
-
-    def add(self, user_id: str) -> None:
-        with self._lock:
-            if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                try:
-                    os.write(fd, (user_id + "\n").encode())
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            self._users.add(user_id)
-
-    def __contains__(self, user_id: object) -> bool:
-        self.refresh()
-        return user_id in self._users
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,52 +111,9 @@ class RankerService:
     # ------------------------------------------------------------------------------ loading
     @staticmethod
     def build(artifact: ModelArtifact) -> LoadedModel:
-        """Build everything a request needs from one artifact (index included)."""
-        import faiss
-
-        from graph.ranking import Ranker
-
+        """Build everything a request needs from one artifact and answer one request with it."""
         t0 = time.perf_counter()
-        faiss.omp_set_num_threads(1)
-        ranker = Ranker(artifact.user_emb, artifact.item_emb, artifact.signals)
-        index = faiss.IndexFlatIP(ranker.item_emb.shape[1])
-        index.add(ranker.item_emb)
-        items = artifact.items
-        titles = items[S.TITLE_COL].astype(str).to_numpy(dtype=object)
-        categories = items[S.CATEGORY_COL].astype(str).to_numpy(dtype=object)
-        sep = S.CATEGORY_SEP.strip()
-        label_of = {c: S.CATEGORY_SEP.join(p.strip() for p in c.split(sep)[:2])
-                    for c in set(categories.tolist())}
-        intent_labels = np.array([label_of[c] for c in categories.tolist()], dtype=object)
-        prices = items[S.PRICE_COL].astype("float64").to_numpy() if S.PRICE_COL in items else (
-            np.full(len(items), np.nan))
-        popularity = np.asarray(artifact.signals.popularity, dtype=np.float64)
-        order = np.argsort(-popularity, kind="stable")
-        depts = np.asarray(artifact.signals.item_department)
-        dept_popular: dict[int, np.ndarray] = {}
-        for d in np.unique(depts):
-            in_d = order[depts[order] == d]
-            dept_popular[int(d)] = in_d[:CONTEXT_PER_DEPT]
-        model = LoadedModel(
-            version=artifact.version,
-            artifact=artifact,
-            ranker=ranker,
-            index=index,
-            item_index=artifact.item_index(),
-            user_index=artifact.user_index(),
-            item_ids=items[S.ITEM_COL].astype(str).to_numpy(dtype=object),
-            titles=titles,
-            categories=categories,
-            categories_lower=np.array([c.lower() for c in categories.tolist()], dtype=str),
-            intent_labels=intent_labels,
-            prices=prices,
-            popularity=popularity,
-            popular=order[:POPULAR_K],
-            dept_popular=dept_popular,
-            tokens=TokenIndex.build(titles.tolist(), categories.tolist()),
-            loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            build_seconds=0.0,
-        )
+        model = LoadedModel.build(artifact)
         RankerService._warm_up(model)
         model.build_seconds = time.perf_counter() - t0
         return model
@@ -484,11 +221,11 @@ class RankerService:
 
         intent = infer_intent(((e[0], e[1], e[2]) for e in q.events),
                               lambda it: _label(m, it), now)
-        cand = self._candidates(m, user, session, item_events, context, q_tokens + s_tokens,
-                                q.category, [c for c, _ in intent[:INTENT_CATEGORIES]])
+        cand = candidates(m, user, session, item_events, context, q_tokens + s_tokens,
+                          q.category, [c for c, _ in intent[:INTENT_CATEGORIES]])
         if q.category:
             cand = cand[np.char.startswith(m.categories_lower[cand], q.category.strip().lower())]
-        exclude = self._exclusions(m, q.exclude_items, item_events)
+        exclude = exclusions(m, q.exclude_items, item_events)
         base = {"model_version": m.version, "user_known": user is not None,
                 "session_events": len(q.events),
                 "intent": [{"category": c, "weight": round(w, 4)} for c, w in intent]}
@@ -556,65 +293,6 @@ class RankerService:
             items.append(self._item_out(m, it, sc, [reason]))
         return {"item_id": item_id, "model_version": m.version, "items": items}
 
-    # ------------------------------------------------------------------------------ internals
-    def _candidates(
-        self, m: LoadedModel, user: int | None, session: SessionSignal | None,
-        item_events: list[tuple[int, str, float]], context: ContextSignal | None,
-        tokens: list[str], category: str | None, intent: Sequence[str] = (),
-    ) -> np.ndarray:
-        r = m.ranker
-        parts: list[np.ndarray] = [m.popular]
-        queries = []
-        if user is not None:
-            queries.append(r.user_emb[user])
-            parts.append(_buy_again(r, user))
-        if session is not None and not session.is_empty:
-            w = session.weights.astype(np.float32)
-            queries.append((w / max(float(np.abs(w).sum()), 1e-12)) @ r.item_emb[session.items])
-            recent: list[int] = []
-            for i, ev, _ in reversed(item_events):
-                if ev != S.REMOVE_FROM_CART and i not in recent:
-                    recent.append(i)
-                if len(recent) >= COOC_RECENT_ITEMS:
-                    break
-            sim = r.signals.item_sim
-            for i in recent:
-                row = slice(sim.indptr[i], sim.indptr[i + 1])
-                nb, val = sim.indices[row], sim.data[row]
-                if len(nb) > COOC_PER_ITEM:
-                    nb = nb[np.argpartition(-val, COOC_PER_ITEM - 1)[:COOC_PER_ITEM]]
-                parts.append(nb.astype(np.int64))
-        if queries:
-            _, ann = m.index.search(np.stack(queries).astype(np.float32), ANN_K)
-            parts.append(ann[ann >= 0].astype(np.int64))
-        if context is not None:
-            lift = r.signals.context_lift[context.weekday, context.hour]
-            if context.is_holiday:
-                lift = lift + r.signals.holiday_lift
-            for d in np.argsort(-lift)[:CONTEXT_DEPTS]:
-                parts.append(m.dept_popular.get(int(d), np.zeros(0, dtype=np.int64)))
-        if tokens:
-            parts.append(m.tokens.candidates(tokens, m.popularity, QUERY_K))
-        if category:
-            parts.append(m.category_items(category)[:CATEGORY_K])
-        for label in intent:
-            parts.append(m.category_items(label)[:INTENT_PER_CATEGORY])
-        return np.unique(np.concatenate(parts).astype(np.int64))
-
-    @staticmethod
-    def _exclusions(
-        m: LoadedModel, exclude_items: Iterable[str], item_events: list[tuple[int, str, float]]
-    ) -> np.ndarray:
-        """Requested exclusions (unknown ids ignored) plus what the session's cart holds."""
-        out = {m.item_index[x] for x in exclude_items if x in m.item_index}
-        cart: dict[int, int] = {}
-        for i, ev, _ in item_events:
-            if ev in (S.ADD_TO_CART, S.PURCHASE):
-                cart[i] = cart.get(i, 0) + 1
-            elif ev == S.REMOVE_FROM_CART:
-                cart[i] = cart.get(i, 0) - 1
-        out |= {i for i, n in cart.items() if n > 0}
-        return np.fromiter(out, dtype=np.int64, count=len(out))
 
     @staticmethod
     def _item_out(m: LoadedModel, it: int, score: float, reasons: list[str]) -> dict[str, Any]:
@@ -627,91 +305,6 @@ class RankerService:
             "price": None if math.isnan(price) else round(price, 2),
             "reasons": reasons,
         }
-
-
-@dataclass
-class Reasons:
-    """Turns an item's component contributions into sentences, for one request.
-
-    The session item behind a "because you ..." reason is found for all top items at once: the
-    session item with the largest weighted co-occurrence (``cooc``) or embedding affinity
-    (``session``) with the recommended item.
-    """
-
-    m: LoadedModel
-    user: int | None
-    context: ContextSignal | None
-    query: str | None
-    item_events: list[tuple[int, str, float]]
-    cooc_src: dict[int, int] = field(default_factory=dict)
-    session_src: dict[int, int] = field(default_factory=dict)
-
-    @classmethod
-    def build(
-        cls, m: LoadedModel, user: int | None, session: SessionSignal | None,
-        item_events: list[tuple[int, str, float]], context: ContextSignal | None,
-        query: str | None, top: np.ndarray,
-    ) -> Reasons:
-        out = cls(m, user, context, query, item_events)
-        if session is None or session.is_empty or len(top) == 0:
-            return out
-        w = np.maximum(session.weights.astype(np.float32), 0.0)[:, None]
-        r = m.ranker
-        co = r.signals.item_sim[session.items][:, top].toarray() * w
-        em = (r.item_emb[session.items] @ r.item_emb[top].T) * w
-        for strength, dest in ((co, out.cooc_src), (em, out.session_src)):
-            best = strength.argmax(axis=0)
-            ok = strength[best, np.arange(len(top))] > 0
-            dest.update({int(t): int(session.items[b])
-                         for t, b, good in zip(top.tolist(), best.tolist(), ok.tolist(),
-                                               strict=True) if good})
-        return out
-
-    def for_item(self, it: int, contrib: dict[str, float]) -> list[str]:
-        """Sentences for the components that carried the item (largest first)."""
-        positive = {c: v for c, v in contrib.items() if v > 0}
-        total = sum(positive.values())
-        out: list[str] = []
-        for comp, v in sorted(positive.items(), key=lambda cv: -cv[1]):
-            if total > 0 and v / total < REASON_SHARE:
-                break
-            text = self.text(comp, it)
-            if text and text not in out:
-                out.append(text)
-            if len(out) >= MAX_REASONS:
-                break
-        return out or ["popular with shoppers"]
-
-    def text(self, comp: str, it: int) -> str | None:
-        """The sentence for one component of one item (None: nothing true to say)."""
-        m = self.m
-        if comp == "repeat" and self.user is not None:
-            sig = m.ranker.signals
-            lo, hi = sig.hist_indptr[self.user], sig.hist_indptr[self.user + 1]
-            pos = lo + np.flatnonzero(sig.hist_indices[lo:hi] == it)
-            if len(pos):
-                p = int(pos[0])
-                return cadence_text(float(sig.hist_count[p]), float(sig.hist_first[p]),
-                                    float(sig.hist_last[p]))
-            return "you bought this before"
-        if comp in ("cooc", "session"):
-            src = (self.cooc_src if comp == "cooc" else self.session_src).get(it)
-            if src is None:
-                return None
-            event = _strongest_event(src, self.item_events)
-            return "because you " + _VERB.get(event, _VERB[S.VIEW]).format(
-                t=short_title(str(m.titles[src])))
-        if comp == "gnn":
-            return "picked for you from your shopping history"
-        if comp == "pop":
-            return "popular with shoppers"
-        if comp == "context" and self.context is not None:
-            if self.context.is_holiday:
-                return "popular on public holidays"
-            return f"popular on {WEEKDAYS[self.context.weekday]} {day_part(self.context.hour)}"
-        if comp == "query" and self.query:
-            return f"matches your search “{self.query}”"
-        return None
 
 
 def _context_signal(fields: dict[str, Any] | None) -> ContextSignal | None:
@@ -730,23 +323,6 @@ def _context_signal(fields: dict[str, Any] | None) -> ContextSignal | None:
 def _label(m: LoadedModel, item_id: str) -> str | None:
     i = m.item_index.get(item_id)
     return None if i is None else str(m.intent_labels[i])
-
-
-def _strongest_event(item: int, item_events: list[tuple[int, str, float]]) -> str:
-    best, best_w = S.VIEW, -1.0
-    for i, ev, _ in item_events:
-        if i == item and S.EVENT_WEIGHTS.get(ev, 0.0) > best_w:
-            best, best_w = ev, S.EVENT_WEIGHTS[ev]
-    return best
-
-
-def _buy_again(r: Ranker, user: int) -> np.ndarray:
-    sig = r.signals
-    lo, hi = sig.hist_indptr[user], sig.hist_indptr[user + 1]
-    items = sig.hist_indices[lo:hi].astype(np.int64)
-    if len(items) > BUY_AGAIN_K:
-        items = items[np.argpartition(-sig.hist_weight[lo:hi], BUY_AGAIN_K - 1)[:BUY_AGAIN_K]]
-    return items
 
 
 # ------------------------------------------------------------------------------ deployment

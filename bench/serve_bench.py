@@ -318,11 +318,9 @@ class LoadGen:
 
 
 def _fmt(v: Any, width: int) -> str:
-    if isinstance(v, float):
-        s = f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
-    else:
-        s = str(v)
-    return s.rjust(width)
+    if not isinstance(v, float):
+        return str(v).rjust(width)
+    return (f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}").rjust(width)
 
 
 def print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str, int]]) -> None:

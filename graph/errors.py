@@ -55,6 +55,12 @@ class BadRequestError(IntentrecError):
     http_status = 422
 
 
+class UnauthorizedError(IntentrecError):
+    """A write or admin endpoint was called without the right API key."""
+
+    http_status = 401
+
+
 class NotFoundError(IntentrecError):
     """The thing asked for does not exist (an item id, a model version)."""
 

@@ -11,6 +11,8 @@ The score of item ``i`` for a request is a weighted sum of pre-normalised compon
              ``graph.signals.item_cooccurrence``) of the item with the session items
     line     share of the session's weight on items of the item's product line (category x
              brand): shoppers take several flavours of one yoghurt or cat food
+    basket   personal co-occurrence: share of the user's past baskets resembling the session
+             that held the item (see ``basket_scores``)
     pop      log popularity scaled to [0, 1]
     context  department log-lift at the request's weekday/hour, plus the holiday lift
 
@@ -41,8 +43,9 @@ from graph.signals import (
 )
 
 SESSION_HALF_LIFE_S = 1800.0
+POP_TIEBREAK = 1e-4
 # Components that only a session can move (0 without one).
-SESSION_COMPONENTS: tuple[str, ...] = ("session", "cooc", "line")
+SESSION_COMPONENTS: tuple[str, ...] = ("session", "cooc", "line", "basket")
 Users = Sequence[int | None] | np.ndarray
 
 
@@ -166,6 +169,55 @@ def repeat_scores(signals: RankingSignals, users: np.ndarray) -> sp.csr_matrix:
     data = (0.5 * np.minimum(habit, 1.0) + 0.5 * np.minimum(recent, 1.0)) * propensity
     return sp.csr_matrix(
         (data.astype(np.float32), items, indptr), shape=(len(users), num_items)
+    )
+
+
+def basket_scores(
+    signals: RankingSignals, users: np.ndarray, sessions: sp.csr_matrix
+) -> sp.csr_matrix:
+    """Personal co-occurrence: what the user bought in their past baskets that resemble this one.
+
+    Each past basket ``b`` of the user weighs ``overlap(b, session) / |b| ** 0.5`` (the session
+    weight of its items; a small basket sharing two items with the cart is a better precedent than
+    a 60-item stock-up that also held them), and an item scores the weighted share of those
+    baskets that held it, in [0, 1]. It reorders the user's own repertoire by what usually goes
+    with the cart, which the global co-occurrence (``cooc``) cannot do.
+
+    Shapes:
+        - **users** ``[B]`` (``-1`` = unknown: empty row), **sessions** ``[B, I]`` session weights.
+        - return ``[B, I]`` CSR float32.
+    """
+    indptr, cols, vals = [0], [], []
+    for b, u in enumerate(users):
+        lo, hi = sessions.indptr[b], sessions.indptr[b + 1]
+        first, last = (signals.user_basket_indptr[u], signals.user_basket_indptr[u + 1]) if u >= 0 \
+            else (0, 0)
+        if lo == hi or first == last:
+            indptr.append(indptr[-1])
+            continue
+        bounds = signals.basket_indptr[first: last + 1]
+        items = signals.basket_items[bounds[0]: bounds[-1]]
+        sizes = np.diff(bounds)
+        order = np.argsort(sessions.indices[lo:hi])
+        s_items, s_w = sessions.indices[lo:hi][order], sessions.data[lo:hi][order]
+        pos = np.minimum(np.searchsorted(s_items, items), len(s_items) - 1)
+        entry_w = np.where(s_items[pos] == items, s_w[pos], 0.0)
+        basket_of = np.repeat(np.arange(len(sizes)), sizes)
+        overlap = np.bincount(basket_of, weights=entry_w, minlength=len(sizes))
+        weight = np.maximum(overlap, 0.0) / np.sqrt(sizes)
+        total = weight.sum()
+        if total <= 0:
+            indptr.append(indptr[-1])
+            continue
+        uniq, inv = np.unique(items, return_inverse=True)
+        cols.append(uniq)
+        vals.append(np.bincount(inv, weights=weight[basket_of]) / total)
+        indptr.append(indptr[-1] + len(uniq))
+    if not cols:
+        return sp.csr_matrix((len(users), signals.num_items), dtype=np.float32)
+    return sp.csr_matrix(
+        (np.concatenate(vals).astype(np.float32), np.concatenate(cols), np.array(indptr)),
+        shape=(len(users), signals.num_items),
     )
 
 
@@ -318,7 +370,7 @@ class Ranker:
             u = np.zeros((b, self.user_emb.shape[1]), dtype=np.float32)
             u[known] = self.user_emb[users[known]]
             out["gnn"] = self._zdot(u, cand)
-        if "session" in needed or "cooc" in needed or "line" in needed:
+        if any(c in needed for c in SESSION_COMPONENTS):
             smat = self._session_matrix(sessions)
             if "session" in needed:
                 q = np.asarray(smat @ self.item_emb, dtype=np.float32)
@@ -330,6 +382,8 @@ class Ranker:
                 lines = self.signals.item_line if cand is None else self.signals.item_line[cand]
                 out["line"] = np.asarray((smat @ self._line_onehot).toarray(),
                                          dtype=np.float32)[:, lines]
+            if "basket" in needed:
+                out["basket"] = _dense(basket_scores(self.signals, users, smat), cand)
         if "repeat" in needed:
             out["repeat"] = _dense(repeat_scores(self.signals, users), cand)
         if "pop" in needed:
@@ -402,14 +456,23 @@ class Ranker:
     ) -> np.ndarray:
         """Per-request weight vector: ``session`` weights when the session has items.
 
+        ``pop`` gets at least ``POP_TIEBREAK``: a request that nothing else informs (unknown
+        user, empty session, fitted ``pop`` weight 0) still gets the best sellers, not an
+        arbitrary order, and ties elsewhere break towards popular items.
+
         Shapes:
             - return ``[B, len(COMPONENTS)]`` float32.
         """
         fw = weights or self.weights
         ws, wn = fw.session.as_array(), fw.no_session.as_array()
+        j = COMPONENTS.index("pop")
+        for w in (ws, wn):
+            w[j] = max(w[j], POP_TIEBREAK)
+        if not len(sessions):
+            return np.zeros((0, len(COMPONENTS)), np.float32)
         return np.stack(
             [ws if s is not None and not s.is_empty else wn for s in sessions]
-        ).astype(np.float32) if len(sessions) else np.zeros((0, len(COMPONENTS)), np.float32)
+        ).astype(np.float32)
 
     def score(
         self,

@@ -11,6 +11,8 @@ The GNN learns what a user tends to like; these signals carry what it cannot or 
   see ``item_cooccurrence``), top-k neighbours per item.
 - ``item_line`` ``[I]``: the item's product line (category level 2 × brand); a session item raises
   the other items of its line (grocery baskets hold several flavours of one cat food).
+- the known users' past baskets (CSR): which of your usual items you buy *together* — the raw
+  material of the personal ``basket`` component (see ``graph.ranking.basket_scores``).
 - ``context_lift`` ``[7, 24, D]`` and ``holiday_lift`` ``[D]``: log-lift of a department's share of
   purchases at a weekday/hour (and on public holidays) over its overall share, smoothed towards 0.
 - ``weights``: the fusion weights of ``graph.ranking.Ranker``, fitted on a validation window.
@@ -34,13 +36,17 @@ import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
 from graph import schema as S
+from graph.cooccurrence import item_cooccurrence
 from graph.errors import ArtifactError, DataError
 from graph.interactions import Interactions
 
-COMPONENTS: tuple[str, ...] = ("gnn", "session", "repeat", "cooc", "line", "pop", "context")
+COMPONENTS: tuple[str, ...] = (
+    "gnn", "session", "repeat", "cooc", "line", "basket", "pop", "context",
+)
 SIGNALS_FORMAT = 1
 _ARRAYS = "signals.npz"
 _HISTORY = "user_history.npz"
+_BASKETS = "user_baskets.npz"
 _ITEM_SIM = "item_sim.npz"
 _META = "signals.json"
 
@@ -59,6 +65,7 @@ class ComponentWeights(BaseModel):
     repeat: float = Field(default=2.0, ge=0.0)
     cooc: float = Field(default=2.0, ge=0.0)
     line: float = Field(default=1.0, ge=0.0)
+    basket: float = Field(default=1.0, ge=0.0)
     pop: float = Field(default=0.5, ge=0.0)
     context: float = Field(default=0.1, ge=0.0)
 
@@ -113,6 +120,9 @@ class RankingSignals:
           ``[nnz]``.
         - **user_sessions** ``[U]`` (sessions with a positive event), **user_decayed_sessions**
           ``[U]`` (the same, recency-decayed), **user_last** ``[U]`` (unix seconds).
+        - **basket_indptr** ``[NB+1]``, **basket_items** ``[nnz]``: the items of every training
+          session (basket) of the known users, CSR rows grouped by user; user ``u``'s baskets are
+          rows ``user_basket_indptr[u]:user_basket_indptr[u+1]`` (``[U+1]``).
         - **item_repeat_rate** ``[I]``: smoothed share of the item's buyers who bought it in at
           least two sessions (milk ≈ 0.6, a barbecue grill ≈ 0.05).
         - **item_sim** ``[I, I]`` CSR float32, row ``j`` = neighbours of item ``j``, at most
@@ -133,6 +143,9 @@ class RankingSignals:
     user_sessions: np.ndarray
     user_decayed_sessions: np.ndarray
     user_last: np.ndarray
+    basket_indptr: np.ndarray
+    basket_items: np.ndarray
+    user_basket_indptr: np.ndarray
     item_repeat_rate: np.ndarray
     item_sim: sp.csr_matrix
     item_department: np.ndarray
@@ -193,6 +206,12 @@ class RankingSignals:
             item_repeat_rate=self.item_repeat_rate,
         )
         np.savez(
+            d / _BASKETS,
+            indptr=self.basket_indptr,
+            items=self.basket_items,
+            user_indptr=self.user_basket_indptr,
+        )
+        np.savez(
             d / _HISTORY,
             indptr=self.hist_indptr,
             indices=self.hist_indices,
@@ -219,7 +238,8 @@ class RankingSignals:
             ArtifactError: if a file is missing or of an unknown format.
         """
         d = Path(directory)
-        missing = [n for n in (_ARRAYS, _HISTORY, _ITEM_SIM, _META) if not (d / n).exists()]
+        missing = [n for n in (_ARRAYS, _HISTORY, _BASKETS, _ITEM_SIM, _META)
+                   if not (d / n).exists()]
         if missing:
             raise ArtifactError(f"ranking signals in {d} lack {missing}; re-export the model")
         meta = json.loads((d / _META).read_text())
@@ -228,9 +248,10 @@ class RankingSignals:
                 f"ranking signals in {d} have format {meta.get('format')}, this code reads "
                 f"{SIGNALS_FORMAT}; retrain with this version"
             )
-        with np.load(d / _ARRAYS) as a, np.load(d / _HISTORY) as h:
+        with np.load(d / _ARRAYS) as a, np.load(d / _HISTORY) as h, np.load(d / _BASKETS) as b:
             arrays = {k: a[k] for k in a.files}
             hist = {k: h[k] for k in h.files}
+            baskets = {k: b[k] for k in b.files}
         return cls(
             popularity=arrays["popularity"],
             hist_indptr=hist["indptr"],
@@ -242,6 +263,9 @@ class RankingSignals:
             user_sessions=arrays["user_sessions"],
             user_decayed_sessions=arrays["user_decayed_sessions"],
             user_last=arrays["user_last"],
+            basket_indptr=baskets["indptr"],
+            basket_items=baskets["items"],
+            user_basket_indptr=baskets["user_indptr"],
             item_repeat_rate=arrays["item_repeat_rate"],
             item_sim=sp.csr_matrix(sp.load_npz(d / _ITEM_SIM)),
             item_department=arrays["item_department"],
@@ -267,66 +291,6 @@ def _decay(age_s: np.ndarray, half_life_days: float) -> np.ndarray:
     return np.power(0.5, np.clip(age_s, 0.0, None) / (half_life_days * 86400.0))
 
 
-def _top_k_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
-    """Keep the ``k`` largest entries of each row (vectorised; ties by column index)."""
-    m = sp.csr_matrix(m)
-    m.sum_duplicates()
-    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
-    order = np.lexsort((m.indices, -m.data, rows))
-    rank = np.arange(len(order)) - m.indptr[rows[order]]
-    keep = order[rank < k]
-    keep.sort()  # restores row-major order, so the CSR pattern stays valid
-    out = sp.csr_matrix(
-        (m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape, dtype=np.float32
-    )
-    out.sort_indices()
-    return out
-
-
-def item_cooccurrence(
-    session_codes: np.ndarray,
-    item_codes: np.ndarray,
-    num_items: int,
-    *,
-    top_k: int,
-    shrink: float,
-    popularity_damping: float,
-    basket_power: float,
-) -> sp.csr_matrix:
-    """Item–item co-occurrence within sessions, row ``j`` = "given ``j``, how likely is ``i``".
-
-    ``sim[j, i] = c_ji / (c_j + shrink) / (n_i + 1) ** popularity_damping``: ``c_ji`` counts
-    sessions holding both items, each weighted ``1 / |session| ** basket_power`` (a 60-item
-    stock-up trip says less about any one pair than a 5-item one), ``c_j`` is the same weighted
-    count of sessions holding ``j`` (so the ratio estimates ``P(i | j)``), ``shrink`` keeps an item
-    seen once from having perfect neighbours, and the damping by ``i``'s session count ``n_i``
-    keeps every row from being the best sellers. Only the ``top_k`` largest entries per row are
-    kept, and the diagonal is 0. The defaults of ``SignalParams`` were chosen on the validation
-    window (in-session recall of this component alone and fused with buy-again).
-
-    Shapes:
-        - **session_codes**, **item_codes** ``[n]``: one row per (session, item) event.
-        - return ``[num_items, num_items]`` CSR float32.
-    """
-    pairs = np.unique(np.stack([session_codes, item_codes], axis=1), axis=0)
-    num_sessions = int(pairs[:, 0].max()) + 1 if len(pairs) else 0
-    x = sp.csr_matrix(
-        (np.ones(len(pairs), dtype=np.float32), (pairs[:, 0], pairs[:, 1])),
-        shape=(num_sessions, num_items),
-    )
-    size = np.asarray(x.sum(axis=1)).ravel()
-    xw = sp.csr_matrix(sp.diags(np.power(np.maximum(size, 1.0), -basket_power)) @ x)
-    c = sp.csr_matrix(x.T @ xw)
-    c.setdiag(0)
-    c.eliminate_zeros()
-    n = np.asarray(x.sum(axis=0)).ravel()
-    nw = np.asarray(xw.sum(axis=0)).ravel()
-    c = c.tocoo()
-    data = c.data / (nw[c.row] + shrink) / np.power(n[c.col] + 1.0, popularity_damping)
-    sim = sp.csr_matrix((data.astype(np.float32), (c.row, c.col)), shape=(num_items, num_items))
-    return _top_k_rows(sim, top_k)
-
-
 def product_lines(inter: Interactions) -> np.ndarray:
     """Product line of every item: its (category level 2, brand) pair, as dense indices.
 
@@ -340,6 +304,27 @@ def product_lines(inter: Interactions) -> np.ndarray:
         return np.zeros(inter.num_items, dtype=np.int64)
     keys = inter.item_features[:, cols].numpy()
     return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def user_baskets(
+    users: np.ndarray, sessions: np.ndarray, items: np.ndarray, num_users: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every user's past baskets as CSR rows of item indices, grouped by user.
+
+    Shapes:
+        - **users**, **sessions**, **items** ``[n]``: one row per (known user) event.
+        - return ``(basket_indptr [NB+1], basket_items [nnz] int32, user_basket_indptr [U+1])``.
+    """
+    triples = np.unique(np.stack([users, sessions, items], axis=1), axis=0)  # sorted by (u, s)
+    if len(triples) == 0:
+        return (np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(num_users + 1, np.int64))
+    new = np.ones(len(triples), dtype=bool)
+    new[1:] = (triples[1:, 0] != triples[:-1, 0]) | (triples[1:, 1] != triples[:-1, 1])
+    starts = np.flatnonzero(new)
+    basket_indptr = np.append(starts, len(triples)).astype(np.int64)
+    per_user = np.bincount(triples[starts, 0], minlength=num_users)
+    user_indptr = np.concatenate([[0], np.cumsum(per_user)]).astype(np.int64)
+    return basket_indptr, triples[:, 2].astype(np.int32), user_indptr
 
 
 def item_repeat_rate(
@@ -465,6 +450,9 @@ def fit_signals(
     user_last = np.full(num_users, np.nan)
     last = df.groupby("u")["ts"].max()
     user_last[last.index.to_numpy()] = last.to_numpy()
+    basket_indptr, basket_items, user_basket_indptr = user_baskets(
+        df["u"].to_numpy(), df["s"].to_numpy(), df["i"].to_numpy(), num_users
+    )
 
     # --- context: department share by weekday/hour and on holidays ----------------------------
     dept_col = inter.feature_names.index("department") if "department" in inter.feature_names else None
@@ -504,6 +492,9 @@ def fit_signals(
         user_sessions=user_sessions,
         user_decayed_sessions=user_decayed,
         user_last=user_last,
+        basket_indptr=basket_indptr,
+        basket_items=basket_items,
+        user_basket_indptr=user_basket_indptr,
         item_repeat_rate=item_repeat_rate(
             pair.index.get_level_values(1).to_numpy(), pair["count"].to_numpy(), num_items,
             params.repeat_rate_prior,

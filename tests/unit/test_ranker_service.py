@@ -9,16 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from actors.ranker import (
-    RankerService,
-    RankQuery,
-    Reasons,
-    TokenIndex,
-    cadence_text,
-    day_part,
-    short_title,
-    tokenize,
-)
+from actors.candidates import candidates, exclusions
+from actors.explain import Reasons, cadence_text, day_part, short_title
+from actors.ranker import RankerService, RankQuery
+from actors.search_index import TokenIndex, tokenize
 from graph.artifacts import latest_version, list_versions, read_artifact, write_artifact
 from graph.errors import ArtifactError, NotFoundError
 
@@ -87,7 +81,7 @@ def test_unknown_user_gets_popular_items_never_an_error(svc: RankerService) -> N
 def test_candidates_are_a_small_slice_of_the_catalogue(svc: RankerService) -> None:
     m = svc.model
     user = m.user_index[next(iter(m.user_index))]
-    cand = svc._candidates(m, user, None, [], None, [], None)
+    cand = candidates(m, user, None, [], None, [], None)
     assert 0 < len(cand) < m.num_items // 10
 
 
@@ -107,7 +101,7 @@ def test_session_event_changes_the_next_answer_with_a_reason(svc: RankerService)
     # The carted category is scored (candidates), whatever the fused score then makes of it.
     m = svc.model
     session_items = [(m.item_index[item], "add_to_cart", time.time())]
-    cand = svc._candidates(m, None, None, session_items, None, [], None, [cat])
+    cand = candidates(m, None, None, session_items, None, [], None, [cat])
     assert sum(m.intent_labels[c] == cat for c in cand.tolist()) >= 5
 
 
@@ -115,8 +109,8 @@ def test_removed_from_cart_is_recommendable_again(svc: RankerService) -> None:
     item = _busy_item(svc)
     now = time.time()
     events = ((item, "add_to_cart", now - 5, None), (item, "remove_from_cart", now, None))
-    assert svc._exclusions(svc.model, (), [(svc.model.item_index[item], e, t)
-                                           for _, e, t, _ in events]).size == 0
+    assert exclusions(svc.model, (), [(svc.model.item_index[item], e, t)
+                                      for _, e, t, _ in events]).size == 0
 
 
 def test_exclusions_and_category_filter(svc: RankerService) -> None:
@@ -215,7 +209,7 @@ def test_forget_user_is_persistent_across_replicas(svc: RankerService, tmp_path:
     path = str(tmp_path / "forgotten.txt")
     a = RankerService.__new__(RankerService)
     a.__dict__.update(svc.__dict__)
-    from actors.ranker import Tombstones
+    from actors.tombstones import Tombstones
 
     a.tombstones = Tombstones(path)
     b = RankerService.__new__(RankerService)

@@ -182,14 +182,38 @@ def test_session_item_raises_its_product_line() -> None:
     assert idx[0, 0] == 7
 
 
+def test_basket_follows_the_users_own_past_baskets() -> None:
+    ranker, inter = tiny_ranker()
+    a = inter.user_index()["a"]
+    cart = session_signal([(4, S.ADD_TO_CART, 0.0)], now=0.0)
+    basket = ranker.components([a, None], [cart, cart], None)["basket"]
+    # a bought banana (4) once, in basket [0, 4, 5]: milk and carrot came with it.
+    np.testing.assert_allclose(basket[0, [0, 4, 5]], 1.0, rtol=1e-6)
+    assert not basket[0, [1, 2, 3, 6, 7]].any()
+    assert not basket[1].any()  # unknown user: no past baskets
+    # An item a never bought with anything in the cart scores 0.
+    other = session_signal([(7, S.ADD_TO_CART, 0.0)], now=0.0)
+    assert not ranker.components([a], [other], None)["basket"].any()
+
+
+def test_unknown_user_without_anything_gets_best_sellers() -> None:
+    zero = ComponentWeights(**{c: 0.0 for c in COMPONENTS})
+    ranker, _ = tiny_ranker(FusionWeights(session=zero, no_session=zero))
+    idx, _ = ranker.top_k([None], None, None, k=3)
+    best = np.argsort(-ranker.signals.popularity, kind="stable")[:3]
+    assert set(idx[0].tolist()) == set(best.tolist())
+
+
 def test_modes_pick_their_weights() -> None:
     fw = FusionWeights(session=only("cooc"), no_session=only("pop"))
     ranker, _ = tiny_ranker(fw)
     cart = session_signal([(2, S.ADD_TO_CART, 0.0)], now=0.0)
     w = ranker.mode_weights([cart, None, SessionSignal(np.zeros(0, np.int64), np.zeros(0, np.float32))])
-    np.testing.assert_allclose(w[0], fw.session.as_array())
-    np.testing.assert_allclose(w[1], fw.no_session.as_array())
-    np.testing.assert_allclose(w[2], fw.no_session.as_array())
+    pop = COMPONENTS.index("pop")
+    np.testing.assert_allclose(w[0], fw.session.as_array() + np.eye(len(COMPONENTS))[pop] * 1e-4,
+                               atol=1e-9)
+    np.testing.assert_allclose(w[1], fw.no_session.as_array(), atol=1e-9)
+    np.testing.assert_allclose(w[2], fw.no_session.as_array(), atol=1e-9)
 
 
 def test_exclusion_removes_items_and_pads() -> None:
@@ -273,8 +297,9 @@ def test_signals_save_load_round_trip(tmp_path: Path) -> None:
     back = RankingSignals.load(tmp_path)
     for name in ("popularity", "hist_indptr", "hist_indices", "hist_weight", "hist_count",
                  "hist_first", "hist_last", "user_sessions", "user_decayed_sessions",
-                 "user_last", "item_repeat_rate", "item_department", "item_line",
-                 "context_lift", "holiday_lift"):
+                 "user_last", "basket_indptr", "basket_items", "user_basket_indptr",
+                 "item_repeat_rate", "item_department", "item_line", "context_lift",
+                 "holiday_lift"):
         np.testing.assert_array_equal(getattr(back, name), getattr(signals, name), err_msg=name)
     assert (back.item_sim != signals.item_sim).nnz == 0
     assert back.department_names == signals.department_names
