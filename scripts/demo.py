@@ -13,6 +13,7 @@ Views and carts are posted by this script: the built-in data has purchases only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -163,14 +164,10 @@ def main() -> int:
         client.close()
         return 0
     finally:
-        try:
+        with contextlib.suppress(Exception):
             serve.shutdown()
-        except Exception:
-            pass
-        try:
-            SessionStore(session_cfg).kill()
-        except Exception:
-            pass
+        with contextlib.suppress(Exception):
+            SessionStore(session_cfg).kill()  # detached shard actors
         ray.shutdown()
 
 
