@@ -269,7 +269,19 @@ def _sh(*cmd: str) -> None:
 
 def _isolate(workdir: Path) -> None:
     _sh("ip", "link", "set", "lo", "up")
+    # A private /tmp hides the real one; a checkout or venv that lives under /tmp (CI may clone
+    # there) is bound back into it from a view of the old /tmp kept under the workdir.
+    under_tmp = sorted({p for p in (REPO_ROOT, VENV) if Path("/tmp") in p.parents}, key=str)
+    if under_tmp:
+        old_tmp = workdir / "old_tmp"
+        old_tmp.mkdir()
+        _sh("mount", "--bind", "/tmp", str(old_tmp))
     _sh("mount", "-t", "tmpfs", "tmpfs", "/tmp")
+    for path in under_tmp:
+        if any(parent in under_tmp for parent in path.parents):
+            continue  # already visible through a bound parent
+        path.mkdir(parents=True, exist_ok=True)
+        _sh("mount", "--bind", str(old_tmp / path.relative_to("/tmp")), str(path))
     _sh("mount", "-t", "tmpfs", "tmpfs", "/run")
     Path("/run/sshd").mkdir(mode=0o755)
     _sh("mount", "--bind", str(workdir / "passwd"), "/etc/passwd")
