@@ -64,7 +64,8 @@ from actors.api import (
 )
 from actors.context import ContextEnricher, enrich_context
 from actors.ranker import GNNRanker, RankQuery
-from actors.session_state import SessionEvent, SessionSnapshot, SessionStateConfig, SessionStore
+from actors.session_events import SessionEvent
+from actors.session_state import SessionSnapshot, SessionStateConfig, SessionStore
 from graph.artifacts import latest_version
 from graph.errors import ArtifactError, BadRequestError, IntentrecError, UnauthorizedError
 

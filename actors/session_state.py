@@ -1,5 +1,13 @@
 """Session state of the online path: sharded, bounded per session, durable across actor crashes.
 
+The session layer is three modules:
+
+- :mod:`actors.session_events`: the event model (:class:`~actors.session_events.SessionEvent`,
+  validation, ``event_id`` derivation) and routing (:func:`~actors.session_events.shard_for`).
+- :mod:`actors.session_log`: the write-ahead log storage (a local append-only file, or one object
+  per commit on a ``pyarrow.fs`` filesystem).
+- this module: the configuration, the shards and the client.
+
 Layout:
 
 - :class:`SessionShard` is a named, detached Ray actor. Shard ``i`` of ``n`` holds, for the
@@ -22,18 +30,10 @@ Durability (write-ahead log): ``append`` assigns sequence numbers, writes the ba
 (write + flush + fsync when ``fsync``), applies it to memory and only then returns: an acknowledged
 event is on disk. On start (also after a crash: ``max_restarts=-1``) the shard loads its newest
 snapshot and replays the log records after it. Every ``snapshot_every`` appended events the memory
-image is written as a snapshot and the older log is deleted.
-
-- Local paths (or ``file://``): one append-only NDJSON file per log generation, written with
-  ``os.write`` and ``fdatasync``. A torn last line (the process died mid-write; it was never
-  acknowledged) is ignored with a warning and truncated away on restore.
-- Any other ``pyarrow.fs`` URI (``s3://bucket/prefix``, ``gs://...``): object stores cannot
-  append, so each commit is written as its own small segment object (``wal-<first_seq>.jsonl``,
-  durable when the upload completes) and snapshots compact them. Latency is one PUT per commit.
-- ``fsync=False`` still survives the actor process being killed (the page cache belongs to the
-  kernel), not a machine crash.
-- A local path is local to the node the shard runs on: on a multi-node cluster use a shared mount
-  or an object-store URI, or a shard rescheduled to another node starts empty.
+image is written as a snapshot and the older log is deleted. A torn last record (the process died
+mid-write; it was never acknowledged) is ignored with a warning and truncated away on restore.
+How the log is stored (local files or object-store segments, what ``fsync=False`` survives) is
+described in :mod:`actors.session_log`.
 
 Idempotency: every event carries an ``event_id`` (client-supplied, or derived from its content).
 A shard remembers the last ``dedupe_capacity`` ids with the sequence number they got; re-appending
@@ -54,204 +54,39 @@ Record formats (one JSON object per line):
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import json
 import logging
-import math
 import os
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import pyarrow.fs as pafs
 import ray
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from actors.session_events import (
+    SessionEvent,
+    check_id,
+    default_session_key,
+    event_from_json,
+    event_to_json,
+    insert_ordered,
+    shard_for,
+    validate_event,
+)
+from actors.session_log import URI_RE, open_log
 from graph.errors import BadRequestError, ConfigError, IntentrecError, UnavailableError
-from graph.schema import EVENT_TYPES, SEARCH
 
 logger = logging.getLogger(__name__)
 
 ROLE_SESSION: Final = 1
 ROLE_USER: Final = 2
-USER_SESSION_PREFIX: Final = "user:"
-MAX_ID_CHARS: Final = 256
-MAX_QUERY_CHARS: Final = 1024
 _SNAPSHOT_VERSION: Final = 1
-_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$")
-
-
-# --------------------------------------------------------------------------------------------
-# Events
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SessionEvent:
-    """One shopper event as the session state keeps it.
-
-    Args:
-        user_id: The shopper, or None for an anonymous session.
-        session_id: The session; see :func:`default_session_key` for events without one.
-        item_id: The item, None for a search.
-        event: One of :data:`graph.schema.EVENT_TYPES`.
-        ts: Event time, unix seconds. Windows are ordered by it and expire on it.
-        query: Search text of a ``search`` event.
-        seq: Assigned by the shard on append, increasing per shard; -1 before that.
-        event_id: Idempotency key; "" means "derive it from the content" (:func:`derive_event_id`).
-    """
-
-    user_id: str | None
-    session_id: str
-    item_id: str | None
-    event: str
-    ts: float
-    query: str | None = None
-    seq: int = -1
-    event_id: str = ""
-
-    @classmethod
-    def create(
-        cls,
-        event: str,
-        *,
-        session_id: str | None = None,
-        user_id: str | None = None,
-        item_id: str | None = None,
-        ts: float | None = None,
-        query: str | None = None,
-        event_id: str | None = None,
-    ) -> SessionEvent:
-        """Build an event with defaults: the user's implicit session, the clock, a content id.
-
-        Raises:
-            BadRequestError: Neither a session_id nor a user_id is given.
-        """
-        if not session_id:
-            if not user_id:
-                raise BadRequestError(
-                    "an event needs a session_id or a user_id; send at least one", "session_id"
-                )
-            session_id = default_session_key(user_id)
-        ev = cls(user_id, session_id, item_id, event, time.time() if ts is None else float(ts), query)
-        return replace(ev, event_id=event_id or derive_event_id(ev))
-
-
-def default_session_key(user_id: str) -> str:
-    """Session key for events posted with a user but no session: ``"user:<user_id>"``."""
-    return USER_SESSION_PREFIX + user_id
-
-
-def derive_event_id(ev: SessionEvent) -> str:
-    """Content-derived idempotency key: identical events (same ts to the bit) are one event."""
-    key = json.dumps([ev.user_id, ev.session_id, ev.item_id, ev.event, repr(ev.ts), ev.query])
-    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-
-
-def stable_hash(key: str) -> int:
-    """Process-independent 64-bit hash (Python's ``hash()`` is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-
-
-def shard_for(key: str, num_shards: int) -> int:
-    """Shard of a session id or user id; a user's implicit session goes to the user's shard."""
-    if key.startswith(USER_SESSION_PREFIX):
-        key = key[len(USER_SESSION_PREFIX) :]
-    return stable_hash(key) % num_shards
-
-
-def _check_id(value: object, where: str, *, optional: bool) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
-        raise BadRequestError(
-            f"{where} ({value!r}) must be a non-empty string of at most {MAX_ID_CHARS} characters",
-            where,
-        )
-
-
-def validate_event(ev: object, where: str, now: float, max_skew: float) -> SessionEvent:
-    """Check one event and fill its ``event_id``; raise ``BadRequestError`` naming the field.
-
-    Args:
-        ev: The candidate event.
-        where: Its path in the request, e.g. ``"events[3]"``.
-        now: The validating process's clock (unix seconds).
-        max_skew: How far in the future ``ts`` may be.
-    """
-    if not isinstance(ev, SessionEvent):
-        raise BadRequestError(f"{where} must be a SessionEvent, got {type(ev).__name__}", where)
-    _check_id(ev.session_id, f"{where}.session_id", optional=False)
-    _check_id(ev.user_id, f"{where}.user_id", optional=True)
-    if ev.event not in EVENT_TYPES:
-        raise BadRequestError(
-            f"{where}.event ({ev.event!r}) is not an event type; use one of {', '.join(EVENT_TYPES)}",
-            f"{where}.event",
-        )
-    _check_id(ev.item_id, f"{where}.item_id", optional=ev.event == SEARCH)
-    if not isinstance(ev.ts, int | float) or not math.isfinite(ev.ts) or ev.ts <= 0:
-        raise BadRequestError(f"{where}.ts ({ev.ts!r}) must be unix seconds > 0", f"{where}.ts")
-    if ev.ts > now + max_skew:
-        raise BadRequestError(
-            f"{where}.ts ({ev.ts}) is {ev.ts - now:.0f}s in the future (more than {max_skew:.0f}s); "
-            "send the event time in unix seconds (UTC)",
-            f"{where}.ts",
-        )
-    if ev.query is not None and (not isinstance(ev.query, str) or len(ev.query) > MAX_QUERY_CHARS):
-        raise BadRequestError(
-            f"{where}.query must be a string of at most {MAX_QUERY_CHARS} characters", f"{where}.query"
-        )
-    if not isinstance(ev.event_id, str) or len(ev.event_id) > MAX_ID_CHARS:
-        raise BadRequestError(f"{where}.event_id must be a short string", f"{where}.event_id")
-    return ev if ev.event_id else replace(ev, event_id=derive_event_id(ev))
-
-
-def _event_to_json(ev: SessionEvent, roles: int | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "seq": ev.seq,
-        "event_id": ev.event_id,
-        "user_id": ev.user_id,
-        "session_id": ev.session_id,
-        "item_id": ev.item_id,
-        "event": ev.event,
-        "ts": ev.ts,
-        "query": ev.query,
-    }
-    if roles is not None:
-        out["roles"] = roles
-    return out
-
-
-def _event_from_json(d: dict[str, Any]) -> SessionEvent:
-    return SessionEvent(
-        d["user_id"], d["session_id"], d["item_id"], d["event"], float(d["ts"]), d["query"],
-        int(d["seq"]), d["event_id"],
-    )  # fmt: skip
-
-
-def _order(ev: SessionEvent) -> tuple[float, int]:
-    return (ev.ts, ev.seq)
-
-
-def _insert_ordered(window: deque[SessionEvent], ev: SessionEvent) -> None:
-    """Insert keeping (ts, seq) order in O(window); a full window drops its oldest event."""
-    if not window or _order(window[-1]) <= _order(ev):
-        window.append(ev)  # the common case: events arrive in time order
-        return
-    if len(window) == window.maxlen:
-        if _order(ev) < _order(window[0]):
-            return  # older than everything in a full window: outside it
-        window.popleft()
-    i = len(window)
-    while i > 0 and _order(window[i - 1]) > _order(ev):
-        i -= 1
-    window.insert(i, ev)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,168 +178,9 @@ class SessionStateConfig(BaseModel):
 
     def resolved(self) -> SessionStateConfig:
         """This config with a relative local ``wal_uri`` made absolute (in the caller's cwd)."""
-        if _URI_RE.match(self.wal_uri) or os.path.isabs(self.wal_uri):
+        if URI_RE.match(self.wal_uri) or os.path.isabs(self.wal_uri):
             return self
         return self.model_copy(update={"wal_uri": os.path.abspath(self.wal_uri)})
-
-
-# --------------------------------------------------------------------------------------------
-# Log storage: a local append-only file, or one object per commit on a pyarrow filesystem
-# --------------------------------------------------------------------------------------------
-
-
-class _Log(Protocol):
-    def names(self) -> list[str]: ...
-    def read(self, name: str) -> bytes: ...
-    def open_segment(self, first_seq: int) -> str: ...
-    def append(self, data: bytes, first_seq: int) -> None: ...
-    def write_atomic(self, name: str, chunks: Iterable[bytes]) -> None: ...
-    def delete(self, name: str) -> None: ...
-    def truncate(self, name: str, size: int) -> None: ...
-    def close(self) -> None: ...
-
-
-def _segment_name(first_seq: int) -> str:
-    return f"wal-{first_seq:020d}.jsonl"
-
-
-class _LocalLog:
-    """Append-only files on a local disk: ``os.write`` of a whole commit, then ``fdatasync``."""
-
-    def __init__(self, directory: str, fsync: bool) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.fsync = fsync
-        self._fd: int | None = None
-        self._size = 0
-        self.segment = ""
-
-    def names(self) -> list[str]:
-        return sorted(p.name for p in self.dir.iterdir() if p.is_file())
-
-    def read(self, name: str) -> bytes:
-        return (self.dir / name).read_bytes()
-
-    def _sync_dir(self) -> None:
-        if self.fsync:
-            fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def open_segment(self, first_seq: int) -> str:
-        self.close()
-        self.segment = _segment_name(first_seq)
-        self._fd = os.open(self.dir / self.segment, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._size = os.fstat(self._fd).st_size
-        self._sync_dir()  # the new file's directory entry must be durable too
-        return self.segment
-
-    def append(self, data: bytes, first_seq: int) -> None:
-        if self._fd is None:
-            self.open_segment(first_seq)
-        assert self._fd is not None
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self._fd, view) :]
-            if self.fsync:
-                os.fdatasync(self._fd)
-        except OSError:
-            # Drop a partial commit so later records never follow a torn line.
-            try:
-                os.ftruncate(self._fd, self._size)
-            except OSError:
-                logger.exception("could not truncate %s after a failed write", self.segment)
-            raise
-        self._size += len(data)
-
-    def write_atomic(self, name: str, chunks: Iterable[bytes]) -> None:
-        tmp = self.dir / (name + ".tmp")
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, self.dir / name)
-        self._sync_dir()
-
-    def delete(self, name: str) -> None:
-        (self.dir / name).unlink(missing_ok=True)
-
-    def truncate(self, name: str, size: int) -> None:
-        os.truncate(self.dir / name, size)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-class _ObjectLog:
-    """A ``pyarrow.fs`` filesystem (object stores cannot append): one object per commit."""
-
-    def __init__(self, fs: pafs.FileSystem, base: str) -> None:
-        self.fs = fs
-        self.base = base.rstrip("/")
-        self.fs.create_dir(self.base, recursive=True)
-
-    def _path(self, name: str) -> str:
-        return f"{self.base}/{name}"
-
-    def names(self) -> list[str]:
-        infos = self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True))
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
-
-    def read(self, name: str) -> bytes:
-        with self.fs.open_input_stream(self._path(name)) as f:
-            return bytes(f.readall())
-
-    def open_segment(self, first_seq: int) -> str:
-        return _segment_name(first_seq)
-
-    def append(self, data: bytes, first_seq: int) -> None:
-        # An object becomes visible only when its upload completes: a commit is all or nothing.
-        with self.fs.open_output_stream(self._path(_segment_name(first_seq))) as f:
-            f.write(data)
-
-    def write_atomic(self, name: str, chunks: Iterable[bytes]) -> None:
-        tmp = self._path(name + ".tmp")
-        with self.fs.open_output_stream(tmp) as f:
-            for chunk in chunks:
-                f.write(chunk)
-        self.fs.move(tmp, self._path(name))
-
-    def delete(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.delete_file(self._path(name))
-
-    def truncate(self, name: str, size: int) -> None:
-        with self.fs.open_input_stream(self._path(name)) as f:
-            data = f.read(size)
-        with self.fs.open_output_stream(self._path(name)) as f:
-            f.write(data)
-
-    def close(self) -> None:
-        pass
-
-
-def _open_log(config: SessionStateConfig, shard: int, filesystem: pafs.FileSystem | None) -> _Log:
-    sub = f"shard-{shard:04d}-of-{config.num_shards:04d}"
-    uri = config.wal_uri
-    if filesystem is not None:
-        return _ObjectLog(filesystem, f"{uri.rstrip('/')}/{sub}")
-    if not _URI_RE.match(uri):
-        return _LocalLog(os.path.join(os.path.abspath(uri), sub), config.fsync)
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise ConfigError(f"wal_uri ({uri!r}) cannot be opened: {exc}", "wal_uri") from exc
-    if isinstance(fs, pafs.LocalFileSystem):
-        return _LocalLog(os.path.join(path, sub), config.fsync)
-    return _ObjectLog(fs, f"{path.rstrip('/')}/{sub}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,7 +251,7 @@ class ShardState:
              "snapshots", "restored_snapshot_seq", "restored_records", "torn_records", "corrupt_records",
              "restore_seconds"), 0,
         )  # fmt: skip
-        self._log = _open_log(config, shard_index, filesystem)
+        self._log = open_log(config.wal_uri, shard_index, config.num_shards, config.fsync, filesystem)
         self._restore()
 
     # --- staging -----------------------------------------------------------------------
@@ -614,13 +290,13 @@ class ShardState:
                 self.counters["duplicates"] += 1
             staged.seqs.append(seq)
         if staged.events:
-            rec = {"t": "append", "events": [_event_to_json(e, r) for e, r in staged.events]}
+            rec = {"t": "append", "events": [event_to_json(e, r) for e, r in staged.events]}
             staged.record = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
             staged.first_seq = staged.events[0][0].seq
         return staged
 
     def _stage_forget(self, user_id: str) -> _Staged:
-        _check_id(user_id, "user_id", optional=False)
+        check_id(user_id, "user_id", optional=False)
         staged = _Staged("forget", b"", self._next_seq, user_id=user_id)
         if user_id in self._disk_users or user_id in self._users or user_id in self._user_sessions:
             seq = self._next_seq
@@ -772,7 +448,7 @@ class ShardState:
                 sess = self._sessions[ev.session_id] = _Session(deque(maxlen=cfg.window))
             else:
                 self._sessions.move_to_end(ev.session_id)
-            _insert_ordered(sess.events, ev)
+            insert_ordered(sess.events, ev)
             sess.last_ts = max(sess.last_ts, ev.ts)
             if ev.user_id is not None:
                 sess.users.add(ev.user_id)
@@ -783,7 +459,7 @@ class ShardState:
                 hist = self._users[ev.user_id] = deque(maxlen=cfg.user_history)
             else:
                 self._users.move_to_end(ev.user_id)
-            _insert_ordered(hist, ev)
+            insert_ordered(hist, ev)
         if cfg.dedupe_capacity > 0:
             self._seen[ev.event_id] = (ev.seq, ev.user_id)
             if len(self._seen) > cfg.dedupe_capacity:
@@ -844,11 +520,11 @@ class ShardState:
         users: set[str] = set()
         for sid, sess in self._sessions.items():
             lines.append(
-                {"t": "session", "session_id": sid, "events": [_event_to_json(e) for e in sess.events]}
+                {"t": "session", "session_id": sid, "events": [event_to_json(e) for e in sess.events]}
             )
             users.update(sess.users)
         for uid, hist in self._users.items():
-            lines.append({"t": "user", "user_id": uid, "events": [_event_to_json(e) for e in hist]})
+            lines.append({"t": "user", "user_id": uid, "events": [event_to_json(e) for e in hist]})
             users.add(uid)
         seen = [[eid, seq, uid] for eid, (seq, uid) in self._seen.items()]
         for i in range(0, len(seen), 1000):
@@ -926,7 +602,7 @@ class ShardState:
         if rec["t"] != "append":
             raise ValueError(f"unknown record type {rec['t']!r}")
         for d in rec["events"]:
-            ev = _event_from_json(d)
+            ev = event_from_json(d)
             self._next_seq = max(self._next_seq, ev.seq + 1)
             if ev.seq <= last_seq or ev.event_id in self._seen:
                 continue
@@ -948,7 +624,7 @@ class ShardState:
         for line in lines[1:]:
             rec = json.loads(line)
             if rec["t"] == "session":
-                events = [_event_from_json(d) for d in rec["events"]]
+                events = [event_from_json(d) for d in rec["events"]]
                 sess = _Session(deque(events, maxlen=window))
                 sess.users = {e.user_id for e in events if e.user_id is not None}
                 sess.last_ts = max((e.ts for e in events), default=0.0)
@@ -957,7 +633,7 @@ class ShardState:
                     self._user_sessions.setdefault(uid, set()).add(rec["session_id"])
                 self._disk_users |= sess.users
             elif rec["t"] == "user" and hist_len > 0:
-                self._users[rec["user_id"]] = deque(map(_event_from_json, rec["events"]), maxlen=hist_len)
+                self._users[rec["user_id"]] = deque(map(event_from_json, rec["events"]), maxlen=hist_len)
                 self._disk_users.add(rec["user_id"])
             elif rec["t"] == "seen":
                 for eid, seq, uid in rec["ids"]:
@@ -1195,7 +871,7 @@ class SessionStore:
 
     async def forget_user(self, user_id: str) -> int:
         """Remove the user's session data from every shard's memory and log; events removed."""
-        _check_id(user_id, "user_id", optional=False)
+        check_id(user_id, "user_id", optional=False)
         counts = await asyncio.gather(*(self._call(h.forget_user.remote(user_id)) for h in self.handles))
         return int(sum(counts))
 

@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as in tests/conftest.py: a local bench cluster
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from actors.session_state import SessionEvent, SessionStateConfig, SessionStore, ShardState  # noqa: E402
+from actors.session_events import SessionEvent  # noqa: E402
+from actors.session_state import SessionStateConfig, SessionStore, ShardState  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "session_bench.json"
 

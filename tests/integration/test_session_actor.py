@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from actors.session_state import SessionEvent, SessionStateConfig, SessionStore
+from actors.session_events import SessionEvent
+from actors.session_state import SessionStateConfig, SessionStore
 from graph.errors import BadRequestError, ConfigError
 from tests.helpers import wait_for_condition
 

@@ -12,16 +12,13 @@ import pyarrow.fs as pafs
 import pytest
 from pydantic import ValidationError
 
+from actors.session_events import SessionEvent, default_session_key, shard_for, stable_hash
 from actors.session_state import (
     ROLE_SESSION,
     ROLE_USER,
-    SessionEvent,
     SessionShard,
     SessionStateConfig,
     ShardState,
-    default_session_key,
-    shard_for,
-    stable_hash,
 )
 from graph.errors import BadRequestError
 

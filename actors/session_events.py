@@ -1,0 +1,194 @@
+"""Session events: the event model, its validation and idempotency keys, and shard routing.
+
+- :class:`SessionEvent` is one shopper event as the session state keeps it;
+  :func:`validate_event` checks one (raising ``BadRequestError`` naming the field) and fills its
+  ``event_id``.
+- Idempotency: every event carries an ``event_id`` (client-supplied, or derived from its content
+  by :func:`derive_event_id`); the shards in :mod:`actors.session_state` deduplicate on it.
+- Routing: :func:`shard_for` maps a session id or user id to ``blake2b(key) % num_shards``.
+  Events posted without a session are filed under the user's implicit session
+  ``"user:<user_id>"`` (:func:`default_session_key`), which is routed to the user's home shard.
+- :func:`event_to_json` / :func:`event_from_json` are the event's form in the log records and
+  snapshots; :func:`insert_ordered` keeps a bounded window in ``(ts, seq)`` order.
+
+No Ray and no I/O here: the shards (:mod:`actors.session_state`) and the ingress both use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+from graph.errors import BadRequestError
+from graph.schema import EVENT_TYPES, SEARCH
+
+USER_SESSION_PREFIX: Final = "user:"
+MAX_ID_CHARS: Final = 256
+MAX_QUERY_CHARS: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """One shopper event as the session state keeps it.
+
+    Args:
+        user_id: The shopper, or None for an anonymous session.
+        session_id: The session; see :func:`default_session_key` for events without one.
+        item_id: The item, None for a search.
+        event: One of :data:`graph.schema.EVENT_TYPES`.
+        ts: Event time, unix seconds. Windows are ordered by it and expire on it.
+        query: Search text of a ``search`` event.
+        seq: Assigned by the shard on append, increasing per shard; -1 before that.
+        event_id: Idempotency key; "" means "derive it from the content" (:func:`derive_event_id`).
+    """
+
+    user_id: str | None
+    session_id: str
+    item_id: str | None
+    event: str
+    ts: float
+    query: str | None = None
+    seq: int = -1
+    event_id: str = ""
+
+    @classmethod
+    def create(
+        cls,
+        event: str,
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        item_id: str | None = None,
+        ts: float | None = None,
+        query: str | None = None,
+        event_id: str | None = None,
+    ) -> SessionEvent:
+        """Build an event with defaults: the user's implicit session, the clock, a content id.
+
+        Raises:
+            BadRequestError: Neither a session_id nor a user_id is given.
+        """
+        if not session_id:
+            if not user_id:
+                raise BadRequestError(
+                    "an event needs a session_id or a user_id; send at least one", "session_id"
+                )
+            session_id = default_session_key(user_id)
+        ev = cls(user_id, session_id, item_id, event, time.time() if ts is None else float(ts), query)
+        return replace(ev, event_id=event_id or derive_event_id(ev))
+
+
+def default_session_key(user_id: str) -> str:
+    """Session key for events posted with a user but no session: ``"user:<user_id>"``."""
+    return USER_SESSION_PREFIX + user_id
+
+
+def derive_event_id(ev: SessionEvent) -> str:
+    """Content-derived idempotency key: identical events (same ts to the bit) are one event."""
+    key = json.dumps([ev.user_id, ev.session_id, ev.item_id, ev.event, repr(ev.ts), ev.query])
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+def stable_hash(key: str) -> int:
+    """Process-independent 64-bit hash (Python's ``hash()`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+def shard_for(key: str, num_shards: int) -> int:
+    """Shard of a session id or user id; a user's implicit session goes to the user's shard."""
+    if key.startswith(USER_SESSION_PREFIX):
+        key = key[len(USER_SESSION_PREFIX) :]
+    return stable_hash(key) % num_shards
+
+
+def check_id(value: object, where: str, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        raise BadRequestError(
+            f"{where} ({value!r}) must be a non-empty string of at most {MAX_ID_CHARS} characters",
+            where,
+        )
+
+
+def validate_event(ev: object, where: str, now: float, max_skew: float) -> SessionEvent:
+    """Check one event and fill its ``event_id``; raise ``BadRequestError`` naming the field.
+
+    Args:
+        ev: The candidate event.
+        where: Its path in the request, e.g. ``"events[3]"``.
+        now: The validating process's clock (unix seconds).
+        max_skew: How far in the future ``ts`` may be.
+    """
+    if not isinstance(ev, SessionEvent):
+        raise BadRequestError(f"{where} must be a SessionEvent, got {type(ev).__name__}", where)
+    check_id(ev.session_id, f"{where}.session_id", optional=False)
+    check_id(ev.user_id, f"{where}.user_id", optional=True)
+    if ev.event not in EVENT_TYPES:
+        raise BadRequestError(
+            f"{where}.event ({ev.event!r}) is not an event type; use one of {', '.join(EVENT_TYPES)}",
+            f"{where}.event",
+        )
+    check_id(ev.item_id, f"{where}.item_id", optional=ev.event == SEARCH)
+    if not isinstance(ev.ts, int | float) or not math.isfinite(ev.ts) or ev.ts <= 0:
+        raise BadRequestError(f"{where}.ts ({ev.ts!r}) must be unix seconds > 0", f"{where}.ts")
+    if ev.ts > now + max_skew:
+        raise BadRequestError(
+            f"{where}.ts ({ev.ts}) is {ev.ts - now:.0f}s in the future (more than {max_skew:.0f}s); "
+            "send the event time in unix seconds (UTC)",
+            f"{where}.ts",
+        )
+    if ev.query is not None and (not isinstance(ev.query, str) or len(ev.query) > MAX_QUERY_CHARS):
+        raise BadRequestError(
+            f"{where}.query must be a string of at most {MAX_QUERY_CHARS} characters", f"{where}.query"
+        )
+    if not isinstance(ev.event_id, str) or len(ev.event_id) > MAX_ID_CHARS:
+        raise BadRequestError(f"{where}.event_id must be a short string", f"{where}.event_id")
+    return ev if ev.event_id else replace(ev, event_id=derive_event_id(ev))
+
+
+def event_to_json(ev: SessionEvent, roles: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "seq": ev.seq,
+        "event_id": ev.event_id,
+        "user_id": ev.user_id,
+        "session_id": ev.session_id,
+        "item_id": ev.item_id,
+        "event": ev.event,
+        "ts": ev.ts,
+        "query": ev.query,
+    }
+    if roles is not None:
+        out["roles"] = roles
+    return out
+
+
+def event_from_json(d: dict[str, Any]) -> SessionEvent:
+    return SessionEvent(
+        d["user_id"], d["session_id"], d["item_id"], d["event"], float(d["ts"]), d["query"],
+        int(d["seq"]), d["event_id"],
+    )  # fmt: skip
+
+
+def _order(ev: SessionEvent) -> tuple[float, int]:
+    return (ev.ts, ev.seq)
+
+
+def insert_ordered(window: deque[SessionEvent], ev: SessionEvent) -> None:
+    """Insert keeping (ts, seq) order in O(window); a full window drops its oldest event."""
+    if not window or _order(window[-1]) <= _order(ev):
+        window.append(ev)  # the common case: events arrive in time order
+        return
+    if len(window) == window.maxlen:
+        if _order(ev) < _order(window[0]):
+            return  # older than everything in a full window: outside it
+        window.popleft()
+    i = len(window)
+    while i > 0 and _order(window[i - 1]) > _order(ev):
+        i -= 1
+    window.insert(i, ev)
