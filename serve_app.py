@@ -481,4 +481,16 @@ def build_app(args: AppArgs) -> Application:
     return compose(args)
 
 
-app = build_app(AppArgs())
+_default_app: Application | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``serve_app.app``: the application with default arguments, built on first access (PEP 562),
+    so that ``serve run serve_app:app`` gets the missing-model hint and a plain ``import
+    serve_app`` (tests, benchmarks, replicas) builds nothing and prints nothing."""
+    global _default_app
+    if name == "app":
+        if _default_app is None:
+            _default_app = build_app(AppArgs())
+        return _default_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

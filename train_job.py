@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from graph.errors import IntentrecError
-    from graph.pipeline import run_pipeline
+    from graph.pipeline import prepare_data, run_pipeline
 
     try:
         cfg = config_from_args(args)
@@ -116,9 +116,11 @@ def main(argv: list[str] | None = None) -> int:
             loc = ".".join(str(x) for x in err["loc"])
             print(f"error: {loc}: {err['msg']}", file=sys.stderr)
         return 2
-    init_ray(args.address)
     try:
-        result = run_pipeline(cfg)  # type: ignore[arg-type]
+        # Data first: bad input fails in seconds, before a Ray cluster is started or joined.
+        data = prepare_data(cfg)  # type: ignore[arg-type]
+        init_ray(args.address)
+        result = run_pipeline(cfg, data=data)  # type: ignore[arg-type]
     except IntentrecError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1

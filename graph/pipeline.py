@@ -29,7 +29,7 @@ from graph.artifacts import write_artifact
 from graph.config import TrainConfig
 from graph.data import Dataset, load_builtin, load_files, temporal_split
 from graph.errors import ConfigError
-from graph.interactions import build_interactions
+from graph.interactions import Interactions, build_interactions
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -75,18 +75,34 @@ def load_dataset(cfg: PipelineConfig) -> Dataset:
     return load_builtin(max_users=cfg.max_users, seed=cfg.train.seed)
 
 
-def run_pipeline(cfg: PipelineConfig, progress: Progress = print) -> PipelineResult:
-    """Run the whole offline job. Ray must already be initialised (``train_job.py`` does it).
+@dataclass
+class PreparedData:
+    """The data of one run, split and turned into graphs: everything before training.
 
-    Returns:
-        The published version, its metrics table and timings.
+    ``inter_full`` is the graph of all of ``train``; ``inter_fit`` the graph of ``fit_part`` (the
+    events before the validation cut), indexed by the same users and items.
     """
-    from graph.evaluate import evaluate, fit_validation_weights, format_table
-    from graph.ranking import Ranker
-    from graph.signals import fit_signals
-    from graph.train_loop import embed, fit, format_progress
 
-    timings: dict[str, float] = {}
+    ds: Dataset
+    split_at: pd.Timestamp
+    val_cut: pd.Timestamp
+    train: pd.DataFrame
+    test: pd.DataFrame
+    fit_part: pd.DataFrame
+    val_part: pd.DataFrame
+    inter_full: Interactions
+    inter_fit: Interactions
+    seconds: float
+
+
+def prepare_data(cfg: PipelineConfig, progress: Progress = print) -> PreparedData:
+    """Load, sample and split the data and build the graphs. Needs no Ray: ``train_job.py`` runs
+    it before starting Ray, so bad input fails in seconds.
+
+    Raises:
+        DataError: unreadable or invalid events/items (names the file, column and fix).
+        ConfigError: a split or validation window that leaves no data on one side.
+    """
     t0 = time.perf_counter()
     ds = load_dataset(cfg)
     if cfg.max_users is not None and cfg.events is not None:
@@ -113,11 +129,39 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress = print) -> PipelineRes
     inter_full = build_interactions(train, ds.items)
     inter_fit = build_interactions(fit_part, ds.items, user_ids=inter_full.user_ids,
                                    now=fit_part[S.TS_COL].max())
-    timings["data_s"] = time.perf_counter() - t0
     progress(
         f"[graph] {inter_full.num_users:,} users x {inter_full.num_items:,} items, "
         f"{inter_full.num_edges:,} edges ({inter_fit.num_edges:,} before the validation cut)"
     )
+    return PreparedData(ds=ds, split_at=split_at, val_cut=val_cut, train=train, test=test,
+                        fit_part=fit_part, val_part=val_part, inter_full=inter_full,
+                        inter_fit=inter_fit, seconds=time.perf_counter() - t0)
+
+
+def run_pipeline(
+    cfg: PipelineConfig, progress: Progress = print, data: PreparedData | None = None
+) -> PipelineResult:
+    """Run the whole offline job. Ray must already be initialised (``train_job.py`` does it).
+
+    Args:
+        cfg: The run's configuration.
+        progress: Called with one line per step (data, each epoch, weights, evaluation, artifact).
+        data: The output of :func:`prepare_data` for ``cfg`` if the caller ran it already.
+
+    Returns:
+        The published version, its metrics table and timings.
+    """
+    from graph.evaluate import evaluate, fit_validation_weights, format_table
+    from graph.ranking import Ranker
+    from graph.signals import fit_signals
+    from graph.train_loop import embed, fit, format_progress
+
+    t0 = time.perf_counter()
+    d = data if data is not None else prepare_data(cfg, progress)
+    timings: dict[str, float] = {"data_s": d.seconds}
+    ds, split_at, val_cut = d.ds, d.split_at, d.val_cut
+    train, test, fit_part, val_part = d.train, d.test, d.fit_part, d.val_part
+    inter_full, inter_fit = d.inter_full, d.inter_fit
 
     t1 = time.perf_counter()
     result = fit(inter_fit, cfg.train, progress=lambda m: progress("[train] " + format_progress(m)))
@@ -159,7 +203,7 @@ def run_pipeline(cfg: PipelineConfig, progress: Progress = print) -> PipelineRes
         cfg.output, user_ids=inter_full.user_ids, items=ds.items, user_emb=user_emb,
         item_emb=item_emb, signals=signals, metrics=metrics, manifest=manifest,
     )
-    timings["total_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t0 + (d.seconds if data is not None else 0.0)
     progress(f"[artifact] published version {version} under {cfg.output} (LATEST updated)")
     return PipelineResult(version=version, output=cfg.output, metrics=metrics, table=table,
                           history=result.history, timings=timings)

@@ -122,42 +122,15 @@ def svd_artifact_root(tmp_path_factory: pytest.TempPathFactory) -> str:
 def trained_artifact_root(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Artifact root with one version trained by the real pipeline (Ray Train) on a small slice
     of the built-in data: for integration tests of the serving app."""
-    import warnings
-
     from graph.config import TrainConfig
     from graph.pipeline import PipelineConfig, run_pipeline
 
     root = tmp_path_factory.mktemp("trained_artifacts")
     train = TrainConfig(epochs=2, num_workers=1, dim=32, run_name="serving-fixture",
                         storage_path=str(root / "_checkpoints"))
-    try:
-        run_pipeline(
-            PipelineConfig(max_users=SERVING_MAX_USERS, output=str(root / "models"),
-                           eval_max_users=100, eval_max_baskets=100, train=train),
-            progress=lambda _line: None,
-        )
-    except Exception as exc:  # until graph.pipeline is complete: the same steps by hand
-        warnings.warn(f"run_pipeline failed ({exc!r}); building the serving fixture by hand",
-                      stacklevel=1)
-        by_hand = train.model_copy(update={"run_name": "serving-fixture-by-hand"})
-        _write_trained_artifact_by_hand(root / "models", by_hand)
-    return str(root / "models")
-
-
-def _write_trained_artifact_by_hand(root: Path, train: object) -> str:
-    from graph.artifacts import write_artifact
-    from graph.data import load_builtin, temporal_split
-    from graph.interactions import build_interactions
-    from graph.signals import fit_signals
-    from graph.train_loop import fit
-
-    ds = load_builtin(max_users=SERVING_MAX_USERS)
-    events, _ = temporal_split(ds.events, ds.default_split_at)
-    inter = build_interactions(events, ds.items)
-    result = fit(inter, train)  # type: ignore[arg-type]
-    return write_artifact(
-        str(root), user_ids=inter.user_ids, items=ds.items, user_emb=result.user_emb,
-        item_emb=result.item_emb, signals=fit_signals(events, inter), metrics={},
-        manifest={"data": {"name": ds.name, "max_users": SERVING_MAX_USERS},
-                  "training": {"seconds": result.train_seconds, "history": result.history}},
+    run_pipeline(
+        PipelineConfig(max_users=SERVING_MAX_USERS, output=str(root / "models"),
+                       eval_max_users=100, eval_max_baskets=100, train=train),
+        progress=lambda _line: None,
     )
+    return str(root / "models")

@@ -121,6 +121,11 @@ def test_read_your_writes(served: Served) -> None:
     ids = [it["item_id"] for it in after["items"]]
     assert item not in ids  # in the cart now
     assert ids != [it["item_id"] for it in before["items"]]
+    # The just-carted category rises: more of the top 20 come from it than before the events.
+    carted = _label(served, item)
+    in_category = [sum(_label(served, it["item_id"]) == carted for it in r["items"])
+                   for r in (before, after)]
+    assert in_category[1] > in_category[0], (carted, in_category)
     reasons = [r for it in after["items"] for r in it["reasons"]]
     assert any(r.startswith("because you added") and r.endswith("to your cart") for r in reasons)
 

@@ -124,6 +124,7 @@ def test_events_file_missing_a_column_names_the_file_and_the_column(tmp_path: Pa
     err = proc.stderr
     assert "Traceback" not in err, err[-3000:]
     assert str(events) in err and "'ts'" in err, err[-3000:]
+    assert "[ray]" not in proc.stdout, "bad input must fail before Ray is started"
 
 
 def test_split_after_the_data_names_the_fix() -> None:
@@ -132,3 +133,4 @@ def test_split_after_the_data_names_the_fix() -> None:
     err = proc.stderr
     assert "Traceback" not in err, err[-3000:]
     assert "2030-01-01" in err and "--split-at" in err, err[-3000:]
+    assert "[ray]" not in proc.stdout, "bad input must fail before Ray is started"

@@ -169,3 +169,24 @@ def test_relative_paths_are_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert uri.artifacts_root == "s3://bucket/models"
 
 
+
+
+def test_importing_serve_app_is_quiet_and_app_access_gives_the_model_hint(tmp_path: Path) -> None:
+    """``import serve_app`` (tests, benchmarks, every replica) builds and prints nothing;
+    ``serve run serve_app:app`` looks the attribute up, which says how to get a model."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def run(code: str) -> str:
+        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout + out.stderr
+
+    quiet = run("import serve_app")
+    assert "no trained model" not in quiet, quiet
+    hinted = run("import serve_app; serve_app.app")
+    assert "no trained model" in hinted and "python train_job.py" in hinted, hinted
