@@ -2,7 +2,8 @@
 
 :class:`Reasons` turns what :meth:`graph.ranking.Ranker.explain` says carried an item ("cooc",
 "repeat", "context", ...) into sentences — "because you added X to your cart", "you buy this every
-week", "popular on Saturday mornings" — naming the session item behind a "because you ..." reason.
+week", "because you are shopping for DAIRY > YOGURT", "popular on Saturday mornings" — naming the
+session item behind a "because you ..." reason.
 """
 
 from __future__ import annotations
@@ -136,6 +137,10 @@ class Reasons:
             event = _strongest_event(src, self.item_events)
             return "because you " + _VERB.get(event, _VERB[S.VIEW]).format(
                 t=short_title(str(m.titles[src])))
+        if comp == "intent" and self.item_events:
+            return f"because you are shopping for {m.intent_labels[it]}"
+        if comp == "line" and self.item_events:
+            return f"more from the {short_title(str(m.categories[it]))} range you picked"
         if comp == "gnn":
             return "picked for you from your shopping history"
         if comp == "pop":

@@ -17,7 +17,11 @@ Layout:
 - :class:`ShardState` is the shard's logic as a plain class (no Ray), so unit tests and the
   benchmark drive it directly; the actor only adds the asyncio plumbing (group commit).
 - :class:`SessionStore` is the client the Serve ingress uses: it routes by a stable hash and fans
-  out.
+  out. It keeps one call in flight per shard and kind (append / read): requests that arrive while
+  one is in flight go out together in the next call (no timer, so a lone request leaves at once).
+  Under load that turns many actor calls into few, which is where a Serve ingress spends its CPU;
+  each request still gets its own result or error, and the shard group-commits a combined append
+  as one fsync.
 
 Routing: a session lives on ``blake2b(session_id) % num_shards``; a user's history lives on the
 user's *home* shard ``blake2b(user_id) % num_shards``. An event with a user is written to both
@@ -60,7 +64,7 @@ import os
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -669,6 +673,27 @@ class SessionShard:
         result: list[int] = await self._submit(("append", events, roles))
         return result
 
+    async def append_many(
+        self, batch: list[tuple[list[SessionEvent], list[int] | None]]
+    ) -> list[list[int] | BaseException]:
+        """Several independent appends in one call and one group commit. Each gets its own result:
+        its sequence numbers, or the error (returned, not raised) that rejected it alone."""
+        outs = await asyncio.gather(*(self._submit(("append", evs, rls)) for evs, rls in batch),
+                                    return_exceptions=True)
+        return list(outs)
+
+    async def get_sessions(
+        self, requests: list[tuple[str | None, str | None]]
+    ) -> list[dict[str, Any] | BaseException]:
+        """Several :meth:`get_session` reads in one call; an error is returned in its place."""
+        out: list[dict[str, Any] | BaseException] = []
+        for session_id, user_id in requests:
+            try:
+                out.append(self._state.get_session(session_id, user_id))
+            except IntentrecError as exc:
+                out.append(exc)
+        return out
+
     async def forget_user(self, user_id: str) -> int:
         """Remove a user from memory and disk (compacted before returning); events removed."""
         result: int = await self._submit(("forget", user_id, None))
@@ -756,6 +781,54 @@ def _settle(fut: asyncio.Future[Any], result: Any = None, exc: BaseException | N
 # --------------------------------------------------------------------------------------------
 
 
+class Coalescer:
+    """Sends one call at a time to one shard; items submitted while it is in flight go out
+    together in the next call.
+
+    There is no timer: a lone item leaves at once, and batches form only while the previous call
+    is in flight, i.e. exactly when the caller is busy. Bound to the event loop it was created on.
+
+    Args:
+        send: Sends a list of items in one call and returns one result per item, in order; a
+            result that is an exception fails that item alone. Raising fails the whole batch.
+    """
+
+    def __init__(self, send: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._send = send
+        self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._pump: asyncio.Task[None] | None = None
+        self.calls = 0
+        self.items = 0
+
+    async def submit(self, item: Any) -> Any:
+        """Send ``item`` (with whatever else is waiting) and return its own result."""
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        self._pending.append((item, fut))
+        if self._pump is None or self._pump.done():
+            self._pump = self.loop.create_task(self._run())
+        return await fut
+
+    async def _run(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            self.calls += 1
+            self.items += len(batch)
+            try:
+                results = await self._send([item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{len(results)} results for {len(batch)} items")
+            except Exception as exc:
+                for _, fut in batch:
+                    _settle(fut, exc=exc)
+                continue
+            for (_, fut), res in zip(batch, results, strict=True):
+                if isinstance(res, BaseException):
+                    _settle(fut, exc=res)
+                else:
+                    _settle(fut, result=res)
+
+
 @dataclass(frozen=True, slots=True)
 class SessionSnapshot:
     """What the session state knows for one request.
@@ -803,6 +876,39 @@ class SessionStore:
             ).remote(payload, i)
             for i in range(self.config.num_shards)
         ]
+        self._coalescers: dict[tuple[str, int, int], Coalescer] = {}
+
+    @classmethod
+    def over(cls, config: SessionStateConfig, handles: Sequence[Any]) -> SessionStore:
+        """A client over given shard handles (anything with ``.method.remote(...)`` awaitables)
+        instead of the named actors: for the in-process benchmark bound."""
+        store = cls.__new__(cls)
+        store.config = config.resolved()
+        store.handles = list(handles)
+        store._coalescers = {}
+        return store
+
+    def _coalescer(self, kind: str, shard: int) -> Coalescer:
+        """The coalescer of one shard and kind on the running event loop (a replica has one loop;
+        tests and tools may drive one store from several)."""
+        loop = asyncio.get_running_loop()
+        key = (kind, shard, id(loop))
+        c = self._coalescers.get(key)
+        if c is None or c.loop is not loop:  # new loop, or a dead loop's id reused
+            handle = self.handles[shard]
+            method = handle.append_many if kind == "append" else handle.get_sessions
+            c = Coalescer(lambda items: self._call(method.remote(items)))
+            self._coalescers[key] = c
+        return c
+
+    def batching_stats(self) -> dict[str, dict[str, int]]:
+        """Shard calls and the requests they carried, per kind (``append``/``get``)."""
+        out: dict[str, dict[str, int]] = {}
+        for (kind, _, _), c in list(self._coalescers.items()):
+            k = out.setdefault(kind, {"calls": 0, "items": 0})
+            k["calls"] += c.calls
+            k["items"] += c.items
+        return out
 
     def shard_of(self, key: str) -> int:
         """Shard of a session id or user id (see :func:`shard_for`)."""
@@ -844,7 +950,7 @@ class SessionStore:
                 evs.append(ev)
                 rls.append(roles)
         await asyncio.gather(
-            *(self._call(self.handles[s].append.remote(evs, rls)) for s, (evs, rls) in per_shard.items())
+            *(self._coalescer("append", s).submit((evs, rls)) for s, (evs, rls) in per_shard.items())
         )
         return len(checked)
 
@@ -862,9 +968,9 @@ class SessionStore:
         sid = session_id or default_session_key(user_id or "")
         s = self.shard_of(sid)
         u = self.shard_of(user_id) if user_id else s
-        calls = [self._call(self.handles[s].get_session.remote(sid, user_id if u == s else None))]
+        calls = [self._coalescer("get", s).submit((sid, user_id if u == s else None))]
         if u != s:
-            calls.append(self._call(self.handles[u].get_session.remote(None, user_id)))
+            calls.append(self._coalescer("get", u).submit((None, user_id)))
         parts = await asyncio.gather(*calls)
         user_events = parts[-1]["user_events"] if user_id else []
         return SessionSnapshot(sid, user_id, tuple(parts[0]["events"]), tuple(user_events))

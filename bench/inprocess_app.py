@@ -62,10 +62,8 @@ def build(app_args: dict[str, Any]) -> Any:
     ranker = RankerService(args.artifacts_root, args.model_version, args.tombstones_path)
     # SessionStore's routing and validation, with its shard handles pointing at shards in this
     # process instead of actors (its constructor would start the actors).
-    store = SessionStore.__new__(SessionStore)
-    store.config = args.session
-    store.handles = [InProcessHandle(SessionShard(args.session.model_dump(), i))
-                     for i in range(args.session.num_shards)]
+    store = SessionStore.over(args.session, [InProcessHandle(SessionShard(args.session.model_dump(), i))
+                                             for i in range(args.session.num_shards)])
     # The user class under Serve's ingress wrapper (the one that defines the routes).
     wrapper: Any = serve_app.Ingress  # a Deployment at run time
     ingress_cls = next(c for c in wrapper.func_or_class.__mro__ if "recommend" in vars(c))

@@ -11,6 +11,8 @@ The score of item ``i`` for a request is a weighted sum of pre-normalised compon
              ``graph.signals.item_cooccurrence``) of the item with the session items
     line     share of the session's weight on items of the item's product line (category x
              brand): shoppers take several flavours of one yoghurt or cat food
+    intent   share of the session's weight on items of the item's category: the session's
+             intent (what ``actors.context.infer_intent`` shows), as a fitted score
     basket   personal co-occurrence: share of the user's past baskets resembling the session
              that held the item (see ``basket_scores``)
     pop      log popularity scaled to [0, 1]
@@ -45,7 +47,7 @@ from graph.signals import (
 SESSION_HALF_LIFE_S = 1800.0
 POP_TIEBREAK = 1e-4
 # Components that only a session can move (0 without one).
-SESSION_COMPONENTS: tuple[str, ...] = ("session", "cooc", "line", "basket")
+SESSION_COMPONENTS: tuple[str, ...] = ("session", "cooc", "line", "intent", "basket")
 Users = Sequence[int | None] | np.ndarray
 
 
@@ -313,6 +315,10 @@ class Ranker:
             (np.ones(n, dtype=np.float32), (np.arange(n), signals.item_line)),
             shape=(n, signals.num_lines),
         )
+        self._category_onehot = sp.csr_matrix(
+            (np.ones(n, dtype=np.float32), (np.arange(n), signals.item_category)),
+            shape=(n, signals.num_categories),
+        )
 
     @property
     def num_items(self) -> int:
@@ -382,6 +388,10 @@ class Ranker:
                 lines = self.signals.item_line if cand is None else self.signals.item_line[cand]
                 out["line"] = np.asarray((smat @ self._line_onehot).toarray(),
                                          dtype=np.float32)[:, lines]
+            if "intent" in needed:
+                cats = self.signals.item_category if cand is None else self.signals.item_category[cand]
+                out["intent"] = np.asarray((smat @ self._category_onehot).toarray(),
+                                           dtype=np.float32)[:, cats]
             if "basket" in needed:
                 out["basket"] = _dense(basket_scores(self.signals, users, smat), cand)
         if "repeat" in needed:

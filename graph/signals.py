@@ -41,7 +41,7 @@ from graph.errors import ArtifactError, DataError
 from graph.interactions import Interactions
 
 COMPONENTS: tuple[str, ...] = (
-    "gnn", "session", "repeat", "cooc", "line", "basket", "pop", "context",
+    "gnn", "session", "repeat", "cooc", "line", "intent", "basket", "pop", "context",
 )
 SIGNALS_FORMAT = 1
 _ARRAYS = "signals.npz"
@@ -65,6 +65,8 @@ class ComponentWeights(BaseModel):
     repeat: float = Field(default=2.0, ge=0.0)
     cooc: float = Field(default=2.0, ge=0.0)
     line: float = Field(default=1.0, ge=0.0)
+    # 0 by default: models fitted before this component existed rank exactly as they were fitted.
+    intent: float = Field(default=0.0, ge=0.0)
     basket: float = Field(default=1.0, ge=0.0)
     pop: float = Field(default=0.5, ge=0.0)
     context: float = Field(default=0.1, ge=0.0)
@@ -130,6 +132,8 @@ class RankingSignals:
         - **item_department** ``[I]`` int: index into ``department_names`` (0 = unknown).
         - **item_line** ``[I]`` int: product line index (category level 2 × brand), in
           ``[0, num_lines)``.
+        - **item_category** ``[I]`` int: category index (level 2 of the category path, the
+          level the session's intent is shown at), in ``[0, num_categories)``.
         - **context_lift** ``[7, 24, D]``, **holiday_lift** ``[D]`` float32.
     """
 
@@ -150,6 +154,7 @@ class RankingSignals:
     item_sim: sp.csr_matrix
     item_department: np.ndarray
     item_line: np.ndarray
+    item_category: np.ndarray
     department_names: list[str]
     context_lift: np.ndarray
     holiday_lift: np.ndarray
@@ -175,6 +180,10 @@ class RankingSignals:
         return int(self.item_line.max()) + 1 if len(self.item_line) else 0
 
     @property
+    def num_categories(self) -> int:
+        return int(self.item_category.max()) + 1 if len(self.item_category) else 0
+
+    @property
     def user_history(self) -> sp.csr_matrix:
         """Decayed purchase weight per (user, item). Shapes: ``[U, I]`` CSR."""
         return self._hist(self.hist_weight)
@@ -198,6 +207,7 @@ class RankingSignals:
             popularity=self.popularity,
             item_department=self.item_department,
             item_line=self.item_line,
+            item_category=self.item_category,
             context_lift=self.context_lift,
             holiday_lift=self.holiday_lift,
             user_sessions=self.user_sessions,
@@ -270,6 +280,8 @@ class RankingSignals:
             item_sim=sp.csr_matrix(sp.load_npz(d / _ITEM_SIM)),
             item_department=arrays["item_department"],
             item_line=arrays["item_line"],
+            # Older artifacts lack it; their fitted weights give the `intent` component 0.
+            item_category=arrays.get("item_category", np.zeros(len(arrays["item_line"]), np.int64)),
             department_names=list(meta["department_names"]),
             context_lift=arrays["context_lift"],
             holiday_lift=arrays["holiday_lift"],
@@ -304,6 +316,18 @@ def product_lines(inter: Interactions) -> np.ndarray:
         return np.zeros(inter.num_items, dtype=np.int64)
     keys = inter.item_features[:, cols].numpy()
     return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def item_categories(inter: Interactions) -> np.ndarray:
+    """Category (level 2 of the path) of every item as dense indices; all 0 without the field.
+
+    Shapes:
+        - return ``[num_items]`` int64.
+    """
+    if "category" not in inter.feature_names:
+        return np.zeros(inter.num_items, dtype=np.int64)
+    col = inter.item_features[:, inter.feature_names.index("category")].numpy()
+    return np.unique(col, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
 def user_baskets(
@@ -502,6 +526,7 @@ def fit_signals(
         item_sim=item_sim,
         item_department=item_department,
         item_line=product_lines(inter),
+        item_category=item_categories(inter),
         department_names=department_names,
         context_lift=context_lift,
         holiday_lift=holiday_lift,

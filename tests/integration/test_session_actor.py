@@ -158,3 +158,22 @@ def test_bad_input_and_config_mismatch(store: SessionStore, tmp_path: Path) -> N
     other = SessionStore(store.config.model_copy(update={"window": 7}))
     with pytest.raises(ConfigError, match="window"):
         asyncio.run(other.ready())
+
+
+def test_concurrent_requests_share_shard_calls_and_all_land(store: SessionStore) -> None:
+    """Through real actors: 64 concurrent one-event appends, then 16 concurrent reads, go out as
+    far fewer shard calls (coalesced while one is in flight), and every event is readable."""
+
+    async def scenario() -> tuple[dict[str, dict[str, int]], list[list[str]]]:
+        now = time.time()
+        reqs = [[SessionEvent.create("view", session_id=f"c-{k % 16}", user_id=f"cu-{k % 5}",
+                                     item_id=f"i{k}", ts=now + k * 1e-3)] for k in range(64)]
+        assert await asyncio.gather(*(store.append(r) for r in reqs)) == [1] * 64
+        snaps = await asyncio.gather(*(store.get(session_id=f"c-{s}") for s in range(16)))
+        return store.batching_stats(), [[e.item_id or "" for e in sn.events] for sn in snaps]
+
+    stats, windows = asyncio.run(scenario())
+    for s in range(16):
+        assert windows[s] == [f"i{k}" for k in range(64) if k % 16 == s]
+    assert stats["append"]["items"] >= 64 and stats["append"]["calls"] < 32, stats
+    assert stats["get"]["items"] == 16 and stats["get"]["calls"] < 16, stats

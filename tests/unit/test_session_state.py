@@ -329,3 +329,97 @@ def test_actor_group_commits_concurrent_appends_in_arrival_order(tmp_path: Path)
     assert writes <= 2  # the 20 concurrent appends shared a commit (one fdatasync)
     assert forgot == 40  # 20 in the session window + 20 in the user's history
     assert items(events) == ["i0"]
+
+
+# --- coalescing client calls ------------------------------------------------------------------
+
+
+def test_coalescer_sends_a_lone_item_at_once_and_batches_while_busy() -> None:
+    from actors.session_state import Coalescer
+
+    async def scenario() -> tuple[list[list[int]], list[Any], Coalescer]:
+        calls: list[list[int]] = []
+        release = asyncio.Event()
+
+        async def send(batch: list[int]) -> list[Any]:
+            calls.append(list(batch))
+            if len(calls) == 1:
+                await release.wait()  # the first call is "in flight" while more arrive
+            return [BadRequestError(f"bad {x}", field="x") if x == 13 else x * 10 for x in batch]
+
+        c = Coalescer(send)
+        first = asyncio.create_task(c.submit(1))
+        for _ in range(2):  # submit, then the pump: two loop turns, no timer
+            await asyncio.sleep(0)
+        assert calls == [[1]]
+        rest = [asyncio.create_task(c.submit(x)) for x in (2, 13, 4)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert calls == [[1]]  # waiting for the call in flight
+        release.set()
+        results = await asyncio.gather(first, *rest, return_exceptions=True)
+        return calls, results, c
+
+    calls, results, c = asyncio.run(scenario())
+    assert calls == [[1], [2, 13, 4]]
+    assert results[0] == 10 and results[1] == 20 and results[3] == 40
+    assert isinstance(results[2], BadRequestError)  # only the bad item fails
+    assert (c.calls, c.items) == (2, 4)
+
+
+def test_coalescer_fails_the_whole_batch_when_the_call_fails() -> None:
+    from actors.session_state import Coalescer
+    from graph.errors import UnavailableError
+
+    async def scenario() -> list[Any]:
+        async def send(batch: list[int]) -> list[Any]:
+            await asyncio.sleep(0)
+            raise UnavailableError("shard down; retry")
+
+        c = Coalescer(send)
+        out = await asyncio.gather(*(c.submit(x) for x in range(3)), return_exceptions=True)
+        # The coalescer recovers: the next item gets its own call.
+        c._send = lambda batch: asyncio.sleep(0, result=batch)  # type: ignore[assignment]
+        out.append(await c.submit(7))
+        return out
+
+    out = asyncio.run(scenario())
+    assert all(isinstance(r, UnavailableError) for r in out[:3]) and out[3] == 7
+
+
+def test_store_coalesces_concurrent_appends_and_reads_into_few_shard_calls(tmp_path: Path) -> None:
+    """SessionStore over in-process shards: 40 concurrent one-event requests become a few calls
+    per shard, every event is stored once in order, and a bad request fails alone."""
+    from actors.session_state import SessionStore
+
+    cfg = SessionStateConfig(num_shards=2, wal_uri=str(tmp_path / "wal"), window=100)
+
+    class Handle:
+        def __init__(self, shard: SessionShard) -> None:
+            self.append_many = _Remote(shard.append_many)
+            self.get_sessions = _Remote(shard.get_sessions)
+
+    class _Remote:
+        def __init__(self, fn: Any) -> None:
+            self.fn = fn
+
+        def remote(self, *args: Any) -> Any:
+            return self.fn(*args)
+
+    async def scenario() -> tuple[list[Any], dict[str, dict[str, int]], list[list[str | None]]]:
+        store = SessionStore.over(cfg, [Handle(SessionShard(cfg.model_dump(), i)) for i in range(2)])
+        now = time.time()
+        reqs = [[ev(f"s{k % 4}", f"i{k}", now + k * 1e-3, f"u{k % 3}")] for k in range(40)]
+        reqs[7] = [ev("s-bad", "x", now + 10 * 86400.0)]  # from the future: rejected
+        out = await asyncio.gather(*(store.append(r) for r in reqs), return_exceptions=True)
+        snaps = await asyncio.gather(*(store.get(session_id=f"s{k}") for k in range(4)))
+        return out, store.batching_stats(), [items(list(s.events)) for s in snaps]
+
+    out, stats, windows = asyncio.run(scenario())
+    assert isinstance(out[7], BadRequestError) and "ts" in (out[7].field or "")
+    assert [o for k, o in enumerate(out) if k != 7] == [1] * 39
+    for s in range(4):
+        assert windows[s] == [f"i{k}" for k in range(40) if k % 4 == s and k != 7]
+    # 39 requests, each to its session's shard and maybe its user's: far fewer calls than that.
+    assert stats["append"]["items"] >= 39 and stats["append"]["calls"] <= 8, stats
+    assert stats["get"]["items"] == 4
