@@ -2,7 +2,7 @@
 
 :class:`Reasons` turns what :meth:`graph.ranking.Ranker.explain` says carried an item ("cooc",
 "repeat", "context", ...) into sentences — "because you added X to your cart", "you buy this every
-week", "because you are shopping for DAIRY > YOGURT", "popular on Saturday mornings" — naming the
+week", "because you are shopping for YOGURT", "popular on Saturday mornings" — naming the
 session item behind a "because you ..." reason.
 """
 
@@ -138,9 +138,9 @@ class Reasons:
             return "because you " + _VERB.get(event, _VERB[S.VIEW]).format(
                 t=short_title(str(m.titles[src])))
         if comp == "intent" and self.item_events:
-            return f"because you are shopping for {m.intent_labels[it]}"
+            return f"because you are shopping for {short_title(str(m.intent_labels[it]))}"
         if comp == "line" and self.item_events:
-            return f"more from the {short_title(str(m.categories[it]))} range you picked"
+            return f"more {short_title(str(m.intent_labels[it]))} from the brand you picked"
         if comp == "gnn":
             return "picked for you from your shopping history"
         if comp == "pop":

@@ -190,6 +190,11 @@ def test_reason_texts(svc: RankerService) -> None:
     assert reasons.text("cooc", neighbour) == f"because you bought {short_title(str(m.titles[i]))}"
     assert reasons.for_item(neighbour, {"cooc": 1.0, "pop": 0.01}) == [reasons.text("cooc", neighbour)]
     assert why().for_item(0, {"gnn": -1.0}) == ["popular with shoppers"]
+    # The session's category (intent) and product line name the category, only with a session.
+    cat = short_title(str(m.intent_labels[neighbour]))
+    assert reasons.text("intent", neighbour) == f"because you are shopping for {cat}"
+    assert reasons.text("line", neighbour) == f"more {cat} from the brand you picked"
+    assert why().text("intent", neighbour) is None
 
 
 def test_similar_items(svc: RankerService) -> None:
