@@ -16,8 +16,12 @@ import logging
 import os
 import sys
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:  # imported lazily at run time: `--help` stays fast
+    from graph.pipeline import PipelineConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> object:
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     from graph.config import TrainConfig
     from graph.pipeline import PipelineConfig
 
@@ -118,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         # Data first: bad input fails in seconds, before a Ray cluster is started or joined.
-        data = prepare_data(cfg)  # type: ignore[arg-type]
+        data = prepare_data(cfg)
         init_ray(args.address)
-        result = run_pipeline(cfg, data=data)  # type: ignore[arg-type]
+        result = run_pipeline(cfg, data=data)
     except IntentrecError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1

@@ -164,8 +164,11 @@ def main() -> int:
         client.close()
         return 0
     finally:
+        # Delete the app (replicas drain), remove the detached shard actors, then end the private
+        # cluster, Serve's controller and proxy with it (serve.shutdown() would add nothing but a
+        # retry warning from the controller it kills).
         with contextlib.suppress(Exception):
-            serve.shutdown()
+            serve.delete("intentrec")
         with contextlib.suppress(Exception):
             SessionStore(session_cfg).kill()  # detached shard actors
         ray.shutdown()
