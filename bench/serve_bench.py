@@ -61,6 +61,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local bench cluster, as 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from bench.loadgen import LoadSpec  # noqa: E402
+from bench.svd_model import svd_artifact  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_bench.json"
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -103,33 +104,6 @@ def cluster_serve_env(config: dict[str, Any], commands: str = "head_start_ray_co
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
-
-
-def svd_artifact(root: Path, max_users: int) -> str:
-    """A model version with truncated-SVD embeddings (the GNN's stand-in) on real data."""
-    import numpy as np
-    import scipy.sparse as sp
-    from scipy.sparse.linalg import svds
-
-    from graph.artifacts import write_artifact
-    from graph.data import load_builtin, temporal_split
-    from graph.interactions import build_interactions
-    from graph.signals import fit_signals
-
-    ds = load_builtin(max_users=max_users)
-    train, _ = temporal_split(ds.events, ds.default_split_at)
-    inter = build_interactions(train, ds.items)
-    signals = fit_signals(train, inter)
-    ei, w = inter.edge_index.numpy(), inter.edge_weight.numpy().astype(np.float64)
-    mat = sp.csr_matrix((w, (ei[0], ei[1])), shape=(inter.num_users, inter.num_items))
-    u, s, vt = svds(mat, k=32, random_state=0)
-    return write_artifact(
-        str(root), user_ids=inter.user_ids, items=ds.items,
-        user_emb=(u * np.sqrt(s)).astype(np.float32), item_emb=(vt.T * np.sqrt(s)).astype(np.float32),
-        signals=signals, metrics={},
-        manifest={"data": {"name": ds.name, "max_users": max_users},
-                  "training": {"embeddings": "truncated SVD (benchmark stand-in for the GNN)"}},
-    )  # fmt: skip
 
 
 def model_info(root: str) -> tuple[Any, dict[str, Any]]:
@@ -515,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no model under {model_root}: building one with SVD embeddings "
               f"(train one with `python train_job.py --output {opts.artifacts}`)")
         model_root = str(work / "svd_artifacts")
-        svd_artifact(Path(model_root), max_users=300)
+        svd_artifact(Path(model_root), max_users=300, dim=32,
+                     purpose="benchmark stand-in for the GNN")
         art, model = model_info(model_root)
     mix = traffic(art)
     del art

@@ -81,40 +81,16 @@ def ray_cluster() -> Iterator[None]:
 SERVING_MAX_USERS = 150
 
 
-def _write_svd_artifact(root: Path) -> str:
-    """Real data, real signals, real artifact format; embeddings from a truncated SVD of the
-    interaction matrix instead of the GNN, so that unit tests need no Ray."""
-    import numpy as np
-    import scipy.sparse as sp
-    from scipy.sparse.linalg import svds
-
-    from graph.artifacts import write_artifact
-    from graph.data import load_builtin, temporal_split
-    from graph.interactions import build_interactions
-    from graph.signals import fit_signals
-
-    ds = load_builtin(max_users=SERVING_MAX_USERS)
-    train, _ = temporal_split(ds.events, ds.default_split_at)
-    inter = build_interactions(train, ds.items)
-    signals = fit_signals(train, inter)
-    ei, w = inter.edge_index.numpy(), inter.edge_weight.numpy().astype(np.float64)
-    mat = sp.csr_matrix((w, (ei[0], ei[1])), shape=(inter.num_users, inter.num_items))
-    u, s, vt = svds(mat, k=16, random_state=0)
-    return write_artifact(
-        str(root), user_ids=inter.user_ids, items=ds.items,
-        user_emb=(u * np.sqrt(s)).astype(np.float32),
-        item_emb=(vt.T * np.sqrt(s)).astype(np.float32),
-        signals=signals, metrics={"svd": {"note": {"embeddings": 1.0}}},
-        manifest={"data": {"name": ds.name, "max_users": SERVING_MAX_USERS},
-                  "training": {"embeddings": "truncated SVD (unit-test stand-in for the GNN)"}},
-    )
-
-
 @pytest.fixture(scope="session")
 def svd_artifact_root(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Artifact root with one complete version (SVD embeddings, no Ray): for unit tests."""
     root = tmp_path_factory.mktemp("svd_artifacts")
-    _write_svd_artifact(root)
+    from bench.svd_model import svd_artifact
+
+    # Real data, real signals, real artifact format; SVD embeddings instead of the GNN, so that
+    # unit tests need no Ray.
+    svd_artifact(root, max_users=SERVING_MAX_USERS, dim=16, purpose="unit-test stand-in for the GNN",
+                 metrics={"svd": {"note": {"embeddings": 1.0}}})
     return str(root)
 
 
