@@ -62,6 +62,7 @@ from actors.api import (
     SimilarResponse,
     field_path,
 )
+from actors.clock import Clock, system_clock
 from actors.context import ContextEnricher, enrich_context
 from actors.ranker import GNNRanker, RankQuery
 from actors.session_events import SessionEvent
@@ -285,15 +286,19 @@ class Ingress:
         store: The session-state client; None (always, under Serve): the shard actors named by
             ``args.session``. The in-process bound of ``bench/serve_bench.py`` passes one whose
             shards live in its own process.
+        clock: The server clock (:mod:`actors.clock`): the time of a request without
+            ``context.ts`` and of an event without ``ts``; also given to the session shards.
     """
 
     def __init__(self, ranker: DeploymentHandle, enricher: DeploymentHandle | None,
-                 args: dict[str, Any], store: SessionStore | None = None) -> None:
+                 args: dict[str, Any], store: SessionStore | None = None,
+                 clock: Clock = system_clock) -> None:
         global _METRICS
         self.args = AppArgs.model_validate(args)
         self.ranker = ranker
         self.enricher = enricher
-        self.store = store if store is not None else SessionStore(self.args.session)
+        self.clock = clock
+        self.store = store if store is not None else SessionStore(self.args.session, clock)
         key = os.environ.get(self.args.api_key_env, "")
         self._key: bytes | None = key.encode() if key else None
         _METRICS = _Metrics()
@@ -308,13 +313,15 @@ class Ingress:
                 field=API_KEY_HEADER,
             )
 
-    async def _enrich(self, ctx: dict[str, Any] | None) -> dict[str, Any]:
+    async def _enrich(self, ctx: dict[str, Any] | None, now: float) -> dict[str, Any]:
+        """The context of one request (:meth:`actors.context.EnrichedContext.wire`), whose
+        ``ts`` is the request time: ``context.ts`` when given, else ``now``."""
         if self.enricher is not None:
-            out: dict[str, Any] = await self.enricher.enrich.remote(ctx)
+            out: dict[str, Any] = await self.enricher.enrich.remote(ctx, now)
             return out
-        e = enrich_context(ctx, default_country=self.args.default_country,
-                           default_timezone=self.args.default_timezone)
-        return {"signal": e.signal_fields(), "display": e.display()}
+        return enrich_context(ctx, default_country=self.args.default_country,
+                              default_timezone=self.args.default_timezone,
+                              now=datetime.fromtimestamp(now, UTC)).wire()
 
     @api.post("/v1/events", status_code=202, response_model=EventsAccepted,
               responses=_ERROR_RESPONSES, summary="Post one event or a batch")
@@ -332,10 +339,12 @@ class Ingress:
         async with _observed("events"):
             self._authorize(api_key)
             events: list[EventIn] = body.events if isinstance(body, EventBatch) else [body]
+            now = self.clock()  # one time for every event of the batch sent without ts
             batch = [
                 SessionEvent.create(
                     e.event, session_id=e.session_id, user_id=e.user_id, item_id=e.item_id,
-                    ts=_unix(e.ts), query=e.query, event_id=e.event_id,
+                    ts=now if e.ts is None else _unix(e.ts), query=e.query,
+                    event_id=e.event_id,
                 )
                 for e in events
             ]
@@ -359,8 +368,10 @@ class Ingress:
     async def recommend(self, req: RecommendationRequest) -> dict[str, Any]:
         async with _observed("recommendations"):
             ctx = req.context.model_dump(exclude_none=True) if req.context is not None else None
+            # One request time for everything time-dependent in answering it (session decay,
+            # intent, context): context.ts when given, else the server clock.
             snapshot, enriched = await asyncio.gather(
-                self.store.get(req.session_id, req.user_id), self._enrich(ctx)
+                self.store.get(req.session_id, req.user_id), self._enrich(ctx, self.clock())
             )
             query = RankQuery(
                 user_id=req.user_id,
@@ -370,7 +381,7 @@ class Ingress:
                 query=req.query,
                 exclude_items=tuple(req.exclude_items),
                 category=req.category,
-                now=time.time(),
+                now=enriched["ts"],
             )
             out: dict[str, Any] = await self.ranker.recommend.remote(query)
             return {**out, "context": ContextOut(**enriched["display"])}
@@ -432,7 +443,8 @@ class Ingress:
 # --------------------------------------------------------------------------------------
 
 
-def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None) -> Application:
+def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
+            clock: Clock = system_clock) -> Application:
     """Bind the deployments into one application.
 
     Args:
@@ -440,6 +452,8 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None) -> Applica
         env_vars: Extra environment variables for every replica (merged with the cluster's
             runtime environment), e.g. the API key in tests. Production sets them in
             ``serve_config.yaml`` (``runtime_env.env_vars``) instead.
+        clock: The server clock of the ingress and the session shards it starts (tests run
+            the app ten years ahead with :class:`actors.clock.OffsetClock`).
     """
     args = args.resolved()
     opts: dict[str, Any] = {}
@@ -454,7 +468,7 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None) -> Applica
     )
     enricher = None if args.inline_context else with_env(ContextEnricher, 0.1).bind(
         args.default_country, args.default_timezone)
-    return with_env(Ingress, 0.25).bind(ranker, enricher, args.model_dump())
+    return with_env(Ingress, 0.25).bind(ranker, enricher, args.model_dump(), None, clock)
 
 
 def _inside_an_actor() -> bool:

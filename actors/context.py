@@ -86,6 +86,16 @@ class EnrichedContext:
             "country": self.country,
         }
 
+    @property
+    def ts(self) -> float:
+        """The request time in unix seconds: the one "now" every time-dependent part of answering
+        the request uses (session decay, intent, context)."""
+        return self.local.timestamp()
+
+    def wire(self) -> dict[str, Any]:
+        """What the enricher sends the ingress: ``{"signal", "display", "ts"}``."""
+        return {"signal": self.signal_fields(), "display": self.display(), "ts": self.ts}
+
     def signal_fields(self) -> dict[str, Any]:
         """Keyword arguments of :class:`graph.ranking.ContextSignal` (what crosses the wire:
         plain values keep torch, which ``graph.ranking`` imports, out of the ingress process)."""
@@ -161,7 +171,7 @@ def enrich_context(
             ``ts``, ``timezone``, ``device``, ``region``, ``country``), or None.
         default_country: Holiday calendar and hemisphere when the request names no country.
         default_timezone: Zone of a naive or missing ``ts``.
-        now: The server clock (tests pin it).
+        now: The server clock: the request time when the context has no ``ts``.
     """
     ctx = context or {}
     ts = ctx.get("ts")
@@ -246,8 +256,14 @@ class ContextEnricher:
         # Fail at replica start, not on the first request, when a default is wrong.
         _zone(default_timezone)
 
-    async def enrich(self, context: dict[str, Any] | None) -> dict[str, Any]:
-        """``{"signal": ContextSignal fields, "display": ContextOut fields}`` for one request."""
-        enriched = enrich_context(context, default_country=self.default_country,
-                                  default_timezone=self.default_timezone)
-        return {"signal": enriched.signal_fields(), "display": enriched.display()}
+    async def enrich(self, context: dict[str, Any] | None, now: float) -> dict[str, Any]:
+        """:meth:`EnrichedContext.wire` of one request.
+
+        Args:
+            context: The request's ``context``.
+            now: The ingress's clock (unix seconds): the request time when ``context`` has no
+                ``ts``. Taken by the ingress, not here, so a request has one time.
+        """
+        return enrich_context(context, default_country=self.default_country,
+                              default_timezone=self.default_timezone,
+                              now=datetime.fromtimestamp(now, UTC)).wire()

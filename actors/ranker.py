@@ -73,7 +73,9 @@ class RankQuery:
         query: Search text to blend in.
         exclude_items: Item ids never to return.
         category: Category-path prefix the items must have.
-        now: Request time (unix seconds) for the recency of session events.
+        now: The request time (unix seconds): ``context.ts`` or the server clock, taken once by
+            the ingress. Every time-dependent part of the answer uses it (session decay,
+            intent). None: the newest session event's time; the ranker never reads a clock.
     """
 
     user_id: str | None = None
@@ -208,7 +210,7 @@ class RankerService:
         from graph.ranking import session_signal, top_k_from_scores
 
         m = self.model  # read once: a swap during this request does not affect it
-        now = q.now if q.now is not None else time.time()
+        now = q.now if q.now is not None else max((e[2] for e in q.events), default=0.0)
         user = self.user_row(m, q.user_id)
         known_events = [(m.item_index.get(e[0]) if e[0] is not None else None, e[1], e[2])
                         for e in q.events]

@@ -19,11 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
+from actors.clock import Clock, system_clock
 from graph.errors import BadRequestError
 from graph.schema import EVENT_TYPES, SEARCH
 
@@ -67,8 +67,10 @@ class SessionEvent:
         ts: float | None = None,
         query: str | None = None,
         event_id: str | None = None,
+        clock: Clock = system_clock,
     ) -> SessionEvent:
-        """Build an event with defaults: the user's implicit session, the clock, a content id.
+        """Build an event with defaults: the user's implicit session, ``clock()`` as the time of
+        an event sent without ``ts``, a content id.
 
         Raises:
             BadRequestError: Neither a session_id nor a user_id is given.
@@ -79,7 +81,7 @@ class SessionEvent:
                     "an event needs a session_id or a user_id; send at least one", "session_id"
                 )
             session_id = default_session_key(user_id)
-        ev = cls(user_id, session_id, item_id, event, time.time() if ts is None else float(ts), query)
+        ev = cls(user_id, session_id, item_id, event, clock() if ts is None else float(ts), query)
         return replace(ev, event_id=event_id or derive_event_id(ev))
 
 

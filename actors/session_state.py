@@ -72,6 +72,7 @@ import pyarrow.fs as pafs
 import ray
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from actors.clock import Clock, system_clock
 from actors.session_events import (
     SessionEvent,
     check_id,
@@ -231,7 +232,7 @@ class ShardState:
         config: SessionStateConfig,
         shard_index: int,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = system_clock,
         filesystem: pafs.FileSystem | None = None,
     ) -> None:
         if not 0 <= shard_index < config.num_shards:
@@ -661,10 +662,13 @@ class SessionShard:
     Args:
         config: ``SessionStateConfig.model_dump()`` (re-validated here).
         shard_index: This shard's index.
+        clock: The server clock (event-time validation, TTL); see :mod:`actors.clock`.
     """
 
-    def __init__(self, config: dict[str, Any], shard_index: int) -> None:
-        self._state = ShardState(SessionStateConfig.model_validate(config), shard_index)
+    def __init__(self, config: dict[str, Any], shard_index: int,
+                 clock: Clock = system_clock) -> None:
+        self._state = ShardState(SessionStateConfig.model_validate(config), shard_index,
+                                 clock=clock)
         self._queue: list[tuple[tuple[str, Any, Any], asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -858,10 +862,14 @@ class SessionStore:
 
     Args:
         config: The store configuration; a relative ``wal_uri`` is resolved here.
+        clock: The server clock, for this client's validation and for shards it creates (a shard
+            that already runs keeps its own).
     """
 
-    def __init__(self, config: SessionStateConfig | None = None) -> None:
+    def __init__(self, config: SessionStateConfig | None = None,
+                 clock: Clock = system_clock) -> None:
         self.config = (config or SessionStateConfig()).resolved()
+        self._clock = clock
         cls = ray.remote(SessionShard)
         payload = self.config.model_dump()
         self.handles: list[Any] = [
@@ -873,17 +881,19 @@ class SessionStore:
                 max_restarts=-1,
                 max_task_retries=-1,
                 num_cpus=self.config.num_cpus,
-            ).remote(payload, i)
+            ).remote(payload, i, clock)
             for i in range(self.config.num_shards)
         ]
         self._coalescers: dict[tuple[str, int, int], Coalescer] = {}
 
     @classmethod
-    def over(cls, config: SessionStateConfig, handles: Sequence[Any]) -> SessionStore:
+    def over(cls, config: SessionStateConfig, handles: Sequence[Any],
+             clock: Clock = system_clock) -> SessionStore:
         """A client over given shard handles (anything with ``.method.remote(...)`` awaitables)
         instead of the named actors: for the in-process benchmark bound."""
         store = cls.__new__(cls)
         store.config = config.resolved()
+        store._clock = clock
         store.handles = list(handles)
         store._coalescers = {}
         return store
@@ -935,7 +945,7 @@ class SessionStore:
             BadRequestError: An event is invalid (the field is named, e.g. ``events[3].event``).
             UnavailableError: A shard could not be reached; retrying the same events is safe.
         """
-        now = time.time()
+        now = self._clock()
         checked = [
             validate_event(ev, f"events[{i}]", now, self.config.max_clock_skew_seconds)
             for i, ev in enumerate(events)

@@ -20,6 +20,7 @@ from tests.helpers import wait_for_condition
 
 PORT = 8123
 APP = "intentrec-test"
+APP_AHEAD = "intentrec-test-ahead"
 KEY = "test-key-123"
 AUTH = {"X-API-Key": KEY}
 
@@ -77,6 +78,40 @@ def served(ray_cluster: None, trained_artifact_root: str,
         SessionStore(session).kill()
 
 
+@pytest.fixture(scope="module")
+def future_served(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A second app (own models copy, own session shards) whose ingress and shards run on a
+    server clock ten years ahead (``actors.clock.OffsetClock``)."""
+    import os
+
+    from ray import serve
+
+    import serve_app
+    from actors.clock import OffsetClock
+    from actors.session_state import SessionStateConfig, SessionStore
+
+    tmp = tmp_path_factory.mktemp("serving-ahead")
+    root = str(tmp / "models")
+    shutil.copytree(served.root, root)
+    set_latest_version(root, served.first_version)
+    session = SessionStateConfig(num_shards=1, wal_uri=str(tmp / "wal"),
+                                 actor_prefix="intentrec-test-ahead")
+    args = serve_app.AppArgs(artifacts_root=root, state_dir=str(tmp / "state"), reload_poll_s=0,
+                             session=session, inline_context=True)
+    app = serve_app.compose(args, env_vars={"INTENTREC_API_KEY": KEY,
+                                            "PYTHONPATH": os.environ["PYTHONPATH"]},
+                            clock=OffsetClock(TEN_YEARS_S))
+    serve.run(app, name=APP_AHEAD, route_prefix="/ahead", blocking=False)
+    url = f"http://127.0.0.1:{PORT}/ahead"
+    wait_for_condition(lambda: served.client.get(url + "/healthz").status_code == 200,
+                       timeout=180, interval=0.5, what="the ten-years-ahead app answers /healthz")
+    try:
+        yield Served(url, root, served.first_version, served.users, served.items, served.client)
+    finally:
+        serve.delete(APP_AHEAD)
+        SessionStore(session).kill()
+
+
 def _label(s: Served, item_id: str) -> str:
     cat = str(s.items.loc[s.items["item_id"] == item_id, "category"].iloc[0])
     return " > ".join(p.strip() for p in cat.split(">")[:2])
@@ -112,35 +147,64 @@ def _popular_item_of_a_broad_category(s: Served, min_items: int = 50) -> str:
     raise AssertionError(f"no popular item in a category of >= {min_items} items")
 
 
-def test_read_your_writes(served: Served) -> None:
-    user, sid, item = served.users[0], "ryw-session", _popular_item_of_a_broad_category(served)
-    before = served.recommend(user_id=user, session_id=sid, k=20,
-                              context={"ts": "2017-06-10T09:30:00", "country": "US"})
+# The read-your-writes scenario pins its request time (context.ts, a Saturday morning of the
+# training year); the events carry no ts, so the server stamps them with its own clock. The
+# answer must not depend on the day the test runs: see test_read_your_writes_ten_years_ahead.
+RYW_CONTEXT = {"ts": "2017-06-10T09:30:00", "country": "US"}
+TEN_YEARS_S = 10 * 365.25 * 86400
+
+
+def _read_your_writes(s: Served, sid: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Recommend, post a view and an add_to_cart of one item, recommend again; checks what must
+    hold on any day and returns both answers."""
+    user, item = s.users[0], _popular_item_of_a_broad_category(s)
+    before = s.recommend(user_id=user, session_id=sid, k=20, context=RYW_CONTEXT)
     assert before["session_events"] == 0 and before["user_known"]
     assert before["context"]["weekday"] == "Saturday" and before["context"]["hour"] == 9
 
-    r = served.post("/v1/events", {"events": [
+    r = s.post("/v1/events", {"events": [
         {"session_id": sid, "user_id": user, "event": "view", "item_id": item},
         {"session_id": sid, "user_id": user, "event": "add_to_cart", "item_id": item},
     ]}, auth=True)
     assert r.status_code == 202, r.text
     assert r.json()["accepted"] == 2
 
-    after = served.recommend(user_id=user, session_id=sid, k=20,
-                             context={"ts": "2017-06-10T09:30:00", "country": "US"})
+    after = s.recommend(user_id=user, session_id=sid, k=20, context=RYW_CONTEXT)
     assert after["session_events"] == 2
-    assert after["intent"][0]["category"] == _label(served, item)
+    assert after["intent"][0]["category"] == _label(s, item)
     ids = [it["item_id"] for it in after["items"]]
     assert item not in ids  # in the cart now
     assert ids != [it["item_id"] for it in before["items"]]
     # The just-carted category rises: more of the top 20 come from it than before the events
     # (the carted item itself not counted: it leaves the list once it is in the cart).
-    carted = _label(served, item)
-    in_category = [sum(_label(served, it["item_id"]) == carted for it in r["items"]
+    carted = _label(s, item)
+    in_category = [sum(_label(s, it["item_id"]) == carted for it in r["items"]
                        if it["item_id"] != item) for r in (before, after)]
     assert in_category[1] > in_category[0], (carted, in_category)
     reasons = [r for it in after["items"] for r in it["reasons"]]
     assert any(r.startswith("because you added") and r.endswith("to your cart") for r in reasons)
+    return before, after
+
+
+def _ranked(out: dict[str, Any]) -> list[tuple[str, float]]:
+    return [(it["item_id"], it["score"]) for it in out["items"]]
+
+
+def test_read_your_writes(served: Served) -> None:
+    _read_your_writes(served, "ryw-session")
+
+
+def test_read_your_writes_ten_years_ahead(served: Served, future_served: Served) -> None:
+    """The same scenario on a second app whose server clock runs ten years ahead (injected, no
+    sleep) gives the same answers, item for item and score for score."""
+    today = _read_your_writes(served, "ryw-today")
+    ahead = _read_your_writes(future_served, "ryw-ahead")
+    for now, later in zip(today, ahead, strict=True):
+        assert _ranked(later) == _ranked(now)
+        assert later["intent"] == now["intent"] and later["context"] == now["context"]
+    # The clock really is ahead: a request without context.ts is answered at its time.
+    year = future_served.recommend(session_id="ryw-ahead", k=1)["context"]["local_time"][:4]
+    assert int(year) >= pd.Timestamp.now(tz="UTC").year + 9
 
 
 def test_cold_start_never_fails(served: Served) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,9 @@ from actors.ranker import RankerService, RankQuery
 from actors.search_index import TokenIndex, tokenize
 from graph.artifacts import latest_version, list_versions, read_artifact, write_artifact
 from graph.errors import ArtifactError, NotFoundError
+
+# Event times are fixed: nothing here may depend on the day the test runs.
+T0 = 1_512_000_000.0  # 2017-11-30
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def test_session_event_changes_the_next_answer_with_a_reason(svc: RankerService)
     item = _busy_item(svc)
     cat = _cat_of(svc, item)
     before = svc.recommend(RankQuery(user_id="anon", k=20))
-    events = (("unknown-sku-1", "view", time.time(), None), (item, "add_to_cart", time.time(), None))
+    events = (("unknown-sku-1", "view", T0, None), (item, "add_to_cart", T0, None))
     after = svc.recommend(RankQuery(user_id="anon", k=20, events=events))
 
     assert after["session_events"] == 2  # the unknown item is kept, not an error
@@ -100,14 +102,14 @@ def test_session_event_changes_the_next_answer_with_a_reason(svc: RankerService)
     assert any(r.startswith("because you added") and r.endswith("to your cart") for r in reasons)
     # The carted category is scored (candidates), whatever the fused score then makes of it.
     m = svc.model
-    session_items = [(m.item_index[item], "add_to_cart", time.time())]
+    session_items = [(m.item_index[item], "add_to_cart", T0)]
     cand = candidates(m, None, None, session_items, None, [], None, [cat])
     assert sum(m.intent_labels[c] == cat for c in cand.tolist()) >= 5
 
 
 def test_removed_from_cart_is_recommendable_again(svc: RankerService) -> None:
     item = _busy_item(svc)
-    now = time.time()
+    now = T0
     events = ((item, "add_to_cart", now - 5, None), (item, "remove_from_cart", now, None))
     assert exclusions(svc.model, (), [(svc.model.item_index[item], e, t)
                                       for _, e, t, _ in events]).size == 0
@@ -132,7 +134,7 @@ def test_search_text_is_blended_in(svc: RankerService) -> None:
     assert len(hits) >= 5
     assert any("matches your search “kids cereal”" in r for it in hits for r in it["reasons"])
     # A search inside the session counts too (weaker than an explicit query).
-    ev = ((None, "search", time.time(), "kids cereal"),)
+    ev = ((None, "search", T0, "kids cereal"),)
     plain = svc.recommend(RankQuery(user_id="anon", k=20))
     sess = svc.recommend(RankQuery(user_id="anon", k=20, events=ev))
 
@@ -184,8 +186,8 @@ def test_reason_texts(svc: RankerService) -> None:
     i = m.item_index[src]
     sim = m.ranker.signals.item_sim
     neighbour = int(sim.indices[sim.indptr[i]])
-    events = [(i, "view", time.time()), (i, "purchase", time.time())]
-    reasons = why(session=session_signal(events, time.time()), item_events=events,
+    events = [(i, "view", T0), (i, "purchase", T0)]
+    reasons = why(session=session_signal(events, T0), item_events=events,
                   top=np.array([neighbour]))
     assert reasons.text("cooc", neighbour) == f"because you bought {short_title(str(m.titles[i]))}"
     assert reasons.for_item(neighbour, {"cooc": 1.0, "pop": 0.01}) == [reasons.text("cooc", neighbour)]
