@@ -1,6 +1,7 @@
 """Explanations: an item's per-component score contributions → sentences a shopper can read.
 
-:class:`Reasons` turns what :meth:`graph.ranking.Ranker.explain` says carried an item ("cooc",
+:class:`Reasons` turns what the ranker's TreeSHAP contributions
+(:meth:`graph.ltr.LearnedRanker.contributions`) say carried an item ("cooc",
 "repeat", "context", ...) into sentences — "because you added X to your cart", "you buy this every
 week", "because you are shopping for YOGURT", "popular on Saturday mornings" — naming the
 session item behind a "because you ..." reason.
@@ -104,8 +105,15 @@ class Reasons:
         return out
 
     def for_item(self, it: int, contrib: dict[str, float]) -> list[str]:
-        """Sentences for the components that carried the item (largest first)."""
-        positive = {c: v for c, v in contrib.items() if v > 0}
+        """Sentences for the components that carried the item (largest first).
+
+        Args:
+            it: The item.
+            contrib: Its per-component score contributions
+                (:meth:`graph.ltr.LearnedRanker.contributions`); ``base``, the model's expected
+                score, is no reason.
+        """
+        positive = {c: v for c, v in contrib.items() if v > 0 and c != "base"}
         total = sum(positive.values())
         out: list[str] = []
         for comp, v in sorted(positive.items(), key=lambda cv: -cv[1]):

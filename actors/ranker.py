@@ -1,20 +1,10 @@
-"""The GNN ranker: a model version → candidates → ``graph.ranking.Ranker`` → top-k with reasons.
+"""The GNN ranker replica: loads, caches and swaps model versions; answers with
+:meth:`graph.recommend.Recommender.recommend`, the function offline evaluation also calls.
 
 :class:`RankerService` is the whole ranker as a plain class (no Ray), so unit tests drive it on a
-real small artifact; :class:`GNNRanker` is the Serve deployment around it. The steps live beside
-it, one concept per module:
-
-1. **Model** (:mod:`actors.loaded_model`): the artifact, its faiss index and catalogue columns,
-   built completely before it is published.
-2. **Candidates** (:mod:`actors.candidates`): a few hundred to a couple of thousand items, never
-   the whole catalogue, from embedding neighbours, buy-again, co-occurrence, popularity, context,
-   intent and search (:mod:`actors.search_index`). Candidates only decide what gets scored.
-3. **Scores** from :meth:`graph.ranking.Ranker.score` — the exact function the offline evaluation
-   uses — plus, when there is search text, a match bonus (see :data:`QUERY_WEIGHT`).
-4. **Top-k** through :func:`graph.ranking.top_k_from_scores` (exclusions: the request's
-   ``exclude_items`` and what is in the session's cart).
-5. **Reasons** (:mod:`actors.explain`) from :meth:`graph.ranking.Ranker.explain`: the components
-   that carried an item, each turned into a sentence.
+real small artifact; :class:`GNNRanker` is the Serve deployment around it. Per request it only
+translates ids to indices and back, and the per-component contributions of the top items into
+sentences (:mod:`actors.explain`).
 
 Model swaps: a :class:`~actors.loaded_model.LoadedModel` is immutable once published by one
 reference assignment; a request reads the reference once, so requests in flight finish on the
@@ -35,27 +25,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ray import serve
 
-from actors.candidates import ANN_K, candidates, exclusions
 from actors.context import infer_intent
 from actors.explain import Reasons, short_title
 from actors.loaded_model import LoadedModel
-from actors.search_index import tokenize
 from actors.tombstones import Tombstones
 from graph import schema as S
 from graph.artifacts import ModelArtifact, read_artifact, resolve_version, set_latest_version
 from graph.errors import IntentrecError, NotFoundError
+from graph.search_index import tokenize
 
 if TYPE_CHECKING:  # heavy imports (torch, faiss) stay out of processes that only pass requests
     from graph.ranking import ContextSignal
 
 log = logging.getLogger(__name__)
-
-# Intent categories of the session that are a candidate source.
-INTENT_CATEGORIES = 2
-# A full search match adds this many standard deviations of the candidates' scores.
-QUERY_WEIGHT = 2.0
-# The session's latest search counts as an implicit query at this fraction of QUERY_WEIGHT.
-SESSION_QUERY_FRACTION = 0.75
 
 # One session event as the ingress sends it: (item_id, event, ts unix seconds, query).
 WireEvent = tuple[str | None, str, float, str | None]
@@ -128,10 +110,12 @@ class RankerService:
         probe = RankerService.__new__(RankerService)
         probe.tombstones = Tombstones(None)
         probe.model = model
-        first = str(model.item_ids[int(model.popular[0])]) if len(model.popular) else None
+        cat = model.catalogue
+        top = int(cat.popular[0]) if len(cat.popular) else None
+        first = None if top is None else str(cat.item_ids[top])
         user = next(iter(model.user_index), None)
         events: tuple[WireEvent, ...] = () if first is None else ((first, S.VIEW, 0.0, None),)
-        words = tokenize(str(model.titles[int(model.popular[0])])) if len(model.popular) else []
+        words = [] if top is None else tokenize(str(cat.titles[top]))
         probe.recommend(RankQuery(user_id=user, events=events, context={"weekday": 0, "hour": 12},
                                   k=5, query=words[0] if words else None))
 
@@ -207,63 +191,45 @@ class RankerService:
     def recommend(self, q: RankQuery) -> dict[str, Any]:
         """Answer one recommendation request (the body of ``RecommendationResponse`` minus the
         context display, which the ingress adds)."""
-        from graph.ranking import session_signal, top_k_from_scores
+        from graph.recommend import Request
 
         m = self.model  # read once: a swap during this request does not affect it
         now = q.now if q.now is not None else max((e[2] for e in q.events), default=0.0)
         user = self.user_row(m, q.user_id)
-        known_events = [(m.item_index.get(e[0]) if e[0] is not None else None, e[1], e[2])
-                        for e in q.events]
-        item_events = [(i, ev, ts) for i, ev, ts in known_events if i is not None and ev != S.SEARCH]
-        session = session_signal(item_events, now) if item_events else None
+        item_events = tuple(
+            (i, ev, ts) for i, ev, ts in
+            ((m.item_index.get(e[0]) if e[0] is not None else None, e[1], e[2]) for e in q.events)
+            if i is not None and ev != S.SEARCH
+        )
+        searches = [e[3] for e in q.events if e[1] == S.SEARCH and e[3]]
+        q_tokens = tuple(tokenize(q.query)) if q.query else ()
+        s_tokens = tuple(t for t in tokenize(searches[-1]) if t not in q_tokens) if searches else ()
         context = _context_signal(q.context)
-        search_text = [e[3] for e in q.events if e[1] == S.SEARCH and e[3]]
-        q_tokens = tokenize(q.query) if q.query else []
-        s_tokens = [t for t in tokenize(search_text[-1]) if t not in q_tokens] if search_text else []
-
-        intent = infer_intent(((e[0], e[1], e[2]) for e in q.events),
-                              lambda it: _label(m, it), now)
-        cand = candidates(m, user, session, item_events, context, q_tokens + s_tokens,
-                          q.category, [c for c, _ in intent[:INTENT_CATEGORIES]])
-        if q.category:
-            cand = cand[np.char.startswith(m.categories_lower[cand], q.category.strip().lower())]
-        exclude = exclusions(m, q.exclude_items, item_events)
-        base = {"model_version": m.version, "user_known": user is not None,
+        exclude = np.fromiter((m.item_index[x] for x in q.exclude_items if x in m.item_index),
+                              dtype=np.int64)
+        req = Request(user=user, item_events=item_events, context=context, now=now,
+                      query=q_tokens, session_query=s_tokens, category=q.category,
+                      exclude=exclude, k=q.k)
+        ranked = m.rec.recommend(req)
+        intent = infer_intent(((e[0], e[1], e[2]) for e in q.events), lambda it: _label(m, it), now)
+        why = Reasons.build(m, user, req.session, list(item_events), context,
+                            q.query or (searches[-1] if searches else None), ranked.items)
+        items = [self._item_out(m, it, sc, why.for_item(it, contrib))
+                 for it, sc, contrib in zip(ranked.items.tolist(), ranked.scores.tolist(),
+                                            ranked.contributions, strict=True)]
+        return {"model_version": m.version, "user_known": user is not None,
                 "session_events": len(q.events),
-                "intent": [{"category": c, "weight": round(w, 4)} for c, w in intent]}
-        if len(cand) == 0:
-            return {**base, "items": []}
-
-        scores = m.ranker.score([user], [session], [context], candidates=cand)[0]
-        bonus = np.zeros(len(cand), dtype=np.float32)
-        spread = float(np.std(scores)) or 1.0
-        if q_tokens:
-            bonus += QUERY_WEIGHT * spread * m.tokens.match(q_tokens, cand)
-        if s_tokens:
-            bonus += SESSION_QUERY_FRACTION * QUERY_WEIGHT * spread * m.tokens.match(s_tokens, cand)
-        total = scores + bonus
-        idx, vals = top_k_from_scores(total[None, :], q.k, [exclude], cand)
-        keep = idx[0] >= 0
-        top, top_scores = idx[0][keep], vals[0][keep]
-        bonus_of = dict(zip(cand.tolist(), bonus.tolist(), strict=True))
-        contributions = m.ranker.explain(user, session, context, top) if len(top) else []
-        why = Reasons.build(m, user, session, item_events, context,
-                            q.query or (search_text[-1] if search_text else None), top)
-        items = []
-        for it, sc, contrib in zip(top.tolist(), top_scores.tolist(), contributions, strict=True):
-            if bonus_of.get(it, 0.0) > 0:
-                contrib = {**contrib, "query": bonus_of[it]}
-            items.append(self._item_out(m, it, sc, why.for_item(it, contrib)))
-        return {**base, "items": items}
+                "intent": [{"category": c, "weight": round(w, 4)} for c, w in intent],
+                "items": items}
 
     def similar(self, item_id: str, k: int = S.TOP_K) -> dict[str, Any]:
-        """Item-to-item neighbours: co-occurrence and embedding neighbours, scored by the shared
-        Ranker with the item as a one-item session.
+        """Item-to-item neighbours: the recommender's answer to an anonymous session that viewed
+        only this item.
 
         Raises:
             NotFoundError: the item is not in the model's catalogue.
         """
-        from graph.ranking import SessionSignal, top_k_from_scores
+        from graph.recommend import Request
 
         m = self.model
         i = m.item_index.get(item_id)
@@ -273,37 +239,25 @@ class RankerService:
                 "need a catalogue item (events for unknown items are still accepted)",
                 field="item_id",
             )
+        ranked = m.rec.recommend(Request(item_events=((i, S.VIEW, 0.0),), now=0.0,
+                                         exclude=np.array([i]), k=k), explain=False)
         sim = m.ranker.signals.item_sim
-        co = sim.indices[sim.indptr[i]: sim.indptr[i + 1]]
-        # Inner product, like the Ranker's session component the candidates are scored with.
-        _, ann = m.index.search(m.ranker.item_emb[i: i + 1], ANN_K)
-        cand = np.unique(np.concatenate([co, ann[0][ann[0] >= 0]]).astype(np.int64))
-        cand = cand[cand != i]
-        if len(cand) == 0:
-            cand = m.popular[m.popular != i]
-        session = SessionSignal(np.array([i], dtype=np.int64), np.array([1.0], dtype=np.float32))
-        scores = m.ranker.score([None], [session], [None], candidates=cand)
-        idx, vals = top_k_from_scores(scores, k, None, cand)
-        keep = idx[0] >= 0
-        top, top_scores = idx[0][keep], vals[0][keep]
-        co_set = set(co.tolist())
+        co_set = set(sim.indices[sim.indptr[i]: sim.indptr[i + 1]].tolist())
         name = short_title(str(m.titles[i]))
-        items = []
-        for it, sc in zip(top.tolist(), top_scores.tolist(), strict=True):
-            reason = (f"often bought together with {name}" if it in co_set
-                      else f"similar to {name}")
-            items.append(self._item_out(m, it, sc, [reason]))
+        items = [self._item_out(m, it, sc, [f"often bought together with {name}" if it in co_set
+                                            else f"similar to {name}"])
+                 for it, sc in zip(ranked.items.tolist(), ranked.scores.tolist(), strict=True)]
         return {"item_id": item_id, "model_version": m.version, "items": items}
-
 
     @staticmethod
     def _item_out(m: LoadedModel, it: int, score: float, reasons: list[str]) -> dict[str, Any]:
-        price = float(m.prices[it])
+        cat = m.catalogue
+        price = float(cat.prices[it])
         return {
-            "item_id": str(m.item_ids[it]),
+            "item_id": str(cat.item_ids[it]),
             "score": round(float(score), 6),
-            "title": str(m.titles[it]),
-            "category": str(m.categories[it]),
+            "title": str(cat.titles[it]),
+            "category": str(cat.categories[it]),
             "price": None if math.isnan(price) else round(price, 2),
             "reasons": reasons,
         }

@@ -11,6 +11,7 @@ Layout under ``root`` (a local folder or a pyarrow filesystem URI such as ``s3:/
         users.parquet             user_id (row i = user index i)
         items.parquet             item_id, title, category, department, brand, price (row = index)
         signals/                  graph.signals.RankingSignals.save()
+        ranker/                   the LightGBM ranker (model.txt, meta.json) and item_features.npy
         _COMPLETE                 written last inside the folder
 
 A reader resolves ``LATEST`` once and then reads only that folder, so a publish that happens while
@@ -42,7 +43,9 @@ COMPLETE_MARKER = "_COMPLETE"
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 SIGNALS_DIR = "signals"
-FORMAT_VERSION = 1
+RANKER_DIR = "ranker"
+ITEM_FEATURES_FILE = "item_features.npy"
+FORMAT_VERSION = 2  # 2: the learned ranker (ranker/)
 
 
 def _fs(root: str) -> tuple[pafs.FileSystem, str]:
@@ -90,6 +93,8 @@ class ModelArtifact:
     user_emb: np.ndarray
     item_emb: np.ndarray
     signals: Any  # graph.signals.RankingSignals (typed loosely to keep this module import-light)
+    learned: Any  # graph.ltr.LearnedRanker
+    item_static: np.ndarray  # graph.features.item_features, [num_items, len(ITEM_FEATURES)]
 
     def user_index(self) -> dict[str, int]:
         return {u: i for i, u in enumerate(self.user_ids.tolist())}
@@ -108,10 +113,15 @@ def write_artifact(
     signals: Any,
     metrics: dict[str, Any],
     manifest: dict[str, Any],
+    learned: Any,
+    item_static: np.ndarray,
     version: str | None = None,
     set_latest: bool = True,
 ) -> str:
     """Write a complete version folder, then (optionally) switch ``LATEST`` to it.
+
+    ``learned`` is the :class:`graph.ltr.LearnedRanker` (anything with ``to_files() -> {name:
+    bytes}``) and ``item_static`` its per-item features.
 
     Returns:
         The version name.
@@ -145,6 +155,11 @@ def write_artifact(
         fs.create_dir(f"{vdir}/{SIGNALS_DIR}", recursive=True)
         for f in sorted(Path(tmp).iterdir()):
             _write_bytes(fs, f"{vdir}/{SIGNALS_DIR}/{f.name}", f.read_bytes())
+    if item_static.shape[0] != len(items):
+        raise ArtifactError(f"item features have {item_static.shape[0]} rows for {len(items)} items")
+    fs.create_dir(f"{vdir}/{RANKER_DIR}", recursive=True)
+    for name, data in {**learned.to_files(), ITEM_FEATURES_FILE: npy(item_static)}.items():
+        _write_bytes(fs, f"{vdir}/{RANKER_DIR}/{name}", data)
     full_manifest = {
         "format_version": FORMAT_VERSION,
         "version": version,
@@ -232,7 +247,8 @@ def resolve_version(root: str, version: str = "latest") -> str:
 
 def read_artifact(root: str, version: str = "latest") -> ModelArtifact:
     """Load a complete model version (``"latest"`` or a name)."""
-    from graph.signals import RankingSignals  # local: keeps `import graph.artifacts` light
+    from graph.ltr import LearnedRanker  # local: keeps `import graph.artifacts` light
+    from graph.signals import RankingSignals
 
     version = resolve_version(root, version)
     fs, base = _fs(root)
@@ -249,6 +265,14 @@ def read_artifact(root: str, version: str = "latest") -> ModelArtifact:
         for info in fs.get_file_info(pafs.FileSelector(f"{vdir}/{SIGNALS_DIR}")):
             Path(tmp, Path(info.path).name).write_bytes(_read_bytes(fs, info.path))
         signals = RankingSignals.load(tmp)
+    if not _exists(fs, f"{vdir}/{RANKER_DIR}/{ITEM_FEATURES_FILE}"):
+        raise ArtifactError(f"model version {version} under {root} has no learned ranker "
+                            f"({RANKER_DIR}/): it was written by an older release; retrain with "
+                            "`python train_job.py`")
+    files = {Path(i.path).name: _read_bytes(fs, i.path)
+             for i in fs.get_file_info(pafs.FileSelector(f"{vdir}/{RANKER_DIR}"))}
+    item_static = np.load(io.BytesIO(files.pop(ITEM_FEATURES_FILE)))
+    learned = LearnedRanker.from_files(files)
     return ModelArtifact(
         version=version,
         path=vdir,
@@ -259,4 +283,6 @@ def read_artifact(root: str, version: str = "latest") -> ModelArtifact:
         user_emb=user_emb,
         item_emb=item_emb,
         signals=signals,
+        learned=learned,
+        item_static=item_static,
     )

@@ -1,19 +1,17 @@
-"""The offline protocol of SPEC.md: four tasks, three baselines and intentrec, one table.
+"""The offline protocol of SPEC.md: four tasks, three baselines, intentrec and its ablations.
 
-Tasks (built from events after the cut; signals and embeddings only ever saw events before it):
+Tasks: :mod:`graph.tasks` (built from events after the cut; signals and embeddings only ever saw
+events before it).
 
-- ``next_basket_all``: every test user with training purchases; relevant = the distinct items they
-  buy after the cut; no exclusion.
-- ``next_basket_discovery``: relevant = those items the user never bought before the cut; the
-  user's previously bought items are excluded from every model's ranking.
-- ``in_session``: every test basket (session) with at least 4 distinct purchased items; a seeded
-  random half (``n // 2`` items) is revealed as ``add_to_cart`` events at the basket's timestamp,
-  the rest is relevant; revealed items are excluded for every model; the context is the basket's
-  timestamp.
-- ``in_session_blind``: the same baskets, exclusions and targets with the session signal off.
+intentrec is ranked by :class:`graph.recommend.Recommender`: the same candidate generation,
+features, LightGBM ranker and top-k as serving, request by request. Its ablations
+(``intentrec_no_gnn``, ``intentrec_no_session``, ``intentrec_no_context``) rank the same
+candidates with rankers fitted without those features and candidate sources. For each task the
+report also gives the **candidate recall**: the share of relevant items that candidate generation
+put in front of the ranker (an upper bound of its recall), overall and per source.
 
-Every model ranks the whole catalogue (no sampled negatives) through the same
-``graph.ranking.top_k_from_scores`` path. Baselines:
+Baselines rank the whole catalogue (no sampled negatives) through
+``graph.ranking.top_k_from_scores``:
 
 - ``popularity``: recency-decayed global purchase counts.
 - ``buy_again``: the user's own purchase frequency (sessions holding the item), ties broken by the
@@ -35,121 +33,19 @@ import pandas as pd
 import scipy.sparse as sp
 
 from graph import schema as S
-from graph.fusion import QueryBatch, fit_weights
 from graph.interactions import Interactions
+from graph.ltr import LearnedRanker
 from graph.metrics import summarize
-from graph.ranking import (
-    ContextSignal,
-    Ranker,
-    SessionSignal,
-    session_signal,
-    top_k_from_scores,
-)
-from graph.signals import FusionWeights, RankingSignals, to_unix_seconds
+from graph.ranking import top_k_from_scores
+from graph.recommend import Recommender
+from graph.retrieval import SOURCES
+from graph.signals import RankingSignals
+from graph.tasks import QueryBatch, in_session_tasks, next_basket_tasks
 
 log = logging.getLogger(__name__)
-MIN_BASKET = 4
 Progress = Callable[[str], None]
 ScoreFn = Callable[[slice], np.ndarray]
-
-
-def _bought(events: pd.DataFrame, inter: Interactions) -> pd.DataFrame:
-    """Purchases (or, for data without any, positive item events) as (u, i, session, ts) codes.
-
-    ``u`` is -1 for users outside ``inter.user_ids``; items outside the catalogue are dropped.
-    """
-    ev = events[events[S.ITEM_COL].notna()]
-    if (ev[S.EVENT_COL] == S.PURCHASE).any():
-        ev = ev[ev[S.EVENT_COL] == S.PURCHASE]
-    else:
-        ev = ev[ev[S.EVENT_COL].map(S.EVENT_WEIGHTS).fillna(0.0) > 0]
-    out = pd.DataFrame({
-        "u": pd.Index(inter.user_ids).get_indexer(ev[S.USER_COL].astype(str)),
-        "i": pd.Index(inter.item_ids).get_indexer(ev[S.ITEM_COL].astype(str)),
-        "s": ev[S.SESSION_COL].astype(str).to_numpy(),
-        "ts": ev[S.TS_COL].to_numpy(),
-    })
-    return out[out["i"] >= 0]
-
-
-def _item_sets(df: pd.DataFrame, key: str) -> dict[Any, np.ndarray]:
-    return {k: np.unique(g.to_numpy()) for k, g in df.groupby(key, sort=True)["i"]}
-
-
-def next_basket_tasks(
-    train_events: pd.DataFrame,
-    test_events: pd.DataFrame,
-    inter: Interactions,
-    *,
-    seed: int = 0,
-    max_users: int | None = None,
-) -> tuple[QueryBatch, QueryBatch]:
-    """``next_basket_all`` and ``next_basket_discovery`` queries.
-
-    Users: those with purchases both before (in ``train_events`` and ``inter``) and after the cut;
-    a seeded sample of ``max_users`` of them when given (the same for every model).
-    """
-    history = _item_sets(_bought(train_events, inter).query("u >= 0"), "u")
-    future = _item_sets(_bought(test_events, inter).query("u >= 0"), "u")
-    users = np.array(sorted(u for u in future if u in history), dtype=np.int64)
-    if max_users is not None and len(users) > max_users:
-        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
-    b = len(users)
-    nb_all = QueryBatch("next_basket_all", users, [None] * b, [None] * b, [None] * b,
-                        [future[u] for u in users])
-    disc_users: list[int] = []
-    disc_ex: list[np.ndarray | None] = []
-    disc_t: list[np.ndarray] = []
-    for u in users:
-        new = np.setdiff1d(future[u], history[u])
-        if len(new):
-            disc_users.append(u)
-            disc_ex.append(history[u])
-            disc_t.append(new)
-    d = len(disc_users)
-    nb_disc = QueryBatch("next_basket_discovery", np.array(disc_users, dtype=np.int64),
-                         [None] * d, [None] * d, disc_ex, disc_t)
-    return nb_all, nb_disc
-
-
-def in_session_tasks(
-    test_events: pd.DataFrame,
-    inter: Interactions,
-    *,
-    country: str = "US",
-    seed: int = 0,
-    max_baskets: int | None = None,
-) -> tuple[QueryBatch, QueryBatch]:
-    """``in_session`` and ``in_session_blind`` queries over baskets of >= 4 distinct items.
-
-    Baskets are taken in session-id order; a seeded sample of ``max_baskets`` when given; each
-    basket's items are shuffled by the same seeded generator and the first ``n // 2`` revealed.
-    """
-    bought = _bought(test_events, inter)
-    meta = bought.groupby("s", sort=True).agg(u=("u", "first"), ts=("ts", "max"))
-    items = _item_sets(bought, "s")
-    keep = np.array([len(items[s]) >= MIN_BASKET for s in meta.index], dtype=bool)
-    meta = meta[keep]
-    rng = np.random.default_rng(seed)
-    if max_baskets is not None and len(meta) > max_baskets:
-        meta = meta.iloc[np.sort(rng.choice(len(meta), max_baskets, replace=False))]
-    sessions: list[SessionSignal | None] = []
-    contexts: list[ContextSignal | None] = []
-    exclude: list[np.ndarray | None] = []
-    targets: list[np.ndarray] = []
-    for s, ts in zip(meta.index, pd.to_datetime(meta["ts"]), strict=True):
-        its = rng.permutation(items[s])
-        half = len(its) // 2
-        now = to_unix_seconds(ts)
-        sessions.append(session_signal([(int(i), S.ADD_TO_CART, now) for i in its[:half]], now))
-        contexts.append(ContextSignal.from_timestamp(ts, country))
-        exclude.append(np.sort(its[:half]))
-        targets.append(np.sort(its[half:]))
-    u = meta["u"].to_numpy(dtype=np.int64)
-    n = len(meta)
-    ins = QueryBatch("in_session", u, sessions, contexts, exclude, targets)
-    blind = QueryBatch("in_session_blind", u, [None] * n, list(contexts), list(exclude), targets)
-    return ins, blind
+CHUNK = 256
 
 
 # ------------------------------------------------------------------------------ baselines
@@ -216,12 +112,7 @@ def itemknn_scores(signals: RankingSignals, q: QueryBatch) -> ScoreFn:
     return fn
 
 
-def ranker_scores(ranker: Ranker, q: QueryBatch, weights: FusionWeights | None = None) -> ScoreFn:
-    """``intentrec``: the Ranker's fused score (optionally with other fusion weights)."""
-    return lambda sl: ranker.score(q.users[sl], q.sessions[sl], q.contexts[sl], weights=weights)
-
-
-def run_queries(fn: ScoreFn, q: QueryBatch, k: int, chunk: int) -> np.ndarray:
+def run_queries(fn: ScoreFn, q: QueryBatch, k: int, chunk: int = CHUNK) -> np.ndarray:
     """Rank the whole catalogue for every request, in chunks. Shapes: return ``[B, k]``."""
     out = [
         top_k_from_scores(fn(slice(s, s + chunk)), k, q.exclude[s: s + chunk])[0]
@@ -230,114 +121,144 @@ def run_queries(fn: ScoreFn, q: QueryBatch, k: int, chunk: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 
+def recommender_rankings(
+    rec: Recommender, q: QueryBatch, rankers: Mapping[str, LearnedRanker], k: int,
+    progress: Progress | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Rank every request of ``q`` with :meth:`Recommender.prepare` and :meth:`Recommender.rank`
+    for each ranker (the candidates and features of a request are computed once).
+
+    Returns:
+        ``({name: [B, k] item indices padded with -1}, candidate report)``; the report holds
+        ``candidate_recall`` (relevant items among the candidates / relevant items, averaged over
+        requests), ``candidates`` (mean count) and ``source_recall`` per source.
+    """
+    out = {name: np.full((len(q), k), -1, dtype=np.int64) for name in rankers}
+    recall = np.zeros(len(q))
+    count = np.zeros(len(q))
+    per_source = np.zeros((len(q), len(SOURCES)))
+    t0 = last = time.perf_counter()
+    for b, req in enumerate(q.requests(k)):
+        p = rec.prepare(req)
+        tgt = q.targets[b]
+        hit = np.isin(p.candidates.items, tgt)
+        recall[b] = hit.sum() / len(tgt)
+        count[b] = len(p.candidates)
+        per_source[b] = p.candidates.sources[hit].sum(axis=0) / len(tgt)
+        for name, lr in rankers.items():
+            top = rec.rank(p, learned=lr, k=k).items
+            out[name][b, : len(top)] = top
+        if progress is not None and time.perf_counter() - last > 15:
+            last = time.perf_counter()
+            progress(f"evaluate {q.name}: {b + 1}/{len(q)} requests ({last - t0:.0f}s)")
+    report = {"candidate_recall": float(recall.mean()) if len(q) else float("nan"),
+              "candidates": float(count.mean()) if len(q) else float("nan"),
+              "source_recall": {s: float(per_source[:, j].mean()) if len(q) else float("nan")
+                                for j, s in enumerate(SOURCES)}}
+    return out, report
+
+
 def evaluate(
     train_events: pd.DataFrame,
     test_events: pd.DataFrame,
     inter: Interactions,
-    signals: RankingSignals,
-    ranker: Ranker,
+    rec: Recommender,
+    cut: pd.Timestamp,
     *,
+    ablations: Mapping[str, LearnedRanker] | None = None,
     seed: int = 0,
     max_users: int | None = None,
     max_baskets: int | None = None,
     progress: Progress | None = None,
-    variants: Mapping[str, FusionWeights] | None = None,
     k: int = S.TOP_K,
-) -> dict[str, dict[str, dict[str, float]]]:
+) -> dict[str, dict[str, dict[str, Any]]]:
     """Run the protocol; see the module docstring.
 
     Args:
         train_events: Events before the cut (only used for users' purchase histories).
         test_events: Events at or after the cut (only used for targets and revealed items).
-        inter: The indexing of ``signals`` and of the ranker's embeddings.
-        signals: Signals fitted on ``train_events`` only.
-        ranker: The intentrec Ranker (built on ``signals``).
+        inter: The indexing of the recommender's signals and embeddings.
+        rec: The intentrec recommender (signals and embeddings fitted on ``train_events``).
+        cut: The split time (the request time of next-basket tasks).
+        ablations: Extra rankers ``{row name: LearnedRanker}`` scored on the same candidates,
+            shown above ``intentrec``.
         seed: Seed of the reveal order and of any subsample.
         max_users: Subsample of next-basket users (default: all).
         max_baskets: Subsample of in-session baskets (default: all).
-        progress: Called with one line per task (default: the module logger).
-        variants: Extra rows ranked by the same Ranker with other fusion weights (ablations,
-            e.g. the GNN alone); shown above ``intentrec``.
+        progress: Called with progress lines (default: the module logger).
         k: Cut-off of the metrics.
 
     Returns:
-        ``{model: {task: {"recall@k", "ndcg@k", "hit@k", "n"}}}`` where ``n`` is the number of
-        requests the task scored.
+        ``{model: {task: {"recall@k", "ndcg@k", "hit@k", "n"}}}``; intentrec's task entries
+        also hold the candidate report of :func:`recommender_rankings`.
     """
     say = progress or log.info
+    signals = rec.ranker.signals
     t0 = time.perf_counter()
-    nb_all, nb_disc = next_basket_tasks(train_events, test_events, inter, seed=seed,
+    nb_all, nb_disc = next_basket_tasks(train_events, test_events, inter, cut, seed=seed,
                                         max_users=max_users)
     ins, blind = in_session_tasks(test_events, inter, country=signals.params.country, seed=seed,
                                   max_baskets=max_baskets)
     say(f"evaluate: {len(nb_all)} next-basket users ({len(nb_disc)} with new items), "
         f"{len(ins)} in-session baskets; tasks built in {time.perf_counter() - t0:.1f}s")
-    models: dict[str, Callable[[QueryBatch], ScoreFn]] = {
+    baselines: dict[str, Callable[[QueryBatch], ScoreFn]] = {
         "popularity": lambda q: popularity_scores(signals, q),
         "buy_again": lambda q: buy_again_scores(signals, q),
         "itemknn": lambda q: itemknn_scores(signals, q),
     }
-    for name, w in (variants or {}).items():
-        models[name] = lambda q, w=w: ranker_scores(ranker, q, w)  # type: ignore[misc]
-    models["intentrec"] = lambda q: ranker_scores(ranker, q)
-    results: dict[str, dict[str, dict[str, float]]] = {m: {} for m in models}
+    rankers = {**(ablations or {}), "intentrec": rec.learned}
+    results: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in [*baselines, *rankers]}
     for q in (nb_all, nb_disc, ins, blind):
         t = time.perf_counter()
-        for name, make in models.items():
-            if len(q) == 0:
+        if len(q) == 0:
+            for name in results:
                 results[name][q.name] = {f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"),
                                          f"hit@{k}": float("nan"), "n": 0.0}
-                continue
-            ranked = run_queries(make(q), q, k, ranker.chunk_size)
-            results[name][q.name] = {**summarize(ranked, q.targets, k), "n": float(len(q))}
-        r = {m: results[m][q.name].get(f"recall@{k}", float("nan")) for m in models}
-        say(f"evaluate {q.name}: {len(q)} requests in {time.perf_counter() - t:.1f}s; recall@{k} "
-            + ", ".join(f"{m} {v:.4f}" for m, v in r.items()))
+            continue
+        for name, make in baselines.items():
+            results[name][q.name] = {**summarize(run_queries(make(q), q, k), q.targets, k),
+                                     "n": float(len(q))}
+        ranked, report = recommender_rankings(rec, q, rankers, k, progress=say)  # type: ignore[arg-type]
+        for name, top in ranked.items():
+            results[name][q.name] = {**summarize(top, q.targets, k), "n": float(len(q))}
+        results["intentrec"][q.name].update(report)
+        r = {m: results[m][q.name].get(f"recall@{k}", float("nan")) for m in results}
+        say(f"evaluate {q.name}: {len(q)} requests in {time.perf_counter() - t:.1f}s; candidate "
+            f"recall {report['candidate_recall']:.3f} ({report['candidates']:.0f} candidates); "
+            f"recall@{k} " + ", ".join(f"{m} {v:.4f}" for m, v in r.items()))
     say(f"evaluate: done in {time.perf_counter() - t0:.1f}s")
     return results
 
 
-def fit_validation_weights(
-    ranker: Ranker,
-    train_events: pd.DataFrame,
-    val_events: pd.DataFrame,
-    inter: Interactions,
-    *,
-    seed: int = 0,
-    max_users: int | None = 1000,
-    max_baskets: int | None = 2000,
-    progress: Progress | None = None,
-) -> FusionWeights:
-    """Fit the fusion weights on a validation window with the tasks of the protocol.
+def validation_tasks(history: pd.DataFrame, window: pd.DataFrame, inter: Interactions,
+                     cut: pd.Timestamp, *, country: str, seed: int = 0,
+                     max_users: int | None = 1000, max_baskets: int | None = 2000,
+                     ) -> list[QueryBatch]:
+    """The validation twins of the tasks the learned ranker is fitted on: next-basket (all and
+    discovery) asked at the validation cut, in-session baskets of the validation window, and the
+    blind version of a quarter of them (requests with a context but no session)."""
+    nb_all, nb_disc = next_basket_tasks(history, window, inter, cut, seed=seed, max_users=max_users)
+    ins, blind = in_session_tasks(window, inter, country=country, seed=seed,
+                                  max_baskets=max_baskets)
+    quarter = np.arange(0, len(blind), 4)
+    return [nb_all, nb_disc, ins, blind.take(quarter)]
 
-    ``no_session`` weights maximise the mean recall@20 of validation ``next_basket_all``,
-    ``next_basket_discovery`` and ``in_session_blind``; ``session`` weights that of validation
-    ``in_session`` (``graph.fusion.fit_weights``).
 
-    Args:
-        ranker: Ranker on embeddings and signals fitted on ``train_events`` only.
-        train_events: Events before the validation cut.
-        val_events: Events in the validation window (after the validation cut, before the test
-            cut). Never the test window.
-        inter: The indexing of the ranker's signals and embeddings.
-        seed, max_users, max_baskets: Seeded subsample of validation queries (runtime).
-        progress: Called with one line per mode.
-
-    Returns:
-        The fitted ``FusionWeights``; set them as ``weights`` of the signals refitted on all
-        training events.
-    """
-    nb_all, nb_disc = next_basket_tasks(train_events, val_events, inter, seed=seed,
-                                        max_users=max_users)
-    ins, blind = in_session_tasks(val_events, inter, country=ranker.signals.params.country,
-                                  seed=seed, max_baskets=max_baskets)
-    lo, hi = val_events[S.TS_COL].min(), val_events[S.TS_COL].max()
-    return fit_weights(
-        ranker, [nb_all, nb_disc, blind], [ins],
-        fitted_on=f"validation {lo:%Y-%m-%d}..{hi:%Y-%m-%d}: {len(nb_all)} users, "
-                  f"{len(ins)} baskets (seed {seed})",
-        progress=progress,
-    )
+def format_candidates(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """Candidate recall per task: overall, mean count and per source."""
+    rows = metrics.get("intentrec", {})
+    tasks = [t for t in S.TASKS if "candidate_recall" in rows.get(t, {})]
+    if not tasks:
+        return ""
+    width = max(len(t) for t in tasks)
+    head = "task".ljust(width) + " | cand.recall  mean n | " + " ".join(s.rjust(9) for s in SOURCES)
+    lines = ["candidate recall (share of relevant items among the candidates; per source):", head,
+             "-" * len(head)]
+    for t in tasks:
+        r = rows[t]
+        lines.append(t.ljust(width) + f" | {r['candidate_recall']:>11.4f} {r['candidates']:>7.0f} | "
+                     + " ".join(f"{r['source_recall'][s]:>9.4f}" for s in SOURCES))
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------- table

@@ -1,26 +1,28 @@
-"""The offline pipeline: data → graph → GNN (Ray Train) → signals and fusion weights → evaluation
+"""The offline pipeline: data → graph → GNN (Ray Train) → signals → learned ranker → evaluation
 → versioned artifact. ``train_job.py`` is a thin CLI over :func:`run_pipeline`.
 
 Leakage guard, in order:
 
 1. ``train`` = events before ``split_at``; ``test`` = events from it on (only evaluation reads them).
 2. ``val_cut`` splits ``train`` again. The GNN and a first set of signals are fitted on events
-   before ``val_cut``; the fusion weights are fitted on the validation window
-   ``[val_cut, split_at)``. Nothing after ``split_at`` influences any fitted number.
+   before ``val_cut``; the LightGBM ranker (and its ablations) is fitted on candidates of the
+   validation window ``[val_cut, split_at)`` (``graph.ranker_fit``). Nothing after ``split_at``
+   influences any fitted number.
 3. Signals are then refitted on all of ``train``, and the trained GNN is propagated over the
    full training graph (LightGCN's propagation has no parameters, so the newest edges still shape
-   the final embeddings without retraining).
+   the final embeddings without retraining). The ranker's features are computed from those.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -31,8 +33,17 @@ from graph.data import Dataset, load_builtin, load_files, temporal_split
 from graph.errors import ConfigError
 from graph.interactions import Interactions, build_interactions
 
+if TYPE_CHECKING:
+    from graph.ltr import LearnedRanker
+    from graph.recommend import Recommender
+
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
+# Rows of the evaluation table for the ablations of graph.ltr.ABLATIONS.
+ABLATION_ROWS: dict[str, str] = {
+    "intentrec_no_gnn": "no_gnn", "intentrec_no_session": "no_session",
+    "intentrec_no_context": "no_context",
+}
 
 
 class PipelineConfig(BaseModel):
@@ -138,6 +149,53 @@ def prepare_data(cfg: PipelineConfig, progress: Progress = print) -> PreparedDat
                         inter_fit=inter_fit, seconds=time.perf_counter() - t0)
 
 
+def fit_recommender(
+    d: PreparedData,
+    fit_emb: tuple[np.ndarray, np.ndarray],
+    full_emb: tuple[np.ndarray, np.ndarray],
+    *,
+    seed: int = 0,
+    ablations: Sequence[str] = (),
+    progress: Progress = print,
+) -> tuple[Recommender, dict[str, LearnedRanker]]:
+    """Fit the learned ranker on the validation window, then build the recommender to publish.
+
+    Args:
+        d: The run's data.
+        fit_emb: ``(user_emb, item_emb)`` trained on events before the validation cut only.
+        full_emb: The same model's embeddings over the whole training graph.
+        seed: Seed of everything random in the ranker's fitting.
+        ablations: Which of :data:`graph.ltr.ABLATIONS` to fit besides ``full``.
+        progress: Called with one line per step.
+
+    Returns:
+        The recommender on all training events with the full ranker, and every fitted ranker
+        by ablation name.
+    """
+    from graph.evaluate import validation_tasks
+    from graph.features import item_features
+    from graph.ltr import importance
+    from graph.ranker_fit import fit_on_validation
+    from graph.ranking import Ranker
+    from graph.recommend import Recommender
+    from graph.signals import fit_signals
+
+    progress("[ranker] fitting the LightGBM ranker on candidates of the validation window")
+    val_ranker = Ranker(*fit_emb, fit_signals(d.fit_part, d.inter_full))
+    val_rec = Recommender.build(d.ds.items, val_ranker,
+                                item_features(d.fit_part, d.ds.items, val_ranker))
+    tasks = validation_tasks(d.fit_part, d.val_part, d.inter_full, d.val_cut,
+                             country=val_ranker.signals.params.country, seed=seed)
+    rankers = fit_on_validation(val_rec, tasks, seed=seed, ablations=ablations, progress=progress)
+    progress("[ranker] top features by gain: " + ", ".join(
+        f"{f} {g:.0%}" for f, g in importance(rankers["full"], 8)))
+    del val_rec, val_ranker
+    ranker = Ranker(*full_emb, fit_signals(d.train, d.inter_full))
+    rec = Recommender.build(d.ds.items, ranker, item_features(d.train, d.ds.items, ranker),
+                            rankers["full"])
+    return rec, rankers
+
+
 def run_pipeline(
     cfg: PipelineConfig, progress: Progress = print, data: PreparedData | None = None
 ) -> PipelineResult:
@@ -145,49 +203,42 @@ def run_pipeline(
 
     Args:
         cfg: The run's configuration.
-        progress: Called with one line per step (data, each epoch, weights, evaluation, artifact).
+        progress: Called with one line per step (data, each epoch, ranker, evaluation, artifact).
         data: The output of :func:`prepare_data` for ``cfg`` if the caller ran it already.
 
     Returns:
         The published version, its metrics table and timings.
     """
-    from graph.evaluate import evaluate, fit_validation_weights, format_table
-    from graph.ranking import Ranker
-    from graph.signals import fit_signals
+    from graph.evaluate import evaluate, format_candidates, format_table
     from graph.train_loop import embed, fit, format_progress
 
     t0 = time.perf_counter()
     d = data if data is not None else prepare_data(cfg, progress)
     timings: dict[str, float] = {"data_s": d.seconds}
     ds, split_at, val_cut = d.ds, d.split_at, d.val_cut
-    train, test, fit_part, val_part = d.train, d.test, d.fit_part, d.val_part
-    inter_full, inter_fit = d.inter_full, d.inter_fit
+    train, test, inter_full = d.train, d.test, d.inter_full
 
     t1 = time.perf_counter()
-    result = fit(inter_fit, cfg.train, progress=lambda m: progress("[train] " + format_progress(m)))
+    result = fit(d.inter_fit, cfg.train, progress=lambda m: progress("[train] " + format_progress(m)))
     timings["train_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    progress("[weights] fitting fusion weights on the validation window")
-    val_signals = fit_signals(fit_part, inter_full)
-    val_ranker = Ranker(result.user_emb, result.item_emb, val_signals)
-    weights = fit_validation_weights(val_ranker, fit_part, val_part, inter_full,
-                                     seed=cfg.train.seed, progress=progress)
-    signals = fit_signals(train, inter_full)
-    signals.weights = weights
-    user_emb, item_emb = embed(result, inter_full)
-    ranker = Ranker(user_emb, item_emb, signals)
-    timings["weights_s"] = time.perf_counter() - t2
+    rec, rankers = fit_recommender(
+        d, (result.user_emb, result.item_emb), embed(result, inter_full), seed=cfg.train.seed,
+        ablations=() if cfg.skip_eval else tuple(ABLATION_ROWS.values()), progress=progress)
+    timings["ranker_s"] = time.perf_counter() - t2
 
     metrics: dict[str, Any] = {}
     table = "(evaluation skipped)"
     if not cfg.skip_eval:
         t3 = time.perf_counter()
         metrics = evaluate(
-            train, test, inter_full, signals, ranker, seed=cfg.train.seed,
-            max_users=cfg.eval_max_users, max_baskets=cfg.eval_max_baskets, progress=progress,
+            train, test, inter_full, rec, split_at,
+            ablations={row: rankers[name] for row, name in ABLATION_ROWS.items()},
+            seed=cfg.train.seed, max_users=cfg.eval_max_users,
+            max_baskets=cfg.eval_max_baskets, progress=progress,
         )
-        table = format_table(metrics)
+        table = format_table(metrics) + "\n\n" + format_candidates(metrics)
         timings["eval_s"] = time.perf_counter() - t3
 
     manifest = {
@@ -196,12 +247,14 @@ def run_pipeline(
         "config": cfg.model_dump(mode="json"),
         "training": {"seconds": round(timings["train_s"], 2), "epochs": len(result.history),
                      "history": result.history},
-        "weights": weights.model_dump(mode="json"),
+        "ranker": rankers["full"].info,
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     version = write_artifact(
-        cfg.output, user_ids=inter_full.user_ids, items=ds.items, user_emb=user_emb,
-        item_emb=item_emb, signals=signals, metrics=metrics, manifest=manifest,
+        cfg.output, user_ids=inter_full.user_ids, items=ds.items, user_emb=rec.ranker.user_emb,
+        item_emb=rec.ranker.item_emb, signals=rec.ranker.signals, metrics=metrics,
+        manifest=manifest,
+        learned=rec.learned, item_static=rec.item_static,
     )
     timings["total_s"] = time.perf_counter() - t0 + (d.seconds if data is not None else 0.0)
     progress(f"[artifact] published version {version} under {cfg.output} (LATEST updated)")

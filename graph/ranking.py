@@ -1,8 +1,8 @@
-"""THE ranking math, shared by offline evaluation, benchmarks and the online Serve ranker.
+"""The ranking components: the non-parametric and embedding scores the learned ranker's features
+are made of (``graph.features``), shared by offline evaluation, benchmarks and serving.
 
-The score of item ``i`` for a request is a weighted sum of pre-normalised components::
+Components of item ``i`` for one request (``Ranker.components``)::
 
-    score(i) = sum_c w[mode, c] * component_c(i)
     gnn      z-scored user embedding . item embedding (0 for an unknown user)
     session  z-scored (weighted mean of the session items' embeddings) . item embedding
     repeat   "buy again": share of the user's baskets that held the item, over all time and
@@ -12,7 +12,7 @@ The score of item ``i`` for a request is a weighted sum of pre-normalised compon
     line     share of the session's weight on items of the item's product line (category x
              brand): shoppers take several flavours of one yoghurt or cat food
     intent   share of the session's weight on items of the item's category: the session's
-             intent (what ``actors.context.infer_intent`` shows), as a fitted score
+             intent (what ``actors.context.infer_intent`` shows)
     basket   personal co-occurrence: share of the user's past baskets resembling the session
              that held the item (see ``basket_scores``)
     pop      log popularity scaled to [0, 1]
@@ -20,9 +20,7 @@ The score of item ``i`` for a request is a weighted sum of pre-normalised compon
 
 The two embedding components are z-scored per request against the whole catalogue (mean and
 standard deviation of ``q . item_emb`` over all items, computed exactly from the item embedding
-mean and covariance), so a score does not depend on which candidates are scored and the weights of
-different components are comparable. ``mode`` is ``session`` when the request's session holds at
-least one item event and ``no_session`` otherwise (``graph.signals.FusionWeights``).
+mean and covariance), so a value does not depend on which candidates are scored.
 """
 
 from __future__ import annotations
@@ -37,15 +35,9 @@ import torch
 
 from graph import schema as S
 from graph.errors import ArtifactError, BadRequestError
-from graph.signals import (
-    COMPONENTS,
-    FusionWeights,
-    RankingSignals,
-    holiday_dates,
-)
+from graph.signals import COMPONENTS, RankingSignals, holiday_dates
 
 SESSION_HALF_LIFE_S = 1800.0
-POP_TIEBREAK = 1e-4
 # Components that only a session can move (0 without one).
 SESSION_COMPONENTS: tuple[str, ...] = ("session", "cooc", "line", "intent", "basket")
 Users = Sequence[int | None] | np.ndarray
@@ -264,18 +256,32 @@ def top_k_from_scores(
 
 
 def _dense(m: sp.spmatrix, cand: np.ndarray | None) -> np.ndarray:
-    """Dense float32 rows of a sparse ``[B, I]`` matrix, restricted to ``cand`` columns."""
+    """Dense float32 rows of a sparse ``[B, I]`` matrix, restricted to ``cand`` columns.
+
+    The column gather goes through a position lookup instead of scipy's fancy column indexing,
+    which costs a fresh matrix per call: this runs once per component per request.
+    """
     m = sp.csr_matrix(m)
-    return np.asarray((m if cand is None else m[:, cand]).toarray(), dtype=np.float32)
+    if cand is None:
+        return np.asarray(m.toarray(), dtype=np.float32)
+    m.sum_duplicates()
+    lookup = np.full(m.shape[1], -1, dtype=np.int64)
+    lookup[cand] = np.arange(len(cand))
+    out = np.zeros((m.shape[0], len(cand)), dtype=np.float32)
+    col = lookup[m.indices]
+    ok = col >= 0
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    out[rows[ok], col[ok]] = m.data[ok]
+    return out
 
 
 class Ranker:
-    """Scores items for batches of requests from embeddings and ``RankingSignals``.
+    """Ranking components for batches of requests from embeddings and ``RankingSignals``.
 
     Args:
         user_emb: GNN user embeddings, row = ``inter.user_ids`` index.
         item_emb: GNN item embeddings, row = catalogue index.
-        signals: Non-parametric signals and fusion weights fitted with the same indexing.
+        signals: Non-parametric signals fitted with the same indexing.
         chunk_size: Requests scored at once over the full catalogue (bounds memory at about
             ``chunk_size * num_items * 4`` bytes per component).
 
@@ -323,10 +329,6 @@ class Ranker:
     @property
     def num_items(self) -> int:
         return self.signals.num_items
-
-    @property
-    def weights(self) -> FusionWeights:
-        return self.signals.weights
 
     # --------------------------------------------------------------------------- components
     def _zdot(self, q: np.ndarray, cand: np.ndarray | None) -> np.ndarray:
@@ -460,126 +462,3 @@ class Ranker:
             for s in range(0, max(len(u), 1), self.chunk_size)
         ]
         return {c: np.concatenate([p[c] for p in parts]) for c in COMPONENTS}
-
-    def mode_weights(
-        self, sessions: Sequence[SessionSignal | None], weights: FusionWeights | None = None
-    ) -> np.ndarray:
-        """Per-request weight vector: ``session`` weights when the session has items.
-
-        ``pop`` gets at least ``POP_TIEBREAK``: a request that nothing else informs (unknown
-        user, empty session, fitted ``pop`` weight 0) still gets the best sellers, not an
-        arbitrary order, and ties elsewhere break towards popular items.
-
-        Shapes:
-            - return ``[B, len(COMPONENTS)]`` float32.
-        """
-        fw = weights or self.weights
-        ws, wn = fw.session.as_array(), fw.no_session.as_array()
-        j = COMPONENTS.index("pop")
-        for w in (ws, wn):
-            w[j] = max(w[j], POP_TIEBREAK)
-        if not len(sessions):
-            return np.zeros((0, len(COMPONENTS)), np.float32)
-        return np.stack(
-            [ws if s is not None and not s.is_empty else wn for s in sessions]
-        ).astype(np.float32)
-
-    def score(
-        self,
-        users: Users,
-        sessions: Sequence[SessionSignal | None] | None,
-        contexts: Sequence[ContextSignal | None] | None,
-        candidates: np.ndarray | None = None,
-        weights: FusionWeights | None = None,
-    ) -> np.ndarray:
-        """Fused score ``sum_c w[mode, c] * component_c``.
-
-        Args:
-            users, sessions, contexts, candidates: As in ``components``.
-            weights: Override the signals' fusion weights (weight fitting uses this).
-
-        Shapes:
-            - return ``[B, n_candidates]`` float32.
-        """
-        u, sess, ctx, cand = self._check(users, sessions, contexts, candidates)
-        out = [
-            self._fused(u[s: s + self.chunk_size], sess[s: s + self.chunk_size],
-                        ctx[s: s + self.chunk_size], cand, weights)
-            for s in range(0, max(len(u), 1), self.chunk_size)
-        ]
-        return np.concatenate(out)
-
-    def _fused(
-        self, u: np.ndarray, sess: list[SessionSignal | None], ctx: list[ContextSignal | None],
-        cand: np.ndarray | None, weights: FusionWeights | None,
-    ) -> np.ndarray:
-        w = self.mode_weights(sess, weights)
-        has_session = any(s is not None and not s.is_empty for s in sess)
-        needed = [
-            c for j, c in enumerate(COMPONENTS)
-            if np.any(w[:, j] != 0)
-            and (has_session or c not in SESSION_COMPONENTS)
-            and (c != "context" or any(x is not None for x in ctx))
-            and c != "pop"
-        ]
-        comps = self._chunk_components(u, sess, ctx, cand, needed)
-        n = self.num_items if cand is None else len(cand)
-        pop = self._pop if cand is None else self._pop[cand]
-        j = COMPONENTS.index("pop")
-        total = w[:, j: j + 1] * pop[None, :] if np.any(w[:, j] != 0) else np.zeros(
-            (len(u), n), dtype=np.float32)
-        for c, values in comps.items():
-            j = COMPONENTS.index(c)
-            total += w[:, j: j + 1] * values
-        return total.astype(np.float32, copy=False)
-
-    def top_k(
-        self,
-        users: Users,
-        sessions: Sequence[SessionSignal | None] | None,
-        contexts: Sequence[ContextSignal | None] | None,
-        k: int,
-        exclude: Sequence[np.ndarray | None] | None = None,
-        candidates: np.ndarray | None = None,
-        weights: FusionWeights | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` best items per request, scored in chunks (bounded memory).
-
-        Args:
-            users, sessions, contexts, candidates, weights: As in ``score``.
-            k: How many items per request.
-            exclude: Per request, item indices never to return (already in the cart, ...).
-
-        Shapes:
-            - return ``(indices [B, k] int64, scores [B, k] float32)``, ``-1`` / ``-inf`` padding.
-        """
-        u, sess, ctx, cand = self._check(users, sessions, contexts, candidates)
-        idx, val = [], []
-        for s in range(0, max(len(u), 1), self.chunk_size):
-            sc = self._fused(u[s: s + self.chunk_size], sess[s: s + self.chunk_size],
-                             ctx[s: s + self.chunk_size], cand, weights)
-            ex = None if exclude is None else list(exclude[s: s + self.chunk_size])
-            i, v = top_k_from_scores(sc, k, ex, cand)
-            idx.append(i)
-            val.append(v)
-        return np.concatenate(idx), np.concatenate(val)
-
-    def explain(
-        self,
-        user: int | None,
-        session: SessionSignal | None,
-        context: ContextSignal | None,
-        item_indices: np.ndarray,
-    ) -> list[dict[str, float]]:
-        """Weighted contribution of each component to each item's score.
-
-        Returns:
-            One dict per item, ``{component: w * value}``; the contributions sum to the score.
-        """
-        cand = np.asarray(item_indices, dtype=np.int64)
-        comps = self.components([user], [session], [context], candidates=cand)
-        w = self.mode_weights([session])[0]
-        return [
-            {c: float(w[j] * comps[c][0, n]) for j, c in enumerate(COMPONENTS)}
-            for n in range(len(cand))
-        ]

@@ -60,4 +60,7 @@ TASKS: Final[tuple[str, ...]] = (
     "in_session_blind",
 )
 METRICS: Final[tuple[str, ...]] = ("recall@20", "ndcg@20", "hit@20")
-MODEL_NAMES: Final[tuple[str, ...]] = ("popularity", "buy_again", "itemknn", "intentrec")
+MODEL_NAMES: Final[tuple[str, ...]] = (
+    "popularity", "buy_again", "itemknn",
+    "intentrec_no_gnn", "intentrec_no_session", "intentrec_no_context", "intentrec",
+)

@@ -15,7 +15,6 @@ The GNN learns what a user tends to like; these signals carry what it cannot or 
   material of the personal ``basket`` component (see ``graph.ranking.basket_scores``).
 - ``context_lift`` ``[7, 24, D]`` and ``holiday_lift`` ``[D]``: log-lift of a department's share of
   purchases at a weekday/hour (and on public holidays) over its overall share, smoothed towards 0.
-- ``weights``: the fusion weights of ``graph.ranking.Ranker``, fitted on a validation window.
 
 Everything is indexed like the ``Interactions`` it was fitted with: rows of the user arrays are
 ``inter.user_ids``, item positions are ``inter.item_ids`` (the whole catalogue).
@@ -33,7 +32,6 @@ import holidays
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from pydantic import BaseModel, ConfigDict, Field
 
 from graph import schema as S
 from graph.cooccurrence import item_cooccurrence
@@ -49,49 +47,6 @@ _HISTORY = "user_history.npz"
 _BASKETS = "user_baskets.npz"
 _ITEM_SIM = "item_sim.npz"
 _META = "signals.json"
-
-
-class ComponentWeights(BaseModel):
-    """Weight of each ranking component in the fused score (components are pre-normalised).
-
-    Defaults are a sensible untuned prior; ``graph.fusion.fit_weights`` replaces them with weights
-    fitted on a validation window.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    gnn: float = Field(default=1.0, ge=0.0)
-    session: float = Field(default=1.0, ge=0.0)
-    repeat: float = Field(default=2.0, ge=0.0)
-    cooc: float = Field(default=2.0, ge=0.0)
-    line: float = Field(default=1.0, ge=0.0)
-    # 0 by default: models fitted before this component existed rank exactly as they were fitted.
-    intent: float = Field(default=0.0, ge=0.0)
-    basket: float = Field(default=1.0, ge=0.0)
-    pop: float = Field(default=0.5, ge=0.0)
-    context: float = Field(default=0.1, ge=0.0)
-
-    def as_array(self) -> np.ndarray:
-        """Weights in ``COMPONENTS`` order. Shapes: ``[len(COMPONENTS)]``."""
-        return np.array([getattr(self, c) for c in COMPONENTS], dtype=np.float64)
-
-
-class FusionWeights(BaseModel):
-    """One weight set per ranking mode.
-
-    A request whose session carries at least one item event is ranked with ``session``; every
-    other request (next-basket style, or a session with no item events yet) with ``no_session``.
-    The two modes answer different questions — "what will this user buy over the coming weeks"
-    vs "what completes this basket" — so each gets weights fitted on validation queries of its
-    own kind.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    no_session: ComponentWeights = Field(default_factory=ComponentWeights)
-    session: ComponentWeights = Field(default_factory=ComponentWeights)
-    fitted_on: str = "untuned defaults"
-    validation: dict[str, float] = Field(default_factory=dict)
 
 
 @dataclass
@@ -112,7 +67,7 @@ class SignalParams:
 
 @dataclass
 class RankingSignals:
-    """Non-parametric signals plus the fusion weights; see the module docstring.
+    """Non-parametric signals; see the module docstring.
 
     Shapes:
         - **popularity** ``[I]`` float32: decayed purchase weight per item.
@@ -160,7 +115,6 @@ class RankingSignals:
     holiday_lift: np.ndarray
     now: float
     params: SignalParams = field(default_factory=SignalParams)
-    weights: FusionWeights = field(default_factory=FusionWeights)
 
     @property
     def num_users(self) -> int:
@@ -236,7 +190,6 @@ class RankingSignals:
             "now": self.now,
             "department_names": self.department_names,
             "params": self.params.__dict__,
-            "weights": self.weights.model_dump(),
         }
         (d / _META).write_text(json.dumps(meta, indent=2))
 
@@ -280,14 +233,12 @@ class RankingSignals:
             item_sim=sp.csr_matrix(sp.load_npz(d / _ITEM_SIM)),
             item_department=arrays["item_department"],
             item_line=arrays["item_line"],
-            # Older artifacts lack it; their fitted weights give the `intent` component 0.
-            item_category=arrays.get("item_category", np.zeros(len(arrays["item_line"]), np.int64)),
+            item_category=arrays["item_category"],
             department_names=list(meta["department_names"]),
             context_lift=arrays["context_lift"],
             holiday_lift=arrays["holiday_lift"],
             now=float(meta["now"]),
             params=SignalParams(**meta["params"]),
-            weights=FusionWeights.model_validate(meta["weights"]),
         )
 
 
@@ -408,7 +359,6 @@ def fit_signals(
     now: pd.Timestamp | None = None,
     *,
     params: SignalParams | None = None,
-    weights: FusionWeights | None = None,
 ) -> RankingSignals:
     """Fit every non-parametric signal on training events.
 
@@ -423,7 +373,6 @@ def fit_signals(
             item departments (feature field ``department``).
         now: Reference time of the recency decays (default: the last training event).
         params: Hyper-parameters (defaults: ``SignalParams()``).
-        weights: Fusion weights to carry (default: untuned ``FusionWeights()``).
 
     Raises:
         DataError: if no usable event is left.
@@ -532,5 +481,4 @@ def fit_signals(
         holiday_lift=holiday_lift,
         now=now_s,
         params=params,
-        weights=weights or FusionWeights(),
     )

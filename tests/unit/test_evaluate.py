@@ -13,17 +13,22 @@ from graph.data import temporal_split
 from graph.evaluate import (
     buy_again_scores,
     evaluate,
+    format_candidates,
     format_table,
-    in_session_tasks,
     itemknn_scores,
-    next_basket_tasks,
     popularity_scores,
-    ranker_scores,
+    recommender_rankings,
     run_queries,
+    validation_tasks,
 )
+from graph.features import item_features
 from graph.interactions import Interactions, build_interactions
+from graph.ranker_fit import fit_on_validation
 from graph.ranking import Ranker
+from graph.recommend import Recommender
+from graph.retrieval import SOURCES
 from graph.signals import RankingSignals, fit_signals
+from graph.tasks import QueryBatch, in_session_tasks, next_basket_tasks
 
 CUT = pd.Timestamp("2017-03-01")
 NUM_ITEMS = 60
@@ -62,7 +67,9 @@ def dataset(seed: int = 0) -> pd.DataFrame:
     return events(baskets)
 
 
-def setup(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, Interactions, RankingSignals, Ranker]:
+def setup(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, Interactions, RankingSignals,
+                                   Recommender]:
+    """Random embeddings and a LightGBM ranker fitted on the last three training weeks."""
     train, test = temporal_split(dataset(seed), CUT)
     inter = build_interactions(train, items())
     signals = fit_signals(train, inter)
@@ -70,12 +77,21 @@ def setup(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, Interactions, Rank
     ranker = Ranker(rng.normal(size=(inter.num_users, 4)).astype(np.float32),
                     rng.normal(size=(inter.num_items, 4)).astype(np.float32), signals,
                     chunk_size=3)
-    return train, test, inter, signals, ranker
+    rec = Recommender.build(items(), ranker, item_features(train, items(), ranker))
+    val_cut = CUT - pd.Timedelta(days=21)
+    hist, window = train[train[S.TS_COL] < val_cut], train[train[S.TS_COL] >= val_cut]
+    tasks = validation_tasks(hist, window, inter, val_cut, country="US")
+    rec.learned = fit_on_validation(rec, tasks, progress=lambda _: None)["full"]
+    return train, test, inter, signals, rec
+
+
+def ranked_by(rec: Recommender, q: QueryBatch, k: int) -> np.ndarray:
+    return recommender_rankings(rec, q, {"intentrec": rec.learned}, k)[0]["intentrec"]
 
 
 def test_buy_again_finds_the_item_a_user_always_buys() -> None:
     train, test, inter, signals, _ = setup()
-    nb_all, _ = next_basket_tasks(train, test, inter)
+    nb_all, _ = next_basket_tasks(train, test, inter, CUT)
     loyal = inter.user_index()["loyal"]
     row = int(np.flatnonzero(nb_all.users == loyal)[0])
     np.testing.assert_array_equal(nb_all.targets[row], [0])
@@ -87,8 +103,8 @@ def test_buy_again_finds_the_item_a_user_always_buys() -> None:
 
 
 def test_discovery_excludes_what_the_user_bought_before() -> None:
-    train, test, inter, signals, ranker = setup()
-    _, disc = next_basket_tasks(train, test, inter)
+    train, test, inter, signals, rec = setup()
+    _, disc = next_basket_tasks(train, test, inter, CUT)
     loyal = inter.user_index()["loyal"]
     assert loyal not in disc.users  # bought nothing new after the cut
     bought = {u: set(g) for u, g in train.groupby(S.USER_COL)[S.ITEM_COL]}
@@ -96,9 +112,10 @@ def test_discovery_excludes_what_the_user_bought_before() -> None:
         prev = {int(x[1:]) for x in bought[str(inter.user_ids[u])]}
         assert ex is not None and set(ex.tolist()) == prev
         assert not set(t.tolist()) & prev
-    for fn in (popularity_scores(signals, disc), buy_again_scores(signals, disc),
-               itemknn_scores(signals, disc), ranker_scores(ranker, disc)):
-        ranked = run_queries(fn, disc, k=NUM_ITEMS, chunk=4)
+    rankings = [run_queries(fn, disc, k=NUM_ITEMS, chunk=4) for fn in (
+        popularity_scores(signals, disc), buy_again_scores(signals, disc),
+        itemknn_scores(signals, disc))]
+    for ranked in [*rankings, ranked_by(rec, disc, NUM_ITEMS)]:
         for r, ex in zip(ranked, disc.exclude, strict=True):
             assert ex is not None and not np.isin(r[r >= 0], ex).any()
 
@@ -130,21 +147,23 @@ def test_in_session_reveals_half_and_ranks_the_rest() -> None:
 def test_rankings_do_not_depend_on_the_test_window() -> None:
     # Leakage guard: the same users ranked against two different futures get identical rankings,
     # and evaluating leaves the fitted signals untouched.
-    train, test, inter, signals, ranker = setup()
+    train, test, inter, signals, rec = setup()
     before = copy.deepcopy(signals)
     shuffled = test.copy()
     rng = np.random.default_rng(9)
     shuffled[S.ITEM_COL] = rng.permutation(shuffled[S.ITEM_COL].to_numpy())
-    q1, _ = next_basket_tasks(train, test, inter)
-    q2, _ = next_basket_tasks(train, shuffled, inter)
+    q1, _ = next_basket_tasks(train, test, inter, CUT)
+    q2, _ = next_basket_tasks(train, shuffled, inter, CUT)
     common = np.intersect1d(q1.users, q2.users)
     assert len(common) > 0
-    for make in (lambda q: ranker_scores(ranker, q), lambda q: itemknn_scores(signals, q),
-                 lambda q: buy_again_scores(signals, q)):
+    for make in (lambda q: itemknn_scores(signals, q), lambda q: buy_again_scores(signals, q)):
         r1 = run_queries(make(q1), q1, k=5, chunk=4)[np.isin(q1.users, common)]
         r2 = run_queries(make(q2), q2, k=5, chunk=4)[np.isin(q2.users, common)]
         np.testing.assert_array_equal(r1, r2)
-    evaluate(train, test, inter, signals, ranker, progress=lambda _: None)
+    r1 = ranked_by(rec, q1, 5)[np.isin(q1.users, common)]
+    r2 = ranked_by(rec, q2, 5)[np.isin(q2.users, common)]
+    np.testing.assert_array_equal(r1, r2)
+    evaluate(train, test, inter, rec, CUT, progress=lambda _: None)
     for name in ("popularity", "hist_weight", "hist_count", "context_lift", "holiday_lift"):
         np.testing.assert_array_equal(getattr(signals, name), getattr(before, name))
     assert (signals.item_sim != before.item_sim).nnz == 0
@@ -162,19 +181,31 @@ def test_signals_ignore_events_they_are_not_given() -> None:
 
 
 def test_evaluate_reports_every_model_task_and_metric() -> None:
-    train, test, inter, signals, ranker = setup()
+    train, test, inter, _, rec = setup()
     lines: list[str] = []
-    res = evaluate(train, test, inter, signals, ranker, progress=lines.append)
-    assert list(res) == list(S.MODEL_NAMES)
-    for model in S.MODEL_NAMES:
+    res = evaluate(train, test, inter, rec, CUT, ablations={"intentrec_alone": rec.learned},
+                   progress=lines.append)
+    assert list(res) == ["popularity", "buy_again", "itemknn", "intentrec_alone", "intentrec"]
+    for model in res:
         assert list(res[model]) == list(S.TASKS)
         for task in S.TASKS:
             m = res[model][task]
-            assert set(m) == {*S.METRICS, "n"}
+            extra = {"candidate_recall", "candidates", "source_recall"} if model == "intentrec" \
+                else set()
+            assert set(m) == {*S.METRICS, "n", *extra}
             assert all(0.0 <= m[x] <= 1.0 for x in S.METRICS)
+    # The ablation row is the same ranker on the same candidates: the same numbers.
+    assert {t: {x: res["intentrec"][t][x] for x in S.METRICS} for t in S.TASKS} == \
+        {t: {x: res["intentrec_alone"][t][x] for x in S.METRICS} for t in S.TASKS}
+    for task in S.TASKS:
+        report = res["intentrec"][task]
+        assert res["intentrec"][task]["recall@20"] <= report["candidate_recall"] + 1e-9
+        assert set(report["source_recall"]) == set(SOURCES)
+        assert max(report["source_recall"].values()) <= report["candidate_recall"] + 1e-9
     assert any(t in line for line in lines for t in S.TASKS)
+    assert "in_session_blind" in format_candidates(res)
     # Subsampling is seeded and reported.
-    small = evaluate(train, test, inter, signals, ranker, max_users=3, max_baskets=2,
+    small = evaluate(train, test, inter, rec, CUT, max_users=3, max_baskets=2,
                      progress=lambda _: None)
     assert small["intentrec"]["next_basket_all"]["n"] == 3
     assert small["intentrec"]["in_session"]["n"] == 2
@@ -198,7 +229,7 @@ def test_format_table_puts_intentrec_last_and_marks_the_best() -> None:
 def test_tasks_are_empty_not_broken_without_test_users(task: str) -> None:
     train, test, inter, _, _ = setup()
     late = test.assign(**{S.USER_COL: "stranger"})
-    nb, _ = next_basket_tasks(train, late, inter)
+    nb, _ = next_basket_tasks(train, late, inter, CUT)
     ins, _ = in_session_tasks(late, inter)
     assert len(nb) == 0
     if task == "in_session":

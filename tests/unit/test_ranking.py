@@ -1,5 +1,5 @@
-"""The shared ranking math on tiny hand-made data: components, modes, exclusion, candidates,
-explanations, weight fitting and the signals' save/load round trip."""
+"""The ranking components on tiny hand-made data: components, exclusion, candidate subsets and
+the signals' save/load round trip."""
 
 from __future__ import annotations
 
@@ -11,21 +11,14 @@ import pytest
 
 from graph import schema as S
 from graph.errors import BadRequestError
-from graph.fusion import QueryBatch, fit_weights
 from graph.interactions import Interactions, build_interactions
 from graph.ranking import (
     ContextSignal,
     Ranker,
-    SessionSignal,
     session_signal,
+    top_k_from_scores,
 )
-from graph.signals import (
-    COMPONENTS,
-    ComponentWeights,
-    FusionWeights,
-    RankingSignals,
-    fit_signals,
-)
+from graph.signals import COMPONENTS, RankingSignals, fit_signals
 
 CATEGORIES = [
     "DAIRY > MILK > WHOLE",      # 0 milk: user a buys it every week
@@ -81,18 +74,12 @@ def tiny_setup() -> tuple[pd.DataFrame, Interactions, RankingSignals]:
     return train, inter, fit_signals(train, inter)
 
 
-def tiny_ranker(weights: FusionWeights | None = None) -> tuple[Ranker, Interactions]:
+def tiny_ranker() -> tuple[Ranker, Interactions]:
     _, inter, signals = tiny_setup()
-    if weights is not None:
-        signals.weights = weights
     rng = np.random.default_rng(0)
     user_emb = rng.normal(size=(inter.num_users, 4)).astype(np.float32)
     item_emb = rng.normal(size=(inter.num_items, 4)).astype(np.float32)
     return Ranker(user_emb, item_emb, signals, chunk_size=2), inter
-
-
-def only(component: str, value: float = 1.0) -> ComponentWeights:
-    return ComponentWeights(**{c: (value if c == component else 0.0) for c in COMPONENTS})
 
 
 def test_session_signal_weights_decay_and_removals() -> None:
@@ -139,9 +126,9 @@ def test_unknown_user_gets_session_context_and_popularity_only() -> None:
     assert not comps["repeat"].any()
     for c in ("session", "cooc", "pop", "context"):
         assert comps[c].any(), c
-    # Without a session an unknown user still gets a ranking (popularity and context).
-    idx, scores = ranker.top_k([None], None, None, k=3)
-    assert (idx >= 0).all() and np.isfinite(scores).all()
+    # Without a session an unknown user still has popularity to go by.
+    alone = ranker.components([None], None, None)
+    assert alone["pop"].any() and not alone["session"].any()
 
 
 def test_repeat_favours_what_the_user_keeps_buying() -> None:
@@ -157,20 +144,15 @@ def test_repeat_favours_what_the_user_keeps_buying() -> None:
 
 
 def test_session_item_raises_its_cooccurring_neighbour() -> None:
-    w = ComponentWeights(gnn=0.0, session=0.0, repeat=0.0, cooc=1.0, line=0.0, pop=0.01,
-                         context=0.0)
-    ranker, _ = tiny_ranker(FusionWeights(session=w, no_session=w))
+    ranker, _ = tiny_ranker()
     cart = session_signal([(4, S.ADD_TO_CART, 0.0)], now=0.0)  # banana
-    with_session = ranker.score([None], [cart], None)[0]
-    without = ranker.score([None], [None], None)[0]
-    assert with_session[5] > without[5]
-    assert with_session[5] > with_session[[0, 1, 2, 3, 6, 7]].max()  # carrot is 4's neighbour
-    idx, _ = ranker.top_k([None], [cart], None, k=1, exclude=[np.array([4])])
-    assert idx[0, 0] == 5
+    cooc = ranker.components([None], [cart], None)["cooc"][0]
+    assert not ranker.components([None], [None], None)["cooc"].any()
+    assert cooc[5] > cooc[[0, 1, 2, 3, 6, 7]].max()  # carrot is banana's neighbour
 
 
 def test_session_item_raises_its_product_line() -> None:
-    ranker, _ = tiny_ranker(FusionWeights(session=only("line"), no_session=only("pop")))
+    ranker, _ = tiny_ranker()
     # Apple (7) was never bought but shares banana's line (PRODUCE > FRUIT, same brand).
     assert ranker.signals.item_line[7] == ranker.signals.item_line[4]
     assert ranker.signals.item_line[5] != ranker.signals.item_line[4]
@@ -178,8 +160,6 @@ def test_session_item_raises_its_product_line() -> None:
     line = ranker.components([None], [cart], None)["line"][0]
     assert line[7] == pytest.approx(1.0) and line[4] == pytest.approx(1.0)
     assert not line[[0, 1, 2, 3, 5, 6]].any()
-    idx, _ = ranker.top_k([None], [cart], None, k=1, exclude=[np.array([4])])
-    assert idx[0, 0] == 7
 
 
 def test_basket_follows_the_users_own_past_baskets() -> None:
@@ -196,30 +176,11 @@ def test_basket_follows_the_users_own_past_baskets() -> None:
     assert not ranker.components([a], [other], None)["basket"].any()
 
 
-def test_unknown_user_without_anything_gets_best_sellers() -> None:
-    zero = ComponentWeights(**{c: 0.0 for c in COMPONENTS})
-    ranker, _ = tiny_ranker(FusionWeights(session=zero, no_session=zero))
-    idx, _ = ranker.top_k([None], None, None, k=3)
-    best = np.argsort(-ranker.signals.popularity, kind="stable")[:3]
-    assert set(idx[0].tolist()) == set(best.tolist())
-
-
-def test_modes_pick_their_weights() -> None:
-    fw = FusionWeights(session=only("cooc"), no_session=only("pop"))
-    ranker, _ = tiny_ranker(fw)
-    cart = session_signal([(2, S.ADD_TO_CART, 0.0)], now=0.0)
-    w = ranker.mode_weights([cart, None, SessionSignal(np.zeros(0, np.int64), np.zeros(0, np.float32))])
-    pop = COMPONENTS.index("pop")
-    np.testing.assert_allclose(w[0], fw.session.as_array() + np.eye(len(COMPONENTS))[pop] * 1e-4,
-                               atol=1e-9)
-    np.testing.assert_allclose(w[1], fw.no_session.as_array(), atol=1e-9)
-    np.testing.assert_allclose(w[2], fw.no_session.as_array(), atol=1e-9)
-
-
 def test_exclusion_removes_items_and_pads() -> None:
     ranker, inter = tiny_ranker()
     excl = np.array([0, 2, 3])
-    idx, scores = ranker.top_k([0, 1], None, None, k=inter.num_items, exclude=[excl, None])
+    pop = ranker.components([0, 1], None, None)["pop"]
+    idx, scores = top_k_from_scores(pop, inter.num_items, [excl, None])
     assert not np.isin(idx[0][idx[0] >= 0], excl).any()
     assert (idx[0] == -1).sum() == len(excl)
     assert np.isneginf(scores[0][idx[0] == -1]).all()
@@ -232,31 +193,11 @@ def test_candidate_subset_matches_full_ranking() -> None:
     sess = [session_signal([(2, S.ADD_TO_CART, 0.0), (4, S.VIEW, 0.0)], now=0.0), None,
             session_signal([(6, S.CLICK, 0.0)], now=0.0)]
     ctx = [ContextSignal(0, 10), ContextSignal(6, 3, True), None]
-    full = ranker.score(users, sess, ctx)
     cand = np.array([6, 1, 5, 0])
-    np.testing.assert_allclose(ranker.score(users, sess, ctx, candidates=cand), full[:, cand],
-                               rtol=1e-5, atol=1e-6)
     comps_full = ranker.components(users, sess, ctx)
     comps_cand = ranker.components(users, sess, ctx, candidates=cand)
     for c in COMPONENTS:
         np.testing.assert_allclose(comps_cand[c], comps_full[c][:, cand], rtol=1e-5, atol=1e-6)
-    idx, _ = ranker.top_k(users, sess, ctx, k=2, candidates=cand)
-    for b in range(3):
-        order = cand[np.argsort(-full[b, cand], kind="stable")]
-        assert set(idx[b].tolist()) == set(order[:2].tolist())
-
-
-def test_explain_contributions_sum_to_the_score() -> None:
-    ranker, _ = tiny_ranker()
-    sess = session_signal([(2, S.ADD_TO_CART, 0.0)], now=0.0)
-    ctx = ContextSignal(0, 10)
-    items = np.array([3, 0, 7])
-    parts = ranker.explain(0, sess, ctx, items)
-    total = ranker.score([0], [sess], [ctx], candidates=items)[0]
-    assert len(parts) == 3
-    for p, t in zip(parts, total, strict=True):
-        assert set(p) == set(COMPONENTS)
-        assert sum(p.values()) == pytest.approx(float(t), rel=1e-5, abs=1e-6)
 
 
 def test_shape_mismatch_is_rejected() -> None:
@@ -267,43 +208,19 @@ def test_shape_mismatch_is_rejected() -> None:
         Ranker(np.zeros((inter.num_users, 4)), np.zeros((inter.num_items + 1, 4)), signals)
 
 
-def test_fit_weights_finds_the_predictive_component() -> None:
-    # Requests whose relevant item is the co-occurring neighbour of the session item; the
-    # starting weights rank by popularity only, which misses it.
-    start = FusionWeights(session=only("pop"), no_session=only("pop"))
-    ranker, _ = tiny_ranker(start)
-    pairs = [(2, 3), (3, 2), (4, 5), (5, 4)]
-    q = QueryBatch(
-        name="pairs",
-        users=np.full(len(pairs), -1, dtype=np.int64),
-        sessions=[session_signal([(a, S.ADD_TO_CART, 0.0)], now=0.0) for a, _ in pairs],
-        contexts=[None] * len(pairs),
-        exclude=[np.array([a]) for a, _ in pairs],
-        targets=[np.array([b]) for _, b in pairs],
-    )
-    before = fit_weights(ranker, [], [q], k=1, rounds=0).validation  # no search: start weights
-    fitted = fit_weights(ranker, [], [q], k=1)
-    assert before["session/pairs/recall@1"] < 1.0
-    assert fitted.validation["session/pairs/recall@1"] == pytest.approx(1.0)
-    assert fitted.session.cooc > 0 or fitted.session.session > 0
-    assert fitted.no_session == ComponentWeights()  # no no-session queries: defaults kept
-
-
 def test_signals_save_load_round_trip(tmp_path: Path) -> None:
     _, _, signals = tiny_setup()
-    signals.weights = FusionWeights(session=only("cooc", 2.5), fitted_on="test")
     signals.save(tmp_path)
     assert all(p.is_file() for p in tmp_path.iterdir())  # flat folder: artifacts copy files
     back = RankingSignals.load(tmp_path)
     for name in ("popularity", "hist_indptr", "hist_indices", "hist_weight", "hist_count",
                  "hist_first", "hist_last", "user_sessions", "user_decayed_sessions",
                  "user_last", "basket_indptr", "basket_items", "user_basket_indptr",
-                 "item_repeat_rate", "item_department", "item_line", "context_lift",
+                 "item_repeat_rate", "item_department", "item_line", "item_category", "context_lift",
                  "holiday_lift"):
         np.testing.assert_array_equal(getattr(back, name), getattr(signals, name), err_msg=name)
     assert (back.item_sim != signals.item_sim).nnz == 0
     assert back.department_names == signals.department_names
-    assert back.weights == signals.weights
     assert back.params == signals.params
     assert back.now == signals.now
 

@@ -1,0 +1,207 @@
+"""Stage two's input: one feature row per (request, candidate item).
+
+The learned ranker (:mod:`graph.ltr`) scores these rows. Every feature belongs to a *component*
+(:data:`COMPONENT_OF`), the unit a reason sentence is written for: an item's reasons come from the
+summed TreeSHAP contributions of its features, per component.
+
+Features (see :data:`FEATURES`):
+
+- **GNN**: ``gnn`` (z-scored user · item), ``session`` (z-scored session embedding · item),
+  ``sess_sim_max`` / ``sess_sim_mean`` (cosine similarity of the item's GNN vector to the
+  session items' vectors);
+- **repeat purchase**: ``repeat`` (the buy-again share), ``hist_count`` (sessions in which the
+  user bought the item), ``days_since_last``, ``interval_days`` (typical time between two of the
+  user's purchases of it), ``due`` (their ratio), ``user_sessions``;
+- **co-occurrence and session**: ``cooc``, ``line`` (product line share), ``intent`` (the
+  session's weight on the item's category), ``basket`` (personal co-occurrence),
+  ``session_items``;
+- **popularity**: ``pop`` (log, decayed), ``pop_trend`` (last 7 days vs last 28), ``repeat_rate``;
+- **context**: ``context`` (department lift at the request's weekday × hour, holiday lift),
+  ``hour``, ``weekday``, ``holiday`` (no data set we ship has device or region; the lift tables
+  would take them the same way);
+- **item**: ``department`` (categorical), ``price``, ``price_band`` (price percentile inside the
+  item's category), ``brand_pop``;
+- **query**: ``query_match`` and ``session_query_match`` (share of the search words the item's
+  title and category hold);
+- **candidate sources**: ``src_<source>`` for each of :data:`graph.retrieval.SOURCES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from graph import schema as S
+from graph.ranking import ContextSignal, Ranker, SessionSignal
+from graph.retrieval import SOURCES, CandidateSet, Catalogue
+from graph.signals import to_unix_seconds
+
+DAY_S = 86400.0
+ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_band", "brand_pop")
+FEATURES: tuple[str, ...] = (
+    "gnn", "session", "sess_sim_max", "sess_sim_mean",
+    "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
+    "cooc", "line", "intent", "basket", "session_items",
+    "pop", "pop_trend", "repeat_rate",
+    "context", "hour", "weekday", "holiday",
+    "department", "price", "price_band", "brand_pop",
+    "query_match", "session_query_match",
+    *(f"src_{s}" for s in SOURCES),
+)
+CATEGORICAL: tuple[str, ...] = ("department",)
+# The reason component of each feature (actors/explain.py has a sentence per component).
+COMPONENT_OF: dict[str, str] = {
+    "gnn": "gnn", "src_ann_user": "gnn",
+    "session": "session", "sess_sim_max": "session", "sess_sim_mean": "session",
+    "src_ann_sess": "session",
+    "repeat": "repeat", "hist_count": "repeat", "days_since_last": "repeat",
+    "interval_days": "repeat", "due": "repeat", "user_sessions": "repeat", "src_buy_again": "repeat",
+    "cooc": "cooc", "src_cooc": "cooc", "line": "line", "intent": "intent", "src_intent": "intent",
+    "session_items": "intent", "basket": "basket",
+    "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
+    "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
+    "src_context": "context",
+    "department": "item", "price": "item", "price_band": "item", "brand_pop": "item",
+    "query_match": "query", "session_query_match": "query", "src_query": "query",
+}
+assert set(COMPONENT_OF) == set(FEATURES), set(FEATURES) ^ set(COMPONENT_OF)
+
+
+def item_features(train_events: pd.DataFrame, items: pd.DataFrame, ranker: Ranker) -> np.ndarray:
+    """Per-item features fitted on training events (:data:`ITEM_FEATURES` order).
+
+    ``pop_trend`` compares the item's purchases of the last 7 days before the signals' reference
+    time with a quarter of those of the last 28 (log ratio, smoothed); ``price_band`` is the
+    price's percentile among items of the same category; ``brand_pop`` the log of the brand's
+    decayed purchases (NaN without a brand column).
+
+    Shapes:
+        - return ``[I, len(ITEM_FEATURES)]`` float32 (NaN = unknown).
+    """
+    sig = ranker.signals
+    n = sig.num_items
+    ev = train_events[train_events[S.ITEM_COL].notna()]
+    ev = ev[ev[S.EVENT_COL].map(S.EVENT_WEIGHTS).fillna(0.0) > 0]
+    idx = pd.Index(items[S.ITEM_COL].astype(str)).get_indexer(pd.Index(ev[S.ITEM_COL].astype(str)))
+    age = sig.now - to_unix_seconds(ev[S.TS_COL])
+    ok = idx >= 0
+    last7 = np.bincount(idx[ok & (age <= 7 * DAY_S)], minlength=n).astype(np.float64)
+    last28 = np.bincount(idx[ok & (age <= 28 * DAY_S)], minlength=n).astype(np.float64)
+    trend = np.log1p(last7) - np.log1p(last28 / 4.0)
+    price = (items[S.PRICE_COL].astype("float64").to_numpy() if S.PRICE_COL in items
+             else np.full(n, np.nan))
+    band = (pd.Series(price).groupby(np.asarray(sig.item_category)).rank(pct=True)
+            .to_numpy(dtype=np.float64))
+    if S.BRAND_COL in items:
+        brand = items[S.BRAND_COL].astype(str).to_numpy()
+        totals = pd.Series(sig.popularity.astype(np.float64)).groupby(brand).transform("sum")
+        brand_pop = np.log1p(totals.to_numpy(dtype=np.float64))
+    else:
+        brand_pop = np.full(n, np.nan)
+    out = np.stack([trend, sig.item_repeat_rate.astype(np.float64), price, band, brand_pop], axis=1)
+    return out.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """What the features of one request depend on.
+
+    Args:
+        user: The user's row (None: unknown or forgotten).
+        session: The session signal (None or empty: no session).
+        context: The request's context (None: unknown).
+        now: Request time, unix seconds.
+        query: Search words of the request.
+        session_query: Search words of the session's latest search.
+    """
+
+    user: int | None
+    session: SessionSignal | None
+    context: ContextSignal | None
+    now: float
+    query: Sequence[str] = ()
+    session_query: Sequence[str] = ()
+
+
+def build_features(
+    ranker: Ranker, cat: Catalogue, item_static: np.ndarray, req: FeatureRequest,
+    cand: CandidateSet, item_unit: np.ndarray,
+) -> np.ndarray:
+    """The feature matrix of one request's candidates.
+
+    Args:
+        ranker: Embeddings and signals of the model version.
+        cat: Its catalogue (search index).
+        item_static: :func:`item_features` of the version.
+        req: The request.
+        cand: Its candidates.
+        item_unit: The ranker's item embeddings scaled to unit length.
+
+    Shapes:
+        - return ``[len(cand), len(FEATURES)]`` float32 in :data:`FEATURES` order.
+    """
+    items = cand.items
+    n = len(items)
+    col: dict[str, np.ndarray | float] = {}
+    comps = ranker.components([req.user], [req.session], [req.context], candidates=items)
+    for c, v in comps.items():
+        col[c] = v[0]
+    s = req.session
+    if s is not None and not s.is_empty:
+        sims = item_unit[items] @ item_unit[s.items].T  # [n, m]
+        w = np.maximum(s.weights, 0.0)
+        col["sess_sim_max"] = sims.max(axis=1)
+        col["sess_sim_mean"] = sims @ w / max(float(w.sum()), 1e-12)
+        col["session_items"] = float(len(s.items))
+    else:
+        col["sess_sim_max"] = col["sess_sim_mean"] = np.nan
+        col["session_items"] = 0.0
+    _repeat_stats(ranker, req, items, col)
+    for j, name in enumerate(ITEM_FEATURES):
+        col[name] = item_static[items, j]
+    ctx = req.context
+    col["hour"] = np.nan if ctx is None else float(ctx.hour)
+    col["weekday"] = np.nan if ctx is None else float(ctx.weekday)
+    col["holiday"] = np.nan if ctx is None else float(ctx.is_holiday)
+    col["department"] = ranker.signals.item_department[items].astype(np.float32)
+    col["query_match"] = cat.tokens.match(list(req.query), items)
+    col["session_query_match"] = cat.tokens.match(list(req.session_query), items)
+    for j, src in enumerate(SOURCES):
+        col[f"src_{src}"] = cand.sources[:, j].astype(np.float32)
+    out = np.empty((n, len(FEATURES)), dtype=np.float32)
+    for j, name in enumerate(FEATURES):
+        out[:, j] = col[name]
+    return out
+
+
+def _repeat_stats(ranker: Ranker, req: FeatureRequest, items: np.ndarray,
+                  col: dict[str, np.ndarray | float]) -> None:
+    """The user's purchase history of each candidate (NaN where the user never bought it)."""
+    n = len(items)
+    count = np.zeros(n, dtype=np.float64)
+    since = np.full(n, np.nan)
+    interval = np.full(n, np.nan)
+    sig = ranker.signals
+    if req.user is not None:
+        lo, hi = int(sig.hist_indptr[req.user]), int(sig.hist_indptr[req.user + 1])
+        row = sig.hist_indices[lo:hi]  # sorted: the history CSR is built from a sorted groupby
+        pos = np.minimum(np.searchsorted(row, items), max(hi - lo - 1, 0))
+        hit = (hi > lo) & (row[pos] == items) if hi > lo else np.zeros(n, dtype=bool)
+        p = lo + pos[hit]
+        c = sig.hist_count[p].astype(np.float64)
+        count[hit] = c
+        since[hit] = np.maximum(req.now - sig.hist_last[p], 0.0) / DAY_S
+        with np.errstate(invalid="ignore", divide="ignore"):
+            interval[hit] = np.where(c >= 2, (sig.hist_last[p] - sig.hist_first[p]) / DAY_S
+                                     / np.maximum(c - 1, 1), np.nan)
+        col["user_sessions"] = float(sig.user_sessions[req.user])
+    else:
+        col["user_sessions"] = 0.0
+    col["hist_count"] = count
+    col["days_since_last"] = since
+    col["interval_days"] = interval
+    with np.errstate(invalid="ignore", divide="ignore"):
+        col["due"] = since / np.maximum(interval, 0.5)

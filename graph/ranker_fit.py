@@ -1,0 +1,138 @@
+"""Fitting the learned ranker on the validation window (never on anything after the split).
+
+1. The validation twins of the protocol's tasks (:mod:`graph.tasks`): history = events before the
+   validation cut, targets = the validation window.
+2. Each request goes through :meth:`graph.recommend.Recommender.prepare` of a recommender whose
+   embeddings and signals saw only the events before the validation cut: the very candidate
+   generation and features serving uses. A candidate is labelled 1 when the request's targets
+   hold it.
+3. Queries: no data set we ship has searches, so a seeded share of the in-session requests gets
+   a simulated one (:func:`simulate_queries`): the words of one target item's category, never its
+   id. That is what teaches the ranker what a query match is worth; it is said wherever a number
+   comes from it.
+4. Negatives are subsampled per request (all positives kept) to bound training time, requests are
+   split 80/20 into training and early-stopping sets, and LambdaRank is fitted for the full model
+   and each ablation (:data:`graph.ltr.ABLATIONS`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from graph.ltr import ABLATIONS, LearnedRanker, RankingData, fit_ranker
+from graph.recommend import Recommender, Request
+from graph.search_index import tokenize
+from graph.tasks import QueryBatch
+
+QUERY_SHARE = 0.2
+NEGATIVES_PER_REQUEST = 300
+VALID_SHARE = 0.2
+Progress = Callable[[str], None]
+
+
+def simulate_queries(requests: list[Request], targets: Sequence[np.ndarray], categories: np.ndarray,
+                     rng: np.random.Generator, share: float = QUERY_SHARE) -> list[Request]:
+    """Give a seeded ``share`` of the requests a search: the words of the last category level of
+    one of its target items (e.g. ``"kids cereal"``), half of them as the request's query and
+    half as the session's latest search."""
+    out = list(requests)
+    for r in np.flatnonzero(rng.random(len(requests)) < share).tolist():
+        item = int(rng.choice(targets[r]))
+        words = tuple(tokenize(str(categories[item]).rsplit(">", 1)[-1]))
+        if words:
+            explicit = bool(rng.random() < 0.5)
+            out[r] = replace(requests[r], query=words if explicit else (),
+                             session_query=() if explicit else words)
+    return out
+
+
+@dataclass
+class LabelledSet:
+    """Labelled candidates of many requests, with their source flags (for ablations)."""
+
+    data: RankingData
+    sources: np.ndarray
+    candidate_recall: float
+
+
+def label(rec: Recommender, requests: list[Request], targets: Sequence[np.ndarray],
+          rng: np.random.Generator, negatives: int = NEGATIVES_PER_REQUEST) -> LabelledSet:
+    """Candidates and features of each request, labelled by its targets; at most ``negatives``
+    random negatives per request."""
+    xs, ys, srcs, group = [], [], [], []
+    found = total = 0
+    for req, tgt in zip(requests, targets, strict=True):
+        p = rec.prepare(req)
+        y = np.isin(p.candidates.items, tgt)
+        found += int(y.sum())
+        total += len(tgt)
+        neg = np.flatnonzero(~y)
+        if len(neg) > negatives:
+            keep = np.sort(np.concatenate([np.flatnonzero(y), rng.choice(neg, negatives, replace=False)]))
+        else:
+            keep = np.arange(len(y))
+        xs.append(p.x[keep])
+        ys.append(y[keep].astype(np.float32))
+        srcs.append(p.candidates.sources[keep])
+        group.append(len(keep))
+    data = RankingData(np.concatenate(xs), np.concatenate(ys), np.asarray(group, dtype=np.int64))
+    return LabelledSet(data, np.concatenate(srcs), found / max(total, 1))
+
+
+def fit_on_validation(
+    rec: Recommender,
+    batches: Sequence[QueryBatch],
+    *,
+    seed: int = 0,
+    ablations: Sequence[str] = tuple(ABLATIONS),
+    progress: Progress = print,
+) -> dict[str, LearnedRanker]:
+    """Fit the full ranker and the ablations on validation tasks.
+
+    Args:
+        rec: A recommender fitted only on events before the validation cut (its ``learned`` is
+            not used).
+        batches: Validation tasks (:func:`graph.tasks.next_basket_tasks`,
+            :func:`graph.tasks.in_session_tasks` on the validation window).
+        seed: Seed of the query simulation, negative sampling, split and LightGBM.
+        ablations: Which of :data:`graph.ltr.ABLATIONS` to fit (``"full"`` always).
+        progress: Called with one line per step.
+
+    Returns:
+        ``{ablation: LearnedRanker}``.
+    """
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    requests: list[Request] = []
+    targets: list[np.ndarray] = []
+    for q in batches:
+        reqs = q.requests()
+        if q.name == "in_session":
+            reqs = simulate_queries(reqs, q.targets, rec.catalogue.categories, rng)
+        requests += reqs
+        targets += q.targets
+    labelled = label(rec, requests, targets, rng)
+    d = labelled.data
+    tasks = ", ".join(f"{q.name} {len(q)}" for q in batches)
+    progress(f"[ranker] {len(requests):,} validation requests ({tasks}): "
+             f"{len(d.y):,} labelled candidates, candidate recall {labelled.candidate_recall:.3f} "
+             f"({time.perf_counter() - t0:.0f}s)")
+    order = rng.permutation(len(d.group))
+    n_valid = max(1, round(VALID_SHARE * len(order)))
+    va_idx, tr_idx = np.sort(order[:n_valid]), np.sort(order[n_valid:])
+    starts = np.concatenate([[0], np.cumsum(d.group)])
+
+    def rows(idx: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.arange(starts[r], starts[r + 1]) for r in idx])
+
+    tr_src, va_src = labelled.sources[rows(tr_idx)], labelled.sources[rows(va_idx)]
+    train, valid = d.subset(tr_idx), d.subset(va_idx)
+    out: dict[str, LearnedRanker] = {}
+    for name in dict.fromkeys(("full", *ablations)):
+        out[name] = fit_ranker(train, valid, ablation=name, sources=tr_src, valid_sources=va_src,
+                               seed=seed, progress=progress)
+    return out

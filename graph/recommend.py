@@ -1,0 +1,156 @@
+"""One recommendation, top to bottom: the function that serving, evaluation and benchmarks call.
+
+    request ─▶ candidates (graph.retrieval) ─▶ features (graph.features)
+            ─▶ learned ranker (graph.ltr) ─▶ top-k ─▶ per-component contributions
+
+:class:`Recommender` is one model version ready to answer (ranker signals and embeddings, the
+catalogue with its faiss index, per-item features and the LightGBM ranker). Offline evaluation
+builds its requests from held-out data and calls :meth:`Recommender.prepare` and
+:meth:`Recommender.rank`, the two halves of :meth:`Recommender.recommend`; the Serve replica
+(``actors/ranker.py``) calls :meth:`Recommender.recommend`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from graph import schema as S
+from graph.errors import ArtifactError
+from graph.features import FeatureRequest, build_features
+from graph.ltr import LearnedRanker
+from graph.ranking import ContextSignal, Ranker, SessionSignal, session_signal
+from graph.retrieval import CandidateSet, Catalogue, candidates, exclusions
+
+
+@dataclass(frozen=True)
+class Request:
+    """One recommendation request in model indices.
+
+    Args:
+        user: The user's row (None: unknown or forgotten).
+        item_events: ``(item index, event, ts)`` of the session's catalogue items, oldest first.
+        context: The request's context signal.
+        now: The request time (unix seconds); session decay and repurchase timing use it.
+        query: Search words of the request.
+        session_query: Search words of the session's latest search.
+        category: Category-path prefix the items must have.
+        exclude: Item indices never to return (the session's cart is added).
+        k: How many items.
+    """
+
+    user: int | None = None
+    item_events: tuple[tuple[int, str, float], ...] = ()
+    context: ContextSignal | None = None
+    now: float = 0.0
+    query: tuple[str, ...] = ()
+    session_query: tuple[str, ...] = ()
+    category: str | None = None
+    exclude: np.ndarray | None = None
+    k: int = S.TOP_K
+
+    @property
+    def session(self) -> SessionSignal | None:
+        return session_signal(list(self.item_events), self.now) if self.item_events else None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request's candidates and their feature rows. Shapes: ``x`` ``[n, len(FEATURES)]``."""
+
+    request: Request
+    session: SessionSignal | None
+    candidates: CandidateSet
+    x: np.ndarray
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """The answer: item indices, scores and (when asked) per-component contributions.
+
+    Shapes:
+        - **items**, **scores** ``[<= k]``.
+    """
+
+    items: np.ndarray
+    scores: np.ndarray
+    contributions: list[dict[str, float]] = field(default_factory=list)
+    num_candidates: int = 0
+
+
+@dataclass
+class Recommender:
+    """One model version, ready to answer.
+
+    Args:
+        ranker: Embeddings and non-parametric signals.
+        catalogue: Items, faiss index, popularity orders, search index.
+        item_static: Per-item features (:func:`graph.features.item_features`).
+        learned: The LambdaRank ranker (None only while the ranker itself is being fitted:
+            :meth:`prepare` works, :meth:`rank` needs one).
+    """
+
+    ranker: Ranker
+    catalogue: Catalogue
+    item_static: np.ndarray
+    learned: LearnedRanker | None = None
+
+    def __post_init__(self) -> None:
+        emb = self.ranker.item_emb
+        self.item_unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+    @classmethod
+    def build(cls, items: pd.DataFrame, ranker: Ranker, item_static: np.ndarray,
+              learned: LearnedRanker | None = None) -> Recommender:
+        return cls(ranker, Catalogue.build(items, ranker), item_static, learned)
+
+    def prepare(self, req: Request) -> Prepared:
+        """Candidates and features of one request (exclusions and category filter applied)."""
+        session = req.session
+        cand = candidates(
+            self.ranker, self.catalogue, user=req.user, session=session,
+            item_events=req.item_events, context=req.context,
+            query=req.query, session_query=req.session_query,
+            category=req.category, exclude=exclusions(req.exclude, req.item_events),
+        )
+        fr = FeatureRequest(req.user, session, req.context, req.now, req.query, req.session_query)
+        x = build_features(self.ranker, self.catalogue, self.item_static, fr, cand, self.item_unit)
+        return Prepared(req, session, cand, x)
+
+    def rank(self, p: Prepared, *, learned: LearnedRanker | None = None, k: int | None = None,
+             explain: bool = False) -> Ranked:
+        """Score prepared candidates and keep the top ``k`` (default: the request's).
+
+        Args:
+            p: What :meth:`prepare` returned.
+            learned: Another ranker (an ablation) instead of the version's.
+            k: Override of the request's ``k``.
+            explain: Also return each top item's per-component contributions.
+        """
+        lr = learned or self.learned
+        if lr is None:
+            raise ArtifactError("this recommender has no learned ranker; retrain with "
+                                "`python train_job.py`")
+        k = p.request.k if k is None else k
+        cand, x = p.candidates, p.x
+        keep = lr.keep_candidates(cand.sources)
+        items = cand.items if keep is None else cand.items[keep]
+        x = x if keep is None else x[keep]
+        scores = lr.score(x)
+        top = top_k(scores, items, k)
+        contrib = lr.contributions(x[top]) if explain else []
+        return Ranked(items[top], scores[top], contrib, len(cand))
+
+    def recommend(self, req: Request, *, explain: bool = True) -> Ranked:
+        """Answer one request: :meth:`prepare`, then :meth:`rank` with the version's ranker."""
+        return self.rank(self.prepare(req), explain=explain)
+
+
+def top_k(scores: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` best scores, best first; ties go to the lower item index."""
+    if len(scores) <= k:
+        return np.lexsort((items, -scores))
+    part = np.argpartition(-scores, k - 1)[:k]
+    return part[np.lexsort((items[part], -scores[part]))]

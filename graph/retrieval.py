@@ -1,0 +1,293 @@
+"""Stage one of the two-stage recommender: the catalogue a request needs and its candidates.
+
+:class:`Catalogue` holds, for one model version, what candidate generation and the response need
+beyond the :class:`graph.ranking.Ranker`: a faiss inner-product index over the GNN item
+embeddings, popularity orders (overall, per department, per category), the search index and the
+item columns. :func:`candidates` returns a few hundred to a couple of thousand items for one
+request, each with flags saying which sources proposed it (the ranker's ``src_*`` features, and
+the per-source candidate recall that ``train_job.py`` reports):
+
+========== ===================================================================================
+source     items
+========== ===================================================================================
+popular    the best sellers overall (every request)
+ann_user   nearest GNN item embeddings to the user's GNN embedding (faiss, exact)
+ann_sess   nearest GNN item embeddings to the session's weighted mean item embedding
+buy_again  the user's most repeated purchases
+cooc       item-item co-occurrence neighbours of the latest session items and of the user's
+           most repeated purchases
+intent     best sellers of the session's top intent categories
+query      items holding the search words (the request's query and the session's last search)
+context    best sellers of the departments the request's weekday/hour/holiday favours
+========== ===================================================================================
+
+Only the second stage (:mod:`graph.ltr`) orders them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from graph import schema as S
+from graph.ranking import ContextSignal, Ranker, SessionSignal
+from graph.search_index import TokenIndex
+
+SOURCES: tuple[str, ...] = (
+    "popular", "ann_user", "ann_sess", "buy_again", "cooc", "intent", "query", "context",
+)
+# Per source, how many candidates to take.
+POPULAR_K = 100
+ANN_K = 100
+BUY_AGAIN_K = 200
+COOC_RECENT_ITEMS = 10
+COOC_PER_ITEM = 50
+COOC_HISTORY_ITEMS = 10
+COOC_PER_HISTORY_ITEM = 20
+INTENT_CATEGORIES = 2
+INTENT_PER_CATEGORY = 30
+QUERY_K = 200
+CATEGORY_K = 200
+CONTEXT_DEPTS = 3
+CONTEXT_PER_DEPT = 30
+USER_CACHE = 200_000
+
+
+@dataclass
+class Catalogue:
+    """One model version's item side for serving and evaluation (immutable once built, its
+    category-prefix cache aside).
+
+    Shapes:
+        - **item_ids**, **titles**, **categories**, **intent_labels** ``[I]`` object; **prices**
+          ``[I]`` float64 (NaN = unknown); **popular** ``[POPULAR_K]`` item indices.
+    """
+
+    item_ids: np.ndarray
+    titles: np.ndarray
+    categories: np.ndarray
+    categories_lower: np.ndarray
+    intent_labels: np.ndarray
+    prices: np.ndarray
+    popularity: np.ndarray
+    popular: np.ndarray
+    dept_popular: dict[int, np.ndarray]
+    category_popular: dict[int, np.ndarray]
+    tokens: TokenIndex
+    index: Any  # faiss.IndexFlatIP over the ranker's item embeddings
+    _prefix_cache: dict[str, np.ndarray] = field(default_factory=dict)
+    _user_ann: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @classmethod
+    def build(cls, items: pd.DataFrame, ranker: Ranker) -> Catalogue:
+        """Everything from the catalogue table and the ranker's signals and item embeddings."""
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        index = faiss.IndexFlatIP(ranker.item_emb.shape[1])
+        index.add(ranker.item_emb)
+        titles = items[S.TITLE_COL].astype(str).to_numpy(dtype=object)
+        categories = items[S.CATEGORY_COL].astype(str).to_numpy(dtype=object)
+        label_of = {c: intent_label(c) for c in set(categories.tolist())}
+        prices = items[S.PRICE_COL].astype("float64").to_numpy() if S.PRICE_COL in items else (
+            np.full(len(items), np.nan))
+        sig = ranker.signals
+        popularity = np.asarray(sig.popularity, dtype=np.float64)
+        order = np.argsort(-popularity, kind="stable")
+        return cls(
+            item_ids=items[S.ITEM_COL].astype(str).to_numpy(dtype=object),
+            titles=titles,
+            categories=categories,
+            categories_lower=np.array([c.lower() for c in categories.tolist()], dtype=str),
+            intent_labels=np.array([label_of[c] for c in categories.tolist()], dtype=object),
+            prices=prices,
+            popularity=popularity,
+            popular=order[:POPULAR_K],
+            dept_popular=_top_per_group(order, np.asarray(sig.item_department), CONTEXT_PER_DEPT),
+            category_popular=_top_per_group(order, np.asarray(sig.item_category),
+                                            INTENT_PER_CATEGORY),
+            tokens=TokenIndex.build(titles.tolist(), categories.tolist()),
+            index=index,
+        )
+
+    def user_neighbours(self, ranker: Ranker, user: int) -> np.ndarray:
+        """The :data:`ANN_K` items nearest to the user's GNN embedding (cached per user: a user's
+        long-term embedding does not change within a model version; the cache is bounded)."""
+        hit = self._user_ann.get(user)
+        if hit is None:
+            _, ann = self.index.search(ranker.user_emb[user: user + 1], ANN_K)
+            hit = ann[0][ann[0] >= 0].astype(np.int64)
+            if len(self._user_ann) > USER_CACHE:
+                self._user_ann.clear()
+            self._user_ann[user] = hit
+        return hit
+
+    def category_items(self, prefix: str) -> np.ndarray:
+        """Item indices whose category path starts with ``prefix`` (case-insensitive), most
+        popular first (cached per prefix; the cache is bounded)."""
+        key = prefix.strip().lower()
+        hit = self._prefix_cache.get(key)
+        if hit is None:
+            idx = np.flatnonzero(np.char.startswith(self.categories_lower, key))
+            hit = idx[np.argsort(-self.popularity[idx], kind="stable")]
+            if len(self._prefix_cache) > 1024:
+                self._prefix_cache.clear()
+            self._prefix_cache[key] = hit
+        return hit
+
+
+def intent_label(category: str) -> str:
+    """The level at which a session's intent is shown: the first two levels of the path."""
+    sep = S.CATEGORY_SEP.strip()
+    return S.CATEGORY_SEP.join(p.strip() for p in category.split(sep)[:2])
+
+
+def _top_per_group(order: np.ndarray, group: np.ndarray, k: int) -> dict[int, np.ndarray]:
+    """The first ``k`` items of ``order`` in each group."""
+    g = group[order]
+    out: dict[int, np.ndarray] = {}
+    for v in np.unique(g):
+        out[int(v)] = order[g == v][:k]
+    return out
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """The items one request scores and which sources proposed each.
+
+    Shapes:
+        - **items** ``[n]`` int64, sorted unique; **sources** ``[n, len(SOURCES)]`` bool.
+    """
+
+    items: np.ndarray
+    sources: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, keep: np.ndarray) -> CandidateSet:
+        return CandidateSet(self.items[keep], self.sources[keep])
+
+
+def session_embedding(ranker: Ranker, session: SessionSignal) -> np.ndarray:
+    """The session's weighted mean GNN item embedding. Shapes: ``[d]``."""
+    w = session.weights.astype(np.float32)
+    return (w / max(float(np.abs(w).sum()), 1e-12)) @ ranker.item_emb[session.items]
+
+
+def candidates(
+    ranker: Ranker,
+    cat: Catalogue,
+    *,
+    user: int | None,
+    session: SessionSignal | None,
+    item_events: Sequence[tuple[int, str, float]],
+    context: ContextSignal | None,
+    query: Sequence[str] = (),
+    session_query: Sequence[str] = (),
+    category: str | None = None,
+    exclude: np.ndarray | None = None,
+) -> CandidateSet:
+    """The union of every source that applies to one request, minus ``exclude``, restricted to
+    ``category`` (a category-path prefix) when given.
+
+    A request with a ``query`` is a search: when some candidates hold a word of it, only those
+    are kept (the ranker orders them). The session's latest search (``session_query``) only adds
+    candidates and a feature.
+
+    Args:
+        ranker: Embeddings and signals of the model version.
+        cat: Its catalogue.
+        user: The user's row, if known (and not forgotten).
+        session: The session signal, if the session has catalogue items.
+        item_events: ``(item index, event, ts)`` of the session, oldest first.
+        context: The request's context signal.
+        query: Search words of the request.
+        session_query: Search words of the session's latest search.
+        category: Category-path prefix the items must have.
+        exclude: Item indices never to return.
+    """
+    sig = ranker.signals
+    parts: list[tuple[int, np.ndarray]] = [(0, cat.popular)]
+    if user is not None:
+        parts.append((1, cat.user_neighbours(ranker, user)))
+        lo, hi = sig.hist_indptr[user], sig.hist_indptr[user + 1]
+        hist = sig.hist_indices[lo:hi].astype(np.int64)
+        order = np.argsort(-sig.hist_weight[lo:hi], kind="stable")
+        parts.append((3, hist[order[:BUY_AGAIN_K]]))
+        for i in hist[order[:COOC_HISTORY_ITEMS]].tolist():
+            parts.append((4, _neighbours(ranker, i, COOC_PER_HISTORY_ITEM)))
+    if session is not None and not session.is_empty:
+        _, ann = cat.index.search(session_embedding(ranker, session)[None, :], ANN_K)
+        parts.append((2, ann[0][ann[0] >= 0].astype(np.int64)))
+        recent: list[int] = []
+        for i, ev, _ in reversed(item_events):
+            if ev != S.REMOVE_FROM_CART and i not in recent:
+                recent.append(i)
+            if len(recent) >= COOC_RECENT_ITEMS:
+                break
+        for i in recent:
+            parts.append((4, _neighbours(ranker, i, COOC_PER_ITEM)))
+        mass = np.bincount(sig.item_category[session.items], weights=session.weights)
+        for c in np.argsort(-mass)[:INTENT_CATEGORIES]:
+            if mass[c] > 0:
+                parts.append((5, cat.category_popular.get(int(c), np.zeros(0, np.int64))))
+    tokens = list(dict.fromkeys((*query, *session_query)))
+    if tokens:
+        parts.append((6, cat.tokens.candidates(tokens, cat.popularity, QUERY_K)))
+    if category:
+        parts.append((6, cat.category_items(category)[:CATEGORY_K]))
+    if context is not None:
+        lift = sig.context_lift[context.weekday, context.hour]
+        if context.is_holiday:
+            lift = lift + sig.holiday_lift
+        for d in np.argsort(-lift)[:CONTEXT_DEPTS]:
+            parts.append((7, cat.dept_popular.get(int(d), np.zeros(0, dtype=np.int64))))
+    source_of = np.concatenate([np.full(len(p), j, dtype=np.int64) for j, p in parts])
+    its = np.concatenate([p for _, p in parts]).astype(np.int64)
+    items, inv = np.unique(its, return_inverse=True)
+    flags = np.zeros((len(items), len(SOURCES)), dtype=bool)
+    flags[inv, source_of] = True
+    out = CandidateSet(items, flags)
+    keep = np.ones(len(items), dtype=bool)
+    if exclude is not None and len(exclude):
+        keep &= ~np.isin(items, exclude)
+    if category:
+        keep &= np.char.startswith(cat.categories_lower[items], category.strip().lower())
+    if query:
+        matches = cat.tokens.match(list(query), items) > 0
+        if (matches & keep).any():
+            keep &= matches
+    return out if keep.all() else out.subset(keep)
+
+
+def _neighbours(ranker: Ranker, i: int, k: int) -> np.ndarray:
+    """Item ``i``'s ``k`` strongest co-occurrence neighbours."""
+    sim = ranker.signals.item_sim
+    row = slice(sim.indptr[i], sim.indptr[i + 1])
+    nb, val = sim.indices[row], sim.data[row]
+    if len(nb) > k:
+        nb = nb[np.argpartition(-val, k - 1)[:k]]
+    return nb.astype(np.int64)
+
+
+def exclusions(exclude: np.ndarray | None, item_events: Sequence[tuple[int, str, float]]) -> np.ndarray:
+    """``exclude`` plus what the session's cart holds (added or bought, not taken out)."""
+    cart: dict[int, int] = {}
+    for i, ev, _ in item_events:
+        if ev in (S.ADD_TO_CART, S.PURCHASE):
+            cart[i] = cart.get(i, 0) + 1
+        elif ev == S.REMOVE_FROM_CART:
+            cart[i] = cart.get(i, 0) - 1
+    held = np.fromiter((i for i, n in cart.items() if n > 0), dtype=np.int64)
+    if exclude is None or len(exclude) == 0:
+        return held
+    return np.union1d(np.asarray(exclude, dtype=np.int64), held)

@@ -1,0 +1,128 @@
+"""The learned ranker: LambdaRank fitting, ablations, exact contributions, persistence, and the
+one recommend path on a real small artifact (built-in data slice; SVD embeddings; no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graph.artifacts import read_artifact
+from graph.features import COMPONENT_OF, FEATURES
+from graph.ltr import ABLATIONS, LearnedRanker, RankingData, fit_ranker
+from graph.ranking import ContextSignal, Ranker
+from graph.recommend import Recommender, Request
+from graph.retrieval import SOURCES
+
+T0 = 1_512_000_000.0  # 2017-11-30: fixed, nothing depends on the day the test runs
+
+
+def synthetic(seed: int, requests: int = 60, per: int = 30) -> tuple[RankingData, np.ndarray]:
+    """Requests whose bought items are those with the largest ``cooc`` (plus noise)."""
+    rng = np.random.default_rng(seed)
+    n = requests * per
+    x = rng.normal(size=(n, len(FEATURES))).astype(np.float32)
+    x[:, FEATURES.index("department")] = rng.integers(0, 5, n)
+    signal = x[:, FEATURES.index("cooc")] + 0.1 * rng.normal(size=n)
+    y = np.zeros(n, dtype=np.float32)
+    for r in range(requests):
+        rows = np.arange(r * per, (r + 1) * per)
+        y[rows[np.argsort(-signal[rows])[:3]]] = 1.0
+    sources = rng.random((n, len(SOURCES))) < 0.5
+    sources[:, SOURCES.index("popular")] = True
+    return RankingData(x, y, np.full(requests, per)), sources
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[LearnedRanker, RankingData]:
+    train, src = synthetic(0)
+    valid, vsrc = synthetic(1, requests=20)
+    return fit_ranker(train, valid, sources=src, valid_sources=vsrc, max_rounds=60), valid
+
+
+def test_lambdarank_learns_the_predictive_feature(fitted: tuple[LearnedRanker, RankingData]) -> None:
+    lr, valid = fitted
+    assert lr.info["rounds"] > 0 and lr.info["valid_ndcg@20"] > 0.9
+    scores = lr.score(valid.x)
+    first = int(valid.group[0])  # the first validation request's rows
+    top = np.argsort(-scores[:first])[:3]
+    assert set(top.tolist()) == set(np.flatnonzero(valid.y[:first]).tolist())
+    gain = dict(zip(lr.features, lr.booster.feature_importance("gain"), strict=True))
+    assert max(gain, key=gain.__getitem__) == "cooc"
+
+
+def test_contributions_add_up_to_the_score(fitted: tuple[LearnedRanker, RankingData]) -> None:
+    lr, valid = fitted
+    rows = valid.x[:25]
+    contrib = lr.contributions(rows)
+    scores = lr.score(rows)
+    assert len(contrib) == 25
+    for c, s in zip(contrib, scores.tolist(), strict=True):
+        assert set(c) <= {*COMPONENT_OF.values(), "base"}
+        assert sum(c.values()) == pytest.approx(s, abs=1e-4)
+
+
+def test_fitting_is_deterministic_and_round_trips(fitted: tuple[LearnedRanker, RankingData]) -> None:
+    lr, valid = fitted
+    train, src = synthetic(0)
+    again = fit_ranker(train, synthetic(1, requests=20)[0], sources=src,
+                       valid_sources=synthetic(1, requests=20)[1], max_rounds=60)
+    np.testing.assert_array_equal(again.score(valid.x), lr.score(valid.x))
+    back = LearnedRanker.from_files(lr.to_files())
+    np.testing.assert_array_equal(back.score(valid.x), lr.score(valid.x))
+    assert back.features == lr.features and back.info == lr.info
+
+
+@pytest.mark.parametrize("ablation", [a for a in ABLATIONS if a != "full"])
+def test_an_ablation_drops_its_features_and_sources(ablation: str) -> None:
+    train, src = synthetic(0)
+    valid, vsrc = synthetic(1, requests=20)
+    lr = fit_ranker(train, valid, ablation=ablation, sources=src, valid_sources=vsrc,
+                    max_rounds=10)
+    dropped_f, dropped_s = ABLATIONS[ablation]
+    assert not set(lr.features) & set(dropped_f) and len(lr.features) == len(FEATURES) - len(
+        dropped_f)
+    keep = lr.keep_candidates(src)
+    assert keep is not None
+    only_dropped = ~src[:, [SOURCES.index(s) for s in SOURCES if s not in dropped_s]].any(axis=1)
+    np.testing.assert_array_equal(keep, ~only_dropped)
+    # The dropped columns cannot move its score.
+    x = valid.x.copy()
+    x[:, [FEATURES.index(f) for f in dropped_f]] = 123.0
+    np.testing.assert_array_equal(lr.score(x), lr.score(valid.x))
+
+
+@pytest.fixture(scope="module")
+def rec(svd_artifact_root: str) -> Recommender:
+    art = read_artifact(svd_artifact_root)
+    return Recommender.build(art.items, Ranker(art.user_emb, art.item_emb, art.signals),
+                             art.item_static, art.learned)
+
+
+def test_recommend_is_prepare_then_rank_with_exact_contributions(rec: Recommender) -> None:
+    sig = rec.ranker.signals
+    user = int(np.argmax(np.diff(sig.hist_indptr)))
+    item = int(rec.catalogue.popular[0])
+    req = Request(user=user, item_events=((item, "add_to_cart", T0),),
+                  context=ContextSignal(5, 10), now=T0 + 60, k=10)
+    out = rec.recommend(req)
+    assert len(out.items) == 10 and item not in out.items.tolist()  # the cart is excluded
+    assert list(out.scores) == sorted(out.scores, reverse=True)
+    p = rec.prepare(req)
+    again = rec.rank(p, explain=True)
+    np.testing.assert_array_equal(again.items, out.items)
+    # Scores are the ranker's on the candidates' feature rows; contributions add up to them.
+    pos = np.searchsorted(p.candidates.items, out.items)
+    np.testing.assert_allclose(rec.learned.score(p.x[pos]), out.scores, rtol=1e-6)
+    for c, s in zip(out.contributions, out.scores.tolist(), strict=True):
+        assert sum(c.values()) == pytest.approx(s, abs=1e-4)
+    # Every returned item is a candidate, and candidates are a small slice of the catalogue.
+    assert np.isin(out.items, p.candidates.items).all()
+    assert len(p.candidates) < rec.catalogue.num_items // 10
+
+
+def test_an_explicit_query_keeps_matching_candidates_only(rec: Recommender) -> None:
+    out = rec.recommend(Request(query=("cereal",), now=T0, k=10))
+    titles = [str(rec.catalogue.titles[i]) + str(rec.catalogue.categories[i]) for i in out.items]
+    assert len(titles) == 10 and all("CEREAL" in t.upper() for t in titles)
+    # Nothing matches: a query never empties the answer.
+    assert len(rec.recommend(Request(query=("zzzqqq",), now=T0, k=5)).items) == 5
