@@ -6,7 +6,8 @@ events before it).
 intentrec is ranked by :class:`graph.recommend.Recommender`: the same candidate generation,
 features, LightGBM ranker and top-k as serving, request by request. Its ablations
 (``intentrec_no_gnn``, ``intentrec_no_session``, ``intentrec_no_context``) rank the same
-candidates with rankers fitted without those features and candidate sources. For each task the
+candidates with rankers fitted without those features and candidate sources, next to intentrec,
+on a seeded sample of each task (prediction costs one LightGBM pass per ranker). For each task the
 report also gives the **candidate recall**: the share of relevant items that candidate generation
 put in front of the ranker (an upper bound of its recall), overall and per source.
 
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 ScoreFn = Callable[[slice], np.ndarray]
 CHUNK = 256
+BATCH = 256
+ABLATION_REQUESTS = 1000
+ABLATIONS_KEY = "ablations"
 
 
 # ------------------------------------------------------------------------------ baselines
@@ -123,10 +127,11 @@ def run_queries(fn: ScoreFn, q: QueryBatch, k: int, chunk: int = CHUNK) -> np.nd
 
 def recommender_rankings(
     rec: Recommender, q: QueryBatch, rankers: Mapping[str, LearnedRanker], k: int,
-    progress: Progress | None = None,
+    progress: Progress | None = None, batch: int = BATCH,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Rank every request of ``q`` with :meth:`Recommender.prepare` and :meth:`Recommender.rank`
-    for each ranker (the candidates and features of a request are computed once).
+    """Rank every request of ``q`` with :meth:`Recommender.prepare`, :meth:`Recommender.score`
+    and :meth:`Recommender.select` for each ranker (a request's candidates and features are
+    computed once; ``batch`` requests share one prediction call per ranker).
 
     Returns:
         ``({name: [B, k] item indices padded with -1}, candidate report)``; the report holds
@@ -138,19 +143,24 @@ def recommender_rankings(
     count = np.zeros(len(q))
     per_source = np.zeros((len(q), len(SOURCES)))
     t0 = last = time.perf_counter()
-    for b, req in enumerate(q.requests(k)):
-        p = rec.prepare(req)
-        tgt = q.targets[b]
-        hit = np.isin(p.candidates.items, tgt)
-        recall[b] = hit.sum() / len(tgt)
-        count[b] = len(p.candidates)
-        per_source[b] = p.candidates.sources[hit].sum(axis=0) / len(tgt)
+    requests = q.requests(k)
+    for start in range(0, len(q), batch):
+        prepared = [rec.prepare(r) for r in requests[start: start + batch]]
+        for b, p in enumerate(prepared, start):
+            tgt = q.targets[b]
+            hit = np.isin(p.candidates.items, tgt)
+            recall[b] = hit.sum() / len(tgt)
+            count[b] = len(p.candidates)
+            per_source[b] = p.candidates.sources[hit].sum(axis=0) / len(tgt)
         for name, lr in rankers.items():
-            top = rec.rank(p, learned=lr, k=k).items
-            out[name][b, : len(top)] = top
+            for b, (p, s) in enumerate(zip(prepared, rec.score(prepared, learned=lr), strict=True),
+                                       start):
+                top = rec.select(p, s, learned=lr, k=k).items
+                out[name][b, : len(top)] = top
         if progress is not None and time.perf_counter() - last > 15:
             last = time.perf_counter()
-            progress(f"evaluate {q.name}: {b + 1}/{len(q)} requests ({last - t0:.0f}s)")
+            progress(f"evaluate {q.name}: {min(start + batch, len(q))}/{len(q)} requests "
+                     f"({last - t0:.0f}s)")
     report = {"candidate_recall": float(recall.mean()) if len(q) else float("nan"),
               "candidates": float(count.mean()) if len(q) else float("nan"),
               "source_recall": {s: float(per_source[:, j].mean()) if len(q) else float("nan")
@@ -166,12 +176,13 @@ def evaluate(
     cut: pd.Timestamp,
     *,
     ablations: Mapping[str, LearnedRanker] | None = None,
+    ablation_requests: int = ABLATION_REQUESTS,
     seed: int = 0,
     max_users: int | None = None,
     max_baskets: int | None = None,
     progress: Progress | None = None,
     k: int = S.TOP_K,
-) -> dict[str, dict[str, dict[str, Any]]]:
+) -> dict[str, Any]:
     """Run the protocol; see the module docstring.
 
     Args:
@@ -180,8 +191,11 @@ def evaluate(
         inter: The indexing of the recommender's signals and embeddings.
         rec: The intentrec recommender (signals and embeddings fitted on ``train_events``).
         cut: The split time (the request time of next-basket tasks).
-        ablations: Extra rankers ``{row name: LearnedRanker}`` scored on the same candidates,
-            shown above ``intentrec``.
+        ablations: Rankers ``{row name: LearnedRanker}`` fitted without some features and
+            sources; they and ``intentrec`` rank the same seeded sample of at most
+            ``ablation_requests`` requests per task (same candidates), reported under
+            ``"ablations"``.
+        ablation_requests: Size of that sample per task.
         seed: Seed of the reveal order and of any subsample.
         max_users: Subsample of next-basket users (default: all).
         max_baskets: Subsample of in-session baskets (default: all).
@@ -190,7 +204,8 @@ def evaluate(
 
     Returns:
         ``{model: {task: {"recall@k", "ndcg@k", "hit@k", "n"}}}``; intentrec's task entries
-        also hold the candidate report of :func:`recommender_rankings`.
+        also hold the candidate report of :func:`recommender_rankings`; with ``ablations``,
+        ``"ablations"`` holds the same structure for the ablation rows and ``intentrec``.
     """
     say = progress or log.info
     signals = rec.ranker.signals
@@ -206,14 +221,20 @@ def evaluate(
         "buy_again": lambda q: buy_again_scores(signals, q),
         "itemknn": lambda q: itemknn_scores(signals, q),
     }
-    rankers = {**(ablations or {}), "intentrec": rec.learned}
+    assert rec.learned is not None
+    rankers = {"intentrec": rec.learned}
+    ablation_rankers = {**(ablations or {}), "intentrec": rec.learned}
     results: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in [*baselines, *rankers]}
+    ablated: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in ablation_rankers}
+    empty = {f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"), f"hit@{k}": float("nan"),
+             "n": 0.0}
+    rng = np.random.default_rng(seed)
     for q in (nb_all, nb_disc, ins, blind):
         t = time.perf_counter()
         if len(q) == 0:
-            for name in results:
-                results[name][q.name] = {f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"),
-                                         f"hit@{k}": float("nan"), "n": 0.0}
+            for table in (results, ablated):
+                for name in table:
+                    table[name][q.name] = dict(empty)
             continue
         for name, make in baselines.items():
             results[name][q.name] = {**summarize(run_queries(make(q), q, k), q.targets, k),
@@ -226,8 +247,21 @@ def evaluate(
         say(f"evaluate {q.name}: {len(q)} requests in {time.perf_counter() - t:.1f}s; candidate "
             f"recall {report['candidate_recall']:.3f} ({report['candidates']:.0f} candidates); "
             f"recall@{k} " + ", ".join(f"{m} {v:.4f}" for m, v in r.items()))
+        if ablations:
+            t = time.perf_counter()
+            n = min(len(q), ablation_requests)
+            sub = q.take(np.sort(rng.choice(len(q), n, replace=False)))
+            ranked, _ = recommender_rankings(rec, sub, ablation_rankers, k, progress=say)
+            for name, top in ranked.items():
+                ablated[name][q.name] = {**summarize(top, sub.targets, k), "n": float(n)}
+            say(f"evaluate {q.name} ablations: {n} requests in {time.perf_counter() - t:.1f}s; "
+                f"recall@{k} " + ", ".join(f"{m} {ablated[m][q.name][f'recall@{k}']:.4f}"
+                                           for m in ablated))
     say(f"evaluate: done in {time.perf_counter() - t0:.1f}s")
-    return results
+    out: dict[str, Any] = dict(results)
+    if ablations:
+        out[ABLATIONS_KEY] = ablated
+    return out
 
 
 def validation_tasks(history: pd.DataFrame, window: pd.DataFrame, inter: Interactions,
@@ -242,6 +276,15 @@ def validation_tasks(history: pd.DataFrame, window: pd.DataFrame, inter: Interac
                                   max_baskets=max_baskets)
     quarter = np.arange(0, len(blind), 4)
     return [nb_all, nb_disc, ins, blind.take(quarter)]
+
+
+def format_ablations(metrics: Mapping[str, Any]) -> str:
+    """The ablation table (``metrics["ablations"]``), or "" without one."""
+    abl = metrics.get(ABLATIONS_KEY)
+    if not abl:
+        return ""
+    return ("ablations (the same seeded sample of requests and candidates for each row; "
+            "each ranker refitted without the named features and sources):\n" + format_table(abl))
 
 
 def format_candidates(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
@@ -267,7 +310,7 @@ def format_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> st
 
     The header names each task with its number of requests ``n``.
     """
-    models = [m for m in metrics if m != "intentrec"] + (
+    models = [m for m in metrics if m not in ("intentrec", ABLATIONS_KEY)] + (
         ["intentrec"] if "intentrec" in metrics else [])
     tasks = [t for t in S.TASKS if any(t in metrics[m] for m in models)]
     tasks += sorted({t for m in models for t in metrics[m]} - set(tasks))

@@ -19,8 +19,8 @@ Features (see :data:`FEATURES`):
 - **context**: ``context`` (department lift at the request's weekday × hour, holiday lift),
   ``hour``, ``weekday``, ``holiday`` (no data set we ship has device or region; the lift tables
   would take them the same way);
-- **item**: ``department`` (categorical), ``price``, ``price_band`` (price percentile inside the
-  item's category), ``brand_pop``;
+- **item**: ``department`` (its index, split like a number), ``price``, ``price_band`` (price
+  percentile inside the item's category), ``brand_pop``;
 - **query**: ``query_match`` and ``session_query_match`` (share of the search words the item's
   title and category hold);
 - **candidate sources**: ``src_<source>`` for each of :data:`graph.retrieval.SOURCES`.
@@ -51,7 +51,6 @@ FEATURES: tuple[str, ...] = (
     "query_match", "session_query_match",
     *(f"src_{s}" for s in SOURCES),
 )
-CATEGORICAL: tuple[str, ...] = ("department",)
 # The reason component of each feature (actors/explain.py has a sentence per component).
 COMPONENT_OF: dict[str, str] = {
     "gnn": "gnn", "src_ann_user": "gnn",

@@ -60,6 +60,7 @@ class PipelineConfig(BaseModel):
     eval_max_users: int | None = Field(None, ge=1, description="cap users evaluated per task")
     eval_max_baskets: int | None = Field(None, ge=1, description="cap baskets in in-session tasks")
     skip_eval: bool = False
+    ablations: bool = Field(False, description="also fit and evaluate the ablation rankers")
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @field_validator("items")
@@ -209,7 +210,7 @@ def run_pipeline(
     Returns:
         The published version, its metrics table and timings.
     """
-    from graph.evaluate import evaluate, format_candidates, format_table
+    from graph.evaluate import evaluate, format_ablations, format_candidates, format_table
     from graph.train_loop import embed, fit, format_progress
 
     t0 = time.perf_counter()
@@ -225,7 +226,8 @@ def run_pipeline(
     t2 = time.perf_counter()
     rec, rankers = fit_recommender(
         d, (result.user_emb, result.item_emb), embed(result, inter_full), seed=cfg.train.seed,
-        ablations=() if cfg.skip_eval else tuple(ABLATION_ROWS.values()), progress=progress)
+        ablations=tuple(ABLATION_ROWS.values()) if cfg.ablations and not cfg.skip_eval else (),
+        progress=progress)
     timings["ranker_s"] = time.perf_counter() - t2
 
     metrics: dict[str, Any] = {}
@@ -234,11 +236,13 @@ def run_pipeline(
         t3 = time.perf_counter()
         metrics = evaluate(
             train, test, inter_full, rec, split_at,
-            ablations={row: rankers[name] for row, name in ABLATION_ROWS.items()},
+            ablations={row: rankers[name] for row, name in ABLATION_ROWS.items()
+                       if name in rankers},
             seed=cfg.train.seed, max_users=cfg.eval_max_users,
             max_baskets=cfg.eval_max_baskets, progress=progress,
         )
-        table = format_table(metrics) + "\n\n" + format_candidates(metrics)
+        table = "\n\n".join(t for t in (format_table(metrics), format_candidates(metrics),
+                                          format_ablations(metrics)) if t)
         timings["eval_s"] = time.perf_counter() - t3
 
     manifest = {

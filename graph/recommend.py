@@ -5,13 +5,15 @@
 
 :class:`Recommender` is one model version ready to answer (ranker signals and embeddings, the
 catalogue with its faiss index, per-item features and the LightGBM ranker). Offline evaluation
-builds its requests from held-out data and calls :meth:`Recommender.prepare` and
-:meth:`Recommender.rank`, the two halves of :meth:`Recommender.recommend`; the Serve replica
-(``actors/ranker.py``) calls :meth:`Recommender.recommend`.
+builds its requests from held-out data and calls :meth:`Recommender.prepare`,
+:meth:`Recommender.score` (batched over requests) and :meth:`Recommender.select`, the three steps
+of :meth:`Recommender.recommend`; the Serve replica (``actors/ranker.py``) calls
+:meth:`Recommender.recommend`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,32 +121,55 @@ class Recommender:
         x = build_features(self.ranker, self.catalogue, self.item_static, fr, cand, self.item_unit)
         return Prepared(req, session, cand, x)
 
-    def rank(self, p: Prepared, *, learned: LearnedRanker | None = None, k: int | None = None,
-             explain: bool = False) -> Ranked:
-        """Score prepared candidates and keep the top ``k`` (default: the request's).
-
-        Args:
-            p: What :meth:`prepare` returned.
-            learned: Another ranker (an ablation) instead of the version's.
-            k: Override of the request's ``k``.
-            explain: Also return each top item's per-component contributions.
-        """
+    def _ranker(self, learned: LearnedRanker | None) -> LearnedRanker:
         lr = learned or self.learned
         if lr is None:
             raise ArtifactError("this recommender has no learned ranker; retrain with "
                                 "`python train_job.py`")
+        return lr
+
+    def score(self, prepared: Sequence[Prepared], *, learned: LearnedRanker | None = None,
+              ) -> list[np.ndarray]:
+        """The ranker's scores of the candidates of several prepared requests, in one call (a
+        batch of requests costs one LightGBM prediction, not one per request).
+
+        Returns:
+            One ``[n_i]`` array per request: a score per candidate the ranker keeps (its
+            sources), in the order of ``candidates.items``; ``-inf`` for dropped ones.
+        """
+        lr = self._ranker(learned)
+        keeps = [lr.keep_candidates(p.candidates.sources) for p in prepared]
+        xs = [p.x if keep is None else p.x[keep] for p, keep in zip(prepared, keeps, strict=True)]
+        flat = lr.score(np.concatenate(xs)) if xs else np.zeros(0, dtype=np.float32)
+        out, start = [], 0
+        for p, keep, x in zip(prepared, keeps, xs, strict=True):
+            s = flat[start: start + len(x)]
+            start += len(x)
+            if keep is not None:
+                full = np.full(len(p.candidates), -np.inf, dtype=np.float32)
+                full[keep] = s
+                s = full
+            out.append(s)
+        return out
+
+    def select(self, p: Prepared, scores: np.ndarray, *, learned: LearnedRanker | None = None,
+               k: int | None = None, explain: bool = False) -> Ranked:
+        """The top ``k`` (default: the request's) of scored candidates, with per-component
+        contributions when ``explain``."""
         k = p.request.k if k is None else k
-        cand, x = p.candidates, p.x
-        keep = lr.keep_candidates(cand.sources)
-        items = cand.items if keep is None else cand.items[keep]
-        x = x if keep is None else x[keep]
-        scores = lr.score(x)
-        top = top_k(scores, items, k)
-        contrib = lr.contributions(x[top]) if explain else []
-        return Ranked(items[top], scores[top], contrib, len(cand))
+        ok = np.isfinite(scores)
+        top = np.flatnonzero(ok)[top_k(scores[ok], p.candidates.items[ok], k)]
+        contrib = self._ranker(learned).contributions(p.x[top]) if explain else []
+        return Ranked(p.candidates.items[top], scores[top], contrib, len(p.candidates))
+
+    def rank(self, p: Prepared, *, learned: LearnedRanker | None = None, k: int | None = None,
+             explain: bool = False) -> Ranked:
+        """Score one prepared request and keep its top ``k`` (:meth:`score` + :meth:`select`)."""
+        return self.select(p, self.score([p], learned=learned)[0], learned=learned, k=k,
+                           explain=explain)
 
     def recommend(self, req: Request, *, explain: bool = True) -> Ranked:
-        """Answer one request: :meth:`prepare`, then :meth:`rank` with the version's ranker."""
+        """Answer one request: :meth:`prepare`, :meth:`score`, :meth:`select`."""
         return self.rank(self.prepare(req), explain=explain)
 
 

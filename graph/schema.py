@@ -60,7 +60,8 @@ TASKS: Final[tuple[str, ...]] = (
     "in_session_blind",
 )
 METRICS: Final[tuple[str, ...]] = ("recall@20", "ndcg@20", "hit@20")
-MODEL_NAMES: Final[tuple[str, ...]] = (
-    "popularity", "buy_again", "itemknn",
+MODEL_NAMES: Final[tuple[str, ...]] = ("popularity", "buy_again", "itemknn", "intentrec")
+# Rows of the ablation table (metrics.json["ablations"]), on a seeded sample of each task.
+ABLATION_NAMES: Final[tuple[str, ...]] = (
     "intentrec_no_gnn", "intentrec_no_session", "intentrec_no_context", "intentrec",
 )

@@ -106,7 +106,7 @@ def trained_artifact_root(ray_cluster: None, tmp_path_factory: pytest.TempPathFa
                         storage_path=str(root / "_checkpoints"))
     run_pipeline(
         PipelineConfig(max_users=SERVING_MAX_USERS, output=str(root / "models"),
-                       eval_max_users=100, eval_max_baskets=100, train=train),
+                       eval_max_users=100, eval_max_baskets=100, ablations=True, train=train),
         progress=lambda _line: None,
     )
     return str(root / "models")

@@ -133,6 +133,12 @@ def test_health_docs_and_model(served: Served) -> None:
     m = served.client.get(served.url + "/v1/model").json()
     assert m["version"] == served.first_version
     assert m["num_items"] == len(served.items) and isinstance(m["metrics"], dict)
+    # The fixture's run fitted the ablations: the version reports them, and the candidate recall
+    # of the ranker it serves.
+    from graph import schema as S
+
+    assert list(m["metrics"]["ablations"]) == list(S.ABLATION_NAMES)
+    assert 0.0 < m["metrics"]["intentrec"]["in_session"]["candidate_recall"] <= 1.0
 
 
 def _popular_item_of_a_broad_category(s: Served, min_items: int = 50) -> str:
@@ -271,6 +277,18 @@ def test_api_key_guards_writes_and_admin(served: Served) -> None:
     assert served.post("/v1/recommendations", {"session_id": "k"}).status_code == 200  # a read
 
 
+def test_online_recall_equals_offline_on_replayed_baskets(served: Served) -> None:
+    """bench/replay.py: held-out in-session baskets posted over HTTP get what the offline
+    evaluation computes for them (the same recommend function on the same model version)."""
+    from bench.replay import replay
+
+    res = replay(served.url, served.root, version=served.first_version, baskets=40, api_key=KEY)
+    assert res["baskets"] >= 20, res
+    assert res["abs_difference"] <= 0.005, res
+    assert res["identical_top20_share"] >= 0.95, res
+    assert res["online_recall@20"] > 0.0, res
+
+
 def test_delete_user_forgets_sessions_and_personal_data(served: Served) -> None:
     user, sid = served.users[1], "to-forget"
     item = _popular_item(served)
@@ -291,6 +309,7 @@ def test_model_swap_drops_no_request(served: Served) -> None:
     v2 = write_artifact(served.root, user_ids=art.user_ids, items=art.items,
                         user_emb=art.user_emb, item_emb=art.item_emb, signals=art.signals,
                         metrics=art.metrics, manifest={"note": "second version"},
+                        learned=art.learned, item_static=art.item_static,
                         version="v2-test", set_latest=False)
     stop, codes = threading.Event(), []
 

@@ -27,15 +27,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_TIMEOUT_S = 600
 MAX_USERS, EPOCHS, SEED = 300, 3, 0
 
-# Measured with MAX_USERS, EPOCHS and SEED above on 2 shared CPUs (repeated runs agree to 4
-# decimals): intentrec recall@20 next_basket_all 0.1267, in_session 0.2008, in_session_blind
-# 0.1783 (buy_again 0.1198 / 0.1722 / 0.1722; itemknn 0.0874 / 0.1492 / 0.1291). Bounds are
-# ~80% of the measured values.
+# Measured with MAX_USERS, EPOCHS and SEED above on 2 shared CPUs (LightGBM ranker, 2026-11-29):
+# intentrec recall@20 next_basket_all 0.1234, in_session 0.1931, in_session_blind 0.1680
+# (buy_again 0.1198 / 0.1722 / 0.1722; itemknn 0.0874 / 0.1492 / 0.1291). Bounds are ~80% of
+# the measured values.
 BOUNDS = {
     ("intentrec", "next_basket_all", "recall@20"): 0.10,
-    ("intentrec", "in_session", "recall@20"): 0.16,
+    ("intentrec", "in_session", "recall@20"): 0.155,
 }
-# intentrec with the session signal must beat itself without it: measured +0.0225 recall@20,
+# intentrec with the session signal must beat itself without it: measured +0.0251 recall@20,
 # under half of it required.
 SESSION_GAIN_MIN = 0.01
 
