@@ -1,0 +1,110 @@
+"""CPU per recommendation of the ranker replica's code, in process, one thread (no HTTP, no Ray).
+
+Loads a model version into :class:`actors.ranker.RankerService` (what a ranker replica runs) and
+times ``recommend`` for known shoppers without a session and with three items in the cart
+(k = 20, reasons included), then the same requests stage by stage through
+:class:`graph.recommend.Recommender`: candidates and features (``prepare``), the LightGBM score
+(``score``) and top-k with contributions (``select``). Prints a table and writes JSON.
+
+    python bench/ranker_cost.py --artifacts artifacts --requests 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = "1"  # as a ranker replica (actors.ranker._limit_threads)
+
+
+def measure(artifacts: str, requests: int, seed: int = 0) -> dict[str, Any]:
+    import numpy as np
+
+    from actors.ranker import RankerService, RankQuery, _limit_threads
+
+    _limit_threads()
+    svc = RankerService(artifacts)
+    m = svc.model
+    cat = m.catalogue
+    users = list(m.user_index)[:requests]
+    popular = [str(cat.item_ids[i]) for i in cat.popular[:50]]
+    rng = np.random.default_rng(seed)
+    t0 = 1_512_000_000.0
+    mixes: dict[str, list[RankQuery]] = {"no session": [], "3 cart items": []}
+    for u in users:
+        cart = tuple((popular[j], "add_to_cart", t0, None) for j in rng.choice(50, 3, replace=False))
+        ctx = {"weekday": 5, "hour": 10}
+        mixes["no session"].append(RankQuery(user_id=u, context=ctx, k=20, now=t0))
+        mixes["3 cart items"].append(RankQuery(user_id=u, events=cart, context=ctx, k=20, now=t0))
+    for q in mixes["3 cart items"][:10]:  # warm caches (user neighbours, attribution tables)
+        svc.recommend(q)
+    rows = []
+    for name, qs in mixes.items():
+        cpu = time.process_time()
+        for q in qs:
+            svc.recommend(q)
+        total = (time.process_time() - cpu) / len(qs) * 1000
+        # The same requests stage by stage (as graph.recommend.Recommender.recommend runs them).
+        from graph.recommend import Request
+
+        reqs = []
+        for q in qs:
+            events = tuple((m.item_index[e[0]], e[1], e[2]) for e in q.events)
+            reqs.append(Request(user=m.user_index[q.user_id], item_events=events,
+                                context=None if q.context is None else _ctx(q.context),
+                                now=t0, k=20))
+        stage = {"prepare": 0.0, "score": 0.0, "select": 0.0}
+        cands = 0
+        for r in reqs:
+            a = time.process_time()
+            p = m.rec.prepare(r)
+            b = time.process_time()
+            s = m.rec.score([p])[0]
+            c = time.process_time()
+            m.rec.select(p, s, explain=True)
+            d = time.process_time()
+            stage["prepare"] += b - a
+            stage["score"] += c - b
+            stage["select"] += d - c
+            cands += len(p.candidates)
+        rows.append({"mix": name, "requests": len(qs), "recommend_ms": round(total, 2),
+                     **{f"{k}_ms": round(v / len(reqs) * 1000, 2) for k, v in stage.items()},
+                     "candidates": round(cands / len(reqs), 1)})
+    return {"version": m.version, "trees": m.rec.learned.booster.num_trees() if m.rec.learned
+            else 0, "rows": rows}
+
+
+def _ctx(fields: dict[str, Any]) -> Any:
+    from graph.ranking import ContextSignal
+
+    return ContextSignal(**fields)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "ranker_cost.json"))
+    opts = p.parse_args(argv)
+    res = measure(opts.artifacts, opts.requests)
+    res["command"] = "python bench/ranker_cost.py " + " ".join(argv or sys.argv[1:])
+    print(f"model {res['version']} ({res['trees']} trees); CPU ms per recommendation, one thread")
+    print(f"{'mix':<14}{'recommend':>10}{'prepare':>9}{'score':>8}{'select':>8}{'candidates':>12}")
+    for r in res["rows"]:
+        print(f"{r['mix']:<14}{r['recommend_ms']:>10.1f}{r['prepare_ms']:>9.1f}{r['score_ms']:>8.1f}"
+              f"{r['select_ms']:>8.1f}{r['candidates']:>12.0f}")
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
