@@ -210,9 +210,10 @@ class RankerService:
         req = Request(user=user, item_events=item_events, context=context, now=now,
                       query=q_tokens, session_query=s_tokens, category=q.category,
                       exclude=exclude, k=q.k)
-        ranked = m.rec.recommend(req)
+        prepared = m.rec.prepare(req)  # Recommender.recommend, with the session kept for reasons
+        ranked = m.rec.rank(prepared, explain=True)
         intent = infer_intent(((e[0], e[1], e[2]) for e in q.events), lambda it: _label(m, it), now)
-        why = Reasons.build(m, user, req.session, list(item_events), context,
+        why = Reasons.build(m, user, prepared.session, list(item_events), context,
                             q.query or (searches[-1] if searches else None), ranked.items)
         items = [self._item_out(m, it, sc, why.for_item(it, contrib))
                  for it, sc, contrib in zip(ranked.items.tolist(), ranked.scores.tolist(),
