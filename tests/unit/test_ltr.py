@@ -52,7 +52,9 @@ def test_lambdarank_learns_the_predictive_feature(fitted: tuple[LearnedRanker, R
 
 def test_contributions_add_up_to_the_score(fitted: tuple[LearnedRanker, RankingData]) -> None:
     lr, valid = fitted
-    rows = valid.x[:25]
+    rows = valid.x[:25].copy()
+    rows[::3, FEATURES.index("cooc")] = np.nan  # missing values take LightGBM's default branch
+    rows[1::4, :] = 0.0
     contrib = lr.contributions(rows)
     scores = lr.score(rows)
     assert len(contrib) == 25
