@@ -131,16 +131,20 @@ class Recommender:
     def score(self, prepared: Sequence[Prepared], *, learned: LearnedRanker | None = None,
               ) -> list[np.ndarray]:
         """The ranker's scores of the candidates of several prepared requests, in one call (a
-        batch of requests costs one LightGBM prediction, not one per request).
+        batch of requests costs two LightGBM predictions, not two per request: the early-exit
+        cascade of :meth:`graph.ltr.LearnedRanker.score`).
 
         Returns:
             One ``[n_i]`` array per request: a score per candidate the ranker keeps (its
-            sources), in the order of ``candidates.items``; ``-inf`` for dropped ones.
+            sources, then the cascade's best), in the order of ``candidates.items``; ``-inf``
+            for dropped ones.
         """
         lr = self._ranker(learned)
         keeps = [lr.keep_candidates(p.candidates.sources) for p in prepared]
         xs = [p.x if keep is None else p.x[keep] for p, keep in zip(prepared, keeps, strict=True)]
-        flat = lr.score(np.concatenate(xs)) if xs else np.zeros(0, dtype=np.float32)
+        flat = (lr.score(np.concatenate(xs), group=[len(x) for x in xs],
+                         keep=[p.request.k for p in prepared])
+                if xs else np.zeros(0, dtype=np.float32))
         out, start = [], 0
         for p, keep, x in zip(prepared, keeps, xs, strict=True):
             s = flat[start: start + len(x)]

@@ -11,7 +11,7 @@ the per-source candidate recall that ``train_job.py`` reports):
 source     items
 ========== ===================================================================================
 popular    the best sellers overall (every request)
-ann_user   nearest GNN item embeddings to the user's GNN embedding (faiss, exact)
+ann_user   nearest GNN item embeddings to the user's GNN embedding (faiss: :func:`ann_index`)
 ann_sess   nearest GNN item embeddings to the session's weighted mean item embedding
 buy_again  the user's most repeated purchases
 cooc       item-item co-occurrence neighbours of the latest session items and of the user's
@@ -55,6 +55,11 @@ CATEGORY_K = 200
 CONTEXT_DEPTS = 3
 CONTEXT_PER_DEPT = 30
 USER_CACHE = 200_000
+# Catalogues this large get an inverted-file ANN index (faiss IndexIVFFlat: sqrt(I) lists, an
+# eighth of them scanned per query) instead of the exact one. On the built-in data (91,689 items)
+# it finds 94% of the exact top 100 at a fifth of the cost (0.34 vs 1.77 ms per query).
+IVF_MIN_ITEMS = 50_000
+IVF_PROBE_SHARE = 8
 
 
 @dataclass
@@ -78,7 +83,7 @@ class Catalogue:
     dept_popular: dict[int, np.ndarray]
     category_popular: dict[int, np.ndarray]
     tokens: TokenIndex
-    index: Any  # faiss.IndexFlatIP over the ranker's item embeddings
+    index: Any  # faiss inner-product index over the ranker's item embeddings (ann_index())
     _prefix_cache: dict[str, np.ndarray] = field(default_factory=dict)
     _user_ann: dict[int, np.ndarray] = field(default_factory=dict)
 
@@ -89,11 +94,7 @@ class Catalogue:
     @classmethod
     def build(cls, items: pd.DataFrame, ranker: Ranker) -> Catalogue:
         """Everything from the catalogue table and the ranker's signals and item embeddings."""
-        import faiss
-
-        faiss.omp_set_num_threads(1)
-        index = faiss.IndexFlatIP(ranker.item_emb.shape[1])
-        index.add(ranker.item_emb)
+        index = ann_index(np.ascontiguousarray(ranker.item_emb, dtype=np.float32))
         titles = items[S.TITLE_COL].astype(str).to_numpy(dtype=object)
         categories = items[S.CATEGORY_COL].astype(str).to_numpy(dtype=object)
         label_of = {c: intent_label(c) for c in set(categories.tolist())}
@@ -181,6 +182,27 @@ def session_embedding(ranker: Ranker, session: SessionSignal) -> np.ndarray:
     """The session's weighted mean GNN item embedding. Shapes: ``[d]``."""
     w = session.weights.astype(np.float32)
     return (w / max(float(np.abs(w).sum()), 1e-12)) @ ranker.item_emb[session.items]
+
+
+def ann_index(emb: np.ndarray) -> Any:
+    """A faiss inner-product index over item embeddings: exact (``IndexFlatIP``) below
+    :data:`IVF_MIN_ITEMS` items, an inverted file above (k-means lists, seeded, one thread: the
+    same embeddings always give the same index, so evaluation and serving agree)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    n, dim = emb.shape
+    if n < IVF_MIN_ITEMS:
+        index = faiss.IndexFlatIP(dim)
+        index.add(emb)
+        return index
+    nlist = int(np.sqrt(n))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = 1234
+    index.train(emb)
+    index.add(emb)
+    index.nprobe = max(1, nlist // IVF_PROBE_SHARE)
+    return index
 
 
 def candidates(

@@ -8,7 +8,14 @@ import pytest
 
 from graph.artifacts import read_artifact
 from graph.features import COMPONENT_OF, FEATURES
-from graph.ltr import ABLATIONS, LearnedRanker, RankingData, fit_ranker
+from graph.ltr import (
+    ABLATIONS,
+    CASCADE_KEEP,
+    CASCADE_TREES,
+    LearnedRanker,
+    RankingData,
+    fit_ranker,
+)
 from graph.ranking import ContextSignal, Ranker
 from graph.recommend import Recommender, Request
 from graph.retrieval import SOURCES
@@ -128,3 +135,24 @@ def test_an_explicit_query_keeps_matching_candidates_only(rec: Recommender) -> N
     assert len(titles) == 10 and all("CEREAL" in t.upper() for t in titles)
     # Nothing matches: a query never empties the answer.
     assert len(rec.recommend(Request(query=("zzzqqq",), now=T0, k=5)).items) == 5
+
+
+def test_the_cascade_gives_kept_rows_the_whole_models_score() -> None:
+    train, src = synthetic(0)
+    valid, _ = synthetic(1, requests=20)
+    none = RankingData(valid.x[:0], valid.y[:0], valid.group[:0])  # no early stopping
+    lr = fit_ranker(train, none, sources=src, max_rounds=4 * (CASCADE_TREES + 20))
+    assert lr.booster.num_trees() > CASCADE_TREES
+    x = valid.x[:600]
+    full = lr.score(x)
+    group = [250, 320, 30]  # two requests longer than the cascade keeps, one shorter
+    out = lr.score(x, group=group, keep=[20, 150, 20])
+    ends = np.cumsum(group)
+    for (lo, hi), m in zip(zip(ends - group, ends, strict=True), (CASCADE_KEEP, 150, 30),
+                           strict=True):
+        kept = np.isfinite(out[lo:hi])
+        assert kept.sum() == m
+        np.testing.assert_allclose(out[lo:hi][kept], full[lo:hi][kept], rtol=1e-5, atol=1e-6)
+        # the kept rows are the best by the first trees' score
+        first = lr.booster.predict(x[lo:hi][:, lr._cols], num_iteration=CASCADE_TREES)
+        assert first[kept].min() >= first[~kept].max() if (~kept).any() else True
