@@ -275,6 +275,45 @@ def _dense(m: sp.spmatrix, cand: np.ndarray | None) -> np.ndarray:
     return out
 
 
+def _group_shares(smat: sp.csr_matrix, group_of: np.ndarray, num_groups: int) -> np.ndarray:
+    """Each session row's summed weight per item group (product line, category).
+
+    Shapes:
+        - **smat** ``[B, I]``, **group_of** ``[I]``; return ``[B, num_groups]`` float32.
+    """
+    out = np.zeros((smat.shape[0], num_groups), dtype=np.float32)
+    rows = np.repeat(np.arange(smat.shape[0]), np.diff(smat.indptr))
+    np.add.at(out, (rows, group_of[smat.indices]), smat.data)
+    return out
+
+
+def _rows_times_csr(smat: sp.csr_matrix, m: sp.csr_matrix, cand: np.ndarray) -> np.ndarray:
+    """``(smat @ m)[:, cand]`` as dense float32, touching only the rows of ``m`` that the
+    sessions hold (a request's few items), not a sparse product of the whole matrix.
+
+    Shapes:
+        - **smat** ``[B, I]``, **m** ``[I, I]`` CSR, **cand** ``[n]``; return ``[B, n]``.
+    """
+    out = np.zeros((smat.shape[0], len(cand)), dtype=np.float32)
+    if smat.nnz == 0 or len(cand) == 0:
+        return out
+    s_rows = np.repeat(np.arange(smat.shape[0]), np.diff(smat.indptr))
+    lo, hi = m.indptr[smat.indices], m.indptr[smat.indices + 1]
+    lengths = hi - lo
+    if lengths.sum() == 0:
+        return out
+    entry = np.repeat(np.arange(len(lo)), lengths)
+    pos = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths) + lo[entry]
+    cols = m.indices[pos]
+    order = np.argsort(cand, kind="stable")
+    sorted_cand = cand[order]
+    at = np.minimum(np.searchsorted(sorted_cand, cols), len(cand) - 1)
+    hit = sorted_cand[at] == cols
+    np.add.at(out, (s_rows[entry[hit]], order[at[hit]]),
+              (smat.data[entry[hit]] * m.data[pos[hit]]).astype(np.float32))
+    return out
+
+
 class Ranker:
     """Ranking components for batches of requests from embeddings and ``RankingSignals``.
 
@@ -316,15 +355,6 @@ class Ranker:
         self._item_cov = np.cov(ie, rowvar=False).reshape(ie.shape[1], ie.shape[1])
         pop = np.log1p(np.maximum(signals.popularity.astype(np.float64), 0.0))
         self._pop = (pop / max(pop.max(), 1e-12)).astype(np.float32)
-        n = signals.num_items
-        self._line_onehot = sp.csr_matrix(
-            (np.ones(n, dtype=np.float32), (np.arange(n), signals.item_line)),
-            shape=(n, signals.num_lines),
-        )
-        self._category_onehot = sp.csr_matrix(
-            (np.ones(n, dtype=np.float32), (np.arange(n), signals.item_category)),
-            shape=(n, signals.num_categories),
-        )
 
     @property
     def num_items(self) -> int:
@@ -384,16 +414,16 @@ class Ranker:
                 q = np.asarray(smat @ self.item_emb, dtype=np.float32)
                 out["session"] = self._zdot(q, cand)
             if "cooc" in needed:
-                cooc = smat @ self.signals.item_sim
-                out["cooc"] = _dense(cooc, cand)
+                out["cooc"] = (_dense(smat @ self.signals.item_sim, None) if cand is None
+                               else _rows_times_csr(smat, self.signals.item_sim, cand))
             if "line" in needed:
                 lines = self.signals.item_line if cand is None else self.signals.item_line[cand]
-                out["line"] = np.asarray((smat @ self._line_onehot).toarray(),
-                                         dtype=np.float32)[:, lines]
+                out["line"] = _group_shares(smat, self.signals.item_line,
+                                            self.signals.num_lines)[:, lines]
             if "intent" in needed:
                 cats = self.signals.item_category if cand is None else self.signals.item_category[cand]
-                out["intent"] = np.asarray((smat @ self._category_onehot).toarray(),
-                                           dtype=np.float32)[:, cats]
+                out["intent"] = _group_shares(smat, self.signals.item_category,
+                                              self.signals.num_categories)[:, cats]
             if "basket" in needed:
                 out["basket"] = _dense(basket_scores(self.signals, users, smat), cand)
         if "repeat" in needed:
