@@ -266,11 +266,17 @@ def evaluate(
 
 def validation_tasks(history: pd.DataFrame, window: pd.DataFrame, inter: Interactions,
                      cut: pd.Timestamp, *, country: str, seed: int = 0,
-                     max_users: int | None = 1000, max_baskets: int | None = 2000,
+                     max_users: int | None = 5000, max_baskets: int | None = 10000,
                      ) -> list[QueryBatch]:
     """The validation twins of the tasks the learned ranker is fitted on: next-basket (all and
     discovery) asked at the validation cut, in-session baskets of the validation window, and the
-    blind version of a quarter of them (requests with a context but no session)."""
+    blind version of a quarter of them (requests with a context but no session).
+
+    The caps bound the ranker's fitting time on large data; the built-in data stays under them
+    (all 2,017 users and 6,927 baskets of its validation window). On held-out validation requests,
+    fitting on all of them instead of 1,000 users and 2,000 baskets (with 100 instead of 300
+    negatives each, so the same number of rows) raised in-session recall@20 from 0.241 to 0.247.
+    """
     nb_all, nb_disc = next_basket_tasks(history, window, inter, cut, seed=seed, max_users=max_users)
     ins, blind = in_session_tasks(window, inter, country=country, seed=seed,
                                   max_baskets=max_baskets)
