@@ -15,17 +15,20 @@ Run it:
 - ``serve deploy serve_config.yaml`` — ``import_path: serve_app:build_app`` with typed ``args``
   (:class:`AppArgs`, unknown keys rejected).
 
+Either way the app is closed by default: it refuses to start without an API key in the replicas'
+environment (``INTENTREC_API_KEY``, the client key; ``INTENTREC_ADMIN_KEY``, the admin key) unless
+anonymous access is asked for explicitly (:mod:`actors.auth`).
+
 This module deliberately has no ``from __future__ import annotations``: Ray Serve reads the
 annotation of ``build_app``'s parameter at run time to turn the config's ``args`` into
 :class:`AppArgs`.
 """
 
 import asyncio
-import hmac
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +40,7 @@ from fastapi import Query as QueryParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -61,17 +64,19 @@ from actors.api import (
     ReloadResponse,
     SimilarResponse,
     field_path,
+    path_id,
 )
+from actors.auth import ADMIN_KEY_ENV, API_KEY_HEADER, CLIENT_KEY_ENV, ApiKeys, Scope
+from actors.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from actors.clock import Clock, system_clock
 from actors.context import ContextEnricher, enrich_context
 from actors.ranker import GNNRanker, RankQuery
 from actors.session_events import SessionEvent
 from actors.session_state import SessionSnapshot, SessionStateConfig, SessionStore
 from graph.artifacts import latest_version
-from graph.errors import ArtifactError, BadRequestError, IntentrecError, UnauthorizedError
+from graph.errors import ArtifactError, BadRequestError, IntentrecError
 
 log = logging.getLogger("intentrec.serve")
-API_KEY_HEADER = "X-API-Key"
 _URI_PREFIXES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "file://")
 
 
@@ -84,8 +89,16 @@ class AppArgs(BaseModel):
         model_version: ``latest`` (follow the ``LATEST`` pointer) or a version name (pinned).
         reload_poll_s: Seconds between checks of ``LATEST`` for a new version; 0 turns automatic
             pickup off (``POST /v1/admin/reload`` still works).
-        api_key_env: Name of the environment variable holding the API key. When it is set and
-            non-empty, write and admin endpoints require the key in the ``X-API-Key`` header.
+        api_key_env: Name of the environment variable holding the client key (events, a user's
+            recommendations), sent in the ``X-API-Key`` header.
+        admin_key_env: Name of the environment variable holding the admin key (deleting users,
+            ``/v1/admin/*``; it also does what the client key does). Without either key the app
+            refuses to start, unless anonymous access is allowed.
+        allow_anonymous: Start without keys (also ``INTENTREC_ALLOW_ANONYMOUS=1`` in the
+            environment): requests without a key may then post events; a user's recommendations
+            and the admin endpoints still need a configured key. For local development.
+        max_body_bytes: Largest request body accepted; a larger one is a 413, refused before it
+            is read (:mod:`actors.body_limit`).
         default_country: Holiday calendar when a request names no country (ISO alpha-2).
         default_timezone: Zone of request times that carry no offset (IANA name).
         state_dir: Serving state besides sessions (the forgotten-users file); relative paths are
@@ -101,7 +114,10 @@ class AppArgs(BaseModel):
     artifacts_root: str = "artifacts"
     model_version: str = Field(default="latest", min_length=1, max_length=128)
     reload_poll_s: float = Field(default=30.0, ge=0.0, le=86_400.0)
-    api_key_env: str = Field(default="INTENTREC_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    api_key_env: str = Field(default=CLIENT_KEY_ENV, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    admin_key_env: str = Field(default=ADMIN_KEY_ENV, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    allow_anonymous: bool = False
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024, le=64 << 20)
     default_country: str = Field(default="US", pattern=r"^[A-Z]{2}$")
     default_timezone: str = "UTC"
     state_dir: str = "state"
@@ -136,6 +152,17 @@ class AppArgs(BaseModel):
         return str(Path(self.state_dir) / "forgotten_users.txt")
 
 
+def api_keys(args: AppArgs, environ: Mapping[str, str]) -> ApiKeys:
+    """The keys the ingress accepts, from ``environ`` (:meth:`actors.auth.ApiKeys.from_env`).
+
+    Raises:
+        ConfigError: No key and no explicit anonymous mode (the message says how to fix it), or a
+            malformed key.
+    """
+    return ApiKeys.from_env(environ, client_env=args.api_key_env, admin_env=args.admin_key_env,
+                            allow_anonymous=args.allow_anonymous)
+
+
 # --------------------------------------------------------------------------------------
 # FastAPI app: error mapping
 # --------------------------------------------------------------------------------------
@@ -145,16 +172,36 @@ api = FastAPI(
     version="0.1.0",
     description=(
         "Real-time, session-aware recommendations. Events posted to `/v1/events` change the very "
-        "next recommendation for that session. Write and admin endpoints need the `X-API-Key` "
-        "header when the server has an API key configured."
+        "next recommendation for that session. The `X-API-Key` header carries the client key "
+        "(events, recommendations for a `user_id`) or the admin key (deleting users, "
+        "`/v1/admin/*`, and everything the client key does); a session's recommendations and "
+        "the read-only endpoints need no key. Request bodies are limited to 1 MiB by default."
     ),
 )
-_api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
-                        description="required on write/admin endpoints when a key is configured")
+_api_key = APIKeyHeader(
+    name=API_KEY_HEADER, auto_error=False,
+    description="the client key (events, a user's recommendations) or the admin key (deleting "
+    "users, /v1/admin/*)",
+)
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody},
-    503: {"model": ErrorBody},
+    401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody},
+    413: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody},
 }
+
+
+def _max_body_bytes() -> int:
+    """``AppArgs.max_body_bytes`` of this replica's ingress. Read from the replica, not from a
+    module global: ``@serve.ingress`` pickles the app with copies of this module's globals."""
+    try:
+        args = getattr(serve.get_replica_context().servable_object, "args", None)
+    except Exception:  # not inside a replica
+        args = None
+    return args.max_body_bytes if isinstance(args, AppArgs) else DEFAULT_MAX_BODY_BYTES
+
+
+api.add_middleware(BodyLimit, max_bytes=_max_body_bytes)
+# An id in a URL: the same rule as in a body; "/" allowed (the route takes the rest of the path).
+PathId = Annotated[str, PathParam(min_length=1, max_length=MAX_ID_LEN), AfterValidator(path_id)]
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -295,23 +342,15 @@ class Ingress:
                  clock: Clock = system_clock) -> None:
         global _METRICS
         self.args = AppArgs.model_validate(args)
+        # First: without a key (and without explicit anonymous mode) the replica does not start.
+        self.keys = api_keys(self.args, os.environ)
         self.ranker = ranker
         self.enricher = enricher
         self.clock = clock
         self.store = store if store is not None else SessionStore(self.args.session, clock)
-        key = os.environ.get(self.args.api_key_env, "")
-        self._key: bytes | None = key.encode() if key else None
         _METRICS = _Metrics()
-        log.info("intentrec ingress ready (api key %s)", "on" if self._key else "off")
-
-    def _authorize(self, key: str | None) -> None:
-        if self._key is None:
-            return
-        if key is None or not hmac.compare_digest(key.encode(), self._key):
-            raise UnauthorizedError(
-                f"this endpoint needs the API key in the {API_KEY_HEADER} header",
-                field=API_KEY_HEADER,
-            )
+        log.info("intentrec ingress ready (%s; bodies up to %d bytes)", self.keys.describe(),
+                 self.args.max_body_bytes)
 
     async def _enrich(self, ctx: dict[str, Any] | None, now: float) -> dict[str, Any]:
         """The context of one request (:meth:`actors.context.EnrichedContext.wire`), whose
@@ -337,7 +376,7 @@ class Ingress:
         api_key: Annotated[str | None, Security(_api_key)] = None,
     ) -> EventsAccepted:
         async with _observed("events"):
-            self._authorize(api_key)
+            self.keys.require(api_key, Scope.CLIENT, "posting events", anonymous_ok=True)
             events: list[EventIn] = body.events if isinstance(body, EventBatch) else [body]
             now = self.clock()  # one time for every event of the batch sent without ts
             batch = [
@@ -364,9 +403,20 @@ class Ingress:
             ])
 
     @api.post("/v1/recommendations", response_model=RecommendationResponse,
-              responses=_ERROR_RESPONSES, summary="Recommend items for a user and/or session")
-    async def recommend(self, req: RecommendationRequest) -> dict[str, Any]:
+              responses=_ERROR_RESPONSES,
+              summary="Recommend items for a user (client key) and/or a session (no key)")
+    async def recommend(
+        self,
+        req: RecommendationRequest,
+        api_key: Annotated[str | None, Security(_api_key)] = None,
+    ) -> dict[str, Any]:
         async with _observed("recommendations"):
+            if req.user_id is not None:
+                # Everything personal (buy-again, "you buy this every week", the user's events
+                # across sessions) comes with a user_id, so a user_id needs the client key.
+                self.keys.require(api_key, Scope.CLIENT, "a recommendation for a user_id",
+                                  hint="; without a key, ask with session_id alone "
+                                       "(nothing personal is used then)")
             ctx = req.context.model_dump(exclude_none=True) if req.context is not None else None
             # One request time for everything time-dependent in answering it (session decay,
             # intent, context): context.ts when given, else the server clock.
@@ -386,26 +436,27 @@ class Ingress:
             out: dict[str, Any] = await self.ranker.recommend.remote(query)
             return {**out, "context": ContextOut(**enriched["display"])}
 
-    @api.get("/v1/items/{item_id}/similar", response_model=SimilarResponse,
+    @api.get("/v1/items/{item_id:id}/similar", response_model=SimilarResponse,
              responses=_ERROR_RESPONSES, summary="Item-to-item neighbours")
     async def similar(
         self,
-        item_id: Annotated[str, PathParam(min_length=1, max_length=MAX_ID_LEN)],
+        item_id: PathId,
         k: Annotated[int, QueryParam(ge=1, le=MAX_K)] = 20,
     ) -> dict[str, Any]:
         async with _observed("similar"):
             out: dict[str, Any] = await self.ranker.similar.remote(item_id, k)
             return out
 
-    @api.delete("/v1/users/{user_id}", response_model=ForgetResponse,
-                responses=_ERROR_RESPONSES, summary="Forget a user")
+    @api.delete("/v1/users/{user_id:id}", response_model=ForgetResponse,
+                responses=_ERROR_RESPONSES,
+                summary="Forget a user (admin key); a '/' in the id may be sent as it is or as %2F")
     async def forget_user(
         self,
-        user_id: Annotated[str, PathParam(min_length=1, max_length=MAX_ID_LEN)],
+        user_id: PathId,
         api_key: Annotated[str | None, Security(_api_key)] = None,
     ) -> ForgetResponse:
         async with _observed("forget_user"):
-            self._authorize(api_key)
+            self.keys.require(api_key, Scope.ADMIN, "deleting a user")
             removed, _ = await asyncio.gather(
                 self.store.forget_user(user_id), self.ranker.forget_user.remote(user_id)
             )
@@ -420,14 +471,14 @@ class Ingress:
             return out
 
     @api.post("/v1/admin/reload", response_model=ReloadResponse, responses=_ERROR_RESPONSES,
-              summary="Load LATEST again, or roll to a named version")
+              summary="Load LATEST again, or roll to a named version (admin key)")
     async def reload(
         self,
         body: ReloadRequest | None = None,
         api_key: Annotated[str | None, Security(_api_key)] = None,
     ) -> dict[str, Any]:
         async with _observed("reload"):
-            self._authorize(api_key)
+            self.keys.require(api_key, Scope.ADMIN, "reloading the model")
             out: dict[str, Any] = await self.ranker.reload.remote(body.version if body else None)
             return out
 
@@ -450,11 +501,17 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
     Args:
         args: The application arguments (relative paths are resolved here).
         env_vars: Extra environment variables for every replica (merged with the cluster's
-            runtime environment), e.g. the API key in tests. Production sets them in
-            ``serve_config.yaml`` (``runtime_env.env_vars``) instead.
+            runtime environment), e.g. the API keys in tests and the demo. Production puts the
+            keys in the environment of ``ray start`` instead (docs/DEPLOY.md).
         clock: The server clock of the ingress and the session shards it starts (tests run
             the app ten years ahead with :class:`actors.clock.OffsetClock`).
+
+    Raises:
+        ConfigError: No API key in this process's environment plus ``env_vars``, and anonymous
+            access not allowed: the ingress replicas would refuse to start for the same reason,
+            so the app is refused here, before anything is deployed.
     """
+    api_keys(args, {**os.environ, **(env_vars or {})})
     args = args.resolved()
     opts: dict[str, Any] = {}
     if env_vars:
@@ -481,7 +538,8 @@ def build_app(args: AppArgs) -> Application:
     """Typed application builder for ``serve deploy serve_config.yaml`` / ``serve run``.
 
     Never fails for a missing model (``serve_app:app`` must import anywhere); the ranker's
-    replicas fail at start with the ``python train_job.py`` hint instead.
+    replicas fail at start with the ``python train_job.py`` hint instead. Fails, saying how to
+    fix it, without an API key and without explicit anonymous access (:func:`compose`).
     """
     if not isinstance(args, AppArgs):  # Serve validates already; plain callers may pass a dict
         args = AppArgs.model_validate(args)

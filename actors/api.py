@@ -2,19 +2,27 @@
 
 Every request model forbids unknown keys (a typo such as ``"kk": 5`` is a 422, not a silently
 ignored field) and bounds every string and list, so a single request cannot make a replica
-allocate without limit. ``serve_app.py`` turns validation errors into
+allocate without limit (the body as a whole is bounded before it is read:
+:mod:`actors.body_limit`). ``serve_app.py`` turns validation errors into
 ``{"error": ..., "field": "events[3].event", "message": ...}``; :func:`field_path` builds the
 ``field`` part.
+
+Ids (:data:`Id`, and :func:`path_id` for ids in a URL) follow one rule wherever they enter: 1 to
+128 characters, surrounding whitespace dropped, no control characters or line separators
+(:func:`actors.session_events.id_problem`); ``/`` is allowed, and ``DELETE /v1/users/{user_id}``
+takes it sent as it is or percent-encoded. Session ids must not start with ``user:``, the prefix
+of a user's implicit session (reading it would be reading the user's history without the key).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -23,7 +31,9 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from starlette.convertors import Convertor, register_url_convertor
 
+from actors.session_events import USER_SESSION_PREFIX, id_problem
 from graph import schema as S
 
 MAX_K = 200
@@ -35,9 +45,61 @@ MAX_QUERY_LEN = 256
 MAX_CATEGORY_LEN = 256
 MAX_SIMILAR = 100
 
+# context.ts: any instant in this range is representable in every time zone, and every later
+# stage (holiday calendars, pandas timestamps) handles it.
+MIN_CONTEXT_TS = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_CONTEXT_TS = datetime(2200, 1, 1, tzinfo=UTC)
+
 EventType = Literal["view", "click", "add_to_cart", "remove_from_cart", "purchase", "search"]
 Device = Literal["desktop", "mobile", "tablet", "app", "other"]
-Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)]
+
+
+def _printable_id(value: str) -> str:
+    problem = id_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _not_reserved(value: str) -> str:
+    if value.startswith(USER_SESSION_PREFIX):
+        raise ValueError(
+            f"session ids starting with {USER_SESSION_PREFIX!r} are reserved for a user's implicit "
+            "session: post events with only a user_id to use it, and ask for it with that user_id "
+            "(and the client key)"
+        )
+    return value
+
+
+def path_id(value: str) -> str:
+    """An id taken from a URL path, checked like one from a JSON body (which the models strip)."""
+    value = value.strip()
+    if not value:
+        raise ValueError("an id must not be empty or only whitespace")
+    return _printable_id(value)
+
+
+class IdConvertor(Convertor[str]):
+    """Route convertor ``{name:id}``: the rest of the path, whatever it holds.
+
+    Starlette's ``{name}`` stops at ``/`` (so ``DELETE /v1/users/shop%2F42`` found no route) and
+    ``{name:path}`` stops at a newline (so ``/v1/users/a%0Ab`` was a 404): this one takes both,
+    and :func:`path_id` then refuses what no id may hold with a 422 naming the field.
+    """
+
+    regex = "(?s:.+)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("id", IdConvertor())
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN), AfterValidator(_printable_id)]
+SessionId = Annotated[Id, AfterValidator(_not_reserved)]
 _EVENT_TYPES_LITERAL: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]
 assert set(_EVENT_TYPES_LITERAL) == set(S.EVENT_TYPES), "EventType drifted from graph.schema"
 
@@ -69,7 +131,7 @@ class EventIn(_Strict):
     """
 
     user_id: Id | None = Field(default=None, description="the shopper, when known (logged in)")
-    session_id: Id | None = Field(
+    session_id: SessionId | None = Field(
         default=None, validate_default=True,
         description="the shopping session; without one, the event goes to the user's implicit "
         "session (the one a request with only this user_id reads)",
@@ -134,7 +196,8 @@ class ContextIn(_Strict):
     """Request context. Missing fields fall back to the server clock / "unknown"."""
 
     ts: datetime | None = Field(
-        default=None, description="request time; its UTC offset (or `timezone`) gives the local hour"
+        default=None, description="request time, between 1970-01-01 and 2200-01-01 (UTC); its UTC "
+        "offset (or `timezone`) gives the local hour"
     )
     timezone: str | None = Field(
         default=None, max_length=64, description="IANA zone (e.g. 'America/Chicago') for the local time"
@@ -144,6 +207,19 @@ class ContextIn(_Strict):
     country: str | None = Field(
         default=None, pattern=r"^[A-Za-z]{2}$", description="ISO 3166-1 alpha-2 (holiday calendar)"
     )
+
+    @field_validator("ts")
+    @classmethod
+    def _ts_in_range(cls, v: datetime | None) -> datetime | None:
+        # Checked before any zone conversion: 9999-12-31T23:59:59-14:00 shown in
+        # Pacific/Kiritimati (UTC+14) is in year 10000, which datetime cannot hold.
+        if v is None:
+            return v
+        instant = v if v.tzinfo is not None else v.replace(tzinfo=UTC)
+        if not MIN_CONTEXT_TS <= instant < MAX_CONTEXT_TS:
+            raise ValueError(f"must be between {MIN_CONTEXT_TS:%Y-%m-%d} and "
+                             f"{MAX_CONTEXT_TS:%Y-%m-%d} (UTC); got {v.isoformat()}")
+        return v
 
     @field_validator("timezone")
     @classmethod
@@ -165,8 +241,10 @@ class ContextIn(_Strict):
 class RecommendationRequest(_Strict):
     """``POST /v1/recommendations``: who, how many, in which context, with which filters."""
 
-    user_id: Id | None = None
-    session_id: Id | None = Field(default=None, validate_default=True)
+    user_id: Id | None = Field(
+        default=None, description="the shopper: personal recommendations, which need the client key"
+    )
+    session_id: SessionId | None = Field(default=None, validate_default=True)
     k: int = Field(default=DEFAULT_K, ge=1, le=MAX_K)
     context: ContextIn | None = None
     query: str | None = Field(default=None, min_length=1, max_length=MAX_QUERY_LEN,

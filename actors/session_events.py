@@ -10,6 +10,8 @@
   ``"user:<user_id>"`` (:func:`default_session_key`), which is routed to the user's home shard.
 - :func:`event_to_json` / :func:`event_from_json` are the event's form in the log records and
   snapshots; :func:`insert_ordered` keeps a bounded window in ``(ts, seq)`` order.
+- :func:`id_problem` is the one rule for the characters of an id, which the API models
+  (:mod:`actors.api`) and the shards (:func:`check_id`) both apply.
 
 No Ray and no I/O here: the shards (:mod:`actors.session_state`) and the ingress both use it.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -30,6 +33,10 @@ from graph.schema import EVENT_TYPES, SEARCH
 USER_SESSION_PREFIX: Final = "user:"
 MAX_ID_CHARS: Final = 256
 MAX_QUERY_CHARS: Final = 1024
+# C0 and C1 control characters, DEL, the Unicode line and paragraph separators (each ends a line
+# for some reader: str.splitlines, a log viewer, a line-oriented file) and lone surrogates (which
+# cannot be encoded as UTF-8). Everything else is allowed: any script, spaces, "/", "%".
+_FORBIDDEN_ID_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +115,20 @@ def shard_for(key: str, num_shards: int) -> int:
     return stable_hash(key) % num_shards
 
 
+def id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be an id (user, session, item or event id), or None.
+
+    Ids are stored in files and logs written line by line (the write-ahead log, the forgotten-users
+    file): a newline in an id once made ``DELETE /v1/users/a%0Ab`` forget user ``b``. The files
+    encode ids safely now; refusing such ids everywhere they enter keeps one id one line anywhere.
+    """
+    bad = _FORBIDDEN_ID_CHAR.search(value)
+    if bad is None:
+        return None
+    return (f"holds U+{ord(bad.group()):04X} at position {bad.start()}, a control character or "
+            "line separator; an id is printable text (any script, spaces and '/' are fine)")
+
+
 def check_id(value: object, where: str, *, optional: bool) -> None:
     if value is None and optional:
         return
@@ -116,6 +137,9 @@ def check_id(value: object, where: str, *, optional: bool) -> None:
             f"{where} ({value!r}) must be a non-empty string of at most {MAX_ID_CHARS} characters",
             where,
         )
+    problem = id_problem(value)
+    if problem is not None:
+        raise BadRequestError(f"{where} ({value!r}) {problem}", where)
 
 
 def validate_event(ev: object, where: str, now: float, max_skew: float) -> SessionEvent:

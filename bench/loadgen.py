@@ -40,6 +40,7 @@ class LoadSpec:
         warmup_s: Unrecorded time before it (closed loop).
         max_requests: Stop after this many recorded requests.
         seed: Arrival times and body order.
+        headers: Sent with every request (the API key).
     """
 
     url: str
@@ -51,6 +52,7 @@ class LoadSpec:
     warmup_s: float = 2.0
     max_requests: int = 50_000
     seed: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,7 +105,7 @@ async def _closed(spec: LoadSpec) -> LoadResult:
     lat: list[float] = []
     errors = 0
     connector = aiohttp.TCPConnector(limit=spec.concurrency, force_close=False)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=spec.headers) as session:
         t_warm = time.perf_counter() + spec.warmup_s
         t_end = t_warm + spec.duration_s
         cpu0: list[float] = []
@@ -141,7 +143,7 @@ async def _open(spec: LoadSpec) -> LoadResult:
     errors = 0
     rng = random.Random(spec.seed)
     connector = aiohttp.TCPConnector(limit=spec.concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=spec.headers) as session:
         # Warm the connections up with a few unrecorded requests.
         await asyncio.gather(*(_send(session, spec.url, spec.bodies[k % len(spec.bodies)], {})
                                for k in range(min(spec.concurrency, 8))))

@@ -45,6 +45,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -205,8 +206,7 @@ def app_args(model_root: str, work: Path, name: str) -> Any:
     session = SessionStateConfig(**{**cfg, "wal_uri": str(work / name / "wal"),
                                     "actor_prefix": f"{name}-session", "namespace": "intentrec-bench"})
     return serve_app.AppArgs(artifacts_root=model_root, state_dir=str(work / name / "state"),
-                             reload_poll_s=0, api_key_env="INTENTREC_BENCH_NO_API_KEY",
-                             session=session)
+                             reload_poll_s=0, session=session)
 
 
 def start_bound(args: Any, port: int, log: Path, env: dict[str, str],
@@ -298,10 +298,10 @@ def replicas() -> dict[str, int]:
     return {name: int(s.get("RUNNING", 0)) for name, s in states.items()}
 
 
-def seed_sessions(url: str, batches: list[dict[str, Any]]) -> None:
+def seed_sessions(url: str, batches: list[dict[str, Any]], headers: dict[str, str]) -> None:
     import httpx
 
-    with httpx.Client(timeout=30) as c:
+    with httpx.Client(timeout=30, headers=headers) as c:
         for b in batches:
             r = c.post(url + "/v1/events", json=b)
             if r.status_code != 202:
@@ -477,6 +477,11 @@ def main(argv: list[str] | None = None) -> int:
                           "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
                           "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(hap)})
     app_env = {**config_env_vars(), **dict(kv.split("=", 1) for kv in opts.app_env)}
+    # The app does not start without a key: a client key for this run, sent with every request
+    # as production clients do (kept out of the results file).
+    client_key = secrets.token_urlsafe(32)
+    keyed_env = {**app_env, "INTENTREC_API_KEY": client_key}
+    auth = {"X-API-Key": client_key}
     os.environ.update(serve_env)  # before ray.init: the local cluster's processes inherit it
 
     load_before = os.getloadavg()
@@ -507,16 +512,16 @@ def main(argv: list[str] | None = None) -> int:
     niceness = 0
     try:
         t0 = time.perf_counter()
-        deployments = start_serve(serve_args, opts.port, app_env)
+        deployments = start_serve(serve_args, opts.port, keyed_env)
         niceness = worker_niceness()
         if not opts.no_bound:
-            bound = start_bound(bound_args, opts.bound_port, work / "bound.log", app_env, niceness)
+            bound = start_bound(bound_args, opts.bound_port, work / "bound.log", keyed_env, niceness)
         wait_ready(urls["serve"], 300)
         if bound is not None:
             wait_ready(urls["bound"], 300, bound)
         print(f"both servers ready in {time.perf_counter() - t0:.0f}s; seeding sessions")
         for t in targets:
-            seed_sessions(urls[t], mix["seed_batches"])
+            seed_sessions(urls[t], mix["seed_batches"], auth)
         gen = LoadGen()
         cpu = ServerCpu(exclude={gen.proc.pid or -1, *([bound.pid] if bound else [])})
         for ep in endpoints:
@@ -524,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                 for t in targets:
                     spec = LoadSpec(url=urls[t] + ENDPOINTS[ep], bodies=mix[ep], mode="closed",
                                     concurrency=c, duration_s=opts.duration, warmup_s=opts.warmup,
-                                    max_requests=opts.max_requests)
+                                    max_requests=opts.max_requests, headers=auth)
                     pids = cpu.pids(t, bound.pid if bound else None)
                     before = cpu.seconds(pids)
                     res = gen.run(spec)
@@ -551,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                     spec = LoadSpec(url=urls[t] + ENDPOINTS[ep], bodies=mix[ep], mode="open",
                                     concurrency=256, rate=best * frac,
                                     duration_s=max(opts.duration, 4.0),
-                                    max_requests=opts.max_requests, seed=1)
+                                    max_requests=opts.max_requests, seed=1, headers=auth)
                     res = gen.run(spec)
                     open_rows.append({"endpoint": ep, "target": t, "fraction": frac,
                                       "rate": best * frac, "max_throughput": best, **res,

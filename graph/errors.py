@@ -56,15 +56,27 @@ class BadRequestError(IntentrecError):
 
 
 class UnauthorizedError(IntentrecError):
-    """A write or admin endpoint was called without the right API key."""
+    """An endpoint that needs an API key was called without one, or with a key nobody issued."""
 
     http_status = 401
+
+
+class ForbiddenError(IntentrecError):
+    """A valid API key without the scope the endpoint needs (the client key on an admin one)."""
+
+    http_status = 403
 
 
 class NotFoundError(IntentrecError):
     """The thing asked for does not exist (an item id, a model version)."""
 
     http_status = 404
+
+
+class PayloadTooLargeError(IntentrecError):
+    """A request body over the server's limit (refused before it is read)."""
+
+    http_status = 413
 
 
 class ArtifactError(IntentrecError):

@@ -8,6 +8,10 @@ Steps: start a local Ray (127.0.0.1, no dashboard) → train and evaluate with R
 127.0.0.1 → ask for recommendations for a real shopper → post a short session (views and an
 add-to-cart in a category the shopper never bought) → ask again → shut everything down.
 Views and carts are posted by this script: the built-in data has purchases only.
+
+The app is closed by default, and the demo does not open it: it generates a random client key
+and admin key for its run (``secrets.token_urlsafe``), gives them to the replicas, and sends the
+client key in ``X-API-Key`` (events and a shopper's recommendations need it).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -104,10 +109,14 @@ def main() -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         app_args = serve_app.AppArgs(artifacts_root=args.output, state_dir=str(work / "state"),
                                      reload_poll_s=0, session=session_cfg)
-        serve.run(serve_app.compose(app_args, env_vars={"PYTHONPATH": os.environ["PYTHONPATH"]}),
+        # Keys for this run only: the app refuses to start without one.
+        client_key, admin_key = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        keys = {app_args.api_key_env: client_key, app_args.admin_key_env: admin_key}
+        serve.run(serve_app.compose(app_args, env_vars={"PYTHONPATH": os.environ["PYTHONPATH"], **keys}),
                   name="intentrec", route_prefix="/", blocking=False)
+        print("  generated a client key and an admin key for this run (sent as X-API-Key)")
         url = f"http://127.0.0.1:{args.port}"
-        client = httpx.Client(timeout=30.0)
+        client = httpx.Client(timeout=30.0, headers={"X-API-Key": client_key})
         deadline = time.monotonic() + 300
         while True:
             try:

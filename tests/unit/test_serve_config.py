@@ -135,7 +135,18 @@ def test_wrong_deployment_name_is_rejected(config: dict[str, Any]) -> None:
     assert any("'Ranker'" in e for e in check_config(cfg))
 
 
-def test_build_app_is_a_typed_builder() -> None:
+KEY_VARS = ("INTENTREC_API_KEY", "INTENTREC_ADMIN_KEY", "INTENTREC_ALLOW_ANONYMOUS")
+
+
+@pytest.fixture
+def no_keys(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """An environment without any API key setting (whatever the developer's shell holds)."""
+    for var in KEY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_build_app_is_a_typed_builder(no_keys: pytest.MonkeyPatch) -> None:
     import inspect
 
     import serve_app
@@ -143,7 +154,47 @@ def test_build_app_is_a_typed_builder() -> None:
     param = next(iter(inspect.signature(serve_app.build_app).parameters.values()))
     # Serve converts `args` only when the annotation is the class itself (not a string).
     assert param.annotation is serve_app.AppArgs
+    no_keys.setenv("INTENTREC_ALLOW_ANONYMOUS", "1")
     assert isinstance(serve_app.app, type(serve_app.build_app(serve_app.AppArgs())))
+
+
+def test_the_app_refuses_to_start_without_a_key(no_keys: pytest.MonkeyPatch) -> None:
+    """Closed by default: without a key and without anonymous mode asked for, the builder (what
+    `serve run` / `serve deploy` call) and the ingress replica itself refuse, saying how to fix
+    it; the shipped serve_config.yaml does not open the app."""
+    import serve_app
+    from graph.errors import ConfigError
+
+    for build in (lambda: serve_app.build_app(serve_app.AppArgs()),
+                  lambda: serve_app.compose(serve_app.AppArgs()),
+                  lambda: _ingress(serve_app.AppArgs())):
+        with pytest.raises(ConfigError) as info:
+            build()
+        for fix in ("INTENTREC_API_KEY", "INTENTREC_ADMIN_KEY", "allow_anonymous: true",
+                    "INTENTREC_ALLOW_ANONYMOUS=1"):
+            assert fix in info.value.message
+    shipped = yaml.safe_load(CONFIG.read_text())["applications"][0]
+    assert not serve_app.AppArgs.model_validate(shipped["args"]).allow_anonymous
+    assert not set(KEY_VARS) & set(shipped["runtime_env"]["env_vars"])  # no secret in git
+
+    # Any one of: the keys in the replicas' env_vars, in this environment, or anonymous mode.
+    keys = {"INTENTREC_API_KEY": "client-key-0123456789abcdef",
+            "INTENTREC_ADMIN_KEY": "admin-key-0123456789abcdef"}
+    serve_app.compose(serve_app.AppArgs(), env_vars=keys)
+    serve_app.build_app(serve_app.AppArgs(allow_anonymous=True))
+    assert _ingress(serve_app.AppArgs(allow_anonymous=True)).keys.anonymous
+    no_keys.setenv("INTENTREC_ADMIN_KEY", keys["INTENTREC_ADMIN_KEY"])
+    assert _ingress(serve_app.AppArgs()).keys.admin is not None
+
+
+def _ingress(args: Any) -> Any:
+    """The ingress class itself (inside Serve's wrapper), constructed without Ray: a store is
+    passed in, so no shard actor is started."""
+    import serve_app
+
+    wrapper: Any = serve_app.Ingress
+    cls = next(c for c in wrapper.func_or_class.__mro__ if "recommend" in vars(c))
+    return cls(None, None, args.model_dump(), store=object())
 
 
 def test_app_args_errors_name_the_field() -> None:
@@ -178,7 +229,7 @@ def test_importing_serve_app_is_quiet_and_app_access_gives_the_model_hint(tmp_pa
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTENTREC_ALLOW_ANONYMOUS": "1"}
 
     def run(code: str) -> str:
         out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,

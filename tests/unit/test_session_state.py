@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,27 @@ def test_forget_reaches_events_already_evicted_from_memory(tmp_path: Path) -> No
     assert b"alice-7f3" not in disk_bytes(tmp_path)
 
 
+def test_ids_with_slashes_quotes_and_any_script_survive_the_log_and_snapshots(tmp_path: Path) -> None:
+    """Ids reach the log and the snapshots only inside JSON strings, never in a file name: an id
+    made of path and quoting characters is stored, restored and forgotten like any other."""
+    cfg = make_config(tmp_path)
+    clock = Clock(T0 + 100)
+    user, session = '../shop/42 "ü\\', "s/../../etc"
+    st = ShardState(cfg, 0, clock=clock)
+    st.append([ev(session, "i/1", T0 + 1, user), ev("other", "i2", T0 + 2, "bob-1c9")])
+    st.compact()  # a snapshot, then more log
+    st.append([ev(session, "i/2", T0 + 3, user)])
+    st.close()
+    names = [p.name for p in (tmp_path / "wal").rglob("*") if p.is_file()]
+    assert names and all(re.fullmatch(r"(wal|snapshot)-\d{20}\.jsonl", n) for n in names), names
+
+    again = ShardState(cfg, 0, clock=clock)
+    assert items(again.get_session(session, user)["user_events"]) == ["i/1", "i/2"]
+    assert again.forget_user(user) == 4  # two session events, two history events
+    again.close()
+    assert ShardState(cfg, 0, clock=clock).get_session(session, user)["events"] == []
+
+
 # --- idempotency and validation -------------------------------------------------------------
 
 
@@ -274,6 +296,7 @@ def test_bad_events_are_rejected_naming_the_field_and_store_nothing(tmp_path: Pa
         "events[1].item_id": SessionEvent("u", "s", None, "view", T0),
         "events[1].ts": SessionEvent("u", "s", "i", "view", T0 + 10_000),
         "events[1].session_id": SessionEvent("u", "", "i", "view", T0),
+        "events[1].user_id": SessionEvent("a\nb", "s", "i", "view", T0),  # the one id rule
     }
     for field, bad in cases.items():
         with pytest.raises(BadRequestError) as info:
