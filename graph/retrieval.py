@@ -192,6 +192,7 @@ def ann_index(emb: np.ndarray) -> Any:
 
     faiss.omp_set_num_threads(1)
     n, dim = emb.shape
+    index: Any
     if n < IVF_MIN_ITEMS:
         index = faiss.IndexFlatIP(dim)
         index.add(emb)
