@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Request, Security
+from fastapi import Body, FastAPI, Header, Request, Security
 from fastapi import Path as PathParam
 from fastapi import Query as QueryParam
 from fastapi.exceptions import RequestValidationError
@@ -63,7 +63,9 @@ from actors.api import (
     ReloadRequest,
     ReloadResponse,
     SimilarResponse,
+    body_fingerprint,
     field_path,
+    idempotency_key,
     path_id,
 )
 from actors.auth import ADMIN_KEY_ENV, API_KEY_HEADER, CLIENT_KEY_ENV, ApiKeys, Scope
@@ -75,6 +77,7 @@ from actors.session_events import SessionEvent
 from actors.session_state import SessionSnapshot, SessionStateConfig, SessionStore
 from graph.artifacts import latest_version
 from graph.errors import ArtifactError, BadRequestError, IntentrecError
+from graph.forgotten import FORGOTTEN_FILE
 
 log = logging.getLogger("intentrec.serve")
 _URI_PREFIXES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "file://")
@@ -149,7 +152,7 @@ class AppArgs(BaseModel):
 
     @property
     def tombstones_path(self) -> str:
-        return str(Path(self.state_dir) / "forgotten_users.txt")
+        return str(Path(self.state_dir) / FORGOTTEN_FILE)
 
 
 def api_keys(args: AppArgs, environ: Mapping[str, str]) -> ApiKeys:
@@ -202,6 +205,14 @@ def _max_body_bytes() -> int:
 api.add_middleware(BodyLimit, max_bytes=_max_body_bytes)
 # An id in a URL: the same rule as in a body; "/" allowed (the route takes the rest of the path).
 PathId = Annotated[str, PathParam(min_length=1, max_length=MAX_ID_LEN), AfterValidator(path_id)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=MAX_ID_LEN, description=(
+        "makes the request safe to retry: a request with the same key and the same body gets "
+        "the first one's 202 answer and stores nothing new; the same key with another body is a "
+        "409. Use a new random key (a UUID) per request; keys are shared by every client")),
+    AfterValidator(lambda v: None if v is None else idempotency_key(v)),
+]
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -298,6 +309,23 @@ def _unix(ts: datetime | None) -> float | None:
     return (ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)).timestamp()
 
 
+def _remains(versions: Sequence[str]) -> list[str]:
+    """What ``DELETE /v1/users/{id}`` leaves behind, in words (``ForgetResponse.remains``)."""
+    out = []
+    if versions:
+        out.append(
+            f"the user's embedding and purchase history in model version(s) {', '.join(versions)}: "
+            "not used for serving from now on; the next `python train_job.py` that reads this "
+            "forgotten-users file (`--forgotten`, default `state/forgotten_users.txt`) publishes a "
+            "version without them, and these versions are gone when their folders are deleted"
+        )
+    out.append(
+        f"the user id itself, in the app's forgotten-users file (<state_dir>/{FORGOTTEN_FILE}): "
+        "it is what keeps serving and every retraining from using the user again"
+    )
+    return out
+
+
 def _wire_events(snapshot: SessionSnapshot, user_only: bool) -> tuple[Any, ...]:
     """Session events for the ranker: ``(item_id, event, ts, query)``, oldest first.
 
@@ -374,32 +402,37 @@ class Ingress:
                 {"session_id": "s1", "event": "search", "query": "kids cereal"}]}},
         })],
         api_key: Annotated[str | None, Security(_api_key)] = None,
+        idempotency: IdempotencyKey = None,
     ) -> EventsAccepted:
         async with _observed("events"):
             self.keys.require(api_key, Scope.CLIENT, "posting events", anonymous_ok=True)
             events: list[EventIn] = body.events if isinstance(body, EventBatch) else [body]
             now = self.clock()  # one time for every event of the batch sent without ts
+            # Ids: the client's event_id; else from the Idempotency-Key; else from the content
+            # and ts; an event with neither ts nor key is stamped now and deduplicated by the
+            # shard within session.dedupe_window_s (actors/session_events.py).
             batch = [
                 SessionEvent.create(
                     e.event, session_id=e.session_id, user_id=e.user_id, item_id=e.item_id,
-                    ts=now if e.ts is None else _unix(e.ts), query=e.query,
-                    event_id=e.event_id,
+                    ts=_unix(e.ts), query=e.query, event_id=e.event_id,
+                    clock=lambda: now, idempotency_key=idempotency, index=n,
                 )
-                for e in events
+                for n, e in enumerate(events)
             ]
+            claim = None if idempotency is None else (idempotency, body_fingerprint(events))
             try:
-                accepted = await self.store.append(batch)
+                stored = await self.store.append(batch, claim)
             except BadRequestError as exc:
                 if not isinstance(body, EventBatch) and exc.field and exc.field.startswith("events[0]"):
                     raise BadRequestError(exc.message.replace("events[0].", ""),
                                           exc.field.removeprefix("events[0].") or "body") from exc
                 raise
             if _METRICS is not None:
-                _METRICS.events.inc(accepted)
-            return EventsAccepted(accepted=accepted, events=[
+                _METRICS.events.inc(len(stored))
+            return EventsAccepted(accepted=len(stored), events=[
                 AcceptedEvent(index=n, session_id=ev.session_id, event=ev.event,
-                              item_id=ev.item_id, event_id=ev.event_id)
-                for n, ev in enumerate(batch)
+                              item_id=ev.item_id, event_id=event_id)
+                for n, (ev, event_id) in enumerate(zip(batch, stored, strict=True))
             ])
 
     @api.post("/v1/recommendations", response_model=RecommendationResponse,
@@ -457,11 +490,16 @@ class Ingress:
     ) -> ForgetResponse:
         async with _observed("forget_user"):
             self.keys.require(api_key, Scope.ADMIN, "deleting a user")
-            removed, _ = await asyncio.gather(
+            removed, kept = await asyncio.gather(
                 self.store.forget_user(user_id), self.ranker.forget_user.remote(user_id)
             )
-            return ForgetResponse(user_id=user_id, events_removed=int(removed),
-                                  personal_data_removed=True)
+            versions: list[str] = kept["model_versions"]
+            return ForgetResponse(
+                user_id=user_id, sessions_removed=removed.sessions,
+                events_removed=removed.events, serving_stopped=True,
+                model_versions_with_user=versions, personal_data_removed=not versions,
+                remains=_remains(versions),
+            )
 
     @api.get("/v1/model", response_model=ModelInfo, responses=_ERROR_RESPONSES,
              summary="The model version in use and its offline metrics")

@@ -6,7 +6,9 @@
 
 Uses the Ray cluster named by ``--address`` or ``RAY_ADDRESS`` (``ray job submit`` sets it), else
 starts a private local Ray (127.0.0.1, no dashboard); trains the GNN with Ray Train,
-prints the evaluation table and switches ``<output>/LATEST`` to the new version.
+prints the evaluation table and switches ``<output>/LATEST`` to the new version. Users forgotten
+through ``DELETE /v1/users/{id}`` (``--forgotten``, default ``state/forgotten_users.txt``) are
+left out of everything it fits and writes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ if TYPE_CHECKING:  # imported lazily at run time: `--help` stays fast
 
 def build_parser() -> argparse.ArgumentParser:
     from graph.config import TrainConfig
+    from graph.forgotten import DEFAULT_FORGOTTEN_PATH
 
     d = TrainConfig()
     p = argparse.ArgumentParser(
@@ -42,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "else the last 10%% of the time span")
     g.add_argument("--val-days", type=float, default=28.0,
                    help="validation window before the split (the LightGBM ranker is fitted on it)")
+    g.add_argument("--forgotten", metavar="PATH_OR_URI", default=None,
+                   help="forgotten-users file that DELETE /v1/users/{id} writes "
+                        "(<state_dir>/forgotten_users.txt); every event of those users is dropped "
+                        "before anything is fitted or written. Default: "
+                        f"{DEFAULT_FORGOTTEN_PATH}, the serving app's default, if it exists here; "
+                        "a file given here must exist")
     g = p.add_argument_group("training")
     g.add_argument("--workers", type=int, default=d.num_workers, help="Ray Train workers")
     g.add_argument("--gpus", action="store_true", help="one GPU per worker (use_gpu=True)")
@@ -71,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def forgotten_file(given: str | None) -> str | None:
+    """The forgotten-users file to read: ``--forgotten`` as given (local paths made absolute), else
+    the serving app's default file when it exists in the working directory, else None."""
+    from graph.forgotten import DEFAULT_FORGOTTEN_PATH
+
+    if given is None:
+        return os.path.abspath(DEFAULT_FORGOTTEN_PATH) if os.path.isfile(DEFAULT_FORGOTTEN_PATH) else None
+    return given if "://" in given else os.path.abspath(given)
+
+
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     from graph.config import TrainConfig
     from graph.pipeline import PipelineConfig
@@ -86,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         events=args.events, items=args.items, max_users=args.max_users, split_at=args.split_at,
         val_days=args.val_days, output=args.output, eval_max_users=args.eval_max_users,
         eval_max_baskets=args.eval_max_baskets, skip_eval=args.skip_eval,
-        ablations=args.ablations, train=train,
+        ablations=args.ablations, forgotten=forgotten_file(args.forgotten), train=train,
     )
 
 

@@ -16,6 +16,8 @@ of a user's implicit session (reading it would be reading the user's history wit
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -147,7 +149,9 @@ class EventIn(_Strict):
     qty: float | None = Field(default=None, gt=0, le=10_000, description="not used online")
     price: float | None = Field(default=None, ge=0, le=1_000_000, description="not used online")
     event_id: Id | None = Field(
-        default=None, description="idempotency key: re-posting an event with the same id stores it once"
+        default=None, description="idempotency key: re-posting an event with the same id stores it "
+        "once. Without it (and without ts), an identical event within the dedupe window (10 s by "
+        "default) is taken as a retry: send an event_id to post a genuine repeat"
     )
 
     @field_validator("session_id")
@@ -280,11 +284,18 @@ class AcceptedEvent(_Out):
     session_id: str = Field(description="the session it was filed under")
     event: str
     item_id: str | None
-    event_id: str = Field(description="idempotency key (given, or derived from the content)")
+    event_id: str = Field(
+        description="the id it is stored under: the given one, or derived (from the content and "
+        "ts, from the Idempotency-Key, or, for an event without ts, the original's when it "
+        "repeats one within the dedupe window)"
+    )
 
 
 class EventsAccepted(_Out):
-    accepted: int
+    """202 answer of ``POST /v1/events``; a retry (same Idempotency-Key and body, or the same
+    events) gets the same answer and stores nothing new."""
+
+    accepted: int = Field(description="events of the request accepted (duplicates included)")
     events: list[AcceptedEvent]
 
 
@@ -342,10 +353,34 @@ class ModelInfo(_Out):
 
 
 class ForgetResponse(_Out):
+    """What ``DELETE /v1/users/{user_id}`` did, and what it could not do yet (``remains``)."""
+
     user_id: str
-    events_removed: int = Field(description="session-state events removed (memory and log)")
+    sessions_removed: int = Field(
+        description="session windows removed (the user's implicit session included), from the "
+        "session state's memory and write-ahead log"
+    )
+    events_removed: int = Field(
+        description="distinct events removed with them: the windows' events (anonymous ones of "
+        "those sessions included) and the user's recent history"
+    )
+    serving_stopped: bool = Field(
+        description="every ranker replica ignores the user's embedding and purchase history from "
+        "its next request on (the forgotten-users file is durable before this answer; replicas on "
+        "other nodes see it through the shared state_dir)"
+    )
+    model_versions_with_user: list[str] = Field(
+        description="model versions under the artifacts root that still hold the user's "
+        "embedding and purchase history: not used for serving; the next `train_job.py` leaves the "
+        "user out, and these folders go when you delete them"
+    )
     personal_data_removed: bool = Field(
-        description="the model's embedding and purchase history of the user are no longer used"
+        description="true only when nothing of the user remains but the id in the forgotten-users "
+        "file: no session data and no model version listing the user"
+    )
+    remains: list[str] = Field(
+        description="what remains and until when, in words; the last entry is always the user id "
+        "in the forgotten-users file, which keeps serving and retraining from using the user"
     )
 
 
@@ -372,6 +407,18 @@ class ErrorBody(_Out):
     field: str | None = None
     message: str
     details: list[ErrorDetail] | None = None
+
+
+def body_fingerprint(events: Sequence[BaseModel]) -> str:
+    """A hash of a request's validated events: what an ``Idempotency-Key`` is bound to. One event
+    and a batch holding just that event are the same request."""
+    body = json.dumps([e.model_dump(mode="json") for e in events], sort_keys=True)
+    return hashlib.blake2b(body.encode(), digest_size=16).hexdigest()
+
+
+def idempotency_key(value: str) -> str:
+    """The ``Idempotency-Key`` header: the rule of an id (printable, at most 128 characters)."""
+    return path_id(value)
 
 
 def field_path(loc: Sequence[str | int], *, request_loc: bool = True) -> str:

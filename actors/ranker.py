@@ -30,7 +30,13 @@ from actors.explain import Reasons, short_title
 from actors.loaded_model import LoadedModel
 from actors.tombstones import Tombstones
 from graph import schema as S
-from graph.artifacts import ModelArtifact, read_artifact, resolve_version, set_latest_version
+from graph.artifacts import (
+    ModelArtifact,
+    read_artifact,
+    resolve_version,
+    set_latest_version,
+    versions_with_user,
+)
 from graph.errors import IntentrecError, NotFoundError
 from graph.search_index import tokenize
 
@@ -177,9 +183,16 @@ class RankerService:
             "data": manifest.get("data"),
         }
 
-    def forget_user(self, user_id: str) -> None:
-        """Never use the user's embedding or purchase history again (see :class:`Tombstones`)."""
-        self.tombstones.add(user_id)
+    def forget_user(self, user_id: str) -> dict[str, Any]:
+        """Never use the user's embedding or purchase history again (see :class:`Tombstones`).
+
+        Returns:
+            ``{"model_versions": [...]}``: the versions under the artifacts root that still hold
+            them (not used for serving from now on; left out by the next ``train_job.py``,
+            which reads the same forgotten-users file).
+        """
+        self.tombstones.add(user_id)  # durable before the answer: serving stops first
+        return {"model_versions": versions_with_user(self.artifacts_root, user_id)}
 
     def user_row(self, m: LoadedModel, user_id: str | None) -> int | None:
         """The user's row in the model, or None (unknown or forgotten)."""
@@ -346,9 +359,11 @@ class GNNRanker:
         """The model in use and its offline metrics."""
         return self.service.model_info()
 
-    async def forget_user(self, user_id: str) -> None:
-        """Stop using the user's personal data (all replicas, persistently)."""
-        self.service.forget_user(user_id)
+    async def forget_user(self, user_id: str) -> dict[str, Any]:
+        """Stop using the user's personal data (all replicas, persistently) and list the model
+        versions that still hold it (see :meth:`RankerService.forget_user`), in a worker thread
+        (one ``users.parquet`` column per version): requests keep being served meanwhile."""
+        return await asyncio.to_thread(self.service.forget_user, user_id)
 
     async def reload(self, version: str | None = None) -> dict[str, Any]:
         """Load a version in a worker thread (requests keep being served), then swap."""

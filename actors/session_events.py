@@ -3,8 +3,13 @@
 - :class:`SessionEvent` is one shopper event as the session state keeps it;
   :func:`validate_event` checks one (raising ``BadRequestError`` naming the field) and fills its
   ``event_id``.
-- Idempotency: every event carries an ``event_id`` (client-supplied, or derived from its content
-  by :func:`derive_event_id`); the shards in :mod:`actors.session_state` deduplicate on it.
+- Idempotency: every event carries an ``event_id``: the client's, or derived. An event with a
+  ``ts`` gets :func:`derive_event_id` (content and time); one posted with an ``Idempotency-Key``
+  header gets :func:`keyed_event_id` (key, position, content); one with neither a ``ts`` nor an
+  ``event_id`` is stamped with the server clock and carries a ``dedupe_key``
+  (:func:`content_key`) instead, which the shard turns into an id that a retry within the dedupe
+  window shares (:func:`window_event_ids`). The shards in :mod:`actors.session_state`
+  deduplicate on the id.
 - Routing: :func:`shard_for` maps a session id or user id to ``blake2b(key) % num_shards``.
   Events posted without a session are filed under the user's implicit session
   ``"user:<user_id>"`` (:func:`default_session_key`), which is routed to the user's home shard.
@@ -51,7 +56,11 @@ class SessionEvent:
         ts: Event time, unix seconds. Windows are ordered by it and expire on it.
         query: Search text of a ``search`` event.
         seq: Assigned by the shard on append, increasing per shard; -1 before that.
-        event_id: Idempotency key; "" means "derive it from the content" (:func:`derive_event_id`).
+        event_id: Idempotency key; "" means "derive it": from the content and ``ts``
+            (:func:`derive_event_id`), or, with a ``dedupe_key``, in the shard.
+        dedupe_key: Set for an event that arrived without ``ts`` and ``event_id`` (the server
+            stamped its time): :func:`content_key`, from which the shard derives an id that a
+            retry within ``dedupe_window_s`` shares (:func:`window_event_ids`). Never stored.
     """
 
     user_id: str | None
@@ -62,6 +71,7 @@ class SessionEvent:
     query: str | None = None
     seq: int = -1
     event_id: str = ""
+    dedupe_key: str = ""
 
     @classmethod
     def create(
@@ -75,9 +85,16 @@ class SessionEvent:
         query: str | None = None,
         event_id: str | None = None,
         clock: Clock = system_clock,
+        idempotency_key: str | None = None,
+        index: int = 0,
     ) -> SessionEvent:
         """Build an event with defaults: the user's implicit session, ``clock()`` as the time of
-        an event sent without ``ts``, a content id.
+        an event sent without ``ts``, a derived ``event_id`` when none is given.
+
+        Args:
+            idempotency_key: The request's ``Idempotency-Key``: an event without ``event_id``
+                gets :func:`keyed_event_id` of it and ``index``.
+            index: The event's position in its request.
 
         Raises:
             BadRequestError: Neither a session_id nor a user_id is given.
@@ -89,7 +106,13 @@ class SessionEvent:
                 )
             session_id = default_session_key(user_id)
         ev = cls(user_id, session_id, item_id, event, clock() if ts is None else float(ts), query)
-        return replace(ev, event_id=event_id or derive_event_id(ev))
+        if event_id:
+            return replace(ev, event_id=event_id)
+        if idempotency_key:
+            return replace(ev, event_id=keyed_event_id(ev, idempotency_key, index, ts))
+        if ts is None:  # stamped here: a retry gets another time, so the shard dedupes by window
+            return replace(ev, dedupe_key=content_key(ev))
+        return replace(ev, event_id=derive_event_id(ev))
 
 
 def default_session_key(user_id: str) -> str:
@@ -97,10 +120,42 @@ def default_session_key(user_id: str) -> str:
     return USER_SESSION_PREFIX + user_id
 
 
+def _digest(parts: list[Any]) -> str:
+    return hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).hexdigest()
+
+
 def derive_event_id(ev: SessionEvent) -> str:
     """Content-derived idempotency key: identical events (same ts to the bit) are one event."""
-    key = json.dumps([ev.user_id, ev.session_id, ev.item_id, ev.event, repr(ev.ts), ev.query])
-    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    return _digest([ev.user_id, ev.session_id, ev.item_id, ev.event, repr(ev.ts), ev.query])
+
+
+def content_key(ev: SessionEvent) -> str:
+    """What an event is, without its time: session, user, event type, item and query."""
+    return _digest(["content", ev.user_id, ev.session_id, ev.event, ev.item_id, ev.query])
+
+
+def keyed_event_id(ev: SessionEvent, idempotency_key: str, index: int, ts: float | None) -> str:
+    """The id of the ``index``-th event of a request sent with an ``Idempotency-Key``: the same
+    for every retry of that request, whenever it comes (``ts`` is the client's, None when the
+    server stamps it); distinct for each position, so a batch may repeat an event on purpose."""
+    return _digest(["idempotency-key", idempotency_key, index, content_key(ev),
+                    None if ts is None else repr(float(ts))])
+
+
+def window_event_ids(dedupe_key: str, ts: float, window_s: float) -> tuple[str, ...]:
+    """The ids under which an event of ``dedupe_key`` stamped at ``ts`` may already be stored by
+    an occurrence less than ``window_s`` earlier or later; the first is the one a new occurrence
+    is stored under.
+
+    Time is cut into buckets of ``window_s``: an occurrence is stored under the id of its own
+    bucket, and a retry within the window lies in the same bucket or a neighbouring one, so the
+    shard looks up three ids and compares the stored time (:class:`actors.session_state.ShardState`).
+    ``window_s == 0`` turns the window off: only the same time to the bit is the same event.
+    """
+    if window_s <= 0:
+        return (_digest(["window", dedupe_key, repr(float(ts))]),)
+    bucket = math.floor(ts / window_s)
+    return tuple(_digest(["window", dedupe_key, window_s, b]) for b in (bucket, bucket - 1, bucket + 1))
 
 
 def stable_hash(key: str) -> int:
@@ -175,7 +230,9 @@ def validate_event(ev: object, where: str, now: float, max_skew: float) -> Sessi
         )
     if not isinstance(ev.event_id, str) or len(ev.event_id) > MAX_ID_CHARS:
         raise BadRequestError(f"{where}.event_id must be a short string", f"{where}.event_id")
-    return ev if ev.event_id else replace(ev, event_id=derive_event_id(ev))
+    if ev.event_id or ev.dedupe_key:  # a dedupe_key's id is chosen by the shard
+        return ev
+    return replace(ev, event_id=derive_event_id(ev))
 
 
 def event_to_json(ev: SessionEvent, roles: int | None = None) -> dict[str, Any]:

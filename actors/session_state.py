@@ -39,10 +39,17 @@ mid-write; it was never acknowledged) is ignored with a warning and truncated aw
 How the log is stored (local files or object-store segments, what ``fsync=False`` survives) is
 described in :mod:`actors.session_log`.
 
-Idempotency: every event carries an ``event_id`` (client-supplied, or derived from its content).
-A shard remembers the last ``dedupe_capacity`` ids with the sequence number they got; re-appending
-a known id returns the original sequence number and stores nothing. That is what makes
-``max_task_retries=-1`` safe: a retried append after a crash cannot duplicate events.
+Idempotency: every event carries an ``event_id`` (client-supplied, or derived:
+:mod:`actors.session_events`). A shard remembers the last ``dedupe_capacity`` ids with the sequence
+number and time they got; re-appending a known id returns the original ``(seq, event_id)`` and
+stores nothing. That is what makes ``max_task_retries=-1`` safe: a retried append after a crash
+cannot duplicate events. An event the server stamped (posted without ``ts`` and ``event_id``)
+carries a ``dedupe_key`` instead: it is a duplicate of a stored event with that key less than
+``dedupe_window_s`` away in time (on the injected clock that stamped both), else it is stored under
+a new id (:func:`actors.session_events.window_event_ids`). An ``Idempotency-Key`` is *claimed* on
+the shard its hash picks, with a fingerprint of the request body: the same key with another body
+is a :class:`~graph.errors.ConflictError` (409); the last ``dedupe_capacity`` keys per shard are
+remembered, durably like events.
 
 Forgetting a user writes a tombstone to the log, drops every session the user appeared in and the
 user's history from memory, and compacts before acknowledging, so the user's events are gone from
@@ -50,14 +57,16 @@ disk too (replaying the tombstone covers a crash in between).
 
 Record formats (one JSON object per line):
 ``{"t": "append", "events": [{"seq", "event_id", "roles", "user_id", "session_id", "item_id",
-"event", "ts", "query"}, ...]}``, ``{"t": "forget", "seq", "user_id"}``; a snapshot is a header
-``{"t": "snapshot", "version", "shard", "num_shards", "last_seq"}`` then ``session``, ``user`` and
-``seen`` lines.
+"event", "ts", "query"}, ...]}``, ``{"t": "forget", "seq", "user_id"}``, ``{"t": "key", "seq",
+"key", "fp"}`` (a claimed idempotency key, hashed, and its body fingerprint); a snapshot is a
+header ``{"t": "snapshot", "version", "shard", "num_shards", "last_seq"}`` then ``session``,
+``user``, ``seen`` (``[event_id, seq, user_id, ts]``) and ``keys`` lines.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -81,10 +90,18 @@ from actors.session_events import (
     event_to_json,
     insert_ordered,
     shard_for,
+    stable_hash,
     validate_event,
+    window_event_ids,
 )
 from actors.session_log import URI_RE, open_log
-from graph.errors import BadRequestError, ConfigError, IntentrecError, UnavailableError
+from graph.errors import (
+    BadRequestError,
+    ConfigError,
+    ConflictError,
+    IntentrecError,
+    UnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +123,7 @@ _RANGES: Final[dict[str, tuple[float, float, str]]] = {
     "max_sessions_per_shard": (1, 10_000_000, "bound memory per shard, e.g. 100000"),
     "max_users_per_shard": (1, 10_000_000, "bound memory per shard, e.g. 100000"),
     "dedupe_capacity": (0, 10_000_000, "keep at least the events of a few retry windows, e.g. 100000"),
+    "dedupe_window_s": (0, 3600, "a client's retries come within seconds: use e.g. 10 (0 = off)"),
     "max_clock_skew_seconds": (0, 86_400, "use e.g. 300"),
     "snapshot_every": (1, 10_000_000, "use e.g. 10000"),
     "num_cpus": (0, 64, "session shards are I/O bound: use 0"),
@@ -124,7 +142,12 @@ class SessionStateConfig(BaseModel):
         user_history: Events kept per user across sessions (0: none).
         max_sessions_per_shard: Memory bound: least recently used sessions are evicted beyond it.
         max_users_per_shard: Memory bound on per-user histories, LRU as well.
-        dedupe_capacity: Event ids remembered per shard for idempotent retries.
+        dedupe_capacity: Event ids (and idempotency keys) remembered per shard for idempotent
+            retries.
+        dedupe_window_s: An event posted without ``ts`` and ``event_id`` (the server stamps its
+            time) is a retry of a stored one with the same session, user, event type, item and
+            query whose server time is at most this many seconds away, and is not stored again.
+            Measured on the injected server clock. 0: such events are never deduplicated.
         max_clock_skew_seconds: How far in the future an event's ``ts`` may be.
         wal_uri: Log directory: a local path (relative paths are made absolute by the client),
             ``file:///abs/path``, or a pyarrow filesystem URI such as ``s3://bucket/prefix``.
@@ -146,6 +169,7 @@ class SessionStateConfig(BaseModel):
     max_sessions_per_shard: int = 100_000
     max_users_per_shard: int = 100_000
     dedupe_capacity: int = 100_000
+    dedupe_window_s: float = 10.0
     max_clock_skew_seconds: float = 300.0
     wal_uri: str = "./state/sessions"
     fsync: bool = True
@@ -204,12 +228,36 @@ class _Session:
 class _Staged:
     """One operation between sequencing and applying: its log record and its eventual result."""
 
-    kind: str  # "append" | "forget"
-    record: bytes  # b"" when there is nothing to write (all duplicates, unknown user)
+    kind: str  # "append" | "forget" | "claim"
+    record: bytes  # b"" when there is nothing to write (all duplicates, unknown user, a retry)
     first_seq: int
     events: list[tuple[SessionEvent, int]] = field(default_factory=list)
-    seqs: list[int] = field(default_factory=list)
+    stored: list[tuple[int, str]] = field(default_factory=list)  # (seq, event_id) per event
     user_id: str | None = None
+    claim: tuple[str, str] | None = None  # (hashed key, body fingerprint)
+
+
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """What forgetting a user removed from session state (memory and log).
+
+    Args:
+        sessions: Session windows dropped (the user's implicit session included). A session
+            lives on one shard, so counts of several shards add up.
+        event_ids: Distinct events removed: the windows' events (anonymous ones of those
+            sessions included) and the user's history, which holds copies of the same events.
+    """
+
+    sessions: int = 0
+    event_ids: frozenset[str] = frozenset()
+
+    def __or__(self, other: Forgotten) -> Forgotten:
+        return Forgotten(self.sessions + other.sessions, self.event_ids | other.event_ids)
+
+    @property
+    def events(self) -> int:
+        """How many distinct events were removed."""
+        return len(self.event_ids)
 
 
 class ShardState:
@@ -243,8 +291,13 @@ class ShardState:
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._users: OrderedDict[str, deque[SessionEvent]] = OrderedDict()
         self._user_sessions: dict[str, set[str]] = {}
-        self._seen: OrderedDict[str, tuple[int, str | None]] = OrderedDict()
-        self._pending: dict[str, int] = {}  # event_id -> seq, staged but not yet applied
+        # event_id -> (seq, user_id, ts) of stored events; ts None: restored from a snapshot of a
+        # release that did not keep it.
+        self._seen: OrderedDict[str, tuple[int, str | None, float | None]] = OrderedDict()
+        self._pending: dict[str, tuple[int, float]] = {}  # staged but not yet applied
+        # Claimed idempotency keys (hashed) -> body fingerprint; staged claims apart.
+        self._keys: OrderedDict[str, str] = OrderedDict()
+        self._pending_keys: dict[str, str] = {}
         # Users whose events may be on disk (latest snapshot + log since): forget_user must
         # compact for them even when memory no longer holds them.
         self._disk_users: set[str] = set()
@@ -262,13 +315,34 @@ class ShardState:
     # --- staging -----------------------------------------------------------------------
 
     def stage(self, op: tuple[str, Any, Any]) -> _Staged:
-        """Sequence one operation: ``("append", events, roles)`` or ``("forget", user_id, None)``."""
+        """Sequence one operation: ``("append", events, roles)``, ``("forget", user_id, None)`` or
+        ``("claim", key, fingerprint)``."""
         kind, a, b = op
         if kind == "append":
             return self._stage_append(a, b)
         if kind == "forget":
             return self._stage_forget(a)
+        if kind == "claim":
+            return self._stage_claim(a, b)
         raise BadRequestError(f"unknown shard operation {kind!r}")
+
+    def _known(self, event_id: str) -> tuple[int, float | None] | None:
+        """``(seq, ts)`` of a stored or staged event id, else None."""
+        seen = self._seen.get(event_id)
+        if seen is not None:
+            return seen[0], seen[2]
+        return self._pending.get(event_id)
+
+    def _window_match(self, ev: SessionEvent) -> tuple[str, tuple[int, float | None] | None]:
+        """For a server-stamped event: the id it is stored under if new, and the stored
+        occurrence it repeats within ``dedupe_window_s`` (``(seq, ts)``), if any."""
+        window = self.config.dedupe_window_s
+        ids = window_event_ids(ev.dedupe_key, ev.ts, window)
+        for eid in ids:
+            known = self._known(eid)
+            if known is not None and known[1] is not None and abs(known[1] - ev.ts) <= window:
+                return eid, known
+        return ids[0], None
 
     def _stage_append(self, events: Sequence[SessionEvent], roles: Sequence[int] | None) -> _Staged:
         now = self._clock()
@@ -280,24 +354,48 @@ class ShardState:
         ]
         staged = _Staged("append", b"", self._next_seq)
         for i, ev in enumerate(checked):
-            known = self._seen.get(ev.event_id)
-            seq = known[0] if known is not None else self._pending.get(ev.event_id)
-            if seq is None:
+            if ev.event_id:
+                known = self._known(ev.event_id)
+            else:  # stamped by the server: a retry may carry another time, within the window
+                eid, known = self._window_match(ev)
+                ev = replace(ev, event_id=eid, dedupe_key="")
+            if known is None:
                 seq = self._next_seq
                 self._next_seq += 1
-                self._pending[ev.event_id] = seq
+                self._pending[ev.event_id] = (seq, ev.ts)
                 staged.events.append(
                     (replace(ev, seq=seq), ROLE_SESSION | ROLE_USER if roles is None else roles[i])
                 )
                 if ev.user_id is not None:
                     self._disk_users.add(ev.user_id)
             else:
+                seq = known[0]
                 self.counters["duplicates"] += 1
-            staged.seqs.append(seq)
+            staged.stored.append((seq, ev.event_id))
         if staged.events:
             rec = {"t": "append", "events": [event_to_json(e, r) for e, r in staged.events]}
             staged.record = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
             staged.first_seq = staged.events[0][0].seq
+        return staged
+
+    def _stage_claim(self, key: str, fingerprint: str) -> _Staged:
+        """Claim an idempotency key (hashed by the client) for a request body's fingerprint."""
+        staged = _Staged("claim", b"", self._next_seq, claim=(key, fingerprint))
+        first = self._keys.get(key) or self._pending_keys.get(key)
+        if first is not None:
+            if first != fingerprint:
+                raise ConflictError(
+                    "this Idempotency-Key was first sent with another request body; a retry must "
+                    "repeat the request exactly, and a new request needs a new key",
+                    "Idempotency-Key",
+                )
+            return staged  # a retry: nothing to write
+        seq = self._next_seq
+        self._next_seq += 1
+        self._pending_keys[key] = fingerprint
+        rec = {"t": "key", "seq": seq, "key": key, "fp": fingerprint}
+        staged.record = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+        staged.first_seq = seq
         return staged
 
     def _stage_forget(self, user_id: str) -> _Staged:
@@ -332,15 +430,26 @@ class ShardState:
         """Forget a staged operation whose write failed (its sequence numbers stay unused)."""
         for ev, _ in staged.events:
             self._pending.pop(ev.event_id, None)
+        if staged.claim is not None and staged.record:
+            self._pending_keys.pop(staged.claim[0], None)
 
-    def apply(self, staged: _Staged) -> list[int] | int:
-        """Apply a written operation to memory; returns its result (seqs or removed count)."""
+    def apply(self, staged: _Staged) -> list[tuple[int, str]] | Forgotten | bool:
+        """Apply a written operation to memory; returns its result: ``(seq, event_id)`` per
+        appended event, what a forget removed, or whether a claim was a retry."""
         if staged.kind == "forget":
             assert staged.user_id is not None
             if not staged.record:
-                return 0
+                return Forgotten()
             self._forget_pending = True
             return self._apply_forget(staged.user_id)
+        if staged.kind == "claim":
+            assert staged.claim is not None
+            if not staged.record:
+                return True
+            self._pending_keys.pop(staged.claim[0], None)
+            self._remember_key(*staged.claim)
+            self._since_snapshot += 1
+            return False
         now = self._clock()
         for ev, roles in staged.events:
             self._pending.pop(ev.event_id, None)
@@ -348,7 +457,7 @@ class ShardState:
         self._since_snapshot += len(staged.events)
         self.counters["appended"] += len(staged.events)
         self._enforce_bounds(now)
-        return staged.seqs
+        return staged.stored
 
     def compaction_due(self) -> bool:
         """A forget was applied, or ``snapshot_every`` events were appended since the snapshot."""
@@ -356,7 +465,8 @@ class ShardState:
 
     # --- synchronous API (tests, benchmark) ----------------------------------------------
 
-    def append(self, events: Sequence[SessionEvent], roles: Sequence[int] | None = None) -> list[int]:
+    def append(self, events: Sequence[SessionEvent],
+               roles: Sequence[int] | None = None) -> list[tuple[int, str]]:
         """Durably append ``events`` (log first, then memory).
 
         Args:
@@ -364,7 +474,8 @@ class ShardState:
             roles: Per event, bit 1 = session window, bit 2 = user history (default: both).
 
         Returns:
-            Each event's sequence number; the original one for an ``event_id`` seen before.
+            Each event's ``(seq, event_id)``: the original ones for a duplicate (an ``event_id``
+            seen before, or a server-stamped event within the dedupe window).
 
         Raises:
             BadRequestError: An event is invalid; nothing is stored.
@@ -382,14 +493,29 @@ class ShardState:
         assert isinstance(result, list)
         return result
 
-    def forget_user(self, user_id: str) -> int:
-        """Remove the user's sessions and history from memory and disk; returns events removed."""
+    def claim(self, key: str, fingerprint: str) -> bool:
+        """Durably claim an idempotency key for a body fingerprint; True if it was claimed before
+        with the same one (a retry).
+
+        Raises:
+            ConflictError: The key was claimed with another fingerprint.
+        """
+        staged = self.stage(("claim", key, fingerprint))
+        self.write([staged])
+        retry = self.apply(staged)
+        if self.compaction_due():
+            self.compact()
+        assert isinstance(retry, bool)
+        return retry
+
+    def forget_user(self, user_id: str) -> Forgotten:
+        """Remove the user's sessions and history from memory and disk; returns what went."""
         staged = self.stage(("forget", user_id, None))
         self.write([staged])
         removed = self.apply(staged)
         if self.compaction_due():
             self.compact()
-        assert isinstance(removed, int)
+        assert isinstance(removed, Forgotten)
         return removed
 
     def compact(self) -> None:
@@ -434,6 +560,7 @@ class ShardState:
             "session_events": sum(len(s.events) for s in self._sessions.values()),
             "user_events": sum(len(h) for h in self._users.values()),
             "dedupe_ids": len(self._seen),
+            "idempotency_keys": len(self._keys),
             "next_seq": self._next_seq,
             "since_snapshot": self._since_snapshot,
             **self.counters,
@@ -466,9 +593,15 @@ class ShardState:
                 self._users.move_to_end(ev.user_id)
             insert_ordered(hist, ev)
         if cfg.dedupe_capacity > 0:
-            self._seen[ev.event_id] = (ev.seq, ev.user_id)
+            self._seen[ev.event_id] = (ev.seq, ev.user_id, ev.ts)
             if len(self._seen) > cfg.dedupe_capacity:
                 self._seen.popitem(last=False)
+
+    def _remember_key(self, key: str, fingerprint: str) -> None:
+        if self.config.dedupe_capacity > 0:
+            self._keys[key] = fingerprint
+            if len(self._keys) > self.config.dedupe_capacity:
+                self._keys.popitem(last=False)
 
     def _drop_session(self, session_id: str) -> int:
         sess = self._sessions.pop(session_id)
@@ -499,18 +632,22 @@ class ShardState:
             self._users.popitem(last=False)
             self.counters["evicted_lru"] += 1
 
-    def _apply_forget(self, user_id: str) -> int:
-        removed = 0
+    def _apply_forget(self, user_id: str) -> Forgotten:
+        sessions = 0
+        event_ids: set[str] = set()
         for sid in list(self._user_sessions.get(user_id, ())):
             if sid in self._sessions:
-                removed += self._drop_session(sid)
+                event_ids.update(e.event_id for e in self._sessions[sid].events)
+                self._drop_session(sid)
+                sessions += 1
         self._user_sessions.pop(user_id, None)
         hist = self._users.pop(user_id, None)
-        removed += len(hist) if hist is not None else 0
-        for eid in [k for k, (_, uid) in self._seen.items() if uid == user_id]:
+        if hist is not None:
+            event_ids.update(e.event_id for e in hist)
+        for eid in [k for k, (_, uid, _) in self._seen.items() if uid == user_id]:
             del self._seen[eid]
-        self.counters["forgotten_events"] += removed
-        return removed
+        self.counters["forgotten_events"] += len(event_ids)
+        return Forgotten(sessions, frozenset(event_ids))
 
     # --- snapshots and restore ---------------------------------------------------------
 
@@ -531,9 +668,12 @@ class ShardState:
         for uid, hist in self._users.items():
             lines.append({"t": "user", "user_id": uid, "events": [event_to_json(e) for e in hist]})
             users.add(uid)
-        seen = [[eid, seq, uid] for eid, (seq, uid) in self._seen.items()]
+        seen = [[eid, seq, uid, ts] for eid, (seq, uid, ts) in self._seen.items()]
         for i in range(0, len(seen), 1000):
             lines.append({"t": "seen", "ids": seen[i : i + 1000]})
+        keys = [[key, fp] for key, fp in self._keys.items()]
+        for i in range(0, len(keys), 1000):
+            lines.append({"t": "keys", "items": keys[i : i + 1000]})
         chunks = [(json.dumps(x, separators=(",", ":")) + "\n").encode() for x in lines]
         return last_seq, chunks, users
 
@@ -596,6 +736,14 @@ class ShardState:
         self.counters["restore_seconds"] = time.perf_counter() - t0
 
     def _replay(self, rec: dict[str, Any], last_seq: int, now: float) -> int:
+        if rec["t"] == "key":
+            seq = int(rec["seq"])
+            self._next_seq = max(self._next_seq, seq + 1)
+            if seq > last_seq:
+                self._remember_key(rec["key"], rec["fp"])
+                self._since_snapshot += 1
+                self.counters["restored_records"] += 1
+            return 0
         if rec["t"] == "forget":
             seq = int(rec["seq"])
             self._next_seq = max(self._next_seq, seq + 1)
@@ -641,8 +789,11 @@ class ShardState:
                 self._users[rec["user_id"]] = deque(map(event_from_json, rec["events"]), maxlen=hist_len)
                 self._disk_users.add(rec["user_id"])
             elif rec["t"] == "seen":
-                for eid, seq, uid in rec["ids"]:
-                    self._seen[eid] = (int(seq), uid)
+                for eid, seq, uid, *rest in rec["ids"]:
+                    self._seen[eid] = (int(seq), uid, float(rest[0]) if rest else None)
+            elif rec["t"] == "keys":
+                for key, fp in rec["items"]:
+                    self._keys[key] = fp
         return int(header["last_seq"])
 
 
@@ -672,16 +823,17 @@ class SessionShard:
         self._queue: list[tuple[tuple[str, Any, Any], asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def append(self, events: list[SessionEvent], roles: list[int] | None = None) -> list[int]:
-        """Durably append; returns sequence numbers (see :meth:`ShardState.append`)."""
-        result: list[int] = await self._submit(("append", events, roles))
+    async def append(self, events: list[SessionEvent],
+                     roles: list[int] | None = None) -> list[tuple[int, str]]:
+        """Durably append; returns ``(seq, event_id)`` per event (see :meth:`ShardState.append`)."""
+        result: list[tuple[int, str]] = await self._submit(("append", events, roles))
         return result
 
     async def append_many(
         self, batch: list[tuple[list[SessionEvent], list[int] | None]]
-    ) -> list[list[int] | BaseException]:
+    ) -> list[list[tuple[int, str]] | BaseException]:
         """Several independent appends in one call and one group commit. Each gets its own result:
-        its sequence numbers, or the error (returned, not raised) that rejected it alone."""
+        its ``(seq, event_id)`` pairs, or the error (returned, not raised) that rejected it alone."""
         outs = await asyncio.gather(*(self._submit(("append", evs, rls)) for evs, rls in batch),
                                     return_exceptions=True)
         return list(outs)
@@ -698,9 +850,14 @@ class SessionShard:
                 out.append(exc)
         return out
 
-    async def forget_user(self, user_id: str) -> int:
-        """Remove a user from memory and disk (compacted before returning); events removed."""
-        result: int = await self._submit(("forget", user_id, None))
+    async def forget_user(self, user_id: str) -> Forgotten:
+        """Remove a user from memory and disk (compacted before returning); what went."""
+        result: Forgotten = await self._submit(("forget", user_id, None))
+        return result
+
+    async def claim(self, key: str, fingerprint: str) -> bool:
+        """Claim an idempotency key durably (see :meth:`ShardState.claim`)."""
+        result: bool = await self._submit(("claim", key, fingerprint))
         return result
 
     async def get_session(self, session_id: str | None, user_id: str | None = None) -> dict[str, Any]:
@@ -936,13 +1093,21 @@ class SessionStore:
         except ray.exceptions.RayActorError as exc:
             raise UnavailableError(f"session shard unavailable ({exc}); retry") from exc
 
-    async def append(self, events: Sequence[SessionEvent]) -> int:
-        """Durably store events (all or nothing on validation); returns how many were accepted.
+    async def append(self, events: Sequence[SessionEvent],
+                     idempotency: tuple[str, str] | None = None) -> list[str]:
+        """Durably store events (all or nothing on validation); returns each event's stored id.
 
-        Re-sending an event with the same ``event_id`` is accepted again but stored once.
+        Re-sending an event with the same ``event_id`` is accepted again but stored once, and so
+        is a server-stamped event within the dedupe window (its stored id is the original's).
+
+        Args:
+            events: The events of one request.
+            idempotency: ``(Idempotency-Key, fingerprint of the request body)``: the key is
+                claimed for that body before anything is stored (:meth:`claim`).
 
         Raises:
             BadRequestError: An event is invalid (the field is named, e.g. ``events[3].event``).
+            ConflictError: The idempotency key was used before with another body.
             UnavailableError: A shard could not be reached; retrying the same events is safe.
         """
         now = self._clock()
@@ -950,19 +1115,40 @@ class SessionStore:
             validate_event(ev, f"events[{i}]", now, self.config.max_clock_skew_seconds)
             for i, ev in enumerate(events)
         ]
-        per_shard: dict[int, tuple[list[SessionEvent], list[int]]] = {}
-        for ev in checked:
+        if idempotency is not None:  # after validation: a refused request claims no key
+            await self.claim(*idempotency)
+        # Per shard: the events, their roles there, and their positions in ``checked``.
+        per_shard: dict[int, tuple[list[SessionEvent], list[int], list[int]]] = {}
+        for n, ev in enumerate(checked):
             s = self.shard_of(ev.session_id)
             u = self.shard_of(ev.user_id) if ev.user_id is not None else s
             targets = [(s, ROLE_SESSION | ROLE_USER)] if s == u else [(s, ROLE_SESSION), (u, ROLE_USER)]
             for shard, roles in targets:
-                evs, rls = per_shard.setdefault(shard, ([], []))
+                evs, rls, pos = per_shard.setdefault(shard, ([], [], []))
                 evs.append(ev)
                 rls.append(roles)
-        await asyncio.gather(
-            *(self._coalescer("append", s).submit((evs, rls)) for s, (evs, rls) in per_shard.items())
+                pos.append(n)
+        results = await asyncio.gather(
+            *(self._coalescer("append", s).submit((evs, rls)) for s, (evs, rls, _) in per_shard.items())
         )
-        return len(checked)
+        ids = [""] * len(checked)
+        for (_, rls, pos), stored in zip(per_shard.values(), results, strict=True):
+            for roles, n, (_, event_id) in zip(rls, pos, stored, strict=True):
+                if roles & ROLE_SESSION:  # the session's shard answers for the event
+                    ids[n] = event_id
+        return ids
+
+    async def claim(self, key: str, fingerprint: str) -> bool:
+        """Claim an ``Idempotency-Key`` for a request body's fingerprint on the shard the key's
+        hash picks; True when the same key and body were claimed before (a retry).
+
+        Raises:
+            ConflictError: The key was claimed before with another body (409).
+        """
+        hashed = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+        handle = self.handles[stable_hash(hashed) % self.config.num_shards]
+        retry: bool = await self._call(handle.claim.remote(hashed, fingerprint))
+        return retry
 
     async def get(self, session_id: str | None = None, user_id: str | None = None) -> SessionSnapshot:
         """Read a session's window and the user's history (at most two shard calls).
@@ -985,11 +1171,14 @@ class SessionStore:
         user_events = parts[-1]["user_events"] if user_id else []
         return SessionSnapshot(sid, user_id, tuple(parts[0]["events"]), tuple(user_events))
 
-    async def forget_user(self, user_id: str) -> int:
-        """Remove the user's session data from every shard's memory and log; events removed."""
+    async def forget_user(self, user_id: str) -> Forgotten:
+        """Remove the user's session data from every shard's memory and log; what went."""
         check_id(user_id, "user_id", optional=False)
-        counts = await asyncio.gather(*(self._call(h.forget_user.remote(user_id)) for h in self.handles))
-        return int(sum(counts))
+        parts = await asyncio.gather(*(self._call(h.forget_user.remote(user_id)) for h in self.handles))
+        out = Forgotten()
+        for part in parts:
+            out |= part
+        return out
 
     async def stats(self) -> list[dict[str, Any]]:
         """Per-shard sizes and counters."""

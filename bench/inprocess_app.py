@@ -52,22 +52,33 @@ class InProcessHandle:
         return _Method(getattr(self._target, name))
 
 
-def build(app_args: dict[str, Any]) -> Any:
-    """The FastAPI app of ``serve_app`` bound to an in-process Ingress (returns ``serve_app.api``)."""
+def build(app_args: dict[str, Any], clock: Any = None) -> Any:
+    """The FastAPI app of ``serve_app`` bound to an in-process Ingress (returns ``serve_app.api``).
+
+    Args:
+        app_args: ``serve_app.AppArgs`` as a dict.
+        clock: The server clock of the ingress and the shards (:mod:`actors.clock`; tests pass a
+            settable one); default the system clock.
+    """
     import serve_app
+    from actors.clock import system_clock
     from actors.ranker import RankerService
     from actors.session_state import SessionShard, SessionStore
+
+    clock = clock or system_clock
 
     args = serve_app.AppArgs.model_validate(app_args).resolved()
     ranker = RankerService(args.artifacts_root, args.model_version, args.tombstones_path)
     # SessionStore's routing and validation, with its shard handles pointing at shards in this
     # process instead of actors (its constructor would start the actors).
-    store = SessionStore.over(args.session, [InProcessHandle(SessionShard(args.session.model_dump(), i))
-                                             for i in range(args.session.num_shards)])
+    store = SessionStore.over(
+        args.session, [InProcessHandle(SessionShard(args.session.model_dump(), i, clock))
+                       for i in range(args.session.num_shards)], clock)
     # The user class under Serve's ingress wrapper (the one that defines the routes).
     wrapper: Any = serve_app.Ingress  # a Deployment at run time
     ingress_cls = next(c for c in wrapper.func_or_class.__mro__ if "recommend" in vars(c))
-    ingress = ingress_cls(InProcessHandle(ranker), None, args.model_dump(), store=store)
+    ingress = ingress_cls(InProcessHandle(ranker), None, args.model_dump(), store=store,
+                          clock=clock)
     # @serve.ingress gave every route method a `self` dependency that returns
     # `serve.get_replica_context().servable_object`; in this process that is this one instance.
     from ray import serve

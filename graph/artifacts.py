@@ -48,8 +48,8 @@ ITEM_FEATURES_FILE = "item_features.npy"
 FORMAT_VERSION = 2  # 2: the learned ranker (ranker/)
 
 
-def _fs(root: str) -> tuple[pafs.FileSystem, str]:
-    """Resolve a local path or URI into (filesystem, path)."""
+def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    """Resolve a local path or a pyarrow URI (``s3://bucket/key``) into (filesystem, path)."""
     if "://" in root:
         fs, path = pafs.FileSystem.from_uri(root)
         return fs, path.rstrip("/")
@@ -131,7 +131,7 @@ def write_artifact(
             f"embedding rows ({user_emb.shape[0]} users, {item_emb.shape[0]} items) do not match "
             f"the id maps ({len(user_ids)} users, {len(items)} items)"
         )
-    fs, base = _fs(root)
+    fs, base = filesystem(root)
     version = version or new_version_name()
     vdir = f"{base}/{version}"
     fs.create_dir(vdir, recursive=True)
@@ -183,7 +183,7 @@ def set_latest_version(root: str, version: str) -> None:
     Raises:
         NotFoundError: if the version folder is not complete.
     """
-    fs, base = _fs(root)
+    fs, base = filesystem(root)
     if not _exists(fs, f"{base}/{version}/{COMPLETE_MARKER}"):
         raise NotFoundError(
             f"model version {version!r} is not a complete artifact under {root}; "
@@ -207,7 +207,7 @@ def latest_version(root: str) -> str:
     Raises:
         ArtifactError: when there is none yet, saying how to make one.
     """
-    fs, base = _fs(root)
+    fs, base = filesystem(root)
     try:
         return _read_bytes(fs, f"{base}/{LATEST}").decode().strip()
     except (FileNotFoundError, OSError) as exc:
@@ -219,7 +219,7 @@ def latest_version(root: str) -> str:
 
 def list_versions(root: str) -> list[str]:
     """Complete versions under ``root``, oldest first."""
-    fs, base = _fs(root)
+    fs, base = filesystem(root)
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     except OSError:
@@ -231,6 +231,21 @@ def list_versions(root: str) -> list[str]:
         and _exists(fs, f"{i.path}/{COMPLETE_MARKER}")
     ]
     return sorted(out)
+
+
+def versions_with_user(root: str, user_id: str) -> list[str]:
+    """Complete versions under ``root`` whose ``users.parquet`` lists ``user_id``: the versions
+    that hold the user's embedding row and purchase history. Reads one column per version."""
+    import pyarrow.compute as pc
+
+    fs, base = filesystem(root)
+    out = []
+    for version in list_versions(root):
+        path = f"{base}/{version}/users.parquet"
+        users = pq.read_table(io.BytesIO(_read_bytes(fs, path)), columns=["user_id"])["user_id"]
+        if pc.any(pc.equal(users.cast("string"), user_id)).as_py():
+            out.append(version)
+    return out
 
 
 def resolve_version(root: str, version: str = "latest") -> str:
@@ -251,7 +266,7 @@ def read_artifact(root: str, version: str = "latest") -> ModelArtifact:
     from graph.signals import RankingSignals
 
     version = resolve_version(root, version)
-    fs, base = _fs(root)
+    fs, base = filesystem(root)
     vdir = f"{base}/{version}"
     if not _exists(fs, f"{vdir}/{COMPLETE_MARKER}"):
         raise ArtifactError(f"model version {version} under {root} is incomplete; retrain or roll back")

@@ -11,7 +11,8 @@ Everything leaves this module in the canonical schema of ``graph/schema.py``:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Set
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -50,12 +51,48 @@ class Dataset:
         items: One row per catalogue item (``item_id`` unique).
         name: Where the data came from, for manifests and logs.
         default_split_at: The temporal split used when the user gives none.
+        split_from_span: ``default_split_at`` is derived from the events' time span (files),
+            so it is derived again when events are dropped.
+        excluded_users: Forgotten users whose events were dropped (:meth:`select_users`).
+        excluded_events: How many events they had.
     """
 
     events: pd.DataFrame
     items: pd.DataFrame
     name: str
     default_split_at: pd.Timestamp
+    split_from_span: bool = False
+    excluded_users: int = 0
+    excluded_events: int = 0
+
+    def select_users(self, *, drop: Set[str] = frozenset(),
+                     keep: Set[str] | None = None) -> Dataset:
+        """This data without any event of the ``drop`` users (forgotten users,
+        :mod:`graph.forgotten`), then only the ``keep`` users' events (a sample) if given.
+
+        A split derived from the time span is derived again from the events left after the drop
+        and before the sample, as it is from the whole file when nobody is dropped, so nothing
+        of a dropped user survives and a sample stays the same. ``excluded_users`` counts the
+        dropped users that the sample holds.
+        """
+        events = self.events
+        split = self.default_split_at
+        excluded_users = excluded_events = 0
+        dropped = events[S.USER_COL].isin(drop) if drop else None
+        if dropped is not None and dropped.any():
+            if self.split_from_span and not dropped.all():
+                split = default_split(events[~dropped])
+            in_sample = dropped if keep is None else dropped & events[S.USER_COL].isin(keep)
+            excluded_users = int(events.loc[in_sample, S.USER_COL].nunique())
+            excluded_events = int(in_sample.sum())
+            events = events[~dropped]
+        if keep is not None:
+            events = events[events[S.USER_COL].isin(keep)]
+        if events is self.events:
+            return self
+        return replace(self, events=events.reset_index(drop=True), default_split_at=split,
+                       excluded_users=self.excluded_users + excluded_users,
+                       excluded_events=self.excluded_events + excluded_events)
 
     def fingerprint(self) -> str:
         """A short content hash of events and items (for the artifact manifest)."""
@@ -78,7 +115,8 @@ def builtin_data_dir() -> Path:
     return Path(str(root))
 
 
-def load_builtin(max_users: int | None = None, seed: int = 0) -> Dataset:
+def load_builtin(max_users: int | None = None, seed: int = 0,
+                 exclude_users: Set[str] = frozenset()) -> Dataset:
     """Load The Complete Journey 2.0 as canonical events and items.
 
     Cleaning (SPEC.md): drops non-product departments, rows with ``quantity == 0`` or
@@ -87,6 +125,9 @@ def load_builtin(max_users: int | None = None, seed: int = 0) -> Dataset:
     Args:
         max_users: Keep a seeded random sample of this many households (small slices for tests).
         seed: Seed of that sample.
+        exclude_users: Forgotten users (household ids as strings): their purchases are dropped
+            after the sample is drawn (so forgetting one user removes exactly that user from an
+            otherwise identical run) and before anything is computed from them (item prices).
     """
     d = builtin_data_dir()
     tx = pd.read_parquet(
@@ -104,6 +145,12 @@ def load_builtin(max_users: int | None = None, seed: int = 0) -> Dataset:
         rng = np.random.default_rng(seed)
         keep = rng.choice(households, size=min(max_users, len(households)), replace=False)
         tx = tx[tx["household_id"].isin(keep)]
+    excluded_users = excluded_events = 0
+    if exclude_users:
+        forgotten = tx["household_id"].astype(str).isin(exclude_users).to_numpy()
+        excluded_users = int(tx.loc[forgotten, "household_id"].nunique())
+        excluded_events = int(forgotten.sum())
+        tx = tx[~forgotten]
 
     unit_price = (tx["sales_value"] / tx["quantity"]).astype("float64")
     events = pd.DataFrame(
@@ -127,7 +174,8 @@ def load_builtin(max_users: int | None = None, seed: int = 0) -> Dataset:
     )
     items = _builtin_items(products, median_price)
     return Dataset(events=events, items=items, name="completejourney-2.0",
-                   default_split_at=BUILTIN_SPLIT_AT)
+                   default_split_at=BUILTIN_SPLIT_AT, excluded_users=excluded_users,
+                   excluded_events=excluded_events)
 
 
 def _clean_str(s: pd.Series) -> list[str | None]:
@@ -262,9 +310,14 @@ def load_files(events_path: str | Path, items_path: str | Path) -> Dataset:
                 f"no event of {events_path} references an item of {items_path}: "
                 "do the item_id columns use the same ids?", field=S.ITEM_COL,
             )
-    tmin, tmax = ev[S.TS_COL].min(), ev[S.TS_COL].max()
-    split = tmin + (tmax - tmin) * 0.9
-    return Dataset(events=ev, items=items, name=Path(events_path).name, default_split_at=split)
+    return Dataset(events=ev, items=items, name=Path(events_path).name,
+                   default_split_at=default_split(ev), split_from_span=True)
+
+
+def default_split(events: pd.DataFrame) -> pd.Timestamp:
+    """The split of data without a known one: the last 10% of the events' time span."""
+    tmin, tmax = events[S.TS_COL].min(), events[S.TS_COL].max()
+    return pd.Timestamp(tmin + (tmax - tmin) * 0.9)
 
 
 def validate_events(ev: pd.DataFrame, source: str) -> pd.DataFrame:

@@ -73,6 +73,12 @@ class NotFoundError(IntentrecError):
     http_status = 404
 
 
+class ConflictError(IntentrecError):
+    """A request conflicts with an earlier one (an ``Idempotency-Key`` reused for another body)."""
+
+    http_status = 409
+
+
 class PayloadTooLargeError(IntentrecError):
     """A request body over the server's limit (refused before it is read)."""
 

@@ -31,6 +31,7 @@ from graph.artifacts import write_artifact
 from graph.config import TrainConfig
 from graph.data import Dataset, load_builtin, load_files, temporal_split
 from graph.errors import ConfigError
+from graph.forgotten import read_forgotten
 from graph.interactions import Interactions, build_interactions
 
 if TYPE_CHECKING:
@@ -61,6 +62,9 @@ class PipelineConfig(BaseModel):
     eval_max_baskets: int | None = Field(None, ge=1, description="cap baskets in in-session tasks")
     skip_eval: bool = False
     ablations: bool = Field(False, description="also fit and evaluate the ablation rankers")
+    forgotten: str | None = Field(
+        None, description="forgotten-users file (path or URI) whose users' events are dropped "
+        "before anything is fitted or written; None: exclude nobody")
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @field_validator("items")
@@ -81,10 +85,19 @@ class PipelineResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def load_dataset(cfg: PipelineConfig) -> Dataset:
-    if cfg.events is not None and cfg.items is not None:
-        return load_files(cfg.events, cfg.items)
-    return load_builtin(max_users=cfg.max_users, seed=cfg.train.seed)
+def load_dataset(cfg: PipelineConfig, forgotten: frozenset[str] = frozenset()) -> Dataset:
+    """The run's data: its user sample drawn first, then every event of a ``forgotten`` user
+    dropped, so that forgetting a user removes exactly that user from an otherwise identical run.
+    """
+    if cfg.events is None or cfg.items is None:
+        return load_builtin(max_users=cfg.max_users, seed=cfg.train.seed, exclude_users=forgotten)
+    ds = load_files(cfg.events, cfg.items)
+    keep = None
+    if cfg.max_users is not None:
+        keep = set(pd.Series(ds.events[S.USER_COL].unique()).sample(
+            n=min(cfg.max_users, ds.events[S.USER_COL].nunique()), random_state=cfg.train.seed
+        ))
+    return ds.select_users(drop=forgotten, keep=keep)
 
 
 @dataclass
@@ -116,12 +129,15 @@ def prepare_data(cfg: PipelineConfig, progress: Progress = print) -> PreparedDat
         ConfigError: a split or validation window that leaves no data on one side.
     """
     t0 = time.perf_counter()
-    ds = load_dataset(cfg)
-    if cfg.max_users is not None and cfg.events is not None:
-        keep = pd.Series(ds.events[S.USER_COL].unique()).sample(
-            n=min(cfg.max_users, ds.events[S.USER_COL].nunique()), random_state=cfg.train.seed
-        )
-        ds.events = ds.events[ds.events[S.USER_COL].isin(keep)].reset_index(drop=True)
+    # Forgotten users first: their events are gone before anything is sampled from, fitted on
+    # or written (DELETE /v1/users/{id} lists them; graph/forgotten.py).
+    forgotten = read_forgotten(cfg.forgotten) if cfg.forgotten is not None else frozenset()
+    ds = load_dataset(cfg, forgotten)
+    if cfg.forgotten is None:
+        progress("[forget] no forgotten-users file given (train_job.py --forgotten): no user excluded")
+    else:
+        progress(f"[forget] excluded {ds.excluded_users:,} forgotten user(s) with "
+                 f"{ds.excluded_events:,} events ({len(forgotten):,} listed in {cfg.forgotten})")
     split_at = pd.Timestamp(cfg.split_at).tz_localize(None) if cfg.split_at else ds.default_split_at
     train, test = temporal_split(ds.events, split_at)
     val_cut = split_at - pd.Timedelta(days=cfg.val_days)
@@ -247,7 +263,10 @@ def run_pipeline(
 
     manifest = {
         "data": {"name": ds.name, "fingerprint": ds.fingerprint(), "split_at": str(split_at),
-                 "val_cut": str(val_cut), "num_events": len(ds.events)},
+                 "val_cut": str(val_cut), "num_events": len(ds.events),
+                 # Counts only: a manifest never names a forgotten user.
+                 "forgotten_users_excluded": ds.excluded_users,
+                 "forgotten_events_excluded": ds.excluded_events},
         "config": cfg.model_dump(mode="json"),
         "training": {"seconds": round(timings["train_s"], 2), "epochs": len(result.history),
                      "history": result.history},

@@ -1,8 +1,10 @@
 """Ray Train end to end on a small slice of the built-in data: 2 DDP workers, checkpoints,
-resume by run name, embeddings on the driver."""
+resume by run name, embeddings on the driver; and ``train_job.py`` leaving forgotten users out
+of what it publishes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +79,92 @@ def test_fit_checkpoints_each_epoch_and_resumes_by_run_name(
     # A differently shaped model must not silently resume this run.
     with pytest.raises(ConfigError, match=r"dim=16 \(now 8\)"):
         fit(inter, cfg.model_copy(update={"dim": 8, "epochs": 3}))
+
+
+# --------------------------------------------------------------------------------------------
+# Forget means forget: a retrain leaves a forgotten user out of every file it publishes
+# --------------------------------------------------------------------------------------------
+
+ID_SUFFIX = "-q7zxv"  # makes every user id a string that no other content holds by accident
+
+
+def _files_holding(vdir: Path, needle: str) -> list[str]:
+    """Files of a version folder that hold ``needle``: in their raw bytes (JSON, text, LightGBM's
+    model, parquet metadata) or among their decoded string values. Parquet pages are compressed,
+    so a string column is searched decoded (its raw bytes might not show an id that is there);
+    ``.npy``/``.npz`` arrays are searched when they hold strings (numeric arrays cannot hold an
+    id made of letters)."""
+    import pyarrow.parquet as pq
+
+    hits = []
+    for f in sorted(p for p in vdir.rglob("*") if p.is_file()):
+        found = needle.encode() in f.read_bytes()
+        if f.suffix == ".parquet":
+            table = pq.read_table(f)
+            found |= any(needle in str(v) for col in table.columns for v in col.to_pylist())
+        elif f.suffix in (".npy", ".npz"):
+            loaded = np.load(f, allow_pickle=False)
+            arrays = [loaded[k] for k in loaded.files] if f.suffix == ".npz" else [loaded]
+            found |= any(a.dtype.kind in "US" and any(needle in str(v) for v in a.ravel())
+                         for a in arrays)
+        if found:
+            hits.append(str(f.relative_to(vdir)))
+    return hits
+
+
+def test_a_retrain_leaves_a_forgotten_user_out_of_every_published_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train_job.py`` twice on the same slice of the built-in data (canonical files, user ids
+    made unmistakable): before and after ``DELETE /v1/users/{id}`` wrote the user to the
+    forgotten-users file. The search that finds the user in the first version (the control: it
+    does find ids) finds nothing in the second, which has one user less and says so in its
+    manifest, by count only."""
+    import train_job
+    from actors.tombstones import Tombstones
+
+    ds = load_builtin(max_users=80, seed=1)
+    events = ds.events.assign(user_id=ds.events["user_id"] + ID_SUFFIX)
+    events.to_parquet(tmp_path / "events.parquet")
+    ds.items[ds.items["item_id"].isin(events["item_id"])].to_parquet(tmp_path / "items.parquet")
+    forgotten = tmp_path / "state" / "forgotten_users.txt"
+    forgotten.parent.mkdir()
+    forgotten.write_text("")  # nobody yet (and not whatever ./state holds)
+    output = tmp_path / "models"
+
+    def train(run: str) -> tuple[Path, dict[str, Any]]:
+        rc = train_job.main([
+            "--events", str(tmp_path / "events.parquet"), "--items", str(tmp_path / "items.parquet"),
+            "--split-at", "2017-12-01", "--epochs", "1", "--dim", "8", "--layers", "1",
+            "--workers", "1", "--skip-eval", "--storage", str(tmp_path / "ckpt"),
+            "--run-name", run, "--output", str(output), "--forgotten", str(forgotten),
+        ])
+        assert rc == 0, capsys.readouterr()
+        vdir = output / (output / "LATEST").read_text().strip()
+        return vdir, json.loads((vdir / "manifest.json").read_text())
+
+    before, m_before = train("forget-before")
+    users = pq_users(before)
+    user, other = users[0], users[1]
+    assert user.endswith(ID_SUFFIX)
+    assert _files_holding(before, user), "the control: the search finds a user the model holds"
+
+    Tombstones(str(forgotten)).add(user)  # what DELETE /v1/users/{id} does to this file
+    capsys.readouterr()
+    after, m_after = train("forget-after")
+    out = capsys.readouterr().out
+    assert "[forget] excluded 1 forgotten user(s)" in out, out
+
+    assert _files_holding(after, user) == []
+    assert _files_holding(after, other), "a user not forgotten is still found"
+    assert pq_users(after) == [u for u in users if u != user]
+    assert m_after["num_users"] == m_before["num_users"] - 1
+    assert m_before["data"]["forgotten_users_excluded"] == 0
+    assert m_after["data"]["forgotten_users_excluded"] == 1
+    assert m_after["data"]["forgotten_events_excluded"] == int((events["user_id"] == user).sum())
+
+
+def pq_users(vdir: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [str(u) for u in pq.read_table(vdir / "users.parquet")["user_id"].to_pylist()]

@@ -17,6 +17,7 @@ from actors.session_events import SessionEvent, default_session_key, shard_for, 
 from actors.session_state import (
     ROLE_SESSION,
     ROLE_USER,
+    Forgotten,
     SessionShard,
     SessionStateConfig,
     ShardState,
@@ -116,7 +117,7 @@ def test_replay_restores_exactly_the_acknowledged_events_in_order(tmp_path: Path
     st = ShardState(cfg, 0, clock=clock)
     seqs: list[int] = []
     for k in range(7):
-        seqs += st.append([ev("s", f"i{k}", T0 + k, "u"), ev(f"t{k}", "x", T0 + k)])
+        seqs += [seq for seq, _ in st.append([ev("s", f"i{k}", T0 + k, "u"), ev(f"t{k}", "x", T0 + k)])]
     before = st.get_session("s", "u")
     st.close()
     names = sorted(p.name for p in (tmp_path / "wal").rglob("*") if p.is_file())
@@ -128,7 +129,7 @@ def test_replay_restores_exactly_the_acknowledged_events_in_order(tmp_path: Path
     assert items(after["events"]) == [f"i{k}" for k in range(7)]
     assert again.stats()["sessions"] == 8
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
-    assert again.append([ev("s", "next", T0 + 50)])[0] > max(seqs)
+    assert again.append([ev("s", "next", T0 + 50)])[0][0] > max(seqs)
 
 
 def test_torn_last_record_is_ignored_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -189,14 +190,15 @@ def test_forget_user_removes_memory_and_disk(tmp_path: Path) -> None:
     assert b"alice-7f3" in disk_bytes(tmp_path)
 
     removed = st.forget_user("alice-7f3")
-    # The whole session (3 events, including an anonymous one) and 2 history events.
-    assert removed == 5
+    # The whole session (3 events, including an anonymous one); the 2 history events are copies
+    # of two of them: 3 distinct events.
+    assert (removed.sessions, removed.events) == (1, 3)
     assert st.get_session("sess-alice", "alice-7f3") == {
         "session_id": "sess-alice", "user_id": "alice-7f3", "events": [], "user_events": [],
     }  # fmt: skip
     assert b"alice-7f3" not in disk_bytes(tmp_path)
     assert b"bob-1c9" in disk_bytes(tmp_path)
-    assert st.forget_user("alice-7f3") == 0  # idempotent
+    assert st.forget_user("alice-7f3").events == 0  # idempotent
     st.close()
 
     again = ShardState(cfg, 0, clock=clock)
@@ -242,7 +244,8 @@ def test_ids_with_slashes_quotes_and_any_script_survive_the_log_and_snapshots(tm
 
     again = ShardState(cfg, 0, clock=clock)
     assert items(again.get_session(session, user)["user_events"]) == ["i/1", "i/2"]
-    assert again.forget_user(user) == 4  # two session events, two history events
+    gone = again.forget_user(user)
+    assert (gone.sessions, gone.events) == (1, 2)  # two events, in the window and the history
     again.close()
     assert ShardState(cfg, 0, clock=clock).get_session(session, user)["events"] == []
 
@@ -267,6 +270,95 @@ def test_re_append_is_idempotent_also_after_restart(tmp_path: Path) -> None:
     # A client-supplied id wins over content: same content, new id, is a new event.
     again.append([SessionEvent.create("view", session_id="s", item_id="b", ts=T0 + 2, event_id="c-1")])
     assert items(again.get_session("s")["events"]) == ["a", "b", "b"]
+
+
+def stamped(clock: Clock, session: str = "s", item: str = "a", user: str | None = "u",
+            event: str = "add_to_cart") -> SessionEvent:
+    """An event posted without ts and event_id: the server stamps it with its (injected) clock."""
+    return SessionEvent.create(event, session_id=session, user_id=user, item_id=item, clock=clock)
+
+
+def test_a_server_stamped_retry_within_the_window_is_stored_once(tmp_path: Path) -> None:
+    """Events without ts and event_id get the server's time, so a retry used to get another time
+    and another id and was stored twice. Within ``dedupe_window_s`` (on the injected clock, not
+    the wall clock) it is the same event now; after it, a new one."""
+    cfg = make_config(tmp_path, dedupe_window_s=10.0)
+    clock = Clock(T0 + 9.5)  # near the end of a 10 s bucket: the retry lands in the next one
+    st = ShardState(cfg, 0, clock=clock)
+    (first,) = st.append([stamped(clock)])
+    clock.now += 3.0
+    assert st.append([stamped(clock)]) == [first]  # the retry: the original (seq, event_id)
+    assert st.append([stamped(clock, item="b")]) != [first]  # other content: a new event
+    clock.now += 6.9  # 9.9 s after the first
+    assert st.append([stamped(clock)]) == [first]
+    clock.now += 0.2  # 10.1 s after the first: outside the window, a genuine repeat
+    (second,) = st.append([stamped(clock)])
+    assert second != first
+    assert items(st.get_session("s")["events"]) == ["a", "b", "a"]
+    assert st.stats()["duplicates"] == 2
+    st.close()
+
+    # The window holds after a restart (the stored time is in the log).
+    again = ShardState(cfg, 0, clock=clock)
+    clock.now += 5.0
+    assert again.append([stamped(clock)]) == [second]
+    again.compact()  # ... and in a snapshot
+    again.close()
+    clock.now += 4.0
+    assert ShardState(cfg, 0, clock=clock).append([stamped(clock)]) == [second]
+
+
+def test_two_identical_stamped_events_in_one_batch_are_one_and_window_0_turns_it_off(
+    tmp_path: Path,
+) -> None:
+    clock = Clock(T0)
+    st = ShardState(make_config(tmp_path / "a"), 0, clock=clock)
+    a, b = st.append([stamped(clock), stamped(clock)])
+    assert a == b and len(st.get_session("s")["events"]) == 1
+    off = ShardState(make_config(tmp_path / "b", dedupe_window_s=0), 0, clock=clock)
+    (x,) = off.append([stamped(clock)])
+    clock.now += 0.5
+    assert off.append([stamped(clock)]) != [x]  # only the same time to the bit is the same event
+
+
+def test_an_idempotency_key_is_claimed_once_per_body_and_durably(tmp_path: Path) -> None:
+    from graph.errors import ConflictError
+
+    cfg = make_config(tmp_path, snapshot_every=3)
+    st = ShardState(cfg, 0, clock=Clock(T0))
+    assert st.claim("key-1", "body-a") is False  # new
+    assert st.claim("key-1", "body-a") is True  # a retry
+    with pytest.raises(ConflictError) as info:
+        st.claim("key-1", "body-b")
+    assert info.value.http_status == 409 and info.value.field == "Idempotency-Key"
+    assert "another request body" in info.value.message
+    st.close()
+    again = ShardState(cfg, 0, clock=Clock(T0))  # replayed from the log
+    assert again.claim("key-1", "body-a") is True
+    for k in range(4):  # past snapshot_every: the keys move into a snapshot
+        again.claim(f"key-{k + 2}", "x")
+    again.close()
+    names = [p.name for p in (tmp_path / "wal").rglob("*") if p.is_file()]
+    assert any(n.startswith("snapshot-") for n in names), names
+    third = ShardState(cfg, 0, clock=Clock(T0))
+    with pytest.raises(ConflictError):
+        third.claim("key-1", "body-b")
+    assert third.claim("key-5", "x") is True
+
+
+def test_keyed_event_ids_ignore_the_server_time_but_not_the_position() -> None:
+    def keyed(clock: Clock, key: str, index: int) -> str:
+        return SessionEvent.create("view", session_id="s", item_id="i", clock=clock,
+                                   idempotency_key=key, index=index).event_id
+
+    assert keyed(Clock(T0), "k", 0) == keyed(Clock(T0 + 3600), "k", 0)  # a late retry
+    assert keyed(Clock(T0), "k", 0) != keyed(Clock(T0), "k", 1)  # a repeat on purpose
+    assert keyed(Clock(T0), "k", 0) != keyed(Clock(T0), "other", 0)
+    # A client's event_id wins; an event with ts keeps its content-and-time id.
+    assert SessionEvent.create("view", session_id="s", item_id="i", event_id="mine",
+                               idempotency_key="k").event_id == "mine"
+    with_ts = SessionEvent.create("view", session_id="s", item_id="i", ts=T0)
+    assert with_ts.event_id and not with_ts.dedupe_key
 
 
 def test_event_ids_and_routing_are_stable() -> None:
@@ -324,7 +416,7 @@ def test_config_errors_name_the_value_and_the_fix() -> None:
 def test_actor_group_commits_concurrent_appends_in_arrival_order(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
 
-    async def scenario() -> tuple[list[list[int]], int, int, list[SessionEvent]]:
+    async def scenario() -> tuple[list[list[tuple[int, str]]], int, Forgotten, list[SessionEvent]]:
         shard = SessionShard(cfg.model_dump(), 0)
         writes = 0
         real_write = shard._state.write
@@ -347,10 +439,10 @@ def test_actor_group_commits_concurrent_appends_in_arrival_order(tmp_path: Path)
         return results, commits, forgot, got["events"]
 
     results, writes, forgot, events = asyncio.run(scenario())
-    seqs = [r[0] for r in results]
+    seqs = [r[0][0] for r in results]
     assert seqs == sorted(seqs) and len(set(seqs)) == 20
     assert writes <= 2  # the 20 concurrent appends shared a commit (one fdatasync)
-    assert forgot == 40  # 20 in the session window + 20 in the user's history
+    assert forgot.events == 20 and forgot.sessions == 1  # the window's 20, copied in the history
     assert items(events) == ["i0"]
 
 
@@ -440,7 +532,7 @@ def test_store_coalesces_concurrent_appends_and_reads_into_few_shard_calls(tmp_p
 
     out, stats, windows = asyncio.run(scenario())
     assert isinstance(out[7], BadRequestError) and "ts" in (out[7].field or "")
-    assert [o for k, o in enumerate(out) if k != 7] == [1] * 39
+    assert [len(o) for k, o in enumerate(out) if k != 7] == [1] * 39
     for s in range(4):
         assert windows[s] == [f"i{k}" for k in range(40) if k % 4 == s and k != 7]
     # 39 requests, each to its session's shard and maybe its user's: far fewer calls than that.
