@@ -110,6 +110,7 @@ class LearnedRanker:
         self._src = np.array([SOURCES.index(s) for s in self.sources], dtype=np.int64)
         self._component = [COMPONENT_OF[f] for f in self.features]
         self._paths: PathAttribution | None = None
+        self._names: list[str] = list(dict.fromkeys(self._component))
 
     def keep_candidates(self, sources: np.ndarray) -> np.ndarray | None:
         """Row mask of candidates proposed by one of this ranker's sources (None: all)."""
@@ -154,11 +155,10 @@ class LearnedRanker:
         if len(x) == 0:
             return []
         if self._paths is None:
-            names = list(dict.fromkeys(self._component))
+            names = self._names
             groups = np.zeros((len(self.features), len(names)))
             groups[np.arange(len(self.features)), [names.index(c) for c in self._component]] = 1
             self._paths = PathAttribution(self.booster, groups)
-            self._names = names
         base, raw = self._paths.explain(x[:, self._cols])
         return [{"base": base, **dict(zip(self._names, row, strict=True))}
                 for row in raw.tolist()]

@@ -1,0 +1,76 @@
+"""The hand-rolled sparse kernels of the ranker and the ANN index switch, checked against the
+plain scipy / exact faiss results they replace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from graph import retrieval
+from graph.ranking import _group_shares, _rows_times_csr
+
+pytestmark = pytest.mark.unit
+
+
+def _random_csr(rng: np.random.Generator, rows: int, cols: int, density: float) -> sp.csr_matrix:
+    m = sp.random(rows, cols, density=density, format="csr", random_state=rng, dtype=np.float32)
+    m.sum_duplicates()
+    return m.tocsr()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rows_times_csr_equals_the_sparse_product_restricted_to_candidates(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    items = 300
+    smat = _random_csr(rng, 5, items, 0.02)       # five sessions holding a few items each
+    m = _random_csr(rng, items, items, 0.05)      # item-item co-occurrence
+    cand = rng.choice(items, size=60, replace=False)
+    expected = (smat @ m).toarray()[:, cand]
+    np.testing.assert_allclose(_rows_times_csr(smat, m, cand), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_times_csr_handles_empty_sessions_and_no_candidates() -> None:
+    rng = np.random.default_rng(3)
+    m = _random_csr(rng, 50, 50, 0.1)
+    empty = sp.csr_matrix((2, 50), dtype=np.float32)
+    cand = np.array([3, 7, 9])
+    assert not _rows_times_csr(empty, m, cand).any()
+    smat = _random_csr(rng, 2, 50, 0.2)
+    assert _rows_times_csr(smat, m, np.array([], dtype=np.int64)).shape == (2, 0)
+
+
+def test_group_shares_equals_the_product_with_a_one_hot_group_matrix() -> None:
+    rng = np.random.default_rng(4)
+    items, groups = 200, 17
+    smat = _random_csr(rng, 6, items, 0.05)
+    group_of = rng.integers(0, groups, size=items)
+    onehot = sp.csr_matrix((np.ones(items), (np.arange(items), group_of)), shape=(items, groups))
+    np.testing.assert_allclose(_group_shares(smat, group_of, groups), (smat @ onehot).toarray(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_large_catalogues_get_an_inverted_file_index_that_finds_most_exact_neighbours(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the size threshold the index is IVF (checked with a lowered threshold so the test
+    stays small); it must still find most of the exact top 20 and be deterministic."""
+    import faiss
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(40, 16)).astype(np.float32)
+    emb = (centres[rng.integers(0, 40, size=4000)]
+           + 0.3 * rng.normal(size=(4000, 16))).astype(np.float32)
+    queries = emb[rng.choice(4000, size=50, replace=False)] + 0.05
+    flat = faiss.IndexFlatIP(16)
+    flat.add(emb)
+    _, exact = flat.search(queries, 20)
+
+    assert isinstance(retrieval.ann_index(emb), faiss.IndexFlatIP)  # below the threshold: exact
+    monkeypatch.setattr(retrieval, "IVF_MIN_ITEMS", 1000)
+    ivf = retrieval.ann_index(emb)
+    assert isinstance(ivf, faiss.IndexIVFFlat)
+    _, approx = ivf.search(queries, 20)
+    overlap = np.mean([len(set(a) & set(e)) / 20 for a, e in zip(approx, exact, strict=True)])
+    assert overlap >= 0.8, f"IVF found only {overlap:.0%} of the exact top 20"
+    _, again = retrieval.ann_index(emb).search(queries, 20)
+    np.testing.assert_array_equal(approx, again)  # seeded: the same embeddings, the same index
