@@ -53,7 +53,7 @@ const PRESETS = {
   now: () => new Date(),
   saturday: () => nextWeekday(6, 10),
   weeknight: () => nextWeekday(3, 20),
-  christmas: () => new Date(new Date().getFullYear(), 11, 24, 11, 0),
+  christmas: () => new Date(new Date().getFullYear(), 11, 25, 11, 0),
   july4: () => new Date(new Date().getFullYear(), 6, 4, 13, 0),
 };
 
