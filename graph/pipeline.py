@@ -65,6 +65,9 @@ class PipelineConfig(BaseModel):
     forgotten: str | None = Field(
         None, description="forgotten-users file (path or URI) whose users' events are dropped "
         "before anything is fitted or written; None: exclude nobody")
+    online_events: str | None = Field(
+        None, description="canonical events file of online events (train_job.py --online-events "
+        "exports it from the session log): added to the training part only (graph/online_events.py)")
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @field_validator("items")
@@ -154,6 +157,13 @@ def prepare_data(cfg: PipelineConfig, progress: Progress = print) -> PreparedDat
         f"{len(ds.items):,} items | train < {split_at:%Y-%m-%d} ({len(train):,}), "
         f"validation from {val_cut:%Y-%m-%d} ({len(val_part):,}), test ({len(test):,})"
     )
+    if cfg.online_events is not None:
+        # After the validation split: online events are training data, never validation labels.
+        from graph.online_events import merge_online, read_online_events
+
+        train, merged = merge_online(train, read_online_events(cfg.online_events), ds.items,
+                                     split_at, forgotten)
+        progress(f"[online] {merged.describe()}")
     inter_full = build_interactions(train, ds.items)
     inter_fit = build_interactions(fit_part, ds.items, user_ids=inter_full.user_ids,
                                    now=fit_part[S.TS_COL].max())
