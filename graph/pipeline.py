@@ -223,6 +223,23 @@ def fit_recommender(
     return rec, rankers
 
 
+def _plots(history: list[dict[str, Any]], metrics: dict[str, Any],
+           progress: Progress) -> dict[str, bytes]:
+    """The version's plots (:mod:`graph.plots`): the training curve, and the metrics chart when
+    the run was evaluated. A plot that cannot be drawn is reported, never fatal."""
+    from graph.plots import METRICS_CHART, TRAINING_CURVE, metrics_chart_png, training_curve_png
+
+    out: dict[str, bytes] = {}
+    try:
+        if history:
+            out[TRAINING_CURVE] = training_curve_png(history)
+        if metrics:
+            out[METRICS_CHART] = metrics_chart_png(metrics)
+    except Exception as exc:  # a missing font or backend must not cost the trained model
+        progress(f"[plots] not drawn: {exc}")
+    return out
+
+
 def run_pipeline(
     cfg: PipelineConfig, progress: Progress = print, data: PreparedData | None = None
 ) -> PipelineResult:
@@ -288,6 +305,7 @@ def run_pipeline(
         item_emb=rec.ranker.item_emb, signals=rec.ranker.signals, metrics=metrics,
         manifest=manifest,
         learned=rec.learned, item_static=rec.item_static,
+        extra_files=_plots(result.history, metrics, progress),
     )
     timings["total_s"] = time.perf_counter() - t0 + (d.seconds if data is not None else 0.0)
     progress(f"[artifact] published version {version} under {cfg.output} (LATEST updated)")
