@@ -75,7 +75,7 @@ def metrics_chart_png(metrics: Mapping[str, Any], title: str = "") -> bytes:
     tasks = [t for t in S.TASKS if any(t in metrics[m] for m in models)]
     if not models or not tasks:
         raise ValueError("metrics has no evaluation table to chart (was the evaluation skipped?)")
-    fig = Figure(figsize=(4.2 * len(CHART_METRICS), 3.8))
+    fig = Figure(figsize=(5.0 * len(CHART_METRICS), 3.8))
     width = 0.8 / len(models)
     colors = ("#8c959f", "#bf8700", "#8250df", "#0b6bcb")
     for n, metric in enumerate(CHART_METRICS):
@@ -84,13 +84,22 @@ def metrics_chart_png(metrics: Mapping[str, Any], title: str = "") -> bytes:
             vals = [float(metrics[model].get(t, {}).get(metric, float("nan"))) for t in tasks]
             ax.bar([i + (j - (len(models) - 1) / 2) * width for i in range(len(tasks))], vals,
                    width, label=model, color=colors[j % len(colors)])
-        ax.set_xticks(range(len(tasks)), [t.replace("_", "\n", 1) for t in tasks], fontsize=8)
+        ax.set_xticks(range(len(tasks)), [_task_label(t) for t in tasks], fontsize=8)
         ax.set_title(metric)
         ax.grid(axis="y", alpha=0.3)
         if n == 0:
             ax.legend(fontsize=8)
     fig.suptitle(title or "offline evaluation (higher is better)")
     return _png(fig)
+
+
+def _task_label(task: str) -> str:
+    """``next_basket_discovery`` → ``next basket\ndiscovery`` (two short lines under a bar group)."""
+    words = task.replace("_", " ")
+    for head in ("next basket ", "in session "):
+        if words.startswith(head):
+            return head.strip() + "\n" + words[len(head):]
+    return words
 
 
 def latency_cdf_png(samples_ms: Mapping[str, Sequence[float]], bound_ms: float | None = None,
