@@ -30,6 +30,7 @@ KEY = "client-key-for-online-events-01"
 NEW_USER = "online-shopper-1"
 
 
+@pytest.mark.timeout(2400)  # a Ray Train run on a slice; slow on a shared 2-core machine
 def test_posted_events_are_exported_and_trained_on(svd_artifact_root: str, tmp_path: Path) -> None:
     import uvicorn
     from ray import serve
