@@ -100,8 +100,11 @@ def batch_recommend(root: str, output: str, *, version: str = "latest", k: int =
     if max_users is not None:
         users = users[:max_users]
     now = (at or datetime.now(UTC)).timestamp()
-    ds = ray.data.from_pandas(pd.DataFrame({S.USER_COL: users})).repartition(
-        max(1, min(len(users) // BATCH_USERS, 4 * workers)))
+    # Blocks made here, in the driver: a repartition would be a task needing a CPU that the
+    # actors, one CPU each, may all hold.
+    frame = pd.DataFrame({S.USER_COL: users})
+    ds = ray.data.from_pandas([frame.iloc[i: i + BATCH_USERS]
+                               for i in range(0, len(frame), BATCH_USERS)] or [frame])
     recs = ds.map_batches(BatchRecommender, fn_constructor_args=(root, version, k, now),
                           batch_size=BATCH_USERS, batch_format="pandas", concurrency=workers,
                           num_cpus=1)
