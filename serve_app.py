@@ -49,6 +49,8 @@ from actors.api import (
     MAX_ID_LEN,
     MAX_K,
     AcceptedEvent,
+    Attribution,
+    CatalogueResponse,
     ContextOut,
     ErrorBody,
     EventBatch,
@@ -62,6 +64,7 @@ from actors.api import (
     RecommendationResponse,
     ReloadRequest,
     ReloadResponse,
+    ShoppersResponse,
     SimilarResponse,
     body_fingerprint,
     field_path,
@@ -72,6 +75,8 @@ from actors.auth import ADMIN_KEY_ENV, API_KEY_HEADER, CLIENT_KEY_ENV, ApiKeys, 
 from actors.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from actors.clock import Clock, system_clock
 from actors.context import ContextEnricher, enrich_context
+from actors.demo_page import add_demo_routes
+from actors.feedback import Feedback
 from actors.ranker import GNNRanker, RankQuery
 from actors.session_events import SessionEvent
 from actors.session_state import SessionSnapshot, SessionStateConfig, SessionStore
@@ -203,6 +208,7 @@ def _max_body_bytes() -> int:
 
 
 api.add_middleware(BodyLimit, max_bytes=_max_body_bytes)
+add_demo_routes(api)  # GET /demo: the live shop page (static files, public API only)
 # An id in a URL: the same rule as in a body; "/" allowed (the route takes the rest of the path).
 PathId = Annotated[str, PathParam(min_length=1, max_length=MAX_ID_LEN), AfterValidator(path_id)]
 IdempotencyKey = Annotated[
@@ -377,6 +383,7 @@ class Ingress:
         self.clock = clock
         self.store = store if store is not None else SessionStore(self.args.session, clock)
         _METRICS = _Metrics()
+        self.feedback = Feedback()
         log.info("intentrec ingress ready (%s; bodies up to %d bytes)", self.keys.describe(),
                  self.args.max_body_bytes)
 
@@ -429,10 +436,14 @@ class Ingress:
                 raise
             if _METRICS is not None:
                 _METRICS.events.inc(len(stored))
+            credited = [None if e.from_request is None else
+                        self.feedback.credit(e.event, e.item_id, e.from_request) for e in events]
             return EventsAccepted(accepted=len(stored), events=[
                 AcceptedEvent(index=n, session_id=ev.session_id, event=ev.event,
-                              item_id=ev.item_id, event_id=event_id)
-                for n, (ev, event_id) in enumerate(zip(batch, stored, strict=True))
+                              item_id=ev.item_id, event_id=event_id,
+                              attributed=None if a is None else Attribution(
+                                  model_version=a.model_version, position=a.position))
+                for n, (ev, event_id, a) in enumerate(zip(batch, stored, credited, strict=True))
             ])
 
     @api.post("/v1/recommendations", response_model=RecommendationResponse,
@@ -467,7 +478,8 @@ class Ingress:
                 now=enriched["ts"],
             )
             out: dict[str, Any] = await self.ranker.recommend.remote(query)
-            return {**out, "context": ContextOut(**enriched["display"])}
+            return {**out, "context": ContextOut(**enriched["display"]),
+                    "request_id": self.feedback.served(out)}
 
     @api.get("/v1/items/{item_id:id}/similar", response_model=SimilarResponse,
              responses=_ERROR_RESPONSES, summary="Item-to-item neighbours")
@@ -506,6 +518,24 @@ class Ingress:
     async def model(self) -> dict[str, Any]:
         async with _observed("model"):
             out: dict[str, Any] = await self.ranker.model_info.remote()
+            return out
+
+    @api.get("/v1/catalogue", response_model=CatalogueResponse, responses=_ERROR_RESPONSES,
+             summary="Departments and their categories, for browsing")
+    async def catalogue(self) -> dict[str, Any]:
+        async with _observed("catalogue"):
+            out: dict[str, Any] = await self.ranker.catalogue.remote()
+            return out
+
+    @api.get("/v1/catalogue/shoppers", response_model=ShoppersResponse,
+             responses=_ERROR_RESPONSES, summary="A sample of known shoppers (client key)")
+    async def shoppers(
+        self,
+        api_key: Annotated[str | None, Security(_api_key)] = None,
+    ) -> dict[str, Any]:
+        async with _observed("shoppers"):
+            self.keys.require(api_key, Scope.CLIENT, "listing shoppers")
+            out: dict[str, Any] = await self.ranker.shoppers.remote()
             return out
 
     @api.post("/v1/admin/reload", response_model=ReloadResponse, responses=_ERROR_RESPONSES,

@@ -2,6 +2,7 @@
 
     python train_job.py                       # built-in Complete Journey data, local Ray
     python train_job.py --events e.parquet --items i.parquet --workers 4 --gpus
+    python train_job.py --online-events state/sessions   # also train on the app's online events
     ray job submit --working-dir . -- python train_job.py --output s3://bucket/models
 
 Uses the Ray cluster named by ``--address`` or ``RAY_ADDRESS`` (``ray job submit`` sets it), else
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "before anything is fitted or written. Default: "
                         f"{DEFAULT_FORGOTTEN_PATH}, the serving app's default, if it exists here; "
                         "a file given here must exist")
+    g.add_argument("--online-events", metavar="WAL_URI", default=None,
+                   help="the serving app's session log (session.wal_uri): its accepted events are "
+                        "exported to --online-export (canonical Parquet) and added to the "
+                        "training data (not to validation or test)")
+    g.add_argument("--online-export", metavar="PATH", default="online_events.parquet",
+                   help="where --online-events writes the exported events")
     g = p.add_argument_group("training")
     g.add_argument("--workers", type=int, default=d.num_workers, help="Ray Train workers")
     g.add_argument("--gpus", action="store_true", help="one GPU per worker (use_gpu=True)")
@@ -106,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         val_days=args.val_days, output=args.output, eval_max_users=args.eval_max_users,
         eval_max_baskets=args.eval_max_baskets, skip_eval=args.skip_eval,
         ablations=args.ablations, forgotten=forgotten_file(args.forgotten), train=train,
+        online_events=None if args.online_events is None else os.path.abspath(args.online_export),
     )
 
 
@@ -144,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {loc}: {err['msg']}", file=sys.stderr)
         return 2
     try:
+        if args.online_events is not None:
+            from actors.session_export import export_online_events
+
+            report = export_online_events(args.online_events, args.online_export)
+            print(f"[online] exported {report.describe()} to {args.online_export}")
         # Data first: bad input fails in seconds, before a Ray cluster is started or joined.
         data = prepare_data(cfg)
         init_ray(args.address)

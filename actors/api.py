@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -46,6 +47,8 @@ MAX_ID_LEN = 128
 MAX_QUERY_LEN = 256
 MAX_CATEGORY_LEN = 256
 MAX_SIMILAR = 100
+# request_id of a recommendation response (actors/feedback.py): 32 lowercase hex digits.
+REQUEST_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 # context.ts: any instant in this range is representable in every time zone, and every later
 # stage (holiday calendars, pandas timestamps) handles it.
@@ -148,6 +151,12 @@ class EventIn(_Strict):
     # The canonical event schema's optional columns: validated, not used by online ranking.
     qty: float | None = Field(default=None, gt=0, le=10_000, description="not used online")
     price: float | None = Field(default=None, ge=0, le=1_000_000, description="not used online")
+    from_request: str | None = Field(
+        default=None, max_length=MAX_ID_LEN,
+        description="the request_id of the recommendation response the shopper acted on (32 hex "
+        "digits, as returned): attributes a click or an add-to-cart to the model version and "
+        "position that showed the item",
+    )
     event_id: Id | None = Field(
         default=None, description="idempotency key: re-posting an event with the same id stores it "
         "once. Without it (and without ts), an identical event within the dedupe window (10 s by "
@@ -159,6 +168,14 @@ class EventIn(_Strict):
     def _whose(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None and info.data.get("user_id") is None:
             raise ValueError("an event needs a session_id, a user_id or both")
+        return v
+
+    @field_validator("from_request")
+    @classmethod
+    def _request_id(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(REQUEST_ID_PATTERN, v):
+            raise ValueError(f"{v!r} is not a request_id; send the request_id of the "
+                             "recommendation response as it came (32 hex digits), or leave it out")
         return v
 
     @field_validator("item_id")
@@ -279,6 +296,14 @@ class ReloadRequest(_Strict):
 # --------------------------------------------------------------------------------------
 
 
+class Attribution(_Out):
+    """What a ``from_request`` event is credited to (``actors/feedback.py``)."""
+
+    model_version: str
+    position: int | None = Field(description="1-based position of the item in that response; "
+                                 "null when the response did not show it")
+
+
 class AcceptedEvent(_Out):
     index: int = Field(description="position of the event in the request")
     session_id: str = Field(description="the session it was filed under")
@@ -289,6 +314,9 @@ class AcceptedEvent(_Out):
         "ts, from the Idempotency-Key, or, for an event without ts, the original's when it "
         "repeats one within the dedupe window)"
     )
+    attributed: Attribution | None = Field(
+        default=None, description="for an event with from_request: the model version and the "
+        "position it was shown at, when this replica still remembers that response")
 
 
 class EventsAccepted(_Out):
@@ -328,6 +356,8 @@ class ContextOut(_Out):
 
 
 class RecommendationResponse(_Out):
+    request_id: str = Field(description="send it back as from_request on the events this "
+                            "answer leads to (clicks, add-to-cart)")
     items: list[RecommendedItem]
     model_version: str
     intent: list[IntentCategory]
@@ -340,6 +370,33 @@ class SimilarResponse(_Out):
     item_id: str
     model_version: str
     items: list[RecommendedItem]
+
+
+class CategoryCount(_Out):
+    category: str = Field(description="DEPARTMENT > CATEGORY: send it as the `category` filter "
+                          "of POST /v1/recommendations to browse it")
+    items: int
+
+
+class Department(_Out):
+    department: str
+    items: int
+    categories: list[CategoryCount]
+
+
+class CatalogueResponse(_Out):
+    """``GET /v1/catalogue``: departments and their categories, most items first."""
+
+    model_version: str
+    num_items: int
+    departments: list[Department]
+
+
+class ShoppersResponse(_Out):
+    """``GET /v1/catalogue/shoppers``: user ids the model knows (a sample)."""
+
+    model_version: str
+    users: list[str]
 
 
 class ModelInfo(_Out):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ray import serve
 
+from actors.catalogue import catalogue_listing, shopper_sample
 from actors.context import infer_intent
 from actors.explain import Reasons, short_title
 from actors.loaded_model import LoadedModel
@@ -96,6 +97,7 @@ class RankerService:
         self.model_version = model_version
         self.tombstones = Tombstones(tombstones_path)
         self._reload_lock = threading.Lock()
+        self._listing: tuple[str, dict[str, Any]] | None = None
         self.model: LoadedModel = self.build(read_artifact(artifacts_root, model_version))
 
     # ------------------------------------------------------------------------------ loading
@@ -182,6 +184,21 @@ class RankerService:
             "metrics": m.artifact.metrics,
             "data": manifest.get("data"),
         }
+
+    def catalogue(self) -> dict[str, Any]:
+        """``GET /v1/catalogue``: departments and categories of the model in use (cached per
+        version; see :func:`actors.catalogue.catalogue_listing`)."""
+        m = self.model
+        cached = self._listing
+        if cached is None or cached[0] != m.version:
+            cached = (m.version, catalogue_listing(m))
+            self._listing = cached
+        return cached[1]
+
+    def shoppers(self) -> dict[str, Any]:
+        """``GET /v1/catalogue/shoppers``: a sample of the users the model in use knows."""
+        m = self.model
+        return {"model_version": m.version, "users": shopper_sample(m, self.tombstones)}
 
     def forget_user(self, user_id: str) -> dict[str, Any]:
         """Never use the user's embedding or purchase history again (see :class:`Tombstones`).
@@ -358,6 +375,14 @@ class GNNRanker:
     async def model_info(self) -> dict[str, Any]:
         """The model in use and its offline metrics."""
         return self.service.model_info()
+
+    async def catalogue(self) -> dict[str, Any]:
+        """Departments and categories (see :meth:`RankerService.catalogue`)."""
+        return self.service.catalogue()
+
+    async def shoppers(self) -> dict[str, Any]:
+        """Known shoppers (see :meth:`RankerService.shoppers`)."""
+        return self.service.shoppers()
 
     async def forget_user(self, user_id: str) -> dict[str, Any]:
         """Stop using the user's personal data (all replicas, persistently) and list the model

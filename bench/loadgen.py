@@ -68,6 +68,9 @@ class LoadResult:
     max_ms: float
     client_cpu_ms_per_req: float
     status: dict[str, int] = field(default_factory=dict)
+    # Every answered request's latency (ms), for the CDF plot; the benchmark keeps it out of its
+    # results file.
+    latencies_ms: list[float] = field(default_factory=list)
 
     @classmethod
     def of(cls, lat_s: list[float], errors: int, seconds: float, cpu_s: float,
@@ -78,7 +81,8 @@ class LoadResult:
         return cls(requests=n, errors=errors, throughput=n / seconds if seconds > 0 else 0.0,
                    p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99),
                    max_ms=float(np.max(arr)), client_cpu_ms_per_req=cpu_s * 1e3 / max(n + errors, 1),
-                   status=status)
+                   status=status,
+                   latencies_ms=[round(float(x), 3) for x in arr] if lat_s else [])
 
 
 def _cpu() -> float:

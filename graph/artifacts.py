@@ -7,6 +7,7 @@ Layout under ``root`` (a local folder or a pyarrow filesystem URI such as ``s3:/
       20171201T000000-1a2b3c/     one folder per version, never modified after LATEST names it
         manifest.json             version, created, data fingerprint, config, training time, files
         metrics.json              {model: {task: {metric: value}}}
+        training_curve.png        loss per epoch; metrics.png: the evaluation as bars (graph/plots.py)
         user_emb.npy  item_emb.npy
         users.parquet             user_id (row i = user index i)
         items.parquet             item_id, title, category, department, brand, price (row = index)
@@ -26,6 +27,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -117,11 +119,13 @@ def write_artifact(
     item_static: np.ndarray,
     version: str | None = None,
     set_latest: bool = True,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> str:
     """Write a complete version folder, then (optionally) switch ``LATEST`` to it.
 
     ``learned`` is the :class:`graph.ltr.LearnedRanker` (anything with ``to_files() -> {name:
-    bytes}``) and ``item_static`` its per-item features.
+    bytes}``) and ``item_static`` its per-item features. ``extra_files`` (name → bytes, e.g. the
+    plots of :mod:`graph.plots`) are written into the folder before it is marked complete.
 
     Returns:
         The version name.
@@ -170,6 +174,8 @@ def write_artifact(
         **manifest,
     }
     _write_bytes(fs, f"{vdir}/{METRICS}", json.dumps(metrics, indent=2, sort_keys=True).encode())
+    for name, data in (extra_files or {}).items():
+        _write_bytes(fs, f"{vdir}/{name}", data)
     _write_bytes(fs, f"{vdir}/{MANIFEST}", json.dumps(full_manifest, indent=2, default=str).encode())
     _write_bytes(fs, f"{vdir}/{COMPLETE_MARKER}", b"ok\n")
     if set_latest:

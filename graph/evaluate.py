@@ -125,6 +125,20 @@ def run_queries(fn: ScoreFn, q: QueryBatch, k: int, chunk: int = CHUNK) -> np.nd
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 
+PROGRESS_EVERY_S = 10.0
+
+
+def progress_bar(done: int, total: int, elapsed_s: float, width: int = 24) -> str:
+    """One progress line for a long loop, the evaluation's counterpart of the training's epoch
+    lines: ``[#########---------------]  1,536/4,096 requests  38%  12s, about 19s left``."""
+    frac = done / total if total else 1.0
+    filled = round(width * frac)
+    left = elapsed_s * (1 - frac) / frac if frac > 0 else float("nan")
+    eta = f", about {left:.0f}s left" if frac < 1 and left == left else ""
+    return (f"[{'#' * filled}{'-' * (width - filled)}]  {done:,}/{total:,} requests  "
+            f"{100 * frac:.0f}%  {elapsed_s:.0f}s{eta}")
+
+
 def recommender_rankings(
     rec: Recommender, q: QueryBatch, rankers: Mapping[str, LearnedRanker], k: int,
     progress: Progress | None = None, batch: int = BATCH,
@@ -157,10 +171,10 @@ def recommender_rankings(
                                        start):
                 top = rec.select(p, s, learned=lr, k=k).items
                 out[name][b, : len(top)] = top
-        if progress is not None and time.perf_counter() - last > 15:
+        if progress is not None and time.perf_counter() - last > PROGRESS_EVERY_S:
             last = time.perf_counter()
-            progress(f"evaluate {q.name}: {min(start + batch, len(q))}/{len(q)} requests "
-                     f"({last - t0:.0f}s)")
+            progress(f"evaluate {q.name}: " + progress_bar(min(start + batch, len(q)), len(q),
+                                                           last - t0))
     report = {"candidate_recall": float(recall.mean()) if len(q) else float("nan"),
               "candidates": float(count.mean()) if len(q) else float("nan"),
               "source_recall": {s: float(per_source[:, j].mean()) if len(q) else float("nan")

@@ -65,6 +65,9 @@ class PipelineConfig(BaseModel):
     forgotten: str | None = Field(
         None, description="forgotten-users file (path or URI) whose users' events are dropped "
         "before anything is fitted or written; None: exclude nobody")
+    online_events: str | None = Field(
+        None, description="canonical events file of online events (train_job.py --online-events "
+        "exports it from the session log): added to the training part only (graph/online_events.py)")
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @field_validator("items")
@@ -154,6 +157,13 @@ def prepare_data(cfg: PipelineConfig, progress: Progress = print) -> PreparedDat
         f"{len(ds.items):,} items | train < {split_at:%Y-%m-%d} ({len(train):,}), "
         f"validation from {val_cut:%Y-%m-%d} ({len(val_part):,}), test ({len(test):,})"
     )
+    if cfg.online_events is not None:
+        # After the validation split: online events are training data, never validation labels.
+        from graph.online_events import merge_online, read_online_events
+
+        train, merged = merge_online(train, read_online_events(cfg.online_events), ds.items,
+                                     split_at, forgotten)
+        progress(f"[online] {merged.describe()}")
     inter_full = build_interactions(train, ds.items)
     inter_fit = build_interactions(fit_part, ds.items, user_ids=inter_full.user_ids,
                                    now=fit_part[S.TS_COL].max())
@@ -211,6 +221,23 @@ def fit_recommender(
     rec = Recommender.build(d.ds.items, ranker, item_features(d.train, d.ds.items, ranker),
                             rankers["full"])
     return rec, rankers
+
+
+def _plots(history: list[dict[str, Any]], metrics: dict[str, Any],
+           progress: Progress) -> dict[str, bytes]:
+    """The version's plots (:mod:`graph.plots`): the training curve, and the metrics chart when
+    the run was evaluated. A plot that cannot be drawn is reported, never fatal."""
+    from graph.plots import METRICS_CHART, TRAINING_CURVE, metrics_chart_png, training_curve_png
+
+    out: dict[str, bytes] = {}
+    try:
+        if history:
+            out[TRAINING_CURVE] = training_curve_png(history)
+        if metrics:
+            out[METRICS_CHART] = metrics_chart_png(metrics)
+    except Exception as exc:  # a missing font or backend must not cost the trained model
+        progress(f"[plots] not drawn: {exc}")
+    return out
 
 
 def run_pipeline(
@@ -278,6 +305,7 @@ def run_pipeline(
         item_emb=rec.ranker.item_emb, signals=rec.ranker.signals, metrics=metrics,
         manifest=manifest,
         learned=rec.learned, item_static=rec.item_static,
+        extra_files=_plots(result.history, metrics, progress),
     )
     timings["total_s"] = time.perf_counter() - t0 + (d.seconds if data is not None else 0.0)
     progress(f"[artifact] published version {version} under {cfg.output} (LATEST updated)")

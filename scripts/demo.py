@@ -76,6 +76,8 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: TrainConfig's)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1")
     p.add_argument("--output", default=str(ROOT / "artifacts"), help="artifact root")
+    p.add_argument("--keep", action="store_true",
+                   help="keep serving after the demo, for the live shop page at /demo (Ctrl-C stops)")
     args = p.parse_args()
 
     import httpx
@@ -169,8 +171,14 @@ def main() -> int:
         if changed == 0:
             print("error: the session did not change the recommendations", file=sys.stderr)
             return 1
-        print(f"demo finished in {time.perf_counter() - t0:.0f}s; shutting down")
         client.close()
+        if args.keep:
+            step(f"the live shop page: {url}/demo  (paste the client key {client_key} into its key "
+                 "field); Ctrl-C stops")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+        print(f"demo finished in {time.perf_counter() - t0:.0f}s; shutting down")
         return 0
     finally:
         # Delete the app (replicas drain), remove the detached shard actors, then end the private

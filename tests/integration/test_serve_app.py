@@ -486,3 +486,26 @@ def test_model_swap_drops_no_request(served: Served) -> None:
     assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
 
 
+
+
+def test_feedback_loop_and_catalogue_through_serve(served: Served) -> None:
+    """Through the real Serve app: a response's request_id credits a click to its version and
+    position, the catalogue lists browsable categories, and the demo page is served."""
+    credited = []
+    # Each ingress replica remembers its own responses; with two replicas a click may reach the
+    # other one (credited to "unknown"), so try a few times.
+    for n in range(10):
+        shown = served.recommend(session_id=f"feedback-serve-{n}", k=5)
+        assert len(shown["request_id"]) == 32
+        item = shown["items"][1]["item_id"]
+        r = served.post("/v1/events", {"session_id": f"feedback-serve-{n}", "event": "click",
+                                       "item_id": item, "from_request": shown["request_id"]},
+                        auth=True)
+        assert r.status_code == 202, r.text
+        credited.append(r.json()["events"][0]["attributed"])
+        if credited[-1] is not None:
+            break
+    assert credited[-1] == {"model_version": shown["model_version"], "position": 2}, credited
+    cat = served.client.get(served.url + "/v1/catalogue").json()
+    assert cat["model_version"] == shown["model_version"] and cat["departments"]
+    assert served.client.get(served.url + "/demo").status_code == 200

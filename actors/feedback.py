@@ -1,0 +1,152 @@
+"""The feedback loop's online half: what each recommendation response showed, and the clicks and
+add-to-carts that come back with its ``request_id`` (``from_request`` on an event).
+
+Each ingress replica remembers its recent responses (:class:`Impressions`, bounded, newest kept)
+and exports Prometheus counters through Ray's metrics agent (:class:`FeedbackMetrics`), tagged
+with the model version and the 1-based position, so that click-through and add-to-cart rates per
+version are one division in Prometheus or Grafana::
+
+    sum by (model_version) (rate(ray_intentrec_clicks_total[5m]))
+      / sum by (model_version) (rate(ray_intentrec_impressions_total[5m]))
+
+An event whose response another replica served (or one this replica forgot) is still accepted;
+it is counted with ``model_version="unknown"``. The offline half, exporting accepted events for
+retraining, is :mod:`graph.online_events`.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from graph import schema as S
+
+DEFAULT_CAPACITY = 100_000
+UNKNOWN_VERSION = "unknown"
+# Event types credited to the response they came from, and the counter each one feeds.
+CREDITED = {S.CLICK: "clicks", S.ADD_TO_CART: "add_to_cart"}
+
+
+def new_request_id() -> str:
+    """A fresh ``request_id``: 32 lowercase hex digits (``actors.api.REQUEST_ID_PATTERN``)."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """What an event is credited to: the version that answered and the item's position there
+    (None: the response did not show the item)."""
+
+    model_version: str
+    position: int | None
+
+
+class Impressions:
+    """Recent responses of one replica: ``request_id -> (model_version, item ids shown)``.
+
+    Args:
+        capacity: Responses kept; the oldest is dropped first. 100,000 responses of 20 items
+            is about 40 MB.
+    """
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self.capacity = capacity
+        self._shown: OrderedDict[str, tuple[str, dict[str, int]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(self, request_id: str, model_version: str, item_ids: Sequence[str]) -> None:
+        positions: dict[str, int] = {}
+        for n, item in enumerate(item_ids, start=1):
+            positions.setdefault(item, n)
+        with self._lock:
+            self._shown[request_id] = (model_version, positions)
+            while len(self._shown) > self.capacity:
+                self._shown.popitem(last=False)
+
+    def attribute(self, request_id: str, item_id: str | None) -> Attribution | None:
+        """The response ``request_id`` and the item's position in it; None when unknown here."""
+        with self._lock:
+            hit = self._shown.get(request_id)
+        if hit is None:
+            return None
+        version, positions = hit
+        return Attribution(version, None if item_id is None else positions.get(item_id))
+
+    def __len__(self) -> int:
+        return len(self._shown)
+
+
+class _Counter(Protocol):
+    def inc(self, value: float = ..., tags: dict[str, str] = ...) -> None: ...
+
+
+def position_tag(position: int | None) -> str:
+    """The ``position`` tag: 1-based, or ``none`` for an item the response did not show."""
+    return "none" if position is None else str(position)
+
+
+class FeedbackMetrics:
+    """Impressions, clicks and add-to-carts per model version and position.
+
+    Args:
+        counters: ``{"impressions": c, "clicks": c, "add_to_cart": c}``; default: Ray Serve
+            metrics named ``intentrec_<key>`` (exported by Ray's metrics agent).
+    """
+
+    def __init__(self, counters: dict[str, _Counter] | None = None) -> None:
+        if counters is None:
+            from ray.serve.metrics import Counter
+
+            tags = ("model_version", "position")
+            counters = {
+                "impressions": Counter("intentrec_impressions",
+                                       "Items shown in recommendation responses",
+                                       tag_keys=tags),  # type: ignore[arg-type]
+                "clicks": Counter("intentrec_clicks", "Click events credited to a response",
+                                  tag_keys=tags),  # type: ignore[arg-type]
+                "add_to_cart": Counter("intentrec_add_to_cart",
+                                       "Add-to-cart events credited to a response",
+                                       tag_keys=tags),  # type: ignore[arg-type]
+            }
+        self.counters = counters
+
+    def shown(self, model_version: str, num_items: int) -> None:
+        c = self.counters["impressions"]
+        for n in range(1, num_items + 1):
+            c.inc(1.0, tags={"model_version": model_version, "position": str(n)})
+
+    def credited(self, event: str, attribution: Attribution | None) -> None:
+        name = CREDITED.get(event)
+        if name is None:
+            return
+        version = attribution.model_version if attribution else UNKNOWN_VERSION
+        position = attribution.position if attribution else None
+        self.counters[name].inc(1.0, tags={"model_version": version,
+                                           "position": position_tag(position)})
+
+
+class Feedback:
+    """One replica's feedback loop: remember responses, credit events, count both."""
+
+    def __init__(self, impressions: Impressions | None = None,
+                 metrics: FeedbackMetrics | None = None) -> None:
+        self.impressions = impressions if impressions is not None else Impressions()
+        self.metrics = metrics if metrics is not None else FeedbackMetrics()
+
+    def served(self, response: dict[str, Any]) -> str:
+        """Give a response its ``request_id``, remember what it showed and count it."""
+        request_id = new_request_id()
+        items = [it["item_id"] for it in response["items"]]
+        self.impressions.record(request_id, response["model_version"], items)
+        self.metrics.shown(response["model_version"], len(items))
+        return request_id
+
+    def credit(self, event: str, item_id: str | None, from_request: str) -> Attribution | None:
+        """Attribute one accepted event that carries ``from_request`` and count it."""
+        attribution = self.impressions.attribute(from_request, item_id)
+        self.metrics.credited(event, attribution)
+        return attribution

@@ -1,0 +1,91 @@
+"""The feedback loop's online half (actors/feedback.py): request ids, impressions, attribution
+and the counters per model version and position."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+from pydantic import ValidationError
+
+from actors.api import REQUEST_ID_PATTERN, EventIn
+from actors.feedback import Feedback, FeedbackMetrics, Impressions, new_request_id
+
+
+class FakeCounter:
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        assert tags is not None
+        self.counts[(tags["model_version"], tags["position"])] += int(value)
+
+
+def fake_feedback(capacity: int = 100) -> tuple[Feedback, dict[str, FakeCounter]]:
+    counters = {name: FakeCounter() for name in ("impressions", "clicks", "add_to_cart")}
+    return Feedback(Impressions(capacity), FeedbackMetrics(counters)), counters  # type: ignore[arg-type]
+
+
+def response(version: str, items: list[str]) -> dict[str, object]:
+    return {"model_version": version, "items": [{"item_id": i} for i in items]}
+
+
+def test_request_ids_are_unique_and_match_the_api_pattern() -> None:
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(re.fullmatch(REQUEST_ID_PATTERN, i) for i in ids)
+
+
+def test_clicks_and_carts_are_credited_to_version_and_position() -> None:
+    fb, c = fake_feedback()
+    rid = fb.served(response("v1", ["a", "b", "c"]))
+    assert c["impressions"].counts == {("v1", "1"): 1, ("v1", "2"): 1, ("v1", "3"): 1}
+    a = fb.credit("click", "b", rid)
+    assert a is not None and (a.model_version, a.position) == ("v1", 2)
+    fb.credit("add_to_cart", "c", rid)
+    fb.credit("add_to_cart", "zzz", rid)  # not shown by that response
+    assert c["clicks"].counts == {("v1", "2"): 1}
+    assert c["add_to_cart"].counts == {("v1", "3"): 1, ("v1", "none"): 1}
+    # A view is not a click: it is attributed but counted nowhere.
+    assert fb.credit("view", "a", rid) is not None
+    assert sum(c["clicks"].counts.values()) == 1
+
+
+def test_an_unknown_or_forgotten_request_counts_as_unknown_version() -> None:
+    fb, c = fake_feedback(capacity=2)
+    first = fb.served(response("v1", ["a"]))
+    fb.served(response("v2", ["a"]))
+    fb.served(response("v2", ["a"]))  # the oldest response is dropped
+    assert fb.credit("click", "a", first) is None
+    assert fb.credit("click", "a", new_request_id()) is None
+    assert c["clicks"].counts == {("unknown", "none"): 2}
+    assert len(fb.impressions) == 2
+
+
+def test_ctr_per_version_is_clicks_over_impressions() -> None:
+    fb, c = fake_feedback()
+    for version, clicks in (("v1", 1), ("v2", 3)):
+        for n in range(4):
+            rid = fb.served(response(version, ["a", "b"]))
+            if n < clicks:
+                fb.credit("click", "a", rid)
+    shown = Counter[str]()
+    clicked = Counter[str]()
+    for (v, _), n in c["impressions"].counts.items():
+        shown[v] += n
+    for (v, _), n in c["clicks"].counts.items():
+        clicked[v] += n
+    assert {v: clicked[v] / shown[v] for v in shown} == {"v1": 1 / 8, "v2": 3 / 8}
+
+
+@pytest.mark.parametrize("bad", ["abc", "G" * 32, "0" * 31, "0" * 33, "A" * 32])
+def test_from_request_must_be_a_request_id(bad: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        EventIn.model_validate({"session_id": "s", "event": "click", "item_id": "i",
+                                "from_request": bad})
+    e = err.value.errors()[0]
+    assert e["loc"] == ("from_request",) and "request_id" in e["msg"]
+    ok = EventIn.model_validate({"session_id": "s", "event": "click", "item_id": "i",
+                                 "from_request": new_request_id()})
+    assert ok.from_request is not None
