@@ -73,6 +73,7 @@ from actors.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from actors.clock import Clock, system_clock
 from actors.context import ContextEnricher, enrich_context
 from actors.ranker import GNNRanker, RankQuery
+from actors.rollout import roll_out
 from actors.session_events import SessionEvent
 from actors.session_state import SessionSnapshot, SessionStateConfig, SessionStore
 from graph.artifacts import latest_version
@@ -509,7 +510,7 @@ class Ingress:
             return out
 
     @api.post("/v1/admin/reload", response_model=ReloadResponse, responses=_ERROR_RESPONSES,
-              summary="Load LATEST again, or roll to a named version (admin key)")
+              summary="Load LATEST again, or roll every ranker replica to a named version (admin key)")
     async def reload(
         self,
         body: ReloadRequest | None = None,
@@ -517,8 +518,12 @@ class Ingress:
     ) -> dict[str, Any]:
         async with _observed("reload"):
             self.keys.require(api_key, Scope.ADMIN, "reloading the model")
-            out: dict[str, Any] = await self.ranker.reload.remote(body.version if body else None)
-            return out
+            # Validated on one replica, then LATEST, then every replica (actors/rollout.py).
+            return await roll_out(
+                self.ranker, app_name=serve.get_replica_context().app_name,
+                artifacts_root=self.args.artifacts_root,
+                follow_latest=self.args.model_version == "latest",
+                reload_poll_s=self.args.reload_poll_s, version=body.version if body else None)
 
     @api.get("/healthz", response_model=Health, responses=_ERROR_RESPONSES,
              summary="Liveness and readiness")

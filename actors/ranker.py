@@ -32,12 +32,13 @@ from actors.tombstones import Tombstones
 from graph import schema as S
 from graph.artifacts import (
     ModelArtifact,
+    list_versions,
     read_artifact,
     resolve_version,
     set_latest_version,
     versions_with_user,
 )
-from graph.errors import IntentrecError, NotFoundError
+from graph.errors import BadRequestError, IntentrecError, NotFoundError
 from graph.search_index import tokenize
 
 if TYPE_CHECKING:  # heavy imports (torch, faiss) stay out of processes that only pass requests
@@ -95,7 +96,9 @@ class RankerService:
         self.artifacts_root = artifacts_root
         self.model_version = model_version
         self.tombstones = Tombstones(tombstones_path)
-        self._reload_lock = threading.Lock()
+        self._reload_lock = threading.RLock()
+        self._staged: LoadedModel | None = None  # validated by prepare(), not yet serving
+        self._rejected: set[str] = set()  # versions that failed to load (not retried by polling)
         self.model: LoadedModel = self.build(read_artifact(artifacts_root, model_version))
 
     # ------------------------------------------------------------------------------ loading
@@ -129,44 +132,108 @@ class RankerService:
         """The version this service should serve now: the pinned one, or what ``LATEST`` says."""
         return resolve_version(self.artifacts_root, self.model_version)
 
+    def prepare(self, version: str | None = None) -> str:
+        """Load and warm up a version without serving it: the validation a rollout runs before
+        ``LATEST`` or any replica moves. The model is kept for the :meth:`switch_to` that follows.
+
+        Args:
+            version: The version to check; None: :meth:`target_version`.
+
+        Returns:
+            The version name.
+
+        Raises:
+            NotFoundError: No such complete version under the artifacts root.
+            BadRequestError: The version exists but cannot be loaded or cannot answer a request
+                (field ``version``); nothing changes, the current model keeps serving.
+        """
+        with self._reload_lock:
+            target = version or self.target_version()
+            resolve_version(self.artifacts_root, target)
+            staged = self._staged
+            if target == self.model.version or (staged is not None and staged.version == target):
+                return target
+            try:
+                model = self.build(read_artifact(self.artifacts_root, target))
+            except NotFoundError:
+                raise
+            except Exception as exc:
+                self._rejected.add(target)
+                raise BadRequestError(
+                    f"model version {target!r} cannot be served: loading it or answering a "
+                    f"warm-up request failed ({type(exc).__name__}: {exc}); still serving "
+                    f"{self.model.version}. Retrain with `python train_job.py`, or roll back to "
+                    f"one of {list_versions(self.artifacts_root)}",
+                    field="version",
+                ) from exc
+            self._rejected.discard(target)
+            self._staged = model
+            return target
+
+    def switch_to(self, version: str) -> dict[str, Any]:
+        """Serve ``version`` from now on (loaded by :meth:`prepare` first when it is not yet).
+
+        Returns:
+            ``{"previous_version", "version", "swapped"}``.
+        """
+        with self._reload_lock:
+            previous = self.model.version
+            if version == previous:
+                return {"previous_version": previous, "version": previous, "swapped": False}
+            self.prepare(version)
+            model, self._staged = self._staged, None
+            assert model is not None and model.version == version
+            self.model = model  # the swap: one reference; in-flight requests keep the old one
+            log.info("model swapped: %s -> %s (built in %.1fs)", previous, model.version,
+                     model.build_seconds)
+            return {"previous_version": previous, "version": model.version, "swapped": True}
+
     def reload(self, version: str | None = None) -> dict[str, Any]:
-        """Load a version completely, then swap it in with one assignment.
+        """Validate a version (:meth:`prepare`), then swap it in with one assignment.
 
         Args:
             version: Roll to this version: when following ``latest``, ``LATEST`` is moved to it
-                first (so automatic pickup does not undo the rollback). None: reload what
-                ``LATEST`` (or the pinned version) names.
+                once it has loaded and answered (so automatic pickup does not undo the rollback,
+                and a broken version never becomes ``LATEST``). None: reload what ``LATEST``
+                (or the pinned version) names.
 
         Returns:
             ``{"previous_version", "version", "swapped"}``.
 
         Raises:
             NotFoundError: ``version`` does not exist under the artifacts root.
+            BadRequestError: ``version`` cannot be served (see :meth:`prepare`).
         """
-        with self._reload_lock:
-            previous = self.model.version
-            if version is not None:
-                resolve_version(self.artifacts_root, version)
-                if self.model_version == "latest":
-                    set_latest_version(self.artifacts_root, version)
-                target = version
-            else:
-                target = self.target_version()
-            if target == previous:
-                return {"previous_version": previous, "version": previous, "swapped": False}
-            model = self.build(read_artifact(self.artifacts_root, target))
-            self.model = model  # the swap: one reference; in-flight requests keep the old one
-            log.info("model swapped: %s -> %s (built in %.1fs)", previous, model.version,
-                     model.build_seconds)
-            return {"previous_version": previous, "version": model.version, "swapped": True}
+        target = self.prepare(version)
+        if version is not None and self.model_version == "latest":
+            set_latest_version(self.artifacts_root, version)
+        return self.switch_to(target)
+
+    def apply_rollout(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Serve what a rollout asks for (the ranker deployment's ``user_config``).
+
+        ``{"version": v}``: a pinned service pins ``v``; a service following ``latest`` loads
+        what ``LATEST`` names, which the rollout moved to ``v`` before it pushed the config (a
+        replica started later, after a newer training run, then does not go back to ``v``).
+        """
+        version = config.get("version")
+        if not isinstance(version, str) or not version:
+            raise BadRequestError(f"user_config ({config!r}) must be {{'version': '<name>'}}",
+                                  field="user_config")
+        if self.model_version != "latest":
+            self.model_version = version
+        return self.switch_to(self.target_version())
 
     def maybe_pick_up_latest(self) -> dict[str, Any] | None:
-        """Reload when ``LATEST`` names another version (only when following ``latest``)."""
+        """Reload when ``LATEST`` names another version (only when following ``latest``). A
+        version that failed to load is not tried again by polling (an explicit reload still
+        tries it)."""
         if self.model_version != "latest":
             return None
-        if self.target_version() == self.model.version:
+        target = self.target_version()
+        if target == self.model.version or target in self._rejected:
             return None
-        return self.reload()
+        return self.switch_to(target)
 
     # ------------------------------------------------------------------------------ info
     def model_info(self) -> dict[str, Any]:
@@ -337,9 +404,8 @@ class GNNRanker:
         while not self._stop.wait(self.reload_poll_s):
             try:
                 res = self.service.maybe_pick_up_latest()
-                if res and res["swapped"]:
-                    _freeze_gc()
-                    self._metrics.model_swapped(res["previous_version"], res["version"])
+                if res:
+                    self._swapped(res)
             except Exception:  # a bad new artifact must not take the serving one down
                 log.exception("automatic model pickup failed; still serving %s",
                               self.service.model.version)
@@ -367,7 +433,24 @@ class GNNRanker:
 
     async def reload(self, version: str | None = None) -> dict[str, Any]:
         """Load a version in a worker thread (requests keep being served), then swap."""
-        res = await asyncio.to_thread(self.service.reload, version)
+        return self._swapped(await asyncio.to_thread(self.service.reload, version))
+
+    async def prepare(self, version: str | None = None) -> str:
+        """Validate a version for a rollout: load it and answer a warm-up request, in a worker
+        thread, without serving it (see :meth:`RankerService.prepare`)."""
+        return await asyncio.to_thread(self.service.prepare, version)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's hook for a changed ``user_config``, called on every replica (and on every new
+        one after ``__init__``): ``{"version": v}`` from a rollout (:mod:`actors.rollout`)."""
+        self._swapped(await asyncio.to_thread(self.service.apply_rollout, user_config))
+
+    async def serving(self) -> dict[str, str]:
+        """This replica's id and the version it serves (rollout checks and tests)."""
+        return {"replica": serve.get_replica_context().replica_id.unique_id,
+                "version": self.service.model.version}
+
+    def _swapped(self, res: dict[str, Any]) -> dict[str, Any]:
         if res["swapped"]:
             _freeze_gc()
             self._metrics.model_swapped(res["previous_version"], res["version"])
