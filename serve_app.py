@@ -76,6 +76,7 @@ from actors.ranker import GNNRanker, RankQuery
 from actors.rollout import roll_out
 from actors.session_events import SessionEvent
 from actors.session_state import SessionSnapshot, SessionStateConfig, SessionStore
+from actors.shard_attach import check_attached
 from graph.artifacts import latest_version
 from graph.errors import ArtifactError, BadRequestError, IntentrecError
 from graph.forgotten import FORGOTTEN_FILE
@@ -376,7 +377,10 @@ class Ingress:
         self.ranker = ranker
         self.enricher = enricher
         self.clock = clock
-        self.store = store if store is not None else SessionStore(self.args.session, clock)
+        if store is None:
+            store = SessionStore(self.args.session, clock)
+            check_attached(store)  # shards left running with other settings: refuse to start
+        self.store = store
         _METRICS = _Metrics()
         log.info("intentrec ingress ready (%s; bodies up to %d bytes)", self.keys.describe(),
                  self.args.max_body_bytes)
