@@ -77,6 +77,7 @@ from actors.rollout import roll_out
 from actors.session_events import SessionEvent
 from actors.session_state import SessionSnapshot, SessionStateConfig, SessionStore
 from actors.shard_attach import check_attached
+from graph import storage
 from graph.artifacts import latest_version
 from graph.errors import ArtifactError, BadRequestError, IntentrecError
 from graph.forgotten import FORGOTTEN_FILE
@@ -154,7 +155,7 @@ class AppArgs(BaseModel):
 
     @property
     def tombstones_path(self) -> str:
-        return str(Path(self.state_dir) / FORGOTTEN_FILE)
+        return storage.join(self.state_dir, FORGOTTEN_FILE)
 
 
 def api_keys(args: AppArgs, environ: Mapping[str, str]) -> ApiKeys:

@@ -36,6 +36,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from graph import storage
 from graph.errors import ArtifactError, NotFoundError
 
 LATEST = "LATEST"
@@ -50,10 +51,7 @@ FORMAT_VERSION = 2  # 2: the learned ranker (ranker/)
 
 def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     """Resolve a local path or a pyarrow URI (``s3://bucket/key``) into (filesystem, path)."""
-    if "://" in root:
-        fs, path = pafs.FileSystem.from_uri(root)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
+    return storage.filesystem(root)
 
 
 def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
