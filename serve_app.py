@@ -31,7 +31,6 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Header, Request, Security
@@ -83,7 +82,6 @@ from graph.errors import ArtifactError, BadRequestError, IntentrecError
 from graph.forgotten import FORGOTTEN_FILE
 
 log = logging.getLogger("intentrec.serve")
-_URI_PREFIXES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "file://")
 
 
 class AppArgs(BaseModel):
@@ -107,8 +105,13 @@ class AppArgs(BaseModel):
             is read (:mod:`actors.body_limit`).
         default_country: Holiday calendar when a request names no country (ISO alpha-2).
         default_timezone: Zone of request times that carry no offset (IANA name).
-        state_dir: Serving state besides sessions (the forgotten-users file); relative paths are
-            resolved like ``artifacts_root``. Use a shared mount on a multi-node cluster.
+        state_dir: Serving state besides sessions (the forgotten users); relative paths are
+            resolved like ``artifacts_root``.
+        storage: Shared storage root (a pyarrow URI such as ``s3://bucket/intentrec``, or a
+            shared folder) under which the relative ``artifacts_root``, ``state_dir`` and
+            ``session.wal_uri`` live, so that no state is on a node's own disk. Empty: the
+            ``INTENTREC_STORAGE`` environment variable of the replicas (``cluster.yaml`` sets
+            it), else the working directory (the single-machine default).
         inline_context: Compute the context in the ingress instead of calling the
             ContextEnricher deployment: one handle call less per recommendation (the enricher is
             then not deployed). The enrichment is the same function either way.
@@ -127,6 +130,7 @@ class AppArgs(BaseModel):
     default_country: str = Field(default="US", pattern=r"^[A-Z]{2}$")
     default_timezone: str = "UTC"
     state_dir: str = "state"
+    storage: str = ""
     inline_context: bool = False
     session: SessionStateConfig = Field(default_factory=SessionStateConfig)
 
@@ -141,16 +145,18 @@ class AppArgs(BaseModel):
             raise ValueError(f"default_timezone ({v!r}) is not an IANA zone; use e.g. 'UTC'") from exc
         return v
 
-    def resolved(self) -> "AppArgs":
-        """Relative local paths made absolute here (replicas may run in another directory)."""
-
-        def absolute(p: str) -> str:
-            return p if p.startswith(_URI_PREFIXES) or "://" in p else str(Path(p).resolve())
-
+    def resolved(self, environ: Mapping[str, str] | None = None) -> "AppArgs":
+        """Locations made final here (replicas may run in another directory, on another node):
+        relative ones go under ``storage`` (or the cluster's ``INTENTREC_STORAGE``) when set,
+        else into the working directory (:func:`graph.storage.place`)."""
+        root = self.storage or storage.shared_root(environ)
+        session = self.session.model_copy(
+            update={"wal_uri": storage.place(self.session.wal_uri, root)})
         return self.model_copy(update={
-            "artifacts_root": absolute(self.artifacts_root),
-            "state_dir": absolute(self.state_dir),
-            "session": self.session.resolved(),
+            "storage": root or "",
+            "artifacts_root": storage.place(self.artifacts_root, root),
+            "state_dir": storage.place(self.state_dir, root),
+            "session": session.resolved(),
         })
 
     @property

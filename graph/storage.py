@@ -15,7 +15,9 @@ A URI may carry pyarrow's options for its filesystem, e.g. an S3-compatible serv
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -47,3 +49,25 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
 def is_local(location: str) -> bool:
     """True when ``location`` is on this machine's disk (a path or ``file://``)."""
     return not is_uri(location) or location.startswith("file://")
+
+
+STORAGE_ENV = "INTENTREC_STORAGE"
+"""Environment variable with the cluster's shared storage root (``cluster.yaml`` sets it for
+``ray start`` on every node, so the Serve app and ``ray job submit`` jobs inherit it)."""
+
+
+def shared_root(environ: Mapping[str, str] | None = None) -> str | None:
+    """The shared storage root from the environment (:data:`STORAGE_ENV`), or None."""
+    value = (os.environ if environ is None else environ).get(STORAGE_ENV, "").strip()
+    return value or None
+
+
+def place(location: str, root: str | None) -> str:
+    """Where a configured location lives: a URI or an absolute path as given; a relative path
+    under ``root`` when there is one (``artifacts`` -> ``s3://bucket/intentrec/artifacts``), else
+    made absolute in the working directory (the single-machine default)."""
+    if is_uri(location) or os.path.isabs(location):
+        return location
+    if root:
+        return join(root if is_uri(root) else os.path.abspath(root), os.path.normpath(location))
+    return os.path.abspath(location)
