@@ -10,8 +10,9 @@ an accepted event visible to the very next recommendation (read-your-writes).
 
 Run it:
 
-- ``serve run serve_app:app`` — defaults: the ``latest`` model under ``./artifacts`` (a missing
-  model fails the ranker's start with "run `python train_job.py`").
+- ``serve run serve_app:app`` — defaults: the ``latest`` model under ``./artifacts``. Before the
+  first model exists (first boot) the app still answers: recommendations are empty with
+  ``model_version`` saying so, and the ranker picks up the first ``LATEST`` that appears.
 - ``serve deploy serve_config.yaml`` — ``import_path: serve_app:build_app`` with typed ``args``
   (:class:`AppArgs`, unknown keys rejected).
 
@@ -591,9 +592,10 @@ def _inside_an_actor() -> bool:
 def build_app(args: AppArgs) -> Application:
     """Typed application builder for ``serve deploy serve_config.yaml`` / ``serve run``.
 
-    Never fails for a missing model (``serve_app:app`` must import anywhere); the ranker's
-    replicas fail at start with the ``python train_job.py`` hint instead. Fails, saying how to
-    fix it, without an API key and without explicit anonymous access (:func:`compose`).
+    Never fails for a missing model (``serve_app:app`` must import anywhere): when following
+    ``latest``, the ranker serves the cold-start answer until the first model is published (a
+    pinned version that does not exist fails the ranker's start). Fails, saying how to fix it,
+    without an API key and without explicit anonymous access (:func:`compose`).
     """
     if not isinstance(args, AppArgs):  # Serve validates already; plain callers may pass a dict
         args = AppArgs.model_validate(args)

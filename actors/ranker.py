@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,19 +33,23 @@ from actors.tombstones import Tombstones
 from graph import schema as S
 from graph.artifacts import (
     ModelArtifact,
+    has_latest,
     list_versions,
     read_artifact,
     resolve_version,
     set_latest_version,
     versions_with_user,
 )
-from graph.errors import BadRequestError, IntentrecError, NotFoundError
+from graph.errors import BadRequestError, NotFoundError, UnavailableError
 from graph.search_index import tokenize
 
 if TYPE_CHECKING:  # heavy imports (torch, faiss) stay out of processes that only pass requests
     from graph.ranking import ContextSignal
 
 log = logging.getLogger(__name__)
+
+NO_MODEL = "none (cold start: no model trained yet)"
+"""``model_version`` of answers given before the first model exists (first boot)."""
 
 # One session event as the ingress sends it: (item_id, event, ts unix seconds, query).
 WireEvent = tuple[str | None, str, float, str | None]
@@ -91,7 +96,8 @@ class RankerService:
     """
 
     def __init__(
-        self, artifacts_root: str, model_version: str = "latest", tombstones_path: str | None = None
+        self, artifacts_root: str, model_version: str = "latest", tombstones_path: str | None = None,
+        cold_start: bool = False,
     ) -> None:
         self.artifacts_root = artifacts_root
         self.model_version = model_version
@@ -99,7 +105,19 @@ class RankerService:
         self._reload_lock = threading.RLock()
         self._staged: LoadedModel | None = None  # validated by prepare(), not yet serving
         self._rejected: set[str] = set()  # versions that failed to load (not retried by polling)
-        self.model: LoadedModel = self.build(read_artifact(artifacts_root, model_version))
+        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        self.model: LoadedModel | None = None
+        if cold_start and model_version == "latest" and not has_latest(artifacts_root):
+            # First boot: nothing trained yet. Answer without a model until LATEST appears.
+            log.warning("no model under %s yet: serving the cold-start answer (%s) until the "
+                        "first `python train_job.py` publishes one", artifacts_root, NO_MODEL)
+        else:
+            self.model = self.build(read_artifact(artifacts_root, model_version))
+
+    @property
+    def version(self) -> str:
+        """The version served now, or :data:`NO_MODEL` before the first model."""
+        return NO_MODEL if self.model is None else self.model.version
 
     # ------------------------------------------------------------------------------ loading
     @staticmethod
@@ -151,7 +169,7 @@ class RankerService:
             target = version or self.target_version()
             resolve_version(self.artifacts_root, target)
             staged = self._staged
-            if target == self.model.version or (staged is not None and staged.version == target):
+            if target == self.version or (staged is not None and staged.version == target):
                 return target
             try:
                 model = self.build(read_artifact(self.artifacts_root, target))
@@ -162,7 +180,7 @@ class RankerService:
                 raise BadRequestError(
                     f"model version {target!r} cannot be served: loading it or answering a "
                     f"warm-up request failed ({type(exc).__name__}: {exc}); still serving "
-                    f"{self.model.version}. Retrain with `python train_job.py`, or roll back to "
+                    f"{self.version}. Retrain with `python train_job.py`, or roll back to "
                     f"one of {list_versions(self.artifacts_root)}",
                     field="version",
                 ) from exc
@@ -177,7 +195,7 @@ class RankerService:
             ``{"previous_version", "version", "swapped"}``.
         """
         with self._reload_lock:
-            previous = self.model.version
+            previous = self.version
             if version == previous:
                 return {"previous_version": previous, "version": previous, "swapped": False}
             self.prepare(version)
@@ -230,8 +248,10 @@ class RankerService:
         tries it)."""
         if self.model_version != "latest":
             return None
+        if self.model is None and not has_latest(self.artifacts_root):
+            return None  # still before the first model
         target = self.target_version()
-        if target == self.model.version or target in self._rejected:
+        if target == self.version or target in self._rejected:
             return None
         return self.switch_to(target)
 
@@ -239,6 +259,9 @@ class RankerService:
     def model_info(self) -> dict[str, Any]:
         """``GET /v1/model``: the version in use and its offline metrics."""
         m = self.model
+        if m is None:
+            return {"version": NO_MODEL, "created": None, "loaded_at": self.started_at,
+                    "num_users": 0, "num_items": 0, "metrics": {}, "data": None}
         manifest = m.artifact.manifest
         return {
             "version": m.version,
@@ -274,6 +297,9 @@ class RankerService:
         from graph.recommend import Request
 
         m = self.model  # read once: a swap during this request does not affect it
+        if m is None:  # first boot: no catalogue yet, so nothing personal and no items
+            return {"model_version": NO_MODEL, "user_known": False,
+                    "session_events": len(q.events), "intent": [], "items": []}
         now = q.now if q.now is not None else max((e[2] for e in q.events), default=0.0)
         user = self.user_row(m, q.user_id)
         item_events = tuple(
@@ -313,6 +339,10 @@ class RankerService:
         from graph.recommend import Request
 
         m = self.model
+        if m is None:
+            raise UnavailableError(
+                "no model has been trained yet, so there are no item neighbours: wait for the "
+                "first training job (`ray job list`), or run `python train_job.py`")
         i = m.item_index.get(item_id)
         if i is None:
             raise NotFoundError(
@@ -391,11 +421,12 @@ class GNNRanker:
         tombstones_path: str | None = None,
     ) -> None:
         _limit_threads()
-        self.service = RankerService(artifacts_root, model_version, tombstones_path)
+        self.service = RankerService(artifacts_root, model_version, tombstones_path,
+                                     cold_start=True)
         _freeze_gc()
         self._stop = threading.Event()
         self._metrics = _RankerMetrics()
-        self._metrics.model_swapped(None, self.service.model.version)
+        self._metrics.model_swapped(None, self.service.version)
         self.reload_poll_s = reload_poll_s
         if reload_poll_s > 0 and model_version == "latest":
             threading.Thread(target=self._watch, name="latest-watcher", daemon=True).start()
@@ -408,7 +439,7 @@ class GNNRanker:
                     self._swapped(res)
             except Exception:  # a bad new artifact must not take the serving one down
                 log.exception("automatic model pickup failed; still serving %s",
-                              self.service.model.version)
+                              self.service.version)
 
     async def recommend(self, q: RankQuery) -> dict[str, Any]:
         """Rank for one request (see :meth:`RankerService.recommend`)."""
@@ -448,7 +479,7 @@ class GNNRanker:
     async def serving(self) -> dict[str, str]:
         """This replica's id and the version it serves (rollout checks and tests)."""
         return {"replica": serve.get_replica_context().replica_id.unique_id,
-                "version": self.service.model.version}
+                "version": self.service.version}
 
     def _swapped(self, res: dict[str, Any]) -> dict[str, Any]:
         if res["swapped"]:
@@ -457,9 +488,8 @@ class GNNRanker:
         return res
 
     def check_health(self) -> None:
-        """Serve health check: a replica without a model is unhealthy."""
-        if self.service.model is None:  # pragma: no cover - build() raises instead
-            raise IntentrecError("no model loaded")
+        """Serve health check: a replica that started is healthy, also before the first model
+        (it then serves the cold-start answer)."""
 
     def __del__(self) -> None:
         stop = getattr(self, "_stop", None)  # absent when __init__ failed

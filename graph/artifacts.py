@@ -215,6 +215,12 @@ def latest_version(root: str) -> str:
         ) from exc
 
 
+def has_latest(root: str) -> bool:
+    """Whether ``root`` has a ``LATEST`` pointer yet (False before the first training run)."""
+    fs, base = filesystem(root)
+    return _exists(fs, f"{base}/{LATEST}")
+
+
 def list_versions(root: str) -> list[str]:
     """Complete versions under ``root``, oldest first."""
     fs, base = filesystem(root)

@@ -325,3 +325,28 @@ def test_a_rollout_config_moves_pinned_and_following_services(svd_artifact_root:
     assert following.apply_rollout({"version": "v2"})["swapped"] is False
     with pytest.raises(BadRequestError):
         following.apply_rollout({"versions": "v2"})
+
+
+def test_first_boot_answers_without_a_model_then_picks_up_the_first(svd_artifact_root: str,
+                                                                     tmp_path: Path) -> None:
+    from actors.ranker import NO_MODEL
+    from graph.errors import UnavailableError
+
+    root = str(tmp_path / "empty-bucket" / "artifacts")
+    svc = RankerService(root, cold_start=True)
+    out = svc.recommend(RankQuery(user_id="u1", events=(("sku", "view", T0, None),), k=5))
+    assert out == {"model_version": NO_MODEL, "user_known": False, "session_events": 1,
+                   "intent": [], "items": []}
+    assert svc.model_info()["version"] == NO_MODEL and svc.model_info()["num_items"] == 0
+    with pytest.raises(UnavailableError, match="train_job"):
+        svc.similar("sku")
+    assert svc.maybe_pick_up_latest() is None  # still nothing published
+    art = read_artifact(svd_artifact_root)
+    write_artifact(root, user_ids=art.user_ids, items=art.items, user_emb=art.user_emb,
+                   item_emb=art.item_emb, signals=art.signals, metrics={}, manifest={},
+                   learned=art.learned, item_static=art.item_static, version="first")
+    assert svc.maybe_pick_up_latest() == {"previous_version": NO_MODEL, "version": "first",
+                                          "swapped": True}
+    assert svc.recommend(RankQuery(k=5))["items"]
+    with pytest.raises(ArtifactError):  # without cold start (a pinned or direct use): an error
+        RankerService(str(tmp_path / "other"))
