@@ -12,6 +12,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -134,9 +135,67 @@ def test_a_broken_version_is_refused_and_the_previous_keeps_serving(rollout: Rol
     fs, base = filesystem(rollout.root)
     with fs.open_output_stream(f"{base}/{broken}/user_emb.npy") as f:
         f.write(b"truncated")
-    serving = rollout.replicas()
+    (serving,) = set(rollout.replicas().values())
     r = rollout.reload(broken)
     assert r.status_code == 422 and r.json()["field"] == "version", r.text
     assert "cannot be served" in r.json()["message"]
-    assert rollout.replicas() == serving and len(serving) == 2
+    # Every replica (also one Serve may have replaced meanwhile) still serves the same version.
+    assert rollout.all_serve(serving)
     assert rollout.reload("no-such-version").status_code == 404
+
+
+def test_first_boot_answers_at_once_and_serves_the_first_model_without_a_failure(
+        ray_cluster: None, svd_artifact_root: str, tmp_path: Path) -> None:
+    """An empty artifact root (a new bucket): 200s at once with the cold-start answer; the first
+    published version is picked up by polling while requests keep flowing, none failing."""
+    from ray import serve
+
+    import serve_app
+    from actors.ranker import NO_MODEL
+    from actors.session_state import SessionStateConfig, SessionStore
+
+    root = str(tmp_path / "models")
+    session = SessionStateConfig(num_shards=1, wal_uri=str(tmp_path / "wal"),
+                                 actor_prefix="intentrec-first-boot")
+    args = serve_app.AppArgs(artifacts_root=root, state_dir=str(tmp_path / "state"),
+                             reload_poll_s=0.5, inline_context=True, allow_anonymous=True,
+                             session=session)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(serve_app.compose(args, env_vars={"PYTHONPATH": os.environ["PYTHONPATH"]}),
+              name="intentrec-first-boot", route_prefix="/first-boot", blocking=False)
+    url = f"http://127.0.0.1:{PORT}/first-boot"
+    stop, codes, versions = threading.Event(), [], set()
+    try:
+        with httpx.Client(timeout=60.0) as c:
+            wait_for_condition(lambda: c.get(url + "/healthz").status_code == 200, timeout=240,
+                               interval=0.5, what="the app answers before any model exists")
+            first = c.post(url + "/v1/recommendations", json={"session_id": "boot", "k": 5})
+            assert first.status_code == 200, first.text
+            assert first.json()["model_version"] == NO_MODEL and first.json()["items"] == []
+
+            def hammer() -> None:
+                with httpx.Client(timeout=60.0) as h:
+                    while not stop.is_set():
+                        r = h.post(url + "/v1/recommendations", json={"session_id": "boot", "k": 5})
+                        codes.append(r.status_code)
+                        if r.status_code == 200:
+                            versions.add(r.json()["model_version"])
+
+            t = threading.Thread(target=hammer)
+            t.start()
+            # The first training job publishes: the version folder, then LATEST.
+            shutil.copytree(svd_artifact_root, root, ignore=shutil.ignore_patterns("LATEST"))
+            shutil.copy(Path(svd_artifact_root) / "LATEST", Path(root) / "LATEST")
+            published = latest_version(root)
+            wait_for_condition(
+                lambda: c.post(url + "/v1/recommendations",
+                               json={"session_id": "boot", "k": 5}).json()["model_version"]
+                == published, timeout=120, what="the first model is picked up")
+            stop.set()
+            t.join()
+    finally:
+        stop.set()
+        serve.delete("intentrec-first-boot")
+        SessionStore(session).kill()
+    assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+    assert versions == {NO_MODEL, published}
