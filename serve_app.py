@@ -10,8 +10,9 @@ an accepted event visible to the very next recommendation (read-your-writes).
 
 Run it:
 
-- ``serve run serve_app:app`` — defaults: the ``latest`` model under ``./artifacts`` (a missing
-  model fails the ranker's start with "run `python train_job.py`").
+- ``serve run serve_app:app`` — defaults: the ``latest`` model under ``./artifacts``. Before the
+  first model exists (first boot) the app still answers: recommendations are empty with
+  ``model_version`` saying so, and the ranker picks up the first ``LATEST`` that appears.
 - ``serve deploy serve_config.yaml`` — ``import_path: serve_app:build_app`` with typed ``args``
   (:class:`AppArgs`, unknown keys rejected).
 
@@ -31,7 +32,6 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Header, Request, Security
@@ -78,14 +78,16 @@ from actors.context import ContextEnricher, enrich_context
 from actors.demo_page import add_demo_routes
 from actors.feedback import Feedback
 from actors.ranker import GNNRanker, RankQuery
+from actors.rollout import roll_out
 from actors.session_events import SessionEvent
 from actors.session_state import SessionSnapshot, SessionStateConfig, SessionStore
+from actors.shard_attach import check_attached
+from graph import storage
 from graph.artifacts import latest_version
 from graph.errors import ArtifactError, BadRequestError, IntentrecError
 from graph.forgotten import FORGOTTEN_FILE
 
 log = logging.getLogger("intentrec.serve")
-_URI_PREFIXES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "file://")
 
 
 class AppArgs(BaseModel):
@@ -109,8 +111,13 @@ class AppArgs(BaseModel):
             is read (:mod:`actors.body_limit`).
         default_country: Holiday calendar when a request names no country (ISO alpha-2).
         default_timezone: Zone of request times that carry no offset (IANA name).
-        state_dir: Serving state besides sessions (the forgotten-users file); relative paths are
-            resolved like ``artifacts_root``. Use a shared mount on a multi-node cluster.
+        state_dir: Serving state besides sessions (the forgotten users); relative paths are
+            resolved like ``artifacts_root``.
+        storage: Shared storage root (a pyarrow URI such as ``s3://bucket/intentrec``, or a
+            shared folder) under which the relative ``artifacts_root``, ``state_dir`` and
+            ``session.wal_uri`` live, so that no state is on a node's own disk. Empty: the
+            ``INTENTREC_STORAGE`` environment variable of the replicas (``cluster.yaml`` sets
+            it), else the working directory (the single-machine default).
         inline_context: Compute the context in the ingress instead of calling the
             ContextEnricher deployment: one handle call less per recommendation (the enricher is
             then not deployed). The enrichment is the same function either way.
@@ -129,6 +136,7 @@ class AppArgs(BaseModel):
     default_country: str = Field(default="US", pattern=r"^[A-Z]{2}$")
     default_timezone: str = "UTC"
     state_dir: str = "state"
+    storage: str = ""
     inline_context: bool = False
     session: SessionStateConfig = Field(default_factory=SessionStateConfig)
 
@@ -143,21 +151,23 @@ class AppArgs(BaseModel):
             raise ValueError(f"default_timezone ({v!r}) is not an IANA zone; use e.g. 'UTC'") from exc
         return v
 
-    def resolved(self) -> "AppArgs":
-        """Relative local paths made absolute here (replicas may run in another directory)."""
-
-        def absolute(p: str) -> str:
-            return p if p.startswith(_URI_PREFIXES) or "://" in p else str(Path(p).resolve())
-
+    def resolved(self, environ: Mapping[str, str] | None = None) -> "AppArgs":
+        """Locations made final here (replicas may run in another directory, on another node):
+        relative ones go under ``storage`` (or the cluster's ``INTENTREC_STORAGE``) when set,
+        else into the working directory (:func:`graph.storage.place`)."""
+        root = self.storage or storage.shared_root(environ)
+        session = self.session.model_copy(
+            update={"wal_uri": storage.place(self.session.wal_uri, root)})
         return self.model_copy(update={
-            "artifacts_root": absolute(self.artifacts_root),
-            "state_dir": absolute(self.state_dir),
-            "session": self.session.resolved(),
+            "storage": root or "",
+            "artifacts_root": storage.place(self.artifacts_root, root),
+            "state_dir": storage.place(self.state_dir, root),
+            "session": session.resolved(),
         })
 
     @property
     def tombstones_path(self) -> str:
-        return str(Path(self.state_dir) / FORGOTTEN_FILE)
+        return storage.join(self.state_dir, FORGOTTEN_FILE)
 
 
 def api_keys(args: AppArgs, environ: Mapping[str, str]) -> ApiKeys:
@@ -381,7 +391,10 @@ class Ingress:
         self.ranker = ranker
         self.enricher = enricher
         self.clock = clock
-        self.store = store if store is not None else SessionStore(self.args.session, clock)
+        if store is None:
+            store = SessionStore(self.args.session, clock)
+            check_attached(store)  # shards left running with other settings: refuse to start
+        self.store = store
         _METRICS = _Metrics()
         self.feedback = Feedback()
         log.info("intentrec ingress ready (%s; bodies up to %d bytes)", self.keys.describe(),
@@ -539,7 +552,7 @@ class Ingress:
             return out
 
     @api.post("/v1/admin/reload", response_model=ReloadResponse, responses=_ERROR_RESPONSES,
-              summary="Load LATEST again, or roll to a named version (admin key)")
+              summary="Load LATEST again, or roll every ranker replica to a named version (admin key)")
     async def reload(
         self,
         body: ReloadRequest | None = None,
@@ -547,8 +560,12 @@ class Ingress:
     ) -> dict[str, Any]:
         async with _observed("reload"):
             self.keys.require(api_key, Scope.ADMIN, "reloading the model")
-            out: dict[str, Any] = await self.ranker.reload.remote(body.version if body else None)
-            return out
+            # Validated on one replica, then LATEST, then every replica (actors/rollout.py).
+            return await roll_out(
+                self.ranker, app_name=serve.get_replica_context().app_name,
+                artifacts_root=self.args.artifacts_root,
+                follow_latest=self.args.model_version == "latest",
+                reload_poll_s=self.args.reload_poll_s, version=body.version if body else None)
 
     @api.get("/healthz", response_model=Health, responses=_ERROR_RESPONSES,
              summary="Liveness and readiness")
@@ -605,9 +622,10 @@ def _inside_an_actor() -> bool:
 def build_app(args: AppArgs) -> Application:
     """Typed application builder for ``serve deploy serve_config.yaml`` / ``serve run``.
 
-    Never fails for a missing model (``serve_app:app`` must import anywhere); the ranker's
-    replicas fail at start with the ``python train_job.py`` hint instead. Fails, saying how to
-    fix it, without an API key and without explicit anonymous access (:func:`compose`).
+    Never fails for a missing model (``serve_app:app`` must import anywhere): when following
+    ``latest``, the ranker serves the cold-start answer until the first model is published (a
+    pinned version that does not exist fails the ranker's start). Fails, saying how to fix it,
+    without an API key and without explicit anonymous access (:func:`compose`).
     """
     if not isinstance(args, AppArgs):  # Serve validates already; plain callers may pass a dict
         args = AppArgs.model_validate(args)

@@ -88,13 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def forgotten_file(given: str | None) -> str | None:
-    """The forgotten-users file to read: ``--forgotten`` as given (local paths made absolute), else
-    the serving app's default file when it exists in the working directory, else None."""
-    from graph.forgotten import DEFAULT_FORGOTTEN_PATH
+    """The forgotten-users file to read: ``--forgotten`` as given, else the serving app's default
+    (``state/forgotten_users.txt``) when it exists; relative paths are under the cluster's
+    ``INTENTREC_STORAGE`` when it is set, else in the working directory."""
+    import pyarrow.fs as pafs
 
+    from graph.forgotten import DEFAULT_FORGOTTEN_PATH
+    from graph.storage import filesystem, place, shared_root
+
+    root = shared_root()
     if given is None:
-        return os.path.abspath(DEFAULT_FORGOTTEN_PATH) if os.path.isfile(DEFAULT_FORGOTTEN_PATH) else None
-    return given if "://" in given else os.path.abspath(given)
+        default = place(DEFAULT_FORGOTTEN_PATH, root)
+        fs, path = filesystem(default)
+        return default if fs.get_file_info(path).type != pafs.FileType.NotFound else None
+    return place(given, root)
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
@@ -102,7 +109,10 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     from graph.pipeline import PipelineConfig
 
     run_name = args.run_name or f"intentrec-{datetime.now():%Y%m%d-%H%M%S}"
-    storage = args.storage if "://" in args.storage else os.path.abspath(args.storage)
+    from graph.storage import place, shared_root
+
+    root = shared_root()  # a cluster's shared storage: relative locations go under it
+    storage = place(args.storage, root)
     train = TrainConfig(
         num_workers=args.workers, use_gpu=args.gpus, epochs=args.epochs, dim=args.dim,
         num_layers=args.layers, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
@@ -110,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     )
     return PipelineConfig(
         events=args.events, items=args.items, max_users=args.max_users, split_at=args.split_at,
-        val_days=args.val_days, output=args.output, eval_max_users=args.eval_max_users,
+        val_days=args.val_days, output=place(args.output, root), eval_max_users=args.eval_max_users,
         eval_max_baskets=args.eval_max_baskets, skip_eval=args.skip_eval,
         ablations=args.ablations, forgotten=forgotten_file(args.forgotten), train=train,
         online_events=None if args.online_events is None else os.path.abspath(args.online_export),

@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,18 +34,23 @@ from actors.tombstones import Tombstones
 from graph import schema as S
 from graph.artifacts import (
     ModelArtifact,
+    has_latest,
+    list_versions,
     read_artifact,
     resolve_version,
     set_latest_version,
     versions_with_user,
 )
-from graph.errors import IntentrecError, NotFoundError
+from graph.errors import BadRequestError, NotFoundError, UnavailableError
 from graph.search_index import tokenize
 
 if TYPE_CHECKING:  # heavy imports (torch, faiss) stay out of processes that only pass requests
     from graph.ranking import ContextSignal
 
 log = logging.getLogger(__name__)
+
+NO_MODEL = "none (cold start: no model trained yet)"
+"""``model_version`` of answers given before the first model exists (first boot)."""
 
 # One session event as the ingress sends it: (item_id, event, ts unix seconds, query).
 WireEvent = tuple[str | None, str, float, str | None]
@@ -91,14 +97,29 @@ class RankerService:
     """
 
     def __init__(
-        self, artifacts_root: str, model_version: str = "latest", tombstones_path: str | None = None
+        self, artifacts_root: str, model_version: str = "latest", tombstones_path: str | None = None,
+        cold_start: bool = False,
     ) -> None:
         self.artifacts_root = artifacts_root
         self.model_version = model_version
         self.tombstones = Tombstones(tombstones_path)
-        self._reload_lock = threading.Lock()
+        self._reload_lock = threading.RLock()
+        self._staged: LoadedModel | None = None  # validated by prepare(), not yet serving
+        self._rejected: set[str] = set()  # versions that failed to load (not retried by polling)
         self._listing: tuple[str, dict[str, Any]] | None = None
-        self.model: LoadedModel = self.build(read_artifact(artifacts_root, model_version))
+        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        self.model: LoadedModel | None = None
+        if cold_start and model_version == "latest" and not has_latest(artifacts_root):
+            # First boot: nothing trained yet. Answer without a model until LATEST appears.
+            log.warning("no model under %s yet: serving the cold-start answer (%s) until the "
+                        "first `python train_job.py` publishes one", artifacts_root, NO_MODEL)
+        else:
+            self.model = self.build(read_artifact(artifacts_root, model_version))
+
+    @property
+    def version(self) -> str:
+        """The version served now, or :data:`NO_MODEL` before the first model."""
+        return NO_MODEL if self.model is None else self.model.version
 
     # ------------------------------------------------------------------------------ loading
     @staticmethod
@@ -131,49 +152,118 @@ class RankerService:
         """The version this service should serve now: the pinned one, or what ``LATEST`` says."""
         return resolve_version(self.artifacts_root, self.model_version)
 
+    def prepare(self, version: str | None = None) -> str:
+        """Load and warm up a version without serving it: the validation a rollout runs before
+        ``LATEST`` or any replica moves. The model is kept for the :meth:`switch_to` that follows.
+
+        Args:
+            version: The version to check; None: :meth:`target_version`.
+
+        Returns:
+            The version name.
+
+        Raises:
+            NotFoundError: No such complete version under the artifacts root.
+            BadRequestError: The version exists but cannot be loaded or cannot answer a request
+                (field ``version``); nothing changes, the current model keeps serving.
+        """
+        with self._reload_lock:
+            target = version or self.target_version()
+            resolve_version(self.artifacts_root, target)
+            staged = self._staged
+            if target == self.version or (staged is not None and staged.version == target):
+                return target
+            try:
+                model = self.build(read_artifact(self.artifacts_root, target))
+            except NotFoundError:
+                raise
+            except Exception as exc:
+                self._rejected.add(target)
+                raise BadRequestError(
+                    f"model version {target!r} cannot be served: loading it or answering a "
+                    f"warm-up request failed ({type(exc).__name__}: {exc}); still serving "
+                    f"{self.version}. Retrain with `python train_job.py`, or roll back to "
+                    f"one of {list_versions(self.artifacts_root)}",
+                    field="version",
+                ) from exc
+            self._rejected.discard(target)
+            self._staged = model
+            return target
+
+    def switch_to(self, version: str) -> dict[str, Any]:
+        """Serve ``version`` from now on (loaded by :meth:`prepare` first when it is not yet).
+
+        Returns:
+            ``{"previous_version", "version", "swapped"}``.
+        """
+        with self._reload_lock:
+            previous = self.version
+            if version == previous:
+                return {"previous_version": previous, "version": previous, "swapped": False}
+            self.prepare(version)
+            model, self._staged = self._staged, None
+            assert model is not None and model.version == version
+            self.model = model  # the swap: one reference; in-flight requests keep the old one
+            log.info("model swapped: %s -> %s (built in %.1fs)", previous, model.version,
+                     model.build_seconds)
+            return {"previous_version": previous, "version": model.version, "swapped": True}
+
     def reload(self, version: str | None = None) -> dict[str, Any]:
-        """Load a version completely, then swap it in with one assignment.
+        """Validate a version (:meth:`prepare`), then swap it in with one assignment.
 
         Args:
             version: Roll to this version: when following ``latest``, ``LATEST`` is moved to it
-                first (so automatic pickup does not undo the rollback). None: reload what
-                ``LATEST`` (or the pinned version) names.
+                once it has loaded and answered (so automatic pickup does not undo the rollback,
+                and a broken version never becomes ``LATEST``). None: reload what ``LATEST``
+                (or the pinned version) names.
 
         Returns:
             ``{"previous_version", "version", "swapped"}``.
 
         Raises:
             NotFoundError: ``version`` does not exist under the artifacts root.
+            BadRequestError: ``version`` cannot be served (see :meth:`prepare`).
         """
-        with self._reload_lock:
-            previous = self.model.version
-            if version is not None:
-                resolve_version(self.artifacts_root, version)
-                if self.model_version == "latest":
-                    set_latest_version(self.artifacts_root, version)
-                target = version
-            else:
-                target = self.target_version()
-            if target == previous:
-                return {"previous_version": previous, "version": previous, "swapped": False}
-            model = self.build(read_artifact(self.artifacts_root, target))
-            self.model = model  # the swap: one reference; in-flight requests keep the old one
-            log.info("model swapped: %s -> %s (built in %.1fs)", previous, model.version,
-                     model.build_seconds)
-            return {"previous_version": previous, "version": model.version, "swapped": True}
+        target = self.prepare(version)
+        if version is not None and self.model_version == "latest":
+            set_latest_version(self.artifacts_root, version)
+        return self.switch_to(target)
+
+    def apply_rollout(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Serve what a rollout asks for (the ranker deployment's ``user_config``).
+
+        ``{"version": v}``: a pinned service pins ``v``; a service following ``latest`` loads
+        what ``LATEST`` names, which the rollout moved to ``v`` before it pushed the config (a
+        replica started later, after a newer training run, then does not go back to ``v``).
+        """
+        version = config.get("version")
+        if not isinstance(version, str) or not version:
+            raise BadRequestError(f"user_config ({config!r}) must be {{'version': '<name>'}}",
+                                  field="user_config")
+        if self.model_version != "latest":
+            self.model_version = version
+        return self.switch_to(self.target_version())
 
     def maybe_pick_up_latest(self) -> dict[str, Any] | None:
-        """Reload when ``LATEST`` names another version (only when following ``latest``)."""
+        """Reload when ``LATEST`` names another version (only when following ``latest``). A
+        version that failed to load is not tried again by polling (an explicit reload still
+        tries it)."""
         if self.model_version != "latest":
             return None
-        if self.target_version() == self.model.version:
+        if self.model is None and not has_latest(self.artifacts_root):
+            return None  # still before the first model
+        target = self.target_version()
+        if target == self.version or target in self._rejected:
             return None
-        return self.reload()
+        return self.switch_to(target)
 
     # ------------------------------------------------------------------------------ info
     def model_info(self) -> dict[str, Any]:
         """``GET /v1/model``: the version in use and its offline metrics."""
         m = self.model
+        if m is None:
+            return {"version": NO_MODEL, "created": None, "loaded_at": self.started_at,
+                    "num_users": 0, "num_items": 0, "metrics": {}, "data": None}
         manifest = m.artifact.manifest
         return {
             "version": m.version,
@@ -189,6 +279,8 @@ class RankerService:
         """``GET /v1/catalogue``: departments and categories of the model in use (cached per
         version; see :func:`actors.catalogue.catalogue_listing`)."""
         m = self.model
+        if m is None:
+            return {"model_version": NO_MODEL, "num_items": 0, "departments": []}
         cached = self._listing
         if cached is None or cached[0] != m.version:
             cached = (m.version, catalogue_listing(m))
@@ -198,6 +290,8 @@ class RankerService:
     def shoppers(self) -> dict[str, Any]:
         """``GET /v1/catalogue/shoppers``: a sample of the users the model in use knows."""
         m = self.model
+        if m is None:
+            return {"model_version": NO_MODEL, "users": []}
         return {"model_version": m.version, "users": shopper_sample(m, self.tombstones)}
 
     def forget_user(self, user_id: str) -> dict[str, Any]:
@@ -224,6 +318,9 @@ class RankerService:
         from graph.recommend import Request
 
         m = self.model  # read once: a swap during this request does not affect it
+        if m is None:  # first boot: no catalogue yet, so nothing personal and no items
+            return {"model_version": NO_MODEL, "user_known": False,
+                    "session_events": len(q.events), "intent": [], "items": []}
         now = q.now if q.now is not None else max((e[2] for e in q.events), default=0.0)
         user = self.user_row(m, q.user_id)
         item_events = tuple(
@@ -263,6 +360,10 @@ class RankerService:
         from graph.recommend import Request
 
         m = self.model
+        if m is None:
+            raise UnavailableError(
+                "no model has been trained yet, so there are no item neighbours: wait for the "
+                "first training job (`ray job list`), or run `python train_job.py`")
         i = m.item_index.get(item_id)
         if i is None:
             raise NotFoundError(
@@ -341,11 +442,12 @@ class GNNRanker:
         tombstones_path: str | None = None,
     ) -> None:
         _limit_threads()
-        self.service = RankerService(artifacts_root, model_version, tombstones_path)
+        self.service = RankerService(artifacts_root, model_version, tombstones_path,
+                                     cold_start=True)
         _freeze_gc()
         self._stop = threading.Event()
         self._metrics = _RankerMetrics()
-        self._metrics.model_swapped(None, self.service.model.version)
+        self._metrics.model_swapped(None, self.service.version)
         self.reload_poll_s = reload_poll_s
         if reload_poll_s > 0 and model_version == "latest":
             threading.Thread(target=self._watch, name="latest-watcher", daemon=True).start()
@@ -354,12 +456,11 @@ class GNNRanker:
         while not self._stop.wait(self.reload_poll_s):
             try:
                 res = self.service.maybe_pick_up_latest()
-                if res and res["swapped"]:
-                    _freeze_gc()
-                    self._metrics.model_swapped(res["previous_version"], res["version"])
+                if res:
+                    self._swapped(res)
             except Exception:  # a bad new artifact must not take the serving one down
                 log.exception("automatic model pickup failed; still serving %s",
-                              self.service.model.version)
+                              self.service.version)
 
     async def recommend(self, q: RankQuery) -> dict[str, Any]:
         """Rank for one request (see :meth:`RankerService.recommend`)."""
@@ -392,16 +493,32 @@ class GNNRanker:
 
     async def reload(self, version: str | None = None) -> dict[str, Any]:
         """Load a version in a worker thread (requests keep being served), then swap."""
-        res = await asyncio.to_thread(self.service.reload, version)
+        return self._swapped(await asyncio.to_thread(self.service.reload, version))
+
+    async def prepare(self, version: str | None = None) -> str:
+        """Validate a version for a rollout: load it and answer a warm-up request, in a worker
+        thread, without serving it (see :meth:`RankerService.prepare`)."""
+        return await asyncio.to_thread(self.service.prepare, version)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's hook for a changed ``user_config``, called on every replica (and on every new
+        one after ``__init__``): ``{"version": v}`` from a rollout (:mod:`actors.rollout`)."""
+        self._swapped(await asyncio.to_thread(self.service.apply_rollout, user_config))
+
+    async def serving(self) -> dict[str, str]:
+        """This replica's id and the version it serves (rollout checks and tests)."""
+        return {"replica": serve.get_replica_context().replica_id.unique_id,
+                "version": self.service.version}
+
+    def _swapped(self, res: dict[str, Any]) -> dict[str, Any]:
         if res["swapped"]:
             _freeze_gc()
             self._metrics.model_swapped(res["previous_version"], res["version"])
         return res
 
     def check_health(self) -> None:
-        """Serve health check: a replica without a model is unhealthy."""
-        if self.service.model is None:  # pragma: no cover - build() raises instead
-            raise IntentrecError("no model loaded")
+        """Serve health check: a replica that started is healthy, also before the first model
+        (it then serves the cold-start answer)."""
 
     def __del__(self) -> None:
         stop = getattr(self, "_stop", None)  # absent when __init__ failed

@@ -1190,16 +1190,15 @@ class SessionStore:
         Raises:
             ConfigError: A shard with the same name already runs another configuration.
         """
+        from actors.shard_attach import drift, drift_error
+
         mine = self.config.model_dump()
         for i, theirs in enumerate(
             await asyncio.gather(*(self._call(h.ping.remote()) for h in self.handles))
         ):
-            diff = {k: theirs.get(k) for k in mine if theirs.get(k) != mine[k]}
+            diff = drift(mine, theirs)
             if diff:
-                raise ConfigError(
-                    f"session shard {self.config.shard_name(i)} already runs with {diff}; "
-                    "kill it (SessionStore.kill()) or use another actor_prefix"
-                )
+                raise drift_error(self.config, self.config.shard_name(i), diff)
 
     def kill(self) -> None:
         """Kill the shard actors for good (their logs stay on disk)."""

@@ -38,6 +38,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from graph import storage
 from graph.errors import ArtifactError, NotFoundError
 
 LATEST = "LATEST"
@@ -52,10 +53,7 @@ FORMAT_VERSION = 2  # 2: the learned ranker (ranker/)
 
 def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     """Resolve a local path or a pyarrow URI (``s3://bucket/key``) into (filesystem, path)."""
-    if "://" in root:
-        fs, path = pafs.FileSystem.from_uri(root)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
+    return storage.filesystem(root)
 
 
 def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -221,6 +219,12 @@ def latest_version(root: str) -> str:
             f"no trained model under {root} (no {LATEST} file): run `python train_job.py` "
             f"(or `python train_job.py --output {root}`) first"
         ) from exc
+
+
+def has_latest(root: str) -> bool:
+    """Whether ``root`` has a ``LATEST`` pointer yet (False before the first training run)."""
+    fs, base = filesystem(root)
+    return _exists(fs, f"{base}/{LATEST}")
 
 
 def list_versions(root: str) -> list[str]:

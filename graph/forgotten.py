@@ -13,6 +13,7 @@ them (:func:`parse_record`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Final
 
@@ -53,24 +54,40 @@ def parse_records(data: bytes) -> set[str]:
     return {parse_record(line) for line in data.decode("utf-8", "replace").split("\n") if line}
 
 
+def record_name(user_id: str) -> str:
+    """The object holding one user's record on an object store (where the forgotten users are a
+    folder of records, since objects cannot be appended to): a hash of the id, so any id is a
+    valid object name and forgetting a user twice writes the same object."""
+    return hashlib.sha256(user_id.encode("utf-8")).hexdigest() + ".json"
+
+
 def read_forgotten(path_or_uri: str) -> frozenset[str]:
-    """The users listed in a forgotten-users file (a local path or a pyarrow URI).
+    """The users listed in a forgotten-users file (a local path or a pyarrow URI), or in a
+    folder of such records (the layout on an object store, :func:`record_name`).
 
     Raises:
         DataError: The file does not exist or cannot be read (a mistyped path must not let a
             retrain use forgotten users silently).
     """
     fs, path = filesystem(path_or_uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    kind = fs.get_file_info(path).type
+    if kind not in (pafs.FileType.File, pafs.FileType.Directory):
         raise DataError(
             f"forgotten-users file {path_or_uri} does not exist: pass the file the serving app "
             f"writes (<state_dir>/{FORGOTTEN_FILE}, default {DEFAULT_FORGOTTEN_PATH})",
             field="forgotten",
         )
     try:
-        with fs.open_input_stream(path) as f:
-            data = bytes(f.read())
+        if kind == pafs.FileType.File:
+            paths = [path]
+        else:
+            paths = [i.path for i in fs.get_file_info(pafs.FileSelector(path))
+                     if i.type == pafs.FileType.File]
+        data = bytearray()
+        for p in paths:
+            with fs.open_input_stream(p) as f:
+                data += bytes(f.read())
     except OSError as exc:
         raise DataError(f"forgotten-users file {path_or_uri} could not be read ({exc})",
                         field="forgotten") from exc
-    return frozenset(parse_records(data))
+    return frozenset(parse_records(bytes(data)))

@@ -110,3 +110,16 @@ def trained_artifact_root(ray_cluster: None, tmp_path_factory: pytest.TempPathFa
         progress=lambda _line: None,
     )
     return str(root / "models")
+
+
+# --------------------------------------------------------------------------------------------
+# Object store (S3-compatible, on 127.0.0.1) for shared cluster state
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3_bucket() -> Iterator[str]:
+    """Base URI of an empty bucket on a local S3-compatible server (tests/object_store.py); use
+    ``graph.storage.join(s3_bucket, "<test>/...")`` for a test's own prefix."""
+    from tests.object_store import s3_server
+
+    with s3_server() as base:
+        yield base

@@ -11,7 +11,7 @@ import pytest
 from actors.explain import Reasons, cadence_text, day_part, short_title
 from actors.ranker import RankerService, RankQuery
 from graph.artifacts import latest_version, list_versions, read_artifact, write_artifact
-from graph.errors import ArtifactError, NotFoundError
+from graph.errors import ArtifactError, BadRequestError, NotFoundError
 from graph.recommend import Request
 from graph.retrieval import SOURCES, candidates, exclusions
 from graph.search_index import TokenIndex, tokenize
@@ -273,3 +273,80 @@ def test_text_helpers() -> None:
     assert idx.match(tokenize("cereal"), np.arange(3)).tolist() == [1.0, 0.0, 1.0]
     pop = np.array([1.0, 5.0, 3.0])
     assert idx.candidates(tokenize("kids cereal"), pop, 5).tolist() == [0]
+
+
+def test_a_broken_version_is_refused_and_latest_stays(svd_artifact_root: str,
+                                                      tmp_path: Path) -> None:
+    """A rollout validates first: a version that cannot load never becomes LATEST or serves."""
+    from graph.artifacts import filesystem, set_latest_version
+
+    root = str(tmp_path / "models")
+    art = read_artifact(svd_artifact_root)
+    common = {"user_ids": art.user_ids, "items": art.items, "user_emb": art.user_emb,
+              "item_emb": art.item_emb, "signals": art.signals, "metrics": {}, "manifest": {},
+              "learned": art.learned, "item_static": art.item_static}
+    write_artifact(root, version="v1", **common)
+    write_artifact(root, version="broken", set_latest=False, **common)
+    fs, base = filesystem(root)
+    with fs.open_output_stream(f"{base}/broken/item_emb.npy") as f:
+        f.write(b"not a numpy file")
+    svc = RankerService(root)
+    with pytest.raises(BadRequestError) as err:
+        svc.reload("broken")
+    assert err.value.field == "version" and "still serving v1" in err.value.message
+    assert latest_version(root) == "v1" and svc.model.version == "v1"
+    # LATEST moved by hand to the refused version: polling does not load it again.
+    set_latest_version(root, "broken")
+    assert svc.maybe_pick_up_latest() is None and svc.model.version == "v1"
+    fresh = RankerService(root, "v1")
+    fresh.model_version = "latest"  # follows LATEST from now on: polling tries it once
+    with pytest.raises(BadRequestError):
+        fresh.maybe_pick_up_latest()
+    assert fresh.maybe_pick_up_latest() is None and fresh.model.version == "v1"
+
+
+def test_a_rollout_config_moves_pinned_and_following_services(svd_artifact_root: str,
+                                                              tmp_path: Path) -> None:
+    root = str(tmp_path / "models")
+    art = read_artifact(svd_artifact_root)
+    common = {"user_ids": art.user_ids, "items": art.items, "user_emb": art.user_emb,
+              "item_emb": art.item_emb, "signals": art.signals, "metrics": {}, "manifest": {},
+              "learned": art.learned, "item_static": art.item_static}
+    for v in ("v1", "v2", "v3"):
+        write_artifact(root, version=v, **common)
+    pinned = RankerService(root, "v1")
+    assert pinned.prepare("v2") == "v2" and pinned.model.version == "v1"  # validated, not served
+    assert pinned.apply_rollout({"version": "v2"})["version"] == "v2"
+    assert pinned.model_version == "v2" and pinned.maybe_pick_up_latest() is None
+    # A service following LATEST goes where LATEST points (the rollout moved it before pushing),
+    # not back to an older version named in a stale config.
+    following = RankerService(root)
+    assert following.model.version == "v3"
+    assert following.apply_rollout({"version": "v2"})["swapped"] is False
+    with pytest.raises(BadRequestError):
+        following.apply_rollout({"versions": "v2"})
+
+
+def test_first_boot_answers_without_a_model_then_picks_up_the_first(svd_artifact_root: str,
+                                                                     tmp_path: Path) -> None:
+    from actors.ranker import NO_MODEL
+    from graph.errors import UnavailableError
+
+    root = str(tmp_path / "empty-bucket" / "artifacts")
+    svc = RankerService(root, cold_start=True)
+    out = svc.recommend(RankQuery(user_id="u1", events=(("sku", "view", T0, None),), k=5))
+    assert out == {"model_version": NO_MODEL, "user_known": False, "session_events": 1,
+                   "intent": [], "items": []}
+    assert svc.model_info()["version"] == NO_MODEL and svc.model_info()["num_items"] == 0
+    with pytest.raises(UnavailableError, match="train_job"):
+        svc.similar("sku")
+    assert svc.maybe_pick_up_latest() is None  # still nothing published
+    art = read_artifact(svd_artifact_root)
+    write_artifact(root, user_ids=art.user_ids, items=art.items, user_emb=art.user_emb,
+                   item_emb=art.item_emb, signals=art.signals, metrics={}, manifest={},
+                   learned=art.learned, item_static=art.item_static, version="first")
+    assert svc.maybe_pick_up_latest() == {"previous_version": NO_MODEL, "version": "first",
+                                          "swapped": True}
+    assert svc.recommend(RankQuery(k=5))["items"]
+    with pytest.raises(ArtifactError):  # without cold start (a pinned or direct use): an error
+        RankerService(str(tmp_path / "other"))

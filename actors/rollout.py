@@ -1,0 +1,123 @@
+"""Model rollouts that reach every ranker replica: validate, move ``LATEST``, then reconfigure.
+
+A reload or rollback (``POST /v1/admin/reload``) runs three steps, in this order:
+
+1. **Validate.** One ranker replica loads the version and answers a warm-up request with it
+   (:meth:`actors.ranker.RankerService.prepare`). A version that cannot be served is refused here
+   (422, field ``version``) and nothing has moved: ``LATEST`` and every replica stay as they were.
+2. **Move** ``LATEST`` (only when the app follows ``latest`` and a version was named), so a
+   replica that starts later, or the automatic pickup, lands on the same version.
+3. **Reconfigure every replica** through Serve: the ranker deployment's ``user_config`` in the
+   application's declarative config becomes ``{"version": v}`` and the config is applied again,
+   as ``serve deploy`` with an edited file would. The code version is unchanged, so Serve does
+   not restart replicas: it calls ``GNNRanker.reconfigure`` on each one, and on every replica it
+   starts afterwards.
+
+Step 3 needs an application deployed from a config (``serve deploy serve_config.yaml``, the
+REST API, or a RayService). An app started with ``serve run``/``serve.run`` has no config to
+update; there the replica that validated swaps at once and the others follow ``LATEST`` within
+``reload_poll_s``, and a rollout that could not reach them (a pinned version, or polling off) is
+refused with a 409 before anything moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from graph.artifacts import set_latest_version
+from graph.errors import ConflictError
+
+RANKER_DEPLOYMENT = "GNNRanker"
+
+
+def _controller() -> Any:
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+
+
+async def declared_state() -> dict[str, Any]:
+    """The declarative part of Serve's state, as ``GET /api/serve/applications/`` shows it:
+    ``{"target_capacity", "applications": {name: {"deployed_app_config", ...}}}`` for the
+    applications deployed from a config only."""
+    from ray.serve.schema import APIType
+
+    details: dict[str, Any] = await _controller().get_serve_instance_details.remote(
+        source=APIType.DECLARATIVE)
+    return details
+
+
+async def push_ranker_config(app_name: str, user_config: dict[str, Any]) -> bool:
+    """Set the ranker deployment's ``user_config`` in ``app_name``'s config and apply it again.
+
+    Like ``serve deploy`` with an edited file: every other application deployed from a config,
+    and the target capacity, are applied unchanged (the declarative state is the whole set;
+    leaving an application out would delete it).
+
+    Returns:
+        False when ``app_name`` was not deployed from a config (nothing was changed).
+    """
+    from ray.serve.schema import ServeDeploySchema
+
+    state = await declared_state()
+    apps = {name: app.get("deployed_app_config")
+            for name, app in (state.get("applications") or {}).items()}
+    doc = apps.get(app_name)
+    if doc is None:
+        return False
+    # Only what the operator wrote is kept (exclude_unset upstream): options not written stay
+    # unset, so the values in code keep applying.
+    others = [d for d in doc.get("deployments", []) if d.get("name") != RANKER_DEPLOYMENT]
+    ranker = next((d for d in doc.get("deployments", []) if d.get("name") == RANKER_DEPLOYMENT),
+                  {"name": RANKER_DEPLOYMENT})
+    apps[app_name] = {**doc, "deployments": [*others, {**ranker, "user_config": dict(user_config)}]}
+    config = {"applications": [a for a in apps.values() if a is not None]}
+    if state.get("target_capacity") is not None:
+        config["target_capacity"] = state["target_capacity"]
+    await _controller().apply_config.remote(ServeDeploySchema.model_validate(config))
+    return True
+
+
+async def roll_out(ranker: Any, *, app_name: str, artifacts_root: str, follow_latest: bool,
+                   reload_poll_s: float, version: str | None) -> dict[str, Any]:
+    """Validate a version, move ``LATEST`` to it, and move every ranker replica to it.
+
+    Args:
+        ranker: Handle to the ranker deployment.
+        app_name: The Serve application the ranker belongs to.
+        artifacts_root: Where the versions and ``LATEST`` live.
+        follow_latest: The app follows ``LATEST`` (``model_version: latest``), else it is pinned.
+        reload_poll_s: The ranker's ``LATEST`` polling period (0: off).
+        version: The version to roll to; None: what ``LATEST`` (or the pin) names now.
+
+    Returns:
+        ``{"previous_version", "version", "swapped"}`` (``previous_version``: what the
+        validating replica served).
+
+    Raises:
+        NotFoundError: No such version (404).
+        BadRequestError: The version cannot be served (422); nothing moved.
+        ConflictError: The app was not deployed from a config and the others replicas could not
+            follow (pinned, or polling off); nothing moved (409).
+    """
+    previous = (await ranker.serving.remote())["version"]
+    declared = app_name in ((await declared_state()).get("applications") or {})
+    if not declared and (not follow_latest or reload_poll_s <= 0):
+        raise ConflictError(
+            f"application {app_name!r} was started with `serve run` (no deployed config), so a "
+            "new version could reach one ranker replica only"
+            + ("" if follow_latest else " (its version is pinned)")
+            + "; deploy it with `serve deploy serve_config.yaml` (or a RayService) to roll out "
+            "to every replica, or follow `latest` with reload_poll_s > 0",
+            field="version",
+        )
+    target: str = await ranker.prepare.remote(version)
+    if follow_latest and version is not None:
+        await asyncio.to_thread(set_latest_version, artifacts_root, target)
+    if declared:
+        await push_ranker_config(app_name, {"version": target})
+    else:  # the others follow LATEST within reload_poll_s
+        await ranker.reload.remote(target)
+    return {"previous_version": previous, "version": target, "swapped": target != previous}

@@ -1,0 +1,201 @@
+"""Model rollouts reach every ranker replica (actors/rollout.py): real Serve, two ranker replicas.
+
+The app is deployed from a config, as ``serve deploy serve_config.yaml`` does, with its version
+pinned and polling off: the only way a replica can change version here is Serve's
+``user_config`` / ``reconfigure``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from graph.artifacts import filesystem, latest_version, read_artifact, write_artifact
+from tests.helpers import wait_for_condition
+
+PORT = 8123
+APP = "intentrec-rollout"
+PREFIX = "/rollout"
+ADMIN_KEY = "admin-key-for-rollout-0123456789"
+ADMIN = {"X-API-Key": ADMIN_KEY}
+
+
+@dataclass
+class Rollout:
+    url: str
+    root: str
+    first: str
+    ranker: Any  # DeploymentHandle of the GNNRanker deployment
+    client: httpx.Client
+
+    def reload(self, version: str) -> httpx.Response:
+        return self.client.post(self.url + "/v1/admin/reload", json={"version": version},
+                                headers=ADMIN)
+
+    def replicas(self, calls: int = 24) -> dict[str, str]:
+        """Replica id -> version it serves, from enough calls to see every replica."""
+        outs = [self.ranker.serving.remote() for _ in range(calls)]
+        return {o["replica"]: o["version"] for o in (r.result() for r in outs)}
+
+    def all_serve(self, version: str) -> bool:
+        seen = self.replicas()
+        return len(seen) == 2 and set(seen.values()) == {version}
+
+
+@pytest.fixture(scope="module")
+def rollout(ray_cluster: None, svd_artifact_root: str,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rollout]:
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from actors.session_state import SessionStateConfig, SessionStore
+
+    tmp = tmp_path_factory.mktemp("rollout")
+    root = str(tmp / "models")
+    shutil.copytree(svd_artifact_root, root)
+    first = latest_version(root)
+    session = {"num_shards": 1, "wal_uri": str(tmp / "wal"), "actor_prefix": "intentrec-rollout"}
+    config = ServeDeploySchema.model_validate({"applications": [{
+        "name": APP, "route_prefix": PREFIX, "import_path": "serve_app:build_app",
+        "runtime_env": {"env_vars": {"INTENTREC_ADMIN_KEY": ADMIN_KEY,
+                                     "PYTHONPATH": os.environ["PYTHONPATH"]}},
+        "args": {"artifacts_root": root, "model_version": first, "reload_poll_s": 0,
+                 "state_dir": str(tmp / "state"), "inline_context": True, "session": session},
+        "deployments": [
+            {"name": "GNNRanker", "ray_actor_options": {"num_cpus": 0.25},
+             "autoscaling_config": {"min_replicas": 2, "max_replicas": 2}},
+            {"name": "Ingress", "ray_actor_options": {"num_cpus": 0.1}},
+        ],
+    }]})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    _get_global_client().deploy_apps(config)  # what `serve deploy` posts to the dashboard
+    url = f"http://127.0.0.1:{PORT}{PREFIX}"
+    client = httpx.Client(timeout=60.0)
+    wait_for_condition(lambda: client.get(url + "/healthz").status_code == 200, timeout=240,
+                       interval=0.5, what="the rollout app answers /healthz")
+    r = Rollout(url, root, first, serve.get_deployment_handle("GNNRanker", APP), client)
+    wait_for_condition(lambda: r.all_serve(first), timeout=120, what="both rankers serve")
+    try:
+        yield r
+    finally:
+        client.close()
+        serve.delete(APP)
+        SessionStore(SessionStateConfig(**session)).kill()
+
+
+def _copy_version(root: str, name: str) -> str:
+    art = read_artifact(root)
+    return write_artifact(root, user_ids=art.user_ids, items=art.items, user_emb=art.user_emb,
+                          item_emb=art.item_emb * 0.5, signals=art.signals, metrics=art.metrics,
+                          manifest={"note": name}, learned=art.learned,
+                          item_static=art.item_static, version=name, set_latest=False)
+
+
+def test_a_reload_moves_every_replica_without_a_failed_request(rollout: Rollout) -> None:
+    v2 = _copy_version(rollout.root, "v2-rollout")
+    stop, codes = threading.Event(), []
+
+    def hammer() -> None:
+        with httpx.Client(timeout=60.0) as c:
+            while not stop.is_set():
+                codes.append(c.post(rollout.url + "/v1/recommendations",
+                                    json={"session_id": "rollout", "k": 5}).status_code)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        r = rollout.reload(v2)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"previous_version": rollout.first, "version": v2, "swapped": True}
+        wait_for_condition(lambda: rollout.all_serve(v2), timeout=120,
+                           what="both ranker replicas serve the new version")
+        # Pinned app: LATEST is not this app's pointer, so it stays where it was.
+        assert latest_version(rollout.root) == rollout.first
+        r = rollout.reload(rollout.first)  # rollback, also to both
+        assert r.status_code == 200, r.text
+        wait_for_condition(lambda: rollout.all_serve(rollout.first), timeout=120,
+                           what="both ranker replicas are rolled back")
+    finally:
+        stop.set()
+        t.join()
+    assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+
+
+def test_a_broken_version_is_refused_and_the_previous_keeps_serving(rollout: Rollout) -> None:
+    broken = _copy_version(rollout.root, "broken-rollout")
+    fs, base = filesystem(rollout.root)
+    with fs.open_output_stream(f"{base}/{broken}/user_emb.npy") as f:
+        f.write(b"truncated")
+    (serving,) = set(rollout.replicas().values())
+    r = rollout.reload(broken)
+    assert r.status_code == 422 and r.json()["field"] == "version", r.text
+    assert "cannot be served" in r.json()["message"]
+    # Every replica (also one Serve may have replaced meanwhile) still serves the same version.
+    assert rollout.all_serve(serving)
+    assert rollout.reload("no-such-version").status_code == 404
+
+
+def test_first_boot_answers_at_once_and_serves_the_first_model_without_a_failure(
+        ray_cluster: None, svd_artifact_root: str, tmp_path: Path) -> None:
+    """An empty artifact root (a new bucket): 200s at once with the cold-start answer; the first
+    published version is picked up by polling while requests keep flowing, none failing."""
+    from ray import serve
+
+    import serve_app
+    from actors.ranker import NO_MODEL
+    from actors.session_state import SessionStateConfig, SessionStore
+
+    root = str(tmp_path / "models")
+    session = SessionStateConfig(num_shards=1, wal_uri=str(tmp_path / "wal"),
+                                 actor_prefix="intentrec-first-boot")
+    args = serve_app.AppArgs(artifacts_root=root, state_dir=str(tmp_path / "state"),
+                             reload_poll_s=0.5, inline_context=True, allow_anonymous=True,
+                             session=session)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(serve_app.compose(args, env_vars={"PYTHONPATH": os.environ["PYTHONPATH"]}),
+              name="intentrec-first-boot", route_prefix="/first-boot", blocking=False)
+    url = f"http://127.0.0.1:{PORT}/first-boot"
+    stop, codes, versions = threading.Event(), [], set()
+    try:
+        with httpx.Client(timeout=60.0) as c:
+            wait_for_condition(lambda: c.get(url + "/healthz").status_code == 200, timeout=240,
+                               interval=0.5, what="the app answers before any model exists")
+            first = c.post(url + "/v1/recommendations", json={"session_id": "boot", "k": 5})
+            assert first.status_code == 200, first.text
+            assert first.json()["model_version"] == NO_MODEL and first.json()["items"] == []
+
+            def hammer() -> None:
+                with httpx.Client(timeout=60.0) as h:
+                    while not stop.is_set():
+                        r = h.post(url + "/v1/recommendations", json={"session_id": "boot", "k": 5})
+                        codes.append(r.status_code)
+                        if r.status_code == 200:
+                            versions.add(r.json()["model_version"])
+
+            t = threading.Thread(target=hammer)
+            t.start()
+            # The first training job publishes: the version folder, then LATEST.
+            shutil.copytree(svd_artifact_root, root, ignore=shutil.ignore_patterns("LATEST"))
+            shutil.copy(Path(svd_artifact_root) / "LATEST", Path(root) / "LATEST")
+            published = latest_version(root)
+            wait_for_condition(
+                lambda: c.post(url + "/v1/recommendations",
+                               json={"session_id": "boot", "k": 5}).json()["model_version"]
+                == published, timeout=120, what="the first model is picked up")
+            stop.set()
+            t.join()
+    finally:
+        stop.set()
+        serve.delete("intentrec-first-boot")
+        SessionStore(session).kill()
+    assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+    assert versions == {NO_MODEL, published}
