@@ -72,11 +72,19 @@ from actors.auth import ADMIN_KEY_ENV, API_KEY_HEADER, CLIENT_KEY_ENV, ApiKeys, 
 from actors.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from actors.clock import Clock, system_clock
 from actors.context import ContextEnricher, enrich_context
+from actors.overload import (
+    BACKPRESSURE,
+    INGRESS_MAX_QUEUED,
+    TRANSIENT_ERRORS,
+    bounded,
+    retry_after_headers,
+    unavailable,
+)
 from actors.ranker import GNNRanker, RankQuery
 from actors.session_events import SessionEvent
 from actors.session_state import SessionSnapshot, SessionStateConfig, SessionStore
 from graph.artifacts import latest_version
-from graph.errors import ArtifactError, BadRequestError, IntentrecError
+from graph.errors import ArtifactError, BadRequestError, IntentrecError, UnavailableError
 from graph.forgotten import FORGOTTEN_FILE
 
 log = logging.getLogger("intentrec.serve")
@@ -109,7 +117,13 @@ class AppArgs(BaseModel):
         inline_context: Compute the context in the ingress instead of calling the
             ContextEnricher deployment: one handle call less per recommendation (the enricher is
             then not deployed). The enrichment is the same function either way.
-        session: Session-state configuration (shards, window, TTL, write-ahead log).
+        session: Session-state configuration (shards, window, TTL, write-ahead log);
+            ``session.call_timeout_s`` bounds each shard call.
+        ranker_timeout_s: Longest wait for the ranker (and the context enricher) per request;
+            past it the request gets a 503 with ``Retry-After``. Keep it, and
+            ``session.call_timeout_s``, below the HTTP ``request_timeout_s`` of the Serve config,
+            so the client gets that answer rather than the proxy's timeout.
+        health_timeout_s: Longest wait for each component ``/healthz`` checks.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -126,6 +140,8 @@ class AppArgs(BaseModel):
     state_dir: str = "state"
     inline_context: bool = False
     session: SessionStateConfig = Field(default_factory=SessionStateConfig)
+    ranker_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0)
+    health_timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
 
     @field_validator("default_timezone")
     @classmethod
@@ -234,19 +250,28 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     )
 
 
+def _error_response(err: IntentrecError) -> JSONResponse:
+    # Every 503 says when to retry (RFC 9110 Retry-After).
+    headers = retry_after_headers() if err.http_status == 503 else None
+    return JSONResponse(status_code=err.http_status, content=err.to_dict(), headers=headers)
+
+
 @api.exception_handler(IntentrecError)
 async def _project_error(request: Request, exc: IntentrecError) -> JSONResponse:
     err = _cause(exc)
     if not isinstance(err, IntentrecError):  # pragma: no cover - defensive
         err = exc
-    return JSONResponse(status_code=err.http_status, content=err.to_dict())
+    return _error_response(err)
 
 
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     err = _cause(exc)
     if isinstance(err, IntentrecError):  # a project error wrapped by Ray on its way here
-        return JSONResponse(status_code=err.http_status, content=err.to_dict())
+        return _error_response(err)
+    if isinstance(exc, TRANSIENT_ERRORS) or isinstance(err, TRANSIENT_ERRORS):
+        # A replica or actor died under the request, or a queue was full: a 503, not a 500.
+        return _error_response(unavailable(err, "a serving component"))
     log.exception("unexpected error on %s", request.url.path, exc_info=exc)
     return JSONResponse(status_code=500, content={
         "error": "InternalError", "message": "unexpected server error; it has been logged"})
@@ -293,7 +318,8 @@ async def _observed(endpoint: str) -> AsyncIterator[None]:
         yield
     except BaseException as exc:
         err = _cause(exc)
-        status = err.http_status if isinstance(err, IntentrecError) else 500
+        status = (err.http_status if isinstance(err, IntentrecError)
+                  else 503 if isinstance(err, TRANSIENT_ERRORS) else 500)
         raise
     finally:
         if _METRICS is not None:
@@ -348,6 +374,8 @@ def _wire_events(snapshot: SessionSnapshot, user_only: bool) -> tuple[Any, ...]:
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=128,
+    max_queued_requests=INGRESS_MAX_QUEUED,
+    backpressure_config=BACKPRESSURE,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
 )
 @serve.ingress(api)
@@ -384,7 +412,9 @@ class Ingress:
         """The context of one request (:meth:`actors.context.EnrichedContext.wire`), whose
         ``ts`` is the request time: ``context.ts`` when given, else ``now``."""
         if self.enricher is not None:
-            out: dict[str, Any] = await self.enricher.enrich.remote(ctx, now)
+            out: dict[str, Any] = await bounded(
+                self.enricher.enrich.remote(ctx, now), self.args.ranker_timeout_s,
+                "the context enricher", "ranker_timeout_s")
             return out
         return enrich_context(ctx, default_country=self.args.default_country,
                               default_timezone=self.args.default_timezone,
@@ -453,8 +483,8 @@ class Ingress:
             ctx = req.context.model_dump(exclude_none=True) if req.context is not None else None
             # One request time for everything time-dependent in answering it (session decay,
             # intent, context): context.ts when given, else the server clock.
-            snapshot, enriched = await asyncio.gather(
-                self.store.get(req.session_id, req.user_id), self._enrich(ctx, self.clock())
+            (snapshot, degraded), enriched = await asyncio.gather(
+                self._session(req.session_id, req.user_id), self._enrich(ctx, self.clock())
             )
             query = RankQuery(
                 user_id=req.user_id,
@@ -466,8 +496,31 @@ class Ingress:
                 category=req.category,
                 now=enriched["ts"],
             )
-            out: dict[str, Any] = await self.ranker.recommend.remote(query)
-            return {**out, "context": ContextOut(**enriched["display"])}
+            out: dict[str, Any] = await self._ranker(self.ranker.recommend.remote(query))
+            return {**out, "context": ContextOut(**enriched["display"]), "degraded": degraded}
+
+    async def _session(self, session_id: str | None,
+                       user_id: str | None) -> tuple[SessionSnapshot, list[str]]:
+        """The session state of a request, and what the answer lacks (``degraded``).
+
+        A shard that is down or slower than ``session.call_timeout_s`` does not fail the
+        recommendation: it is answered without the session (the user's model history and the
+        context still count), flagged ``degraded: ["session"]``.
+        """
+        try:
+            snapshot = await bounded(self.store.get(session_id, user_id),
+                                     self.args.session.call_timeout_s, "session state",
+                                     "session.call_timeout_s")
+        except UnavailableError as exc:
+            log.warning("recommending without the session: %s", exc.message)
+            sid = session_id or (None if user_id is None else f"user:{user_id}")
+            return SessionSnapshot(sid, user_id, (), ()), ["session"]
+        return snapshot, []
+
+    async def _ranker(self, call: Any) -> dict[str, Any]:
+        out: dict[str, Any] = await bounded(call, self.args.ranker_timeout_s, "the ranker",
+                                            "ranker_timeout_s")
+        return out
 
     @api.get("/v1/items/{item_id:id}/similar", response_model=SimilarResponse,
              responses=_ERROR_RESPONSES, summary="Item-to-item neighbours")
@@ -477,8 +530,7 @@ class Ingress:
         k: Annotated[int, QueryParam(ge=1, le=MAX_K)] = 20,
     ) -> dict[str, Any]:
         async with _observed("similar"):
-            out: dict[str, Any] = await self.ranker.similar.remote(item_id, k)
-            return out
+            return await self._ranker(self.ranker.similar.remote(item_id, k))
 
     @api.delete("/v1/users/{user_id:id}", response_model=ForgetResponse,
                 responses=_ERROR_RESPONSES,
@@ -505,8 +557,7 @@ class Ingress:
              summary="The model version in use and its offline metrics")
     async def model(self) -> dict[str, Any]:
         async with _observed("model"):
-            out: dict[str, Any] = await self.ranker.model_info.remote()
-            return out
+            return await self._ranker(self.ranker.model_info.remote())
 
     @api.post("/v1/admin/reload", response_model=ReloadResponse, responses=_ERROR_RESPONSES,
               summary="Load LATEST again, or roll to a named version (admin key)")
@@ -521,10 +572,20 @@ class Ingress:
             return out
 
     @api.get("/healthz", response_model=Health, responses=_ERROR_RESPONSES,
-             summary="Liveness and readiness")
+             summary="Liveness and readiness: the ranker and every session shard")
     async def healthz(self) -> dict[str, Any]:
-        info = await self.ranker.model_info.remote()
-        return {"status": "ok", "model_version": info["version"]}
+        """200 while recommendations can be answered: ``status`` is ``degraded`` (still a 200)
+        while a session shard is down, since every ingress replica shares the shards and
+        answers without the session meanwhile; a 503 when the ranker does not answer."""
+        timeout = self.args.health_timeout_s
+        info, shards = await asyncio.gather(
+            bounded(self.ranker.model_info.remote(), timeout, "the ranker", "health_timeout_s"),
+            self.store.shard_health(timeout),
+        )
+        down = [s for s in shards if s["status"] != "ok"]
+        return {"status": "degraded" if down else "ok", "model_version": info["version"],
+                "shards": shards,
+                "wal_corrupt_records": sum(int(s.get("corrupt_records", 0)) for s in shards)}
 
 
 # --------------------------------------------------------------------------------------

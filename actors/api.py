@@ -334,6 +334,11 @@ class RecommendationResponse(_Out):
     context: ContextOut
     user_known: bool
     session_events: int
+    degraded: list[Literal["session"]] = Field(
+        default_factory=list,
+        description="what this answer had to do without: 'session' while the session's shard is "
+        "down or slow (the answer then uses the user's model history and the context only)",
+    )
 
 
 class SimilarResponse(_Out):
@@ -390,9 +395,24 @@ class ReloadResponse(_Out):
     swapped: bool
 
 
+class ShardHealth(_Out):
+    shard: int
+    name: str
+    status: Literal["ok", "down"]
+    error: str | None = None
+    corrupt_records: int = Field(default=0, description="corrupt log records set aside on restore")
+    quarantined_bytes: int = Field(default=0, description="their size, kept in a side file")
+
+
 class Health(_Out):
-    status: Literal["ok"]
+    """``ok``; ``degraded`` while a session shard is down (recommendations are then answered
+    without the session and say so in ``degraded``)."""
+
+    status: Literal["ok", "degraded"]
     model_version: str
+    shards: list[ShardHealth]
+    wal_corrupt_records: int = Field(
+        description="corrupt session-log records found on the shards' last restores, summed")
 
 
 class ErrorDetail(_Out):

@@ -127,7 +127,7 @@ _RANGES: Final[dict[str, tuple[float, float, str]]] = {
     "max_clock_skew_seconds": (0, 86_400, "use e.g. 300"),
     "snapshot_every": (1, 10_000_000, "use e.g. 10000"),
     "num_cpus": (0, 64, "session shards are I/O bound: use 0"),
-    "call_timeout_s": (0.1, 3600, "use e.g. 30"),
+    "call_timeout_s": (0.1, 3600, "keep it below the HTTP request timeout, e.g. 5"),
 }
 
 
@@ -157,7 +157,9 @@ class SessionStateConfig(BaseModel):
         namespace: Ray namespace of the shard actors.
         actor_prefix: Shard ``i`` of ``n`` is the actor ``<actor_prefix>-<i>-of-<n>``.
         num_cpus: CPUs reserved per shard actor.
-        call_timeout_s: Client-side limit for one shard call (including a restart wait).
+        call_timeout_s: Client-side limit for one shard call (including a restart wait); keep
+            it below the HTTP request timeout, so that a down shard gives a 503 (events) or a
+            degraded answer (recommendations) instead of the proxy's timeout.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -177,7 +179,7 @@ class SessionStateConfig(BaseModel):
     namespace: str = "intentrec"
     actor_prefix: str = "intentrec-session"
     num_cpus: float = 0.0
-    call_timeout_s: float = 30.0
+    call_timeout_s: float = 5.0
 
     @field_validator(*_RANGES)
     @classmethod
@@ -1183,6 +1185,24 @@ class SessionStore:
     async def stats(self) -> list[dict[str, Any]]:
         """Per-shard sizes and counters."""
         return list(await asyncio.gather(*(self._call(h.stats.remote()) for h in self.handles)))
+
+    async def shard_health(self, timeout_s: float) -> list[dict[str, Any]]:
+        """Each shard's state for ``/healthz``: ``{"shard", "name", "status": "ok"|"down",
+        "error"?, "corrupt_records"?, "quarantined_bytes"?}``, waiting at most ``timeout_s`` for
+        each (a shard that is restarting, replaying its log or hung is "down")."""
+
+        async def one(i: int, handle: Any) -> dict[str, Any]:
+            out: dict[str, Any] = {"shard": i, "name": self.config.shard_name(i)}
+            try:
+                st = await asyncio.wait_for(handle.stats.remote(), timeout=timeout_s)
+            except TimeoutError:
+                return {**out, "status": "down", "error": f"no answer within {timeout_s} s"}
+            except Exception as exc:  # the actor died for good, or failed to restore
+                return {**out, "status": "down", "error": f"{type(exc).__name__}: {exc}"[:300]}
+            return {**out, "status": "ok",
+                    **{k: int(st.get(k, 0)) for k in ("corrupt_records", "quarantined_bytes")}}
+
+        return list(await asyncio.gather(*(one(i, h) for i, h in enumerate(self.handles))))
 
     async def ready(self) -> None:
         """Wait for every shard and check it runs this store's configuration.

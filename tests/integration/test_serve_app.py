@@ -129,7 +129,10 @@ def _popular_item(s: Served) -> str:
 
 def test_health_docs_and_model(served: Served) -> None:
     h = served.client.get(served.url + "/healthz").json()
-    assert h == {"status": "ok", "model_version": latest_version(served.root)}
+    assert (h["status"], h["model_version"]) == ("ok", latest_version(served.root))
+    assert [(s["name"], s["status"]) for s in h["shards"]] == [
+        (f"intentrec-test-session-{i}-of-2", "ok") for i in range(2)]
+    assert h["wal_corrupt_records"] == 0
     assert served.client.get(served.url + "/docs").status_code == 200
     paths = served.client.get(served.url + "/openapi.json").json()["paths"]
     for p in ("/v1/events", "/v1/recommendations", "/v1/items/{item_id}/similar",
