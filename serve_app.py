@@ -594,7 +594,8 @@ class Ingress:
 
 
 def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
-            clock: Clock = system_clock) -> Application:
+            clock: Clock = system_clock,
+            deployments: Mapping[str, Mapping[str, Any]] | None = None) -> Application:
     """Bind the deployments into one application.
 
     Args:
@@ -604,6 +605,10 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
             keys in the environment of ``ray start`` instead (docs/DEPLOY.md).
         clock: The server clock of the ingress and the session shards it starts (tests run
             the app ten years ahead with :class:`actors.clock.OffsetClock`).
+        deployments: Deployment options by deployment name (``.options(...)`` keywords, e.g.
+            ``{"Ingress": {"max_ongoing_requests": 4}}``), over the decorators' defaults; the
+            overload test sizes a small app with it. ``serve deploy`` takes these from the
+            ``deployments`` of ``serve_config.yaml`` instead.
 
     Raises:
         ConfigError: No API key in this process's environment plus ``env_vars``, and anonymous
@@ -617,7 +622,12 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
         opts = {"runtime_env": {"env_vars": dict(env_vars)}}
 
     def with_env(dep: Any, num_cpus: float) -> Any:
-        return dep.options(ray_actor_options={"num_cpus": num_cpus, **opts}) if opts else dep
+        if opts:
+            dep = dep.options(ray_actor_options={"num_cpus": num_cpus, **opts})
+        extra = dict((deployments or {}).get(dep.name, {}))
+        if "num_replicas" in extra:  # a fixed size replaces the decorator's autoscaling
+            extra.setdefault("autoscaling_config", None)
+        return dep.options(**extra) if extra else dep
 
     ranker = with_env(GNNRanker, 0.5).bind(
         args.artifacts_root, args.model_version, args.reload_poll_s, args.tombstones_path
