@@ -585,7 +585,8 @@ class Ingress:
         down = [s for s in shards if s["status"] != "ok"]
         return {"status": "degraded" if down else "ok", "model_version": info["version"],
                 "shards": shards,
-                "wal_corrupt_records": sum(int(s.get("corrupt_records", 0)) for s in shards)}
+                "wal_corrupt_records": sum(int(s.get("corrupt_records", 0))
+                                           + int(s.get("corrupt_snapshots", 0)) for s in shards)}
 
 
 # --------------------------------------------------------------------------------------

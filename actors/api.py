@@ -401,6 +401,7 @@ class ShardHealth(_Out):
     status: Literal["ok", "down"]
     error: str | None = None
     corrupt_records: int = Field(default=0, description="corrupt log records set aside on restore")
+    corrupt_snapshots: int = Field(default=0, description="damaged snapshots set aside on restore")
     quarantined_bytes: int = Field(default=0, description="their size, kept in a side file")
 
 
@@ -412,7 +413,8 @@ class Health(_Out):
     model_version: str
     shards: list[ShardHealth]
     wal_corrupt_records: int = Field(
-        description="corrupt session-log records found on the shards' last restores, summed")
+        description="damaged session-log records and snapshots set aside by the shards' last "
+        "restores, summed (details per shard; the bytes are in the shard's quarantine files)")
 
 
 class ErrorDetail(_Out):

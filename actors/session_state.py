@@ -888,6 +888,9 @@ class ShardState:
         )  # fmt: skip
 
 
+_DAMAGE_COUNTERS = ("corrupt_records", "corrupt_snapshots", "quarantined_bytes")
+
+
 def _is_snapshot(name: str) -> bool:
     return name.startswith("snapshot-") and name.endswith(".jsonl")
 
@@ -920,6 +923,16 @@ class SessionShard:
                  clock: Clock = system_clock) -> None:
         self._state = ShardState(SessionStateConfig.model_validate(config), shard_index,
                                  clock=clock)
+        from ray.util.metrics import Gauge
+
+        # Damage found on this start (also in /healthz): an alert on > 0 asks someone to look
+        # at the shard's quarantine-*.bad files.
+        damaged = Gauge("intentrec_session_log_damaged_records",
+                        "Corrupt log records and snapshots set aside by the shard's last restore",
+                        tag_keys=("shard",))
+        counters = self._state.counters
+        damaged.set(counters["corrupt_records"] + counters["corrupt_snapshots"],
+                    tags={"shard": str(shard_index)})
         self._queue: list[tuple[tuple[str, Any, Any], asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -1287,8 +1300,9 @@ class SessionStore:
 
     async def shard_health(self, timeout_s: float) -> list[dict[str, Any]]:
         """Each shard's state for ``/healthz``: ``{"shard", "name", "status": "ok"|"down",
-        "error"?, "corrupt_records"?, "quarantined_bytes"?}``, waiting at most ``timeout_s`` for
-        each (a shard that is restarting, replaying its log or hung is "down")."""
+        "error"?, "corrupt_records"?, "corrupt_snapshots"?, "quarantined_bytes"?}``, waiting at
+        most ``timeout_s`` for each (a shard that is restarting, replaying its log or hung is
+        "down")."""
 
         async def one(i: int, handle: Any) -> dict[str, Any]:
             out: dict[str, Any] = {"shard": i, "name": self.config.shard_name(i)}
@@ -1299,7 +1313,7 @@ class SessionStore:
             except Exception as exc:  # the actor died for good, or failed to restore
                 return {**out, "status": "down", "error": f"{type(exc).__name__}: {exc}"[:300]}
             return {**out, "status": "ok",
-                    **{k: int(st.get(k, 0)) for k in ("corrupt_records", "quarantined_bytes")}}
+                    **{k: int(st.get(k, 0)) for k in _DAMAGE_COUNTERS}}
 
         return list(await asyncio.gather(*(one(i, h) for i, h in enumerate(self.handles))))
 
