@@ -44,6 +44,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.api import (
     MAX_ID_LEN,
@@ -254,6 +255,19 @@ def _error_response(err: IntentrecError) -> JSONResponse:
     # Every 503 says when to retry (RFC 9110 Retry-After).
     headers = retry_after_headers() if err.http_status == 503 else None
     return JSONResponse(status_code=err.http_status, content=err.to_dict(), headers=headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Errors FastAPI raises itself, in the one error format. A body it cannot even decode (not
+    UTF-8: FastAPI's 400) is a 422 naming ``body``, like a body that is not JSON."""
+    _count(request, 422 if exc.status_code == 400 else exc.status_code)
+    if exc.status_code == 400:
+        return JSONResponse(status_code=422, content={
+            "error": "ValidationError", "field": "body",
+            "message": f"body: {exc.detail}; send JSON encoded as UTF-8"})
+    return JSONResponse(status_code=exc.status_code, headers=exc.headers, content={
+        "error": "HTTPError", "message": str(exc.detail)})
 
 
 @api.exception_handler(IntentrecError)

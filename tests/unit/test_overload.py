@@ -3,7 +3,7 @@ HTTP timeout, 503 with Retry-After, degraded recommendations and /healthz while 
 
 The ingress class is driven directly with stand-in shard and ranker handles (anything with
 ``.method.remote(...)`` awaitables); the same paths run against real Ray in
-``tests/integration/test_overload.py``.
+``tests/integration/test_resilience.py``.
 """
 
 from __future__ import annotations
