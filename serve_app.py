@@ -435,7 +435,8 @@ class Ingress:
                               now=datetime.fromtimestamp(now, UTC)).wire()
 
     @api.post("/v1/events", status_code=202, response_model=EventsAccepted,
-              responses=_ERROR_RESPONSES, summary="Post one event or a batch")
+              responses={**_ERROR_RESPONSES, 409: {"model": ErrorBody}},
+              summary="Post one event or a batch")
     async def post_events(
         self,
         body: Annotated[EventsBody, Body(openapi_examples={
@@ -481,6 +482,9 @@ class Ingress:
 
     @api.post("/v1/recommendations", response_model=RecommendationResponse,
               responses=_ERROR_RESPONSES,
+              # The key is optional here: a session's recommendations need none (the empty
+              # requirement says so in OpenAPI); a user_id needs the client key (401 without).
+              openapi_extra={"security": [{}]},
               summary="Recommend items for a user (client key) and/or a session (no key)")
     async def recommend(
         self,

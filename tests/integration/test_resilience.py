@@ -235,6 +235,8 @@ class _SteadyLoad:
         self.url, self.items, self.clients = url, items, clients
         self.acked: dict[str, set[str]] = {}
         self.outcomes: Counter[int | str] = Counter()
+        self.phase = "steady"
+        self.server_errors: list[str] = []  # phase, path and body of each 5xx other than 503
         self.stop = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
@@ -243,6 +245,8 @@ class _SteadyLoad:
             try:
                 r = await client.post(self.url + path, json=body, headers=AUTH)
                 self.outcomes[r.status_code] += 1
+                if r.status_code >= 500 and r.status_code != 503:
+                    self.server_errors.append(f"{self.phase}: {path} {r.status_code} {r.text[:300]}")
                 if r.status_code not in (429, 503) or self.stop.is_set():
                     return r.status_code
             except httpx.HTTPError as exc:  # the ingress replica is restarting: retry
@@ -303,6 +307,7 @@ def test_chaos_sigkill_shard_ranker_and_ingress_under_load_loses_no_acknowledged
         ]
         for what, pid_of in victims:
             pid = pid_of()
+            load.phase = f"after killing the {what}"
             os.kill(pid, signal.SIGKILL)
             t0 = time.monotonic()
             time.sleep(0.5)  # let the kill be noticed before asking for health
@@ -328,7 +333,9 @@ def test_chaos_sigkill_shard_ranker_and_ingress_under_load_loses_no_acknowledged
           f"(each retried): {errors} ({100 * errors / total:.1f}%); acknowledged events "
           f"{sum(map(len, load.acked.values()))}, missing {sum(map(len, missing.values()))}; "
           f"recovery " + ", ".join(f"{k} {v:.1f} s" for k, v in recovery.items()))
+    for line in load.server_errors:
+        print(line)
     assert not missing, missing
-    assert load.outcomes[500] == 0, load.outcomes
+    assert load.outcomes[500] == 0, load.server_errors
     assert set(load.outcomes) <= {200, 202, 503, "ConnectError", "RemoteProtocolError",
                                   "ReadError"}, load.outcomes
