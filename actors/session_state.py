@@ -1317,15 +1317,19 @@ class SessionStore:
 
         return list(await asyncio.gather(*(one(i, h) for i, h in enumerate(self.handles))))
 
-    async def ready(self) -> None:
-        """Wait for every shard and check it runs this store's configuration.
+    async def ready(self, timeout_s: float = 120.0) -> None:
+        """Wait for every shard (up to ``timeout_s``: a first start or a long log replay may
+        take longer than one call's ``call_timeout_s``) and check it runs this store's
+        configuration.
 
         Raises:
             ConfigError: A shard with the same name already runs another configuration.
+            TimeoutError: A shard did not start within ``timeout_s``.
         """
         mine = self.config.model_dump()
         for i, theirs in enumerate(
-            await asyncio.gather(*(self._call(h.ping.remote()) for h in self.handles))
+            await asyncio.wait_for(asyncio.gather(*(h.ping.remote() for h in self.handles)),
+                                   timeout=timeout_s)
         ):
             diff = {k: theirs.get(k) for k in mine if theirs.get(k) != mine[k]}
             if diff:

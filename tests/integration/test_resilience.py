@@ -10,6 +10,9 @@ issue's 20 s with ``INTENTREC_OVERLOAD_SECONDS=20``) and checks that every answe
 schemathesis generates requests from the app's own ``/openapi.json`` (valid and invalid ones,
 with the admin key, which may do everything): no 5xx, and every answer matches the documented
 status codes and schemas.
+
+The chaos test SIGKILLs a session shard, the ranker and the ingress under load and checks that no
+acknowledged event is lost.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -219,6 +223,8 @@ def test_generated_requests_get_no_server_error_and_match_the_schema(
 
         try:
             run()
+        except Unsatisfiable:
+            assert mode == "negative", op.label  # nothing to make invalid (no parameters)
         except Exception as exc:  # one report per operation, all operations run
             failures.append(f"{op.label}: {exc}")
     print(f"\nschemathesis ({mode}): {calls} requests")
@@ -227,9 +233,9 @@ def test_generated_requests_get_no_server_error_and_match_the_schema(
 
 class _SteadyLoad:
     """``clients`` clients in a background thread, each posting one event (with its own
-    ``event_id``) and then asking for a recommendation, in a loop. A request that gets no answer
-    or a 503 is retried with the same body (safe: the event id makes the retry idempotent) until
-    it succeeds; every status and error is counted."""
+    ``event_id``) and then asking for a recommendation, in a loop. A request that gets no answer,
+    a 503 or the proxy's 500 is retried with the same body (safe: the event id makes the retry
+    idempotent) until it succeeds; every status and error is counted."""
 
     def __init__(self, url: str, items: list[str], clients: int = 4) -> None:
         self.url, self.items, self.clients = url, items, clients
@@ -247,7 +253,8 @@ class _SteadyLoad:
                 self.outcomes[r.status_code] += 1
                 if r.status_code >= 500 and r.status_code != 503:
                     self.server_errors.append(f"{self.phase}: {path} {r.status_code} {r.text[:300]}")
-                if r.status_code not in (429, 503) or self.stop.is_set():
+                # 500: Ray's proxy for a request in flight on a killed ingress (asserted below)
+                if r.status_code not in (429, 500, 503) or self.stop.is_set():
                     return r.status_code
             except httpx.HTTPError as exc:  # the ingress replica is restarting: retry
                 self.outcomes[type(exc).__name__] += 1
@@ -291,6 +298,11 @@ def _healthy(url: str) -> bool:
 
 def test_chaos_sigkill_shard_ranker_and_ingress_under_load_loses_no_acknowledged_event(
         small_app: Small) -> None:
+    """Under steady load (4 clients, each posting an event and asking for a recommendation in a
+    loop, retrying a 503 or a dropped connection with the same event id), SIGKILL a session
+    shard, the ranker replica and the ingress replica one after another, each once the app is
+    healthy again. Every acknowledged (202) event is in its session afterwards; no answer is a
+    500 of the app; the figures (answers by status, recovery times) are printed."""
     import ray
 
     from actors.session_state import SessionStore
@@ -336,6 +348,11 @@ def test_chaos_sigkill_shard_ranker_and_ingress_under_load_loses_no_acknowledged
     for line in load.server_errors:
         print(line)
     assert not missing, missing
-    assert load.outcomes[500] == 0, load.server_errors
-    assert set(load.outcomes) <= {200, 202, 503, "ConnectError", "RemoteProtocolError",
+    # The one 500 left is not the app's: a request in flight on the ingress replica when its
+    # process is SIGKILLed gets "Internal Server Error" in plain text from Ray's HTTP proxy (the
+    # app's own errors are JSON). Like a dropped connection, the client retries it.
+    proxy_500 = "after killing the ingress replica: "
+    assert all(line.startswith(proxy_500) and line.endswith(" 500 Internal Server Error")
+               for line in load.server_errors), load.server_errors
+    assert set(load.outcomes) <= {200, 202, 500, 503, "ConnectError", "RemoteProtocolError",
                                   "ReadError"}, load.outcomes
