@@ -418,9 +418,23 @@ class Ingress:
         self.enricher = enricher
         self.clock = clock
         self.store = store if store is not None else SessionStore(self.args.session, clock)
+        if store is None:
+            self._wait_for_shards()
         _METRICS = _Metrics()
         log.info("intentrec ingress ready (%s; bodies up to %d bytes)", self.keys.describe(),
                  self.args.max_body_bytes)
+
+    def _wait_for_shards(self, timeout_s: float = 60.0) -> None:
+        """Readiness: the replica starts answering once the session shards answer (a first start
+        or a log replay), so a fresh app does not refuse its first events with 503s. A shard
+        still down after ``timeout_s`` does not stop the replica: it then answers degraded and
+        ``/healthz`` names the shard."""
+        import ray
+
+        try:
+            ray.get([h.ping.remote() for h in self.store.handles], timeout=timeout_s)
+        except Exception as exc:
+            log.warning("starting with session shard(s) down (%s); /healthz names them", exc)
 
     async def _enrich(self, ctx: dict[str, Any] | None, now: float) -> dict[str, Any]:
         """The context of one request (:meth:`actors.context.EnrichedContext.wire`), whose

@@ -85,8 +85,8 @@ def small_app(ray_cluster: None, svd_artifact_root: str,
     )
     serve.run(app, name=APP, route_prefix=PREFIX, blocking=False)
     url = f"http://127.0.0.1:{PORT}{PREFIX}"
-    wait_for_condition(lambda: httpx.get(url + "/healthz", timeout=10).status_code == 200,
-                       timeout=180, interval=0.5, what="the small app answers /healthz")
+    wait_for_condition(lambda: _healthy(url), timeout=180, interval=0.5,
+                       what="the small app answers /healthz with every shard up")
     store = SessionStore(session)
     items = read_artifact(svd_artifact_root).items["item_id"].astype(str).tolist()
     try:
