@@ -160,3 +160,18 @@ def test_bounded_names_the_setting_on_timeout() -> None:
     with pytest.raises(UnavailableError) as info:
         asyncio.run(bounded(_hang(), 0.05, "the ranker", "ranker_timeout_s"))
     assert "ranker_timeout_s" in info.value.message
+
+
+def test_fastapis_own_errors_use_the_one_error_format() -> None:
+    """An undecodable body (FastAPI's 400, found by schemathesis) is a 422 naming ``body``; other
+    errors FastAPI raises itself (an unknown route) keep their status in the ErrorBody format."""
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+
+    req = Request({"type": "http", "method": "POST", "path": "/v1/events", "headers": []})
+    resp = asyncio.run(serve_app._http_error(req, HTTPException(400, "error parsing the body")))
+    assert resp.status_code == 422
+    assert json.loads(bytes(resp.body))["field"] == "body"
+    resp = asyncio.run(serve_app._http_error(req, HTTPException(404, "Not Found")))
+    assert resp.status_code == 404
+    assert json.loads(bytes(resp.body)) == {"error": "HTTPError", "message": "Not Found"}
