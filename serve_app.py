@@ -44,6 +44,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.api import (
     MAX_ID_LEN,
@@ -77,6 +78,14 @@ from actors.clock import Clock, system_clock
 from actors.context import ContextEnricher, enrich_context
 from actors.demo_page import add_demo_routes
 from actors.feedback import Feedback
+from actors.overload import (
+    BACKPRESSURE,
+    INGRESS_MAX_QUEUED,
+    TRANSIENT_ERRORS,
+    bounded,
+    retry_after_headers,
+    unavailable,
+)
 from actors.ranker import GNNRanker, RankQuery
 from actors.rollout import roll_out
 from actors.session_events import SessionEvent
@@ -84,7 +93,7 @@ from actors.session_state import SessionSnapshot, SessionStateConfig, SessionSto
 from actors.shard_attach import check_attached
 from graph import storage
 from graph.artifacts import latest_version
-from graph.errors import ArtifactError, BadRequestError, IntentrecError
+from graph.errors import ArtifactError, BadRequestError, IntentrecError, UnavailableError
 from graph.forgotten import FORGOTTEN_FILE
 
 log = logging.getLogger("intentrec.serve")
@@ -121,7 +130,13 @@ class AppArgs(BaseModel):
         inline_context: Compute the context in the ingress instead of calling the
             ContextEnricher deployment: one handle call less per recommendation (the enricher is
             then not deployed). The enrichment is the same function either way.
-        session: Session-state configuration (shards, window, TTL, write-ahead log).
+        session: Session-state configuration (shards, window, TTL, write-ahead log);
+            ``session.call_timeout_s`` bounds each shard call.
+        ranker_timeout_s: Longest wait for the ranker (and the context enricher) per request;
+            past it the request gets a 503 with ``Retry-After``. Keep it, and
+            ``session.call_timeout_s``, below the HTTP ``request_timeout_s`` of the Serve config,
+            so the client gets that answer rather than the proxy's timeout.
+        health_timeout_s: Longest wait for each component ``/healthz`` checks.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -139,6 +154,8 @@ class AppArgs(BaseModel):
     storage: str = ""
     inline_context: bool = False
     session: SessionStateConfig = Field(default_factory=SessionStateConfig)
+    ranker_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0)
+    health_timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
 
     @field_validator("default_timezone")
     @classmethod
@@ -250,19 +267,41 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     )
 
 
+def _error_response(err: IntentrecError) -> JSONResponse:
+    # Every 503 says when to retry (RFC 9110 Retry-After).
+    headers = retry_after_headers() if err.http_status == 503 else None
+    return JSONResponse(status_code=err.http_status, content=err.to_dict(), headers=headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Errors FastAPI raises itself, in the one error format. A body it cannot even decode (not
+    UTF-8: FastAPI's 400) is a 422 naming ``body``, like a body that is not JSON."""
+    _count(request, 422 if exc.status_code == 400 else exc.status_code)
+    if exc.status_code == 400:
+        return JSONResponse(status_code=422, content={
+            "error": "ValidationError", "field": "body",
+            "message": f"body: {exc.detail}; send JSON encoded as UTF-8"})
+    return JSONResponse(status_code=exc.status_code, headers=exc.headers, content={
+        "error": "HTTPError", "message": str(exc.detail)})
+
+
 @api.exception_handler(IntentrecError)
 async def _project_error(request: Request, exc: IntentrecError) -> JSONResponse:
     err = _cause(exc)
     if not isinstance(err, IntentrecError):  # pragma: no cover - defensive
         err = exc
-    return JSONResponse(status_code=err.http_status, content=err.to_dict())
+    return _error_response(err)
 
 
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     err = _cause(exc)
     if isinstance(err, IntentrecError):  # a project error wrapped by Ray on its way here
-        return JSONResponse(status_code=err.http_status, content=err.to_dict())
+        return _error_response(err)
+    if isinstance(exc, TRANSIENT_ERRORS) or isinstance(err, TRANSIENT_ERRORS):
+        # A replica or actor died under the request, or a queue was full: a 503, not a 500.
+        return _error_response(unavailable(err, "a serving component"))
     log.exception("unexpected error on %s", request.url.path, exc_info=exc)
     return JSONResponse(status_code=500, content={
         "error": "InternalError", "message": "unexpected server error; it has been logged"})
@@ -309,7 +348,8 @@ async def _observed(endpoint: str) -> AsyncIterator[None]:
         yield
     except BaseException as exc:
         err = _cause(exc)
-        status = err.http_status if isinstance(err, IntentrecError) else 500
+        status = (err.http_status if isinstance(err, IntentrecError)
+                  else 503 if isinstance(err, TRANSIENT_ERRORS) else 500)
         raise
     finally:
         if _METRICS is not None:
@@ -364,6 +404,8 @@ def _wire_events(snapshot: SessionSnapshot, user_only: bool) -> tuple[Any, ...]:
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=128,
+    max_queued_requests=INGRESS_MAX_QUEUED,
+    backpressure_config=BACKPRESSURE,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
 )
 @serve.ingress(api)
@@ -393,25 +435,46 @@ class Ingress:
         self.clock = clock
         if store is None:
             store = SessionStore(self.args.session, clock)
-            check_attached(store)  # shards left running with other settings: refuse to start
-        self.store = store
+            self.store = store
+            self._wait_for_shards()
+            try:
+                check_attached(store)  # shards left running with other settings: refuse to start
+            except UnavailableError as exc:  # down, not drifted: answer degraded meanwhile
+                log.warning("could not check the session shards' settings: %s", exc.message)
+        else:
+            self.store = store
         _METRICS = _Metrics()
         self.feedback = Feedback()
         log.info("intentrec ingress ready (%s; bodies up to %d bytes)", self.keys.describe(),
                  self.args.max_body_bytes)
 
+    def _wait_for_shards(self, timeout_s: float = 60.0) -> None:
+        """Readiness: the replica starts answering once the session shards answer (a first start
+        or a log replay), so a fresh app does not refuse its first events with 503s. A shard
+        still down after ``timeout_s`` does not stop the replica: it then answers degraded and
+        ``/healthz`` names the shard."""
+        import ray
+
+        try:
+            ray.get([h.ping.remote() for h in self.store.handles], timeout=timeout_s)
+        except Exception as exc:
+            log.warning("starting with session shard(s) down (%s); /healthz names them", exc)
+
     async def _enrich(self, ctx: dict[str, Any] | None, now: float) -> dict[str, Any]:
         """The context of one request (:meth:`actors.context.EnrichedContext.wire`), whose
         ``ts`` is the request time: ``context.ts`` when given, else ``now``."""
         if self.enricher is not None:
-            out: dict[str, Any] = await self.enricher.enrich.remote(ctx, now)
+            out: dict[str, Any] = await bounded(
+                self.enricher.enrich.remote(ctx, now), self.args.ranker_timeout_s,
+                "the context enricher", "ranker_timeout_s")
             return out
         return enrich_context(ctx, default_country=self.args.default_country,
                               default_timezone=self.args.default_timezone,
                               now=datetime.fromtimestamp(now, UTC)).wire()
 
     @api.post("/v1/events", status_code=202, response_model=EventsAccepted,
-              responses=_ERROR_RESPONSES, summary="Post one event or a batch")
+              responses={**_ERROR_RESPONSES, 409: {"model": ErrorBody}},
+              summary="Post one event or a batch")
     async def post_events(
         self,
         body: Annotated[EventsBody, Body(openapi_examples={
@@ -461,6 +524,9 @@ class Ingress:
 
     @api.post("/v1/recommendations", response_model=RecommendationResponse,
               responses=_ERROR_RESPONSES,
+              # The key is optional here: a session's recommendations need none (the empty
+              # requirement says so in OpenAPI); a user_id needs the client key (401 without).
+              openapi_extra={"security": [{}]},
               summary="Recommend items for a user (client key) and/or a session (no key)")
     async def recommend(
         self,
@@ -477,8 +543,8 @@ class Ingress:
             ctx = req.context.model_dump(exclude_none=True) if req.context is not None else None
             # One request time for everything time-dependent in answering it (session decay,
             # intent, context): context.ts when given, else the server clock.
-            snapshot, enriched = await asyncio.gather(
-                self.store.get(req.session_id, req.user_id), self._enrich(ctx, self.clock())
+            (snapshot, degraded), enriched = await asyncio.gather(
+                self._session(req.session_id, req.user_id), self._enrich(ctx, self.clock())
             )
             query = RankQuery(
                 user_id=req.user_id,
@@ -490,9 +556,32 @@ class Ingress:
                 category=req.category,
                 now=enriched["ts"],
             )
-            out: dict[str, Any] = await self.ranker.recommend.remote(query)
-            return {**out, "context": ContextOut(**enriched["display"]),
+            out: dict[str, Any] = await self._ranker(self.ranker.recommend.remote(query))
+            return {**out, "context": ContextOut(**enriched["display"]), "degraded": degraded,
                     "request_id": self.feedback.served(out)}
+
+    async def _session(self, session_id: str | None,
+                       user_id: str | None) -> tuple[SessionSnapshot, list[str]]:
+        """The session state of a request, and what the answer lacks (``degraded``).
+
+        A shard that is down or slower than ``session.call_timeout_s`` does not fail the
+        recommendation: it is answered without the session (the user's model history and the
+        context still count), flagged ``degraded: ["session"]``.
+        """
+        try:
+            snapshot = await bounded(self.store.get(session_id, user_id),
+                                     self.args.session.call_timeout_s, "session state",
+                                     "session.call_timeout_s")
+        except UnavailableError as exc:
+            log.warning("recommending without the session: %s", exc.message)
+            sid = session_id or (None if user_id is None else f"user:{user_id}")
+            return SessionSnapshot(sid, user_id, (), ()), ["session"]
+        return snapshot, []
+
+    async def _ranker(self, call: Any) -> dict[str, Any]:
+        out: dict[str, Any] = await bounded(call, self.args.ranker_timeout_s, "the ranker",
+                                            "ranker_timeout_s")
+        return out
 
     @api.get("/v1/items/{item_id:id}/similar", response_model=SimilarResponse,
              responses=_ERROR_RESPONSES, summary="Item-to-item neighbours")
@@ -502,8 +591,7 @@ class Ingress:
         k: Annotated[int, QueryParam(ge=1, le=MAX_K)] = 20,
     ) -> dict[str, Any]:
         async with _observed("similar"):
-            out: dict[str, Any] = await self.ranker.similar.remote(item_id, k)
-            return out
+            return await self._ranker(self.ranker.similar.remote(item_id, k))
 
     @api.delete("/v1/users/{user_id:id}", response_model=ForgetResponse,
                 responses=_ERROR_RESPONSES,
@@ -530,15 +618,13 @@ class Ingress:
              summary="The model version in use and its offline metrics")
     async def model(self) -> dict[str, Any]:
         async with _observed("model"):
-            out: dict[str, Any] = await self.ranker.model_info.remote()
-            return out
+            return await self._ranker(self.ranker.model_info.remote())
 
     @api.get("/v1/catalogue", response_model=CatalogueResponse, responses=_ERROR_RESPONSES,
              summary="Departments and their categories, for browsing")
     async def catalogue(self) -> dict[str, Any]:
         async with _observed("catalogue"):
-            out: dict[str, Any] = await self.ranker.catalogue.remote()
-            return out
+            return await self._ranker(self.ranker.catalogue.remote())
 
     @api.get("/v1/catalogue/shoppers", response_model=ShoppersResponse,
              responses=_ERROR_RESPONSES, summary="A sample of known shoppers (client key)")
@@ -548,8 +634,7 @@ class Ingress:
     ) -> dict[str, Any]:
         async with _observed("shoppers"):
             self.keys.require(api_key, Scope.CLIENT, "listing shoppers")
-            out: dict[str, Any] = await self.ranker.shoppers.remote()
-            return out
+            return await self._ranker(self.ranker.shoppers.remote())
 
     @api.post("/v1/admin/reload", response_model=ReloadResponse, responses=_ERROR_RESPONSES,
               summary="Load LATEST again, or roll every ranker replica to a named version (admin key)")
@@ -568,10 +653,21 @@ class Ingress:
                 reload_poll_s=self.args.reload_poll_s, version=body.version if body else None)
 
     @api.get("/healthz", response_model=Health, responses=_ERROR_RESPONSES,
-             summary="Liveness and readiness")
+             summary="Liveness and readiness: the ranker and every session shard")
     async def healthz(self) -> dict[str, Any]:
-        info = await self.ranker.model_info.remote()
-        return {"status": "ok", "model_version": info["version"]}
+        """200 while recommendations can be answered: ``status`` is ``degraded`` (still a 200)
+        while a session shard is down, since every ingress replica shares the shards and
+        answers without the session meanwhile; a 503 when the ranker does not answer."""
+        timeout = self.args.health_timeout_s
+        info, shards = await asyncio.gather(
+            bounded(self.ranker.model_info.remote(), timeout, "the ranker", "health_timeout_s"),
+            self.store.shard_health(timeout),
+        )
+        down = [s for s in shards if s["status"] != "ok"]
+        return {"status": "degraded" if down else "ok", "model_version": info["version"],
+                "shards": shards,
+                "wal_corrupt_records": sum(int(s.get("corrupt_records", 0))
+                                           + int(s.get("corrupt_snapshots", 0)) for s in shards)}
 
 
 # --------------------------------------------------------------------------------------
@@ -580,7 +676,8 @@ class Ingress:
 
 
 def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
-            clock: Clock = system_clock) -> Application:
+            clock: Clock = system_clock,
+            deployments: Mapping[str, Mapping[str, Any]] | None = None) -> Application:
     """Bind the deployments into one application.
 
     Args:
@@ -590,6 +687,10 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
             keys in the environment of ``ray start`` instead (docs/DEPLOY.md).
         clock: The server clock of the ingress and the session shards it starts (tests run
             the app ten years ahead with :class:`actors.clock.OffsetClock`).
+        deployments: Deployment options by deployment name (``.options(...)`` keywords, e.g.
+            ``{"Ingress": {"max_ongoing_requests": 4}}``), over the decorators' defaults; the
+            overload test sizes a small app with it. ``serve deploy`` takes these from the
+            ``deployments`` of ``serve_config.yaml`` instead.
 
     Raises:
         ConfigError: No API key in this process's environment plus ``env_vars``, and anonymous
@@ -603,7 +704,12 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
         opts = {"runtime_env": {"env_vars": dict(env_vars)}}
 
     def with_env(dep: Any, num_cpus: float) -> Any:
-        return dep.options(ray_actor_options={"num_cpus": num_cpus, **opts}) if opts else dep
+        if opts:
+            dep = dep.options(ray_actor_options={"num_cpus": num_cpus, **opts})
+        extra = dict((deployments or {}).get(dep.name, {}))
+        if "num_replicas" in extra:  # a fixed size replaces the decorator's autoscaling
+            extra.setdefault("autoscaling_config", None)
+        return dep.options(**extra) if extra else dep
 
     ranker = with_env(GNNRanker, 0.5).bind(
         args.artifacts_root, args.model_version, args.reload_poll_s, args.tombstones_path

@@ -34,6 +34,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic.json_schema import JsonDict
 from starlette.convertors import Convertor, register_url_convertor
 
 from actors.session_events import USER_SESSION_PREFIX, id_problem
@@ -103,7 +104,12 @@ class IdConvertor(Convertor[str]):
 
 register_url_convertor("id", IdConvertor())
 
-Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN), AfterValidator(_printable_id)]
+# The schema's pattern says what _printable_id checks (and that an id is not only whitespace,
+# which stripping would leave empty), so generated clients and fuzzers know the rule.
+_ID_PATTERN = "^(?=[\\s\\S]*\\S)[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]*$"
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN,
+                          json_schema_extra={"pattern": _ID_PATTERN}),
+               AfterValidator(_printable_id)]
 SessionId = Annotated[Id, AfterValidator(_not_reserved)]
 _EVENT_TYPES_LITERAL: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]
 assert set(_EVENT_TYPES_LITERAL) == set(S.EVENT_TYPES), "EventType drifted from graph.schema"
@@ -128,12 +134,30 @@ class _Out(BaseModel):
 # --------------------------------------------------------------------------------------
 
 
+def _required_string(*fields: str) -> dict[str, Any]:
+    return {"required": list(fields), "properties": {f: {"type": "string"} for f in fields}}
+
+
+# Rules across fields, in the schema too (the validators below enforce them).
+_WHO: JsonDict = {"anyOf": [_required_string("session_id"), _required_string("user_id")]}
+_WHAT: JsonDict = {"anyOf": [
+    {**_required_string("query"), "properties": {"event": {"const": S.SEARCH},
+                                                  "query": {"type": "string"}}},
+    {**_required_string("item_id"), "properties": {
+        "event": {"enum": [e for e in _EVENT_TYPES_LITERAL if e != S.SEARCH]},
+        "item_id": {"type": "string"}}},
+]}
+
+
 class EventIn(_Strict):
     """One shopper event. ``item_id`` is required except for ``search`` (which needs ``query``);
     ``session_id`` and/or ``user_id`` say whose it is.
 
     Items unknown to the model are accepted and kept in the session: they never cause an error.
     """
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True,
+                              json_schema_extra={"allOf": [_WHO, _WHAT]})
 
     user_id: Id | None = Field(default=None, description="the shopper, when known (logged in)")
     session_id: SessionId | None = Field(
@@ -262,6 +286,8 @@ class ContextIn(_Strict):
 class RecommendationRequest(_Strict):
     """``POST /v1/recommendations``: who, how many, in which context, with which filters."""
 
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, json_schema_extra=_WHO)
+
     user_id: Id | None = Field(
         default=None, description="the shopper: personal recommendations, which need the client key"
     )
@@ -364,6 +390,11 @@ class RecommendationResponse(_Out):
     context: ContextOut
     user_known: bool
     session_events: int
+    degraded: list[Literal["session"]] = Field(
+        default_factory=list,
+        description="what this answer had to do without: 'session' while the session's shard is "
+        "down or slow (the answer then uses the user's model history and the context only)",
+    )
 
 
 class SimilarResponse(_Out):
@@ -447,9 +478,26 @@ class ReloadResponse(_Out):
     swapped: bool
 
 
+class ShardHealth(_Out):
+    shard: int
+    name: str
+    status: Literal["ok", "down"]
+    error: str | None = None
+    corrupt_records: int = Field(default=0, description="corrupt log records set aside on restore")
+    corrupt_snapshots: int = Field(default=0, description="damaged snapshots set aside on restore")
+    quarantined_bytes: int = Field(default=0, description="their size, kept in a side file")
+
+
 class Health(_Out):
-    status: Literal["ok"]
+    """``ok``; ``degraded`` while a session shard is down (recommendations are then answered
+    without the session and say so in ``degraded``)."""
+
+    status: Literal["ok", "degraded"]
     model_version: str
+    shards: list[ShardHealth]
+    wal_corrupt_records: int = Field(
+        description="damaged session-log records and snapshots set aside by the shards' last "
+        "restores, summed (details per shard; the bytes are in the shard's quarantine files)")
 
 
 class ErrorDetail(_Out):

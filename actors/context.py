@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo
 
 from ray import serve
 
+from actors.overload import BACKPRESSURE, ENRICHER_MAX_QUEUED
 from graph import schema as S
 
 WEEKDAYS: tuple[str, ...] = (
@@ -240,6 +241,8 @@ def infer_intent(
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.1},
     max_ongoing_requests=64,
+    max_queued_requests=ENRICHER_MAX_QUEUED,
+    backpressure_config=BACKPRESSURE,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
 )
 class ContextEnricher:

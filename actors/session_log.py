@@ -17,6 +17,12 @@ snapshots through (it encodes and replays them; this module only stores bytes);
   or an object-store URI, or a shard rescheduled to another node starts empty.
 
 Each shard has its own directory ``shard-<i>-of-<n>`` under ``wal_uri``.
+
+Every record of a ``.jsonl`` file (log segments and snapshots) is one line prefixed with the
+CRC-32 of its JSON (:func:`frame`, :func:`unframe`), so a record damaged on disk is detected, not
+replayed: the shard sets it aside in a ``quarantine-*.bad`` file, counts it and keeps every good
+record (:mod:`actors.session_state`). Lines written before checksums existed (plain JSON) are still
+read.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import contextlib
 import logging
 import os
 import re
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +43,44 @@ from graph.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+QUARANTINE_PREFIX = "quarantine-"
+
+
+class CorruptRecordError(ValueError):
+    """A log or snapshot line whose checksum does not match its bytes."""
+
+
+def frame(data: bytes) -> bytes:
+    """Newline-terminated JSON records, each prefixed with its CRC-32 (``"%08x "``)."""
+    lines = data.split(b"\n")
+    return b"".join(b"%08x %s\n" % (zlib.crc32(line), line) for line in lines[:-1]) + lines[-1]
+
+
+def unframe(line: bytes) -> bytes:
+    """The JSON of one framed line (without its newline); a plain JSON line (written before
+    checksums) is returned as it is.
+
+    Raises:
+        CorruptRecordError: The checksum is missing, malformed or does not match.
+    """
+    if line.startswith(b"{"):
+        return line
+    head, sep, body = line.partition(b" ")
+    if not sep or len(head) != 8:
+        raise CorruptRecordError("no checksum prefix")
+    try:
+        want = int(head, 16)
+    except ValueError:
+        raise CorruptRecordError(f"malformed checksum {head[:8]!r}") from None
+    got = zlib.crc32(body)
+    if got != want:
+        raise CorruptRecordError(f"checksum mismatch (stored {want:08x}, computed {got:08x})")
+    return body
+
+
+def _framed(name: str, chunk: bytes) -> bytes:
+    # Records (.jsonl) are framed; a quarantine file keeps the damaged bytes exactly as found.
+    return frame(chunk) if name.endswith(".jsonl") else chunk
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,6 +142,7 @@ class LocalLog:
         if self._fd is None:
             self.open_segment(first_seq)
         assert self._fd is not None
+        data = frame(data)
         view = memoryview(data)
         try:
             while view:
@@ -116,7 +162,7 @@ class LocalLog:
         tmp = self.dir / (name + ".tmp")
         with open(tmp, "wb") as f:
             for chunk in chunks:
-                f.write(chunk)
+                f.write(_framed(name, chunk))
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())
@@ -160,13 +206,13 @@ class ObjectLog:
     def append(self, data: bytes, first_seq: int) -> None:
         # An object becomes visible only when its upload completes: a commit is all or nothing.
         with self.fs.open_output_stream(self._path(_segment_name(first_seq))) as f:
-            f.write(data)
+            f.write(frame(data))
 
     def write_atomic(self, name: str, chunks: Iterable[bytes]) -> None:
         tmp = self._path(name + ".tmp")
         with self.fs.open_output_stream(tmp) as f:
             for chunk in chunks:
-                f.write(chunk)
+                f.write(_framed(name, chunk))
         self.fs.move(tmp, self._path(name))
 
     def delete(self, name: str) -> None:

@@ -94,7 +94,7 @@ from actors.session_events import (
     validate_event,
     window_event_ids,
 )
-from actors.session_log import URI_RE, open_log
+from actors.session_log import QUARANTINE_PREFIX, URI_RE, open_log, unframe
 from graph.errors import (
     BadRequestError,
     ConfigError,
@@ -127,7 +127,7 @@ _RANGES: Final[dict[str, tuple[float, float, str]]] = {
     "max_clock_skew_seconds": (0, 86_400, "use e.g. 300"),
     "snapshot_every": (1, 10_000_000, "use e.g. 10000"),
     "num_cpus": (0, 64, "session shards are I/O bound: use 0"),
-    "call_timeout_s": (0.1, 3600, "use e.g. 30"),
+    "call_timeout_s": (0.1, 3600, "keep it below the HTTP request timeout, e.g. 5"),
 }
 
 
@@ -157,7 +157,9 @@ class SessionStateConfig(BaseModel):
         namespace: Ray namespace of the shard actors.
         actor_prefix: Shard ``i`` of ``n`` is the actor ``<actor_prefix>-<i>-of-<n>``.
         num_cpus: CPUs reserved per shard actor.
-        call_timeout_s: Client-side limit for one shard call (including a restart wait).
+        call_timeout_s: Client-side limit for one shard call (including a restart wait); keep
+            it below the HTTP request timeout, so that a down shard gives a 503 (events) or a
+            degraded answer (recommendations) instead of the proxy's timeout.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -177,7 +179,7 @@ class SessionStateConfig(BaseModel):
     namespace: str = "intentrec"
     actor_prefix: str = "intentrec-session"
     num_cpus: float = 0.0
-    call_timeout_s: float = 30.0
+    call_timeout_s: float = 5.0
 
     @field_validator(*_RANGES)
     @classmethod
@@ -304,10 +306,14 @@ class ShardState:
         self._next_seq = 1
         self._since_snapshot = 0
         self._forget_pending = False
+        # The previous snapshot and the log since it are kept on disk as a fallback for a
+        # damaged latest snapshot (install_snapshot); a forget must then compact even for a user
+        # no longer in memory, so that no older generation keeps the user's events.
+        self._older_generation = False
         self.counters: dict[str, float] = dict.fromkeys(
             ("appended", "commits", "duplicates", "evicted_lru", "evicted_ttl", "forgotten_events",
              "snapshots", "restored_snapshot_seq", "restored_records", "torn_records", "corrupt_records",
-             "restore_seconds"), 0,
+             "corrupt_snapshots", "quarantined_bytes", "restore_seconds"), 0,
         )  # fmt: skip
         self._log = open_log(config.wal_uri, shard_index, config.num_shards, config.fsync, filesystem)
         self._restore()
@@ -401,7 +407,8 @@ class ShardState:
     def _stage_forget(self, user_id: str) -> _Staged:
         check_id(user_id, "user_id", optional=False)
         staged = _Staged("forget", b"", self._next_seq, user_id=user_id)
-        if user_id in self._disk_users or user_id in self._users or user_id in self._user_sessions:
+        if (self._older_generation or user_id in self._disk_users or user_id in self._users
+                or user_id in self._user_sessions):
             seq = self._next_seq
             self._next_seq += 1
             rec = {"t": "forget", "seq": seq, "user_id": user_id}
@@ -684,27 +691,60 @@ class ShardState:
         name = f"snapshot-{last_seq:020d}.jsonl"
         self._log.write_atomic(name, chunks)
         segment = self._log.open_segment(last_seq + 1)
+        # Keep one older generation (the previous snapshot and the log after it) to restore from
+        # should this snapshot be damaged; after a forget keep nothing older (forget means the
+        # user's events leave the disk now).
+        previous = [n for n in old if _is_snapshot(n) and _seq_of(n) < last_seq]
+        keep_after = _seq_of(previous[-1]) if previous and not self._forget_pending else None
         for n in old:
-            if n not in (name, segment) and n.startswith(("wal-", "snapshot-")):
-                self._log.delete(n)
-        self._disk_users = set(users)
+            if self._forget_pending and n.startswith(QUARANTINE_PREFIX):
+                self._log.delete(n)  # damaged bytes may hold the forgotten user too
+                continue
+            if n in (name, segment) or not n.startswith(("wal-", "snapshot-")):
+                continue
+            if keep_after is not None and _seq_of(n) >= keep_after + (n.startswith("wal-")):
+                continue  # the previous snapshot itself, or a segment after it
+            self._log.delete(n)
+        self._older_generation = keep_after is not None
+        self._disk_users = set(users) | (self._disk_users if keep_after is not None else set())
         self._since_snapshot = 0
         self._forget_pending = False
         self.counters["snapshots"] += 1
 
     def _restore(self) -> None:
+        """Load the newest readable snapshot, replay the log after it, set damage aside.
+
+        A damaged record (checksum mismatch or unreadable JSON) in the middle of the log is
+        moved to a quarantine file, counted (``corrupt_records``, ``quarantined_bytes``, shown in
+        ``/healthz``) and logged; every good record after it is replayed. A damaged or unreadable
+        latest snapshot is quarantined whole (``corrupt_snapshots``) and the shard restores from
+        the previous snapshot and the log after it (kept for this), or, when there is none, keeps
+        the snapshot's good lines. Either way the shard then compacts, so the damage leaves the
+        live log. Refusing to start instead would take every session of the shard down over one
+        damaged record; the quarantined bytes stay for an operator to inspect.
+        """
         t0 = time.perf_counter()
         names = self._log.names()
         for n in names:
             if n.endswith(".tmp"):
                 self._log.delete(n)  # an interrupted snapshot; the previous one is intact
-        snapshots = [n for n in names if n.startswith("snapshot-") and n.endswith(".jsonl")]
-        last_seq = self._load_snapshot(snapshots[-1]) if snapshots else 0
+        snapshots = [n for n in names if _is_snapshot(n)]
+        self._older_generation = len(snapshots) > 1
+        last_seq = 0
+        while snapshots:
+            name = snapshots.pop()
+            loaded = self._load_snapshot(name, fallback_exists=bool(snapshots))
+            if loaded is not None:
+                last_seq = loaded
+                break
         self.counters["restored_snapshot_seq"] = last_seq
         self._next_seq = last_seq + 1
         tombstones = 0
         now = self._clock()
-        for name in (n for n in names if n.startswith("wal-") and n.endswith(".jsonl")):
+        segments = [n for n in names if n.startswith("wal-") and n.endswith(".jsonl")]
+        for i, name in enumerate(segments):
+            if i + 1 < len(segments) and _seq_of(segments[i + 1]) - 1 <= last_seq:
+                continue  # wholly before the snapshot: kept only as a fallback
             data = self._log.read(name)
             cut = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
             body = data[:cut]
@@ -721,19 +761,30 @@ class ShardState:
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
+                    rec = json.loads(unframe(line))
                     tombstones += self._replay(rec, last_seq, now)
                 except (ValueError, KeyError, TypeError) as exc:
-                    logger.error(
-                        "session shard %d: skipping corrupt record %s:%d (%s)",
-                        self.shard_index, name, lineno, exc,
-                    )  # fmt: skip
-                    self.counters["corrupt_records"] += 1
+                    self._quarantine(name, lineno, line, exc)
         self._enforce_bounds(now)
         self._log.open_segment(self._next_seq)
         if tombstones:
-            self.compact()  # a forget was logged but maybe not compacted: finish it now
+            self._forget_pending = True  # drop older generations too: they hold the user
+        if tombstones or self.counters["corrupt_records"] or self.counters["corrupt_snapshots"]:
+            # A forget was logged but maybe not compacted, or damage was set aside: a fresh
+            # snapshot of the good state takes the damaged files out of the live log.
+            self.compact()
         self.counters["restore_seconds"] = time.perf_counter() - t0
+
+    def _quarantine(self, name: str, lineno: int, data: bytes, reason: BaseException) -> None:
+        """Set damaged bytes aside in ``quarantine-<name>-<line>.bad``, count and log them."""
+        target = f"{QUARANTINE_PREFIX}{name}-{lineno:08d}.bad"
+        self._log.write_atomic(target, [data])
+        self.counters["corrupt_records"] += 1
+        self.counters["quarantined_bytes"] += len(data)
+        logger.error(
+            "session shard %d: corrupt record %s:%d (%s, %d bytes) set aside in %s; the records "
+            "after it are replayed", self.shard_index, name, lineno, reason, len(data), target,
+        )  # fmt: skip
 
     def _replay(self, rec: dict[str, Any], last_seq: int, now: float) -> int:
         if rec["t"] == "key":
@@ -766,16 +817,41 @@ class ShardState:
             self.counters["restored_records"] += 1
         return 0
 
-    def _load_snapshot(self, name: str) -> int:
-        lines = self._log.read(name).splitlines()
-        header = json.loads(lines[0])
-        if header.get("t") != "snapshot" or header.get("version") != _SNAPSHOT_VERSION:
+    def _load_snapshot(self, name: str, fallback_exists: bool) -> int | None:
+        """Install snapshot ``name``; its ``last_seq``, or None when it is damaged and an older
+        snapshot should be used instead (it is then quarantined whole).
+
+        Raises:
+            ConfigError: The snapshot belongs to another shard layout or format version.
+        """
+        data = self._log.read(name)
+        lines = data.splitlines()
+        try:
+            header = json.loads(unframe(lines[0]))
+            if header.get("t") != "snapshot":
+                raise ValueError(f"first line is a {header.get('t')!r} record, not the header")
+            last_seq = int(header["last_seq"])
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            self._drop_snapshot(name, data, exc, fallback_exists)
+            return None
+        if header.get("version") != _SNAPSHOT_VERSION:
             raise ConfigError(f"{name} is not a version-{_SNAPSHOT_VERSION} session snapshot")
         if (header["shard"], header["num_shards"]) != (self.shard_index, self.config.num_shards):
             raise ConfigError(f"{name} belongs to shard {header['shard']} of {header['num_shards']}")
+        records: list[dict[str, Any]] = []
+        bad: list[tuple[int, bytes, BaseException]] = []
+        for lineno, line in enumerate(lines[1:], 2):
+            try:
+                records.append(json.loads(unframe(line)))
+            except ValueError as exc:
+                bad.append((lineno, line, exc))
+        if bad and fallback_exists:
+            self._drop_snapshot(name, data, bad[0][2], fallback_exists)
+            return None
+        for lineno, line, problem in bad:  # no older state to fall back on: keep what is readable
+            self._quarantine(name, lineno, line, problem)
         window, hist_len = self.config.window, self.config.user_history
-        for line in lines[1:]:
-            rec = json.loads(line)
+        for rec in records:
             if rec["t"] == "session":
                 events = [event_from_json(d) for d in rec["events"]]
                 sess = _Session(deque(events, maxlen=window))
@@ -794,7 +870,34 @@ class ShardState:
             elif rec["t"] == "keys":
                 for key, fp in rec["items"]:
                     self._keys[key] = fp
-        return int(header["last_seq"])
+        return last_seq
+
+    def _drop_snapshot(self, name: str, data: bytes, reason: BaseException,
+                       fallback_exists: bool) -> None:
+        """Quarantine a damaged snapshot whole; the restore goes on from the one before."""
+        target = f"{QUARANTINE_PREFIX}{name}.bad"
+        self._log.write_atomic(target, [data])
+        self._log.delete(name)
+        self.counters["corrupt_snapshots"] += 1
+        self.counters["quarantined_bytes"] += len(data)
+        logger.error(
+            "session shard %d: snapshot %s is damaged (%s); moved to %s, restoring from %s",
+            self.shard_index, name, reason, target,
+            "the previous snapshot and the log after it" if fallback_exists
+            else "the log alone (no older snapshot: events only it held are lost)",
+        )  # fmt: skip
+
+
+_DAMAGE_COUNTERS = ("corrupt_records", "corrupt_snapshots", "quarantined_bytes")
+
+
+def _is_snapshot(name: str) -> bool:
+    return name.startswith("snapshot-") and name.endswith(".jsonl")
+
+
+def _seq_of(name: str) -> int:
+    """The sequence number in a log or snapshot file name (``wal-<first>``, ``snapshot-<last>``)."""
+    return int(name.rsplit("-", 1)[1].split(".", 1)[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -820,6 +923,16 @@ class SessionShard:
                  clock: Clock = system_clock) -> None:
         self._state = ShardState(SessionStateConfig.model_validate(config), shard_index,
                                  clock=clock)
+        from ray.util.metrics import Gauge
+
+        # Damage found on this start (also in /healthz): an alert on > 0 asks someone to look
+        # at the shard's quarantine-*.bad files.
+        damaged = Gauge("intentrec_session_log_damaged_records",
+                        "Corrupt log records and snapshots set aside by the shard's last restore",
+                        tag_keys=("shard",))
+        counters = self._state.counters
+        damaged.set(counters["corrupt_records"] + counters["corrupt_snapshots"],
+                    tags={"shard": str(shard_index)})
         self._queue: list[tuple[tuple[str, Any, Any], asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -1088,7 +1201,8 @@ class SessionStore:
             raise
         except TimeoutError as exc:
             raise UnavailableError(
-                f"session state did not answer within {self.config.call_timeout_s}s; retry"
+                f"session state did not answer within {self.config.call_timeout_s} s "
+                "(session.call_timeout_s); retry"
             ) from exc
         except ray.exceptions.RayActorError as exc:
             raise UnavailableError(f"session shard unavailable ({exc}); retry") from exc
@@ -1184,17 +1298,40 @@ class SessionStore:
         """Per-shard sizes and counters."""
         return list(await asyncio.gather(*(self._call(h.stats.remote()) for h in self.handles)))
 
-    async def ready(self) -> None:
-        """Wait for every shard and check it runs this store's configuration.
+    async def shard_health(self, timeout_s: float) -> list[dict[str, Any]]:
+        """Each shard's state for ``/healthz``: ``{"shard", "name", "status": "ok"|"down",
+        "error"?, "corrupt_records"?, "corrupt_snapshots"?, "quarantined_bytes"?}``, waiting at
+        most ``timeout_s`` for each (a shard that is restarting, replaying its log or hung is
+        "down")."""
+
+        async def one(i: int, handle: Any) -> dict[str, Any]:
+            out: dict[str, Any] = {"shard": i, "name": self.config.shard_name(i)}
+            try:
+                st = await asyncio.wait_for(handle.stats.remote(), timeout=timeout_s)
+            except TimeoutError:
+                return {**out, "status": "down", "error": f"no answer within {timeout_s} s"}
+            except Exception as exc:  # the actor died for good, or failed to restore
+                return {**out, "status": "down", "error": f"{type(exc).__name__}: {exc}"[:300]}
+            return {**out, "status": "ok",
+                    **{k: int(st.get(k, 0)) for k in _DAMAGE_COUNTERS}}
+
+        return list(await asyncio.gather(*(one(i, h) for i, h in enumerate(self.handles))))
+
+    async def ready(self, timeout_s: float = 120.0) -> None:
+        """Wait for every shard (up to ``timeout_s``: a first start or a long log replay may
+        take longer than one call's ``call_timeout_s``) and check it runs this store's
+        configuration.
 
         Raises:
             ConfigError: A shard with the same name already runs another configuration.
+            TimeoutError: A shard did not start within ``timeout_s``.
         """
         from actors.shard_attach import drift, drift_error
 
         mine = self.config.model_dump()
         for i, theirs in enumerate(
-            await asyncio.gather(*(self._call(h.ping.remote()) for h in self.handles))
+            await asyncio.wait_for(asyncio.gather(*(h.ping.remote() for h in self.handles)),
+                                   timeout=timeout_s)
         ):
             diff = drift(mine, theirs)
             if diff:

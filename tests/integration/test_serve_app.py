@@ -73,8 +73,9 @@ def served(ray_cluster: None, trained_artifact_root: str,
     serve.run(app, name=APP, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{PORT}"
     client = httpx.Client(timeout=30.0)
-    wait_for_condition(lambda: client.get(url + "/healthz").status_code == 200, timeout=180,
-                       interval=0.5, what="the serving app answers /healthz")
+    # "ok", not just a 200: a 200 may say "degraded" while the session shards still start.
+    wait_for_condition(lambda: client.get(url + "/healthz").json()["status"] == "ok", timeout=180,
+                       interval=0.5, what="the serving app answers /healthz with every shard up")
     art = read_artifact(root)
     try:
         yield Served(url, root, art.version, art.user_ids.tolist(), art.items, client)
@@ -108,7 +109,7 @@ def future_served(served: Served, tmp_path_factory: pytest.TempPathFactory) -> I
                             clock=OffsetClock(TEN_YEARS_S))
     serve.run(app, name=APP_AHEAD, route_prefix="/ahead", blocking=False)
     url = f"http://127.0.0.1:{PORT}/ahead"
-    wait_for_condition(lambda: served.client.get(url + "/healthz").status_code == 200,
+    wait_for_condition(lambda: served.client.get(url + "/healthz").json()["status"] == "ok",
                        timeout=180, interval=0.5, what="the ten-years-ahead app answers /healthz")
     try:
         yield Served(url, root, served.first_version, served.users, served.items, served.client)
@@ -129,7 +130,10 @@ def _popular_item(s: Served) -> str:
 
 def test_health_docs_and_model(served: Served) -> None:
     h = served.client.get(served.url + "/healthz").json()
-    assert h == {"status": "ok", "model_version": latest_version(served.root)}
+    assert (h["status"], h["model_version"]) == ("ok", latest_version(served.root))
+    assert [(s["name"], s["status"]) for s in h["shards"]] == [
+        (f"intentrec-test-session-{i}-of-2", "ok") for i in range(2)]
+    assert h["wal_corrupt_records"] == 0
     assert served.client.get(served.url + "/docs").status_code == 200
     paths = served.client.get(served.url + "/openapi.json").json()["paths"]
     for p in ("/v1/events", "/v1/recommendations", "/v1/items/{item_id}/similar",

@@ -1,0 +1,177 @@
+"""Overload and fault answers without Ray: bounded queues in code and config, timeouts below the
+HTTP timeout, 503 with Retry-After, degraded recommendations and /healthz while a shard is down.
+
+The ingress class is driven directly with stand-in shard and ranker handles (anything with
+``.method.remote(...)`` awaitables); the same paths run against real Ray in
+``tests/integration/test_resilience.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+from ray.serve.exceptions import BackPressureError
+
+import serve_app
+from actors.api import RecommendationRequest
+from actors.overload import RETRY_AFTER_S, bounded
+from actors.session_state import SessionStateConfig, SessionStore
+from graph.errors import UnavailableError
+
+CONFIG = Path(__file__).resolve().parents[2] / "serve_config.yaml"
+
+
+class _Call:
+    """``handle.method`` whose ``.remote(...)`` answers with ``answer(*args)`` (a coroutine)."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    def remote(self, *args: Any) -> Any:
+        return self.answer(*args)
+
+
+async def _hang(*_: Any) -> Any:
+    await asyncio.Event().wait()  # a hung (e.g. SIGSTOPped) shard: never answers
+
+
+async def _died(*_: Any) -> Any:
+    raise ray.exceptions.ActorDiedError()
+
+
+class _Shard:
+    def __init__(self, alive: bool | str) -> None:
+        async def sessions(reqs: list[tuple[str | None, str | None]]) -> list[dict[str, Any]]:
+            return [{"session_id": s, "events": [], "user_events": []} for s, _ in reqs]
+
+        async def stats() -> dict[str, Any]:
+            return {"corrupt_records": 2, "quarantined_bytes": 40}
+
+        bad = _hang if alive == "hung" else _died
+        self.get_sessions = _Call(sessions if alive is True else bad)
+        self.stats = _Call(stats if alive is True else bad)
+
+
+class _Ranker:
+    def __init__(self, fail: BaseException | None = None) -> None:
+        async def recommend(query: Any) -> dict[str, Any]:
+            if fail is not None:
+                raise fail
+            return {"items": [], "model_version": "v1", "intent": [], "user_known": False,
+                    "session_events": len(query.events)}
+
+        async def model_info() -> dict[str, Any]:
+            return {"version": "v1"}
+
+        self.recommend = _Call(recommend)
+        self.model_info = _Call(model_info)
+
+
+def _ingress(shards: list[_Shard], ranker: _Ranker) -> Any:
+    config = SessionStateConfig(num_shards=len(shards), call_timeout_s=0.2)
+    args = serve_app.AppArgs(allow_anonymous=True, session=config, health_timeout_s=0.2)
+    cls = next(c for c in serve_app.Ingress.func_or_class.__mro__ if "recommend" in vars(c))
+    return cls(ranker, None, args.model_dump(), store=SessionStore.over(config, shards))
+
+
+def _session_on(shard: int, num_shards: int) -> str:
+    store = SessionStore.over(SessionStateConfig(num_shards=num_shards), [])
+    return next(f"s{i}" for i in range(1000) if store.shard_of(f"s{i}") == shard)
+
+
+def test_every_deployment_bounds_its_queue_and_says_when_to_retry() -> None:
+    from actors.context import ContextEnricher
+    from actors.ranker import GNNRanker
+
+    for dep in (serve_app.Ingress, GNNRanker, ContextEnricher):
+        cfg = dep._deployment_config
+        assert cfg.max_queued_requests > 0, dep.name
+        assert cfg.backpressure_config.status_code == 503, dep.name
+        assert cfg.backpressure_config.retry_after_s == RETRY_AFTER_S, dep.name
+    app = yaml.safe_load(CONFIG.read_text())["applications"][0]
+    for d in app["deployments"]:
+        assert d["max_queued_requests"] > 0, d["name"]
+        assert d["backpressure_config"]["retry_after_s"] > 0, d["name"]
+
+
+def test_component_timeouts_are_below_the_http_request_timeout() -> None:
+    cfg = yaml.safe_load(CONFIG.read_text())
+    http_timeout = cfg["http_options"]["request_timeout_s"]
+    args = serve_app.AppArgs.model_validate(cfg["applications"][0]["args"])
+    assert args.session.call_timeout_s < http_timeout
+    assert args.ranker_timeout_s < http_timeout
+    assert args.health_timeout_s < http_timeout
+    defaults = serve_app.AppArgs()
+    assert defaults.session.call_timeout_s < defaults.ranker_timeout_s < http_timeout
+
+
+@pytest.mark.parametrize("fault", ["hung", "died"])
+def test_a_down_shard_degrades_the_recommendation_instead_of_failing(fault: str) -> None:
+    ing = _ingress([_Shard(True), _Shard(fault)], _Ranker())
+    down, up = _session_on(1, 2), _session_on(0, 2)
+    out = asyncio.run(ing.recommend(RecommendationRequest(session_id=down)))
+    assert out["degraded"] == ["session"]
+    assert out["session_events"] == 0
+    assert asyncio.run(ing.recommend(RecommendationRequest(session_id=up)))["degraded"] == []
+
+
+@pytest.mark.parametrize("fault", ["hung", "died"])
+def test_healthz_names_the_down_shard(fault: str) -> None:
+    ing = _ingress([_Shard(True), _Shard(fault)], _Ranker())
+    health = asyncio.run(ing.healthz())
+    assert health["status"] == "degraded"
+    assert [s["status"] for s in health["shards"]] == ["ok", "down"]
+    assert health["shards"][1]["name"].endswith("-1-of-2")
+    assert health["shards"][1]["error"]
+    assert health["wal_corrupt_records"] == 2
+    ok = asyncio.run(_ingress([_Shard(True), _Shard(True)], _Ranker()).healthz())
+    assert ok["status"] == "ok" and ok["wal_corrupt_records"] == 4
+
+
+@pytest.mark.parametrize("fail", [BackPressureError(10, 10), ray.exceptions.ActorDiedError()],
+                         ids=["queue-full", "replica-died"])
+def test_a_ranker_fault_is_a_503_with_retry_after(fail: BaseException) -> None:
+    ing = _ingress([_Shard(True)], _Ranker(fail))
+    with pytest.raises(UnavailableError) as info:
+        asyncio.run(ing.recommend(RecommendationRequest(session_id="s1")))
+    assert "retry" in info.value.message
+    resp = asyncio.run(serve_app._project_error(None, info.value))  # type: ignore[arg-type]
+    assert resp.status_code == 503
+    assert resp.headers["Retry-After"] == str(RETRY_AFTER_S)
+    assert json.loads(bytes(resp.body))["error"] == "UnavailableError"
+
+
+def test_an_error_ray_raises_for_a_dead_replica_is_a_503_not_a_500() -> None:
+    from starlette.requests import Request
+
+    req = Request({"type": "http", "method": "GET", "path": "/v1/model", "headers": []})
+    resp = asyncio.run(serve_app._unexpected(req, ray.exceptions.ActorDiedError()))
+    assert resp.status_code == 503
+    assert resp.headers["Retry-After"] == str(RETRY_AFTER_S)
+
+
+def test_bounded_names_the_setting_on_timeout() -> None:
+    with pytest.raises(UnavailableError) as info:
+        asyncio.run(bounded(_hang(), 0.05, "the ranker", "ranker_timeout_s"))
+    assert "ranker_timeout_s" in info.value.message
+
+
+def test_fastapis_own_errors_use_the_one_error_format() -> None:
+    """An undecodable body (FastAPI's 400, found by schemathesis) is a 422 naming ``body``; other
+    errors FastAPI raises itself (an unknown route) keep their status in the ErrorBody format."""
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+
+    req = Request({"type": "http", "method": "POST", "path": "/v1/events", "headers": []})
+    resp = asyncio.run(serve_app._http_error(req, HTTPException(400, "error parsing the body")))
+    assert resp.status_code == 422
+    assert json.loads(bytes(resp.body))["field"] == "body"
+    resp = asyncio.run(serve_app._http_error(req, HTTPException(404, "Not Found")))
+    assert resp.status_code == 404
+    assert json.loads(bytes(resp.body)) == {"error": "HTTPError", "message": "Not Found"}
