@@ -30,6 +30,7 @@ from graph.recommend import Recommender
 from graph.retrieval import SOURCES
 from graph.signals import RankingSignals, fit_signals
 from graph.tasks import QueryBatch, in_session_tasks, next_basket_tasks
+from graph.text import ItemText
 
 CUT = pd.Timestamp("2017-03-01")
 NUM_ITEMS = 60
@@ -78,7 +79,8 @@ def setup(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, Interactions, Rank
     ranker = Ranker(rng.normal(size=(inter.num_users, 4)).astype(np.float32),
                     rng.normal(size=(inter.num_items, 4)).astype(np.float32), signals,
                     chunk_size=3)
-    rec = Recommender.build(items(), ranker, item_features(train, items(), ranker))
+    rec = Recommender.build(items(), ranker, item_features(train, items(), ranker),
+                            text=ItemText.build(items()))
     val_cut = CUT - pd.Timedelta(days=21)
     hist, window = train[train[S.TS_COL] < val_cut], train[train[S.TS_COL] >= val_cut]
     tasks = validation_tasks(hist, window, inter, val_cut, country="US")
