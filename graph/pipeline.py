@@ -236,6 +236,7 @@ def run_pipeline(
         The published version, its metrics table and timings.
     """
     from graph.evaluate import evaluate, format_ablations, format_candidates, format_table
+    from graph.search_eval import format_search
     from graph.train_loop import embed, fit, format_progress
 
     t0 = time.perf_counter()
@@ -272,7 +273,7 @@ def run_pipeline(
             max_baskets=cfg.eval_max_baskets, progress=progress,
         )
         table = "\n\n".join(t for t in (format_table(metrics), format_candidates(metrics),
-                                          format_ablations(metrics)) if t)
+                                          format_ablations(metrics), format_search(metrics)) if t)
         timings["eval_s"] = time.perf_counter() - t3
 
     manifest = {
