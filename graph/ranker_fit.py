@@ -43,9 +43,10 @@ def simulate_queries(requests: list[Request], targets: Sequence[np.ndarray], cat
     (:func:`graph.queries.simulate_query`, e.g. ``"kids cereal"``), half of them as the request's
     query and half as the session's latest search."""
     out = list(requests)
+    words_rng = rng.spawn(1)[0]  # a child stream: the draws of rng itself are left as they were
     for r in np.flatnonzero(rng.random(len(requests)) < share).tolist():
         item = int(rng.choice(targets[r]))
-        text = simulate_query(str(categories[item]), str(titles[item]), rng)
+        text = simulate_query(str(categories[item]), str(titles[item]), words_rng)
         if text:
             explicit = bool(rng.random() < 0.5)
             out[r] = replace(requests[r], query=text if explicit else None,
