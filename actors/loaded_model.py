@@ -61,7 +61,8 @@ class LoadedModel:
         from graph.recommend import Recommender
 
         ranker = Ranker(artifact.user_emb, artifact.item_emb, artifact.signals)
-        rec = Recommender.build(artifact.items, ranker, artifact.item_static, artifact.learned)
+        rec = Recommender.build(artifact.items, ranker, artifact.item_static, artifact.learned,
+                                text=artifact.text)
         return cls(
             version=artifact.version,
             artifact=artifact,

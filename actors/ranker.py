@@ -43,7 +43,6 @@ from graph.artifacts import (
     versions_with_user,
 )
 from graph.errors import BadRequestError, NotFoundError, UnavailableError
-from graph.search_index import tokenize
 
 if TYPE_CHECKING:  # heavy imports (torch, faiss) stay out of processes that only pass requests
     from graph.ranking import ContextSignal
@@ -145,9 +144,10 @@ class RankerService:
         first = None if top is None else str(cat.item_ids[top])
         user = next(iter(model.user_index), None)
         events: tuple[WireEvent, ...] = () if first is None else ((first, S.VIEW, 0.0, None),)
-        words = [] if top is None else tokenize(str(cat.titles[top]))
+        # A query too: the sentence model is loaded and the query path warmed before publishing.
+        words = [] if top is None else str(cat.categories[top]).split()
         probe.recommend(RankQuery(user_id=user, events=events, context={"weekday": 0, "hour": 12},
-                                  k=5, query=words[0] if words else None))
+                                  k=5, query=words[-1] if words else None))
 
     def target_version(self) -> str:
         """The version this service should serve now: the pinned one, or what ``LATEST`` says."""
@@ -330,13 +330,12 @@ class RankerService:
             if i is not None and ev != S.SEARCH
         )
         searches = [e[3] for e in q.events if e[1] == S.SEARCH and e[3]]
-        q_tokens = tuple(tokenize(q.query)) if q.query else ()
-        s_tokens = tuple(t for t in tokenize(searches[-1]) if t not in q_tokens) if searches else ()
         context = _context_signal(q.context)
         exclude = np.fromiter((m.item_index[x] for x in q.exclude_items if x in m.item_index),
                               dtype=np.int64)
         req = Request(user=user, item_events=item_events, context=context, now=now,
-                      query=q_tokens, session_query=s_tokens, category=q.category,
+                      query=q.query, session_query=searches[-1] if searches else None,
+                      category=q.category,
                       exclude=exclude, k=q.k)
         prepared = m.rec.prepare(req)  # Recommender.recommend, with the session kept for reasons
         ranked = m.rec.rank(prepared, explain=True)

@@ -49,7 +49,7 @@ def replay(url: str, artifacts: str, *, version: str = "latest", baskets: int = 
     if list(d.inter_full.item_ids) != art.items["item_id"].astype(str).tolist():
         raise SystemExit("the artifact's catalogue differs from the data its manifest names")
     rec = Recommender.build(art.items, Ranker(art.user_emb, art.item_emb, art.signals),
-                            art.item_static, art.learned)
+                            art.item_static, art.learned, text=art.text)
     ins, _ = in_session_tasks(d.test, d.inter_full, country=art.signals.params.country,
                               seed=seed, max_baskets=baskets)
     item_ids = art.items["item_id"].astype(str).to_numpy()

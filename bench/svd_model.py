@@ -41,7 +41,7 @@ def svd_artifact(root: Path, *, max_users: int, dim: int, purpose: str,
     return write_artifact(
         str(root), user_ids=d.inter_full.user_ids, items=d.ds.items,
         user_emb=rec.ranker.user_emb, item_emb=rec.ranker.item_emb, signals=rec.ranker.signals,
-        metrics=metrics or {}, learned=rec.learned, item_static=rec.item_static,
+        metrics=metrics or {}, learned=rec.learned, item_static=rec.item_static, text=rec.text,
         manifest={"data": {"name": d.ds.name, "max_users": max_users},
                   "training": {"embeddings": f"truncated SVD ({purpose})"}},
     )

@@ -13,6 +13,8 @@ Layout under ``root`` (a local folder or a pyarrow filesystem URI such as ``s3:/
         items.parquet             item_id, title, category, department, brand, price (row = index)
         signals/                  graph.signals.RankingSignals.save()
         ranker/                   the LightGBM ranker (model.txt, meta.json) and item_features.npy
+        text/                     graph.text.ItemText: item text vectors (vectors.npy, item_row.npy,
+                                  meta.json)
         _COMPLETE                 written last inside the folder
 
 A reader resolves ``LATEST`` once and then reads only that folder, so a publish that happens while
@@ -48,7 +50,8 @@ METRICS = "metrics.json"
 SIGNALS_DIR = "signals"
 RANKER_DIR = "ranker"
 ITEM_FEATURES_FILE = "item_features.npy"
-FORMAT_VERSION = 2  # 2: the learned ranker (ranker/)
+TEXT_DIR = "text"
+FORMAT_VERSION = 3  # 2: the learned ranker (ranker/); 3: item text embeddings (text/)
 
 
 def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
@@ -95,6 +98,7 @@ class ModelArtifact:
     signals: Any  # graph.signals.RankingSignals (typed loosely to keep this module import-light)
     learned: Any  # graph.ltr.LearnedRanker
     item_static: np.ndarray  # graph.features.item_features, [num_items, len(ITEM_FEATURES)]
+    text: Any  # graph.text.ItemText
 
     def user_index(self) -> dict[str, int]:
         return {u: i for i, u in enumerate(self.user_ids.tolist())}
@@ -115,6 +119,7 @@ def write_artifact(
     manifest: dict[str, Any],
     learned: Any,
     item_static: np.ndarray,
+    text: Any,
     version: str | None = None,
     set_latest: bool = True,
     extra_files: Mapping[str, bytes] | None = None,
@@ -122,8 +127,9 @@ def write_artifact(
     """Write a complete version folder, then (optionally) switch ``LATEST`` to it.
 
     ``learned`` is the :class:`graph.ltr.LearnedRanker` (anything with ``to_files() -> {name:
-    bytes}``) and ``item_static`` its per-item features. ``extra_files`` (name → bytes, e.g. the
-    plots of :mod:`graph.plots`) are written into the folder before it is marked complete.
+    bytes}``), ``item_static`` its per-item features and ``text`` the items' text embeddings
+    (:class:`graph.text.ItemText`). ``extra_files`` (name → bytes, e.g. the plots of
+    :mod:`graph.plots`) are written into the folder before it is marked complete.
 
     Returns:
         The version name.
@@ -162,6 +168,11 @@ def write_artifact(
     fs.create_dir(f"{vdir}/{RANKER_DIR}", recursive=True)
     for name, data in {**learned.to_files(), ITEM_FEATURES_FILE: npy(item_static)}.items():
         _write_bytes(fs, f"{vdir}/{RANKER_DIR}/{name}", data)
+    if text.num_items != len(items):
+        raise ArtifactError(f"text embeddings have {text.num_items} rows for {len(items)} items")
+    fs.create_dir(f"{vdir}/{TEXT_DIR}", recursive=True)
+    for name, data in text.to_files().items():
+        _write_bytes(fs, f"{vdir}/{TEXT_DIR}/{name}", data)
     full_manifest = {
         "format_version": FORMAT_VERSION,
         "version": version,
@@ -274,6 +285,7 @@ def read_artifact(root: str, version: str = "latest") -> ModelArtifact:
     """Load a complete model version (``"latest"`` or a name)."""
     from graph.ltr import LearnedRanker  # local: keeps `import graph.artifacts` light
     from graph.signals import RankingSignals
+    from graph.text import ItemText
 
     version = resolve_version(root, version)
     fs, base = filesystem(root)
@@ -298,6 +310,13 @@ def read_artifact(root: str, version: str = "latest") -> ModelArtifact:
              for i in fs.get_file_info(pafs.FileSelector(f"{vdir}/{RANKER_DIR}"))}
     item_static = np.load(io.BytesIO(files.pop(ITEM_FEATURES_FILE)))
     learned = LearnedRanker.from_files(files)
+    if not _exists(fs, f"{vdir}/{TEXT_DIR}"):
+        raise ArtifactError(f"model version {version} under {root} has no item text embeddings "
+                            f"({TEXT_DIR}/): it was written by an older release; retrain with "
+                            "`python train_job.py`")
+    text = ItemText.from_files(
+        {Path(i.path).name: _read_bytes(fs, i.path)
+         for i in fs.get_file_info(pafs.FileSelector(f"{vdir}/{TEXT_DIR}"))}, len(items))
     return ModelArtifact(
         version=version,
         path=vdir,
@@ -310,4 +329,5 @@ def read_artifact(root: str, version: str = "latest") -> ModelArtifact:
         signals=signals,
         learned=learned,
         item_static=item_static,
+        text=text,
     )

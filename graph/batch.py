@@ -52,7 +52,7 @@ class BatchRecommender:
         art = read_artifact(root, version)
         self.version = art.version
         self.rec = Recommender.build(art.items, Ranker(art.user_emb, art.item_emb, art.signals),
-                                     art.item_static, art.learned)
+                                     art.item_static, art.learned, text=art.text)
         self.user_index = art.user_index()
         self.k, self.now = k, now
 

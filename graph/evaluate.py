@@ -1,7 +1,8 @@
 """The offline protocol of SPEC.md: four tasks, three baselines, intentrec and its ablations.
 
 Tasks: :mod:`graph.tasks` (built from events after the cut; signals and embeddings only ever saw
-events before it).
+events before it). The ``search`` task and its baselines are in :mod:`graph.search_eval`
+(``metrics["search"]``).
 
 intentrec is ranked by :class:`graph.recommend.Recommender`: the same candidate generation,
 features, LightGBM ranker and top-k as serving, request by request. Its ablations
@@ -41,7 +42,7 @@ from graph.ranking import top_k_from_scores
 from graph.recommend import Recommender
 from graph.retrieval import SOURCES
 from graph.signals import RankingSignals
-from graph.tasks import QueryBatch, in_session_tasks, next_basket_tasks
+from graph.tasks import QueryBatch, in_session_tasks, next_basket_tasks, search_task
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -271,10 +272,20 @@ def evaluate(
             say(f"evaluate {q.name} ablations: {n} requests in {time.perf_counter() - t:.1f}s; "
                 f"recall@{k} " + ", ".join(f"{m} {ablated[m][q.name][f'recall@{k}']:.4f}"
                                            for m in ablated))
-    say(f"evaluate: done in {time.perf_counter() - t0:.1f}s")
     out: dict[str, Any] = dict(results)
     if ablations:
         out[ABLATIONS_KEY] = ablated
+    from graph.search_eval import SEARCH_KEY, evaluate_search
+
+    t = time.perf_counter()
+    cat = rec.catalogue
+    sq = search_task(ins, cat.categories, cat.titles, seed=seed)
+    out[SEARCH_KEY] = evaluate_search(rec, sq, rec.learned, k, progress=say)
+    if len(sq):
+        say(f"evaluate search: {len(sq)} simulated queries in {time.perf_counter() - t:.1f}s; "
+            f"recall@{k} " + ", ".join(f"{m} {v[sq.name][f'recall@{k}']:.4f}"
+                                       for m, v in out[SEARCH_KEY].items()))
+    say(f"evaluate: done in {time.perf_counter() - t0:.1f}s")
     return out
 
 
@@ -330,7 +341,7 @@ def format_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> st
 
     The header names each task with its number of requests ``n``.
     """
-    models = [m for m in metrics if m not in ("intentrec", ABLATIONS_KEY)] + (
+    models = [m for m in metrics if m not in ("intentrec", ABLATIONS_KEY, "search")] + (
         ["intentrec"] if "intentrec" in metrics else [])
     tasks = [t for t in S.TASKS if any(t in metrics[m] for m in models)]
     tasks += sorted({t for m in models for t in metrics[m]} - set(tasks))

@@ -21,14 +21,15 @@ Features (see :data:`FEATURES`):
   would take them the same way);
 - **item**: ``department`` (its index, split like a number), ``price``, ``price_band`` (price
   percentile inside the item's category), ``brand_pop``;
-- **query**: ``query_match`` and ``session_query_match`` (share of the search words the item's
-  title and category hold);
+- **query** (:mod:`graph.search`): ``query_lex`` (BM25 over the query's best), ``query_sem``
+  (cosine of the query's and the item's text vectors), ``query_rrf`` (their reciprocal-rank
+  fusion), and the same three for the session's latest search (``session_query_*``); NaN
+  without one;
 - **candidate sources**: ``src_<source>`` for each of :data:`graph.retrieval.SOURCES`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,7 @@ import pandas as pd
 from graph import schema as S
 from graph.ranking import ContextSignal, Ranker, SessionSignal
 from graph.retrieval import SOURCES, CandidateSet, Catalogue
+from graph.search import QueryScores
 from graph.signals import to_unix_seconds
 
 DAY_S = 86400.0
@@ -48,7 +50,8 @@ FEATURES: tuple[str, ...] = (
     "pop", "pop_trend", "repeat_rate",
     "context", "hour", "weekday", "holiday",
     "department", "price", "price_band", "brand_pop",
-    "query_match", "session_query_match",
+    "query_lex", "query_sem", "query_rrf",
+    "session_query_lex", "session_query_sem", "session_query_rrf",
     *(f"src_{s}" for s in SOURCES),
 )
 # The reason component of each feature (actors/explain.py has a sentence per component).
@@ -64,7 +67,9 @@ COMPONENT_OF: dict[str, str] = {
     "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
     "src_context": "context",
     "department": "item", "price": "item", "price_band": "item", "brand_pop": "item",
-    "query_match": "query", "session_query_match": "query", "src_query": "query",
+    "query_lex": "query", "query_sem": "query", "query_rrf": "query",
+    "session_query_lex": "query", "session_query_sem": "query", "session_query_rrf": "query",
+    "src_query": "query",
 }
 assert set(COMPONENT_OF) == set(FEATURES), set(FEATURES) ^ set(COMPONENT_OF)
 
@@ -113,16 +118,16 @@ class FeatureRequest:
         session: The session signal (None or empty: no session).
         context: The request's context (None: unknown).
         now: Request time, unix seconds.
-        query: Search words of the request.
-        session_query: Search words of the session's latest search.
+        query: Search scores of the request's search text (None: no search).
+        session_query: Search scores of the session's latest search.
     """
 
     user: int | None
     session: SessionSignal | None
     context: ContextSignal | None
     now: float
-    query: Sequence[str] = ()
-    session_query: Sequence[str] = ()
+    query: QueryScores | None = None
+    session_query: QueryScores | None = None
 
 
 def build_features(
@@ -166,8 +171,10 @@ def build_features(
     col["weekday"] = np.nan if ctx is None else float(ctx.weekday)
     col["holiday"] = np.nan if ctx is None else float(ctx.is_holiday)
     col["department"] = ranker.signals.item_department[items].astype(np.float32)
-    col["query_match"] = cat.tokens.match(list(req.query), items)
-    col["session_query_match"] = cat.tokens.match(list(req.session_query), items)
+    for prefix, qs in (("query", req.query), ("session_query", req.session_query)):
+        col[f"{prefix}_lex"] = np.nan if qs is None else qs.lexical_of(items)
+        col[f"{prefix}_sem"] = np.nan if qs is None else qs.semantic_of(items)
+        col[f"{prefix}_rrf"] = np.nan if qs is None else qs.fused_of(items)
     for j, src in enumerate(SOURCES):
         col[f"src_{src}"] = cand.sources[:, j].astype(np.float32)
     out = np.empty((n, len(FEATURES)), dtype=np.float32)

@@ -31,7 +31,8 @@ from graph.retrieval import SOURCES
 
 # What each ablation leaves out: (features, candidate sources).
 _SESSION_FEATURES = ("session", "sess_sim_max", "sess_sim_mean", "cooc", "line", "intent",
-                     "basket", "session_items", "session_query_match", "src_ann_sess",
+                     "basket", "session_items", "session_query_lex", "session_query_sem",
+                     "session_query_rrf", "src_ann_sess",
                      "src_cooc", "src_intent")
 ABLATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "full": ((), ()),

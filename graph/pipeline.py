@@ -33,6 +33,7 @@ from graph.data import Dataset, load_builtin, load_files, temporal_split
 from graph.errors import ConfigError
 from graph.forgotten import read_forgotten
 from graph.interactions import Interactions, build_interactions
+from graph.text import ItemText
 
 if TYPE_CHECKING:
     from graph.ltr import LearnedRanker
@@ -184,8 +185,10 @@ def fit_recommender(
     seed: int = 0,
     ablations: Sequence[str] = (),
     progress: Progress = print,
+    text: ItemText | None = None,
 ) -> tuple[Recommender, dict[str, LearnedRanker]]:
-    """Fit the learned ranker on the validation window, then build the recommender to publish.
+    """Embed the item texts (unless given), fit the learned ranker on the validation window, then
+    build the recommender to publish.
 
     Args:
         d: The run's data.
@@ -194,6 +197,7 @@ def fit_recommender(
         seed: Seed of everything random in the ranker's fitting.
         ablations: Which of :data:`graph.ltr.ABLATIONS` to fit besides ``full``.
         progress: Called with one line per step.
+        text: The catalogue's text embeddings, if already computed (:class:`ItemText`).
 
     Returns:
         The recommender on all training events with the full ranker, and every fitted ranker
@@ -207,10 +211,15 @@ def fit_recommender(
     from graph.recommend import Recommender
     from graph.signals import fit_signals
 
+    if text is None:
+        t0 = time.perf_counter()
+        text = ItemText.build(d.ds.items, progress=progress)
+        progress(f"[text] {len(text.texts):,} distinct texts of {text.num_items:,} items embedded "
+                 f"with {text.model} in {time.perf_counter() - t0:.0f}s")
     progress("[ranker] fitting the LightGBM ranker on candidates of the validation window")
     val_ranker = Ranker(*fit_emb, fit_signals(d.fit_part, d.inter_full))
     val_rec = Recommender.build(d.ds.items, val_ranker,
-                                item_features(d.fit_part, d.ds.items, val_ranker))
+                                item_features(d.fit_part, d.ds.items, val_ranker), text=text)
     tasks = validation_tasks(d.fit_part, d.val_part, d.inter_full, d.val_cut,
                              country=val_ranker.signals.params.country, seed=seed)
     rankers = fit_on_validation(val_rec, tasks, seed=seed, ablations=ablations, progress=progress)
@@ -219,7 +228,7 @@ def fit_recommender(
     del val_rec, val_ranker
     ranker = Ranker(*full_emb, fit_signals(d.train, d.inter_full))
     rec = Recommender.build(d.ds.items, ranker, item_features(d.train, d.ds.items, ranker),
-                            rankers["full"])
+                            rankers["full"], text=text)
     return rec, rankers
 
 
@@ -254,6 +263,7 @@ def run_pipeline(
         The published version, its metrics table and timings.
     """
     from graph.evaluate import evaluate, format_ablations, format_candidates, format_table
+    from graph.search_eval import format_search
     from graph.train_loop import embed, fit, format_progress
 
     t0 = time.perf_counter()
@@ -267,10 +277,15 @@ def run_pipeline(
     timings["train_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
+    text = ItemText.build(ds.items, progress=progress)
+    timings["text_s"] = time.perf_counter() - t2
+    progress(f"[text] {len(text.texts):,} distinct texts of {text.num_items:,} items embedded "
+             f"with {text.model} in {timings['text_s']:.0f}s")
+    t2 = time.perf_counter()
     rec, rankers = fit_recommender(
         d, (result.user_emb, result.item_emb), embed(result, inter_full), seed=cfg.train.seed,
         ablations=tuple(ABLATION_ROWS.values()) if cfg.ablations and not cfg.skip_eval else (),
-        progress=progress)
+        progress=progress, text=text)
     timings["ranker_s"] = time.perf_counter() - t2
 
     metrics: dict[str, Any] = {}
@@ -285,7 +300,7 @@ def run_pipeline(
             max_baskets=cfg.eval_max_baskets, progress=progress,
         )
         table = "\n\n".join(t for t in (format_table(metrics), format_candidates(metrics),
-                                          format_ablations(metrics)) if t)
+                                          format_ablations(metrics), format_search(metrics)) if t)
         timings["eval_s"] = time.perf_counter() - t3
 
     manifest = {
@@ -298,13 +313,14 @@ def run_pipeline(
         "training": {"seconds": round(timings["train_s"], 2), "epochs": len(result.history),
                      "history": result.history},
         "ranker": rankers["full"].info,
+        "text": {"model": text.model, "texts": len(text.texts), "seconds": round(timings["text_s"], 2)},
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     version = write_artifact(
         cfg.output, user_ids=inter_full.user_ids, items=ds.items, user_emb=rec.ranker.user_emb,
         item_emb=rec.ranker.item_emb, signals=rec.ranker.signals, metrics=metrics,
         manifest=manifest,
-        learned=rec.learned, item_static=rec.item_static,
+        learned=rec.learned, item_static=rec.item_static, text=rec.text,
         extra_files=_plots(result.history, metrics, progress),
     )
     timings["total_s"] = time.perf_counter() - t0 + (d.seconds if data is not None else 0.0)

@@ -7,9 +7,9 @@
    generation and features serving uses. A candidate is labelled 1 when the request's targets
    hold it.
 3. Queries: no data set we ship has searches, so a seeded share of the in-session requests gets
-   a simulated one (:func:`simulate_queries`): the words of one target item's category, never its
-   id. That is what teaches the ranker what a query match is worth; it is said wherever a number
-   comes from it.
+   a simulated one (:func:`simulate_queries`, :mod:`graph.queries`): words of one target item's
+   category or title, never its id. That is what teaches the ranker what a query match is
+   worth; it is said wherever a number comes from it.
 4. Negatives are subsampled per request (all positives kept) to bound training time (many
    requests with 100 negatives each ranked better on held-out validation requests than a third
    as many with 300: the same rows, more variety of shoppers and baskets), requests are
@@ -26,8 +26,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from graph.ltr import ABLATIONS, LearnedRanker, RankingData, fit_ranker
+from graph.queries import simulate_query
 from graph.recommend import Recommender, Request
-from graph.search_index import tokenize
 from graph.tasks import QueryBatch
 
 QUERY_SHARE = 0.2
@@ -37,18 +37,20 @@ Progress = Callable[[str], None]
 
 
 def simulate_queries(requests: list[Request], targets: Sequence[np.ndarray], categories: np.ndarray,
-                     rng: np.random.Generator, share: float = QUERY_SHARE) -> list[Request]:
-    """Give a seeded ``share`` of the requests a search: the words of the last category level of
-    one of its target items (e.g. ``"kids cereal"``), half of them as the request's query and
-    half as the session's latest search."""
+                     titles: np.ndarray, rng: np.random.Generator, share: float = QUERY_SHARE,
+                     ) -> list[Request]:
+    """Give a seeded ``share`` of the requests a search about one of its target items
+    (:func:`graph.queries.simulate_query`, e.g. ``"kids cereal"``), half of them as the request's
+    query and half as the session's latest search."""
     out = list(requests)
+    words_rng = rng.spawn(1)[0]  # a child stream: the draws of rng itself are left as they were
     for r in np.flatnonzero(rng.random(len(requests)) < share).tolist():
         item = int(rng.choice(targets[r]))
-        words = tuple(tokenize(str(categories[item]).rsplit(">", 1)[-1]))
-        if words:
+        text = simulate_query(str(categories[item]), str(titles[item]), words_rng)
+        if text:
             explicit = bool(rng.random() < 0.5)
-            out[r] = replace(requests[r], query=words if explicit else (),
-                             session_query=() if explicit else words)
+            out[r] = replace(requests[r], query=text if explicit else None,
+                             session_query=None if explicit else text)
     return out
 
 
@@ -114,7 +116,8 @@ def fit_on_validation(
     for q in batches:
         reqs = q.requests()
         if q.name == "in_session":
-            reqs = simulate_queries(reqs, q.targets, rec.catalogue.categories, rng)
+            reqs = simulate_queries(reqs, q.targets, rec.catalogue.categories,
+                                        rec.catalogue.titles, rng)
         requests += reqs
         targets += q.targets
     labelled = label(rec, requests, targets, rng)

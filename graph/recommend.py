@@ -25,6 +25,8 @@ from graph.features import FeatureRequest, build_features
 from graph.ltr import LearnedRanker
 from graph.ranking import ContextSignal, Ranker, SessionSignal, session_signal
 from graph.retrieval import CandidateSet, Catalogue, candidates, exclusions
+from graph.search import QueryScores
+from graph.text import ItemText, normalize_query
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,8 @@ class Request:
         item_events: ``(item index, event, ts)`` of the session's catalogue items, oldest first.
         context: The request's context signal.
         now: The request time (unix seconds); session decay and repurchase timing use it.
-        query: Search words of the request.
-        session_query: Search words of the session's latest search.
+        query: Search text of the request.
+        session_query: Search text of the session's latest search.
         category: Category-path prefix the items must have.
         exclude: Item indices never to return (the session's cart is added).
         k: How many items.
@@ -47,8 +49,8 @@ class Request:
     item_events: tuple[tuple[int, str, float], ...] = ()
     context: ContextSignal | None = None
     now: float = 0.0
-    query: tuple[str, ...] = ()
-    session_query: tuple[str, ...] = ()
+    query: str | None = None
+    session_query: str | None = None
     category: str | None = None
     exclude: np.ndarray | None = None
     k: int = S.TOP_K
@@ -88,7 +90,7 @@ class Recommender:
 
     Args:
         ranker: Embeddings and non-parametric signals.
-        catalogue: Items, faiss index, popularity orders, search index.
+        catalogue: Items, faiss index, popularity orders, hybrid search index.
         item_static: Per-item features (:func:`graph.features.item_features`).
         learned: The LambdaRank ranker (None only while the ranker itself is being fitted:
             :meth:`prepare` works, :meth:`rank` needs one).
@@ -103,21 +105,36 @@ class Recommender:
         emb = self.ranker.item_emb
         self.item_unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
+    @property
+    def text(self) -> ItemText:
+        """The catalogue's text embeddings."""
+        return self.catalogue.search.text
+
     @classmethod
     def build(cls, items: pd.DataFrame, ranker: Ranker, item_static: np.ndarray,
-              learned: LearnedRanker | None = None) -> Recommender:
-        return cls(ranker, Catalogue.build(items, ranker), item_static, learned)
+              learned: LearnedRanker | None = None, *, text: ItemText) -> Recommender:
+        return cls(ranker, Catalogue.build(items, ranker, text), item_static, learned)
+
+    def search_scores(self, text: str | None) -> QueryScores | None:
+        """Hybrid search scores of a search text (None for none or a blank one)."""
+        if text is None or not text.strip():
+            return None
+        return self.catalogue.search.scores(text)
 
     def prepare(self, req: Request) -> Prepared:
         """Candidates and features of one request (exclusions and category filter applied)."""
         session = req.session
+        query = self.search_scores(req.query)
+        session_query = (None if req.session_query is not None and req.query is not None
+                         and normalize_query(req.session_query) == normalize_query(req.query)
+                         else self.search_scores(req.session_query))
         cand = candidates(
             self.ranker, self.catalogue, user=req.user, session=session,
             item_events=req.item_events, context=req.context,
-            query=req.query, session_query=req.session_query,
+            query=query, session_query=session_query,
             category=req.category, exclude=exclusions(req.exclude, req.item_events),
         )
-        fr = FeatureRequest(req.user, session, req.context, req.now, req.query, req.session_query)
+        fr = FeatureRequest(req.user, session, req.context, req.now, query, session_query)
         x = build_features(self.ranker, self.catalogue, self.item_static, fr, cand, self.item_unit)
         return Prepared(req, session, cand, x)
 

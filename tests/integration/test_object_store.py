@@ -36,7 +36,7 @@ def _copy_versions(src: str, dst: str, names: list[str]) -> None:
         write_artifact(dst, user_ids=art.user_ids, items=art.items, user_emb=art.user_emb,
                        item_emb=art.item_emb, signals=art.signals, metrics=art.metrics,
                        manifest={"copied_from": art.version}, learned=art.learned,
-                       item_static=art.item_static, version=name)
+                       item_static=art.item_static, text=art.text, version=name)
 
 
 def test_artifacts_latest_and_model_loading_on_s3(s3_bucket: str, svd_artifact_root: str) -> None:

@@ -97,7 +97,7 @@ def _copy_version(root: str, name: str) -> str:
     return write_artifact(root, user_ids=art.user_ids, items=art.items, user_emb=art.user_emb,
                           item_emb=art.item_emb * 0.5, signals=art.signals, metrics=art.metrics,
                           manifest={"note": name}, learned=art.learned,
-                          item_static=art.item_static, version=name, set_latest=False)
+                          item_static=art.item_static, text=art.text, version=name, set_latest=False)
 
 
 def test_a_reload_moves_every_replica_without_a_failed_request(rollout: Rollout) -> None:

@@ -459,7 +459,7 @@ def test_model_swap_drops_no_request(served: Served) -> None:
     v2 = write_artifact(served.root, user_ids=art.user_ids, items=art.items,
                         user_emb=art.user_emb, item_emb=art.item_emb, signals=art.signals,
                         metrics=art.metrics, manifest={"note": "second version"},
-                        learned=art.learned, item_static=art.item_static,
+                        learned=art.learned, item_static=art.item_static, text=art.text,
                         version="v2-test", set_latest=False)
     stop, codes = threading.Event(), []
 

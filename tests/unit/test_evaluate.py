@@ -28,8 +28,10 @@ from graph.ranker_fit import fit_on_validation
 from graph.ranking import Ranker
 from graph.recommend import Recommender
 from graph.retrieval import SOURCES
+from graph.search_eval import BASELINES, format_search
 from graph.signals import RankingSignals, fit_signals
-from graph.tasks import QueryBatch, in_session_tasks, next_basket_tasks
+from graph.tasks import QueryBatch, in_session_tasks, next_basket_tasks, search_task
+from graph.text import ItemText
 
 CUT = pd.Timestamp("2017-03-01")
 NUM_ITEMS = 60
@@ -78,7 +80,8 @@ def setup(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, Interactions, Rank
     ranker = Ranker(rng.normal(size=(inter.num_users, 4)).astype(np.float32),
                     rng.normal(size=(inter.num_items, 4)).astype(np.float32), signals,
                     chunk_size=3)
-    rec = Recommender.build(items(), ranker, item_features(train, items(), ranker))
+    rec = Recommender.build(items(), ranker, item_features(train, items(), ranker),
+                            text=ItemText.build(items()))
     val_cut = CUT - pd.Timedelta(days=21)
     hist, window = train[train[S.TS_COL] < val_cut], train[train[S.TS_COL] >= val_cut]
     tasks = validation_tasks(hist, window, inter, val_cut, country="US")
@@ -187,7 +190,15 @@ def test_evaluate_reports_every_model_task_and_metric() -> None:
     res = evaluate(train, test, inter, rec, CUT, ablations={"intentrec_alone": rec.learned},
                    ablation_requests=3, progress=lines.append)
     abl = res.pop("ablations")
+    search = res.pop("search")
     assert list(res) == list(S.MODEL_NAMES)
+    # The search task: every search baseline and intentrec, on the same simulated queries.
+    assert list(search) == [*BASELINES, "intentrec"]
+    baskets = res["popularity"]["in_session"]["n"]
+    for tasks in search.values():
+        assert list(tasks) == ["search"] and 0 < tasks["search"]["n"] <= baskets
+        assert all(0.0 <= tasks["search"][x] <= 1.0 for x in S.METRICS)
+    assert "popularity_in_category" in format_search({"search": search})
     for model in res:
         assert list(res[model]) == list(S.TASKS)
         for task in S.TASKS:
@@ -240,3 +251,18 @@ def test_tasks_are_empty_not_broken_without_test_users(task: str) -> None:
     assert len(nb) == 0
     if task == "in_session":
         assert all(u == -1 for u in ins.users)  # unknown users still get in-session requests
+
+
+def test_search_task_asks_about_a_hidden_item_by_its_category_words() -> None:
+    _, test, inter, _, _ = setup()
+    ins, _ = in_session_tasks(test, inter, seed=0)
+    cats = items()[S.CATEGORY_COL].to_numpy()
+    q = search_task(ins, cats, cats, seed=3)
+    again = search_task(ins, cats, cats, seed=3)
+    assert len(q) == len(ins) > 0 and q.queries == again.queries  # seeded
+    assert q.queries is not None
+    for text, tgt, hidden, ex in zip(q.queries, q.targets, ins.targets, q.exclude, strict=True):
+        assert text is not None and not any(ch.isdigit() for ch in text)  # never an id
+        assert len(tgt) and np.isin(tgt, hidden).all() and not np.isin(tgt, ex).any()
+        assert len(set(cats[tgt])) == 1 and text.split()[0] in cats[tgt[0]].lower()
+    assert [r.query for r in q.requests()] == q.queries

