@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from actors.session_events import SessionEvent, event_from_json
-from actors.session_log import URI_RE
+from actors.session_log import URI_RE, unframe
 from graph import schema as S
 from graph.errors import ConfigError
 
@@ -107,7 +107,7 @@ def read_online_events(wal_uri: str) -> tuple[list[SessionEvent], ExportReport]:
             report.sources.append(f"{shard}/{name}")
             for line in _lines(fs, f"{shard}/{name}"):
                 try:
-                    rec = json.loads(line)
+                    rec = json.loads(unframe(line))  # checksummed records (session_log)
                     kind = rec["t"]
                     if kind in ("session", "user", "append"):
                         for d in rec["events"]:
