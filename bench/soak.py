@@ -1,0 +1,202 @@
+"""Soak: half of the measured maximum load for a long time, with the memory of every Ray process.
+
+It deploys the Serve app as ``bench/serve_bench.py`` does (the same ``serve_app.compose``, the
+``cluster.yaml`` Serve flags, a client key), measures each endpoint's maximum closed-loop
+throughput (concurrency 8), then holds Poisson arrivals at ``--fraction`` (0.5) of it on both
+``POST /v1/recommendations`` and ``POST /v1/events`` together for ``--minutes``. Every
+``--sample-s`` seconds it records the resident memory (RSS) of every process of the local Ray
+cluster (proxy, replicas, session shards, controller, raylet, GCS), grouped by process title.
+
+The verdict (the issue's bar): 0 failed requests, and every group's RSS at the end within 10% of
+its RSS after the first window (the warm-up: model loaded, connections open, caches filled). The
+table prints per group; the JSON goes to ``bench/results/soak.json``.
+
+Usage::
+
+    python bench/soak.py --artifacts /tmp/full_model              # 10 minutes
+    python bench/soak.py --minutes 2 --sample-s 20                # a short check
+
+Without a model under ``--artifacts`` it builds a small one with SVD embeddings in place of the
+GNN, as the serving benchmark does, and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import tempfile
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import bench.serve_bench as sb  # sets sys.path, RAY_AUTH_MODE and the usage-stats switch
+from bench.loadgen import LoadSpec
+
+RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
+RSS_TOLERANCE = 0.10
+
+
+def ray_processes(exclude: set[int]) -> dict[str, list[int]]:
+    """PIDs of the local Ray cluster's processes, grouped by a readable title
+    (``ray::ServeReplica:intentrec-bench:GNNRanker`` → ``ServeReplica GNNRanker``)."""
+    import psutil
+
+    groups: dict[str, list[int]] = {}
+    for proc in psutil.Process().children(recursive=True):
+        if proc.pid in exclude:
+            continue
+        try:
+            cmd = " ".join(proc.cmdline()) or proc.name()
+        except psutil.Error:
+            continue
+        title = cmd.split()[0] if cmd else "?"
+        m = re.match(r"ray::(\w+)(?::[\w-]+:(\w+))?", cmd)
+        if m:
+            title = " ".join(x for x in m.groups() if x)
+        elif "raylet" in cmd:
+            title = "raylet"
+        elif "gcs_server" in cmd:
+            title = "gcs_server"
+        else:
+            title = Path(title).name
+        groups.setdefault(title, []).append(proc.pid)
+    return groups
+
+
+def rss_mb(groups: dict[str, list[int]]) -> dict[str, float]:
+    """Summed RSS (MB) per group; processes that exited count 0."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for name, pids in groups.items():
+        total = 0
+        for pid in pids:
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                continue
+        out[name] = total / 2**20
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--artifacts", default="artifacts", help="model root (train_job.py output)")
+    p.add_argument("--minutes", type=float, default=10.0, help="how long to hold the load")
+    p.add_argument("--sample-s", type=float, default=30.0, help="seconds per window / RSS sample")
+    p.add_argument("--fraction", type=float, default=0.5, help="share of the maximum throughput")
+    p.add_argument("--port", type=int, default=8441, help="Serve HTTP port (127.0.0.1)")
+    p.add_argument("--output", default=str(RESULTS), help="results file")
+    opts = p.parse_args(argv)
+
+    import yaml
+
+    from graph.errors import ArtifactError
+
+    os.environ.update(sb.cluster_serve_env(yaml.safe_load(sb.CLUSTER_YAML.read_text())))
+    work = Path(tempfile.mkdtemp(prefix="soak-"))
+    key = secrets.token_urlsafe(32)
+    auth = {"X-API-Key": key}
+    model_root = str(Path(opts.artifacts).resolve())
+    try:
+        art, model = sb.model_info(model_root)
+    except ArtifactError:
+        print(f"no model under {model_root}: building a small one with SVD embeddings")
+        model_root = str(work / "svd_artifacts")
+        sb.svd_artifact(Path(model_root), max_users=300, dim=32, purpose="soak stand-in for the GNN")
+        art, model = sb.model_info(model_root)
+    mix = sb.traffic(art, n=20_000)
+    del art
+    args = sb.app_args(model_root, work, "serve")
+    url = f"http://127.0.0.1:{opts.port}"
+    gens: list[sb.LoadGen] = []
+    windows: list[dict[str, Any]] = []
+    try:
+        sb.start_serve(args, opts.port, {**sb.config_env_vars(), "INTENTREC_API_KEY": key})
+        sb.wait_ready(url, 300)
+        sb.seed_sessions(url, mix["seed_batches"], auth)
+        gens = [sb.LoadGen(), sb.LoadGen()]
+        exclude = {g.proc.pid or -1 for g in gens}
+        best: dict[str, float] = {}
+        for ep in sb.ENDPOINTS:
+            res = gens[0].run(LoadSpec(url=url + sb.ENDPOINTS[ep], bodies=mix[ep], mode="closed",
+                                       concurrency=8, duration_s=10, warmup_s=2, headers=auth))
+            best[ep] = res["throughput"]
+            print(f"max {ep}: {res['throughput']:.1f} req/s at concurrency 8", flush=True)
+        rates = {ep: best[ep] * opts.fraction for ep in best}
+        n_windows = max(2, round(opts.minutes * 60 / opts.sample_s))
+        print(f"holding {', '.join(f'{ep} {r:.1f}/s' for ep, r in rates.items())} for "
+              f"{n_windows} windows of {opts.sample_s:.0f} s", flush=True)
+        for w in range(n_windows):
+            results: dict[str, dict[str, Any]] = {}
+
+            def drive(ep: str, gen: sb.LoadGen, seed: int) -> None:
+                results[ep] = gen.run(LoadSpec(  # noqa: B023 - joined below, inside the loop
+                    url=url + sb.ENDPOINTS[ep], bodies=mix[ep], mode="open", concurrency=256,
+                    rate=rates[ep], duration_s=opts.sample_s, max_requests=10**7, seed=seed,
+                    headers=auth))
+
+            threads = [threading.Thread(target=drive, args=(ep, g, w * 2 + i))
+                       for i, (ep, g) in enumerate(zip(sb.ENDPOINTS, gens, strict=True))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            rss = rss_mb(ray_processes(exclude))
+            row = {"window": w, "t_s": round((w + 1) * opts.sample_s),
+                   "rss_mb": rss, "rss_total_mb": sum(rss.values())}
+            for ep, res in results.items():
+                res.pop("latencies_ms", None)
+                row[ep] = res
+            windows.append(row)
+            print(f"  window {w + 1}/{n_windows}: "
+                  + "  ".join(f"{ep} {r['throughput']:.1f}/s p99 {r['p99_ms']:.0f} ms "
+                              f"err {r['errors']}" for ep, r in results.items())
+                  + f"  Ray RSS {row['rss_total_mb']:.0f} MB", flush=True)
+    finally:
+        for g in gens:
+            g.close()
+        sb._stop_serve(args)
+
+    first, last = windows[0]["rss_mb"], windows[-1]["rss_mb"]
+    groups = []
+    for name in sorted(set(first) | set(last)):
+        a, b = first.get(name, 0.0), last.get(name, 0.0)
+        change = (b - a) / a if a else None
+        groups.append({"process": name, "rss_start_mb": a, "rss_end_mb": b, "change": change})
+    errors = sum(w[ep]["errors"] for w in windows for ep in sb.ENDPOINTS)
+    requests = sum(w[ep]["requests"] for w in windows for ep in sb.ENDPOINTS)
+    status: dict[str, int] = {}
+    for w in windows:
+        for ep in sb.ENDPOINTS:
+            for k, v in w[ep]["status"].items():
+                status[k] = status.get(k, 0) + v
+    flat = all(g["change"] is None or abs(g["change"]) <= RSS_TOLERANCE for g in groups)
+    print()
+    print(f"{'process':<40} {'RSS start MB':>12} {'RSS end MB':>11} {'change':>8}")
+    for g in groups:
+        ch = "-" if g["change"] is None else f"{g['change']:+.1%}"
+        print(f"{g['process']:<40} {g['rss_start_mb']:12.0f} {g['rss_end_mb']:11.0f} {ch:>8}")
+    print(f"\nrequests {requests}, errors {errors}, status {status}")
+    print(f"verdict: errors == 0: {errors == 0}; every process's RSS within "
+          f"{RSS_TOLERANCE:.0%} of its first window: {flat}")
+    out = Path(opts.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "meta": {"when": datetime.now().isoformat(timespec="seconds"), "model": model,
+                 "minutes": opts.minutes, "sample_s": opts.sample_s, "fraction": opts.fraction,
+                 "max_throughput": best, "rates": rates, "versions": sb.versions(),
+                 "load_average_after": os.getloadavg()},
+        "windows": windows, "processes": groups,
+        "verdict": {"requests": requests, "errors": errors, "status": status,
+                    "rss_flat_within_10pct": flat}}, indent=2, default=str))
+    print(f"wrote {out}")
+    return 0 if errors == 0 and flat else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
