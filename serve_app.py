@@ -636,7 +636,8 @@ class Ingress:
             self.keys.require(api_key, Scope.CLIENT, "listing shoppers")
             return await self._ranker(self.ranker.shoppers.remote())
 
-    @api.post("/v1/admin/reload", response_model=ReloadResponse, responses=_ERROR_RESPONSES,
+    @api.post("/v1/admin/reload", response_model=ReloadResponse,
+              responses={**_ERROR_RESPONSES, 409: {"model": ErrorBody}},
               summary="Load LATEST again, or roll every ranker replica to a named version (admin key)")
     async def reload(
         self,

@@ -83,7 +83,7 @@ def build(app_args: dict[str, Any], clock: Any = None) -> Any:
     # `serve.get_replica_context().servable_object`; in this process that is this one instance.
     from ray import serve
 
-    serve.get_replica_context = lambda: SimpleNamespace(servable_object=ingress)  # type: ignore
+    serve.get_replica_context = lambda: SimpleNamespace(servable_object=ingress, app_name="inprocess")  # type: ignore
     gc.collect()
     gc.freeze()  # as GNNRanker does after loading a model
     return serve_app.api

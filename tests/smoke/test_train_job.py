@@ -87,8 +87,17 @@ def test_exits_0_prints_the_table_and_publishes_latest(run: Run) -> None:
     assert header is not None, run.log
     for task in S.TASKS:
         assert f"{task} (n=" in header, f"{task} missing from the table header:\n{header}"
-    rows = [ln.split("|")[0].strip() for ln in lines if ln.split("|")[0].strip() in S.MODEL_NAMES]
+    # The main table ends where the search table (its own rows, intentrec included) begins.
+    start = lines.index(header)
+    end = next((i for i, ln in enumerate(lines) if i > start and ln.startswith("search (")),
+               len(lines))
+    rows = [ln.split("|")[0].strip() for ln in lines[start:end]
+            if ln.split("|")[0].strip() in S.MODEL_NAMES]
     assert rows == [m for m in S.MODEL_NAMES if m != "intentrec"] + ["intentrec"], rows
+    # The search task's table: every comparison, intentrec included.
+    search = "\n".join(lines[end:])
+    for name in ("popularity_in_category", "lexical", "semantic", "intentrec"):
+        assert any(ln.split("|")[0].strip() == name for ln in lines[end:]), search[:2000]
 
     version = (run.output / "LATEST").read_text().strip()
     assert f"model version {version} published under {run.output}" in out, run.log

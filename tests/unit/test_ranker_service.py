@@ -77,8 +77,11 @@ def test_unknown_user_gets_popular_items_never_an_error(svc: RankerService) -> N
     _check_items(out, 20)
     assert not out["user_known"]
     cat = svc.model.catalogue
-    popular = set(cat.item_ids[cat.popular[:50]].tolist())
-    assert len(popular & {it["item_id"] for it in out["items"]}) >= 10
+    got = {it["item_id"] for it in out["items"]}
+    # Without a history the answer leans on popularity (the learned ranker still reorders by
+    # context): most of it is among the 200 most popular of ~92k items (chance: 0.04 items).
+    popular = set(cat.item_ids[cat.popular[:200]].tolist())
+    assert len(popular & got) >= 15
 
 
 def test_candidates_are_a_small_slice_of_the_catalogue(svc: RankerService) -> None:
