@@ -27,13 +27,16 @@ import json
 import os
 import re
 import secrets
+import sys
 import tempfile
 import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import bench.serve_bench as sb  # sets sys.path, RAY_AUTH_MODE and the usage-stats switch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import bench.serve_bench as sb  # sets RAY_AUTH_MODE and the usage-stats switch
 from bench.loadgen import LoadSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
