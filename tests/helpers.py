@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def wait_for_condition(
@@ -22,3 +23,13 @@ def wait_for_condition(
     raise TimeoutError(
         f"condition {what or predicate!r} not met within {timeout}s (last error: {last_exc!r})"
     )
+
+
+def artifact_parts(art: Any, **overrides: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`graph.artifacts.write_artifact` that re-publish ``art``
+    (a :func:`graph.artifacts.read_artifact` result) as another version; ``overrides`` replace
+    any of them (``item_emb=...``, ``metrics=...``)."""
+    parts = {"user_ids": art.user_ids, "items": art.items, "user_emb": art.user_emb,
+             "item_emb": art.item_emb, "signals": art.signals, "metrics": {}, "manifest": {},
+             "learned": art.learned, "item_static": art.item_static, "text": art.text}
+    return {**parts, **overrides}

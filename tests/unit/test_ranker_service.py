@@ -14,6 +14,7 @@ from graph.artifacts import latest_version, list_versions, read_artifact, write_
 from graph.errors import ArtifactError, BadRequestError, NotFoundError
 from graph.recommend import Request
 from graph.retrieval import SOURCES, candidates, exclusions
+from tests.helpers import artifact_parts
 
 # Event times are fixed: nothing here may depend on the day the test runs.
 T0 = 1_512_000_000.0  # 2017-11-30
@@ -239,9 +240,8 @@ def test_forget_user_is_persistent_across_replicas(svc: RankerService, tmp_path:
 def test_reload_swaps_atomically_and_rolls_back(svd_artifact_root: str, tmp_path: Path) -> None:
     root = str(tmp_path / "models")
     art = read_artifact(svd_artifact_root)
-    common = {"user_ids": art.user_ids, "items": art.items, "user_emb": art.user_emb,
-              "signals": art.signals, "metrics": {}, "manifest": {}, "learned": art.learned,
-              "item_static": art.item_static, "text": art.text}
+    common = artifact_parts(art)
+    del common["item_emb"]
     write_artifact(root, item_emb=art.item_emb, version="v1", **common)
     svc = RankerService(root)
     old = svc.model
@@ -279,9 +279,7 @@ def test_a_broken_version_is_refused_and_latest_stays(svd_artifact_root: str,
 
     root = str(tmp_path / "models")
     art = read_artifact(svd_artifact_root)
-    common = {"user_ids": art.user_ids, "items": art.items, "user_emb": art.user_emb,
-              "item_emb": art.item_emb, "signals": art.signals, "metrics": {}, "manifest": {},
-              "learned": art.learned, "item_static": art.item_static, "text": art.text}
+    common = artifact_parts(art)
     write_artifact(root, version="v1", **common)
     write_artifact(root, version="broken", set_latest=False, **common)
     fs, base = filesystem(root)
@@ -306,9 +304,7 @@ def test_a_rollout_config_moves_pinned_and_following_services(svd_artifact_root:
                                                               tmp_path: Path) -> None:
     root = str(tmp_path / "models")
     art = read_artifact(svd_artifact_root)
-    common = {"user_ids": art.user_ids, "items": art.items, "user_emb": art.user_emb,
-              "item_emb": art.item_emb, "signals": art.signals, "metrics": {}, "manifest": {},
-              "learned": art.learned, "item_static": art.item_static, "text": art.text}
+    common = artifact_parts(art)
     for v in ("v1", "v2", "v3"):
         write_artifact(root, version=v, **common)
     pinned = RankerService(root, "v1")
