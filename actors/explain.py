@@ -151,6 +151,8 @@ class Reasons:
             return f"more {short_title(str(m.intent_labels[it]))} from the brand you picked"
         if comp == "gnn":
             return "picked for you from your shopping history"
+        if comp == "peers" and self.user is not None:
+            return "shoppers who buy what you buy also buy this"
         if comp == "pop":
             return "popular with shoppers"
         if comp == "context" and self.context is not None:

@@ -15,6 +15,8 @@ Features (see :data:`FEATURES`):
 - **co-occurrence and session**: ``cooc``, ``line`` (product line share), ``intent`` (the
   session's weight on the item's category), ``basket`` (personal co-occurrence),
   ``session_items``;
+- **peers**: ``peers`` (how strongly the user's most similar shoppers buy the item:
+  ``RankingSignals.peers_of``; 0 outside the user's peer items, NaN for an unknown user);
 - **popularity**: ``pop`` (log, decayed), ``pop_trend`` (last 7 days vs last 28), ``repeat_rate``;
 - **context**: ``context`` (department lift at the request's weekday × hour, holiday lift),
   ``hour``, ``weekday``, ``holiday`` (no data set we ship has device or region; the lift tables
@@ -48,6 +50,7 @@ FEATURES: tuple[str, ...] = (
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
     "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate",
+    "peers",
     "context", "hour", "weekday", "holiday",
     "department", "price", "price_band", "brand_pop",
     "query_lex", "query_sem", "query_rrf",
@@ -64,6 +67,7 @@ COMPONENT_OF: dict[str, str] = {
     "cooc": "cooc", "src_cooc": "cooc", "line": "line", "intent": "intent", "src_intent": "intent",
     "session_items": "intent", "basket": "basket",
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
+    "peers": "peers", "src_peers": "peers",
     "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
     "src_context": "context",
     "department": "item", "price": "item", "price_band": "item", "brand_pop": "item",
@@ -164,6 +168,7 @@ def build_features(
         col["sess_sim_max"] = col["sess_sim_mean"] = np.nan
         col["session_items"] = 0.0
     _repeat_stats(ranker, req, items, col)
+    col["peers"] = _peer_scores(ranker, req.user, items)
     for j, name in enumerate(ITEM_FEATURES):
         col[name] = item_static[items, j]
     ctx = req.context
@@ -180,6 +185,19 @@ def build_features(
     out = np.empty((n, len(FEATURES)), dtype=np.float32)
     for j, name in enumerate(FEATURES):
         out[:, j] = col[name]
+    return out
+
+
+def _peer_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndarray | float:
+    """The user's peer score of each item (0 outside the user's peer items; NaN: unknown user)."""
+    if user is None:
+        return np.nan
+    row, score = ranker.signals.peers_of(user)
+    out = np.zeros(len(items), dtype=np.float32)
+    if len(row):
+        pos = np.minimum(np.searchsorted(row, items), len(row) - 1)
+        hit = row[pos] == items
+        out[hit] = score[pos[hit]]
     return out
 
 

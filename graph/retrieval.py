@@ -20,6 +20,7 @@ intent     best sellers of the session's top intent categories
 query      hybrid search hits (graph.search: BM25 + text embeddings, rank-fused) of the request's
            query and the session's last search
 context    best sellers of the departments the request's weekday/hour/holiday favours
+peers      what the user's most similar shoppers buy (user-kNN, ``RankingSignals.peers_of``)
 ========== ===================================================================================
 
 Only the second stage (:mod:`graph.ltr`) orders them.
@@ -40,7 +41,7 @@ from graph.search import QueryScores, SearchIndex
 from graph.text import ItemText
 
 SOURCES: tuple[str, ...] = (
-    "popular", "ann_user", "ann_sess", "buy_again", "cooc", "intent", "query", "context",
+    "popular", "ann_user", "ann_sess", "buy_again", "cooc", "intent", "query", "context", "peers",
 )
 # Per source, how many candidates to take.
 POPULAR_K = 100
@@ -57,6 +58,7 @@ SESSION_QUERY_K = 100
 CATEGORY_K = 200
 CONTEXT_DEPTS = 3
 CONTEXT_PER_DEPT = 30
+PEERS_K = 100
 USER_CACHE = 200_000
 # Catalogues this large get an inverted-file ANN index (faiss IndexIVFFlat: sqrt(I) lists, an
 # eighth of them scanned per query) instead of the exact one. On the built-in data (91,689 items)
@@ -252,6 +254,10 @@ def candidates(
         parts.append((3, hist[order[:BUY_AGAIN_K]]))
         for i in hist[order[:COOC_HISTORY_ITEMS]].tolist():
             parts.append((4, _neighbours(ranker, i, COOC_PER_HISTORY_ITEM)))
+        peer_idx, peer_val = sig.peers_of(user)
+        if len(peer_idx) > PEERS_K:
+            peer_idx = peer_idx[np.argpartition(-peer_val, PEERS_K - 1)[:PEERS_K]]
+        parts.append((8, peer_idx.astype(np.int64)))
     if session is not None and not session.is_empty:
         _, ann = cat.index.search(session_embedding(ranker, session)[None, :], ANN_K)
         parts.append((2, ann[0][ann[0] >= 0].astype(np.int64)))

@@ -217,12 +217,62 @@ def test_signals_save_load_round_trip(tmp_path: Path) -> None:
                  "hist_first", "hist_last", "user_sessions", "user_decayed_sessions",
                  "user_last", "basket_indptr", "basket_items", "user_basket_indptr",
                  "item_repeat_rate", "item_department", "item_line", "item_category", "context_lift",
-                 "holiday_lift"):
+                 "holiday_lift", "peer_indptr", "peer_indices", "peer_score"):
         np.testing.assert_array_equal(getattr(back, name), getattr(signals, name), err_msg=name)
     assert (back.item_sim != signals.item_sim).nnz == 0
     assert back.department_names == signals.department_names
     assert back.params == signals.params
     assert back.now == signals.now
+
+
+def test_signals_saved_before_peers_load_with_empty_peer_rows(tmp_path: Path) -> None:
+    _, _, signals = tiny_setup()
+    signals.save(tmp_path)
+    (tmp_path / "peers.npz").unlink()  # what a model exported before peers holds
+    back = RankingSignals.load(tmp_path)
+    assert len(back.peer_indptr) == back.num_users + 1
+    for u in range(back.num_users):
+        assert len(back.peers_of(u)[0]) == 0
+
+
+def test_peer_items_vote_with_the_most_similar_shoppers() -> None:
+    from scipy import sparse
+
+    from graph.signals import peer_items
+
+    # Users 0 and 1 share items 0-2; user 1 also buys item 3. User 2 buys only items 5 and 6.
+    hist = sparse.csr_matrix(np.array([
+        [2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+        [2.0, 1.0, 1.0, 3.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0],
+    ]))
+    indptr, indices, score = peer_items(hist, neighbours=1, top_items=10)
+    row0 = indices[indptr[0]:indptr[1]].tolist()
+    assert row0 == [0, 1, 2, 3]  # user 1 is user 0's peer: item 3 is a discovery for user 0
+    assert 5 not in row0 and 6 not in row0  # user 2 shares nothing with user 0
+    assert np.all(np.diff(indices[indptr[0]:indptr[1]]) > 0)  # sorted for searchsorted lookups
+    assert np.all((score >= 0) & (score <= 1 + 1e-6))
+    # top_items keeps the strongest votes only; a blocked computation gives the same answer
+    i2, x2, _ = peer_items(hist, neighbours=1, top_items=2, block_bytes=1)
+    assert np.diff(i2).tolist() == [2, 2, 0]  # user 2 has no one alike: no peer items
+    j0 = x2[i2[0]:i2[1]].tolist()
+    assert 0 in j0  # the peer's heaviest item
+    i3, x3, s3 = peer_items(hist, neighbours=1, top_items=10, block_bytes=1)
+    np.testing.assert_array_equal(i3, indptr)
+    np.testing.assert_array_equal(x3, indices)
+    np.testing.assert_allclose(s3, score, rtol=1e-6)
+
+
+def test_peers_feature_and_candidates_for_a_known_user() -> None:
+    from graph.features import FEATURES
+
+    ranker, _ = tiny_ranker()
+    sig = ranker.signals
+    assert "peers" in FEATURES and "src_peers" in FEATURES
+    # every tiny user has peers; their items come back sorted with scores in (0, 1]
+    for u in range(sig.num_users):
+        idx, sc = sig.peers_of(u)
+        assert len(idx) > 0 and np.all(np.diff(idx) > 0) and np.all(sc > 0)
 
 
 def test_load_reports_missing_files(tmp_path: Path) -> None:
