@@ -235,7 +235,8 @@ def test_ray_up_serves_the_app_and_ray_down_tears_it_down() -> None:
             f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}\n{logs}"
         )
         result: dict[str, Any] = json.loads(result_file.read_text())
-        print(json.dumps(result["seconds"], indent=1))
+        print(json.dumps({k: round(v) for k, v in result["seconds"].items()}, indent=1))
+        print("\n".join(result["job_log_tail"]))
 
         # First boot: a 200 with the cold-start answer before any model, from the synced copy.
         assert result["healthz"]["model_version"] == NO_MODEL, result["healthz"]
@@ -391,7 +392,7 @@ def _inside(workdir: Path) -> None:
         result["polls"] = polls = []
         _poll_until_picked_up(polls, PICKUP_TIMEOUT_S)
         seconds["first_model_served"] = time.monotonic() - t
-        result["job_status"] = _job_status(env)
+        result["job_status"] = _job_status()
         latest = home / "intentrec-storage" / "artifacts" / "LATEST"
         result["latest"] = latest.read_text().strip() if latest.exists() else None
         result["model"] = _http("/v1/model")[1]
@@ -410,6 +411,8 @@ def _inside(workdir: Path) -> None:
             env=env, capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         (workdir / "first_training_job.log").write_text(job_logs.stdout + job_logs.stderr)
+        # train_job.py's last lines say where its time went (data, training, ranker).
+        result["job_log_tail"] = job_logs.stdout.strip().splitlines()[-6:]
         head_logs = Path("/tmp/ray/session_latest/logs")
         if head_logs.is_dir():
             with (workdir / "head_logs.txt").open("w") as out:
@@ -427,15 +430,10 @@ def _inside(workdir: Path) -> None:
     (workdir / "result.json").write_text(json.dumps(result, indent=1))
 
 
-def _job_status(env: dict[str, str]) -> str:
-    out = subprocess.run(
-        [str(RAY_CLI), "job", "status", FIRST_TRAINING_JOB, "--address", "http://127.0.0.1:8265"],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    for status in ("SUCCEEDED", "FAILED", "RUNNING", "PENDING", "STOPPED"):
-        if status in out.stdout:
-            return status
-    return f"unknown: {out.stdout[-300:]} {out.stderr[-300:]}"
+def _job_status() -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient("http://127.0.0.1:8265").get_job_status(FIRST_TRAINING_JOB).value)
 
 
 def _as_init(main: Callable[[], None]) -> int:
