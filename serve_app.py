@@ -77,10 +77,9 @@ from actors.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from actors.clock import Clock, system_clock
 from actors.context import ContextEnricher, enrich_context
 from actors.demo_page import add_demo_routes
+from actors.deployment_options import INGRESS, options
 from actors.feedback import Feedback
 from actors.overload import (
-    BACKPRESSURE,
-    INGRESS_MAX_QUEUED,
     TRANSIENT_ERRORS,
     bounded,
     retry_after_headers,
@@ -401,13 +400,7 @@ def _wire_events(snapshot: SessionSnapshot, user_only: bool) -> tuple[Any, ...]:
 # --------------------------------------------------------------------------------------
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.25},
-    max_ongoing_requests=128,
-    max_queued_requests=INGRESS_MAX_QUEUED,
-    backpressure_config=BACKPRESSURE,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
-)
+@serve.deployment(**options(INGRESS))
 @serve.ingress(api)
 class Ingress:
     """HTTP endpoints of SPEC.md ("Online API").
@@ -689,9 +682,10 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
         clock: The server clock of the ingress and the session shards it starts (tests run
             the app ten years ahead with :class:`actors.clock.OffsetClock`).
         deployments: Deployment options by deployment name (``.options(...)`` keywords, e.g.
-            ``{"Ingress": {"max_ongoing_requests": 4}}``), over the decorators' defaults; the
-            overload test sizes a small app with it. ``serve deploy`` takes these from the
-            ``deployments`` of ``serve_config.yaml`` instead.
+            ``{"Ingress": {"max_ongoing_requests": 4}}``), over the decorators' defaults
+            (:mod:`actors.deployment_options`); the overload test sizes a small app with it.
+            ``serve deploy`` takes these from the ``deployments`` of ``serve_config.yaml``,
+            which is generated from the same module.
 
     Raises:
         ConfigError: No API key in this process's environment plus ``env_vars``, and anonymous
@@ -704,20 +698,20 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
     if env_vars:
         opts = {"runtime_env": {"env_vars": dict(env_vars)}}
 
-    def with_env(dep: Any, num_cpus: float) -> Any:
-        if opts:
-            dep = dep.options(ray_actor_options={"num_cpus": num_cpus, **opts})
+    def with_env(dep: Any) -> Any:
+        if opts:  # the decorator's sizes (actors/deployment_options.py) plus the environment
+            dep = dep.options(ray_actor_options={**options(dep.name)["ray_actor_options"], **opts})
         extra = dict((deployments or {}).get(dep.name, {}))
         if "num_replicas" in extra:  # a fixed size replaces the decorator's autoscaling
             extra.setdefault("autoscaling_config", None)
         return dep.options(**extra) if extra else dep
 
-    ranker = with_env(GNNRanker, 0.5).bind(
+    ranker = with_env(GNNRanker).bind(
         args.artifacts_root, args.model_version, args.reload_poll_s, args.tombstones_path
     )
-    enricher = None if args.inline_context else with_env(ContextEnricher, 0.1).bind(
+    enricher = None if args.inline_context else with_env(ContextEnricher).bind(
         args.default_country, args.default_timezone)
-    return with_env(Ingress, 0.25).bind(ranker, enricher, args.model_dump(), None, clock)
+    return with_env(Ingress).bind(ranker, enricher, args.model_dump(), None, clock)
 
 
 def _inside_an_actor() -> bool:

@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 
 from ray import serve
 
-from actors.overload import BACKPRESSURE, ENRICHER_MAX_QUEUED
+from actors.deployment_options import ENRICHER, options
 from graph import schema as S
 
 WEEKDAYS: tuple[str, ...] = (
@@ -238,13 +238,7 @@ def infer_intent(
     return [(c, m / total) for c, m in ranked]
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.1},
-    max_ongoing_requests=64,
-    max_queued_requests=ENRICHER_MAX_QUEUED,
-    backpressure_config=BACKPRESSURE,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
-)
+@serve.deployment(**options(ENRICHER))
 class ContextEnricher:
     """Serve deployment around :func:`enrich_context`.
 

@@ -1,8 +1,9 @@
 """Overload and fault answers of the online path: bounded queues, bounded waits, honest 503s.
 
-Every deployment bounds its queue (``max_queued_requests``); a request beyond it is refused at
-once with a 503 and a ``Retry-After`` header (Serve's ``BackPressureError``, configured by
-:data:`BACKPRESSURE`), never queued without limit. Every call the ingress makes to another
+Every deployment bounds its queue (``max_queued_requests``, sized in
+:mod:`actors.deployment_options`); a request beyond it is refused at once with a 503 and a
+``Retry-After`` header of :data:`RETRY_AFTER_S` seconds (Serve's ``BackPressureError``), never
+queued without limit. Every call the ingress makes to another
 component is bounded too (:func:`bounded`), by a timeout shorter than the HTTP request timeout, so
 a slow or dead component gives a 503 the client can retry instead of a hang, and a replica that
 dies under a request gives a 503, not a 500.
@@ -15,7 +16,6 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 import ray
-from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from graph.errors import UnavailableError
@@ -24,15 +24,6 @@ T = TypeVar("T")
 
 # Seconds a client should wait before retrying a 503 (the Retry-After header of every 503).
 RETRY_AFTER_S = 1
-# What Serve answers when a deployment's queue is full: 503 with Retry-After.
-BACKPRESSURE = BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S)
-
-# Queue bounds per deployment: requests waiting at each caller (the HTTP proxy for the ingress,
-# each ingress replica for the others) beyond those in flight (max_ongoing_requests).
-INGRESS_MAX_QUEUED = 256
-RANKER_MAX_QUEUED = 128
-ENRICHER_MAX_QUEUED = 128
-
 # Errors that mean "this component cannot answer now; retrying may work": a full queue, a
 # deployment that is not running, a replica or actor that died under the request.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (

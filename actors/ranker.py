@@ -28,9 +28,9 @@ from ray import serve
 
 from actors.catalogue import catalogue_listing, shopper_sample
 from actors.context import infer_intent
+from actors.deployment_options import RANKER, options
 from actors.explain import Reasons, short_title
 from actors.loaded_model import LoadedModel
-from actors.overload import BACKPRESSURE, RANKER_MAX_QUEUED
 from actors.tombstones import Tombstones
 from graph import schema as S
 from graph.artifacts import (
@@ -414,15 +414,7 @@ def _label(m: LoadedModel, item_id: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------ deployment
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.5},
-    max_ongoing_requests=64,
-    max_queued_requests=RANKER_MAX_QUEUED,
-    backpressure_config=BACKPRESSURE,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
-    max_constructor_retry_count=3,
-    health_check_period_s=10,
-)
+@serve.deployment(**options(RANKER))
 class GNNRanker:
     """Serve deployment around :class:`RankerService`.
 

@@ -30,6 +30,7 @@ import ray.train.torch
 import torch
 from ray.train import UserCallback
 
+from graph import storage
 from graph.config import TrainConfig
 from graph.errors import DataError, IntentrecError, UnavailableError
 from graph.model import IntentGNN, export_embeddings
@@ -242,7 +243,7 @@ def fit(
             "use fewer workers"
         )
     expected = model_args(payload, cfg)
-    run_path = _join(cfg.storage_path, cfg.run_name)
+    run_path = storage.join(cfg.storage_path, cfg.run_name)  # before a URI's ?options
     resumed_from = _previous_epoch(run_path, expected, payload["fingerprint"])
 
     buffer = _ProgressBuffer.remote()  # type: ignore[attr-defined]
@@ -350,10 +351,6 @@ def embed(result: TrainResult, inter: Interactions) -> tuple[np.ndarray, np.ndar
     return export_embeddings(
         model, build_graph_adjacency(payload), result.trained_items, result.trained_users
     )
-
-
-def _join(storage_path: str, name: str) -> str:
-    return f"{storage_path.rstrip('/')}/{name}"
 
 
 def _checkpoint_uri(storage_path: str, fs_path: str) -> str:

@@ -1,12 +1,18 @@
-"""`ray up` / `ray down` for real: Ray's `local` provider over SSH to this machine.
+"""`ray up` / `ray down` for real: Ray's `local` provider over SSH to this machine, deploying
+intentrec itself (serve_config.yaml) on an empty storage folder.
 
 The cluster launcher is driven exactly as a user drives it: `ray up -y deploy/local_cluster.yaml`
 SSHes to the head (127.0.0.1), rsyncs the project there (file_mounts), installs it
-(setup_commands), runs `ray stop`, starts Ray and deploys a Serve app (head_start_ray_commands);
-the test then calls the app over HTTP, checks `ray status`, and runs `ray down -y`. It runs from
-a clean copy of the checkout, and changes three things in the shipped file: a small head
-(`--num-cpus=1`), `pip install --no-build-isolation` (no network in the namespace), and, until
-USE_PROJECT_SERVE_CONFIG is switched on, a probe app in place of serve_config.yaml.
+(setup_commands), runs `ray stop`, starts Ray, deploys the app and submits the first training job
+(head_start_ray_commands). The test then checks the first boot as issue 11 asks: the endpoint
+answers 200 with the cold-start answer before any model exists, the first training job's model
+is picked up with zero failed requests while the test polls recommendations throughout, and a
+known shopper then gets items from that version. Then `ray status` and `ray down -y`. It runs
+from a clean copy of the checkout, and changes three things in the shipped file: a small head
+(`--num-cpus=3`, logical CPUs: serving takes 0.85, the training worker 1), `pip install
+--no-build-isolation` (no network in the namespace), and a small training slice for the first
+job (TRAIN_ARGS). The API keys are written to the throwaway HOME's ~/intentrec.env, where the
+start commands read them, as docs/DEPLOY.md tells an operator to.
 
 `ray stop` kills every Ray process it can see, so everything runs inside fresh PID, network and
 mount namespaces (``unshare --pid --net --mount --fork --mount-proc``), where the test process's
@@ -43,6 +49,7 @@ import tempfile
 import textwrap
 import time
 import traceback
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -59,40 +66,24 @@ SSHD = Path("/usr/sbin/sshd")
 VENV = Path(sys.prefix)
 RAY_CLI = Path(sys.executable).with_name("ray")
 
-# Set to True once serve_config.yaml deploys the real app on a fresh head (it must not need
-# anything that is not synced by file_mounts, e.g. a trained artifact under the gitignored
-# artifacts/). Until then the head serves a one-deployment probe app that imports the synced
-# project, and the shipped `serve deploy ~/intentrec/serve_config.yaml` is pointed at it.
-USE_PROJECT_SERVE_CONFIG = False
-# HTTP path that must answer 200 once the app is up (the real app's health check, or the probe).
-PROJECT_HEALTH_PATH = "/healthz"
-
 SERVE_DEPLOY_CMD = "serve deploy ~/intentrec/serve_config.yaml"
-NAMESPACE_TIMEOUT_S = 480
+FIRST_TRAINING_CMD = "scripts/first_training.py --"
+# The first training job's slice: the point is the first-boot path, not model quality.
+TRAIN_ARGS = ["--max-users", "50", "--epochs", "1", "--workers", "1", "--skip-eval"]
+FIRST_TRAINING_JOB = "intentrec-first-training"
+NAMESPACE_TIMEOUT_S = 840
+# How long the first model may take from `ray up`'s end until it is served (training, then the
+# ranker's LATEST poll, reload_poll_s: 30 in serve_config.yaml).
+PICKUP_TIMEOUT_S = 480
 HTTP = "http://127.0.0.1:8000"
+NO_MODEL = "none (cold start: no model trained yet)"  # actors.ranker.NO_MODEL (no Ray import here)
+CLIENT_KEY = "ray-up-client-key-0123456789abcdef"
+ADMIN_KEY = "ray-up-admin-key-0123456789abcdef"
+# A household id of the built-in data, asked for throughout; whether the 50-user slice knows it
+# or not, every answer must be a 200.
+POLL_USER = "1"
 
-PROBE_APP = '''
-"""One-deployment Serve app proving the head imports the project synced by file_mounts."""
-from ray import serve
-
-
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
-class Probe:
-    async def __call__(self, request) -> dict:
-        import graph
-        from graph import schema
-
-        return {"project_file": graph.__file__, "event_types": list(schema.EVENT_TYPES)}
-
-
-app = Probe.bind()
-'''
-
-PROBE_SERVE_CONFIG = {
-    "proxy_location": "HeadOnly",
-    "http_options": {"host": "127.0.0.1", "port": 8000},
-    "applications": [{"name": "probe", "route_prefix": "/probe", "import_path": "intentrec_probe_app:app"}],
-}
+pytestmark = pytest.mark.timeout(NAMESPACE_TIMEOUT_S + 120)
 
 
 # --------------------------------------------------------------------------- outside: pytest
@@ -169,28 +160,26 @@ def _prepare(workdir: Path) -> None:
         textwrap.dedent(f"""\
             export PATH={VENV / "bin"}:$PATH
             export RAY_USAGE_STATS_ENABLED=0
-            export PYTHONPATH=$HOME/intentrec_probe
             """)
     )
+    # The app refuses to start without keys; the start commands export this file (DEPLOY.md).
+    (home / "intentrec.env").write_text(
+        f"INTENTREC_API_KEY={CLIENT_KEY}\nINTENTREC_ADMIN_KEY={ADMIN_KEY}\n")
 
     config = yaml.safe_load(LOCAL_CLUSTER_YAML.read_text())
     head = config["head_start_ray_commands"]
     assert SERVE_DEPLOY_CMD in head, f"{LOCAL_CLUSTER_YAML} no longer runs `{SERVE_DEPLOY_CMD}`"
-    # Two cores are shared with other work: keep the head small.
+    first = [i for i, cmd in enumerate(head) if FIRST_TRAINING_CMD in cmd]
+    assert len(first) == 1 and first[0] > head.index(SERVE_DEPLOY_CMD), (
+        f"{LOCAL_CLUSTER_YAML} no longer runs `{FIRST_TRAINING_CMD}` after `{SERVE_DEPLOY_CMD}`")
+    # Two cores are shared with other work: keep the head small (logical CPUs: serving 0.85,
+    # one training worker 1) and the first training job's slice small.
     config["head_start_ray_commands"] = [
-        f"{cmd} --num-cpus=1 --object-store-memory=150000000" if "ray start --head" in cmd else cmd
+        f"{cmd} --num-cpus=3 --object-store-memory=150000000" if "ray start --head" in cmd
+        else f"{cmd} {' '.join(TRAIN_ARGS)}" if FIRST_TRAINING_CMD in cmd
+        else cmd
         for cmd in head
     ]
-    if not USE_PROJECT_SERVE_CONFIG:
-        probe = workdir / "probe"
-        probe.mkdir()
-        (probe / "intentrec_probe_app.py").write_text(PROBE_APP)
-        (probe / "serve_config.yaml").write_text(yaml.safe_dump(PROBE_SERVE_CONFIG))
-        config["file_mounts"]["~/intentrec_probe"] = str(probe)
-        config["head_start_ray_commands"] = [
-            cmd.replace("~/intentrec/serve_config.yaml", "~/intentrec_probe/serve_config.yaml")
-            for cmd in config["head_start_ray_commands"]
-        ]
     # Offline in the namespace: build the editable wheel with the venv's own setuptools.
     config["setup_commands"] = [
         cmd.replace("pip install", "pip install --no-build-isolation", 1)
@@ -205,7 +194,8 @@ def _prepare(workdir: Path) -> None:
     subprocess.run(
         ["rsync", "-a", "--exclude=.git", "--filter=:- .gitignore", f"{REPO_ROOT}/", f"{src}/"], check=True
     )
-    # Stand-ins for what a real checkout has and the sync must leave behind.
+    # Stand-ins for what a real checkout has and the sync must leave behind (a stale model under
+    # artifacts/ would also hide the first boot).
     for ignored in (".git/HEAD", ".venv/pyvenv.cfg", "artifacts/LATEST"):
         (src / ignored).parent.mkdir(exist_ok=True)
         (src / ignored).write_text("must not be synced\n")
@@ -237,21 +227,35 @@ def test_ray_up_serves_the_app_and_ray_down_tears_it_down() -> None:
         result_file = workdir / "result.json"
         logs = "\n".join(
             f"--- {name}\n{_tail(workdir / name)}"
-            for name in ("ray_up.log", "ray_down.log", "sshd.log", "head_logs.txt")
+            for name in ("ray_up.log", "first_training_job.log", "ray_down.log", "sshd.log",
+                         "head_logs.txt")
         )
         assert out.returncode == 0 and result_file.exists(), (
             f"namespace run failed (rc={out.returncode}) after {elapsed:.0f}s\n"
             f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}\n{logs}"
         )
         result: dict[str, Any] = json.loads(result_file.read_text())
-        print(json.dumps(result["seconds"], indent=1))
+        print(json.dumps({k: round(v) for k, v in result["seconds"].items()}, indent=1))
+        print("\n".join(result["job_log_tail"]))
 
-        # The app answered from the copy file_mounts synced into the throwaway HOME.
-        assert result["http_status"] == 200
-        if not USE_PROJECT_SERVE_CONFIG:
-            synced_init = workdir / "home" / "intentrec" / "graph" / "__init__.py"
-            assert result["http_body"]["project_file"] == str(synced_init)
-            assert "purchase" in result["http_body"]["event_types"]
+        # First boot: a 200 with the cold-start answer before any model, from the synced copy.
+        assert result["healthz"]["model_version"] == NO_MODEL, result["healthz"]
+        polls: list[list[Any]] = result["polls"]
+        assert polls[0][1:] == [200, NO_MODEL, 0], polls[:3]
+        # The first training job ran once, published a version, and the ranker picked it up
+        # while requests kept coming: every poll, before, during and after, was a 200.
+        assert result["job_status"] == "SUCCEEDED", result["job_status"]
+        failed = [p for p in polls if p[1] != 200]
+        assert failed == [], f"{len(failed)} of {len(polls)} polls failed: {failed[:5]}"
+        version = result["latest"]
+        assert version and version != NO_MODEL
+        assert {p[2] for p in polls} <= {NO_MODEL, version}, {p[2] for p in polls}
+        assert polls[-1][2] == version, polls[-3:]
+        assert result["model"]["version"] == version
+        # A shopper of the slice gets items from that version.
+        assert result["shopper_recs"]["model_version"] == version
+        assert result["shopper_recs"]["user_known"] is True
+        assert len(result["shopper_recs"]["items"]) > 0
         # rsync_filter (.gitignore) and rsync_exclude kept venv, artifacts and git history home.
         assert "pyproject.toml" in result["synced"]
         assert not {".venv", ".git", "artifacts"} & set(result["synced"]), result["synced"]
@@ -318,13 +322,35 @@ def _ray_processes(names: tuple[str, ...] = ("raylet", "gcs_server")) -> list[st
     return found
 
 
-def _http_get(path: str) -> tuple[int, Any]:
-    with urllib.request.urlopen(HTTP + path, timeout=5) as resp:
-        body = resp.read().decode()
-        try:
-            return resp.status, json.loads(body)
-        except json.JSONDecodeError:
-            return resp.status, body
+def _http(path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """GET (or POST ``body``) with the client key; (status, JSON), or (-1, error) when the
+    connection itself fails (counted as a failed request too)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(HTTP + path, data=data, headers={
+        "X-API-Key": CLIENT_KEY, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read().decode())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")[:300]
+    except OSError as exc:
+        return -1, repr(exc)
+
+
+def _poll_until_picked_up(polls: list[list[Any]], timeout: float) -> None:
+    """Ask for one user's recommendations every half second until a model serves them, then
+    a few more times; each poll is ``[seconds, status, model_version, number of items]``."""
+    t0 = time.monotonic()
+    after = 0
+    while time.monotonic() - t0 < timeout and after < 6:
+        status, body = _http("/v1/recommendations", {"user_id": POLL_USER, "k": 5})
+        ok = status == 200 and isinstance(body, dict)
+        version = body["model_version"] if ok else None
+        polls.append([round(time.monotonic() - t0, 1), status, version,
+                      len(body["items"]) if ok else 0])
+        if version not in (None, NO_MODEL):
+            after += 1
+        time.sleep(0.5)
 
 
 def _inside(workdir: Path) -> None:
@@ -355,13 +381,24 @@ def _inside(workdir: Path) -> None:
         result["synced"] = sorted(os.listdir(home / "intentrec"))
 
         t = time.monotonic()
-        path = PROJECT_HEALTH_PATH if USE_PROJECT_SERVE_CONFIG else "/probe"
-        wait_for_condition(lambda: _http_get(path)[0] == 200, timeout=120, what=f"GET {path}")
-        result["http_status"], result["http_body"] = _http_get(path)
+        wait_for_condition(lambda: _http("/healthz")[0] == 200, timeout=180, what="GET /healthz")
+        result["healthz"] = _http("/healthz")[1]
         # The start commands export RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy, not Ray's Python proxy,
         # must be what answered.
         result["haproxy_processes"] = _ray_processes(("haproxy",))
         seconds["serve_ready_after_ray_up"] = time.monotonic() - t
+
+        t = time.monotonic()
+        result["polls"] = polls = []
+        _poll_until_picked_up(polls, PICKUP_TIMEOUT_S)
+        seconds["first_model_served"] = time.monotonic() - t
+        result["job_status"] = _job_status()
+        latest = home / "intentrec-storage" / "artifacts" / "LATEST"
+        result["latest"] = latest.read_text().strip() if latest.exists() else None
+        result["model"] = _http("/v1/model")[1]
+        shoppers = _http("/v1/catalogue/shoppers")[1]
+        shopper = shoppers["users"][0] if isinstance(shoppers, dict) else None
+        result["shopper_recs"] = _http("/v1/recommendations", {"user_id": shopper, "k": 10})[1]
 
         status = subprocess.run(
             [str(RAY_CLI), "status", "--address", "127.0.0.1:6379"],
@@ -369,6 +406,13 @@ def _inside(workdir: Path) -> None:
         )  # fmt: skip
         result["ray_status_rc"], result["ray_status"] = status.returncode, status.stdout[-2000:]
     finally:
+        job_logs = subprocess.run(
+            [str(RAY_CLI), "job", "logs", FIRST_TRAINING_JOB, "--address", "http://127.0.0.1:8265"],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        (workdir / "first_training_job.log").write_text(job_logs.stdout + job_logs.stderr)
+        # train_job.py's last lines say where its time went (data, training, ranker).
+        result["job_log_tail"] = job_logs.stdout.strip().splitlines()[-6:]
         head_logs = Path("/tmp/ray/session_latest/logs")
         if head_logs.is_dir():
             with (workdir / "head_logs.txt").open("w") as out:
@@ -384,6 +428,12 @@ def _inside(workdir: Path) -> None:
     result["ray_processes_after_down"] = _ray_processes()
     seconds["total_inside"] = time.monotonic() - t0
     (workdir / "result.json").write_text(json.dumps(result, indent=1))
+
+
+def _job_status() -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient("http://127.0.0.1:8265").get_job_status(FIRST_TRAINING_JOB).value)
 
 
 def _as_init(main: Callable[[], None]) -> int:

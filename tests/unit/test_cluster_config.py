@@ -27,7 +27,6 @@ CLUSTER_YAML = REPO_ROOT / "cluster.yaml"
 FAKE_MULTINODE_YAML = REPO_ROOT / "deploy" / "fake_multinode.yaml"
 LOCAL_CLUSTER_YAML = REPO_ROOT / "deploy" / "local_cluster.yaml"
 SERVE_CONFIG_YAML = REPO_ROOT / "serve_config.yaml"
-DEPLOY_MD = REPO_ROOT / "docs" / "DEPLOY.md"
 
 RAY_SCHEMA: dict[str, Any] = json.loads(
     (Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text()
@@ -223,28 +222,7 @@ def test_provider_typo_needs_the_strict_walk(cluster: dict[str, Any]) -> None:
     assert launcher_unknown_keys(bad) == ["provider.regoin"]
 
 
-# The provider-specific blocks docs/DEPLOY.md tells users to swap into cluster.yaml.
-OVERLAY_RE = re.compile(r"```yaml\n# cluster\.yaml overlay: (\w+)\n(.*?)```", re.DOTALL)
-
-
-def _documented_overlays() -> dict[str, dict[str, Any]]:
-    return {name: yaml.safe_load(body) for name, body in OVERLAY_RE.findall(DEPLOY_MD.read_text())}
-
-
-@pytest.mark.parametrize("provider", ["gcp", "azure"])
-def test_documented_provider_overlay_gives_a_valid_cluster_yaml(
-    cluster: dict[str, Any], provider: str
-) -> None:
-    overlay = _documented_overlays()[provider]
-    assert set(overlay) <= {"provider", "auth", "available_node_types"}
-    assert set(overlay["available_node_types"]) == set(cluster["available_node_types"])
-    config = copy.deepcopy(cluster)
-    config["provider"], config["auth"] = overlay["provider"], overlay["auth"]
-    for name, node_type in overlay["available_node_types"].items():
-        config["available_node_types"][name]["node_config"] = node_type["node_config"]
-    prepared = _ray_up_validation(config)
-    assert prepared["provider"]["type"] == provider
-    assert launcher_unknown_keys(config) == []
+# Provider overlays (GCP, Azure): tests/unit/test_provider_overlays.py.
 
 
 # --------------------------------------------------------------------------- deploy/*.yaml
