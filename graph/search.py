@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -82,6 +82,16 @@ class QueryScores:
     sem_rank: np.ndarray
     lex_row: np.ndarray
     sem_row: np.ndarray
+    # Each document's and text's share of the fused score, so that fusing reads two floats per
+    # item; and the best items per (popularity, k), computed by the first request that asks.
+    _lex_rrf: np.ndarray = field(init=False, repr=False, compare=False)
+    _sem_rrf: np.ndarray = field(init=False, repr=False, compare=False)
+    _best: dict[int, tuple[np.ndarray, np.ndarray]] = field(
+        init=False, repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_lex_rrf", _rrf(self.lex_rank))
+        object.__setattr__(self, "_sem_rrf", _rrf(self.sem_rank))
 
     def lexical_of(self, items: np.ndarray) -> np.ndarray:
         return self.lexical[self.lex_row[items]]
@@ -91,10 +101,23 @@ class QueryScores:
 
     def fused_of(self, items: np.ndarray) -> np.ndarray:
         """Reciprocal-rank fusion score of each item (0: in neither list). Shapes: ``[n]``."""
-        lr = self.lex_rank[self.lex_row[items]]
-        sr = self.sem_rank[self.sem_row[items]]
-        return (np.where(lr > 0, 1.0 / (RRF_K + lr), 0.0)
-                + np.where(sr > 0, 1.0 / (RRF_K + sr), 0.0)).astype(np.float32)
+        return self._lex_rrf[self.lex_row[items]] + self._sem_rrf[self.sem_row[items]]
+
+    def hits(self, popularity: np.ndarray, k: int) -> np.ndarray:
+        """The ``k`` best items by :meth:`fused_of` over the whole catalogue, ties to the more
+        popular (:meth:`top`). Computed once per query and ``k``: every later request with this
+        query (the index caches its scores) reuses them.
+
+        Shapes:
+            - **popularity** ``[I]``; return ``[<= k]`` item indices.
+        """
+        memo = self._best.get(k)
+        if memo is not None and memo[0] is popularity:
+            return memo[1]
+        out = self.top(self.fused_of(np.arange(len(self.lex_row))), popularity, k)
+        out.setflags(write=False)  # shared by every request that hits the cache
+        self._best[k] = (popularity, out)
+        return out
 
     def top(self, score: np.ndarray, popularity: np.ndarray, k: int) -> np.ndarray:
         """The ``k`` items of highest ``score`` (one per item: :meth:`fused_of`, :meth:`lexical_of`,
@@ -105,6 +128,15 @@ class QueryScores:
             pool = pool[score[pool] >= kth]
         order = np.lexsort((-popularity[pool], -score[pool]))
         return pool[order[:k]]
+
+
+class CacheInfo(NamedTuple):
+    """Score-cache statistics, field for field those of ``functools.lru_cache``."""
+
+    hits: int
+    misses: int
+    maxsize: int
+    currsize: int
 
 
 class SearchIndex:
@@ -130,6 +162,19 @@ class SearchIndex:
         self.num_docs = len(uniques)
         self._cache: OrderedDict[str, QueryScores] = OrderedDict()
         self._lock = threading.Lock()
+        self._hits = self._misses = 0
+
+    def cache_info(self) -> CacheInfo:
+        """Score-cache hits and misses since the last :meth:`cache_clear` (as ``functools``)."""
+        with self._lock:
+            return CacheInfo(self._hits, self._misses, SCORE_CACHE, len(self._cache))
+
+    def cache_clear(self) -> None:
+        """Forget every cached query's scores and the counts (the query vectors stay cached in
+        the encoder: ``encoder.embed_query.cache_clear()``)."""
+        with self._lock:
+            self._cache.clear()
+            self._hits = self._misses = 0
 
     def scores(self, text: str) -> QueryScores:
         """Lexical, semantic and fused scores of one search text (cached per normalised text)."""
@@ -138,7 +183,9 @@ class SearchIndex:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
+                self._hits += 1
                 return hit
+            self._misses += 1
         out = self._score(key)
         with self._lock:
             self._cache[key] = out
@@ -162,9 +209,14 @@ class SearchIndex:
                            self.text.item_row)
 
 
+def _rrf(rank: np.ndarray) -> np.ndarray:
+    """Reciprocal-rank fusion share ``1 / (RRF_K + rank)`` of 1-based ranks (0 for rank 0)."""
+    return np.where(rank > 0, 1.0 / (RRF_K + np.maximum(rank, 1)), 0.0).astype(np.float32)
+
+
 def _ranks(score: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """1-based rank by descending ``score`` of the entries ``keep``; 0 for the others."""
-    out = np.zeros(len(score), dtype=np.int64)
+    out = np.zeros(len(score), dtype=np.int32)  # a cached query holds one per document
     order = keep[np.argsort(-score[keep], kind="stable")]
     out[order] = np.arange(1, len(order) + 1)
     return out
