@@ -9,7 +9,7 @@ import pytest
 
 from graph import schema as S
 from graph.queries import simulate_query
-from graph.search import SearchIndex
+from graph.search import SearchIndex, analyze
 from graph.text import QUERY_MAX_TOKENS, ItemText, get_encoder, item_texts
 
 pytestmark = pytest.mark.unit
@@ -82,6 +82,18 @@ def test_cache_counts_hits_and_misses_and_clears(index: SearchIndex) -> None:
     index.cache_clear()
     assert index.scores("herbal tea") is not first
     assert index.cache_info()[:2] == (0, 1)
+
+
+def test_a_cached_query_keeps_only_its_matched_documents(catalogue: pd.DataFrame,
+                                                         index: SearchIndex) -> None:
+    q = index.scores("apple juice")
+    bm25 = np.asarray(index._bm25.get_scores(analyze(["apple juice"], index._stemmer)[0]))
+    assert 0 < len(q.lex_docs) == (bm25 > 0).sum() < q.num_docs
+    np.testing.assert_allclose(q.lexical, bm25 / bm25.max(), rtol=1e-6)
+    items = np.arange(len(catalogue))
+    np.testing.assert_allclose(q.lexical_of(items), (bm25 / bm25.max())[q.lex_row], rtol=1e-6)
+    assert len(q.sem_near) == len(q.sem_near_rank) == 100
+    assert sorted(q.sem_rank[q.sem_rank > 0].tolist()) == list(range(1, 101))
 
 
 def test_query_hits_are_the_fused_top_computed_once_per_popularity(
