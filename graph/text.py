@@ -40,7 +40,7 @@ QUERY_CACHE = 4096
 # Texts are short (category paths, product names); 64 word pieces hold all of them and cap the cost.
 MAX_SEQ_LENGTH = 64
 # Shoppers type a few words (the simulated queries are 2 to 11 word pieces); a pasted paragraph
-# is cut here so that one request cannot cost the model's full 256-piece attention.
+# is cut here, so that one new query costs at most about half of an item text's 64 pieces.
 QUERY_MAX_TOKENS = 32
 VECTORS_FILE = "vectors.npy"
 ROWS_FILE = "item_row.npy"
