@@ -274,11 +274,9 @@ def candidates(
             if mass[c] > 0:
                 parts.append((5, cat.category_popular.get(int(c), np.zeros(0, np.int64))))
     if query is not None:
-        parts.append((6, query.top(query.fused_of(np.arange(cat.num_items)), cat.popularity,
-                                   QUERY_K)))
+        parts.append((6, query.hits(cat.popularity, QUERY_K)))
     if session_query is not None:
-        parts.append((6, session_query.top(session_query.fused_of(np.arange(cat.num_items)),
-                                           cat.popularity, SESSION_QUERY_K)))
+        parts.append((6, session_query.hits(cat.popularity, SESSION_QUERY_K)))
     if category:
         parts.append((6, cat.category_items(category)[:CATEGORY_K]))
     if context is not None:

@@ -9,8 +9,8 @@ import pytest
 
 from graph import schema as S
 from graph.queries import simulate_query
-from graph.search import SearchIndex
-from graph.text import ItemText, get_encoder, item_texts
+from graph.search import SearchIndex, analyze
+from graph.text import QUERY_MAX_TOKENS, ItemText, get_encoder, item_texts
 
 pytestmark = pytest.mark.unit
 
@@ -70,6 +70,55 @@ def test_scores_are_cached_per_normalised_text_and_fusion_is_reciprocal_rank(
     sem_rank = a.sem_rank[a.sem_row[item]]
     expect = 1 / 61 + (1 / (60 + sem_rank) if sem_rank else 0.0)
     assert a.fused_of(np.array([item]))[0] == pytest.approx(expect)
+
+
+def test_cache_counts_hits_and_misses_and_clears(index: SearchIndex) -> None:
+    index.cache_clear()
+    assert index.cache_info().currsize == 0
+    first = index.scores("herbal tea")
+    assert index.scores(" Herbal  TEA ") is first
+    info = index.cache_info()
+    assert (info.hits, info.misses, info.currsize) == (1, 1, 1)
+    index.cache_clear()
+    assert index.scores("herbal tea") is not first
+    assert index.cache_info()[:2] == (0, 1)
+
+
+def test_a_cached_query_keeps_only_its_matched_documents(catalogue: pd.DataFrame,
+                                                         index: SearchIndex) -> None:
+    q = index.scores("apple juice")
+    bm25 = np.asarray(index._bm25.get_scores(analyze(["apple juice"], index._stemmer)[0]))
+    assert 0 < len(q.lex_docs) == (bm25 > 0).sum() < q.num_docs
+    np.testing.assert_allclose(q.lexical, bm25 / bm25.max(), rtol=1e-6)
+    items = np.arange(len(catalogue))
+    np.testing.assert_allclose(q.lexical_of(items), (bm25 / bm25.max())[q.lex_row], rtol=1e-6)
+    assert len(q.sem_near) == len(q.sem_near_rank) == 100
+    assert sorted(q.sem_rank[q.sem_rank > 0].tolist()) == list(range(1, 101))
+
+
+def test_query_hits_are_the_fused_top_computed_once_per_popularity(
+        catalogue: pd.DataFrame, index: SearchIndex) -> None:
+    q = index.scores("apple juice")
+    pop = np.arange(len(catalogue), dtype=np.float64)
+    hits = q.hits(pop, 30)
+    np.testing.assert_array_equal(hits, q.top(q.fused_of(np.arange(len(catalogue))), pop, 30))
+    assert q.hits(pop, 30) is hits  # the second request with this query reuses them
+    assert not hits.flags.writeable
+    # Another catalogue popularity (a new model version's) recomputes: ties break the other way.
+    again = q.hits(pop[::-1].copy(), 30)
+    assert again is not hits
+    np.testing.assert_array_equal(again, q.top(q.fused_of(np.arange(len(catalogue))),
+                                               pop[::-1].copy(), 30))
+
+
+def test_long_queries_are_cut_to_the_query_word_piece_budget() -> None:
+    enc = get_encoder()
+    # [CLS] + 30 word pieces + [SEP] fill the budget; the other 70 words are cut.
+    words = QUERY_MAX_TOKENS - 2
+    np.testing.assert_allclose(enc.embed_query("apple " * 100), enc.embed_query("apple " * words),
+                               atol=1e-6)
+    assert not np.allclose(enc.embed_query("apple " * 100), enc.embed_query("apple " * 10),
+                           atol=1e-4)
 
 
 def test_item_text_is_the_path_for_built_titles_and_title_plus_path_otherwise() -> None:
