@@ -316,11 +316,15 @@ def run_pipeline(
         "text": {"model": text.model, "texts": len(text.texts), "seconds": round(timings["text_s"], 2)},
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
+    from graph.item_encoder import ItemEncoder
+
+    assert result.model is not None  # fit() always returns its model
     version = write_artifact(
         cfg.output, user_ids=inter_full.user_ids, items=ds.items, user_emb=rec.ranker.user_emb,
         item_emb=rec.ranker.item_emb, signals=rec.ranker.signals, metrics=metrics,
         manifest=manifest,
         learned=rec.learned, item_static=rec.item_static, text=rec.text,
+        item_encoder=ItemEncoder.from_gnn(result.model, inter_full, ds.items),
         extra_files=_plots(result.history, metrics, progress),
     )
     timings["total_s"] = time.perf_counter() - t0 + (d.seconds if data is not None else 0.0)
