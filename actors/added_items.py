@@ -23,6 +23,8 @@ from graph import storage
 from graph.forgotten import record_name
 from graph.new_items import NewItem
 
+ADDED_ITEMS_DIR = "items"
+"""The folder's name under the app's ``state_dir``."""
 Stamp = tuple[tuple[str, int, int], ...]
 
 

@@ -33,7 +33,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -43,6 +43,8 @@ from graph.errors import ArtifactError
 from graph.interactions import NUM_PRICE_BANDS
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from graph.interactions import Interactions
     from graph.model import IntentGNN
 
@@ -78,7 +80,8 @@ def price_bounds(items: pd.DataFrame) -> dict[str, list[list[float]]]:
     idx = np.minimum((band[ok] * NUM_PRICE_BANDS).astype(int), NUM_PRICE_BANDS - 1)
     low = pd.DataFrame({"d": dept[ok], "b": idx, "p": price[ok]}).groupby(["d", "b"])["p"].min()
     out: dict[str, list[list[float]]] = {}
-    for (d, b), p in low.items():
+    for key, p in low.items():
+        d, b = cast(tuple[str, int], key)
         out.setdefault(str(d), []).append([int(b), float(p)])
     return out
 
@@ -110,7 +113,7 @@ class ItemEncoder:
     @classmethod
     def from_gnn(cls, model: IntentGNN, inter: Interactions, items: pd.DataFrame) -> ItemEncoder:
         """The trained model's feature tables (the vocabularies of the graph it was trained on)."""
-        tables = tuple(emb.weight.detach().float().cpu().numpy().copy()  # type: ignore[union-attr]
+        tables = tuple(cast("Tensor", emb.weight).detach().float().cpu().numpy().copy()
                        for emb in model.feature_embs)
         return cls(tables, tuple(inter.feature_names), dict(inter.feature_vocab),
                    price_bounds(items), 1.0 / (model.num_layers + 1), "gnn")
@@ -199,7 +202,8 @@ class ItemEncoder:
     def to_files(self) -> dict[str, bytes]:
         """The artifact's ``item_encoder/`` folder."""
         buf = io.BytesIO()
-        np.savez(buf, **{name: t for name, t in zip(self.feature_names, self.tables, strict=True)})
+        arrays: dict[str, Any] = dict(zip(self.feature_names, self.tables, strict=True))
+        np.savez(buf, **arrays)
         meta = {"feature_names": list(self.feature_names), "vocab": self.vocab,
                 "bounds": self.bounds, "scale": self.scale, "source": self.source}
         return {TABLES_FILE: buf.getvalue(), META_FILE: json.dumps(meta).encode()}

@@ -27,18 +27,17 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from graph import schema as S
-from graph.artifacts import ModelArtifact
 from graph.errors import ArtifactError
-from graph.features import ITEM_FEATURES
-from graph.item_encoder import attribute_columns
-from graph.signals import RankingSignals
-from graph.text import ItemText, item_texts
+
+if TYPE_CHECKING:  # NewItem is light: the HTTP ingress builds one per PUT
+    from graph.artifacts import ModelArtifact
+    from graph.signals import RankingSignals
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,8 @@ class NewItem:
 
 def new_item_texts(items: Sequence[NewItem]) -> list[str]:
     """The sentence-model text of each item (:func:`graph.text.item_texts`)."""
+    from graph.text import item_texts
+
     return item_texts(pd.DataFrame([it.to_row() for it in items]))
 
 
@@ -80,6 +81,8 @@ def with_items(art: ModelArtifact, items: Sequence[NewItem], text_vectors: np.nd
     Shapes:
         - text_vectors ``[len(items), text dim]``.
     """
+    from graph.text import ItemText
+
     if not items:
         return art
     enc = art.item_encoder
@@ -148,6 +151,10 @@ def _dense_of(keys: pd.Series, dense: np.ndarray, new_keys: pd.Series) -> np.nda
 
 
 def _signals(art: ModelArtifact, table: pd.DataFrame, rows: np.ndarray, n: int) -> RankingSignals:
+    import scipy.sparse as sp
+
+    from graph.item_encoder import attribute_columns
+
     sig = art.signals
     n_old = sig.num_items
     extra = n - n_old
@@ -180,6 +187,8 @@ def _signals(art: ModelArtifact, table: pd.DataFrame, rows: np.ndarray, n: int) 
 
 def _item_static(art: ModelArtifact, table: pd.DataFrame, signals: RankingSignals,
                  rows: np.ndarray, n: int) -> np.ndarray:
+    from graph.features import ITEM_FEATURES
+
     static = np.concatenate([art.item_static, np.full((n - len(art.item_static),
                                                        art.item_static.shape[1]), np.nan,
                                                       dtype=np.float32)])
