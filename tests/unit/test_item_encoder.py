@@ -110,3 +110,25 @@ def test_ridge_encoder_fits_embeddings_explained_by_attributes() -> None:
     enc = ItemEncoder.fit(inter, items, emb, np.ones(len(items), bool), ridge=1e-6)
     pred = enc.embed_items(items)
     assert np.corrcoef(pred.ravel(), emb.ravel())[0, 1] > 0.99
+
+
+def test_cold_item_baskets_hold_out_items_first_sold_after_the_split() -> None:
+    from graph.cold_items import cold_item_baskets
+
+    items = tiny_catalogue()
+    index = {f"i{i}": i for i in range(len(items))}
+    ts = pd.Timestamp("2017-12-05")
+
+    def ev(session: str, item: str) -> dict[str, object]:
+        return {S.USER_COL: "u1", S.SESSION_COL: session, S.ITEM_COL: item, S.TS_COL: ts,
+                S.EVENT_COL: S.PURCHASE}
+
+    train = pd.DataFrame([ev("b0", "i1"), ev("b0", "i2")])
+    test = pd.DataFrame([ev("b1", "i1"), ev("b1", "i5"), ev("b1", "i6"),  # new: i5, i6
+                         ev("b2", "i5"),  # only new items: nothing to reveal
+                         ev("b3", "i2"), ev("b3", "nope")])  # no new item (and one unknown)
+    new, baskets = cold_item_baskets(train, test, index)
+    assert new.tolist() == [5, 6]
+    assert len(baskets) == 1
+    revealed, targets, _ = baskets[0]
+    assert revealed.tolist() == [1] and targets.tolist() == [5, 6]
