@@ -20,6 +20,9 @@ KEY = "client-key-for-tests-0123456789"
 ADMIN_KEY = "admin-key-for-tests-0123456789"
 ADMIN = {"X-API-Key": ADMIN_KEY}
 KEYS_ENV = {"INTENTREC_API_KEY": KEY, "INTENTREC_ADMIN_KEY": ADMIN_KEY}
+# The first module of a session to use trained_artifact_root trains it (Ray Train on a slice, the
+# learned ranker with its ablations): slow on a shared 2-core machine.
+pytestmark = pytest.mark.timeout(2400)
 # Consecutive answers that must all hold the item: with two replicas and per-request routing,
 # all of them coming from one replica has a chance of about 2 * 0.5 ** 20.
 CONSECUTIVE = 20
