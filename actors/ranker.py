@@ -164,7 +164,16 @@ class RankerService:
             log.warning("model version %s has no item encoder: serving it without the %d "
                         "added items until a retrained version", artifact.version, len(items))
             items = {}
-        model = self.build(self._with_items(artifact, [items[k] for k in sorted(items)]))
+        try:
+            served = self._with_items(artifact, [items[k] for k in sorted(items)])
+        except Exception:
+            if extra is not None:  # the PUT fails; nothing was stored
+                raise
+            # A stored record this version cannot apply must not keep the replica from serving.
+            log.exception("added items cannot be applied to model version %s: serving it "
+                          "without them", artifact.version)
+            served, items = artifact, {}
+        model = self.build(served)
         model.base, model.added_items = artifact, len(items)
         return model, stamp
 
