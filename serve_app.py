@@ -46,6 +46,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from actors.added_items import ADDED_ITEMS_DIR
 from actors.api import (
     MAX_ID_LEN,
     MAX_K,
@@ -79,6 +80,7 @@ from actors.context import ContextEnricher, enrich_context
 from actors.demo_page import add_demo_routes
 from actors.deployment_options import INGRESS, options
 from actors.feedback import Feedback
+from actors.items_api import ItemUpsert, ItemUpsertResponse
 from actors.overload import (
     TRANSIENT_ERRORS,
     bounded,
@@ -184,6 +186,11 @@ class AppArgs(BaseModel):
     @property
     def tombstones_path(self) -> str:
         return storage.join(self.state_dir, FORGOTTEN_FILE)
+
+    @property
+    def items_path(self) -> str:
+        """Folder of the items added with ``PUT /v1/items`` (actors/added_items.py)."""
+        return storage.join(self.state_dir, ADDED_ITEMS_DIR)
 
 
 def api_keys(args: AppArgs, environ: Mapping[str, str]) -> ApiKeys:
@@ -607,6 +614,24 @@ class Ingress:
                 remains=_remains(versions),
             )
 
+    @api.put("/v1/items/{item_id:id}", response_model=ItemUpsertResponse,
+             responses={**_ERROR_RESPONSES, 400: {"model": ErrorBody}},
+             summary="Add or update a catalogue item without retraining (admin key)")
+    async def put_item(
+        self,
+        item_id: PathId,
+        body: ItemUpsert,
+        api_key: Annotated[str | None, Security(_api_key)] = None,
+    ) -> dict[str, Any]:
+        """Embedded by the served model's item encoder and searchable on the replica that
+        answers at once, on every replica within about a second plus a catalogue rebuild; kept
+        under the state root across restarts and model versions (actors/added_items.py)."""
+        async with _observed("put_item"):
+            self.keys.require(api_key, Scope.ADMIN, "adding or updating catalogue items")
+            # Not bounded by ranker_timeout_s: the catalogue rebuild takes seconds.
+            out: dict[str, Any] = await self.ranker.upsert_item.remote(body.to_item(item_id))
+            return out
+
     @api.get("/v1/model", response_model=ModelInfo, responses=_ERROR_RESPONSES,
              summary="The model version in use and its offline metrics")
     async def model(self) -> dict[str, Any]:
@@ -707,8 +732,8 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
         return dep.options(**extra) if extra else dep
 
     ranker = with_env(GNNRanker).bind(
-        args.artifacts_root, args.model_version, args.reload_poll_s, args.tombstones_path
-    )
+        args.artifacts_root, args.model_version, args.reload_poll_s, args.tombstones_path,
+        args.items_path)
     enricher = None if args.inline_context else with_env(ContextEnricher).bind(
         args.default_country, args.default_timezone)
     return with_env(Ingress).bind(ranker, enricher, args.model_dump(), None, clock)

@@ -33,6 +33,13 @@ class LoadedModel:
     user_index: dict[str, int]
     loaded_at: str
     build_seconds: float
+    base: ModelArtifact | None = None  # the version as trained, before added items
+    added_items: int = 0  # items of PUT /v1/items applied on top of it
+
+    @property
+    def trained(self) -> ModelArtifact:
+        """The version as trained (added items are applied on top of it again after a change)."""
+        return self.base if self.base is not None else self.artifact
 
     @property
     def ranker(self) -> Ranker:

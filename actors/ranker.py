@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ray import serve
 
+from actors.added_items import AddedItems, Stamp
 from actors.catalogue import catalogue_listing, shopper_sample
 from actors.context import infer_intent
 from actors.deployment_options import RANKER, options
@@ -43,11 +44,16 @@ from graph.artifacts import (
     versions_with_user,
 )
 from graph.errors import BadRequestError, NotFoundError, UnavailableError
+from graph.forgotten import record_name
 
 if TYPE_CHECKING:  # heavy imports (torch, faiss) stay out of processes that only pass requests
+    from graph.new_items import NewItem
     from graph.ranking import ContextSignal
 
 log = logging.getLogger(__name__)
+
+ITEMS_POLL_S = 1.0
+"""Seconds between a replica's listings of the added-items folder (``PUT /v1/items``)."""
 
 NO_MODEL = "none (cold start: no model trained yet)"
 """``model_version`` of answers given before the first model exists (first boot)."""
@@ -90,6 +96,8 @@ class RankerService:
         artifacts_root: Folder or URI holding model versions and ``LATEST``.
         model_version: ``"latest"`` or a version name.
         tombstones_path: File of forgotten users (None: in memory only).
+        items_path: Folder of items added with ``PUT /v1/items`` (:class:`AddedItems`; None: in
+            memory only). They are applied on top of every version served.
 
     Raises:
         ArtifactError: no model under ``artifacts_root`` (with the ``python train_job.py`` hint).
@@ -98,15 +106,19 @@ class RankerService:
 
     def __init__(
         self, artifacts_root: str, model_version: str = "latest", tombstones_path: str | None = None,
-        cold_start: bool = False,
+        cold_start: bool = False, items_path: str | None = None,
     ) -> None:
         self.artifacts_root = artifacts_root
         self.model_version = model_version
         self.tombstones = Tombstones(tombstones_path)
+        self.added = AddedItems(items_path)
+        self._items_stamp: Stamp | None = None  # the added items the served model holds
+        self._text_cache: dict[str, Any] = {}  # item text -> MiniLM vector, across rebuilds
         self._reload_lock = threading.RLock()
         self._staged: LoadedModel | None = None  # validated by prepare(), not yet serving
+        self._staged_stamp: Stamp | None = None
         self._rejected: set[str] = set()  # versions that failed to load (not retried by polling)
-        self._listing: tuple[str, dict[str, Any]] | None = None
+        self._listing: tuple[LoadedModel, dict[str, Any]] | None = None
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self.model: LoadedModel | None = None
         if cold_start and model_version == "latest" and not has_latest(artifacts_root):
@@ -114,7 +126,7 @@ class RankerService:
             log.warning("no model under %s yet: serving the cold-start answer (%s) until the "
                         "first `python train_job.py` publishes one", artifacts_root, NO_MODEL)
         else:
-            self.model = self.build(read_artifact(artifacts_root, model_version))
+            self.model, self._items_stamp = self._load(read_artifact(artifacts_root, model_version))
 
     @property
     def version(self) -> str:
@@ -130,6 +142,53 @@ class RankerService:
         RankerService._warm_up(model)
         model.build_seconds = time.perf_counter() - t0
         return model
+
+    def _load(self, artifact: ModelArtifact, extra: NewItem | None = None
+              ) -> tuple[LoadedModel, Stamp]:
+        """:meth:`build` of ``artifact`` with the stored added items (and ``extra``) on top.
+
+        Returns:
+            The model and the listing of the added-items folder it holds (taken before reading
+            them: a record written meanwhile changes the listing, so it is picked up next time).
+        """
+        stamp = self.added.stamp()
+        items = {it.item_id: it for it in self.added.load()}
+        if extra is not None:
+            items[extra.item_id] = extra
+        if items and artifact.item_encoder is None:
+            if extra is not None:
+                raise BadRequestError(
+                    f"model version {artifact.version} has no item encoder (written by an older "
+                    "release), so it cannot embed a new item: retrain with `python "
+                    "train_job.py`, then add the item again", field="item_id")
+            log.warning("model version %s has no item encoder: serving it without the %d "
+                        "added items until a retrained version", artifact.version, len(items))
+            items = {}
+        try:
+            served = self._with_items(artifact, [items[k] for k in sorted(items)])
+        except Exception:
+            if extra is not None:  # the PUT fails; nothing was stored
+                raise
+            # A stored record this version cannot apply must not keep the replica from serving.
+            log.exception("added items cannot be applied to model version %s: serving it "
+                          "without them", artifact.version)
+            served, items = artifact, {}
+        model = self.build(served)
+        model.base, model.added_items = artifact, len(items)
+        return model, stamp
+
+    def _with_items(self, artifact: ModelArtifact, items: list[NewItem]) -> ModelArtifact:
+        if not items:
+            return artifact
+        from graph.new_items import new_item_texts, with_items
+        from graph.text import get_encoder
+
+        texts = new_item_texts(items)
+        missing = sorted({t for t in texts if t not in self._text_cache})
+        if missing:
+            for t, v in zip(missing, get_encoder().encode(missing), strict=True):
+                self._text_cache[t] = v
+        return with_items(artifact, items, np.stack([self._text_cache[t] for t in texts]))
 
     @staticmethod
     def _warm_up(model: LoadedModel) -> None:
@@ -175,7 +234,7 @@ class RankerService:
             if target == self.version or (staged is not None and staged.version == target):
                 return target
             try:
-                model = self.build(read_artifact(self.artifacts_root, target))
+                model, stamp = self._load(read_artifact(self.artifacts_root, target))
             except NotFoundError:
                 raise
             except Exception as exc:
@@ -188,7 +247,7 @@ class RankerService:
                     field="version",
                 ) from exc
             self._rejected.discard(target)
-            self._staged = model
+            self._staged, self._staged_stamp = model, stamp
             return target
 
     def switch_to(self, version: str) -> dict[str, Any]:
@@ -205,6 +264,7 @@ class RankerService:
             model, self._staged = self._staged, None
             assert model is not None and model.version == version
             self.model = model  # the swap: one reference; in-flight requests keep the old one
+            self._items_stamp = self._staged_stamp
             log.info("model swapped: %s -> %s (built in %.1fs)", previous, model.version,
                      model.build_seconds)
             return {"previous_version": previous, "version": model.version, "swapped": True}
@@ -258,6 +318,59 @@ class RankerService:
             return None
         return self.switch_to(target)
 
+    # ------------------------------------------------------------------------------ new items
+    def upsert_item(self, item: NewItem) -> dict[str, Any]:
+        """``PUT /v1/items/{id}``: embed the item with the served version's item encoder, store
+        it, and serve it here at once (other replicas pick it up with
+        :meth:`maybe_pick_up_items`).
+
+        The model with the item is built (and answers a warm-up request) before the record is
+        written: an item that cannot be served is refused and stored nowhere.
+
+        Returns:
+            ``{"item_id", "created", "model_version", "num_items", "added_items"}``.
+
+        Raises:
+            UnavailableError: No model has been trained yet.
+            BadRequestError: The served version has no item encoder.
+        """
+        with self._reload_lock:
+            m = self.model
+            if m is None:
+                raise UnavailableError(
+                    "no model has been trained yet, so a new item cannot be embedded: wait for "
+                    "the first training job (`ray job list`), or run `python train_job.py`")
+            created = item.item_id not in m.item_index
+            model, before = self._load(m.trained, extra=item)
+            self.added.put(item)
+            after = self.added.stamp()
+            mine = record_name(item.item_id)
+            # The listing now differs from `before` by this record only, unless another replica
+            # wrote one meanwhile: then keep the old listing, and the watcher reloads.
+            same = [e for e in before if e[0] != mine] == [e for e in after if e[0] != mine]
+            self.model = model
+            self._items_stamp = after if same else before
+        log.info("item %r %s (model %s, %d added items)", item.item_id,
+                 "added" if created else "updated", model.version, model.added_items)
+        return {"item_id": item.item_id, "created": created, "model_version": model.version,
+                "num_items": model.num_items, "added_items": model.added_items}
+
+    def maybe_pick_up_items(self) -> bool:
+        """Rebuild the served version with the stored added items when the folder changed (an
+        item put through another replica). Returns whether it did."""
+        m = self.model
+        if m is None or self.added.stamp() == self._items_stamp:
+            return False
+        with self._reload_lock:
+            m = self.model
+            assert m is not None
+            if self.added.stamp() == self._items_stamp:
+                return False
+            model, stamp = self._load(m.trained)
+            self.model, self._items_stamp = model, stamp
+        log.info("added items picked up: %d on model %s", model.added_items, model.version)
+        return True
+
     # ------------------------------------------------------------------------------ info
     def model_info(self) -> dict[str, Any]:
         """``GET /v1/model``: the version in use and its offline metrics."""
@@ -283,8 +396,8 @@ class RankerService:
         if m is None:
             return {"model_version": NO_MODEL, "num_items": 0, "departments": []}
         cached = self._listing
-        if cached is None or cached[0] != m.version:
-            cached = (m.version, catalogue_listing(m))
+        if cached is None or cached[0] is not m:  # per model object: added items rebuild it
+            cached = (m, catalogue_listing(m))
             self._listing = cached
         return cached[1]
 
@@ -426,6 +539,8 @@ class GNNRanker:
         model_version: ``"latest"`` or a version name (pinned: no automatic pickup).
         reload_poll_s: Seconds between checks of ``LATEST``; 0 = never.
         tombstones_path: File of forgotten users shared by the replicas.
+        items_path: Folder of items added with ``PUT /v1/items`` shared by the replicas; a
+            second thread lists it every :data:`ITEMS_POLL_S` seconds.
     """
 
     def __init__(
@@ -434,10 +549,11 @@ class GNNRanker:
         model_version: str = "latest",
         reload_poll_s: float = 30.0,
         tombstones_path: str | None = None,
+        items_path: str | None = None,
     ) -> None:
         _limit_threads()
         self.service = RankerService(artifacts_root, model_version, tombstones_path,
-                                     cold_start=True)
+                                     cold_start=True, items_path=items_path)
         _freeze_gc()
         self._stop = threading.Event()
         self._metrics = _RankerMetrics()
@@ -445,6 +561,8 @@ class GNNRanker:
         self.reload_poll_s = reload_poll_s
         if reload_poll_s > 0 and model_version == "latest":
             threading.Thread(target=self._watch, name="latest-watcher", daemon=True).start()
+        if items_path is not None:
+            threading.Thread(target=self._watch_items, name="items-watcher", daemon=True).start()
 
     def _watch(self) -> None:
         while not self._stop.wait(self.reload_poll_s):
@@ -455,6 +573,21 @@ class GNNRanker:
             except Exception:  # a bad new artifact must not take the serving one down
                 log.exception("automatic model pickup failed; still serving %s",
                               self.service.version)
+
+    def _watch_items(self) -> None:
+        while not self._stop.wait(ITEMS_POLL_S):
+            try:
+                if self.service.maybe_pick_up_items():
+                    _freeze_gc()
+            except Exception:  # a bad record must not take the serving model down
+                log.exception("picking up added items failed; still serving the previous ones")
+
+    async def upsert_item(self, item: NewItem) -> dict[str, Any]:
+        """Add or update a catalogue item (see :meth:`RankerService.upsert_item`), in a worker
+        thread: requests keep being served while the catalogue is rebuilt."""
+        out = await asyncio.to_thread(self.service.upsert_item, item)
+        _freeze_gc()
+        return out
 
     async def recommend(self, q: RankQuery) -> dict[str, Any]:
         """Rank for one request (see :meth:`RankerService.recommend`)."""

@@ -68,7 +68,8 @@ def build(app_args: dict[str, Any], clock: Any = None) -> Any:
     clock = clock or system_clock
 
     args = serve_app.AppArgs.model_validate(app_args).resolved()
-    ranker = RankerService(args.artifacts_root, args.model_version, args.tombstones_path)
+    ranker = RankerService(args.artifacts_root, args.model_version, args.tombstones_path,
+                           items_path=args.items_path)
     # SessionStore's routing and validation, with its shard handles pointing at shards in this
     # process instead of actors (its constructor would start the actors).
     store = SessionStore.over(

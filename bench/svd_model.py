@@ -33,15 +33,17 @@ def svd_artifact(root: Path, *, max_users: int, dim: int, purpose: str,
         metrics: Stored as the version's offline metrics (default: none).
     """
     from graph.artifacts import write_artifact
+    from graph.item_encoder import ItemEncoder
     from graph.pipeline import PipelineConfig, fit_recommender, prepare_data
 
     d = prepare_data(PipelineConfig(max_users=max_users), progress=lambda _line: None)
-    rec, _ = fit_recommender(d, _svd(d.inter_fit, dim), _svd(d.inter_full, dim),
-                             progress=lambda _line: None)
+    full = _svd(d.inter_full, dim)
+    rec, _ = fit_recommender(d, _svd(d.inter_fit, dim), full, progress=lambda _line: None)
+    encoder = ItemEncoder.fit(d.inter_full, d.ds.items, full[1], d.inter_full.item_has_edges())
     return write_artifact(
         str(root), user_ids=d.inter_full.user_ids, items=d.ds.items,
         user_emb=rec.ranker.user_emb, item_emb=rec.ranker.item_emb, signals=rec.ranker.signals,
         metrics=metrics or {}, learned=rec.learned, item_static=rec.item_static, text=rec.text,
-        manifest={"data": {"name": d.ds.name, "max_users": max_users},
+        item_encoder=encoder, manifest={"data": {"name": d.ds.name, "max_users": max_users},
                   "training": {"embeddings": f"truncated SVD ({purpose})"}},
     )

@@ -15,6 +15,8 @@ Layout under ``root`` (a local folder or a pyarrow filesystem URI such as ``s3:/
         ranker/                   the LightGBM ranker (model.txt, meta.json) and item_features.npy
         text/                     graph.text.ItemText: item text vectors (vectors.npy, item_row.npy,
                                   meta.json)
+        item_encoder/             graph.item_encoder.ItemEncoder: attributes -> GNN embedding of an
+                                  item added after training (tables.npz, meta.json); optional
         _COMPLETE                 written last inside the folder
 
 A reader resolves ``LATEST`` once and then reads only that folder, so a publish that happens while
@@ -51,7 +53,10 @@ SIGNALS_DIR = "signals"
 RANKER_DIR = "ranker"
 ITEM_FEATURES_FILE = "item_features.npy"
 TEXT_DIR = "text"
-FORMAT_VERSION = 3  # 2: the learned ranker (ranker/); 3: item text embeddings (text/)
+ITEM_ENCODER_DIR = "item_encoder"
+# 2: the learned ranker (ranker/); 3: item text embeddings (text/); 4: the item encoder
+# (item_encoder/, optional: without it items cannot be added to the version)
+FORMAT_VERSION = 4
 
 
 def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
@@ -99,6 +104,7 @@ class ModelArtifact:
     learned: Any  # graph.ltr.LearnedRanker
     item_static: np.ndarray  # graph.features.item_features, [num_items, len(ITEM_FEATURES)]
     text: Any  # graph.text.ItemText
+    item_encoder: Any = None  # graph.item_encoder.ItemEncoder, None in versions before format 4
 
     def user_index(self) -> dict[str, int]:
         return {u: i for i, u in enumerate(self.user_ids.tolist())}
@@ -120,6 +126,7 @@ def write_artifact(
     learned: Any,
     item_static: np.ndarray,
     text: Any,
+    item_encoder: Any = None,
     version: str | None = None,
     set_latest: bool = True,
     extra_files: Mapping[str, bytes] | None = None,
@@ -128,7 +135,9 @@ def write_artifact(
 
     ``learned`` is the :class:`graph.ltr.LearnedRanker` (anything with ``to_files() -> {name:
     bytes}``), ``item_static`` its per-item features and ``text`` the items' text embeddings
-    (:class:`graph.text.ItemText`). ``extra_files`` (name → bytes, e.g. the plots of
+    (:class:`graph.text.ItemText`), ``item_encoder`` the
+    :class:`graph.item_encoder.ItemEncoder` that embeds items added later (None: none).
+    ``extra_files`` (name → bytes, e.g. the plots of
     :mod:`graph.plots`) are written into the folder before it is marked complete.
 
     Returns:
@@ -173,6 +182,10 @@ def write_artifact(
     fs.create_dir(f"{vdir}/{TEXT_DIR}", recursive=True)
     for name, data in text.to_files().items():
         _write_bytes(fs, f"{vdir}/{TEXT_DIR}/{name}", data)
+    if item_encoder is not None:
+        fs.create_dir(f"{vdir}/{ITEM_ENCODER_DIR}", recursive=True)
+        for name, data in item_encoder.to_files().items():
+            _write_bytes(fs, f"{vdir}/{ITEM_ENCODER_DIR}/{name}", data)
     full_manifest = {
         "format_version": FORMAT_VERSION,
         "version": version,
@@ -283,6 +296,7 @@ def resolve_version(root: str, version: str = "latest") -> str:
 
 def read_artifact(root: str, version: str = "latest") -> ModelArtifact:
     """Load a complete model version (``"latest"`` or a name)."""
+    from graph.item_encoder import ItemEncoder
     from graph.ltr import LearnedRanker  # local: keeps `import graph.artifacts` light
     from graph.signals import RankingSignals
     from graph.text import ItemText
@@ -317,6 +331,11 @@ def read_artifact(root: str, version: str = "latest") -> ModelArtifact:
     text = ItemText.from_files(
         {Path(i.path).name: _read_bytes(fs, i.path)
          for i in fs.get_file_info(pafs.FileSelector(f"{vdir}/{TEXT_DIR}"))}, len(items))
+    encoder = None
+    if _exists(fs, f"{vdir}/{ITEM_ENCODER_DIR}"):
+        encoder = ItemEncoder.from_files(
+            {Path(i.path).name: _read_bytes(fs, i.path)
+             for i in fs.get_file_info(pafs.FileSelector(f"{vdir}/{ITEM_ENCODER_DIR}"))})
     return ModelArtifact(
         version=version,
         path=vdir,
@@ -330,4 +349,5 @@ def read_artifact(root: str, version: str = "latest") -> ModelArtifact:
         learned=learned,
         item_static=item_static,
         text=text,
+        item_encoder=encoder,
     )

@@ -341,7 +341,7 @@ def format_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> st
 
     The header names each task with its number of requests ``n``.
     """
-    models = [m for m in metrics if m not in ("intentrec", ABLATIONS_KEY, "search")] + (
+    models = [m for m in metrics if m not in ("intentrec", ABLATIONS_KEY, "search", "cold_items")] + (
         ["intentrec"] if "intentrec" in metrics else [])
     tasks = [t for t in S.TASKS if any(t in metrics[m] for m in models)]
     tasks += sorted({t for m in models for t in metrics[m]} - set(tasks))

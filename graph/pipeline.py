@@ -262,6 +262,7 @@ def run_pipeline(
     Returns:
         The published version, its metrics table and timings.
     """
+    from graph.cold_items import COLD_KEY, MAX_BASKETS, evaluate_cold_items, format_cold_items
     from graph.evaluate import evaluate, format_ablations, format_candidates, format_table
     from graph.search_eval import format_search
     from graph.train_loop import embed, fit, format_progress
@@ -288,6 +289,10 @@ def run_pipeline(
         progress=progress, text=text)
     timings["ranker_s"] = time.perf_counter() - t2
 
+    from graph.item_encoder import ItemEncoder
+
+    assert result.model is not None  # fit() always returns its model
+    encoder = ItemEncoder.from_gnn(result.model, inter_full, ds.items)
     metrics: dict[str, Any] = {}
     table = "(evaluation skipped)"
     if not cfg.skip_eval:
@@ -299,8 +304,16 @@ def run_pipeline(
             seed=cfg.train.seed, max_users=cfg.eval_max_users,
             max_baskets=cfg.eval_max_baskets, progress=progress,
         )
+        t4 = time.perf_counter()
+        cold = evaluate_cold_items(rec, encoder, ds.items, train, test, seed=cfg.train.seed,
+                                   max_baskets=cfg.eval_max_baskets or MAX_BASKETS,
+                                   progress=progress)
+        if cold:
+            metrics[COLD_KEY] = cold
+        progress(f"[cold items] evaluated in {time.perf_counter() - t4:.0f}s")
         table = "\n\n".join(t for t in (format_table(metrics), format_candidates(metrics),
-                                          format_ablations(metrics), format_search(metrics)) if t)
+                                          format_ablations(metrics), format_search(metrics),
+                                          format_cold_items(metrics)) if t)
         timings["eval_s"] = time.perf_counter() - t3
 
     manifest = {
@@ -321,6 +334,7 @@ def run_pipeline(
         item_emb=rec.ranker.item_emb, signals=rec.ranker.signals, metrics=metrics,
         manifest=manifest,
         learned=rec.learned, item_static=rec.item_static, text=rec.text,
+        item_encoder=encoder,
         extra_files=_plots(result.history, metrics, progress),
     )
     timings["total_s"] = time.perf_counter() - t0 + (d.seconds if data is not None else 0.0)

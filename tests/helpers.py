@@ -31,5 +31,6 @@ def artifact_parts(art: Any, **overrides: Any) -> dict[str, Any]:
     any of them (``item_emb=...``, ``metrics=...``)."""
     parts = {"user_ids": art.user_ids, "items": art.items, "user_emb": art.user_emb,
              "item_emb": art.item_emb, "signals": art.signals, "metrics": {}, "manifest": {},
-             "learned": art.learned, "item_static": art.item_static, "text": art.text}
+             "learned": art.learned, "item_static": art.item_static, "text": art.text,
+             "item_encoder": art.item_encoder}
     return {**parts, **overrides}

@@ -1,0 +1,116 @@
+"""Items added after training (PUT /v1/items): embedded by the artifact's item encoder, searchable,
+listed, recommendable, stored under the state root, and kept across restarts and reloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actors.ranker import RankerService, RankQuery
+from graph.artifacts import read_artifact, write_artifact
+from graph.errors import ArtifactError
+from graph.new_items import NewItem, with_items
+from tests.helpers import artifact_parts
+
+T0 = 1_512_000_000.0  # 2017-11-30
+
+
+@pytest.fixture(scope="module")
+def items_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("added_items") / "items")
+
+
+@pytest.fixture(scope="module")
+def svc(svd_artifact_root: str, items_dir: str) -> RankerService:
+    return RankerService(svd_artifact_root, items_path=items_dir)
+
+
+def _known_category(svc: RankerService) -> str:
+    m = svc.model
+    assert m is not None
+    return str(m.catalogue.categories[int(m.catalogue.popular[0])])
+
+
+def _ids(out: dict[str, object]) -> list[str]:
+    return [it["item_id"] for it in out["items"]]  # type: ignore[attr-defined, index]
+
+
+def test_with_items_extends_every_per_item_table(svd_artifact_root: str) -> None:
+    art = read_artifact(svd_artifact_root)
+    cat = str(art.items["category"].iloc[0])
+    first = str(art.items["item_id"].iloc[0])
+    items = [NewItem("n1", "Yuzu soda", cat, "Fizzco", 2.5),
+             NewItem("n2", "Moon cheese", "LUNAR > CHEESE > AGED", None, None),
+             NewItem(first, "Renamed", cat, "Fizzco", 99.0)]
+    vec = np.eye(3, art.text.vectors.shape[1], dtype=np.float32)
+    out = with_items(art, items, vec)
+    n = len(art.items) + 2
+    assert len(out.items) == n and out.item_emb.shape[0] == n and out.item_static.shape[0] == n
+    assert out.signals.num_items == n and out.text.num_items == n
+    assert out.signals.item_sim.shape == (n, n)
+    assert len(art.items) == n - 2  # the input is unchanged
+    idx = out.item_index()
+    # A known category keeps its index; an unknown one gets a new one.
+    assert out.signals.item_category[idx["n1"]] == art.signals.item_category[0]
+    assert out.signals.item_category[idx["n2"]] == art.signals.item_category.max() + 1
+    assert out.signals.popularity[idx["n1"]] == 0.0
+    np.testing.assert_array_equal(out.text.item_vectors(np.array([idx["n2"]]))[0], vec[1])
+    assert out.items.loc[idx[first], "title"] == "Renamed"
+    assert np.isfinite(out.item_emb).all() and np.abs(out.item_emb[idx["n1"]]).sum() > 0
+    assert np.isfinite(out.item_static[idx["n1"], 2]) and out.item_static[idx["n1"], 2] == 2.5
+
+
+def test_a_version_without_item_encoder_says_retrain(svd_artifact_root: str) -> None:
+    art = read_artifact(svd_artifact_root)
+    old = type(art)(**{**art.__dict__, "item_encoder": None})
+    with pytest.raises(ArtifactError, match="no item encoder"):
+        with_items(old, [NewItem("n1", "x", "A > B", None, 1.0)], np.zeros((1, 384), np.float32))
+
+
+def test_added_item_is_searchable_listed_and_embedded(svc: RankerService) -> None:
+    before = svc.catalogue()["num_items"]
+    cat = _known_category(svc)
+    out = svc.upsert_item(NewItem("new-yuzu-1", "Sparkling yuzu lemonade", cat, "Fizzco", 3.49))
+    assert out["created"] is True and out["num_items"] == before + 1 and out["added_items"] == 1
+    m = svc.model
+    assert m is not None
+    i = m.item_index["new-yuzu-1"]
+    assert np.isfinite(m.ranker.item_emb[i]).all() and np.abs(m.ranker.item_emb[i]).sum() > 0
+    listing = svc.catalogue()
+    assert listing["num_items"] == before + 1
+    ans = svc.recommend(RankQuery(query="yuzu lemonade", k=5, now=T0))
+    assert _ids(ans)[0] == "new-yuzu-1"
+    hit = ans["items"][0]
+    assert hit["title"] == "Sparkling yuzu lemonade" and hit["price"] == 3.49
+    # An update replaces the attributes; the item keeps its row.
+    out = svc.upsert_item(NewItem("new-yuzu-1", "Sparkling yuzu lemonade", cat, "Fizzco", 2.99))
+    assert out["created"] is False and out["num_items"] == before + 1
+    ans = svc.recommend(RankQuery(query="yuzu lemonade", k=5, now=T0))
+    assert ans["items"][0]["price"] == 2.99
+
+
+def test_added_items_reach_other_replicas_and_survive_restart_and_reload(
+        svc: RankerService, svd_artifact_root: str, items_dir: str, tmp_path: Path) -> None:
+    cat = _known_category(svc)
+    svc.upsert_item(NewItem("new-yuzu-1", "Sparkling yuzu lemonade", cat, "Fizzco", 2.99))
+    # A restarted (or another) replica reads the stored items at start.
+    other = RankerService(svd_artifact_root, items_path=items_dir)
+    assert other.model is not None and "new-yuzu-1" in other.model.item_index
+    assert other.maybe_pick_up_items() is False  # nothing changed since
+    svc.upsert_item(NewItem("new-kombucha-2", "Qwixberry ginger kombucha", cat, None, 4.0))
+    assert other.maybe_pick_up_items() is True
+    assert _ids(other.recommend(RankQuery(query="qwixberry", k=3, now=T0)))[0] == "new-kombucha-2"
+    # A new model version keeps them (re-embedded with its encoder).
+    art = read_artifact(svd_artifact_root)
+    root = str(tmp_path / "models")
+    write_artifact(root, **artifact_parts(art), version="20990101T000000-aaaaaa")
+    fresh = RankerService(root, items_path=items_dir)
+    write_artifact(root, **artifact_parts(art, item_emb=art.item_emb * 2.0),
+                   version="20990102T000000-bbbbbb")
+    assert fresh.reload()["swapped"] is True
+    m = fresh.model
+    assert m is not None and m.version == "20990102T000000-bbbbbb"
+    assert {"new-yuzu-1", "new-kombucha-2"} <= set(m.item_index)
+    assert _ids(fresh.recommend(RankQuery(query="yuzu", k=3, now=T0)))[0] == "new-yuzu-1"
