@@ -7,7 +7,6 @@ pinned and polling off: the only way a replica can change version here is Serve'
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -202,14 +201,10 @@ def test_first_boot_answers_at_once_and_serves_the_first_model_without_a_failure
     assert versions == {NO_MODEL, published}
 
 
-def test_an_ab_split_reaches_every_replica_and_the_report_compares_the_arms(
-        rollout: Rollout, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_ab_split_reaches_every_replica_and_answers_name_their_arm(rollout: Rollout) -> None:
     """POST /v1/admin/split: both replicas serve two versions, every answer names its arm (a
-    stable hash of the session), clicks are credited to it, and the A/B report reads the counts
-    from Ray's own metrics endpoint."""
-    import ray
-
-    from actors import ab_report
+    stable hash of the session), and clicks are credited to it (the per-version counters the
+    A/B report reads)."""
     from actors.split import bucket
 
     v2 = _copy_version(rollout.root, "v2-split")
@@ -251,30 +246,6 @@ def test_an_ab_split_reaches_every_replica_and_the_report_compares_the_arms(
             again = rollout.client.post(rollout.url + "/v1/recommendations",
                                         json={"session_id": s, "k": 3}).json()
             assert again["model_version"] == served[s]["model_version"]
-
-        node = ray.nodes()[0]
-        metrics = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
-        per_arm = {v: 3 * sum(o["model_version"] == v for o in served.values())
-                   for v in (rollout.first, v2)}
-
-        def counts(key: str) -> dict[str, float]:
-            seen = ab_report.counts_from_exposition([rollout.client.get(metrics).text])
-            return {v: c[key] for v, c in seen.items()}
-
-        # Ray's metrics agent exports every few seconds: wait for this test's counts (the main
-        # version also counts the other tests' requests of this module).
-        wait_for_condition(
-            lambda: counts("impressions").get(v2) == per_arm[v2]
-            and counts("impressions").get(rollout.first, 0) >= per_arm[rollout.first],
-            timeout=120, interval=2.0, what="the counters reach Ray's metrics endpoint")
-        clicks = counts("clicks")
-        assert clicks[v2] == per_arm[v2] // 3 and clicks[rollout.first] >= per_arm[rollout.first] // 3
-        capsys.readouterr()
-        ab_report.main(["--metrics", metrics, "--json", "--control", rollout.first,
-                        "--treatment", v2])
-        report = json.loads(capsys.readouterr().out)
-        assert (report["control"], report["treatment"]) == (rollout.first, v2)
-        assert [d["metric"] for d in report["differences"]] == ["click-through", "add-to-cart"]
     finally:
         r = rollout.client.delete(split_url, headers=ADMIN)
     assert r.status_code == 200 and r.json()["split"] is None, r.text
