@@ -88,10 +88,11 @@ from actors.overload import (
     unavailable,
 )
 from actors.ranker import GNNRanker, RankQuery
-from actors.rollout import roll_out
+from actors.rollout import roll_out, start_split, stop_split
 from actors.session_events import SessionEvent
 from actors.session_state import SessionSnapshot, SessionStateConfig, SessionStore
 from actors.shard_attach import check_attached
+from actors.split import SplitConfig, SplitResponse
 from graph import storage
 from graph.artifacts import latest_version
 from graph.errors import ArtifactError, BadRequestError, IntentrecError, UnavailableError
@@ -548,6 +549,7 @@ class Ingress:
             )
             query = RankQuery(
                 user_id=req.user_id,
+                session_id=req.session_id,
                 events=_wire_events(snapshot, user_only=req.session_id is None),
                 context=enriched["signal"],
                 k=req.k,
@@ -670,6 +672,31 @@ class Ingress:
                 artifacts_root=self.args.artifacts_root,
                 follow_latest=self.args.model_version == "latest",
                 reload_poll_s=self.args.reload_poll_s, version=body.version if body else None)
+
+    @api.post("/v1/admin/split", response_model=SplitResponse,
+              responses={**_ERROR_RESPONSES, 409: {"model": ErrorBody}},
+              summary="Start (or change) an A/B split: a second version for a share of the "
+                      "users, on every ranker replica (admin key)")
+    async def split_start(
+        self,
+        body: SplitConfig,
+        api_key: Annotated[str | None, Security(_api_key)] = None,
+    ) -> dict[str, Any]:
+        async with _observed("split"):
+            self.keys.require(api_key, Scope.ADMIN, "starting a traffic split")
+            return await start_split(self.ranker, app_name=serve.get_replica_context().app_name,
+                                     split=body)
+
+    @api.delete("/v1/admin/split", response_model=SplitResponse,
+                responses={**_ERROR_RESPONSES, 409: {"model": ErrorBody}},
+                summary="Stop the A/B split: one version answers every request (admin key)")
+    async def split_stop(
+        self,
+        api_key: Annotated[str | None, Security(_api_key)] = None,
+    ) -> dict[str, Any]:
+        async with _observed("split"):
+            self.keys.require(api_key, Scope.ADMIN, "stopping a traffic split")
+            return await stop_split(self.ranker, app_name=serve.get_replica_context().app_name)
 
     @api.get("/healthz", response_model=Health, responses=_ERROR_RESPONSES,
              summary="Liveness and readiness: the ranker and every session shard")

@@ -38,6 +38,7 @@ from pydantic.json_schema import JsonDict
 from starlette.convertors import Convertor, register_url_convertor
 
 from actors.session_events import USER_SESSION_PREFIX, id_problem
+from actors.split import SplitOut
 from graph import schema as S
 
 MAX_K = 200
@@ -438,6 +439,8 @@ class ModelInfo(_Out):
     num_items: int
     metrics: dict[str, Any]
     data: dict[str, Any] | None
+    split: SplitOut | None = Field(default=None, description="the A/B split running now: its "
+                                   "version answers `share` of the users (null: none)")
 
 
 class ForgetResponse(_Out):

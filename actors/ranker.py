@@ -32,6 +32,7 @@ from actors.context import infer_intent
 from actors.deployment_options import RANKER, options
 from actors.explain import Reasons, short_title
 from actors.loaded_model import LoadedModel
+from actors.split import SplitConfig, in_split, parse_rollout
 from actors.tombstones import Tombstones
 from graph import schema as S
 from graph.artifacts import (
@@ -68,6 +69,8 @@ class RankQuery:
 
     Args:
         user_id: The shopper, if known to the caller.
+        session_id: The session, when the request names one (the key of a traffic split when
+            there is no user: :mod:`actors.split`).
         events: The session's events, oldest first (see :data:`WireEvent`).
         context: ``graph.ranking.ContextSignal`` fields from the context enricher, or None.
         k: Items to return.
@@ -80,6 +83,7 @@ class RankQuery:
     """
 
     user_id: str | None = None
+    session_id: str | None = None
     events: tuple[WireEvent, ...] = ()
     context: dict[str, Any] | None = None
     k: int = S.TOP_K
@@ -121,6 +125,9 @@ class RankerService:
         self._listing: tuple[LoadedModel, dict[str, Any]] | None = None
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self.model: LoadedModel | None = None
+        # A running A/B split and its model, published together by one assignment (a request
+        # reads the pair once, like self.model).
+        self._split: tuple[SplitConfig, LoadedModel] | None = None
         if cold_start and model_version == "latest" and not has_latest(artifacts_root):
             # First boot: nothing trained yet. Answer without a model until LATEST appears.
             log.warning("no model under %s yet: serving the cold-start answer (%s) until the "
@@ -132,6 +139,25 @@ class RankerService:
     def version(self) -> str:
         """The version served now, or :data:`NO_MODEL` before the first model."""
         return NO_MODEL if self.model is None else self.model.version
+
+    @property
+    def split(self) -> SplitConfig | None:
+        """The A/B split running now (:mod:`actors.split`), or None."""
+        pair = self._split
+        return None if pair is None else pair[0]
+
+    def versions_served(self) -> list[str]:
+        """Every version that answers requests now: the main one, and a split's."""
+        pair = self._split
+        return [self.version] + ([] if pair is None else [pair[1].version])
+
+    def model_for(self, q: RankQuery) -> LoadedModel | None:
+        """The model that answers ``q``: the split's when the request's user (or session) falls
+        in its share, else the main one."""
+        m, pair = self.model, self._split
+        if m is None or pair is None:
+            return m
+        return pair[1] if in_split(pair[0], q.user_id, q.session_id) else m
 
     # ------------------------------------------------------------------------------ loading
     @staticmethod
@@ -198,6 +224,7 @@ class RankerService:
         probe = RankerService.__new__(RankerService)
         probe.tombstones = Tombstones(None)
         probe.model = model
+        probe._split = None
         cat = model.catalogue
         top = int(cat.popular[0]) if len(cat.popular) else None
         first = None if top is None else str(cat.item_ids[top])
@@ -230,8 +257,9 @@ class RankerService:
         with self._reload_lock:
             target = version or self.target_version()
             resolve_version(self.artifacts_root, target)
-            staged = self._staged
-            if target == self.version or (staged is not None and staged.version == target):
+            staged, pair = self._staged, self._split
+            if target == self.version or (staged is not None and staged.version == target) \
+                    or (pair is not None and pair[1].version == target):
                 return target
             try:
                 model, stamp = self._load(read_artifact(self.artifacts_root, target))
@@ -260,14 +288,53 @@ class RankerService:
             previous = self.version
             if version == previous:
                 return {"previous_version": previous, "version": previous, "swapped": False}
-            self.prepare(version)
-            model, self._staged = self._staged, None
-            assert model is not None and model.version == version
+            pair = self._split
+            from_split = pair is not None and pair[1].version == version
+            model = self._obtain(version)
             self.model = model  # the swap: one reference; in-flight requests keep the old one
-            self._items_stamp = self._staged_stamp
+            # A model taken over from the split may predate the latest added items: no stamp
+            # makes the items watcher rebuild it once.
+            self._items_stamp = None if from_split else self._staged_stamp
+            pair = self._split
+            if pair is not None and pair[0].version == version:
+                self._split = None  # the split's version is now everyone's: the split is over
+                log.info("split ended: its version %s now serves every request", version)
             log.info("model swapped: %s -> %s (built in %.1fs)", previous, model.version,
                      model.build_seconds)
             return {"previous_version": previous, "version": model.version, "swapped": True}
+
+    def _obtain(self, version: str) -> LoadedModel:
+        """A built model of ``version``: the one a running split holds, else :meth:`prepare`'s
+        (loaded now when it is not staged yet). Call with ``_reload_lock`` held."""
+        pair = self._split
+        if pair is not None and pair[1].version == version:
+            return pair[1]
+        if self.model is not None and self.model.version == version:
+            return self.model
+        self.prepare(version)
+        model, self._staged = self._staged, None
+        assert model is not None and model.version == version
+        return model
+
+    def set_split(self, split: SplitConfig | None) -> None:
+        """Start, change or stop the A/B split: its version is loaded and warmed first
+        (:meth:`prepare`), then published with one assignment. A split naming the version
+        everyone gets already is no split.
+
+        Raises:
+            NotFoundError: No such version.
+            BadRequestError: The version cannot be served; the split in place stays.
+        """
+        with self._reload_lock:
+            if split is None or split.version == self.version or self.model is None:
+                if self._split is not None:
+                    log.info("split stopped: every request gets %s", self.version)
+                self._split = None
+                return
+            model = self._obtain(split.version)
+            self._split = (split, model)
+            log.info("split: %.1f%% of users (salt %r) get %s, the others %s",
+                     100 * split.share, split.salt, split.version, self.version)
 
     def reload(self, version: str | None = None) -> dict[str, Any]:
         """Validate a version (:meth:`prepare`), then swap it in with one assignment.
@@ -296,14 +363,20 @@ class RankerService:
         ``{"version": v}``: a pinned service pins ``v``; a service following ``latest`` loads
         what ``LATEST`` names, which the rollout moved to ``v`` before it pushed the config (a
         replica started later, after a newer training run, then does not go back to ``v``).
+        ``"split": {"version", "share", "salt"}`` also serves a second version to a share of the
+        users (:mod:`actors.split`); without it, a running split stops.
+
+        Raises:
+            BadRequestError: Not a rollout config (field ``user_config...``), or a version that
+                cannot be served.
         """
-        version = config.get("version")
-        if not isinstance(version, str) or not version:
-            raise BadRequestError(f"user_config ({config!r}) must be {{'version': '<name>'}}",
-                                  field="user_config")
-        if self.model_version != "latest":
-            self.model_version = version
-        return self.switch_to(self.target_version())
+        rollout = parse_rollout(config)
+        with self._reload_lock:
+            if self.model_version != "latest":
+                self.model_version = rollout.version
+            res = self.switch_to(self.target_version())
+            self.set_split(rollout.split)
+        return res
 
     def maybe_pick_up_latest(self) -> dict[str, Any] | None:
         """Reload when ``LATEST`` names another version (only when following ``latest``). A
@@ -387,7 +460,17 @@ class RankerService:
             "num_items": m.num_items,
             "metrics": m.artifact.metrics,
             "data": manifest.get("data"),
+            "split": self.split_info(),
         }
+
+    def split_info(self) -> dict[str, Any] | None:
+        """The running split (``actors.split.SplitOut``), or None."""
+        pair = self._split
+        if pair is None:
+            return None
+        split, b = pair
+        return {**split.model_dump(), "created": b.artifact.manifest.get("created"),
+                "loaded_at": b.loaded_at, "metrics": b.artifact.metrics}
 
     def catalogue(self) -> dict[str, Any]:
         """``GET /v1/catalogue``: departments and categories of the model in use (cached per
@@ -431,7 +514,7 @@ class RankerService:
         context display, which the ingress adds)."""
         from graph.recommend import Request
 
-        m = self.model  # read once: a swap during this request does not affect it
+        m = self.model_for(q)  # read once: a swap during this request does not affect it
         if m is None:  # first boot: no catalogue yet, so nothing personal and no items
             return {"model_version": NO_MODEL, "user_known": False,
                     "session_events": len(q.events), "intent": [], "items": []}
@@ -557,7 +640,7 @@ class GNNRanker:
         _freeze_gc()
         self._stop = threading.Event()
         self._metrics = _RankerMetrics()
-        self._metrics.model_swapped(None, self.service.version)
+        self._metrics.serving(self.service.versions_served())
         self.reload_poll_s = reload_poll_s
         if reload_poll_s > 0 and model_version == "latest":
             threading.Thread(target=self._watch, name="latest-watcher", daemon=True).start()
@@ -629,18 +712,23 @@ class GNNRanker:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve's hook for a changed ``user_config``, called on every replica (and on every new
-        one after ``__init__``): ``{"version": v}`` from a rollout (:mod:`actors.rollout`)."""
+        one after ``__init__``): ``{"version": v}`` from a rollout (:mod:`actors.rollout`), with
+        ``"split"`` while an A/B split runs (:mod:`actors.split`)."""
+        split = self.service.split
         self._swapped(await asyncio.to_thread(self.service.apply_rollout, user_config))
+        if self.service.split != split:
+            _freeze_gc()
+            self._metrics.serving(self.service.versions_served())
 
-    async def serving(self) -> dict[str, str]:
-        """This replica's id and the version it serves (rollout checks and tests)."""
+    async def serving(self) -> dict[str, Any]:
+        """This replica's id, the version it serves and its split (rollout checks and tests)."""
         return {"replica": serve.get_replica_context().replica_id.unique_id,
-                "version": self.service.version}
+                "version": self.service.version, "split": self.service.split_info()}
 
     def _swapped(self, res: dict[str, Any]) -> dict[str, Any]:
         if res["swapped"]:
             _freeze_gc()
-            self._metrics.model_swapped(res["previous_version"], res["version"])
+            self._metrics.serving(self.service.versions_served())
         return res
 
     def check_health(self) -> None:
@@ -663,11 +751,16 @@ class _RankerMetrics:
         )
         self.version = Gauge("intentrec_model_version_info",
                              "1 for the model version this replica serves", tag_keys=("version",))
+        self._served: set[str] = set()
 
-    def model_swapped(self, previous: str | None, version: str) -> None:
-        if previous is not None:
-            self.version.set(0, tags={"version": previous})
-        self.version.set(1, tags={"version": version})
+    def serving(self, versions: list[str]) -> None:
+        """1 for each version this replica serves (two while a split runs), 0 for the others it
+        served before."""
+        for v in self._served.difference(versions):
+            self.version.set(0, tags={"version": v})
+        for v in versions:
+            self.version.set(1, tags={"version": v})
+        self._served = set(versions)
 
 
 def _freeze_gc() -> None:

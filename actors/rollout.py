@@ -18,6 +18,11 @@ REST API, or a RayService). An app started with ``serve run``/``serve.run`` has 
 update; there the replica that validated swaps at once and the others follow ``LATEST`` within
 ``reload_poll_s``, and a rollout that could not reach them (a pinned version, or polling off) is
 refused with a 409 before anything moves.
+
+An A/B split (:mod:`actors.split`) travels the same way, as ``user_config.split``: it is validated
+on one replica, then pushed to every replica (:func:`start_split`, :func:`stop_split`); it needs
+an application deployed from a config. A reload keeps a running split, unless the reload moves
+everyone to the split's version (the winner is promoted: the split is over).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from actors.split import SplitConfig
 from graph.artifacts import set_latest_version
-from graph.errors import ConflictError
+from graph.errors import BadRequestError, ConflictError
 
 RANKER_DEPLOYMENT = "GNNRanker"
 
@@ -47,6 +53,20 @@ async def declared_state() -> dict[str, Any]:
     details: dict[str, Any] = await _controller().get_serve_instance_details.remote(
         source=APIType.DECLARATIVE)
     return details
+
+
+def _ranker_entry(state: dict[str, Any], app_name: str) -> dict[str, Any] | None:
+    app = (state.get("applications") or {}).get(app_name) or {}
+    doc = app.get("deployed_app_config") or {}
+    return next((d for d in doc.get("deployments", []) if d.get("name") == RANKER_DEPLOYMENT),
+                None)
+
+
+async def declared_split(app_name: str) -> dict[str, Any] | None:
+    """The split in the ranker's declared ``user_config`` of ``app_name`` (None: none)."""
+    entry = _ranker_entry(await declared_state(), app_name) or {}
+    split: dict[str, Any] | None = (entry.get("user_config") or {}).get("split")
+    return split
 
 
 async def push_ranker_config(app_name: str, user_config: dict[str, Any]) -> bool:
@@ -117,7 +137,66 @@ async def roll_out(ranker: Any, *, app_name: str, artifacts_root: str, follow_la
     if follow_latest and version is not None:
         await asyncio.to_thread(set_latest_version, artifacts_root, target)
     if declared:
-        await push_ranker_config(app_name, {"version": target})
+        split = await declared_split(app_name)
+        keep = split is not None and split.get("version") != target
+        await push_ranker_config(app_name, {"version": target, **({"split": split} if keep else {})})
     else:  # the others follow LATEST within reload_poll_s
         await ranker.reload.remote(target)
     return {"previous_version": previous, "version": target, "swapped": target != previous}
+
+
+def _declared_only(app_name: str, declared: bool) -> None:
+    if not declared:
+        raise ConflictError(
+            f"application {app_name!r} was started with `serve run` (no deployed config), so a "
+            "traffic split could reach one ranker replica only; deploy it with `serve deploy "
+            "serve_config.yaml` (or a RayService) to split traffic",
+            field="split",
+        )
+
+
+async def start_split(ranker: Any, *, app_name: str, split: SplitConfig) -> dict[str, Any]:
+    """Validate both versions, then serve ``split.version`` to ``split.share`` of the users on
+    every ranker replica (the ranker's ``user_config`` gets ``split``).
+
+    Returns:
+        ``{"version", "split", "previous_split"}`` (``actors.split.SplitResponse``).
+
+    Raises:
+        ConflictError: The app was not deployed from a config (409); nothing moved.
+        BadRequestError: ``split.version`` is the version everyone gets already, or cannot be
+            served (422, field ``version``); nothing moved.
+        NotFoundError: No such version (404).
+    """
+    state = await declared_state()
+    _declared_only(app_name, app_name in (state.get("applications") or {}))
+    serving = await ranker.serving.remote()
+    main = serving["version"]
+    if split.version == main:
+        raise BadRequestError(
+            f"version {split.version!r} already answers every request; a split needs another "
+            "version (see the versions under the artifacts root)", field="version")
+    # Both arms answer a warm-up request on one replica before any replica moves.
+    for v in (main, split.version):
+        await ranker.prepare.remote(v)
+    previous = await declared_split(app_name)
+    await push_ranker_config(app_name, {"version": main, "split": split.model_dump()})
+    return {"version": main, "split": split.model_dump(), "previous_split": previous}
+
+
+async def stop_split(ranker: Any, *, app_name: str) -> dict[str, Any]:
+    """Stop the split on every replica: the main version answers every request again.
+
+    Returns:
+        ``{"version", "split": None, "previous_split"}``.
+
+    Raises:
+        ConflictError: The app was not deployed from a config (409).
+    """
+    state = await declared_state()
+    _declared_only(app_name, app_name in (state.get("applications") or {}))
+    main = (await ranker.serving.remote())["version"]
+    previous = await declared_split(app_name)
+    if previous is not None:
+        await push_ranker_config(app_name, {"version": main})
+    return {"version": main, "split": None, "previous_split": previous}

@@ -266,6 +266,7 @@ def run_pipeline(
     from graph.evaluate import evaluate, format_ablations, format_candidates, format_table
     from graph.search_eval import format_search
     from graph.train_loop import embed, fit, format_progress
+    from graph.validation import validation_sample
 
     t0 = time.perf_counter()
     d = data if data is not None else prepare_data(cfg, progress)
@@ -274,7 +275,11 @@ def run_pipeline(
     train, test, inter_full = d.train, d.test, d.inter_full
 
     t1 = time.perf_counter()
-    result = fit(d.inter_fit, cfg.train, progress=lambda m: progress("[train] " + format_progress(m)))
+    # Each epoch's validation recall@20 of the embeddings: users who bought in the validation
+    # window, which the GNN does not train on (graph.validation).
+    val = validation_sample(d.fit_part, d.val_part, d.inter_fit, val_cut, seed=cfg.train.seed)
+    result = fit(d.inter_fit, cfg.train, progress=lambda m: progress("[train] " + format_progress(m)),
+                 validation=val)
     timings["train_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()

@@ -47,8 +47,8 @@ def training_curve_png(history: Sequence[Mapping[str, Any]], title: str = "") ->
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    val = [(e, float(h["val_recall@20"])) for e, h in zip(epochs, history, strict=True)
-           if "val_recall@20" in h]
+    val = [(e, float(h[S.VAL_METRIC])) for e, h in zip(epochs, history, strict=True)
+           if S.VAL_METRIC in h]
     if val:
         ax2 = ax.twinx()
         ax2.plot([e for e, _ in val], [v for _, v in val], marker="s", color="#1a7f37",

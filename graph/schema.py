@@ -53,6 +53,8 @@ ITEM_NODE: Final = "item"
 
 # --- evaluation -------------------------------------------------------------------------
 TOP_K: Final = 20
+# Reported by every training epoch (graph.validation) and plotted in the training curve.
+VAL_METRIC: Final = f"val_recall@{TOP_K}"
 TASKS: Final[tuple[str, ...]] = (
     "next_basket_all",
     "next_basket_discovery",

@@ -199,3 +199,64 @@ def test_first_boot_answers_at_once_and_serves_the_first_model_without_a_failure
         SessionStore(session).kill()
     assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
     assert versions == {NO_MODEL, published}
+
+
+def test_an_ab_split_reaches_every_replica_and_answers_name_their_arm(rollout: Rollout) -> None:
+    """POST /v1/admin/split: both replicas serve two versions, every answer names its arm (a
+    stable hash of the session), and clicks are credited to it (the per-version counters the
+    A/B report reads)."""
+    from actors.split import bucket
+
+    v2 = _copy_version(rollout.root, "v2-split")
+    split_url = rollout.url + "/v1/admin/split"
+    body = {"version": v2, "share": 0.5, "salt": "exp-it"}
+    assert rollout.client.post(split_url, json=body).status_code == 401  # admin only
+    bad = rollout.client.post(split_url, json={**body, "share": 1.5}, headers=ADMIN)
+    assert bad.status_code == 422 and bad.json()["field"] == "share", bad.text
+    r = rollout.client.post(split_url, json={**body, "version": "no-such"}, headers=ADMIN)
+    assert r.status_code == 404 and r.json()["field"] == "version", r.text
+    r = rollout.client.post(split_url, json={**body, "version": rollout.first}, headers=ADMIN)
+    assert r.status_code == 422 and r.json()["field"] == "version", r.text
+
+    r = rollout.client.post(split_url, json=body, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == rollout.first and r.json()["split"]["version"] == v2
+    try:
+        wait_for_condition(lambda: _splits(rollout) == {v2}, timeout=180,
+                           what="both replicas run the split")
+        model = rollout.client.get(rollout.url + "/v1/model").json()
+        assert model["version"] == rollout.first
+        assert {k: model["split"][k] for k in body} == body
+
+        sessions = [f"ab-{n}" for n in range(60)]
+        served = {}
+        for s in sessions:
+            out = rollout.client.post(rollout.url + "/v1/recommendations",
+                                      json={"session_id": s, "k": 3}).json()
+            assert out["model_version"] == (v2 if bucket("exp-it", s) < 0.5 else rollout.first)
+            served[s] = out
+            click = {"session_id": s, "event": "click", "item_id": out["items"][0]["item_id"],
+                     "from_request": out["request_id"]}
+            ev = rollout.client.post(rollout.url + "/v1/events", json=click, headers=ADMIN)
+            assert ev.status_code == 202, ev.text
+            assert ev.json()["events"][0]["attributed"] == {
+                "model_version": out["model_version"], "position": 1}
+        assert {o["model_version"] for o in served.values()} == {rollout.first, v2}
+        for s in sessions[:10]:  # stable
+            again = rollout.client.post(rollout.url + "/v1/recommendations",
+                                        json={"session_id": s, "k": 3}).json()
+            assert again["model_version"] == served[s]["model_version"]
+    finally:
+        r = rollout.client.delete(split_url, headers=ADMIN)
+    assert r.status_code == 200 and r.json()["split"] is None, r.text
+    assert r.json()["previous_split"]["version"] == v2
+    wait_for_condition(lambda: _splits(rollout) == {None}, timeout=180,
+                       what="both replicas stopped the split")
+    assert rollout.client.get(rollout.url + "/v1/model").json()["split"] is None
+
+
+def _splits(rollout: Rollout, calls: int = 24) -> set[str | None]:
+    """The split version each replica runs (None: none); empty unless both replicas answered."""
+    outs = [rollout.ranker.serving.remote() for _ in range(calls)]
+    seen = {o["replica"]: o["split"] and o["split"]["version"] for o in (r.result() for r in outs)}
+    return set(seen.values()) if len(seen) == 2 else set()

@@ -17,6 +17,7 @@ from graph.errors import ConfigError
 from graph.interactions import Interactions, build_interactions
 from graph.train_loop import embed, fit
 from graph.training import META_FILE, STATE_FILE, load_meta
+from graph.validation import VAL_METRIC, ValidationSample
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -55,8 +56,15 @@ def test_fit_checkpoints_each_epoch_and_resumes_by_run_name(
 
     # Same storage_path + run_name: Ray Train hands the latest checkpoint back to the
     # workers, which continue with epoch 2 instead of starting over.
-    second = fit(inter, cfg.model_copy(update={"epochs": 2}), progress=seen.append)
+    # With a validation sample, rank 0 reports the embeddings' recall@20 with the epoch.
+    val = ValidationSample(np.arange(10), [np.array([n, n + 1]) for n in range(10)])
+    second = fit(inter, cfg.model_copy(update={"epochs": 2}), progress=seen.append,
+                 validation=val)
     assert [h["epoch"] for h in second.history] == [2]
+    assert VAL_METRIC not in first.history[0]
+    recall = second.history[0][VAL_METRIC]
+    assert 0.0 <= recall <= 1.0 and second.history[0]["val_seconds"] > 0
+    assert seen[-1][VAL_METRIC] == recall  # in the progress the driver prints
     assert [m["epoch"] for m in seen] == [1, 2]
     assert [h["epoch"] for h in load_meta(str(second.checkpoint_path))["history"]] == [1, 2]
     assert second.checkpoint_path != first.checkpoint_path
