@@ -107,6 +107,11 @@ def test_clicking_three_items_of_a_category_raises_it(browser: Any, demo_url: st
     page.dispatch_event("#key", "change")
     generation = wait_generation(page, 0)
     page.wait_for_function("document.querySelectorAll('#shopper option').length > 1")
+    # A fixed request time (the picker's field): without it the page asks at the wall clock's
+    # weekday and hour, and the context features would make the answer depend on the time of day.
+    page.fill("#when", "2017-06-10T09:30")
+    page.dispatch_event("#when", "change")
+    generation = wait_generation(page, generation)
     before = recs_categories(page)
     assert before, "the page shows recommendations for a new anonymous session"
 
