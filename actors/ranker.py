@@ -398,7 +398,8 @@ class RankerService:
         :meth:`maybe_pick_up_items`).
 
         The model with the item is built (and answers a warm-up request) before the record is
-        written: an item that cannot be served is refused and stored nowhere.
+        written: an item that cannot be served is refused and stored nowhere. During an A/B split
+        the split's version is rebuilt with it as well.
 
         Returns:
             ``{"item_id", "created", "model_version", "num_items", "added_items"}``.
@@ -416,12 +417,18 @@ class RankerService:
             created = item.item_id not in m.item_index
             model, before = self._load(m.trained, extra=item)
             self.added.put(item)
+            pair = self._split
+            # The split's version serves its share of shoppers: it gets the stored items too (a
+            # version that cannot embed them serves without them, as at its start).
+            arm = None if pair is None else (pair[0], self._load(pair[1].trained)[0])
             after = self.added.stamp()
             mine = record_name(item.item_id)
             # The listing now differs from `before` by this record only, unless another replica
             # wrote one meanwhile: then keep the old listing, and the watcher reloads.
             same = [e for e in before if e[0] != mine] == [e for e in after if e[0] != mine]
             self.model = model
+            if arm is not None:
+                self._split = arm
             self._items_stamp = after if same else before
         log.info("item %r %s (model %s, %d added items)", item.item_id,
                  "added" if created else "updated", model.version, model.added_items)
@@ -440,6 +447,9 @@ class RankerService:
             if self.added.stamp() == self._items_stamp:
                 return False
             model, stamp = self._load(m.trained)
+            pair = self._split
+            if pair is not None:  # the split's version gets them too
+                self._split = (pair[0], self._load(pair[1].trained)[0])
             self.model, self._items_stamp = model, stamp
         log.info("added items picked up: %d on model %s", model.added_items, model.version)
         return True

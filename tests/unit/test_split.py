@@ -114,3 +114,31 @@ def test_promoting_the_split_version_ends_the_split_and_reuses_its_model(
     res = svc.apply_rollout({"version": "v2", "split": SPLIT})  # the winner for everyone
     assert res["version"] == "v2" and svc.model is b  # not loaded a second time
     assert svc.split is None and svc.versions_served() == ["v2"]
+
+
+def test_an_item_added_during_a_split_reaches_both_arms(two_versions: str,
+                                                         tmp_path: Path) -> None:
+    from graph.new_items import NewItem
+
+    items = str(tmp_path / "items")
+    svc = RankerService(two_versions, "v1", items_path=items)
+    svc.apply_rollout({"version": "v1", "split": SPLIT})
+    split = SplitConfig(**SPLIT)
+    users = [f"u{n}" for n in range(1000)]
+    a = next(u for u in users if not in_split(split, u, None))
+    b = next(u for u in users if in_split(split, u, None))
+    m = svc.model
+    assert m is not None
+    cat = str(m.catalogue.categories[int(m.catalogue.popular[0])])
+    svc.upsert_item(NewItem("new-yuzu-1", "Sparkling yuzu lemonade", cat, "Fizzco", 3.49))
+    for user, version in ((a, "v1"), (b, "v2")):
+        out = svc.recommend(RankQuery(user_id=user, query="yuzu lemonade", k=5))
+        assert out["model_version"] == version
+        assert out["items"][0]["item_id"] == "new-yuzu-1", (version, out["items"][:2])
+    # Another replica picks the item up from the folder, in both arms as well.
+    other = RankerService(two_versions, "v1", items_path=items)
+    other.apply_rollout({"version": "v1", "split": SPLIT})
+    svc.upsert_item(NewItem("new-kombucha-2", "Qwixberry ginger kombucha", cat, None, 4.0))
+    assert other.maybe_pick_up_items() is True
+    out = other.recommend(RankQuery(user_id=b, query="qwixberry", k=3))
+    assert out["model_version"] == "v2" and out["items"][0]["item_id"] == "new-kombucha-2"
