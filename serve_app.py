@@ -80,7 +80,7 @@ from actors.context import ContextEnricher, enrich_context
 from actors.demo_page import add_demo_routes
 from actors.deployment_options import INGRESS, options
 from actors.feedback import Feedback
-from actors.items_api import ItemUpsert, ItemUpsertResponse
+from actors.items_api import ItemBatch, ItemBatchResponse, ItemUpsert, ItemUpsertResponse
 from actors.overload import (
     TRANSIENT_ERRORS,
     bounded,
@@ -632,6 +632,22 @@ class Ingress:
             self.keys.require(api_key, Scope.ADMIN, "adding or updating catalogue items")
             # Not bounded by ranker_timeout_s: the catalogue rebuild takes seconds.
             out: dict[str, Any] = await self.ranker.upsert_item.remote(body.to_item(item_id))
+            return out
+
+    @api.put("/v1/items", response_model=ItemBatchResponse,
+             responses={**_ERROR_RESPONSES, 400: {"model": ErrorBody}},
+             summary="Add or update up to 1,000 catalogue items at once (admin key)")
+    async def put_items(
+        self,
+        body: ItemBatch,
+        api_key: Annotated[str | None, Security(_api_key)] = None,
+    ) -> dict[str, Any]:
+        """A catalogue import: like ``PUT /v1/items/{item_id}`` for each item, with one
+        catalogue rebuild for the whole batch instead of one per item. All or nothing: an item
+        that cannot be served refuses the batch, and nothing is stored."""
+        async with _observed("put_items"):
+            self.keys.require(api_key, Scope.ADMIN, "adding or updating catalogue items")
+            out: dict[str, Any] = await self.ranker.upsert_items.remote(body.to_items())
             return out
 
     @api.get("/v1/model", response_model=ModelInfo, responses=_ERROR_RESPONSES,

@@ -1,5 +1,6 @@
-"""Request and response models of ``PUT /v1/items/{item_id}``: add or update a catalogue item
-without retraining (:mod:`graph.new_items` says how the item is embedded and served)."""
+"""Request and response models of ``PUT /v1/items/{item_id}`` and ``PUT /v1/items``: add or
+update catalogue items without retraining, one or a batch (:mod:`graph.new_items` says how an item
+is embedded and served)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from actors.api import MAX_CATEGORY_LEN
+from actors.api import MAX_CATEGORY_LEN, Id
 from graph import schema as S
 from graph.new_items import NewItem
 
 MAX_TITLE_LEN = 256
 MAX_BRAND_LEN = 128
 MAX_PRICE = 1_000_000.0
+MAX_BATCH_ITEMS = 1000
+"""Items in one ``PUT /v1/items``: a thousand typical items are about 200 kB, well within the
+default body limit, and cost one catalogue rebuild."""
 
 
 class ItemUpsert(BaseModel):
@@ -63,3 +67,45 @@ class ItemUpsertResponse(BaseModel):
     model_version: str = Field(description="the model version that embedded it")
     num_items: int = Field(description="items in the catalogue served now")
     added_items: int = Field(description="items added without a retrain, this one included")
+
+
+class ItemBatchEntry(ItemUpsert):
+    """One item of ``PUT /v1/items``: its id and attributes."""
+
+    item_id: Id = Field(description="the catalogue's id of the item; an id the catalogue has "
+                        "updates that item")
+
+
+class ItemBatch(BaseModel):
+    """``PUT /v1/items``: up to :data:`MAX_BATCH_ITEMS` items, ids unique."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ItemBatchEntry] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
+
+    @field_validator("items")
+    @classmethod
+    def _unique(cls, items: list[ItemBatchEntry]) -> list[ItemBatchEntry]:
+        seen: dict[str, int] = {}
+        for n, it in enumerate(items):
+            if it.item_id in seen:
+                raise ValueError(
+                    f"items[{n}].item_id {it.item_id!r} repeats items[{seen[it.item_id]}]: send "
+                    "each item once per request (the last one would win)")
+            seen[it.item_id] = n
+        return items
+
+    def to_items(self) -> list[NewItem]:
+        return [it.to_item(it.item_id) for it in self.items]
+
+
+class ItemBatchResponse(BaseModel):
+    """What ``PUT /v1/items`` did."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    created: int = Field(description="items that are new to the catalogue")
+    updated: int = Field(description="items the catalogue had (their attributes are replaced)")
+    model_version: str = Field(description="the model version that embedded them")
+    num_items: int = Field(description="items in the catalogue served now")
+    added_items: int = Field(description="items added without a retrain, these included")

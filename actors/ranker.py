@@ -19,6 +19,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -169,7 +170,7 @@ class RankerService:
         model.build_seconds = time.perf_counter() - t0
         return model
 
-    def _load(self, artifact: ModelArtifact, extra: NewItem | None = None
+    def _load(self, artifact: ModelArtifact, extra: Sequence[NewItem] = ()
               ) -> tuple[LoadedModel, Stamp]:
         """:meth:`build` of ``artifact`` with the stored added items (and ``extra``) on top.
 
@@ -179,10 +180,10 @@ class RankerService:
         """
         stamp = self.added.stamp()
         items = {it.item_id: it for it in self.added.load()}
-        if extra is not None:
-            items[extra.item_id] = extra
+        for it in extra:
+            items[it.item_id] = it
         if items and artifact.item_encoder is None:
-            if extra is not None:
+            if extra:
                 raise BadRequestError(
                     f"model version {artifact.version} has no item encoder (written by an older "
                     "release), so it cannot embed a new item: retrain with `python "
@@ -193,7 +194,7 @@ class RankerService:
         try:
             served = self._with_items(artifact, [items[k] for k in sorted(items)])
         except Exception:
-            if extra is not None:  # the PUT fails; nothing was stored
+            if extra:  # the PUT fails; nothing was stored
                 raise
             # A stored record this version cannot apply must not keep the replica from serving.
             log.exception("added items cannot be applied to model version %s: serving it "
@@ -393,16 +394,31 @@ class RankerService:
 
     # ------------------------------------------------------------------------------ new items
     def upsert_item(self, item: NewItem) -> dict[str, Any]:
-        """``PUT /v1/items/{id}``: embed the item with the served version's item encoder, store
-        it, and serve it here at once (other replicas pick it up with
-        :meth:`maybe_pick_up_items`).
-
-        The model with the item is built (and answers a warm-up request) before the record is
-        written: an item that cannot be served is refused and stored nowhere. During an A/B split
-        the split's version is rebuilt with it as well.
+        """``PUT /v1/items/{id}``: :meth:`upsert_items` of one item.
 
         Returns:
             ``{"item_id", "created", "model_version", "num_items", "added_items"}``.
+        """
+        out = self.upsert_items([item])
+        return {"item_id": item.item_id, "created": out["created"] == 1,
+                **{k: out[k] for k in ("model_version", "num_items", "added_items")}}
+
+    def upsert_items(self, items: Sequence[NewItem]) -> dict[str, Any]:
+        """``PUT /v1/items`` (and one item's ``PUT /v1/items/{id}``): embed the items with the
+        served version's item encoder, store them, and serve them here at once (other replicas
+        pick them up with :meth:`maybe_pick_up_items`). A batch costs one catalogue rebuild,
+        whatever its size.
+
+        The model with the items is built (and answers a warm-up request) before any record is
+        written: items that cannot be served are refused and stored nowhere. During an A/B
+        split the split's version is rebuilt with them as well.
+
+        Args:
+            items: Ids unique (the API checks it).
+
+        Returns:
+            ``{"created", "updated", "model_version", "num_items", "added_items"}``: counts of
+            new ids and of ids the catalogue had.
 
         Raises:
             UnavailableError: No model has been trained yet.
@@ -414,26 +430,28 @@ class RankerService:
                 raise UnavailableError(
                     "no model has been trained yet, so a new item cannot be embedded: wait for "
                     "the first training job (`ray job list`), or run `python train_job.py`")
-            created = item.item_id not in m.item_index
-            model, before = self._load(m.trained, extra=item)
-            self.added.put(item)
+            created = sum(it.item_id not in m.item_index for it in items)
+            model, before = self._load(m.trained, extra=items)
+            for it in items:
+                self.added.put(it)
+            after = self.added.stamp()
+            mine = {record_name(it.item_id) for it in items}
             pair = self._split
             # The split's version serves its share of shoppers: it gets the stored items too (a
             # version that cannot embed them serves without them, as at its start).
             arm = None if pair is None else (pair[0], self._load(pair[1].trained)[0])
-            after = self.added.stamp()
-            mine = record_name(item.item_id)
-            # The listing now differs from `before` by this record only, unless another replica
-            # wrote one meanwhile: then keep the old listing, and the watcher reloads.
-            same = [e for e in before if e[0] != mine] == [e for e in after if e[0] != mine]
+            # The listing now differs from `before` by these records only, unless another
+            # replica wrote one meanwhile: then keep the old listing, and the watcher reloads.
+            same = [e for e in before if e[0] not in mine] == [e for e in after if e[0] not in mine]
             self.model = model
             if arm is not None:
                 self._split = arm
             self._items_stamp = after if same else before
-        log.info("item %r %s (model %s, %d added items)", item.item_id,
-                 "added" if created else "updated", model.version, model.added_items)
-        return {"item_id": item.item_id, "created": created, "model_version": model.version,
-                "num_items": model.num_items, "added_items": model.added_items}
+        log.info("%d items added and %d updated (model %s, %d added items)", created,
+                 len(items) - created, model.version, model.added_items)
+        return {"created": created, "updated": len(items) - created,
+                "model_version": model.version, "num_items": model.num_items,
+                "added_items": model.added_items}
 
     def maybe_pick_up_items(self) -> bool:
         """Rebuild the served version with the stored added items when the folder changed (an
@@ -679,6 +697,13 @@ class GNNRanker:
         """Add or update a catalogue item (see :meth:`RankerService.upsert_item`), in a worker
         thread: requests keep being served while the catalogue is rebuilt."""
         out = await asyncio.to_thread(self.service.upsert_item, item)
+        _freeze_gc()
+        return out
+
+    async def upsert_items(self, items: list[NewItem]) -> dict[str, Any]:
+        """Add or update many catalogue items with one rebuild (see
+        :meth:`RankerService.upsert_items`), in a worker thread."""
+        out = await asyncio.to_thread(self.service.upsert_items, items)
         _freeze_gc()
         return out
 

@@ -88,3 +88,27 @@ def test_put_item_is_searchable_on_every_replica(app_url: tuple[str, httpx.Clien
                        what="every ranker replica finds the added item")
     hit = _found(url, client, "yuzu lemonade")["yuzu-1"]
     assert hit["title"] == item["title"] and hit["price"] == 3.49
+
+
+def test_put_items_adds_a_batch_on_every_replica(app_url: tuple[str, httpx.Client]) -> None:
+    url, client = app_url
+    listing = client.get(url + "/v1/catalogue").json()
+    known = listing["departments"][0]["categories"][0]["category"]
+    items = [{"item_id": f"qwix-{n}", "title": f"Qwixberry kombucha flavour {n}",
+              "category": known, "price": 3.0} for n in range(5)]
+    dup = client.put(url + "/v1/items", json={"items": [*items, items[0]]}, headers=ADMIN)
+    assert dup.status_code == 422 and dup.json()["field"] == "items", dup.text
+    assert "items[5].item_id" in dup.json()["message"]
+    bad = client.put(url + "/v1/items", json={"items": [{**items[0], "price": "free"}]},
+                     headers=ADMIN)
+    assert bad.status_code == 422 and bad.json()["field"] == "items[0].price", bad.text
+    r = client.put(url + "/v1/items", json={"items": items}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert r.json()["created"] == 5 and r.json()["updated"] == 0
+
+    def everywhere() -> bool:
+        return all({f"qwix-{n}" for n in range(5)} <= set(_found(url, client, "qwixberry"))
+                   for _ in range(CONSECUTIVE))
+
+    wait_for_condition(everywhere, timeout=120, interval=0.5,
+                       what="every ranker replica finds the whole batch")

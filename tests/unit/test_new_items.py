@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from actors.loaded_model import LoadedModel
 from actors.ranker import RankerService, RankQuery
-from graph.artifacts import read_artifact, write_artifact
+from graph.artifacts import ModelArtifact, read_artifact, write_artifact
 from graph.errors import ArtifactError
 from graph.new_items import NewItem, with_items
 from tests.helpers import artifact_parts
@@ -114,3 +115,32 @@ def test_added_items_reach_other_replicas_and_survive_restart_and_reload(
     assert m is not None and m.version == "20990102T000000-bbbbbb"
     assert {"new-yuzu-1", "new-kombucha-2"} <= set(m.item_index)
     assert _ids(fresh.recommend(RankQuery(query="yuzu", k=3, now=T0)))[0] == "new-yuzu-1"
+
+
+def test_a_batch_of_items_is_one_rebuild_and_every_item_is_served(
+        svd_artifact_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = RankerService(svd_artifact_root, items_path=str(tmp_path / "items"))
+    before = svc.catalogue()["num_items"]
+    cat = _known_category(svc)
+    first = svc.model
+    assert first is not None
+    known = str(first.artifact.items["item_id"].iloc[0])
+    batch = [NewItem(f"tea-{n}", f"Zorbleberry herbal tea no {n}", cat, "Leafco", 2.0 + n)
+             for n in range(30)] + [NewItem(known, "Renamed known item", cat, None, 1.0)]
+    builds: list[str] = []
+    build = RankerService.build
+
+    def counted(art: ModelArtifact) -> LoadedModel:
+        builds.append(art.version)
+        return build(art)
+
+    monkeypatch.setattr(RankerService, "build", staticmethod(counted))
+    out = svc.upsert_items(batch)
+    assert len(builds) == 1  # one catalogue rebuild for 31 items
+    assert out["created"] == 30 and out["updated"] == 1
+    assert out["num_items"] == before + 30 and out["added_items"] == 31
+    found = _ids(svc.recommend(RankQuery(query="zorbleberry tea", k=40, now=T0)))
+    assert {f"tea-{n}" for n in range(30)} <= set(found)
+    # Stored: another replica serves all of them from the folder.
+    other = RankerService(svd_artifact_root, items_path=str(tmp_path / "items"))
+    assert other.model is not None and {f"tea-{n}" for n in range(30)} <= set(other.model.item_index)
