@@ -84,3 +84,43 @@ def test_added_item_is_found_by_search_and_listed(api: Any) -> None:
     found = {it["item_id"]: it for it in rec.json()["items"]}
     assert "yuzu-1" in found, list(found)
     assert found["yuzu-1"]["title"] == ITEM["title"] and found["yuzu-1"]["price"] == 3.49
+
+
+def _batch(n: int, category: str = ITEM["category"]) -> list[dict[str, Any]]:
+    return [{**ITEM, "item_id": f"fizz-{i}", "title": f"Glorpfizz soda flavour {i}",
+             "category": category} for i in range(n)]
+
+
+@pytest.mark.parametrize(("items", "field", "says"), [
+    ([], "items", "at least 1"),
+    (_batch(2) + _batch(1), "items", "items[2].item_id 'fizz-0' repeats items[0]"),
+    ([{**_batch(1)[0], "price": "cheap"}], "items[0].price", ""),
+    ([{k: v for k, v in _batch(1)[0].items() if k != "item_id"}], "items[0].item_id", ""),
+    ([{**_batch(1)[0], "item_id": "a\nb"}], "items[0].item_id", ""),
+    (_batch(1001), "items", "at most 1000"),
+])
+def test_a_bad_batch_is_a_422_naming_the_field_and_stores_nothing(
+        api: Any, items: list[dict[str, Any]], field: str, says: str) -> None:
+    before = call(api, "GET", "/v1/catalogue").json()["num_items"]
+    r = call(api, "PUT", "/v1/items", {"items": items}, {"X-API-Key": ADMIN_KEY})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field and says in r.json()["message"], r.json()
+    assert call(api, "GET", "/v1/catalogue").json()["num_items"] == before
+
+
+def test_a_batch_needs_the_admin_key_and_adds_every_item(api: Any) -> None:
+    known = call(api, "GET", "/v1/catalogue").json()["departments"][0]["categories"][0]["category"]
+    items = _batch(3, f"{known} > GLORPFIZZ")
+    assert call(api, "PUT", "/v1/items", {"items": items}).status_code == 401
+    assert call(api, "PUT", "/v1/items", {"items": items},
+                {"X-API-Key": KEY}).status_code == 403
+    before = call(api, "GET", "/v1/catalogue").json()["num_items"]
+    r = call(api, "PUT", "/v1/items", {"items": items}, {"X-API-Key": ADMIN_KEY})
+    assert r.status_code == 200, r.text
+    assert r.json()["created"] == 3 and r.json()["updated"] == 0
+    assert r.json()["num_items"] == before + 3
+    again = call(api, "PUT", "/v1/items", {"items": items[:1]}, {"X-API-Key": ADMIN_KEY})
+    assert again.json()["created"] == 0 and again.json()["updated"] == 1
+    rec = call(api, "POST", "/v1/recommendations", {"session_id": "s-fizz", "query": "glorpfizz",
+                                                     "k": 20})
+    assert {f"fizz-{i}" for i in range(3)} <= {it["item_id"] for it in rec.json()["items"]}
