@@ -95,11 +95,12 @@ class AddedItems:
 
 def _record(item: NewItem) -> dict[str, Any]:
     return {"item_id": item.item_id, "title": item.title, "category": item.category,
-            "brand": item.brand, "price": item.price}
+            "brand": item.brand, "price": item.price, "available": item.available}
 
 
 def _parse(d: dict[str, Any]) -> NewItem:
     price = d.get("price")
     return NewItem(item_id=str(d["item_id"]), title=str(d["title"]), category=str(d["category"]),
                    brand=None if d.get("brand") is None else str(d["brand"]),
-                   price=None if price is None else float(price))
+                   price=None if price is None else float(price),
+                   available=bool(d.get("available", True)))

@@ -34,6 +34,10 @@ class ItemUpsert(BaseModel):
     brand: str | None = Field(default=None, min_length=1, max_length=MAX_BRAND_LEN)
     price: float | None = Field(default=None, ge=0.0, le=MAX_PRICE,
                                 description="unit price in the catalogue's currency")
+    available: bool = Field(default=True, description=(
+        "false: out of stock or discontinued; the item stays in the catalogue (past events "
+        "that name it still count) but is never recommended, found by a search or listed as "
+        "similar, until a PUT with true"))
 
     @field_validator("category")
     @classmethod
@@ -53,7 +57,7 @@ class ItemUpsert(BaseModel):
 
     def to_item(self, item_id: str) -> NewItem:
         return NewItem(item_id=item_id, title=self.title, category=self.category,
-                       brand=self.brand, price=self.price)
+                       brand=self.brand, price=self.price, available=self.available)
 
 
 class ItemUpsertResponse(BaseModel):

@@ -8,7 +8,7 @@ the reference once finishes on the version it started with while a newer one is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,12 @@ class LoadedModel:
     build_seconds: float
     base: ModelArtifact | None = None  # the version as trained, before added items
     added_items: int = 0  # items of PUT /v1/items applied on top of it
+    # Item indices a PUT marked unavailable: excluded from every answer (sorted, unique).
+    unavailable: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def exclusions(self, extra: np.ndarray) -> np.ndarray:
+        """``extra`` item indices plus the unavailable ones."""
+        return np.union1d(self.unavailable, extra) if len(self.unavailable) else extra
 
     @property
     def trained(self) -> ModelArtifact:

@@ -202,6 +202,8 @@ class RankerService:
             served, items = artifact, {}
         model = self.build(served)
         model.base, model.added_items = artifact, len(items)
+        model.unavailable = np.unique(np.fromiter(
+            (model.item_index[k] for k, it in items.items() if not it.available), dtype=np.int64))
         return model, stamp
 
     def _with_items(self, artifact: ModelArtifact, items: list[NewItem]) -> ModelArtifact:
@@ -560,7 +562,7 @@ class RankerService:
         req = Request(user=user, item_events=item_events, context=context, now=now,
                       query=q.query, session_query=searches[-1] if searches else None,
                       category=q.category,
-                      exclude=exclude, k=q.k)
+                      exclude=m.exclusions(exclude), k=q.k)
         prepared = m.rec.prepare(req)  # Recommender.recommend, with the session kept for reasons
         ranked = m.rec.rank(prepared, explain=True)
         intent = infer_intent(((e[0], e[1], e[2]) for e in q.events), lambda it: _label(m, it), now)
@@ -596,7 +598,8 @@ class RankerService:
                 field="item_id",
             )
         ranked = m.rec.recommend(Request(item_events=((i, S.VIEW, 0.0),), now=0.0,
-                                         exclude=np.array([i]), k=k), explain=False)
+                                         exclude=m.exclusions(np.array([i])), k=k),
+                                 explain=False)
         sim = m.ranker.signals.item_sim
         co_set = set(sim.indices[sim.indptr[i]: sim.indptr[i + 1]].tolist())
         name = short_title(str(m.titles[i]))

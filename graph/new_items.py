@@ -49,6 +49,7 @@ class NewItem:
     category: str
     brand: str | None = None
     price: float | None = None
+    available: bool = True  # False: kept in the catalogue, never recommended or found
 
     def to_row(self) -> dict[str, object]:
         """The item as a catalogue row (the normalisation of :func:`graph.data.load_files`)."""

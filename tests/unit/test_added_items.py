@@ -37,3 +37,14 @@ def test_without_a_folder_records_live_in_memory() -> None:
     store = AddedItems(None)
     store.put(NewItem("a", "Yuzu soda", "GROCERY > SOFT DRINKS", None, 2.5))
     assert [it.item_id for it in store.load()] == ["a"] and store.stamp()
+
+
+def test_availability_is_kept_and_records_without_it_are_available(tmp_path: Path) -> None:
+    store = AddedItems(str(tmp_path))
+    store.put(NewItem("gone", "Yuzu soda", "GROCERY > SOFT DRINKS", None, 2.5, available=False))
+    # A record written before items had an availability.
+    (tmp_path / "0123abcd.json").write_text(
+        '{"item_id": "old", "title": "Kombucha", "category": "GROCERY > TEA", "brand": null, '
+        '"price": null}')
+    assert {it.item_id: it.available for it in AddedItems(str(tmp_path)).load()} == {
+        "gone": False, "old": True}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from actors.loaded_model import LoadedModel
@@ -144,3 +145,33 @@ def test_a_batch_of_items_is_one_rebuild_and_every_item_is_served(
     # Stored: another replica serves all of them from the folder.
     other = RankerService(svd_artifact_root, items_path=str(tmp_path / "items"))
     assert other.model is not None and {f"tea-{n}" for n in range(30)} <= set(other.model.item_index)
+
+
+def test_an_unavailable_item_is_never_recommended_found_or_similar_until_back(
+        svd_artifact_root: str, tmp_path: Path) -> None:
+    svc = RankerService(svd_artifact_root, items_path=str(tmp_path / "items"))
+    m = svc.model
+    assert m is not None
+    ask = RankQuery(session_id="s", k=20, now=T0)
+    top = _ids(svc.recommend(ask))[0]
+    row = m.artifact.items.iloc[m.item_index[top]]
+    # An item that lists it as similar now.
+    neighbour = next(n for n in _ids(svc.similar(top, k=50)) if top in _ids(svc.similar(n, k=50)))
+    # Its own attributes, so that only its availability changes.
+    title, cat, brand = str(row["title"]), str(row["category"]), str(row["brand"])
+    price = None if pd.isna(row["price"]) else float(row["price"])
+    gone = NewItem(top, title, cat, brand, price, available=False)
+    svc.upsert_item(gone)
+    query = RankQuery(session_id="s", query=title, k=50, now=T0)
+    assert top not in _ids(svc.recommend(ask))
+    assert top not in _ids(svc.recommend(query))
+    assert top not in _ids(svc.recommend(RankQuery(user_id=str(m.artifact.user_ids[0]), k=50,
+                                                   now=T0)))
+    assert top not in _ids(svc.similar(neighbour, k=50))
+    # Still in the catalogue: events that name it are understood, and it can be asked about.
+    assert top in m.item_index and svc.similar(top, k=5)["items"]
+    # Another replica (or a restart) reads the record: unavailable there too.
+    other = RankerService(svd_artifact_root, items_path=str(tmp_path / "items"))
+    assert top not in _ids(other.recommend(ask))
+    svc.upsert_item(NewItem(top, title, cat, brand, price, available=True))
+    assert _ids(svc.recommend(ask))[0] == top
