@@ -22,6 +22,7 @@ from graph import storage
 from graph.artifacts import latest_version, list_versions, read_artifact, write_artifact
 from graph.errors import BadRequestError
 from graph.forgotten import FORGOTTEN_FILE, read_forgotten
+from tests.helpers import wait_for_condition
 
 pytestmark = pytest.mark.integration
 
@@ -101,6 +102,16 @@ def test_node_loss_loses_no_acknowledged_event_and_no_forget(
     for h in store.handles:  # the node is gone: its actors and its disk
         ray.kill(h, no_restart=True)
     shutil.rmtree(local)
+
+    def names_released() -> bool:  # ray.kill returns before the GCS has freed the names
+        try:
+            for i in range(config.num_shards):
+                ray.get_actor(config.shard_name(i), namespace=config.namespace)
+        except ValueError:
+            return True
+        return False
+
+    wait_for_condition(names_released, timeout=60, what="the killed shards' names are free")
     assert not list(tmp_path.iterdir())
 
     fresh = SessionStore(config)  # the same names, started again elsewhere
