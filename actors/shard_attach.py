@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from graph.errors import ConfigError
+from graph.errors import ConfigError, UnavailableError
 
 if TYPE_CHECKING:
     from actors.session_state import SessionStateConfig, SessionStore
@@ -78,29 +79,29 @@ def other_shard_counts(config: SessionStateConfig, names: list[dict[str, str]]) 
     return sorted(out)
 
 
-def check_attached(store: SessionStore) -> None:
+def check_attached(store: SessionStore, timeout_s: float = 120.0) -> None:
     """Wait for every shard of ``store`` and check it runs the store's settings (blocking: for a
-    replica constructor, before it serves anything).
+    replica constructor, before it serves anything). The wait is ``timeout_s``, not one call's
+    ``call_timeout_s``: a shard's first start (a new worker process) or its replay of a long log
+    takes longer than one call may.
 
     Raises:
         ConfigError: A shard runs other settings, or shards of another ``num_shards`` with the
             same prefix still run (their sessions would be invisible to this app); the message
             says how to apply the change.
-        UnavailableError: A shard did not answer within ``call_timeout_s``.
+        UnavailableError: A shard did not answer within ``timeout_s``.
     """
     import ray
     from ray.util import list_named_actors
 
-    from graph.errors import UnavailableError
-
     config = store.config
     try:
-        running = ray.get([h.ping.remote() for h in store.handles],
-                          timeout=config.call_timeout_s)
+        running = ray.get([h.ping.remote() for h in store.handles], timeout=timeout_s)
     except ray.exceptions.GetTimeoutError as exc:
         raise UnavailableError(
-            f"session shards of {config.actor_prefix} did not answer within "
-            f"{config.call_timeout_s}s; check the cluster has room for them (`ray status`)"
+            f"session shards of {config.actor_prefix} did not start within {timeout_s:.0f}s; "
+            "check the cluster has room for them (`ray status`) and the shards' logs "
+            "(`ray logs actor`)"
         ) from exc
     mine = config.model_dump()
     for i, theirs in enumerate(running):
@@ -118,8 +119,14 @@ def check_attached(store: SessionStore) -> None:
         )
 
 
-def kill_shards(prefix: str, namespace: str) -> list[str]:
-    """Kill every running shard named ``<prefix>-<i>-of-<n>`` in ``namespace``, any ``n``."""
+def kill_shards(prefix: str, namespace: str, wait_s: float = 60.0) -> list[str]:
+    """Kill every running shard named ``<prefix>-<i>-of-<n>`` in ``namespace``, any ``n``, and
+    return once their names are free: ``ray.kill`` returns before the GCS has released them, and
+    a deploy in that window would attach to the dying shards.
+
+    Raises:
+        UnavailableError: A name was still taken after ``wait_s`` seconds.
+    """
     import ray
     from ray.util import list_named_actors
 
@@ -129,7 +136,25 @@ def kill_shards(prefix: str, namespace: str) -> list[str]:
         if m and m["prefix"] == prefix and entry.get("namespace") == namespace:
             ray.kill(ray.get_actor(entry["name"], namespace=namespace), no_restart=True)
             killed.append(entry["name"])
+    deadline = time.monotonic() + wait_s
+    for name in killed:
+        while _named_actor_exists(name, namespace):
+            if time.monotonic() > deadline:
+                raise UnavailableError(
+                    f"session shard {name} was killed but its name is still taken after "
+                    f"{wait_s:.0f}s; run the kill again, and check `ray list actors` for it")
+            time.sleep(0.1)
     return sorted(killed)
+
+
+def _named_actor_exists(name: str, namespace: str) -> bool:
+    import ray
+
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
