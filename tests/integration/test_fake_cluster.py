@@ -3,7 +3,9 @@
 ``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=deploy/fake_multinode.yaml`` starts a
 real head and a real autoscaler whose node provider launches "nodes" as local raylet processes.
 A task that needs a GPU cannot run on the GPU-less head, so the autoscaler must launch a fake
-``ray.worker.gpu`` node, and the task must run there.
+``ray.worker.gpu`` node, and the task must run there. Likewise, a Serve deployment with the
+ranker's sizes under load asks for more replicas than the one-CPU head holds, so the autoscaler
+must launch a fake ``ray.worker.cpu`` node, and a replica must serve from there.
 
 Isolation: the cluster gets its own temp dir and free ports (nothing on 6379/8265/10001/52365),
 the driver is a separate Python process (this pytest process may already be connected to the
@@ -25,10 +27,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from actors.deployment_options import DEPLOYMENTS, RANKER, options
 from tests.cluster_helpers import free_ports, ray_env, ray_start_head
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAKE_MULTINODE_YAML = REPO_ROOT / "deploy" / "fake_multinode.yaml"
+SERVE_LOAD_DRIVER = REPO_ROOT / "tests" / "serve_load_driver.py"
 LAUNCH_DEADLINE_S = 120
 
 # Runs in its own interpreter: connect, ask for a GPU, report where the task ran.
@@ -65,7 +69,11 @@ def fake_cluster() -> Iterator[str]:
     config_path = workdir / "autoscaling.yaml"
     config_path.write_text(yaml.safe_dump(config))
 
-    env = ray_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    # The proxy (one, on the head) would send every request to the head's replicas while they
+    # have room (Serve prefers replicas on the proxy's own node); off, so that the replicas on a
+    # launched node answer too. On a real cluster each node has its own proxy.
+    env = ray_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
+                  RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING="0")
     head_resources = config["available_node_types"][config["head_node_type"]]["resources"]
     args = [
         f"--num-cpus={head_resources['CPU']}", f"--num-gpus={head_resources['GPU']}",
@@ -100,3 +108,54 @@ def test_gpu_task_makes_the_autoscaler_launch_a_fake_gpu_node(fake_cluster: str)
     assert result["ran"]["node_type"] == "ray.worker.gpu"
     assert result["ran_on_resources"].get("GPU") == 1
     assert len(result["ran"]["gpu_ids"]) == 1
+
+
+def test_serve_load_makes_the_autoscaler_launch_a_fake_cpu_worker(fake_cluster: str) -> None:
+    """Serve's replica autoscaling reaches past the head: the cluster autoscaler adds a CPU node.
+
+    The deployment is a probe that holds each request for a few seconds without using CPU, sized
+    exactly as intentrec's ranker (``options("GNNRanker")`` from ``actors/deployment_options.py``:
+    0.5 CPU per replica, 1 to 4 replicas, ``target_ongoing_requests: 8``, ``upscale_delay_s:
+    10``), so it scales as the ranker would under the same number of requests in flight, without
+    loading a model. The head has one CPU, so it holds two replicas; 32 clients keep 32 requests
+    in flight, so Serve wants 32 / 8 = 4, and the two that do not fit are what the autoscaler
+    must find a node for. The load is bounded (each client stops after ``max_requests``) and
+    stops as soon as a replica on the new node has answered.
+    """
+    opts = options(RANKER)
+    auto = DEPLOYMENTS[RANKER]["autoscaling_config"]
+    clients = auto["max_replicas"] * auto["target_ongoing_requests"]
+    (port,) = free_ports(1)
+    spec = {
+        "options": opts, "name": RANKER, "port": port, "clients": clients, "hold_s": 2.0,
+        "max_requests": 200, "worker_type": "ray.worker.cpu", "timeout_s": 240,
+    }  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(SERVE_LOAD_DRIVER), fake_cluster, json.dumps(spec)],
+        env=ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=2 * spec["timeout_s"] + 120,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    progress = out.stdout[-2000:]
+
+    head_fits = result["head_fits"]
+    assert result["nodes_before"] == [result["head"]], "the cluster must start with the head only"
+    assert head_fits < auto["max_replicas"], "the head alone must not hold every replica"
+    # (a) Serve's autoscaler wanted, and then ran, more replicas than the head holds.
+    assert result["peak"]["wanted"] > head_fits, progress
+    assert result["peak"]["running"] > head_fits, progress
+    # (b) + (c) a replica answered from a new, alive node of the CPU worker type.
+    on_worker = {r: where for r, where in result["seen"].items()
+                 if where["node_type"] == "ray.worker.cpu"}  # fmt: skip
+    assert on_worker, f"no replica answered from a ray.worker.cpu node: {result['seen']}\n{progress}"
+    config = yaml.safe_load(FAKE_MULTINODE_YAML.read_text())
+    cpu_type = config["available_node_types"]["ray.worker.cpu"]["resources"]
+    for where in on_worker.values():
+        assert where["node_id"] != result["head"]
+        assert where["node_id"] in result["nodes"], "the worker node is not alive"
+        assert result["nodes"][where["node_id"]].get("CPU") == cpu_type["CPU"]
+        assert result["nodes"][where["node_id"]].get("GPU", 0) == 0, "a GPU node took CPU work"

@@ -6,13 +6,15 @@ SSHes to the head (127.0.0.1), rsyncs the project there (file_mounts), installs 
 (setup_commands), runs `ray stop`, starts Ray, deploys the app and submits the first training job
 (head_start_ray_commands). The test then checks the first boot as issue 11 asks: the endpoint
 answers 200 with the cold-start answer before any model exists, the first training job's model
-is picked up with zero failed requests while the test polls recommendations throughout, and a
-known shopper then gets items from that version. Then `ray status` and `ray down -y`. It runs
-from a clean copy of the checkout, and changes three things in the shipped file: a small head
-(`--num-cpus=3`, logical CPUs: serving takes 0.85, the training worker 1), `pip install
---no-build-isolation` (no network in the namespace), and a small training slice for the first
-job (TRAIN_ARGS). The API keys are written to the throwaway HOME's ~/intentrec.env, where the
-start commands read them, as docs/DEPLOY.md tells an operator to.
+is picked up with zero failed requests while the test polls recommendations throughout, every
+ranker replica (two) then serves that version, and a known shopper gets items from it. Then
+`ray status` and `ray down -y`. It runs from a clean copy of the checkout, and changes three
+things in the shipped cluster file: a small head (`--num-cpus=3`, logical CPUs: serving takes
+1.35 with two rankers, the training worker 1), `pip install --no-build-isolation` (no network in
+the namespace), and a small training slice for the first job (TRAIN_ARGS); and one in the
+copy's `serve_config.yaml`: the ranker starts with two replicas (`min_replicas: 2`). The API
+keys are written to the throwaway HOME's ~/intentrec.env, where the start commands read them, as
+docs/DEPLOY.md tells an operator to.
 
 `ray stop` kills every Ray process it can see, so everything runs inside fresh PID, network and
 mount namespaces (``unshare --pid --net --mount --fork --mount-proc``), where the test process's
@@ -67,6 +69,12 @@ VENV = Path(sys.prefix)
 RAY_CLI = Path(sys.executable).with_name("ray")
 
 SERVE_DEPLOY_CMD = "serve deploy ~/intentrec/serve_config.yaml"
+APP = "intentrec"  # the application's name in serve_config.yaml
+RANKER = "GNNRanker"
+RANKER_REPLICAS = 2
+# How long the ranker replicas may take to all serve the first model once one does (each one
+# follows LATEST on its own, reload_poll_s: 30 in serve_config.yaml).
+ALL_REPLICAS_TIMEOUT_S = 120
 FIRST_TRAINING_CMD = "scripts/first_training.py --"
 # The first training job's slice: the point is the first-boot path, not model quality.
 TRAIN_ARGS = ["--max-users", "50", "--epochs", "1", "--workers", "1", "--skip-eval"]
@@ -194,6 +202,13 @@ def _prepare(workdir: Path) -> None:
     subprocess.run(
         ["rsync", "-a", "--exclude=.git", "--filter=:- .gitignore", f"{REPO_ROOT}/", f"{src}/"], check=True
     )
+    # Two ranker replicas, so that "the new version is served" means by every replica.
+    serve_config_path = src / "serve_config.yaml"
+    serve_config = yaml.safe_load(serve_config_path.read_text())
+    (app,) = [a for a in serve_config["applications"] if a["name"] == APP]
+    (ranker,) = [d for d in app["deployments"] if d["name"] == RANKER]
+    ranker["autoscaling_config"]["min_replicas"] = RANKER_REPLICAS
+    serve_config_path.write_text(yaml.safe_dump(serve_config, sort_keys=False))
     # Stand-ins for what a real checkout has and the sync must leave behind (a stale model under
     # artifacts/ would also hide the first boot).
     for ignored in (".git/HEAD", ".venv/pyvenv.cfg", "artifacts/LATEST"):
@@ -237,6 +252,7 @@ def test_ray_up_serves_the_app_and_ray_down_tears_it_down() -> None:
         result: dict[str, Any] = json.loads(result_file.read_text())
         print(json.dumps({k: round(v) for k, v in result["seconds"].items()}, indent=1))
         print("\n".join(result["job_log_tail"]))
+        print("ranker replicas:", json.dumps(result.get("replicas")))
 
         # First boot: a 200 with the cold-start answer before any model, from the synced copy.
         assert result["healthz"]["model_version"] == NO_MODEL, result["healthz"]
@@ -251,6 +267,10 @@ def test_ray_up_serves_the_app_and_ray_down_tears_it_down() -> None:
         assert version and version != NO_MODEL
         assert {p[2] for p in polls} <= {NO_MODEL, version}, {p[2] for p in polls}
         assert polls[-1][2] == version, polls[-3:]
+        # Every ranker replica serves it, not only the ones the polls happened to reach.
+        replicas = result["replicas"]
+        assert len(replicas["seen"]) == RANKER_REPLICAS, replicas
+        assert set(replicas["seen"].values()) == {version}, replicas
         assert result["model"]["version"] == version
         # A shopper of the slice gets items from that version.
         assert result["shopper_recs"]["model_version"] == version
@@ -392,8 +412,12 @@ def _inside(workdir: Path) -> None:
         result["polls"] = polls = []
         _poll_until_picked_up(polls, PICKUP_TIMEOUT_S)
         seconds["first_model_served"] = time.monotonic() - t
-        result["job_status"] = _job_status()
         latest = home / "intentrec-storage" / "artifacts" / "LATEST"
+        t = time.monotonic()
+        result["replicas"] = _replica_versions(
+            latest.read_text().strip() if latest.exists() else "", env)
+        seconds["every_replica_serves_it"] = time.monotonic() - t
+        result["job_status"] = _job_status()
         result["latest"] = latest.read_text().strip() if latest.exists() else None
         result["model"] = _http("/v1/model")[1]
         shoppers = _http("/v1/catalogue/shoppers")[1]
@@ -428,6 +452,44 @@ def _inside(workdir: Path) -> None:
     result["ray_processes_after_down"] = _ray_processes()
     seconds["total_inside"] = time.monotonic() - t0
     (workdir / "result.json").write_text(json.dumps(result, indent=1))
+
+
+# Run as a driver of the namespace's cluster: ask the ranker deployment, through a handle, which
+# replica serves which version, until every replica serves argv[1] or argv[2] seconds pass.
+# HTTP answers do not name the replica; a round of concurrent calls may not reach every replica
+# (the router picks among them), so rounds repeat, keeping each replica's latest answer.
+REPLICAS_DRIVER = f"""
+import json, sys, time
+import ray
+from ray import serve
+
+want, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+ray.init(address="127.0.0.1:6379", log_to_driver=False)
+handle = serve.get_deployment_handle({RANKER!r}, {APP!r})
+rounds, seen = 0, {{}}
+while True:
+    rounds += 1
+    answers = [r.result() for r in [handle.serving.remote() for _ in range(24)]]
+    seen.update({{a["replica"]: a["version"] for a in answers}})
+    done = len(seen) == {RANKER_REPLICAS} and set(seen.values()) == {{want}}
+    if done or time.monotonic() > deadline:
+        break
+    time.sleep(1)
+print("RESULT " + json.dumps({{"rounds": rounds, "seen": seen}}))
+"""
+
+
+def _replica_versions(version: str, env: dict[str, str]) -> dict[str, Any]:
+    """``{"rounds": n, "seen": {replica id: version}}``: each ranker replica's latest answer, once
+    every one serves ``version`` or when ALL_REPLICAS_TIMEOUT_S ran out."""
+    out = subprocess.run(
+        [sys.executable, "-c", REPLICAS_DRIVER, version, str(ALL_REPLICAS_TIMEOUT_S)],
+        env=env, capture_output=True, text=True, timeout=ALL_REPLICAS_TIMEOUT_S + 120,
+    )  # fmt: skip
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        return {"rounds": 0, "seen": {}, "error": (out.stdout + out.stderr)[-2000:]}
+    return dict(json.loads(line.removeprefix("RESULT ")))
 
 
 def _job_status() -> str:

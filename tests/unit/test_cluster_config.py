@@ -34,7 +34,8 @@ RAY_SCHEMA: dict[str, Any] = json.loads(
 
 # Provider keys Ray reads that its schema does not list (the schema allows any provider key):
 # the autoscaler reads the first two from config["provider"] for every provider
-# (autoscaler/_private/autoscaler.py), the fake provider the rest
+# (autoscaler/_private/autoscaler.py), the monitor `use_node_id_as_ip`
+# (autoscaler/_private/monitor.py), the fake provider the rest
 # (autoscaler/_private/fake_multi_node/node_provider.py).
 EXTRA_PROVIDER_KEYS = {
     "disable_launch_config_check",
@@ -42,6 +43,7 @@ EXTRA_PROVIDER_KEYS = {
     "gcs_address",
     "head_node_id",
     "launch_multiple",
+    "use_node_id_as_ip",
 }
 
 CPU_IMAGE = "rayproject/ray:2.60.0-py311-cpu"
@@ -239,7 +241,12 @@ def test_fake_multinode_yaml_is_what_the_autoscaler_accepts() -> None:
     gpu_types = [t for t in types.values() if t["resources"].get("GPU", 0) >= 1]
     assert len(gpu_types) == 1 and gpu_types[0]["min_workers"] == 0
     assert gpu_types[0]["resources"]["CPU"] <= 1, "this machine has 2 cores"
+    cpu_types = [t for t in types.values() if t.get("max_workers") and not t["resources"].get("GPU")]
+    assert len(cpu_types) == 1 and cpu_types[0]["min_workers"] == 0, "one CPU worker type for Serve"
     assert not config["provider"]["gcs_address"].endswith(":6379"), "6379 is everyone's default"
+    # All fake nodes share one IP: keyed by IP, the head's load report is dropped and the
+    # autoscaler plans as if the head were idle (test_fake_cluster's Serve test then fails).
+    assert config["provider"]["use_node_id_as_ip"] is True
 
 
 def test_fake_multinode_yaml_typo_is_rejected() -> None:
