@@ -8,7 +8,8 @@ throughput (concurrency 8), then holds Poisson arrivals at ``--fraction`` (0.5) 
 cluster (proxy, replicas, session shards, controller, raylet, GCS), grouped by process title.
 
 The verdict (the issue's bar): 0 failed requests, and every group's RSS at the end within 10% of
-its RSS after the first window (the warm-up: model loaded, connections open, caches filled). The
+its RSS after the first window (the warm-up: model loaded, connections open, caches filled), per
+process where the group's number of processes changed (Serve's autoscaler added a replica). The
 table prints per group; the JSON goes to ``bench/results/soak.json``.
 
 Each window also records the sizes of the session shards' state (sessions, users, the events in
@@ -174,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                 t.start()
             for t in threads:
                 t.join()
-            rss = rss_mb(ray_processes(exclude))
-            row = {"window": w, "t_s": round((w + 1) * opts.sample_s),
-                   "rss_mb": rss, "rss_total_mb": sum(rss.values()), "state": state_sizes(store)}
+            procs = ray_processes(exclude)
+            rss = rss_mb(procs)
+            row = {"window": w, "t_s": round((w + 1) * opts.sample_s), "rss_mb": rss,
+                   "rss_total_mb": sum(rss.values()), "processes": {k: len(v) for k, v in procs.items()},
+                   "state": state_sizes(store)}
             for ep, res in results.items():
                 res.pop("latencies_ms", None)
                 row[ep] = res
@@ -190,12 +193,18 @@ def main(argv: list[str] | None = None) -> int:
             g.close()
         sb._stop_serve(args)
 
+    # A group whose number of processes changed (Serve's autoscaler added or removed a replica)
+    # is compared per process: more replicas is not a leak, a bigger replica is.
     first, last = windows[0]["rss_mb"], windows[-1]["rss_mb"]
+    n_first, n_last = windows[0]["processes"], windows[-1]["processes"]
     groups = []
     for name in sorted(set(first) | set(last)):
         a, b = first.get(name, 0.0), last.get(name, 0.0)
-        change = (b - a) / a if a else None
-        groups.append({"process": name, "rss_start_mb": a, "rss_end_mb": b, "change": change})
+        na, nb = n_first.get(name, 0), n_last.get(name, 0)
+        per_a, per_b = (a / na if na else 0.0), (b / nb if nb else 0.0)
+        change = (per_b - per_a) / per_a if per_a and nb else None
+        groups.append({"process": name, "rss_start_mb": a, "rss_end_mb": b, "count_start": na,
+                       "count_end": nb, "change": change})
     errors = sum(w[ep]["errors"] for w in windows for ep in sb.ENDPOINTS)
     requests = sum(w[ep]["requests"] for w in windows for ep in sb.ENDPOINTS)
     status: dict[str, int] = {}
@@ -205,10 +214,12 @@ def main(argv: list[str] | None = None) -> int:
                 status[k] = status.get(k, 0) + v
     flat = all(g["change"] is None or abs(g["change"]) <= RSS_TOLERANCE for g in groups)
     print()
-    print(f"{'process':<40} {'RSS start MB':>12} {'RSS end MB':>11} {'change':>8}")
+    print(f"{'process':<40} {'count':>7} {'RSS start MB':>12} {'RSS end MB':>11} {'change':>8}")
     for g in groups:
         ch = "-" if g["change"] is None else f"{g['change']:+.1%}"
-        print(f"{g['process']:<40} {g['rss_start_mb']:12.0f} {g['rss_end_mb']:11.0f} {ch:>8}")
+        count = f"{g['count_start']}" + ("" if g["count_end"] == g["count_start"] else f"->{g['count_end']}")
+        print(f"{g['process']:<40} {count:>7} {g['rss_start_mb']:12.0f} {g['rss_end_mb']:11.0f} "
+              f"{ch:>8}")
     bounds = state_bounds(args.session)
     state = [{"state": k, "start": windows[0]["state"][k], "end": windows[-1]["state"][k],
               "bound": bounds[k]} for k in STATE_KEYS]
