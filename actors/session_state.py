@@ -1130,11 +1130,6 @@ class SessionStore:
     :meth:`kill`. A crashed shard restarts (``max_restarts=-1``) and calls are retried
     (``max_task_retries=-1``, safe because appends are idempotent by ``event_id``).
 
-    Shard calls record no Ray task events (``enable_task_events=False``, as Ray Serve does for its
-    own replicas): there are one or more per request, and the GCS keeps the events of the last
-    ``RAY_task_events_max_num_task_in_gcs`` (100,000) tasks. 20,000 actor calls grew the GCS by
-    65 MB with events and 3 MB without, so the bound alone would let it reach about 300 MB.
-
     Args:
         config: The store configuration; a relative ``wal_uri`` is resolved here.
         clock: The server clock, for this client's validation and for shards it creates (a shard
@@ -1156,7 +1151,6 @@ class SessionStore:
                 max_restarts=-1,
                 max_task_retries=-1,
                 num_cpus=self.config.num_cpus,
-                enable_task_events=False,
             ).remote(payload, i, clock)
             for i in range(self.config.num_shards)
         ]

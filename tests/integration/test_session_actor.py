@@ -10,7 +10,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import ray
@@ -181,45 +180,3 @@ def test_concurrent_requests_share_shard_calls_and_all_land(store: SessionStore)
         assert windows[s] == [f"i{k}" for k in range(64) if k % 16 == s]
     assert stats["append"]["items"] >= 64 and stats["append"]["calls"] < 32, stats
     assert stats["get"]["items"] == 16 and stats["get"]["calls"] < 16, stats
-
-
-def stored_task_events(actor: Any) -> int:
-    """How many tasks of ``actor`` the GCS holds task events for (read from the GCS itself, as
-    ``ray list tasks`` does; the test cluster runs without the dashboard)."""
-    from ray._private.grpc_utils import init_grpc_channel
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
-
-    channel = init_grpc_channel(ray.get_runtime_context().gcs_address)
-    try:
-        request = gcs_service_pb2.GetTaskEventsRequest(limit=10_000)
-        request.filters.actor_filters.add(actor_id=actor._actor_id.binary(),
-                                          predicate=gcs_service_pb2.FilterPredicate.EQUAL)
-        reply = gcs_service_pb2_grpc.TaskInfoGcsServiceStub(channel).GetTaskEvents(request, timeout=30)
-        return len(reply.events_by_task)
-    finally:
-        channel.close()
-
-
-def test_shard_calls_leave_no_task_events_in_the_gcs(store: SessionStore) -> None:
-    """Every request makes shard calls; with Ray's task events on, the GCS would keep each one
-    (up to 100,000 tasks) and its memory would grow for as long as the load lasts (the soak)."""
-
-    @ray.remote
-    class Control:
-        def ping(self) -> int:
-            return 1
-
-    control = Control.remote()  # a plain actor, task events on: shows that they reach the GCS
-    try:
-        now = time.time()
-        for k in range(20):
-            event = SessionEvent.create("view", session_id=f"te-{k}", user_id="te-user",
-                                        item_id=f"i{k}", ts=now + k * 1e-3)
-            asyncio.run(store.append([event]))
-            asyncio.run(store.get(session_id=f"te-{k}"))
-        ray.get([control.ping.remote() for _ in range(5)])
-        wait_for_condition(lambda: stored_task_events(control) >= 5, timeout=60,
-                           what="the control actor's task events reached the GCS")
-        assert [stored_task_events(h) for h in store.handles] == [0] * len(store.handles)
-    finally:
-        ray.kill(control)
