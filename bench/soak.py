@@ -8,8 +8,14 @@ throughput (concurrency 8), then holds Poisson arrivals at ``--fraction`` (0.5) 
 cluster (proxy, replicas, session shards, controller, raylet, GCS), grouped by process title.
 
 The verdict (the issue's bar): 0 failed requests, and every group's RSS at the end within 10% of
-its RSS after the first window (the warm-up: model loaded, connections open, caches filled). The
+its RSS after the first window (the warm-up: model loaded, connections open, caches filled), per
+process where the group's number of processes changed (Serve's autoscaler added a replica). The
 table prints per group; the JSON goes to ``bench/results/soak.json``.
+
+Each window also records the sizes of the session shards' state (sessions, users, the events in
+their windows, remembered event ids and idempotency keys, summed over the shards) next to the
+bound each has in the configuration, so that growth of the shards' memory can be told apart:
+state filling up to its bound, or a leak.
 
 Usage::
 
@@ -23,6 +29,7 @@ GNN, as the serving benchmark does, and says so.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -41,6 +48,7 @@ from bench.loadgen import LoadSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 RSS_TOLERANCE = 0.10
+STATE_KEYS = ("sessions", "users", "session_events", "user_events", "dedupe_ids", "idempotency_keys")
 
 
 def ray_processes(exclude: set[int]) -> dict[str, list[int]]:
@@ -86,6 +94,22 @@ def rss_mb(groups: dict[str, list[int]]) -> dict[str, float]:
     return out
 
 
+def state_bounds(cfg: Any) -> dict[str, int]:
+    """The most of each :data:`STATE_KEYS` size that the session configuration allows, summed
+    over the shards (a user's or session's events may be counted on two shards)."""
+    n = cfg.num_shards
+    return {"sessions": n * cfg.max_sessions_per_shard, "users": n * cfg.max_users_per_shard,
+            "session_events": n * cfg.max_sessions_per_shard * cfg.window,
+            "user_events": n * cfg.max_users_per_shard * cfg.user_history,
+            "dedupe_ids": n * cfg.dedupe_capacity, "idempotency_keys": n * cfg.dedupe_capacity}
+
+
+def state_sizes(store: Any) -> dict[str, int]:
+    """:data:`STATE_KEYS` sizes summed over the shards (``SessionStore.stats``)."""
+    per_shard = asyncio.run(store.stats())
+    return {k: sum(int(st.get(k, 0)) for st in per_shard) for k in STATE_KEYS}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--artifacts", default="artifacts", help="model root (train_job.py output)")
@@ -98,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
+    from actors.session_state import SessionStore
     from graph.errors import ArtifactError
 
     os.environ.update(sb.cluster_serve_env(yaml.safe_load(sb.CLUSTER_YAML.read_text())))
@@ -122,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         sb.start_serve(args, opts.port, {**sb.config_env_vars(), "INTENTREC_API_KEY": key})
         sb.wait_ready(url, 300)
         sb.seed_sessions(url, mix["seed_batches"], auth)
+        store = SessionStore(args.session)  # attaches to the app's shards, to read their sizes
         gens = [sb.LoadGen(), sb.LoadGen()]
         exclude = {g.proc.pid or -1 for g in gens}
         best: dict[str, float] = {}
@@ -149,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                 t.start()
             for t in threads:
                 t.join()
-            rss = rss_mb(ray_processes(exclude))
-            row = {"window": w, "t_s": round((w + 1) * opts.sample_s),
-                   "rss_mb": rss, "rss_total_mb": sum(rss.values())}
+            procs = ray_processes(exclude)
+            rss = rss_mb(procs)
+            row = {"window": w, "t_s": round((w + 1) * opts.sample_s), "rss_mb": rss,
+                   "rss_total_mb": sum(rss.values()), "processes": {k: len(v) for k, v in procs.items()},
+                   "state": state_sizes(store)}
             for ep, res in results.items():
                 res.pop("latencies_ms", None)
                 row[ep] = res
@@ -165,12 +193,18 @@ def main(argv: list[str] | None = None) -> int:
             g.close()
         sb._stop_serve(args)
 
+    # A group whose number of processes changed (Serve's autoscaler added or removed a replica)
+    # is compared per process: more replicas is not a leak, a bigger replica is.
     first, last = windows[0]["rss_mb"], windows[-1]["rss_mb"]
+    n_first, n_last = windows[0]["processes"], windows[-1]["processes"]
     groups = []
     for name in sorted(set(first) | set(last)):
         a, b = first.get(name, 0.0), last.get(name, 0.0)
-        change = (b - a) / a if a else None
-        groups.append({"process": name, "rss_start_mb": a, "rss_end_mb": b, "change": change})
+        na, nb = n_first.get(name, 0), n_last.get(name, 0)
+        per_a, per_b = (a / na if na else 0.0), (b / nb if nb else 0.0)
+        change = (per_b - per_a) / per_a if per_a and nb else None
+        groups.append({"process": name, "rss_start_mb": a, "rss_end_mb": b, "count_start": na,
+                       "count_end": nb, "change": change})
     errors = sum(w[ep]["errors"] for w in windows for ep in sb.ENDPOINTS)
     requests = sum(w[ep]["requests"] for w in windows for ep in sb.ENDPOINTS)
     status: dict[str, int] = {}
@@ -180,10 +214,18 @@ def main(argv: list[str] | None = None) -> int:
                 status[k] = status.get(k, 0) + v
     flat = all(g["change"] is None or abs(g["change"]) <= RSS_TOLERANCE for g in groups)
     print()
-    print(f"{'process':<40} {'RSS start MB':>12} {'RSS end MB':>11} {'change':>8}")
+    print(f"{'process':<40} {'count':>7} {'RSS start MB':>12} {'RSS end MB':>11} {'change':>8}")
     for g in groups:
         ch = "-" if g["change"] is None else f"{g['change']:+.1%}"
-        print(f"{g['process']:<40} {g['rss_start_mb']:12.0f} {g['rss_end_mb']:11.0f} {ch:>8}")
+        count = f"{g['count_start']}" + ("" if g["count_end"] == g["count_start"] else f"->{g['count_end']}")
+        print(f"{g['process']:<40} {count:>7} {g['rss_start_mb']:12.0f} {g['rss_end_mb']:11.0f} "
+              f"{ch:>8}")
+    bounds = state_bounds(args.session)
+    state = [{"state": k, "start": windows[0]["state"][k], "end": windows[-1]["state"][k],
+              "bound": bounds[k]} for k in STATE_KEYS]
+    print(f"\n{'session state (all shards)':<40} {'start':>12} {'end':>11} {'bound':>12}")
+    for st in state:
+        print(f"{st['state']:<40} {st['start']:12d} {st['end']:11d} {st['bound']:12d}")
     print(f"\nrequests {requests}, errors {errors}, status {status}")
     print(f"verdict: errors == 0: {errors == 0}; every process's RSS within "
           f"{RSS_TOLERANCE:.0%} of its first window: {flat}")
@@ -194,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                  "minutes": opts.minutes, "sample_s": opts.sample_s, "fraction": opts.fraction,
                  "max_throughput": best, "rates": rates, "versions": sb.versions(),
                  "load_average_after": os.getloadavg()},
-        "windows": windows, "processes": groups,
+        "windows": windows, "processes": groups, "session_state": state,
         "verdict": {"requests": requests, "errors": errors, "status": status,
                     "rss_flat_within_10pct": flat}}, indent=2, default=str))
     print(f"wrote {out}")

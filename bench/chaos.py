@@ -1,0 +1,309 @@
+"""Chaos with several replicas: SIGKILL a session shard, a ranker replica and an ingress replica
+under steady load, and measure what clients see.
+
+The integration test (``tests/integration/test_resilience.py``) runs the same kills on an app
+with one replica of each deployment, where every restart is a full outage of that component. This
+benchmark deploys the app as ``bench/soak.py`` does (``serve_app.compose``, the ``cluster.yaml``
+Serve flags, a client key), but with ``--replicas`` (2) ingress and ranker replicas, and reports
+per kill:
+
+- **failed**: answers other than 200 and 202 (503, the proxy's 500, a dropped connection) among
+  all attempts from the kill until the next kill; every failed attempt is retried by the client
+  with the same body (the event id makes the retry idempotent) and counted again if it fails;
+- **outage**: seconds from the kill to the last failed attempt it caused (0 when none failed);
+- **full strength**: seconds until the killed process is replaced and ``/healthz`` is ``ok``
+  (for a replica: a new replica runs, and Serve counts ``--replicas`` running again; for a
+  shard: the restarted actor answers from a new process).
+
+Afterwards every acknowledged (202) event must be in its session. The issue's bar: under 1%
+failed requests and recovery under 15 s. The table prints; the JSON goes to
+``bench/results/chaos_replicas.json``.
+
+Usage::
+
+    python bench/chaos.py                          # SVD stand-in model, 2 replicas each
+    python bench/chaos.py --artifacts ROOT --clients 8 --replicas 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import bench.serve_bench as sb  # sets RAY_AUTH_MODE and the usage-stats switch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "chaos_replicas.json"
+APP = "intentrec-chaos"
+HTTP_TIMEOUT_S = 30.0  # http_options.request_timeout_s of serve_config.yaml
+FAILED_BAR, RECOVERY_BAR_S = 0.01, 15.0
+
+
+class SteadyLoad:
+    """``clients`` closed-loop clients in a background thread, each posting one event (with its
+    own ``event_id``) and then asking for a recommendation for that session. A failed attempt
+    (no answer, or a status other than 200/202) is retried with the same body after 0.2 s.
+    Every attempt is recorded as ``(monotonic time, path, status or error name)``."""
+
+    def __init__(self, url: str, items: list[str], headers: dict[str, str], clients: int) -> None:
+        self.url, self.items, self.headers, self.clients = url, items, headers, clients
+        self.attempts: list[tuple[float, str, int | str]] = []
+        self.degraded = 0
+        self.acked: dict[str, set[str]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _send(self, client: Any, path: str, body: dict[str, Any]) -> int:
+        import httpx
+
+        while True:
+            try:
+                r = await client.post(self.url + path, json=body, headers=self.headers)
+                outcome: int | str = r.status_code
+                if r.status_code == 200 and path.endswith("recommendations") and r.json().get("degraded"):
+                    self.degraded += 1
+            except httpx.HTTPError as exc:
+                outcome = type(exc).__name__
+            self.attempts.append((time.monotonic(), path, outcome))
+            if outcome in (200, 202) or self.stop.is_set():
+                return outcome if isinstance(outcome, int) else 0
+            await asyncio.sleep(0.2)
+
+    async def _client(self, client: Any, c: int) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            sid, eid = f"chaos-{c}-{n // 20}", f"chaos-{c}-{n}"
+            event = {"session_id": sid, "event": "view", "event_id": eid,
+                     "item_id": self.items[(c * 11 + n) % len(self.items)]}
+            if await self._send(client, "/v1/events", event) == 202:
+                self.acked.setdefault(sid, set()).add(eid)
+            await self._send(client, "/v1/recommendations", {"session_id": sid, "k": 10})
+
+    async def _run(self) -> None:
+        import httpx
+
+        limits = httpx.Limits(max_connections=self.clients, max_keepalive_connections=self.clients)
+        async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, limits=limits) as client:
+            await asyncio.gather(*(self._client(client, c) for c in range(self.clients)))
+
+    def successes(self) -> int:
+        return sum(1 for _, _, o in self.attempts if o in (200, 202))
+
+
+def replicas(deployment: str) -> dict[str, Any]:
+    """Named replica actors of ``deployment`` in the app: name → handle."""
+    import ray
+
+    return {a["name"]: ray.get_actor(a["name"], namespace=a["namespace"])
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if f"{APP}#{deployment}#" in a["name"]}
+
+
+def pid_of(handle: Any) -> int:
+    import ray
+
+    pid: int = ray.get(handle.__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
+    return pid
+
+
+def running(deployment: str) -> int:
+    from ray import serve
+    from ray.serve.schema import ReplicaState
+
+    status = serve.status().applications[APP].deployments[deployment]
+    return int(status.replica_states.get(ReplicaState.RUNNING, 0))
+
+
+def healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        r = httpx.get(url + "/healthz", timeout=5)
+    except httpx.HTTPError:
+        return False
+    return r.status_code == 200 and r.json().get("status") == "ok"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:  # a replica or shard is between lives
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--artifacts", default="artifacts", help="model root (train_job.py output)")
+    p.add_argument("--replicas", type=int, default=2, help="ingress and ranker replicas")
+    p.add_argument("--clients", type=int, default=6, help="closed-loop clients")
+    p.add_argument("--settle-s", type=float, default=10.0,
+                   help="steady load before the first kill and after each recovery")
+    p.add_argument("--port", type=int, default=8442, help="Serve HTTP port (127.0.0.1)")
+    p.add_argument("--output", default=str(RESULTS), help="results file")
+    opts = p.parse_args(argv)
+
+    import ray
+    import yaml
+    from ray import serve
+
+    import serve_app
+    from actors.deployment_options import INGRESS, RANKER
+    from actors.session_state import SessionStore
+    from graph.errors import ArtifactError
+
+    os.environ.update(sb.cluster_serve_env(yaml.safe_load(sb.CLUSTER_YAML.read_text())))
+    work = Path(tempfile.mkdtemp(prefix="chaos-"))
+    key = secrets.token_urlsafe(32)
+    auth = {"X-API-Key": key}
+    model_root = str(Path(opts.artifacts).resolve())
+    try:
+        art, model = sb.model_info(model_root)
+    except ArtifactError:
+        print(f"no model under {model_root}: building a small one with SVD embeddings")
+        model_root = str(work / "svd_artifacts")
+        sb.svd_artifact(Path(model_root), max_users=300, dim=32, purpose="chaos stand-in for the GNN")
+        art, model = sb.model_info(model_root)
+    items = art.items["item_id"].astype(str).tolist()[:500]
+    del art
+    args = sb.app_args(model_root, work, "chaos")
+    url = f"http://127.0.0.1:{opts.port}"
+    load: SteadyLoad | None = None
+    kills: list[dict[str, Any]] = []
+    missing: dict[str, set[str]] = {}
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(sb.REPO)}})
+        serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
+        fixed = {"num_replicas": opts.replicas}
+        app = serve_app.compose(args, env_vars={"PYTHONPATH": str(sb.REPO), **sb.config_env_vars(),
+                                                "INTENTREC_API_KEY": key},
+                                deployments={INGRESS: fixed, RANKER: fixed})
+        serve.run(app, name=APP, route_prefix="/", blocking=False)
+        wait_until(lambda: healthy(url) and running(INGRESS) == running(RANKER) == opts.replicas,
+                   300, "the app is up with every replica")
+        store = SessionStore(args.session)
+        load = SteadyLoad(url, items, auth, opts.clients)
+        load.thread.start()
+        wait_until(lambda: load is not None and load.successes() >= 50, 120, "steady load")
+        time.sleep(opts.settle_s)
+
+        def kill_replica(deployment: str) -> Callable[[], bool]:
+            before = replicas(deployment)
+            name, handle = sorted(before.items())[0]
+            os.kill(pid_of(handle), signal.SIGKILL)
+
+            def replaced() -> bool:  # Serve starts a new replica, under a new name
+                now = set(replicas(deployment))
+                return (name not in now and len(now - set(before)) >= 1
+                        and running(deployment) == opts.replicas)
+
+            return replaced
+
+        def kill_shard() -> Callable[[], bool]:
+            old = pid_of(store.handles[0])
+            os.kill(old, signal.SIGKILL)
+            return lambda: pid_of(store.handles[0]) != old
+
+        victims: list[tuple[str, Callable[[], Callable[[], bool]]]] = [
+            ("session shard", kill_shard),
+            (f"ranker replica (1 of {opts.replicas})", lambda: kill_replica(RANKER)),
+            (f"ingress replica (1 of {opts.replicas})", lambda: kill_replica(INGRESS)),
+        ]
+        for what, kill in victims:
+            t0 = time.monotonic()
+            replaced = kill()
+            time.sleep(0.5)  # let the kill be noticed before asking for health
+            wait_until(lambda: replaced() and healthy(url), 180,  # noqa: B023 - used at once
+                       f"back after killing the {what}")
+            kills.append({"killed": what, "t0": t0, "full_strength_s": time.monotonic() - t0})
+            time.sleep(opts.settle_s)
+        load.stop.set()
+        load.thread.join(timeout=60)
+
+        async def stored(sid: str) -> set[str]:
+            snap = await store.get(sid)
+            return {e.event_id for e in snap.events}
+
+        missing = {sid: ids - asyncio.run(stored(sid)) for sid, ids in load.acked.items()}
+        missing = {sid: ids for sid, ids in missing.items() if ids}
+    finally:
+        if load is not None:
+            load.stop.set()
+        if ray.is_initialized():
+            try:
+                serve.delete(APP)
+                SessionStore(args.session).kill()
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+
+    assert load is not None
+    ends = [k["t0"] for k in kills[1:]] + [float("inf")]
+    for k, end in zip(kills, ends, strict=True):
+        phase = [(t, o) for t, _, o in load.attempts if k["t0"] <= t < end]
+        failed = [(t, o) for t, o in phase if o not in (200, 202)]
+        k.update(attempts=len(phase), failed=len(failed),
+                 failed_share=len(failed) / len(phase) if phase else 0.0,
+                 outage_s=max((t for t, _ in failed), default=k["t0"]) - k["t0"],
+                 failures=dict(Counter(str(o) for _, o in failed)))
+    total = len(load.attempts)
+    failed_total = sum(1 for _, _, o in load.attempts if o not in (200, 202))
+    acked = sum(map(len, load.acked.values()))
+    lost = sum(map(len, missing.values()))
+    print(f"\n{'killed':<28} {'attempts':>8} {'failed':>7} {'failed %':>8} {'outage s':>9} "
+          f"{'full strength s':>15}  failures")
+    for k in kills:
+        print(f"{k['killed']:<28} {k['attempts']:8d} {k['failed']:7d} {k['failed_share']:8.2%} "
+              f"{k['outage_s']:9.1f} {k['full_strength_s']:15.1f}  {k['failures']}")
+    share = failed_total / total if total else 0.0
+    worst_outage = max(k["outage_s"] for k in kills)
+    worst_full = max(k["full_strength_s"] for k in kills)
+    print(f"\nwhole run: {total} attempts, {failed_total} failed ({share:.2%}), "
+          f"{load.degraded} degraded recommendations (200 without the session); "
+          f"acknowledged events {acked}, missing afterwards {lost}")
+    verdict = {"failed_share": share, "failed_under_1pct": share < FAILED_BAR,
+               "worst_outage_s": worst_outage, "outage_under_15s": worst_outage < RECOVERY_BAR_S,
+               "worst_full_strength_s": worst_full,
+               "full_strength_under_15s": worst_full < RECOVERY_BAR_S,
+               "acknowledged_events": acked, "missing_events": lost}
+    print(f"verdict: failed < 1%: {verdict['failed_under_1pct']}; clients' outage under 15 s for "
+          f"every kill: {verdict['outage_under_15s']} (worst {worst_outage:.1f} s); back to full "
+          f"strength within 15 s: {verdict['full_strength_under_15s']} (worst {worst_full:.1f} s); "
+          f"no acknowledged event lost: {lost == 0}")
+    out = Path(opts.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for k in kills:
+        k.pop("t0")
+    out.write_text(json.dumps({
+        "meta": {"when": datetime.now().isoformat(timespec="seconds"), "model": model,
+                 "replicas": {INGRESS: opts.replicas, RANKER: opts.replicas},
+                 "session_shards": args.session.num_shards, "clients": opts.clients,
+                 "settle_s": opts.settle_s, "versions": sb.versions(),
+                 "load_average_after": os.getloadavg()},
+        "kills": kills, "verdict": verdict}, indent=2, default=str))
+    print(f"wrote {out}")
+    return 0 if lost == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
