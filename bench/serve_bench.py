@@ -198,6 +198,26 @@ def traffic(art: Any, seed: int = 0, n: int = 2000) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def model_or_stand_in(root: str, work: Path, purpose: str) -> tuple[str, Any, dict[str, Any]]:
+    """The model under ``root`` (:func:`model_info`), or, when there is none, a small one with
+    SVD embeddings built under ``work`` (the soak and chaos benchmarks' default).
+
+    Returns:
+        The model root used, its artifact and what the results file says about it.
+    """
+    from graph.errors import ArtifactError
+
+    root = str(Path(root).resolve())
+    try:
+        return (root, *model_info(root))
+    except ArtifactError:
+        print(f"no model under {root}: building a small one with SVD embeddings (train one "
+              f"with `python train_job.py --output {root}`)")
+        root = str(work / "svd_artifacts")
+        svd_artifact(Path(root), max_users=300, dim=32, purpose=f"{purpose} stand-in for the GNN")
+        return (root, *model_info(root))
+
+
 def app_args(model_root: str, work: Path, name: str) -> Any:
     import serve_app
     from actors.session_state import SessionStateConfig
@@ -501,18 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(serve_env)  # before ray.init: the local cluster's processes inherit it
 
     load_before = os.getloadavg()
-    from graph.errors import ArtifactError
-
-    model_root = str(Path(opts.artifacts).resolve())
-    try:
-        art, model = model_info(model_root)
-    except ArtifactError:
-        print(f"no model under {model_root}: building one with SVD embeddings "
-              f"(train one with `python train_job.py --output {opts.artifacts}`)")
-        model_root = str(work / "svd_artifacts")
-        svd_artifact(Path(model_root), max_users=300, dim=32,
-                     purpose="benchmark stand-in for the GNN")
-        art, model = model_info(model_root)
+    model_root, art, model = model_or_stand_in(opts.artifacts, work, "benchmark")
     mix = traffic(art)
     del art
 

@@ -123,20 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     from actors.session_state import SessionStore
-    from graph.errors import ArtifactError
 
     os.environ.update(sb.cluster_serve_env(yaml.safe_load(sb.CLUSTER_YAML.read_text())))
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     key = secrets.token_urlsafe(32)
     auth = {"X-API-Key": key}
-    model_root = str(Path(opts.artifacts).resolve())
-    try:
-        art, model = sb.model_info(model_root)
-    except ArtifactError:
-        print(f"no model under {model_root}: building a small one with SVD embeddings")
-        model_root = str(work / "svd_artifacts")
-        sb.svd_artifact(Path(model_root), max_users=300, dim=32, purpose="soak stand-in for the GNN")
-        art, model = sb.model_info(model_root)
+    model_root, art, model = sb.model_or_stand_in(opts.artifacts, work, "soak")
     mix = sb.traffic(art, n=20_000)
     del art
     args = sb.app_args(model_root, work, "serve")
