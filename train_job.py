@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--text-input", choices=("auto", "on", "off"), default=d.text_input,
+                   help="the items' text vectors in the GNN's layer 0 (auto: when at least half "
+                   "of the items have titles of their own, not only category paths)")
     g.add_argument("--storage", default="checkpoints",
                    help="checkpoint storage: a local folder or a pyarrow URI such as s3://bucket/ckpt")
     g.add_argument("--run-name", default=None,
@@ -116,7 +119,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     train = TrainConfig(
         num_workers=args.workers, use_gpu=args.gpus, epochs=args.epochs, dim=args.dim,
         num_layers=args.layers, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-        storage_path=storage, run_name=run_name,
+        storage_path=storage, run_name=run_name, text_input=args.text_input,
     )
     return PipelineConfig(
         events=args.events, items=args.items, max_users=args.max_users, split_at=args.split_at,

@@ -3,9 +3,9 @@
 Items **first sold after the split** (no training event of this run's data names them, a test
 event does) are the items a shop adds after a training run. The model gives them the embedding
 ``PUT /v1/items`` gives a new item: they have no training edges, so their GNN vector is the item
-encoder's (:mod:`graph.item_encoder`, attributes only), their text vector is their MiniLM vector,
-their popularity is 0. :func:`evaluate_cold_items` checks that the served vectors equal the
-encoder's output (``encoder_max_abs_diff``) before it measures anything.
+encoder's (:mod:`graph.item_encoder`, from attributes and text vector), their text vector is
+their MiniLM vector, their popularity is 0. :func:`evaluate_cold_items` checks that the served
+vectors equal the encoder's output (``encoder_max_abs_diff``) before it measures anything.
 
 Task: every test basket (session) holding at least one such item and at least one other
 catalogue item. The other items are revealed as the session (purchases at the basket's time);
@@ -82,7 +82,8 @@ def evaluate_cold_items(rec: Recommender, encoder: Any, items: pd.DataFrame, tra
     if not baskets:
         return {}
     emb = rec.ranker.item_emb
-    diff = float(np.abs(encoder.embed_items(items.iloc[new_items]) - emb[new_items]).max())
+    diff = float(np.abs(encoder.embed_items(items.iloc[new_items], rec.text.item_vectors(new_items))
+                        - emb[new_items]).max())
     sig = rec.ranker.signals
     pop = np.log1p(np.maximum(sig.popularity.astype(np.float64), 0.0))
     pop = pop / max(float(pop.max()), 1e-12)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -52,6 +53,11 @@ class TrainConfig(BaseModel):
             name resumes from the latest checkpoint in that folder.
         max_failures: Worker-group failures Ray Train recovers from (from the latest
             checkpoint) before giving up; -1 retries forever.
+        text_input: Each item's layer-0 vector gains a learned projection of its sentence-model
+            text vector: ``"on"``, ``"off"``, or ``"auto"``: on when at least half of the items
+            have a title of their own (:func:`graph.text.own_title_share`), off when the texts
+            are only category paths, which the category fields already encode (the built-in
+            data; there it lowered the GNN's validation recall@20 from 0.0606 to 0.0593).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -74,6 +80,7 @@ class TrainConfig(BaseModel):
     storage_path: str = Field(default="checkpoints", validate_default=True)
     run_name: str = "intentrec"
     max_failures: int = 1
+    text_input: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("dim")
     @classmethod

@@ -1,25 +1,23 @@
-"""The trained item encoder: a catalogue item's GNN embedding from its attributes alone.
+"""The trained item encoder: a catalogue item's GNN embedding from its attributes and text.
 
 :class:`~graph.model.IntentGNN` is LightGCN whose layer-0 item vector is the item's id embedding
 plus one embedding per attribute field (department, category, subcategory, brand, price band;
-:data:`graph.interactions.FEATURE_NAMES`). An item that is not in the training graph has no id
-embedding (:func:`graph.model.export_embeddings` zeroes it, as ``id_dropout`` trained the
+:data:`graph.interactions.FEATURE_NAMES`) plus a learned projection ``W`` of the item's MiniLM
+text vector ``t`` (:class:`graph.text.ItemText`). An item that is not in the training graph has
+no id embedding (:func:`graph.model.export_embeddings` zeroes it, as ``id_dropout`` trained the
 feature path to expect) and no edges, so no propagation step reaches it: each of the ``L``
 LightGCN layers gives it a zero vector and its final embedding, the mean of layers ``0..L``, is
 exactly
 
-    ``sum_f feature_embs[f][code_f] / (L + 1)``
+    ``(sum_f feature_embs[f][code_f] + W t) / (L + 1)``
 
 Adding such a node changes no other node's embedding either (gcn normalisation only uses the
 degrees of connected nodes). :class:`ItemEncoder` stores what that formula needs: the
-feature-embedding tables, the vocabularies that turn attributes into codes, the price-band
-boundaries, and the scale ``1 / (L + 1)``. The serving app embeds an item added with ``PUT
-/v1/items/{id}`` through it (:mod:`graph.new_items`), and the offline cold-item test
-(:mod:`graph.cold_items`) embeds held-out items the same way.
-
-The items' MiniLM text vectors are not an input of the GNN as it is (its layer 0 has no text
-field), so they do not enter this embedding: a new item's text vector serves search and the
-ranker's query features (:class:`graph.text.ItemText`).
+feature-embedding tables, the text projection, the vocabularies that turn attributes into
+codes, the price-band boundaries, and the scale ``1 / (L + 1)``. The serving app embeds an item
+added with ``PUT /v1/items/{id}`` through it (:mod:`graph.new_items`), from its attributes and
+its text vector, and the offline cold-item test (:mod:`graph.cold_items`) embeds held-out items
+the same way.
 
 An artifact whose embeddings do not come from the GNN (the SVD stand-in of ``bench/``) stores a
 ridge regression of its item embeddings on the same one-hot attribute codes
@@ -50,6 +48,7 @@ if TYPE_CHECKING:
 
 TABLES_FILE = "tables.npz"
 META_FILE = "meta.json"
+TEXT_KEY = "__text_projection__"  # the text projection's array in TABLES_FILE
 RIDGE = 1.0
 
 
@@ -97,6 +96,8 @@ class ItemEncoder:
         bounds: :func:`price_bounds` of the training catalogue.
         scale: Multiplies the summed tables (``1 / (L + 1)`` for the GNN).
         source: ``"gnn"`` (the trained model's tables) or ``"ridge"`` (:meth:`fit`).
+        text_projection: ``[D, d]``: a text vector's contribution is ``t @ text_projection``
+            (None: the model had no text input).
     """
 
     tables: tuple[np.ndarray, ...]
@@ -105,6 +106,7 @@ class ItemEncoder:
     bounds: dict[str, list[list[float]]]
     scale: float
     source: str = "gnn"
+    text_projection: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
@@ -115,8 +117,10 @@ class ItemEncoder:
         """The trained model's feature tables (the vocabularies of the graph it was trained on)."""
         tables = tuple(cast("Tensor", emb.weight).detach().float().cpu().numpy().copy()
                        for emb in model.feature_embs)
+        proj = None if model.text_proj is None else (
+            model.text_proj.weight.detach().float().cpu().numpy().T.copy())
         return cls(tables, tuple(inter.feature_names), dict(inter.feature_vocab),
-                   price_bounds(items), 1.0 / (model.num_layers + 1), "gnn")
+                   price_bounds(items), 1.0 / (model.num_layers + 1), "gnn", proj)
 
     @classmethod
     def fit(cls, inter: Interactions, items: pd.DataFrame, item_emb: np.ndarray,
@@ -184,25 +188,40 @@ class ItemEncoder:
                 best = int(b)
         return best
 
-    def embed(self, codes: np.ndarray) -> np.ndarray:
-        """The embedding of items with these codes.
+    def embed(self, codes: np.ndarray, text_vectors: np.ndarray | None = None) -> np.ndarray:
+        """The embedding of items with these codes and text vectors.
+
+        Raises:
+            ArtifactError: the model has a text input and no text vectors were given, or
+                their width is not the model's (a model without one ignores them).
 
         Shapes:
-            - codes ``[n, F]``; return ``[n, d]`` float32.
+            - codes ``[n, F]``; text_vectors ``[n, D]``; return ``[n, d]`` float32.
         """
         out = np.zeros((len(codes), self.dim), dtype=np.float64)
         for f, table in enumerate(self.tables):
             out += table[codes[:, f]]
+        if self.text_projection is not None:
+            if text_vectors is None or text_vectors.shape != (len(codes),
+                                                              self.text_projection.shape[0]):
+                got = None if text_vectors is None else list(text_vectors.shape)
+                raise ArtifactError(
+                    f"this item encoder needs one {self.text_projection.shape[0]}-wide text "
+                    f"vector per item (graph.text.TextEncoder), got {got}")
+            out += text_vectors.astype(np.float64) @ self.text_projection.astype(np.float64)
         return (out * self.scale).astype(np.float32)
 
-    def embed_items(self, items: pd.DataFrame) -> np.ndarray:
+    def embed_items(self, items: pd.DataFrame, text_vectors: np.ndarray | None = None
+                    ) -> np.ndarray:
         """:meth:`embed` of :meth:`codes`. Shapes: ``[len(items), d]``."""
-        return self.embed(self.codes(items))
+        return self.embed(self.codes(items), text_vectors)
 
     def to_files(self) -> dict[str, bytes]:
         """The artifact's ``item_encoder/`` folder."""
         buf = io.BytesIO()
         arrays: dict[str, Any] = dict(zip(self.feature_names, self.tables, strict=True))
+        if self.text_projection is not None:
+            arrays[TEXT_KEY] = self.text_projection
         np.savez(buf, **arrays)
         meta = {"feature_names": list(self.feature_names), "vocab": self.vocab,
                 "bounds": self.bounds, "scale": self.scale, "source": self.source}
@@ -228,8 +247,14 @@ class ItemEncoder:
                 raise ArtifactError(f"item encoder table {n!r} has {t.shape[0]} rows for "
                                     f"{len(meta['vocab'][n])} values; retrain with "
                                     "`python train_job.py`")
+        proj = (np.asarray(arrays[TEXT_KEY], dtype=np.float32) if TEXT_KEY in arrays.files
+                else None)
+        if proj is not None and (proj.ndim != 2 or proj.shape[1] != tables[0].shape[1]):
+            raise ArtifactError(f"item encoder text projection has shape {list(proj.shape)} for "
+                                f"{tables[0].shape[1]}-wide embeddings; retrain with "
+                                "`python train_job.py`")
         return cls(tables, tuple(names), meta["vocab"], meta["bounds"], float(meta["scale"]),
-                   str(meta.get("source", "gnn")))
+                   str(meta.get("source", "gnn")), proj)
 
 
 def _isnan(v: Any) -> bool:

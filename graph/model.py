@@ -104,8 +104,10 @@ class IntentGNN(nn.Module):
 
     Layer-0 user embedding is the user id embedding; layer-0 item embedding is the item id
     embedding plus one embedding per item feature field (index 0 = unknown, a zero vector),
-    so an item without interactions still has a vector built from its department, category,
-    brand, price band. The output is the mean of the layer-0..L embeddings.
+    plus, when text vectors are given, a learned linear projection of the item's sentence-model
+    text vector (:class:`graph.text.ItemText`), so an item without interactions still has a
+    vector built from its department, category, brand, price band and words. The output is the
+    mean of the layer-0..L embeddings.
 
     Args:
         num_users: U.
@@ -115,9 +117,12 @@ class IntentGNN(nn.Module):
         dim: Embedding width.
         num_layers: LightGCN layers.
         item_features: Feature codes of every item, one column per field (None: all unknown).
+        text_vectors: One vector per distinct item text (None: no text input).
+        text_row: The row of ``text_vectors`` of each item (given with ``text_vectors``).
 
     Shapes:
         - item_features: ``[I, F]`` long, ``item_features[:, f] < feature_cardinalities[f]``
+        - text_vectors: ``[T, D]`` float; text_row: ``[I]`` long, values in ``[0, T)``
     """
 
     def __init__(
@@ -129,6 +134,8 @@ class IntentGNN(nn.Module):
         num_layers: int = 3,
         *,
         item_features: Tensor | None = None,
+        text_vectors: Tensor | None = None,
+        text_row: Tensor | None = None,
     ) -> None:
         super().__init__()
         if item_features is None:
@@ -163,7 +170,27 @@ class IntentGNN(nn.Module):
         self.convs = nn.ModuleList(SymmetricLGConv() for _ in range(num_layers))
         # Not persistent: checkpoints hold weights only; the codes come from the data.
         self.register_buffer("item_features", item_features.long().clone(), persistent=False)
+        self.text_proj: nn.Linear | None = None
+        if (text_vectors is None) != (text_row is None):
+            raise ValueError("give text_vectors and text_row together, or neither")
+        if text_vectors is not None and text_row is not None:
+            if text_vectors.dim() != 2 or text_row.shape != (num_items,):
+                raise ValueError(
+                    f"text_vectors must have shape [T, D] and text_row [num_items={num_items}], "
+                    f"got {list(text_vectors.shape)} and {list(text_row.shape)}"
+                )
+            if text_row.numel() and (int(text_row.min()) < 0
+                                     or int(text_row.max()) >= text_vectors.size(0)):
+                raise ValueError(f"text_row must hold rows in [0, {text_vectors.size(0)})")
+            self.text_proj = nn.Linear(text_vectors.size(1), dim, bias=False)
+            self.register_buffer("text_vectors", text_vectors.float().clone(), persistent=False)
+            self.register_buffer("text_row", text_row.long().clone(), persistent=False)
         self.reset_parameters()
+
+    @property
+    def text_dim(self) -> int:
+        """Width of the text vectors (0: no text input)."""
+        return 0 if self.text_proj is None else int(self.text_proj.in_features)
 
     def reset_parameters(self) -> None:
         """Re-initialise every embedding (normal, std 0.1, as in LightGCN)."""
@@ -174,9 +201,12 @@ class IntentGNN(nn.Module):
             nn.init.normal_(emb.weight, std=0.1)
             with torch.no_grad():
                 emb.weight[0].zero_()
+        if self.text_proj is not None:
+            # Unit-length text vectors: each output coordinate then has std 0.1 too.
+            nn.init.normal_(self.text_proj.weight, std=0.1)
 
     def item_feature_embedding(self) -> Tensor:
-        """Sum of the feature-field embeddings of every item.
+        """Sum of the feature-field embeddings of every item, plus its projected text vector.
 
         Shapes:
             - output: ``[I, d]``
@@ -185,6 +215,8 @@ class IntentGNN(nn.Module):
         out = torch.zeros(self.num_items, self.dim, device=feats.device)
         for f, emb in enumerate(self.feature_embs):
             out = out + cast(Tensor, emb(feats[:, f]))
+        if self.text_proj is not None:  # project the T distinct texts, then gather per item
+            out = out + self.text_proj(cast(Tensor, self.text_vectors))[cast(Tensor, self.text_row)]
         return out
 
     def layer0(

@@ -5,10 +5,11 @@ serves :func:`with_items` of its model version: the artifact with those items ap
 an id the model already has, its attributes replaced), everything per item extended the way
 training would have filled it for an item nobody bought yet:
 
-- **GNN embedding**: the trained item encoder's vector (:mod:`graph.item_encoder`: exactly what
-  the model gives an item without edges). An updated trained item keeps its trained vector, moved
-  by the change of its attribute part (``encoder(new) - encoder(old)``; the layer-0 term is exact,
-  propagation over its edges is redone by the next training run).
+- **GNN embedding**: the trained item encoder's vector from its attributes and text vector
+  (:mod:`graph.item_encoder`: exactly what the model gives an item without edges). An updated
+  trained item keeps its trained vector, moved by the change of its attribute and text part
+  (``encoder(new) - encoder(old)``; the layer-0 term is exact, propagation over its edges is
+  redone by the next training run).
 - **text**: its MiniLM vector (computed by the caller), so semantic search and the ranker's
   query features see it; the lexical index is rebuilt from its title and category.
 - **signals**: popularity 0, the catalogue's repeat rate of items without buyers, no
@@ -114,13 +115,14 @@ def with_items(art: ModelArtifact, items: Sequence[NewItem], text_vectors: np.nd
 
     emb = np.concatenate([art.item_emb, np.zeros((n - n_old, art.item_emb.shape[1]),
                                                  dtype=np.float32)])
-    new_vec = enc.embed_items(added)
+    t = art.text
+    new_vec = enc.embed_items(added, text_vectors.astype(np.float32))
     old = ~new
-    if old.any():  # trained items: move by the change of their attribute part
-        emb[rows[old]] += new_vec[old] - enc.embed_items(art.items.iloc[rows[old]])
+    if old.any():  # trained items: move by the change of their attribute and text part
+        emb[rows[old]] += new_vec[old] - enc.embed_items(art.items.iloc[rows[old]],
+                                                         t.item_vectors(rows[old]))
     emb[rows[new]] = new_vec[new]
 
-    t = art.text
     texts = np.concatenate([t.texts, np.asarray(new_item_texts(items), dtype=object)])
     item_row = np.concatenate([t.item_row, np.zeros(n - n_old, dtype=np.int64)])
     item_row[rows] = len(t.texts) + np.arange(len(items))

@@ -33,7 +33,7 @@ from graph.data import Dataset, load_builtin, load_files, temporal_split
 from graph.errors import ConfigError
 from graph.forgotten import read_forgotten
 from graph.interactions import Interactions, build_interactions
-from graph.text import ItemText
+from graph.text import ItemText, own_title_share
 
 if TYPE_CHECKING:
     from graph.ltr import LearnedRanker
@@ -274,19 +274,26 @@ def run_pipeline(
     ds, split_at, val_cut = d.ds, d.split_at, d.val_cut
     train, test, inter_full = d.train, d.test, d.inter_full
 
-    t1 = time.perf_counter()
-    # Each epoch's validation recall@20 of the embeddings: users who bought in the validation
-    # window, which the GNN does not train on (graph.validation).
-    val = validation_sample(d.fit_part, d.val_part, d.inter_fit, val_cut, seed=cfg.train.seed)
-    result = fit(d.inter_fit, cfg.train, progress=lambda m: progress("[train] " + format_progress(m)),
-                 validation=val)
-    timings["train_s"] = time.perf_counter() - t1
-
     t2 = time.perf_counter()
+    # First: the GNN's layer 0 reads the items' text vectors (TrainConfig.text_input).
     text = ItemText.build(ds.items, progress=progress)
     timings["text_s"] = time.perf_counter() - t2
     progress(f"[text] {len(text.texts):,} distinct texts of {text.num_items:,} items embedded "
              f"with {text.model} in {timings['text_s']:.0f}s")
+
+    t1 = time.perf_counter()
+    # Each epoch's validation recall@20 of the embeddings: users who bought in the validation
+    # window, which the GNN does not train on (graph.validation).
+    val = validation_sample(d.fit_part, d.val_part, d.inter_fit, val_cut, seed=cfg.train.seed)
+    share = own_title_share(ds.items)
+    use_text = cfg.train.text_input == "on" or (cfg.train.text_input == "auto" and share >= 0.5)
+    progress(f"[train] item text vectors in the GNN's layer 0: {'yes' if use_text else 'no'} "
+             f"(--text-input {cfg.train.text_input}; {share:.0%} of the items have a title of "
+             "their own)")
+    result = fit(d.inter_fit, cfg.train, progress=lambda m: progress("[train] " + format_progress(m)),
+                 validation=val, text=text if use_text else None)
+    timings["train_s"] = time.perf_counter() - t1
+
     t2 = time.perf_counter()
     rec, rankers = fit_recommender(
         d, (result.user_emb, result.item_emb), embed(result, inter_full), seed=cfg.train.seed,
@@ -331,7 +338,8 @@ def run_pipeline(
         "training": {"seconds": round(timings["train_s"], 2), "epochs": len(result.history),
                      "history": result.history},
         "ranker": rankers["full"].info,
-        "text": {"model": text.model, "texts": len(text.texts), "seconds": round(timings["text_s"], 2)},
+        "text": {"model": text.model, "texts": len(text.texts), "seconds": round(timings["text_s"], 2),
+                 "gnn_input": use_text, "own_title_share": round(share, 4)},
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     version = write_artifact(

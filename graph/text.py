@@ -56,6 +56,15 @@ def item_texts(items: pd.DataFrame) -> list[str]:
     return [c if t.startswith(c) else f"{t} | {c}" for t, c in zip(titles, cats, strict=True)]
 
 
+def own_title_share(items: pd.DataFrame) -> float:
+    """Share of items whose :func:`item_texts` text is more than their category path (a title of
+    their own): 0.0 for the built-in data, whose titles are built from the path."""
+    if len(items) == 0:
+        return 0.0
+    cats = items[S.CATEGORY_COL].astype(str).tolist()
+    return sum(t != c for t, c in zip(item_texts(items), cats, strict=True)) / len(items)
+
+
 def normalize_query(text: str) -> str:
     """A query's cache key: lower case, single spaces."""
     return " ".join(text.lower().split())

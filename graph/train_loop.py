@@ -54,6 +54,7 @@ from graph.validation import VAL_METRIC, ValidationSample, embedding_recall
 
 if TYPE_CHECKING:
     from graph.interactions import Interactions
+    from graph.text import ItemText
 
 ProgressFn = Callable[[dict[str, Any]], None]
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ def _print_progress(metrics: dict[str, Any]) -> None:
 
 def fit(
     inter: Interactions, cfg: TrainConfig, progress: ProgressFn | None = None,
-    validation: ValidationSample | None = None,
+    validation: ValidationSample | None = None, text: ItemText | None = None,
 ) -> TrainResult:
     """Train IntentGNN with Ray Train and return the final embeddings.
 
@@ -239,6 +240,8 @@ def fit(
             epoch order). None prints one line per epoch; pass ``lambda m: None`` to silence.
         validation: Users and their held-out items: each epoch then reports
             ``val_recall@20`` of the embeddings (:mod:`graph.validation`). None: no validation.
+        text: The catalogue's text vectors: each item's layer-0 vector gains a learned
+            projection of its text vector (:class:`graph.model.IntentGNN`). None: no text input.
 
     Returns:
         Embeddings computed on the driver (CPU) from the final checkpoint, the per-epoch
@@ -257,7 +260,7 @@ def fit(
             "Ray is not initialised: call ray.init() (or ray.init(address='auto') to join a "
             "cluster) before graph.train_loop.fit()"
         )
-    payload = graph_payload(inter)
+    payload = graph_payload(inter, text)
     num_edges = payload["edge_index"].shape[1]
     if num_edges < cfg.num_workers:
         raise DataError(
@@ -369,6 +372,8 @@ def embed(result: TrainResult, inter: Interactions) -> tuple[np.ndarray, np.ndar
         dim=trained.dim,
         num_layers=trained.num_layers,
         item_features=torch.from_numpy(payload["item_features"]),
+        text_vectors=getattr(trained, "text_vectors", None),
+        text_row=getattr(trained, "text_row", None),
     )
     model.load_state_dict(trained.state_dict())
     return export_embeddings(

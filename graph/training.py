@@ -36,11 +36,14 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from graph.interactions import Interactions
+    from graph.text import ItemText
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 # The model shape a checkpoint must match to be resumed or exported.
-_MODEL_KEYS = ("num_users", "num_items", "feature_cardinalities", "dim", "num_layers")
+_MODEL_KEYS = ("num_users", "num_items", "feature_cardinalities", "dim", "num_layers", "text_dim")
+# What a checkpoint written before a key existed means by it.
+_MODEL_KEY_DEFAULTS: dict[str, Any] = {"text_dim": 0}
 
 
 @dataclass
@@ -62,8 +65,9 @@ class EpochStats:
 # --------------------------------------------------------------------------------------
 
 
-def graph_payload(inter: Interactions) -> dict[str, Any]:
-    """The training graph as numpy arrays and ints, validated.
+def graph_payload(inter: Interactions, text: ItemText | None = None) -> dict[str, Any]:
+    """The training graph (and, given ``text``, the items' text vectors) as numpy arrays and
+    ints, validated.
 
     Raises:
         DataError: If shapes or index ranges are inconsistent.
@@ -75,6 +79,8 @@ def graph_payload(inter: Interactions) -> dict[str, Any]:
         inter.feature_cardinalities,
         num_users=len(inter.user_ids),
         num_items=len(inter.item_ids),
+        text_vectors=None if text is None else text.vectors,
+        text_row=None if text is None else text.item_row,
     )
 
 
@@ -85,13 +91,16 @@ def make_payload(
     feature_cardinalities: Sequence[int],
     num_users: int,
     num_items: int,
+    text_vectors: np.ndarray | None = None,
+    text_row: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """:func:`graph_payload` from the graph's arrays (any integer/float dtypes), validated.
 
     Returns:
         ``edge_index`` int64, ``edge_weight`` float32, ``item_features`` int64,
-        ``feature_cardinalities``, ``num_users``, ``num_items`` and ``fingerprint`` (a hash of
-        the three arrays, recorded in checkpoints).
+        ``feature_cardinalities``, ``num_users``, ``num_items``, ``text_vectors`` float32 and
+        ``text_row`` int64 (or None), and ``fingerprint`` (a hash of the arrays, recorded in
+        checkpoints).
 
     Raises:
         DataError: If shapes or index ranges are inconsistent.
@@ -127,8 +136,22 @@ def make_payload(
         )
     if num_items and ((item_features < 0).any() or (item_features >= np.array(cards)).any()):
         raise DataError("item_features[:, f] must hold codes in [0, feature_cardinalities[f])")
+    arrays = [edge_index, edge_weight, item_features]
+    if (text_vectors is None) != (text_row is None):
+        raise DataError("give text_vectors and text_row together, or neither")
+    if text_vectors is not None and text_row is not None:
+        text_vectors = np.asarray(text_vectors, dtype=np.float32)
+        text_row = np.asarray(text_row, dtype=np.int64)
+        if text_vectors.ndim != 2 or text_row.shape != (num_items,):
+            raise DataError(
+                f"text_vectors must have shape [T, D] and text_row [num_items={num_items}], "
+                f"got {list(text_vectors.shape)} and {list(text_row.shape)}"
+            )
+        if num_items and (text_row.min() < 0 or text_row.max() >= len(text_vectors)):
+            raise DataError(f"text_row must hold rows of text_vectors in [0, {len(text_vectors)})")
+        arrays += [text_vectors, text_row]
     digest = hashlib.blake2b(digest_size=8)
-    for arr in (edge_index, edge_weight, item_features):
+    for arr in arrays:
         digest.update(np.ascontiguousarray(arr).tobytes())
     return {
         "edge_index": edge_index,
@@ -137,6 +160,8 @@ def make_payload(
         "feature_cardinalities": cards,
         "num_users": num_users,
         "num_items": num_items,
+        "text_vectors": text_vectors,
+        "text_row": text_row,
         "fingerprint": digest.hexdigest(),
     }
 
@@ -160,6 +185,7 @@ def has_edges(payload: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 def build_model(payload: dict[str, Any], cfg: TrainConfig) -> IntentGNN:
     """A freshly initialised model for the payload's graph, seeded with ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
+    text_vectors, text_row = payload.get("text_vectors"), payload.get("text_row")
     return IntentGNN(
         payload["num_users"],
         payload["num_items"],
@@ -167,6 +193,8 @@ def build_model(payload: dict[str, Any], cfg: TrainConfig) -> IntentGNN:
         dim=cfg.dim,
         num_layers=cfg.num_layers,
         item_features=torch.from_numpy(np.array(payload["item_features"], dtype=np.int64)),
+        text_vectors=None if text_vectors is None else torch.from_numpy(np.array(text_vectors)),
+        text_row=None if text_row is None else torch.from_numpy(np.array(text_row)),
     )
 
 
@@ -189,6 +217,8 @@ def model_args(payload: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
         "feature_cardinalities": list(payload["feature_cardinalities"]),
         "dim": cfg.dim,
         "num_layers": cfg.num_layers,
+        "text_dim": 0 if payload.get("text_vectors") is None else int(
+            np.shape(payload["text_vectors"])[1]),
     }
 
 
@@ -382,9 +412,9 @@ def check_compatible(
     """Raise ConfigError unless a checkpoint was trained for this model shape and graph."""
     saved = meta.get("model_args", {})
     diffs = [
-        f"{k}={saved.get(k)!r} (now {expected[k]!r})"
+        f"{k}={saved.get(k, _MODEL_KEY_DEFAULTS.get(k))!r} (now {expected[k]!r})"
         for k in _MODEL_KEYS
-        if saved.get(k) != expected[k]
+        if saved.get(k, _MODEL_KEY_DEFAULTS.get(k)) != expected[k]
     ]
     if diffs:
         raise ConfigError(

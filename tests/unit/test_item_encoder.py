@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from graph import schema as S
+from graph.errors import ArtifactError
 from graph.interactions import build_interactions, item_feature_matrix
 from graph.item_encoder import ItemEncoder, price_bounds
 from graph.model import IntentGNN, build_adjacency, export_embeddings
@@ -132,3 +133,69 @@ def test_cold_item_baskets_hold_out_items_first_sold_after_the_split() -> None:
     assert len(baskets) == 1
     revealed, targets, _ = baskets[0]
     assert revealed.tolist() == [1] and targets.tolist() == [5, 6]
+
+
+def _text_model(items: pd.DataFrame, inter: object, dim: int = 8, layers: int = 2,
+                text_dim: int = 6, seed: int = 0) -> tuple[IntentGNN, np.ndarray, np.ndarray]:
+    """A model whose layer 0 reads text vectors: one per distinct title of the catalogue."""
+    codes, uniques = pd.factorize(items[S.TITLE_COL])
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(len(uniques), text_dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    torch.manual_seed(seed)
+    model = IntentGNN(inter.num_users, inter.num_items, inter.feature_cardinalities,  # type: ignore[attr-defined]
+                      dim=dim, num_layers=layers,
+                      item_features=inter.item_features,  # type: ignore[attr-defined]
+                      text_vectors=torch.from_numpy(vectors),
+                      text_row=torch.from_numpy(codes.astype(np.int64)))
+    return model, vectors, codes.astype(np.int64)
+
+
+def test_cold_item_embedding_with_text_equals_the_gnn_export() -> None:
+    """With text at layer 0, the encoder's vector from attributes and text vector is exactly what
+    LightGCN propagation gives an item without edges, and the text changes it."""
+    items = tiny_catalogue()
+    warm = 30
+    inter = build_interactions(tiny_events(items, warm=warm), items)
+    model, vectors, rows = _text_model(items, inter)
+    adj = build_adjacency(inter.edge_index, inter.edge_weight, inter.num_users, inter.num_items)
+    has_edges = inter.item_has_edges()
+    _, item_emb = export_embeddings(model, adj, has_edges)
+    enc = ItemEncoder.from_gnn(model, inter, items)
+    assert enc.text_projection is not None and enc.text_projection.shape == (6, 8)
+    cold = np.flatnonzero(~has_edges)
+    got = enc.embed_items(items.iloc[cold], vectors[rows[cold]])
+    np.testing.assert_allclose(got, item_emb[cold], rtol=1e-5, atol=1e-6)
+    # Same attributes, another text: another vector, by exactly the projected difference.
+    other = enc.embed_items(items.iloc[cold[:1]], vectors[(rows[cold[:1]] + 1) % len(vectors)])
+    assert not np.allclose(other, got[:1])
+    # The text projection is saved with the tables.
+    back = ItemEncoder.from_files(enc.to_files())
+    np.testing.assert_array_equal(back.embed_items(items.iloc[cold], vectors[rows[cold]]), got)
+    with pytest.raises(ArtifactError, match="6-wide text vector"):
+        enc.embed_items(items.iloc[cold])
+    with pytest.raises(ArtifactError, match="6-wide text vector"):
+        enc.embed_items(items.iloc[cold], np.zeros((len(cold), 5), np.float32))
+
+
+def test_text_projection_learns_from_the_loss() -> None:
+    """The projection is a trained parameter: the BPR loss has a gradient on it."""
+    from graph.model import bpr_loss
+
+    items = tiny_catalogue()
+    inter = build_interactions(tiny_events(items, warm=30), items)
+    model, _, _ = _text_model(items, inter)
+    adj = build_adjacency(inter.edge_index, inter.edge_weight, inter.num_users, inter.num_items)
+    users, item_out = model(adj)
+    ei = inter.edge_index
+    loss = bpr_loss(users[ei[0]], item_out[ei[1]], item_out[(ei[1] + 1) % inter.num_items], 1e-4)
+    loss.backward()
+    assert model.text_proj is not None and model.text_proj.weight.grad is not None
+    assert float(model.text_proj.weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="together"):
+        IntentGNN(inter.num_users, inter.num_items, inter.feature_cardinalities,
+                  item_features=inter.item_features, text_vectors=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="text_row must hold rows"):
+        IntentGNN(inter.num_users, inter.num_items, inter.feature_cardinalities,
+                  item_features=inter.item_features, text_vectors=torch.zeros(2, 3),
+                  text_row=torch.full((inter.num_items,), 2))

@@ -538,3 +538,39 @@ def test_config_defaults_and_storage_path_made_absolute(tmp_path: Any, monkeypat
 def test_config_errors_name_the_value_and_the_fix(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         TrainConfig(**kwargs)
+
+
+def test_text_input_is_part_of_the_payload_model_and_checkpoint_shape() -> None:
+    """Text vectors at layer 0: they enter the payload's fingerprint, the model gets a text
+    projection, a checkpoint trained without text cannot be resumed with it (and a checkpoint
+    written before ``text_dim`` existed still resumes a model without text)."""
+    p = random_payload()
+    inter = to_interactions(p)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(4, 5)).astype(np.float32)
+    rows = rng.integers(0, 4, p["num_items"])
+    from graph.text import ItemText
+
+    text = ItemText(np.array([f"t{j}" for j in range(4)], dtype=object), vectors, rows)
+    with_text = graph_payload(inter, text)
+    assert with_text["fingerprint"] != graph_payload(inter)["fingerprint"]
+    model = build_model(with_text, small_cfg())
+    assert model.text_dim == 5 and build_model(graph_payload(inter), small_cfg()).text_dim == 0
+    users, items = model(build_graph_adjacency(with_text))
+    assert torch.isfinite(items).all() and users.shape[0] == p["num_users"]
+    before = {"model_args": model_args(graph_payload(inter), small_cfg()), "graph_fingerprint": "a"}
+    with pytest.raises(ConfigError, match=r"text_dim=0 \(now 5\)"):
+        check_compatible(before, model_args(with_text, small_cfg()), "a", "here")
+    older = {"model_args": {k: v for k, v in before["model_args"].items() if k != "text_dim"},
+             "graph_fingerprint": "a"}
+    check_compatible(older, model_args(graph_payload(inter), small_cfg()), "a", "here")
+    with pytest.raises(DataError, match="text_row must hold rows"):
+        make_payload(p["edge_index"], p["edge_weight"], p["item_features"],
+                     p["feature_cardinalities"], p["num_users"], p["num_items"],
+                     text_vectors=vectors, text_row=rows + 4)
+    # embed() propagates a text model over another graph with its text input.
+    has = np.ones(p["num_items"], dtype=bool)
+    result = TrainResult(np.zeros(0), np.zeros(0), model=model, trained_items=has)
+    _, got = embed(result, inter)
+    _, ref = export_embeddings(model, build_graph_adjacency(with_text), has)
+    assert np.allclose(got, ref, atol=1e-6)

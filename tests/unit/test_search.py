@@ -10,7 +10,7 @@ import pytest
 from graph import schema as S
 from graph.queries import simulate_query
 from graph.search import SearchIndex, analyze
-from graph.text import QUERY_MAX_TOKENS, ItemText, get_encoder, item_texts
+from graph.text import QUERY_MAX_TOKENS, ItemText, get_encoder, item_texts, own_title_share
 
 pytestmark = pytest.mark.unit
 
@@ -126,6 +126,9 @@ def test_item_text_is_the_path_for_built_titles_and_title_plus_path_otherwise() 
                           S.TITLE_COL: ["A > B, 12 OZ, Mfr 2", "Honeycrisp apples", "A > B"],
                           S.CATEGORY_COL: ["A > B", "PRODUCE > APPLES", "A > B"]})
     assert item_texts(items) == ["A > B", "Honeycrisp apples | PRODUCE > APPLES", "A > B"]
+    # train_job.py --text-input auto: the GNN reads text when most items have titles of their own.
+    assert own_title_share(items) == pytest.approx(1 / 3)
+    assert own_title_share(items.iloc[1:2]) == 1.0 and own_title_share(items.iloc[:0]) == 0.0
     text = ItemText.build(items)
     assert len(text.texts) == 2 and text.item_row.tolist() == [0, 1, 0]
     np.testing.assert_allclose(np.linalg.norm(text.vectors, axis=1), 1.0, rtol=1e-5)
