@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     from actors.deployment_options import INGRESS, RANKER
     from actors.session_state import SessionStore
 
-    os.environ.update(sb.cluster_serve_env(yaml.safe_load(sb.CLUSTER_YAML.read_text())))
+    os.environ.update(sb.cluster_serve_env(yaml.safe_load(sb.CLUSTER_YAML.read_text()),
+                                           prefixes=sb.HEAD_ENV_PREFIXES))
     work = Path(tempfile.mkdtemp(prefix="chaos-"))
     key = secrets.token_urlsafe(32)
     auth = {"X-API-Key": key}

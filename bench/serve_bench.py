@@ -78,13 +78,20 @@ DEVICES = ("mobile", "desktop", "app", "tablet")
 # --------------------------------------------------------------------------------------------
 
 
-def cluster_serve_env(config: dict[str, Any], commands: str = "head_start_ray_commands") -> dict[str, str]:
+# What a benchmark's local Ray takes from the head's start command: the Serve flags and the bound
+# on the task events the GCS keeps (RAY_task_events_max_num_task_in_gcs).
+HEAD_ENV_PREFIXES = ("RAY_SERVE_", "RAY_task_events_")
+
+
+def cluster_serve_env(config: dict[str, Any], commands: str = "head_start_ray_commands",
+                      prefixes: tuple[str, ...] = ("RAY_SERVE_",)) -> dict[str, str]:
     """The ``RAY_SERVE_*=value`` assignments a cluster-launcher config exports before ``ray start``.
 
     Args:
         config: The parsed cluster YAML (``cluster.yaml`` or ``deploy/local_cluster.yaml``).
         commands: Which start-command list to read (``head_start_ray_commands`` or
             ``worker_start_ray_commands``).
+        prefixes: Which variables (:data:`HEAD_ENV_PREFIXES` adds the GCS's task-event bound).
     """
     import re
     import shlex
@@ -97,7 +104,7 @@ def cluster_serve_env(config: dict[str, Any], commands: str = "head_start_ray_co
                 words = words[1:]
             for w in words:
                 key, eq, value = w.partition("=")
-                if eq and key.startswith("RAY_SERVE_"):
+                if eq and key.startswith(prefixes):
                     env[key] = value
     return env
 
@@ -497,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     if not opts.ray_defaults:
         import yaml
 
-        serve_env.update(cluster_serve_env(yaml.safe_load(Path(opts.cluster_config).read_text())))
+        serve_env.update(cluster_serve_env(yaml.safe_load(Path(opts.cluster_config).read_text()),
+                                           prefixes=HEAD_ENV_PREFIXES))
     serve_env.update(kv.split("=", 1) for kv in opts.serve_env)
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     if opts.throughput_optimized:

