@@ -12,7 +12,7 @@ its RSS after the first measured window, per process where the group's number of
 changed (Serve's autoscaler added a replica). The table prints per group; the JSON goes to
 ``bench/results/soak.json``.
 
-Steady state. Before the measured windows, ``--warmup-minutes`` of the same load load the model,
+Steady state. Before the measured windows, ``--warmup-minutes`` of the same traffic load the model,
 open connections, fill caches and the session shards' state. A shard's state grows until each
 bound is reached (events per session: ``window``; per user: ``user_history``; remembered event
 ids: ``dedupe_capacity``) and then stays there; with the production bounds (100,000 ids per
