@@ -24,9 +24,12 @@ Which values are for what:
   ``downscale_delay_s`` keeps them through short lulls. On one machine the extra replicas only
   share the same cores.
 - Both: ``graceful_shutdown_timeout_s`` lets a ranker replica finish its requests when a rollout
-  or downscale stops it; ``health_check_period_s`` and ``max_constructor_retry_count`` bound how
-  long a ranker that cannot load its model keeps being retried (the latter only in code,
-  :data:`CODE_ONLY`: the Serve config file has no such field).
+  or downscale stops it; ``max_constructor_retry_count`` bounds how long a ranker that cannot
+  load its model keeps being retried (only in code, :data:`CODE_ONLY`: the Serve config file has
+  no such field). ``health_check_period_s`` is 2 s for every deployment (Serve's default is 10):
+  Serve learns that a replica's process died only when a health check fails, so the period is
+  the longest wait before it starts a replacement (``bench/chaos.py``). A check is one empty
+  actor call.
 
 To size a deployment differently, change it here and run ``--write``; to size one deployment of
 one app differently (a test, a benchmark), pass ``deployments=`` to ``serve_app.compose`` or
@@ -53,6 +56,9 @@ BACKPRESSURE: dict[str, Any] = {"status_code": 503, "retry_after_s": RETRY_AFTER
 INGRESS_MAX_QUEUED = 256
 RANKER_MAX_QUEUED = 128
 ENRICHER_MAX_QUEUED = 128
+# Seconds between Serve's health checks of a replica: a SIGKILLed replica is noticed (and a new
+# one started) within this time.
+HEALTH_CHECK_PERIOD_S = 2
 
 INGRESS = "Ingress"
 ENRICHER = "ContextEnricher"
@@ -69,6 +75,7 @@ DEPLOYMENTS: dict[str, dict[str, Any]] = {
             "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32,
             "upscale_delay_s": 10, "downscale_delay_s": 300,
         },
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "ray_actor_options": {"num_cpus": 0.25},
     },
     ENRICHER: {
@@ -79,6 +86,7 @@ DEPLOYMENTS: dict[str, dict[str, Any]] = {
             "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32,
             "upscale_delay_s": 10, "downscale_delay_s": 300,
         },
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "ray_actor_options": {"num_cpus": 0.1},
     },
     RANKER: {
@@ -86,7 +94,7 @@ DEPLOYMENTS: dict[str, dict[str, Any]] = {
         "max_queued_requests": RANKER_MAX_QUEUED,
         "backpressure_config": BACKPRESSURE,
         "graceful_shutdown_timeout_s": 30,
-        "health_check_period_s": 10,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "autoscaling_config": {
             "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8,
             "upscale_delay_s": 10, "downscale_delay_s": 300,

@@ -272,9 +272,11 @@ def config_env_vars() -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
-def start_serve(args: Any, port: int, app_env: dict[str, str]) -> dict[str, Any]:
-    """Deploy the app with ``serve_app.compose`` (the deployments' own settings) and ``app_env``
-    as the replicas' environment; returns the settings."""
+def start_serve(args: Any, port: int, app_env: dict[str, str],
+                deployments: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Deploy the app with ``serve_app.compose`` (the deployments' own settings, with
+    ``deployments`` over them) and ``app_env`` as the replicas' environment; returns the
+    settings."""
     import ray
     from ray import serve
 
@@ -285,9 +287,11 @@ def start_serve(args: Any, port: int, app_env: dict[str, str]) -> dict[str, Any]
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = serve_app.compose(args, env_vars={"PYTHONPATH": str(REPO), **app_env})
+    app = serve_app.compose(args, env_vars={"PYTHONPATH": str(REPO), **app_env},
+                            deployments=deployments)
     serve.run(app, name=APP, route_prefix="/", blocking=False)
     deps: list[Any] = [serve_app.Ingress, GNNRanker, *([] if args.inline_context else [ContextEnricher])]
+    deps = [d.options(**(deployments or {}).get(d.name, {})) for d in deps]
     return {d.name: {"num_cpus": (d.ray_actor_options or {}).get("num_cpus"),
                      "max_ongoing_requests": d.max_ongoing_requests,
                      "autoscaling": {k: getattr(d._deployment_config.autoscaling_config, k)

@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=str(RESULTS), help="results file")
     p.add_argument("--warmup-minutes", type=float, default=0.0,
                    help="load before the first measured window (its RSS is the baseline)")
+    p.add_argument("--max-replicas", type=int, default=None,
+                   help="cap every deployment's autoscaler at this many replicas (1: fixed at "
+                        "one each); the shipped bounds (4 rankers, 4 ingress replicas) are for "
+                        "a cluster, more than a 2-core node holds")
     p.add_argument("--dedupe-capacity", type=int, default=None,
                    help="event ids remembered per shard (default: the deployment's)")
     p.add_argument("--session-window", type=int, default=None,
@@ -162,7 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     gens: list[sb.LoadGen] = []
     windows: list[dict[str, Any]] = []
     try:
-        sb.start_serve(args, opts.port, {**sb.config_env_vars(), "INTENTREC_API_KEY": key})
+        deployments = None
+        if opts.max_replicas is not None:
+            from actors.deployment_options import DEPLOYMENTS
+
+            deployments = {name: {"autoscaling_config": {
+                **d["autoscaling_config"],
+                "max_replicas": min(opts.max_replicas, d["autoscaling_config"]["max_replicas"])}}
+                for name, d in DEPLOYMENTS.items()}
+            print(f"autoscaling capped at {opts.max_replicas} replica(s) per deployment",
+                  flush=True)
+        sb.start_serve(args, opts.port, {**sb.config_env_vars(), "INTENTREC_API_KEY": key},
+                       deployments)
         sb.wait_ready(url, 300)
         sb.seed_sessions(url, mix["seed_batches"], auth)
         store = SessionStore(args.session)  # attaches to the app's shards, to read their sizes
@@ -261,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {"when": datetime.now().isoformat(timespec="seconds"), "model": model,
                  "minutes": opts.minutes, "sample_s": opts.sample_s, "fraction": opts.fraction,
                  "warmup_minutes": opts.warmup_minutes, "session_bounds": bounds_override,
+                 "max_replicas": opts.max_replicas,
                  "max_throughput": best, "rates": rates, "versions": sb.versions(),
                  "load_average_after": os.getloadavg()},
         "windows": windows, "processes": groups, "session_state": state,

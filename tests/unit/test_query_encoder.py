@@ -33,7 +33,7 @@ def test_word_pieces_are_those_of_the_sentence_transformers_tokenizer(tmp_path: 
     enc = TextEncoder(cache=None)
     ours, _ = enc._load_query_model()
     theirs = enc.model[0].tokenizer
-    for q in QUERIES + ["apple " * 100]:
+    for q in [*QUERIES, "apple " * 100]:
         want = theirs([q], truncation=True, max_length=QUERY_MAX_TOKENS)["input_ids"][0]
         assert ours.encode(q).ids == want, q
     assert len(ours.encode("apple " * 100).ids) == QUERY_MAX_TOKENS
