@@ -22,6 +22,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -56,6 +57,34 @@ def _stemmer() -> Any:
     import Stemmer
 
     return Stemmer.Stemmer("english")
+
+
+def _bm25_index(docs: list[str], stemmer: Any) -> Any:
+    """The BM25 index of the lexical documents, from the machine's cache (:mod:`graph.cache`)
+    when it holds one for these documents and settings: tokenizing and indexing them takes about
+    a second on the built-in catalogue, at every replica start."""
+    from importlib import metadata
+
+    from graph.cache import cached, digest
+
+    bm25s = _bm25s()
+
+    def build() -> Any:
+        index = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
+        index.index(bm25s.tokenize(docs, stopwords="en", stemmer=stemmer, show_progress=False),
+                    show_progress=False)
+        return index
+
+    def load(path: Path) -> Any:
+        index = bm25s.BM25.load(str(path), show_progress=False)
+        if index.scores["num_docs"] != len(docs):
+            raise ValueError(f"holds {index.scores['num_docs']} documents, not {len(docs)}")
+        return index
+
+    key = digest([f"bm25-lucene-{BM25_K1}-{BM25_B}-en", f"bm25s{metadata.version('bm25s')}",
+                  f"pystemmer{metadata.version('PyStemmer')}", *docs])
+    return cached("bm25", key, build,
+                  lambda index, path: index.save(str(path), show_progress=False), load)
 
 
 def analyze(texts: list[str], stemmer: Any) -> list[list[str]]:
@@ -175,15 +204,12 @@ class SearchIndex:
 
     def __init__(self, items: pd.DataFrame, text: ItemText, encoder: TextEncoder | None = None
                  ) -> None:
-        bm25s = _bm25s()
         codes, uniques = pd.factorize(pd.Series(lexical_texts(items)), sort=False)
         self.text = text
         self.lex_row = codes.astype(np.int64)
         self.encoder = encoder or get_encoder()
         self._stemmer = _stemmer()
-        self._bm25 = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
-        self._bm25.index(bm25s.tokenize(list(uniques), stopwords="en", stemmer=self._stemmer,
-                                        show_progress=False), show_progress=False)
+        self._bm25 = _bm25_index(list(uniques), self._stemmer)
         self.num_docs = len(uniques)
         self._cache: OrderedDict[str, QueryScores] = OrderedDict()
         self._lock = threading.Lock()

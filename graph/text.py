@@ -16,7 +16,7 @@ folder: nothing is downloaded at run time.
   the transformer are called directly under ``torch.inference_mode()`` and the word-piece vectors
   mean-pooled, the same vector as ``encode`` in about two thirds of the CPU
   (``docs/PERFORMANCE.md``).
-- The trace is kept in a per-machine cache folder (:func:`cache_dir`): the first process on a
+- The trace is kept in the per-machine cache folder (:mod:`graph.cache`): the first process on a
   machine traces it (about 5 s, most of it importing sentence-transformers), every later one,
   such as a ranker replica that replaces a crashed one, loads it in a tenth of a second and never
   imports sentence-transformers.
@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from graph import schema as S
+from graph.cache import CACHE_DIR_ENV, cache_dir
 from graph.errors import ArtifactError
 
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -56,7 +57,6 @@ ROWS_FILE = "item_row.npy"
 META_FILE = "meta.json"
 # Bumped when the traced query model changes shape or meaning: older cached traces are ignored.
 QUERY_TRACE_FORMAT = 1
-CACHE_DIR_ENV = "INTENTREC_CACHE_DIR"
 Progress = Callable[[str], None]
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class TextEncoder:
     model costs a few milliseconds per query.
 
     Args:
-        cache: Folder for the traced query model (:func:`cache_dir` by default; None: trace in
+        cache: Folder for the traced query model (:func:`graph.cache.cache_dir` by default; None: trace in
             every process and keep nothing).
     """
 
@@ -207,16 +207,6 @@ class TextEncoder:
                             CACHE_DIR_ENV)
         log.info("traced the query model in %.1fs", time.perf_counter() - t0)
         return tokenizer, traced
-
-
-def cache_dir() -> Path:
-    """The machine's cache folder: ``$INTENTREC_CACHE_DIR``, else ``$XDG_CACHE_HOME/intentrec``,
-    else ``~/.cache/intentrec``."""
-    env = os.environ.get(CACHE_DIR_ENV)
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "intentrec"
 
 
 def _frozen_transformer(model: Any, tokenizer: Any) -> Any:

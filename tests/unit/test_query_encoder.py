@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graph.text import CACHE_DIR_ENV, QUERY_MAX_TOKENS, TextEncoder, cache_dir
+from graph.cache import CACHE_DIR_ENV, cache_dir
+from graph.text import QUERY_MAX_TOKENS, TextEncoder
 
 QUERIES = ["milk", "Organic whole MILK 2%", "crème brûlée", "gluten-free/low-fat bread!",
            "日本語 テスト", "x" * 300, "  spaced   out  "]
