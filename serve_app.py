@@ -79,7 +79,8 @@ from actors.clock import Clock, system_clock
 from actors.context import ContextEnricher, enrich_context
 from actors.demo_page import add_demo_routes
 from actors.deployment_options import INGRESS, options
-from actors.feedback import Feedback
+from actors.feedback import DEFAULT_CAPACITY as IMPRESSIONS_CAPACITY
+from actors.feedback import Feedback, Impressions
 from actors.items_api import ItemBatch, ItemBatchResponse, ItemUpsert, ItemUpsertResponse
 from actors.overload import (
     TRANSIENT_ERRORS,
@@ -139,6 +140,9 @@ class AppArgs(BaseModel):
             ``session.call_timeout_s``, below the HTTP ``request_timeout_s`` of the Serve config,
             so the client gets that answer rather than the proxy's timeout.
         health_timeout_s: Longest wait for each component ``/healthz`` checks.
+        impressions_capacity: Recommendation responses each ingress replica remembers, to credit
+            clicks and add-to-carts to the version and position that showed the item
+            (:class:`actors.feedback.Impressions`, about 0.35 KB each, oldest dropped first).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -158,6 +162,7 @@ class AppArgs(BaseModel):
     session: SessionStateConfig = Field(default_factory=SessionStateConfig)
     ranker_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0)
     health_timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
+    impressions_capacity: int = Field(default=IMPRESSIONS_CAPACITY, ge=1, le=10_000_000)
 
     @field_validator("default_timezone")
     @classmethod
@@ -445,7 +450,7 @@ class Ingress:
         else:
             self.store = store
         _METRICS = _Metrics()
-        self.feedback = Feedback()
+        self.feedback = Feedback(Impressions(self.args.impressions_capacity))
         log.info("intentrec ingress ready (%s; bodies up to %d bytes)", self.keys.describe(),
                  self.args.max_body_bytes)
 

@@ -33,11 +33,8 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import signal
 import sys
-import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -48,63 +45,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import bench.serve_bench as sb  # sets RAY_AUTH_MODE and the usage-stats switch
+from bench.steady_load import SteadyLoad
 
 RESULTS = Path(__file__).resolve().parent / "results" / "chaos_replicas.json"
-APP = "intentrec-chaos"
-HTTP_TIMEOUT_S = 30.0  # http_options.request_timeout_s of serve_config.yaml
+APP = sb.APP  # the app name start_serve deploys under
 FAILED_BAR, RECOVERY_BAR_S = 0.01, 15.0
-
-
-class SteadyLoad:
-    """``clients`` closed-loop clients in a background thread, each posting one event (with its
-    own ``event_id``) and then asking for a recommendation for that session. A failed attempt
-    (no answer, or a status other than 200/202) is retried with the same body after 0.2 s.
-    Every attempt is recorded as ``(monotonic time, path, status or error name)``."""
-
-    def __init__(self, url: str, items: list[str], headers: dict[str, str], clients: int) -> None:
-        self.url, self.items, self.headers, self.clients = url, items, headers, clients
-        self.attempts: list[tuple[float, str, int | str]] = []
-        self.degraded = 0
-        self.acked: dict[str, set[str]] = {}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _send(self, client: Any, path: str, body: dict[str, Any]) -> int:
-        import httpx
-
-        while True:
-            try:
-                r = await client.post(self.url + path, json=body, headers=self.headers)
-                outcome: int | str = r.status_code
-                if r.status_code == 200 and path.endswith("recommendations") and r.json().get("degraded"):
-                    self.degraded += 1
-            except httpx.HTTPError as exc:
-                outcome = type(exc).__name__
-            self.attempts.append((time.monotonic(), path, outcome))
-            if outcome in (200, 202) or self.stop.is_set():
-                return outcome if isinstance(outcome, int) else 0
-            await asyncio.sleep(0.2)
-
-    async def _client(self, client: Any, c: int) -> None:
-        n = 0
-        while not self.stop.is_set():
-            n += 1
-            sid, eid = f"chaos-{c}-{n // 20}", f"chaos-{c}-{n}"
-            event = {"session_id": sid, "event": "view", "event_id": eid,
-                     "item_id": self.items[(c * 11 + n) % len(self.items)]}
-            if await self._send(client, "/v1/events", event) == 202:
-                self.acked.setdefault(sid, set()).add(eid)
-            await self._send(client, "/v1/recommendations", {"session_id": sid, "k": 10})
-
-    async def _run(self) -> None:
-        import httpx
-
-        limits = httpx.Limits(max_connections=self.clients, max_keepalive_connections=self.clients)
-        async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, limits=limits) as client:
-            await asyncio.gather(*(self._client(client, c) for c in range(self.clients)))
-
-    def successes(self) -> int:
-        return sum(1 for _, _, o in self.attempts if o in (200, 202))
 
 
 def replicas(deployment: str) -> dict[str, Any]:
@@ -164,36 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=str(RESULTS), help="results file")
     opts = p.parse_args(argv)
 
-    import ray
-    import yaml
-    from ray import serve
-
-    import serve_app
     from actors.deployment_options import INGRESS, RANKER
     from actors.session_state import SessionStore
 
-    os.environ.update(sb.cluster_serve_env(yaml.safe_load(sb.CLUSTER_YAML.read_text()),
-                                           prefixes=sb.HEAD_ENV_PREFIXES))
-    work = Path(tempfile.mkdtemp(prefix="chaos-"))
-    key = secrets.token_urlsafe(32)
-    auth = {"X-API-Key": key}
-    model_root, art, model = sb.model_or_stand_in(opts.artifacts, work, "chaos")
+    bench, art = sb.prepare_app(opts.artifacts, "chaos", "chaos")
+    auth, model, args = bench.auth, bench.model, bench.args
     items = art.items["item_id"].astype(str).tolist()[:500]
     del art
-    args = sb.app_args(model_root, work, "chaos")
     url = f"http://127.0.0.1:{opts.port}"
     load: SteadyLoad | None = None
     kills: list[dict[str, Any]] = []
     missing: dict[str, set[str]] = {}
     try:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(sb.REPO)}})
-        serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
         fixed = {"num_replicas": opts.replicas}
-        app = serve_app.compose(args, env_vars={"PYTHONPATH": str(sb.REPO), **sb.config_env_vars(),
-                                                "INTENTREC_API_KEY": key},
-                                deployments={INGRESS: fixed, RANKER: fixed})
-        serve.run(app, name=APP, route_prefix="/", blocking=False)
+        sb.start_serve(args, opts.port, bench.env(), deployments={INGRESS: fixed, RANKER: fixed})
         wait_until(lambda: healthy(url) and running(INGRESS) == running(RANKER) == opts.replicas,
                    300, "the app is up with every replica")
         store = SessionStore(args.session)
@@ -249,13 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if load is not None:
             load.stop.set()
-        if ray.is_initialized():
-            try:
-                serve.delete(APP)
-                SessionStore(args.session).kill()
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+        sb.stop_serve(args)
 
     assert load is not None
     ends = [k["t0"] for k in kills[1:]] + [float("inf")]

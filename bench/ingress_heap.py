@@ -3,12 +3,18 @@
 It deploys the app as ``bench/soak.py`` does (``serve_app.compose``, the ``cluster.yaml`` Serve
 flags, a client key), holds open-loop traffic on both endpoints, starts ``tracemalloc`` inside
 the ingress replica through ``__ray_call__``, and after ``--seconds`` compares the replica's
-resident memory (RSS) with the Python objects ``tracemalloc`` traced. The sites whose traced
-memory grew most print with their stacks; the figures go to ``bench/results/ingress_heap.json``.
+resident memory (RSS) with the Python objects ``tracemalloc`` traced and with glibc's account of
+its heap (``mallinfo2``: in use, and freed but kept). The sites whose traced memory grew most
+print with their stacks; the figures go to ``bench/results/ingress_heap.json``.
+
+The replicas get ``serve_config.yaml``'s environment, which sets ``MALLOC_ARENA_MAX=2``;
+``--app-env MALLOC_ARENA_MAX=16`` gives a 2-core machine glibc's default (8 arenas per core)
+back, for comparison (``docs/PERFORMANCE.md``, "Replica memory").
 
 Usage::
 
     python bench/ingress_heap.py --artifacts ROOT            # 120 s at 25 + 90 requests/s
+    python bench/ingress_heap.py --artifacts ROOT --seconds 180 --app-env MALLOC_ARENA_MAX=16
 """
 
 from __future__ import annotations
@@ -16,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -38,8 +42,28 @@ def _start(_self: Any) -> bool:
     return True
 
 
+def _malloc_mb() -> dict[str, float]:
+    """glibc's own account (``mallinfo2``, all arenas): bytes handed out and bytes held free."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                   "usmblks", "fsmblks", "uordblks", "fordblks",
+                                                   "keepcost")]
+
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+        return {}
+    fn.restype = MallInfo2
+    m = fn()
+    return {"heap": (m.arena + m.hblkhd) / 2**20, "in_use": (m.uordblks + m.hblkhd) / 2**20,
+            "free": m.fordblks / 2**20}
+
+
 def _snapshot(_self: Any) -> dict[str, Any]:
-    """RSS, traced Python memory, and (from the second call on) the top growth sites."""
+    """RSS, traced Python memory, glibc's heap, and (from the second call on) the top growth
+    sites."""
     import builtins
     import gc
     import tracemalloc
@@ -55,6 +79,7 @@ def _snapshot(_self: Any) -> dict[str, Any]:
          "stack": st.traceback.format()[-8:]}
         for st in snap.compare_to(prev, "traceback")[:8]]
     return {"rss_mb": rss_kb / 1024, "traced_mb": tracemalloc.get_traced_memory()[0] / 2**20,
+            "malloc_mb": _malloc_mb(), "allocator": os.environ.get("MALLOC_ARENA_MAX", "default"),
             "top": top}
 
 
@@ -65,21 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recommendations", type=float, default=25.0, help="per second")
     p.add_argument("--events", type=float, default=90.0, help="per second")
     p.add_argument("--port", type=int, default=8447, help="Serve HTTP port (127.0.0.1)")
+    p.add_argument("--app-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="added to the replicas' env_vars, e.g. MALLOC_ARENA_MAX=2")
     p.add_argument("--output", default=str(RESULTS), help="results file")
     opts = p.parse_args(argv)
 
     import ray
-    import yaml
 
-    os.environ.update(sb.cluster_serve_env(yaml.safe_load(sb.CLUSTER_YAML.read_text()),
-                                           prefixes=sb.HEAD_ENV_PREFIXES))
-    work = Path(tempfile.mkdtemp(prefix="ingress-heap-"))
-    key = secrets.token_urlsafe(32)
-    auth = {"X-API-Key": key}
-    model_root, art, model = sb.model_or_stand_in(opts.artifacts, work, "ingress heap")
+    bench, art = sb.prepare_app(opts.artifacts, "ingress-heap", "ingress heap")
+    auth, model, args = bench.auth, bench.model, bench.args
     mix = sb.traffic(art, n=20_000)
     del art
-    args = sb.app_args(model_root, work, "serve")
     url = f"http://127.0.0.1:{opts.port}"
     gens = [sb.LoadGen(), sb.LoadGen()]
     rates = {"recommendations": opts.recommendations, "events": opts.events}
@@ -97,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             t.join()
 
     try:
-        sb.start_serve(args, opts.port, {**sb.config_env_vars(), "INTENTREC_API_KEY": key})
+        sb.start_serve(args, opts.port, bench.env(dict(kv.split("=", 1) for kv in opts.app_env)))
         sb.wait_ready(url, 300)
         sb.seed_sessions(url, mix["seed_batches"], auth)
         ingress = next(ray.get_actor(a["name"], namespace=a["namespace"])
@@ -112,13 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for g in gens:
             g.close()
-        sb._stop_serve(args)
+        sb.stop_serve(args)
     rss = after["rss_mb"] - before["rss_mb"]
     traced = after["traced_mb"] - before["traced_mb"]
     print(f"\n{'ingress replica':<16} {'before MB':>10} {'after MB':>10} {'growth MB':>10}")
     print(f"{'RSS':<16} {before['rss_mb']:10.1f} {after['rss_mb']:10.1f} {rss:10.1f}")
     print(f"{'Python (traced)':<16} {before['traced_mb']:10.1f} {after['traced_mb']:10.1f} "
           f"{traced:10.1f}")
+    for k in ("heap", "in_use", "free"):
+        if k in before["malloc_mb"]:
+            print(f"{'malloc ' + k:<16} {before['malloc_mb'][k]:10.1f} {after['malloc_mb'][k]:10.1f} "
+                  f"{after['malloc_mb'][k] - before['malloc_mb'][k]:10.1f}")
     print(f"native (RSS - traced): {rss - traced:.1f} MB in {opts.seconds:.0f} s at "
           f"{opts.recommendations:g} recommendations and {opts.events:g} events per second")
     for site in after["top"][:4]:
@@ -127,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(opts.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": model, "seconds": opts.seconds, "rates": rates,
+                               "app_env": opts.app_env,
                                "before": before, "after": after,
                                "growth_mb": {"rss": rss, "traced": traced,
                                              "native": rss - traced}}, indent=2, default=str))

@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from importlib import metadata
 from pathlib import Path
@@ -78,9 +78,9 @@ DEVICES = ("mobile", "desktop", "app", "tablet")
 # --------------------------------------------------------------------------------------------
 
 
-# What a benchmark's local Ray takes from the head's start command: the Serve flags and the bound
-# on the task events the GCS keeps (RAY_task_events_max_num_task_in_gcs).
-HEAD_ENV_PREFIXES = ("RAY_SERVE_", "RAY_task_events_")
+# What a benchmark's local Ray takes from the head's start command: the Serve flags, the bound
+# on the task events the GCS keeps (RAY_task_events_max_num_task_in_gcs) and the malloc arenas.
+HEAD_ENV_PREFIXES = ("RAY_SERVE_", "RAY_task_events_", "MALLOC_")
 
 
 def cluster_serve_env(config: dict[str, Any], commands: str = "head_start_ray_commands",
@@ -91,7 +91,8 @@ def cluster_serve_env(config: dict[str, Any], commands: str = "head_start_ray_co
         config: The parsed cluster YAML (``cluster.yaml`` or ``deploy/local_cluster.yaml``).
         commands: Which start-command list to read (``head_start_ray_commands`` or
             ``worker_start_ray_commands``).
-        prefixes: Which variables (:data:`HEAD_ENV_PREFIXES` adds the GCS's task-event bound).
+        prefixes: Which variables (:data:`HEAD_ENV_PREFIXES` adds the GCS's task-event bound and
+            the allocator's arenas).
     """
     import re
     import shlex
@@ -234,6 +235,44 @@ def app_args(model_root: str, work: Path, name: str) -> Any:
                                     "actor_prefix": f"{name}-session", "namespace": "intentrec-bench"})
     return serve_app.AppArgs(artifacts_root=model_root, state_dir=str(work / name / "state"),
                              reload_poll_s=0, session=session)
+
+
+@dataclass
+class BenchApp:
+    """What a benchmark that deploys the app once needs (:func:`prepare_app`)."""
+
+    work: Path  #: scratch folder: the stand-in model, the WAL and the state
+    key: str  #: the client key the app is started with
+    model_root: str
+    model: dict[str, Any]  #: what the results file says about the model
+    args: Any  #: ``serve_app.AppArgs``
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"X-API-Key": self.key}
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The replicas' environment: ``serve_config.yaml``'s, the key, then ``extra``."""
+        return {**config_env_vars(), "INTENTREC_API_KEY": self.key, **(extra or {})}
+
+
+def prepare_app(artifacts: str, name: str, purpose: str) -> tuple[BenchApp, Any]:
+    """The set-up shared by the benchmarks that deploy the app (soak, chaos, ingress heap): the
+    head's Serve and GCS settings from ``cluster.yaml`` in this process's environment (the local
+    Ray it starts reads them), a scratch folder, a fresh client key, the model under
+    ``artifacts`` or its stand-in, and the app's arguments.
+
+    Returns:
+        The set-up and the loaded artifact (for building traffic; drop it once used).
+    """
+    import yaml
+
+    os.environ.update(cluster_serve_env(yaml.safe_load(CLUSTER_YAML.read_text()),
+                                        prefixes=HEAD_ENV_PREFIXES))
+    work = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    model_root, art, model = model_or_stand_in(artifacts, work, purpose)
+    args = app_args(model_root, work, name)
+    return BenchApp(work, secrets.token_urlsafe(32), model_root, model, args), art
 
 
 def start_bound(args: Any, port: int, log: Path, env: dict[str, str],
@@ -609,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         if bound is not None:
             bound.terminate()
             bound.wait(timeout=30)
-        _stop_serve(serve_args)
+        stop_serve(serve_args)
 
     for r in rows:
         if r["target"] == "serve":
@@ -668,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _stop_serve(args: Any) -> None:
+def stop_serve(args: Any) -> None:
+    """Delete the app, kill its session shards, stop Serve and this process's Ray."""
     import ray
 
     if not ray.is_initialized():

@@ -21,7 +21,9 @@ shard) that takes about 50 minutes at this box's half load, so ``--dedupe-capaci
 ``--session-window`` and ``--user-history`` can lower them for the soak so that the measured
 windows start full: growth after that is a leak, not state filling up. The GCS keeps the task
 events of the last ``RAY_task_events_max_num_task_in_gcs`` tasks (20,000 in ``cluster.yaml``,
-which the soak's local Ray gets too), a buffer that fills the same way.
+which the soak's local Ray gets too), a buffer that fills the same way. So does each ingress
+replica's record of recent responses for click credit (``impressions_capacity``, 100,000: about
+70 minutes at half load), which ``--impressions`` lowers.
 Errors count over the warm-up too. ``bench/shard_memory.py`` measures the production bounds.
 
 Each window also records the sizes of the session shards' state (sessions, users, the events in
@@ -45,9 +47,7 @@ import asyncio
 import json
 import os
 import re
-import secrets
 import sys
-import tempfile
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -142,27 +142,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="events kept per session (default: the deployment's)")
     p.add_argument("--user-history", type=int, default=None,
                    help="events kept per user (default: the deployment's)")
+    p.add_argument("--impressions", type=int, default=None,
+                   help="responses each ingress remembers for click credit (default: the app's)")
     opts = p.parse_args(argv)
-
-    import yaml
 
     from actors.session_state import SessionStore
 
-    os.environ.update(sb.cluster_serve_env(yaml.safe_load(sb.CLUSTER_YAML.read_text()),
-                                           prefixes=sb.HEAD_ENV_PREFIXES))
-    work = Path(tempfile.mkdtemp(prefix="soak-"))
-    key = secrets.token_urlsafe(32)
-    auth = {"X-API-Key": key}
-    model_root, art, model = sb.model_or_stand_in(opts.artifacts, work, "soak")
+    bench, art = sb.prepare_app(opts.artifacts, "soak", "soak")
+    auth, model = bench.auth, bench.model
     mix = sb.traffic(art, n=20_000)
     del art
-    args = sb.app_args(model_root, work, "serve")
+    args = bench.args
     bounds_override = {k: v for k, v in (("dedupe_capacity", opts.dedupe_capacity),
                                          ("window", opts.session_window),
                                          ("user_history", opts.user_history)) if v is not None}
     if bounds_override:
         args = args.model_copy(update={"session": args.session.model_copy(update=bounds_override)})
         print(f"session state bounds for this soak: {bounds_override}", flush=True)
+    if opts.impressions is not None:
+        args = args.model_copy(update={"impressions_capacity": opts.impressions})
+        print(f"impressions kept per ingress replica for this soak: {opts.impressions}", flush=True)
     url = f"http://127.0.0.1:{opts.port}"
     gens: list[sb.LoadGen] = []
     windows: list[dict[str, Any]] = []
@@ -177,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, d in DEPLOYMENTS.items()}
             print(f"autoscaling capped at {opts.max_replicas} replica(s) per deployment",
                   flush=True)
-        sb.start_serve(args, opts.port, {**sb.config_env_vars(), "INTENTREC_API_KEY": key},
-                       deployments)
+        sb.start_serve(args, opts.port, bench.env(), deployments)
         sb.wait_ready(url, 300)
         sb.seed_sessions(url, mix["seed_batches"], auth)
         store = SessionStore(args.session)  # attaches to the app's shards, to read their sizes
@@ -242,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for g in gens:
             g.close()
-        sb._stop_serve(args)
+        sb.stop_serve(args)
 
     # A group whose number of processes changed (Serve's autoscaler added or removed a replica)
     # is compared per process: more replicas is not a leak, a bigger replica is.

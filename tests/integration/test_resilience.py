@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from bench.steady_load import SteadyLoad
 from graph.artifacts import read_artifact
 from tests.helpers import wait_for_condition
 
@@ -234,53 +234,6 @@ def test_generated_requests_get_no_server_error_and_match_the_schema(
     assert not failures, "\n\n".join(failures)
 
 
-class _SteadyLoad:
-    """``clients`` clients in a background thread, each posting one event (with its own
-    ``event_id``) and then asking for a recommendation, in a loop. A request that gets no answer,
-    a 503 or the proxy's 500 is retried with the same body (safe: the event id makes the retry
-    idempotent) until it succeeds; every status and error is counted."""
-
-    def __init__(self, url: str, items: list[str], clients: int = 4) -> None:
-        self.url, self.items, self.clients = url, items, clients
-        self.acked: dict[str, set[str]] = {}
-        self.outcomes: Counter[int | str] = Counter()
-        self.phase = "steady"
-        self.server_errors: list[str] = []  # phase, path and body of each 5xx other than 503
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _send(self, client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> int:
-        while True:
-            try:
-                r = await client.post(self.url + path, json=body, headers=AUTH)
-                self.outcomes[r.status_code] += 1
-                if r.status_code >= 500 and r.status_code != 503:
-                    self.server_errors.append(f"{self.phase}: {path} {r.status_code} {r.text[:300]}")
-                # 500: Ray's proxy for a request in flight on a killed ingress (asserted below)
-                if r.status_code not in (429, 500, 503) or self.stop.is_set():
-                    return r.status_code
-            except httpx.HTTPError as exc:  # the ingress replica is restarting: retry
-                self.outcomes[type(exc).__name__] += 1
-                if self.stop.is_set():
-                    return 0
-            await asyncio.sleep(0.2)
-
-    async def _client(self, client: httpx.AsyncClient, c: int) -> None:
-        n = 0
-        while not self.stop.is_set():
-            n += 1
-            sid, eid = f"chaos-{c}-{n // 20}", f"chaos-{c}-{n}"
-            event = {"session_id": sid, "event": "view", "event_id": eid,
-                     "item_id": self.items[(c * 11 + n) % len(self.items)]}
-            if await self._send(client, "/v1/events", event) == 202:
-                self.acked.setdefault(sid, set()).add(eid)
-            await self._send(client, "/v1/recommendations", {"session_id": sid, "k": 5})
-
-    async def _run(self) -> None:
-        async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
-            await asyncio.gather(*(self._client(client, c) for c in range(self.clients)))
-
-
 def _replica_pid(app: str, deployment: str) -> int:
     import ray
 
@@ -310,7 +263,7 @@ def test_chaos_sigkill_shard_ranker_and_ingress_under_load_loses_no_acknowledged
 
     from actors.session_state import SessionStore
 
-    load = _SteadyLoad(small_app.url, small_app.items)
+    load = SteadyLoad(small_app.url, small_app.items, AUTH, clients=4, k=5)
     load.thread.start()
     recovery: dict[str, float] = {}
     try:

