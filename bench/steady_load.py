@@ -1,5 +1,5 @@
 """Steady closed-loop traffic for the chaos runs: ``bench/chaos.py`` (several replicas) and the
-integration tier's chaos test (``tests/integration/test_resilience.py``, one replica each).
+integration tier's chaos tests (``tests/integration/test_resilience.py``, one and two replicas of each).
 
 Each of ``clients`` clients posts one view event (with its own ``event_id``) and then asks for a
 recommendation for that session, in a loop, from a background thread. An attempt that gets no
