@@ -10,6 +10,7 @@ import pytest
 
 from actors.explain import Reasons, cadence_text, day_part, short_title
 from actors.ranker import RankerService, RankQuery
+from graph import retrieval
 from graph.artifacts import latest_version, list_versions, read_artifact, write_artifact
 from graph.errors import ArtifactError, BadRequestError, NotFoundError
 from graph.recommend import Request
@@ -93,6 +94,33 @@ def test_candidates_are_a_small_slice_of_the_catalogue(svc: RankerService) -> No
     assert cand.sources.any(axis=1).all()  # every candidate says where it came from
     assert cand.sources[:, SOURCES.index("buy_again")].any()  # the user's repertoire
     assert not cand.sources[:, SOURCES.index("ann_sess")].any()  # no session
+
+
+def test_excluded_items_are_replaced_from_deeper_in_each_source(svc: RankerService) -> None:
+    """A discovery request excludes the shopper's past purchases: each source refills its quota
+    from further down its list instead of proposing fewer items."""
+    m = svc.model
+    sig = m.ranker.signals
+    by_history = sorted(m.user_index.values(),
+                        key=lambda u: (sig.hist_indptr[u + 1] - sig.hist_indptr[u], u))
+    user = by_history[len(by_history) // 2]  # a typical history
+    plain = candidates(m.ranker, m.catalogue, user=user, session=None, item_events=[],
+                       context=None)
+    # Exclude what the unfiltered popular and GNN-neighbour sources proposed, and the history.
+    history = sig.hist_indices[sig.hist_indptr[user]: sig.hist_indptr[user + 1]]
+    src = plain.sources
+    banned = np.union1d(history, plain.items[src[:, SOURCES.index("popular")]
+                                             | src[:, SOURCES.index("ann_user")]])
+    cand = candidates(m.ranker, m.catalogue, user=user, session=None, item_events=[],
+                      context=None, exclude=banned)
+    assert not np.isin(cand.items, banned).any()
+    for source, quota in (("popular", retrieval.POPULAR_K), ("ann_user", retrieval.ANN_K)):
+        got = cand.sources[:, SOURCES.index(source)].sum()
+        assert got == quota, f"{source}: {got} candidates after exclusions, quota {quota}"
+    # Without exclusions nothing changes: the same items, the cached neighbours reused.
+    again = candidates(m.ranker, m.catalogue, user=user, session=None, item_events=[],
+                       context=None)
+    np.testing.assert_array_equal(again.items, plain.items)
 
 
 def test_session_event_changes_the_next_answer_with_a_reason(svc: RankerService) -> None:
