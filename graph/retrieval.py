@@ -137,19 +137,24 @@ class Catalogue:
 
     def user_neighbours(self, ranker: Ranker, user: int,
                         excluded: np.ndarray | None = None) -> np.ndarray:
-        """The :data:`ANN_K` items nearest to the user's GNN embedding that are not ``excluded``
-        (sorted item indices). The unfiltered answer is cached per user (a user's long-term
-        embedding does not change within a model version; the cache is bounded); when
-        exclusions remove some of it, a deeper search (``ANN_K * REFILL``) refills the quota."""
+        """The :data:`ANN_K` items nearest to the user's GNN embedding that are not ``excluded``.
+
+        The nearest ``2 * ANN_K`` are cached per user (int32: a user's long-term embedding does
+        not change within a model version; the cache is bounded), so a few exclusions (a cart)
+        cost no search; when exclusions leave fewer than ``ANN_K`` of them (a discovery request
+        excludes the whole purchase history), a deeper search (``ANN_K * REFILL``) refills.
+        """
         hit = self._user_ann.get(user)
         if hit is None:
-            hit = self.nearest(ranker.user_emb[user], ANN_K)
+            hit = self.nearest(ranker.user_emb[user], 2 * ANN_K).astype(np.int32)
             if len(self._user_ann) > USER_CACHE:
                 self._user_ann.clear()
             self._user_ann[user] = hit
-        if excluded is None or not is_member(hit, excluded).any():
-            return hit
-        return first_allowed(self.nearest(ranker.user_emb[user], ANN_K * REFILL), ANN_K, excluded)
+        near = first_allowed(hit, ANN_K, excluded).astype(np.int64)
+        if len(near) < ANN_K <= len(hit) // 2:
+            near = first_allowed(self.nearest(ranker.user_emb[user], ANN_K * REFILL), ANN_K,
+                                 excluded)
+        return near
 
     def nearest(self, vector: np.ndarray, k: int) -> np.ndarray:
         """The ``k`` items with the largest inner product with ``vector``, nearest first."""
