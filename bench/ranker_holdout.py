@@ -1,0 +1,186 @@
+"""Held-out validation recall of candidate-generation and ranker variants (never the test split).
+
+What ``train_job.py`` does to fit its ranker, on a split of the validation window's shoppers: the
+GNN is trained on the events before the validation cut (Ray Train, as in the job; cached in
+``--emb-cache`` so later runs skip it), the LightGBM ranker is fitted on the validation requests
+of three quarters of the shoppers, and recall@20 is measured on the requests of the other quarter
+through the served path (candidates, features, cascade). A variant overrides module constants
+(``--set graph.retrieval.PEERS_K=200``) and LightGBM parameters (``--param num_leaves=63``);
+``--variant`` runs several in one process, each with its own candidates and ranker, on the same
+held-out shoppers. This is how changes are chosen without looking at the test split.
+
+    python bench/ranker_holdout.py --variant base --variant peers200 \
+        --set peers200:graph.retrieval.PEERS_K=200
+
+Prints one row per variant and task and writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pickle
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+HELD_OUT_SHARE = 0.25
+
+
+@contextmanager
+def overridden(settings: list[tuple[str, str]]) -> Iterator[None]:
+    """Module constants set to new values (``module.NAME``, a Python literal) for the block."""
+    import ast
+
+    old = []
+    for target, value in settings:
+        mod_name, _, name = target.rpartition(".")
+        mod = importlib.import_module(mod_name)
+        if not hasattr(mod, name):
+            raise SystemExit(f"--set {target}: {mod_name} has no {name}")
+        old.append((mod, name, getattr(mod, name)))
+        setattr(mod, name, ast.literal_eval(value))
+    try:
+        yield
+    finally:
+        for mod, name, value in reversed(old):
+            setattr(mod, name, value)
+
+
+def embeddings(d: Any, cache: Path, epochs: int | None) -> tuple[Any, Any]:
+    """The GNN's embeddings trained on events before the validation cut (as ``train_job.py``)."""
+    if cache.exists():
+        with cache.open("rb") as f:
+            return pickle.load(f)  # our own file, written below
+    import train_job
+    from graph.config import TrainConfig
+    from graph.train_loop import fit, format_progress
+
+    train_job.init_ray(None)
+    cfg = TrainConfig(storage_path=str(cache.parent.resolve() / "holdout_ckpt"),
+                      **({"epochs": epochs} if epochs else {}))
+    res = fit(d.inter_fit, cfg, progress=lambda m: print("[train] " + format_progress(m)))
+    emb = (res.user_emb, res.item_emb)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with cache.open("wb") as f:
+        pickle.dump(emb, f)
+    return emb
+
+
+def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None,
+        seed: int = 0) -> dict[str, Any]:
+    import numpy as np
+
+    from graph import ranker_fit
+    from graph.evaluate import recommender_rankings, validation_tasks
+    from graph.features import item_features
+    from graph.ltr import fit_ranker
+    from graph.metrics import summarize
+    from graph.pipeline import PipelineConfig, prepare_data
+    from graph.ranking import Ranker
+    from graph.recommend import Recommender
+    from graph.signals import fit_signals
+    from graph.text import ItemText
+
+    d = prepare_data(PipelineConfig())
+    fit_emb = embeddings(d, emb_cache, epochs)
+    text = ItemText.build(d.ds.items, progress=lambda m: None)
+    ranker = Ranker(*fit_emb, fit_signals(d.fit_part, d.inter_full))
+    static = item_features(d.fit_part, d.ds.items, ranker)
+    tasks = validation_tasks(d.fit_part, d.val_part, d.inter_full, d.val_cut,
+                             country=ranker.signals.params.country, seed=seed)
+    users = np.unique(np.concatenate([q.users for q in tasks]))
+    held = np.random.default_rng(seed + 7).choice(users, int(len(users) * HELD_OUT_SHARE),
+                                                  replace=False)
+    fit_b = [q.take(np.flatnonzero(~np.isin(q.users, held))) for q in tasks]
+    eval_b = [q.take(np.flatnonzero(np.isin(q.users, held))) for q in tasks]
+    print(f"[holdout] fitting on {sum(map(len, fit_b)):,} requests, measuring on "
+          f"{sum(map(len, eval_b)):,} ({len(held):,} held-out shoppers)")
+    out: dict[str, Any] = {}
+    for name, v in variants.items():
+        t0 = time.perf_counter()
+        with overridden(v["set"]):
+            rec = Recommender.build(d.ds.items, ranker, static, text=text)
+            rng = np.random.default_rng(seed)
+            requests, targets = [], []
+            for q in fit_b:
+                reqs = q.requests()
+                if q.name == "in_session":
+                    reqs = ranker_fit.simulate_queries(reqs, q.targets, rec.catalogue.categories,
+                                                       rec.catalogue.titles, rng)
+                requests += reqs
+                targets += q.targets
+            lab = ranker_fit.label(rec, requests, targets, rng)
+            order = rng.permutation(len(lab.data.group))
+            n_valid = max(1, round(ranker_fit.VALID_SHARE * len(order)))
+            lr = fit_ranker(lab.data.subset(np.sort(order[n_valid:])),
+                            lab.data.subset(np.sort(order[:n_valid])), seed=seed,
+                            params=v["params"], progress=print)
+            rows = {}
+            for q in eval_b:
+                ranked, report = recommender_rankings(rec, q, {name: lr}, 20)
+                m = summarize(ranked[name], q.targets, 20)
+                rows[q.name] = {"recall@20": m["recall@20"], "ndcg@20": m["ndcg@20"],
+                                "candidate_recall": report["candidate_recall"],
+                                "candidates": report["candidates"], "n": len(q)}
+        out[name] = {"set": v["set"], "params": v["params"], "rounds": lr.info["rounds"],
+                     "tasks": rows, "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"[holdout] {name} done in {out[name]['seconds']:.0f}s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--variant", action="append", default=[],
+                   help="a variant's name (repeatable; default: one named base)")
+    p.add_argument("--set", action="append", default=[], metavar="VARIANT:MODULE.NAME=VALUE",
+                   help="a module constant of a variant (a Python literal)")
+    p.add_argument("--param", action="append", default=[], metavar="VARIANT:KEY=VALUE",
+                   help="a LightGBM parameter of a variant")
+    p.add_argument("--epochs", type=int, default=None, help="GNN epochs (default: the job's)")
+    p.add_argument("--emb-cache", default=str(REPO / ".holdout" / "fit_emb.pkl"),
+                   help="the GNN embeddings before the validation cut (trained when missing)")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "ranker_holdout.json"))
+    opts = p.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    names = opts.variant or ["base"]
+    variants: dict[str, dict[str, Any]] = {n: {"set": [], "params": {}} for n in names}
+    for spec, key in [(s, "set") for s in opts.set] + [(s, "params") for s in opts.param]:
+        name, _, rest = spec.partition(":")
+        target, eq, value = rest.partition("=")
+        if name not in variants or not eq:
+            raise SystemExit(f"--{'set' if key == 'set' else 'param'} {spec!r}: write "
+                             f"VARIANT:NAME=VALUE with VARIANT one of {names}")
+        if key == "set":
+            variants[name]["set"].append((target, value))
+        else:
+            import ast
+
+            try:
+                variants[name]["params"][target] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                variants[name]["params"][target] = value
+    res = run(variants, Path(opts.emb_cache), opts.epochs)
+    tasks = list(next(iter(res.values()))["tasks"])
+    print(f"\n{'variant':<14}" + "".join(f"{t:>24}" for t in tasks))
+    print(f"{'':<14}" + "".join(f"{'recall@20  cand.recall':>24}" for _ in tasks))
+    for name, r in res.items():
+        print(f"{name:<14}" + "".join(
+            f"{r['tasks'][t]['recall@20']:>12.4f}{r['tasks'][t]['candidate_recall']:>12.4f}"
+            for t in tasks))
+    doc = {"command": "python bench/ranker_holdout.py " + " ".join(argv or sys.argv[1:]),
+           "held_out_share": HELD_OUT_SHARE, "variants": res}
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(json.dumps(doc, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
