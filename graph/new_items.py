@@ -199,14 +199,17 @@ def _item_static(art: ModelArtifact, table: pd.DataFrame, signals: RankingSignal
     sig = signals
     price = pd.to_numeric(table[S.PRICE_COL], errors="coerce").to_numpy(np.float64)
     cat = np.asarray(sig.item_category)
-    static[rows, col["pop_trend"]] = 0.0
+    new = rows[rows >= len(art.item_static)]
+    static[new, col["pop_trend"]] = 0.0  # no purchases yet; a known item keeps its trend
     static[rows, col["repeat_rate"]] = sig.item_repeat_rate[rows]
     static[rows, col["price"]] = price[rows]
     for r in rows.tolist():
         same = price[cat == cat[r]]
         same = same[np.isfinite(same)]
+        # The percentile as item_features computes it (pandas' average rank, pct=True).
+        less, ties = float((same < price[r]).sum()), float((same == price[r]).sum())
         static[r, col["price_band"]] = (np.nan if not np.isfinite(price[r]) or not len(same)
-                                        else float((same <= price[r]).mean()))
+                                        else (less + (ties + 1.0) / 2.0) / len(same))
     if S.BRAND_COL in table:
         brand = table[S.BRAND_COL].astype(str).to_numpy()
         pop = np.asarray(sig.popularity, dtype=np.float64)

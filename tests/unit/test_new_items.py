@@ -64,6 +64,23 @@ def test_with_items_extends_every_per_item_table(svd_artifact_root: str) -> None
     assert np.isfinite(out.item_static[idx["n1"], 2]) and out.item_static[idx["n1"], 2] == 2.5
 
 
+def test_putting_a_known_item_unchanged_keeps_its_per_item_features(
+        svd_artifact_root: str) -> None:
+    """A known item's re-put (an availability flip, a catalogue sync) must not reset what was
+    learned from its purchases: its trend, price band and brand popularity stay as trained."""
+    art = read_artifact(svd_artifact_root)
+    # The most-trending priced item: a reset of its trend to "new item" would show.
+    trend = np.where(np.isfinite(art.item_static[:, 2]), art.item_static[:, 0], -np.inf)
+    r = int(np.argmax(trend))
+    assert art.item_static[r, 0] > 0
+    row = art.items.iloc[r]
+    item = NewItem(str(row["item_id"]), str(row["title"]), str(row["category"]),
+                   str(row["brand"]), float(row["price"]))
+    out = with_items(art, [item], art.text.item_vectors(np.array([r])))
+    np.testing.assert_allclose(out.item_static[r], art.item_static[r], rtol=1e-6)
+    np.testing.assert_array_equal(out.item_static[:r], art.item_static[:r])
+
+
 def test_a_version_without_item_encoder_says_retrain(svd_artifact_root: str) -> None:
     art = read_artifact(svd_artifact_root)
     old = type(art)(**{**art.__dict__, "item_encoder": None})
