@@ -11,6 +11,10 @@ held-out shoppers. This is how changes are chosen without looking at the test sp
 
     python bench/ranker_holdout.py --variant base --variant peers200 \
         --set peers200:graph.retrieval.PEERS_K=200
+    python bench/ranker_holdout.py --cascade 'three=((20, 100), (80, 50))'
+
+``--cascade`` ranks the held-out requests with other early-exit stages (and every tree on every
+candidate) using the same fitted ranker, so their difference is the cascade's alone.
 
 Prints one row per variant and task and writes JSON (``--out``).
 """
@@ -75,10 +79,10 @@ def embeddings(d: Any, cache: Path, epochs: int | None) -> tuple[Any, Any]:
 
 
 def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None,
-        seed: int = 0) -> dict[str, Any]:
+        seed: int = 0, cascades: dict[str, str] | None = None) -> dict[str, Any]:
     import numpy as np
 
-    from graph import ranker_fit
+    from graph import ltr, ranker_fit
     from graph.evaluate import recommender_rankings, validation_tasks
     from graph.features import item_features
     from graph.ltr import fit_ranker
@@ -103,6 +107,7 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
     eval_b = [q.take(np.flatnonzero(np.isin(q.users, held))) for q in tasks]
     print(f"[holdout] fitting on {sum(map(len, fit_b)):,} requests, measuring on "
           f"{sum(map(len, eval_b)):,} ({len(held):,} held-out shoppers)")
+    cascades = cascades or {}
     out: dict[str, Any] = {}
     for name, v in variants.items():
         t0 = time.perf_counter()
@@ -124,14 +129,31 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
                             lab.data.subset(np.sort(order[:n_valid])), seed=seed,
                             params=v["params"], progress=print)
             rows = {}
+            by_cascade: dict[str, dict[str, Any]] = {}
             for q in eval_b:
                 ranked, report = recommender_rankings(rec, q, {name: lr}, 20)
                 m = summarize(ranked[name], q.targets, 20)
                 rows[q.name] = {"recall@20": m["recall@20"], "ndcg@20": m["ndcg@20"],
                                 "candidate_recall": report["candidate_recall"],
                                 "candidates": report["candidates"], "n": len(q)}
+                if not cascades:
+                    continue
+                # The same ranker under other cascades, against every tree on every candidate.
+                with overridden([("graph.ltr.CASCADE", "()")]):
+                    whole = recommender_rankings(rec, q, {name: lr}, 20)[0][name]
+                for cname, stages in [("shipped", None), *cascades.items()]:
+                    with overridden([] if stages is None else [("graph.ltr.CASCADE", stages)]):
+                        top = recommender_rankings(rec, q, {name: lr}, 20)[0][name]
+                    same = [len(np.intersect1d(a[a >= 0], b[b >= 0])) / max((b >= 0).sum(), 1)
+                            for a, b in zip(top, whole, strict=True)]
+                    by_cascade.setdefault(cname, {"stages": stages or repr(ltr.CASCADE)})[q.name] = {
+                        "recall@20": summarize(top, q.targets, 20)["recall@20"],
+                        "whole_model_recall@20": summarize(whole, q.targets, 20)["recall@20"],
+                        "top20_same_as_whole_model": float(np.mean(same))}
         out[name] = {"set": v["set"], "params": v["params"], "rounds": lr.info["rounds"],
                      "tasks": rows, "seconds": round(time.perf_counter() - t0, 1)}
+        if by_cascade:
+            out[name]["cascades"] = by_cascade
         print(f"[holdout] {name} done in {out[name]['seconds']:.0f}s")
     return out
 
@@ -144,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="a module constant of a variant (a Python literal)")
     p.add_argument("--param", action="append", default=[], metavar="VARIANT:KEY=VALUE",
                    help="a LightGBM parameter of a variant")
+    p.add_argument("--cascade", action="append", default=[], metavar="NAME=STAGES",
+                   help="also rank with these cascade stages (graph.ltr.CASCADE, e.g. "
+                        "'three=((20, 100), (80, 50))') and compare with the shipped one and the "
+                        "whole model, on the same fitted ranker")
     p.add_argument("--epochs", type=int, default=None, help="GNN epochs (default: the job's)")
     p.add_argument("--emb-cache", default=str(REPO / ".holdout" / "fit_emb.pkl"),
                    help="the GNN embeddings before the validation cut (trained when missing)")
@@ -167,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 variants[name]["params"][target] = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 variants[name]["params"][target] = value
-    res = run(variants, Path(opts.emb_cache), opts.epochs)
+    cascades = dict(c.split("=", 1) for c in opts.cascade)
+    res = run(variants, Path(opts.emb_cache), opts.epochs, cascades=cascades)
     tasks = list(next(iter(res.values()))["tasks"])
     print(f"\n{'variant':<14}" + "".join(f"{t:>24}" for t in tasks))
     print(f"{'':<14}" + "".join(f"{'recall@20  cand.recall':>24}" for _ in tasks))
@@ -175,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<14}" + "".join(
             f"{r['tasks'][t]['recall@20']:>12.4f}{r['tasks'][t]['candidate_recall']:>12.4f}"
             for t in tasks))
+    for name, r in res.items():
+        for cname, c in r.get("cascades", {}).items():
+            print(f"{name}/{cname} {c['stages']}: " + ", ".join(
+                f"{t} recall@20 {c[t]['recall@20']:.4f} (whole model "
+                f"{c[t]['whole_model_recall@20']:.4f}, top 20 same {c[t]['top20_same_as_whole_model']:.2%})"
+                for t in tasks))
     doc = {"command": "python bench/ranker_holdout.py " + " ".join(argv or sys.argv[1:]),
            "held_out_share": HELD_OUT_SHARE, "variants": res}
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)

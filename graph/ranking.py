@@ -408,7 +408,13 @@ class Ranker:
             u = np.zeros((b, self.user_emb.shape[1]), dtype=np.float32)
             u[known] = self.user_emb[users[known]]
             out["gnn"] = self._zdot(u, cand)
-        if any(c in needed for c in SESSION_COMPONENTS):
+        session_needed = [name for name in SESSION_COMPONENTS if name in needed]
+        if session_needed and all(s is None or s.is_empty for s in sessions):
+            # No session in the chunk (most requests without a cart): every session component
+            # is 0, as the matrices below would give, without building them.
+            for name in session_needed:
+                out[name] = np.zeros((b, n), dtype=np.float32)
+        elif session_needed:
             smat = self._session_matrix(sessions)
             if "session" in needed:
                 q = np.asarray(smat @ self.item_emb, dtype=np.float32)

@@ -84,6 +84,21 @@ class Ranked:
     num_candidates: int = 0
 
 
+@dataclass(frozen=True)
+class Scored:
+    """One request's candidate scores from :meth:`Recommender.score`.
+
+    Shapes:
+        - **scores** ``[n]`` per candidate, ``-inf`` for dropped ones;
+        - **rows** ``[m]`` the candidates scored by every tree, ascending;
+        - **leaves** ``[m, trees]`` their leaves (for contributions).
+    """
+
+    scores: np.ndarray
+    rows: np.ndarray
+    leaves: np.ndarray
+
+
 @dataclass
 class Recommender:
     """One model version, ready to answer.
@@ -146,41 +161,47 @@ class Recommender:
         return lr
 
     def score(self, prepared: Sequence[Prepared], *, learned: LearnedRanker | None = None,
-              ) -> list[np.ndarray]:
+              ) -> list[Scored]:
         """The ranker's scores of the candidates of several prepared requests, in one call (a
-        batch of requests costs two LightGBM predictions, not two per request: the early-exit
-        cascade of :meth:`graph.ltr.LearnedRanker.score`).
+        batch of requests costs two LightGBM traversals, not two per request: the early-exit
+        cascade of :meth:`graph.ltr.LearnedRanker.cascade`).
 
         Returns:
-            One ``[n_i]`` array per request: a score per candidate the ranker keeps (its
+            One :class:`Scored` per request: a score per candidate the ranker keeps (its
             sources, then the cascade's best), in the order of ``candidates.items``; ``-inf``
             for dropped ones.
         """
         lr = self._ranker(learned)
         keeps = [lr.keep_candidates(p.candidates.sources) for p in prepared]
         xs = [p.x if keep is None else p.x[keep] for p, keep in zip(prepared, keeps, strict=True)]
-        flat = (lr.score(np.concatenate(xs), group=[len(x) for x in xs],
+        if not xs:
+            return []
+        cas = lr.cascade(np.concatenate(xs), group=[len(x) for x in xs],
                          keep=[p.request.k for p in prepared])
-                if xs else np.zeros(0, dtype=np.float32))
         out, start = [], 0
         for p, keep, x in zip(prepared, keeps, xs, strict=True):
-            s = flat[start: start + len(x)]
+            s = cas.scores[start: start + len(x)]
+            lo, hi = np.searchsorted(cas.rows, [start, start + len(x)])
+            rows = cas.rows[lo:hi] - start
             start += len(x)
             if keep is not None:
                 full = np.full(len(p.candidates), -np.inf, dtype=np.float32)
                 full[keep] = s
-                s = full
-            out.append(s)
+                s, rows = full, np.flatnonzero(keep)[rows]
+            out.append(Scored(s, rows, cas.leaves[lo:hi]))
         return out
 
-    def select(self, p: Prepared, scores: np.ndarray, *, learned: LearnedRanker | None = None,
+    def select(self, p: Prepared, scored: Scored, *, learned: LearnedRanker | None = None,
                k: int | None = None, explain: bool = False) -> Ranked:
         """The top ``k`` (default: the request's) of scored candidates, with per-component
-        contributions when ``explain``."""
+        contributions when ``explain`` (from the leaves the cascade reached: no second
+        traversal)."""
         k = p.request.k if k is None else k
+        scores = scored.scores
         ok = np.isfinite(scores)
         top = np.flatnonzero(ok)[top_k(scores[ok], p.candidates.items[ok], k)]
-        contrib = self._ranker(learned).contributions(p.x[top]) if explain else []
+        contrib = (self._ranker(learned).contributions_of(
+            scored.leaves[np.searchsorted(scored.rows, top)]) if explain else [])
         return Ranked(p.candidates.items[top], scores[top], contrib, len(p.candidates))
 
     def rank(self, p: Prepared, *, learned: LearnedRanker | None = None, k: int | None = None,

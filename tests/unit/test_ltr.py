@@ -174,3 +174,43 @@ def test_the_cascade_gives_kept_rows_the_whole_models_score() -> None:
         # the kept rows are the best by the first trees' score
         first = lr.booster.predict(x[lo:hi][:, lr._cols], num_iteration=CASCADE_TREES)
         assert first[kept].min() >= first[~kept].max() if (~kept).any() else True
+    # The leaves the cascade reached explain its kept rows exactly as a fresh traversal does,
+    # and the contributions add up to the score.
+    cas = lr.cascade(x, group=group, keep=[20, 150, 20])
+    np.testing.assert_array_equal(cas.rows, np.flatnonzero(np.isfinite(out)))
+    assert cas.leaves.shape == (len(cas.rows), lr.booster.num_trees())
+    ours = lr.contributions_of(cas.leaves)
+    assert ours == lr.contributions(x[cas.rows])
+    np.testing.assert_allclose([sum(c.values()) for c in ours], out[cas.rows], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_a_three_stage_cascade_keeps_each_stages_best(monkeypatch: pytest.MonkeyPatch) -> None:
+    from graph import ltr
+
+    train, src = synthetic(0)
+    valid, _ = synthetic(1, requests=20)
+    none = RankingData(valid.x[:0], valid.y[:0], valid.group[:0])
+    lr = fit_ranker(train, none, sources=src, max_rounds=160)
+    assert lr.booster.num_trees() > 20
+    monkeypatch.setattr(ltr, "CASCADE", ((10, 100), (20, 50)))
+    x = valid.x[:600]
+    group = [250, 320, 30]
+    cas = lr.cascade(x, group=group, keep=[20, 80, 20])
+    full = lr.score(x)
+    ends = np.cumsum(group)
+    xs = x[:, lr._cols]
+    for (lo, hi), m1, m2 in zip(zip(ends - group, ends, strict=True), (100, 100, 30), (50, 80, 30),
+                                strict=True):
+        kept = np.isfinite(cas.scores[lo:hi])
+        assert kept.sum() == m2
+        np.testing.assert_allclose(cas.scores[lo:hi][kept], full[lo:hi][kept], rtol=1e-5,
+                                   atol=1e-6)
+        # Stage one kept the best m1 by 10 trees; stage two the best m2 of those by 20.
+        s10 = lr.booster.predict(xs[lo:hi], num_iteration=10)
+        in1 = np.zeros(hi - lo, bool)
+        in1[np.argsort(-s10)[:m1]] = True
+        assert kept[~in1].sum() == 0
+        s20 = lr.booster.predict(xs[lo:hi], num_iteration=20)
+        assert s20[kept].min() >= s20[in1 & ~kept].max() if (in1 & ~kept).any() else True
+    assert lr.contributions_of(cas.leaves) == lr.contributions(x[cas.rows])

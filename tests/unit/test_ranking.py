@@ -118,6 +118,19 @@ def test_components_shapes_and_keys() -> None:
         assert np.isfinite(values).all()
 
 
+def test_a_request_without_session_alone_equals_its_row_in_a_mixed_batch() -> None:
+    """A chunk without any session skips the session matrices: its components must equal what
+    the matrices give for a session-less row next to one with a cart."""
+    ranker, _ = tiny_ranker()
+    cart = session_signal([(4, S.ADD_TO_CART, 0.0)], now=0.0)
+    cand = np.array([5, 0, 3, 6])
+    mixed = ranker.components([1, 1], [cart, None], None, candidates=cand)
+    alone = ranker.components([1], [None], None, candidates=cand)
+    for c in COMPONENTS:
+        np.testing.assert_allclose(alone[c][0], mixed[c][1], rtol=1e-6, atol=1e-6, err_msg=c)
+        assert alone[c].dtype == np.float32 and alone[c].shape == (1, len(cand))
+
+
 def test_unknown_user_gets_session_context_and_popularity_only() -> None:
     ranker, _ = tiny_ranker()
     sess = session_signal([(2, S.ADD_TO_CART, 0.0)], now=0.0)
