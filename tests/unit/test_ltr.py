@@ -155,7 +155,11 @@ def test_a_query_finds_a_category_it_shares_no_word_with(rec: Recommender) -> No
     assert (src & soft).sum() >= 5
 
 
-def test_the_cascade_gives_kept_rows_the_whole_models_score() -> None:
+def test_the_cascade_gives_kept_rows_the_whole_models_score(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from graph import ltr
+
+    monkeypatch.setattr(ltr, "CASCADE", ((CASCADE_TREES, CASCADE_KEEP),))  # one early exit
     train, src = synthetic(0)
     valid, _ = synthetic(1, requests=20)
     none = RankingData(valid.x[:0], valid.y[:0], valid.group[:0])  # no early stopping
