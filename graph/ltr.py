@@ -61,14 +61,14 @@ DEFAULT_PARAMS: dict[str, Any] = {
 MAX_ROUNDS = 300
 EARLY_STOPPING = 60
 # Early-exit cascade (Cambazoglu et al., WSDM 2010): the first CASCADE_TREES trees score every
-# candidate of a request, the rest only its CASCADE_KEEP best. Chosen on validation requests of
-# the built-in data: 3.5x fewer tree evaluations, recall@20 within 0.001 of the whole model.
+# candidate of a request, the next only its CASCADE_KEEP best (chosen on validation requests of
+# the built-in data: 3.5x fewer tree evaluations, recall@20 within 0.001 of the whole model).
 CASCADE_TREES = 20
 CASCADE_KEEP = 100
 # The stages: after the first `trees` trees, each request keeps its best `keep` rows (at least
-# its k) for the trees after them. The second stage (the best 50 by 80 trees) was chosen on
+# its k) for the trees after them. The last stage (the best 50 by 80 trees) was chosen on
 # held-out validation shoppers (bench/ranker_holdout.py --cascade): recall@20 within 0.0003 of
-# the two-stage cascade in every task, 17-20% less time in LightGBM.
+# the cascade without it in every task, 17-20% less time in LightGBM.
 CASCADE: tuple[tuple[int, int], ...] = ((CASCADE_TREES, CASCADE_KEEP), (80, 50))
 
 

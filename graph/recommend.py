@@ -163,8 +163,8 @@ class Recommender:
     def score(self, prepared: Sequence[Prepared], *, learned: LearnedRanker | None = None,
               ) -> list[Scored]:
         """The ranker's scores of the candidates of several prepared requests, in one call (a
-        batch of requests costs two LightGBM traversals, not two per request: the early-exit
-        cascade of :meth:`graph.ltr.LearnedRanker.cascade`).
+        batch of requests costs one LightGBM traversal per cascade stage, not one per stage and
+        request: the early-exit cascade of :meth:`graph.ltr.LearnedRanker.cascade`).
 
         Returns:
             One :class:`Scored` per request: a score per candidate the ranker keeps (its
