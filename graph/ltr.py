@@ -414,10 +414,6 @@ class PathAttribution:
         t = leaves.shape[1]
         return np.asarray(self.value[leaves + self.offset[start: start + t]].sum(axis=1))
 
-    def explain(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        """``(base, contributions)``. Shapes: ``x`` ``[n, F]`` → contributions ``[n, G]``."""
-        return self.base, self.explain_leaves(self.leaves(x))
-
     def explain_leaves(self, leaves: np.ndarray) -> np.ndarray:
         """Contributions of rows whose leaves in every tree are known. ``[n, trees]`` →
         ``[n, G]``."""
