@@ -410,6 +410,27 @@ class ServerCpu:
             out[pid] = t.user + t.system + t.children_user + t.children_system
         return out
 
+    @staticmethod
+    def names(pids: list[int]) -> dict[int, str]:
+        """Each process's role: Ray's process title (``ray::ServeReplica:app:GNNRanker``, shortened
+        to ``GNNRanker``), else the executable's name (``raylet``, ``gcs_server``, ``haproxy``)."""
+        import psutil
+
+        out = {}
+        for pid in pids:
+            try:
+                p = psutil.Process(pid)
+                cmd = p.cmdline()
+                title = cmd[0] if cmd else p.name()
+            except psutil.Error:
+                continue
+            if title.startswith("ray::"):
+                title = title.removeprefix("ray::").split(":")[-1].split(".")[-1].strip()
+            else:
+                title = Path(title).name
+            out[pid] = title or p.name()
+        return out
+
 
 class LoadGen:
     """The load-generator process (spawned: no state shared with this driver)."""
@@ -616,12 +637,25 @@ def main(argv: list[str] | None = None) -> int:
                     answered = res["requests"] * (1 + opts.warmup / opts.duration)
                     row = {"endpoint": ep, "concurrency": c, "target": t, **res,
                            "server_cpu_ms_per_req": used * 1e3 / max(answered, 1.0)}
+                    if t == "serve":  # where the CPU went: per process role, ms per request
+                        by: dict[str, float] = {}
+                        for pid, name in cpu.names(pids).items():
+                            if pid in before and pid in after:
+                                by[name] = by.get(name, 0.0) + (after[pid] - before[pid]) \
+                                    * 1e3 / max(answered, 1.0)
+                        row["cpu_ms_per_req_by_process"] = {
+                            k: round(v, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])
+                            if v >= 0.05}
                     if t == "serve":
                         row["replicas"] = replicas()
                     rows.append(row)
                     print(f"  {ep:<15} c={c:<3} {t:<5} {res['throughput']:8.1f} req/s  "
                           f"p50 {res['p50_ms']:6.1f}  p99 {res['p99_ms']:7.1f} ms  "
                           f"errors {res['errors']}", flush=True)
+                    if "cpu_ms_per_req_by_process" in row:
+                        print("    cpu ms/req by process: " + ", ".join(
+                            f"{k} {v:.2f}" for k, v in row["cpu_ms_per_req_by_process"].items()),
+                            flush=True)
         # Open loop at fractions (0.5 = the target's "half") of each endpoint's own maximum.
         for ep in endpoints:
             for frac in fractions:

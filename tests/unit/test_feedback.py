@@ -123,3 +123,36 @@ def test_a_full_impressions_buffer_stays_within_its_documented_size() -> None:
         tracemalloc.stop()
     assert len(imp) == n
     assert per_response * 100_000 < 40 * 2**20, f"{per_response:.0f} bytes per response"
+
+
+def test_impressions_held_for_the_interval_reach_the_counter_exactly() -> None:
+    now = [0.0]
+    counter = FakeCounter()
+    m = FeedbackMetrics({"impressions": counter, "clicks": FakeCounter(),  # type: ignore[dict-item]
+                         "add_to_cart": FakeCounter()}, flush_every_s=3600.0, clock=lambda: now[0])
+    for _ in range(5):
+        m.shown("v1", 3)
+    m.shown("v2", 1)
+    assert counter.counts == {}  # held: one increment per series, not one per response
+    now[0] = 3600.0
+    m.shown("v1", 2)  # the interval has passed: everything held goes out with this response
+    assert counter.counts == {("v1", "1"): 6, ("v1", "2"): 6, ("v1", "3"): 5, ("v2", "1"): 1}
+    m.shown("v1", 1)
+    m.flush()
+    assert counter.counts[("v1", "1")] == 7
+
+
+def test_impressions_held_when_traffic_stops_are_flushed_by_the_thread() -> None:
+    import time
+
+    now = [0.0]
+    counter = FakeCounter()
+    m = FeedbackMetrics({"impressions": counter, "clicks": FakeCounter(),  # type: ignore[dict-item]
+                         "add_to_cart": FakeCounter()}, flush_every_s=0.01, clock=lambda: now[0])
+    m.shown("v1", 2)  # held (no time has passed), and no later response comes to flush it
+    assert counter.counts == {}
+    now[0] = 1.0
+    deadline = time.monotonic() + 10.0
+    while not counter.counts and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert counter.counts == {("v1", "1"): 1, ("v1", "2"): 1}
