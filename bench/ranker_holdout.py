@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="GNN epochs (default: the job's)")
     p.add_argument("--emb-cache", default=str(REPO / ".holdout" / "fit_emb.pkl"),
                    help="the GNN embeddings before the validation cut (trained when missing)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="draws the held-out shoppers, the validation tasks' sampling and the "
+                        "ranker's fit: other seeds give other held-out quarters to check a "
+                        "difference on")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "ranker_holdout.json"))
     opts = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             except (ValueError, SyntaxError):
                 variants[name]["params"][target] = value
     cascades = dict(c.split("=", 1) for c in opts.cascade)
-    res = run(variants, Path(opts.emb_cache), opts.epochs, cascades=cascades)
+    res = run(variants, Path(opts.emb_cache), opts.epochs, seed=opts.seed, cascades=cascades)
     tasks = list(next(iter(res.values()))["tasks"])
     print(f"\n{'variant':<14}" + "".join(f"{t:>24}" for t in tasks))
     print(f"{'':<14}" + "".join(f"{'recall@20  cand.recall':>24}" for _ in tasks))
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{c[t]['whole_model_recall@20']:.4f}, top 20 same {c[t]['top20_same_as_whole_model']:.2%})"
                 for t in tasks))
     doc = {"command": "python bench/ranker_holdout.py " + " ".join(argv or sys.argv[1:]),
-           "held_out_share": HELD_OUT_SHARE, "variants": res}
+           "held_out_share": HELD_OUT_SHARE, "seed": opts.seed, "variants": res}
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(doc, indent=2, default=str))
     return 0
