@@ -11,11 +11,7 @@ Features (see :data:`FEATURES`):
   session items' vectors);
 - **repeat purchase**: ``repeat`` (the buy-again share), ``hist_count`` (sessions in which the
   user bought the item), ``days_since_last``, ``interval_days`` (typical time between two of the
-  user's purchases of it), ``due`` (their ratio), ``user_sessions``, ``recent_share`` (the share
-  of the user's last :data:`RECENT_BASKETS` baskets that held the item: habits drift, and an item
-  bought often a year ago but not lately is less likely now), ``baskets_since_last`` (how many of
-  the user's baskets came after the latest one that held it: recency in shopping trips, which
-  does not depend on how often the user shops);
+  user's purchases of it), ``due`` (their ratio), ``user_sessions``;
 - **co-occurrence and session**: ``cooc``, ``line`` (product line share), ``intent`` (the
   session's weight on the item's category), ``basket`` (personal co-occurrence),
   ``session_items``;
@@ -45,15 +41,13 @@ from graph import schema as S
 from graph.ranking import ContextSignal, Ranker, SessionSignal
 from graph.retrieval import SOURCES, CandidateSet, Catalogue
 from graph.search import QueryScores
-from graph.signals import RankingSignals, to_unix_seconds
+from graph.signals import to_unix_seconds
 
 DAY_S = 86400.0
-RECENT_BASKETS = 5  # the window of ``recent_share``: the user's last five baskets
 ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_band", "brand_pop")
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
-    "recent_share", "baskets_since_last",
     "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate",
     "peers",
@@ -70,7 +64,6 @@ COMPONENT_OF: dict[str, str] = {
     "src_ann_sess": "session",
     "repeat": "repeat", "hist_count": "repeat", "days_since_last": "repeat",
     "interval_days": "repeat", "due": "repeat", "user_sessions": "repeat", "src_buy_again": "repeat",
-    "recent_share": "repeat", "baskets_since_last": "repeat",
     "cooc": "cooc", "src_cooc": "cooc", "line": "line", "intent": "intent", "src_intent": "intent",
     "session_items": "intent", "basket": "basket",
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
@@ -208,37 +201,6 @@ def _peer_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndar
     return out
 
 
-def _basket_recency(sig: RankingSignals, user: int,
-                    items: np.ndarray) -> tuple[np.ndarray | float, np.ndarray | float]:
-    """Each candidate's ``recent_share`` and ``baskets_since_last`` for a known user.
-
-    The user's training baskets are CSR rows in time order (``RankingSignals.basket_*``); an item
-    in none of them gets 0 and NaN.
-
-    Shapes:
-        - **items** ``[n]`` distinct item indices; return two ``[n]`` float32 arrays (or 0 and
-          NaN for a user without baskets).
-    """
-    first, last = int(sig.user_basket_indptr[user]), int(sig.user_basket_indptr[user + 1])
-    num = last - first
-    if num == 0 or len(items) == 0:
-        return 0.0, np.nan
-    bounds = sig.basket_indptr[first: last + 1]
-    flat = sig.basket_items[bounds[0]: bounds[-1]]
-    ordinal = np.repeat(np.arange(num), np.diff(bounds))
-    order = np.argsort(items, kind="stable")
-    ranked = items[order]
-    pos = np.minimum(np.searchsorted(ranked, flat), len(ranked) - 1)
-    hit = ranked[pos] == flat
-    which, when = order[pos[hit]], ordinal[hit]
-    latest = np.full(len(items), -1, dtype=np.int64)
-    np.maximum.at(latest, which, when)
-    recent = when >= num - RECENT_BASKETS
-    share = np.bincount(which[recent], minlength=len(items)) / min(RECENT_BASKETS, num)
-    since = np.where(latest >= 0, num - 1 - latest, np.nan)
-    return share.astype(np.float32), since.astype(np.float32)
-
-
 def _repeat_stats(ranker: Ranker, req: FeatureRequest, items: np.ndarray,
                   col: dict[str, np.ndarray | float]) -> None:
     """The user's purchase history of each candidate (NaN where the user never bought it)."""
@@ -262,8 +224,6 @@ def _repeat_stats(ranker: Ranker, req: FeatureRequest, items: np.ndarray,
         col["user_sessions"] = float(sig.user_sessions[req.user])
     else:
         col["user_sessions"] = 0.0
-    col["recent_share"], col["baskets_since_last"] = (
-        _basket_recency(sig, req.user, items) if req.user is not None else (0.0, np.nan))
     col["hist_count"] = count
     col["days_since_last"] = since
     col["interval_days"] = interval

@@ -22,7 +22,7 @@ import pandas as pd
 from graph import schema as S
 from graph.errors import ArtifactError
 from graph.features import FeatureRequest, build_features
-from graph.ltr import LearnedRanker
+from graph.ltr import Cascade, LearnedRanker
 from graph.ranking import ContextSignal, Ranker, SessionSignal, session_signal
 from graph.retrieval import CandidateSet, Catalogue, candidates, exclusions
 from graph.search import QueryScores
@@ -82,21 +82,6 @@ class Ranked:
     scores: np.ndarray
     contributions: list[dict[str, float]] = field(default_factory=list)
     num_candidates: int = 0
-
-
-@dataclass(frozen=True)
-class Scored:
-    """One request's candidate scores from :meth:`Recommender.score`.
-
-    Shapes:
-        - **scores** ``[n]`` per candidate, ``-inf`` for dropped ones;
-        - **rows** ``[m]`` the candidates scored by every tree, ascending;
-        - **leaves** ``[m, trees]`` their leaves (for contributions).
-    """
-
-    scores: np.ndarray
-    rows: np.ndarray
-    leaves: np.ndarray
 
 
 @dataclass
@@ -161,15 +146,16 @@ class Recommender:
         return lr
 
     def score(self, prepared: Sequence[Prepared], *, learned: LearnedRanker | None = None,
-              ) -> list[Scored]:
+              ) -> list[Cascade]:
         """The ranker's scores of the candidates of several prepared requests, in one call (a
         batch of requests costs one LightGBM traversal per cascade stage, not one per stage and
         request: the early-exit cascade of :meth:`graph.ltr.LearnedRanker.cascade`).
 
         Returns:
-            One :class:`Scored` per request: a score per candidate the ranker keeps (its
-            sources, then the cascade's best), in the order of ``candidates.items``; ``-inf``
-            for dropped ones.
+            One :class:`graph.ltr.Cascade` per request: a score per candidate the ranker keeps
+            (its sources, then the cascade's best), in the order of ``candidates.items``;
+            ``-inf`` for dropped ones; the rows scored by every tree (indices into the
+            request's candidates) and their leaves, for contributions.
         """
         lr = self._ranker(learned)
         keeps = [lr.keep_candidates(p.candidates.sources) for p in prepared]
@@ -188,10 +174,10 @@ class Recommender:
                 full = np.full(len(p.candidates), -np.inf, dtype=np.float32)
                 full[keep] = s
                 s, rows = full, np.flatnonzero(keep)[rows]
-            out.append(Scored(s, rows, cas.leaves[lo:hi]))
+            out.append(Cascade(s, rows, cas.leaves[lo:hi]))
         return out
 
-    def select(self, p: Prepared, scored: Scored, *, learned: LearnedRanker | None = None,
+    def select(self, p: Prepared, scored: Cascade, *, learned: LearnedRanker | None = None,
                k: int | None = None, explain: bool = False) -> Ranked:
         """The top ``k`` (default: the request's) of scored candidates, with per-component
         contributions when ``explain`` (from the leaves the cascade reached: no second

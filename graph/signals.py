@@ -85,9 +85,8 @@ class RankingSignals:
         - **user_sessions** ``[U]`` (sessions with a positive event), **user_decayed_sessions**
           ``[U]`` (the same, recency-decayed), **user_last** ``[U]`` (unix seconds).
         - **basket_indptr** ``[NB+1]``, **basket_items** ``[nnz]``: the items of every training
-          session (basket) of the known users, CSR rows grouped by user and in time order (of
-          each session's first event) within a user; user ``u``'s baskets are rows
-          ``user_basket_indptr[u]:user_basket_indptr[u+1]`` (``[U+1]``).
+          session (basket) of the known users, CSR rows grouped by user; user ``u``'s baskets are
+          rows ``user_basket_indptr[u]:user_basket_indptr[u+1]`` (``[U+1]``).
         - **item_repeat_rate** ``[I]``: smoothed share of the item's buyers who bought it in at
           least two sessions (milk ≈ 0.6, a barbecue grill ≈ 0.05).
         - **item_sim** ``[I, I]`` CSR float32, row ``j`` = neighbours of item ``j``, at most
@@ -478,9 +477,6 @@ def fit_signals(
     if ev.empty:
         raise DataError("no training event with a catalogue item and a positive weight",
                         field=S.EVENT_COL)
-    if not ev[S.TS_COL].is_monotonic_increasing:  # sessions are numbered in time order below,
-        order = np.argsort(ev[S.TS_COL].to_numpy(), kind="stable")  # so baskets are too
-        ev, w, items = ev.iloc[order], w[order], items[order]
     num_users, num_items = inter.num_users, inter.num_items
     now_ts = ev[S.TS_COL].max() if now is None else now
     now_s = to_unix_seconds(pd.Timestamp(now_ts))
