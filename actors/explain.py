@@ -129,15 +129,19 @@ class Reasons:
     def text(self, comp: str, it: int) -> str | None:
         """The sentence for one component of one item (None: nothing true to say)."""
         m = self.m
-        if comp == "repeat" and self.user is not None:
+        if comp in ("repeat", "explore") and self.user is not None:
+            # "repeat" tells the rhythm of an item the shopper bought; "explore" (how often they
+            # try new items) speaks only for one they never bought. Otherwise nothing is true.
             sig = m.ranker.signals
             lo, hi = sig.hist_indptr[self.user], sig.hist_indptr[self.user + 1]
             pos = lo + np.flatnonzero(sig.hist_indices[lo:hi] == it)
-            if len(pos):
+            if comp == "repeat" and len(pos):
                 p = int(pos[0])
                 return cadence_text(float(sig.hist_count[p]), float(sig.hist_first[p]),
                                     float(sig.hist_last[p]))
-            return "you bought this before"
+            if comp == "explore" and not len(pos):
+                return "something new to try: you often pick new items"
+            return None
         if comp in ("cooc", "session"):
             src = (self.cooc_src if comp == "cooc" else self.session_src).get(it)
             if src is None:

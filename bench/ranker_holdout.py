@@ -123,10 +123,8 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
                 requests += reqs
                 targets += q.targets
             lab = ranker_fit.label(rec, requests, targets, rng)
-            order = rng.permutation(len(lab.data.group))
-            n_valid = max(1, round(ranker_fit.VALID_SHARE * len(order)))
-            lr = fit_ranker(lab.data.subset(np.sort(order[n_valid:])),
-                            lab.data.subset(np.sort(order[:n_valid])), seed=seed,
+            tr_idx, va_idx = ranker_fit.split_requests(requests, rng)
+            lr = fit_ranker(lab.data.subset(tr_idx), lab.data.subset(va_idx), seed=seed,
                             params=v["params"], progress=print)
             rows = {}
             by_cascade: dict[str, dict[str, Any]] = {}

@@ -322,7 +322,7 @@ def read_artifact(root: str, version: str = "latest") -> ModelArtifact:
                             "`python train_job.py`")
     files = {Path(i.path).name: _read_bytes(fs, i.path)
              for i in fs.get_file_info(pafs.FileSelector(f"{vdir}/{RANKER_DIR}"))}
-    item_static = np.load(io.BytesIO(files.pop(ITEM_FEATURES_FILE)))
+    item_static = _padded_item_static(np.load(io.BytesIO(files.pop(ITEM_FEATURES_FILE))))
     learned = LearnedRanker.from_files(files)
     if not _exists(fs, f"{vdir}/{TEXT_DIR}"):
         raise ArtifactError(f"model version {version} under {root} has no item text embeddings "
@@ -351,3 +351,23 @@ def read_artifact(root: str, version: str = "latest") -> ModelArtifact:
         text=text,
         item_encoder=encoder,
     )
+
+
+def _padded_item_static(static: np.ndarray) -> np.ndarray:
+    """A version's per-item ranker features with the columns later releases appended
+    (:data:`graph.features.ITEM_FEATURES`) as NaN: its ranker was fitted without them and never
+    reads them, so this release serves the older version unchanged.
+
+    Raises:
+        ArtifactError: More columns than this release knows (a newer release wrote it).
+    """
+    from graph.features import ITEM_FEATURES
+
+    have, want = static.shape[1], len(ITEM_FEATURES)
+    if have > want:
+        raise ArtifactError(f"item features have {have} columns, this release knows {want}: "
+                            "the model version was written by a newer release; upgrade intentrec")
+    if have == want:
+        return static
+    pad = np.full((static.shape[0], want - have), np.nan, dtype=static.dtype)
+    return np.concatenate([static, pad], axis=1)

@@ -41,15 +41,22 @@ from graph import schema as S
 from graph.ranking import ContextSignal, Ranker, SessionSignal
 from graph.retrieval import SOURCES, CandidateSet, Catalogue
 from graph.search import QueryScores
-from graph.signals import to_unix_seconds
+from graph.signals import RankingSignals, to_unix_seconds
 
 DAY_S = 86400.0
-ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_band", "brand_pop")
+# Columns are only ever appended (a model version keeps its item_features.npy; an older one,
+# with fewer columns, is padded with NaN when loaded: graph.artifacts.read_artifact).
+ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_band", "brand_pop",
+                                  "new_buyers", "new_share")
+# Days before the signals' reference time in which a first purchase counts as adoption
+# (``new_buyers``, ``new_share``, ``explore``).
+ADOPTION_DAYS = 28.0
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
+    "explore", "one_off",
     "cooc", "line", "intent", "basket", "session_items",
-    "pop", "pop_trend", "repeat_rate",
+    "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
     "peers",
     "context", "hour", "weekday", "holiday",
     "department", "price", "price_band", "brand_pop",
@@ -64,9 +71,11 @@ COMPONENT_OF: dict[str, str] = {
     "src_ann_sess": "session",
     "repeat": "repeat", "hist_count": "repeat", "days_since_last": "repeat",
     "interval_days": "repeat", "due": "repeat", "user_sessions": "repeat", "src_buy_again": "repeat",
+    "explore": "explore", "one_off": "explore",
     "cooc": "cooc", "src_cooc": "cooc", "line": "line", "intent": "intent", "src_intent": "intent",
     "session_items": "intent", "basket": "basket",
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
+    "new_buyers": "pop", "new_share": "pop",
     "peers": "peers", "src_peers": "peers",
     "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
     "src_context": "context",
@@ -109,8 +118,25 @@ def item_features(train_events: pd.DataFrame, items: pd.DataFrame, ranker: Ranke
         brand_pop = np.log1p(totals.to_numpy(dtype=np.float64))
     else:
         brand_pop = np.full(n, np.nan)
-    out = np.stack([trend, sig.item_repeat_rate.astype(np.float64), price, band, brand_pop], axis=1)
+    new_buyers, new_share = _adoption(sig)
+    out = np.stack([trend, sig.item_repeat_rate.astype(np.float64), price, band, brand_pop,
+                    new_buyers, new_share], axis=1)
     return out.astype(np.float32)
+
+
+def _adoption(sig: RankingSignals) -> tuple[np.ndarray, np.ndarray]:
+    """How many shoppers took an item up lately: the log of the users whose first purchase of
+    it fell in the last :data:`ADOPTION_DAYS` before the signals' reference time
+    (``new_buyers``), and their share of that period's buyers of it (``new_share``, NaN for an
+    item nobody bought in it). A seasonal or newly launched item has many new buyers; a staple
+    of the same popularity has few (its buyers come back)."""
+    n = sig.num_items
+    since = sig.now - ADOPTION_DAYS * DAY_S
+    first = np.bincount(sig.hist_indices[sig.hist_first >= since], minlength=n).astype(np.float64)
+    recent = np.bincount(sig.hist_indices[sig.hist_last >= since], minlength=n).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(recent > 0, first / recent, np.nan)
+    return np.log1p(first), share
 
 
 @dataclass(frozen=True)
@@ -222,10 +248,29 @@ def _repeat_stats(ranker: Ranker, req: FeatureRequest, items: np.ndarray,
             interval[hit] = np.where(c >= 2, (sig.hist_last[p] - sig.hist_first[p]) / DAY_S
                                      / np.maximum(c - 1, 1), np.nan)
         col["user_sessions"] = float(sig.user_sessions[req.user])
+        col["explore"], col["one_off"] = _exploration(sig, lo, hi)
     else:
         col["user_sessions"] = 0.0
+        col["explore"] = col["one_off"] = np.nan
     col["hist_count"] = count
     col["days_since_last"] = since
     col["interval_days"] = interval
     with np.errstate(invalid="ignore", divide="ignore"):
         col["due"] = since / np.maximum(interval, 0.5)
+
+
+def _exploration(sig: RankingSignals, lo: int, hi: int) -> tuple[float, float]:
+    """How much a shopper tries new items, from their history rows ``lo:hi``: the share of the
+    items they bought in the last :data:`ADOPTION_DAYS` before the signals' reference time that
+    they had never bought before (``explore``), and the share of all their items bought only
+    once (``one_off``); NaN without such items. Some households buy the same list every week,
+    others try something new in each basket; the ranker weighs repeat and new candidates by it.
+    """
+    if hi <= lo:
+        return np.nan, np.nan
+    since = sig.now - ADOPTION_DAYS * DAY_S
+    recent = sig.hist_last[lo:hi] >= since
+    n_recent = int(recent.sum())
+    explore = (float((sig.hist_first[lo:hi][recent] >= since).sum()) / n_recent if n_recent
+               else np.nan)
+    return explore, float((sig.hist_count[lo:hi] == 1).mean())

@@ -273,7 +273,7 @@ def fit_ranker(
     valid_sources: np.ndarray | None = None,
     seed: int = 0,
     params: dict[str, Any] | None = None,
-    max_rounds: int = MAX_ROUNDS,
+    max_rounds: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> LearnedRanker:
     """Fit LambdaRank on ``train``, early-stopped on ``valid`` (NDCG@20), both from the
@@ -287,7 +287,7 @@ def fit_ranker(
             ablation drops sources); **valid_sources** the same for ``valid``.
         seed: LightGBM seed (deterministic with one thread per run).
         params: Overrides of :data:`DEFAULT_PARAMS`.
-        max_rounds: Boosting rounds at most.
+        max_rounds: Boosting rounds at most (default :data:`MAX_ROUNDS`).
         progress: Called with one summary line.
     """
     import lightgbm as lgb
@@ -307,6 +307,7 @@ def fit_ranker(
         return d.subset(np.flatnonzero(useful & (d.group > 1)))
 
     tr, va = prepared(train, sources), prepared(valid, valid_sources)
+    max_rounds = MAX_ROUNDS if max_rounds is None else max_rounds
     p = {**DEFAULT_PARAMS, "seed": seed, "num_threads": 2, "deterministic": True,
          "force_row_wise": True, **(params or {})}
     if len(tr.group) == 0:

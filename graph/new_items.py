@@ -15,8 +15,8 @@ training would have filled it for an item nobody bought yet:
 - **signals**: popularity 0, the catalogue's repeat rate of items without buyers, no
   co-occurrence neighbours; its department, category and product line by value (a new category
   or line gets a new index).
-- **ranker item features** (:func:`graph.features.item_features`): no trend, its price, its
-  price's percentile among the category's prices, its brand's popularity.
+- **ranker item features** (:func:`graph.features.item_features`): no trend and no new buyers,
+  its price, its price's percentile among the category's prices, its brand's popularity.
 
 The same function embeds held-out items in the offline cold-item test (:mod:`graph.cold_items`),
 so what is measured is what is served.
@@ -201,6 +201,7 @@ def _item_static(art: ModelArtifact, table: pd.DataFrame, signals: RankingSignal
     cat = np.asarray(sig.item_category)
     new = rows[rows >= len(art.item_static)]
     static[new, col["pop_trend"]] = 0.0  # no purchases yet; a known item keeps its trend
+    static[new, col["new_buyers"]] = 0.0  # and no buyers, new or not (new_share stays NaN)
     static[rows, col["repeat_rate"]] = sig.item_repeat_rate[rows]
     static[rows, col["price"]] = price[rows]
     for r in rows.tolist():

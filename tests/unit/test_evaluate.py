@@ -26,7 +26,7 @@ from graph.features import item_features
 from graph.interactions import Interactions, build_interactions
 from graph.ranker_fit import fit_on_validation
 from graph.ranking import Ranker
-from graph.recommend import Recommender
+from graph.recommend import Recommender, Request
 from graph.retrieval import SOURCES
 from graph.search_eval import BASELINES, format_search
 from graph.signals import RankingSignals, fit_signals
@@ -266,3 +266,20 @@ def test_search_task_asks_about_a_hidden_item_by_its_category_words() -> None:
         assert len(tgt) and np.isin(tgt, hidden).all() and not np.isin(tgt, ex).any()
         assert len(set(cats[tgt])) == 1 and text.split()[0] in cats[tgt[0]].lower()
     assert [r.query for r in q.requests()] == q.queries
+
+
+def test_early_stopping_holds_out_whole_shoppers() -> None:
+    from graph.ranker_fit import split_requests
+
+    # 40 shoppers with 1-5 requests each (a next-basket request and in-session baskets), and 10
+    # anonymous requests, each its own shopper.
+    rng = np.random.default_rng(3)
+    requests = [Request(user=u) for u in range(40) for _ in range(int(rng.integers(1, 6)))]
+    requests += [Request(user=None) for _ in range(10)]
+    tr, va = split_requests(requests, np.random.default_rng(0), share=0.25)
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(len(requests)))
+    users_tr = {requests[i].user for i in tr if requests[i].user is not None}
+    users_va = {requests[i].user for i in va if requests[i].user is not None}
+    assert users_tr and users_va and not users_tr & users_va
+    anonymous_va = sum(requests[i].user is None for i in va)
+    assert len(users_va) + anonymous_va == round(0.25 * 50)  # a quarter of the 50 shoppers

@@ -3,6 +3,9 @@ one recommend path on a real small artifact (built-in data slice; SVD embeddings
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -218,3 +221,24 @@ def test_a_three_stage_cascade_keeps_each_stages_best(monkeypatch: pytest.Monkey
         s20 = lr.booster.predict(xs[lo:hi], num_iteration=20)
         assert s20[kept].min() >= s20[in1 & ~kept].max() if (in1 & ~kept).any() else True
     assert lr.contributions_of(cas.leaves) == lr.contributions(x[cas.rows])
+
+
+def test_an_older_versions_item_features_are_padded_and_a_newer_ones_refused(
+    svd_artifact_root: str, tmp_path: Path
+) -> None:
+    from graph.artifacts import ITEM_FEATURES_FILE, RANKER_DIR, latest_version
+    from graph.errors import ArtifactError
+    from graph.features import ITEM_FEATURES
+
+    root = tmp_path / "models"
+    shutil.copytree(svd_artifact_root, root)
+    path = root / latest_version(str(root)) / RANKER_DIR / ITEM_FEATURES_FILE
+    full = np.load(path)
+    np.save(path, full[:, :5])  # the five columns of the release before new_buyers/new_share
+    art = read_artifact(str(root))
+    assert art.item_static.shape == (len(art.items), len(ITEM_FEATURES))
+    np.testing.assert_array_equal(art.item_static[:, :5], full[:, :5])
+    assert np.isnan(art.item_static[:, 5:]).all()
+    np.save(path, np.concatenate([full, full[:, :1]], axis=1))
+    with pytest.raises(ArtifactError, match="newer release"):
+        read_artifact(str(root))

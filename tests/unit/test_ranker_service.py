@@ -216,6 +216,14 @@ def test_reason_texts(svc: RankerService) -> None:
     user_id, item = _repeat_user_item(svc)
     text = why(user=m.user_index[user_id]).text("repeat", m.item_index[item])
     assert text is not None and text.startswith("you ")
+    # Repeat wording only for what the shopper bought; exploring wording only for the rest.
+    sig = m.ranker.signals
+    u = m.user_index[user_id]
+    bought = set(sig.hist_indices[sig.hist_indptr[u]:sig.hist_indptr[u + 1]].tolist())
+    never = next(i for i in range(len(m.titles)) if i not in bought)
+    assert why(user=u).text("repeat", never) is None
+    assert why(user=u).text("explore", m.item_index[item]) is None
+    assert why(user=u).text("explore", never) == "something new to try: you often pick new items"
     # "because you ..." names the session item behind the recommendation, with its event.
     src = _busy_item(svc)
     i = m.item_index[src]

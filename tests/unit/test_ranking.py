@@ -293,3 +293,34 @@ def test_load_reports_missing_files(tmp_path: Path) -> None:
 
     with pytest.raises(ArtifactError, match="lack"):
         RankingSignals.load(tmp_path)
+
+
+def test_adoption_and_exploration_features() -> None:
+    from graph.features import ITEM_FEATURES, _exploration, item_features
+
+    baskets: list[tuple[str, str, list[int]]] = [
+        ("a", "2017-01-02 10:00", [0, 1]),  # a buys item 0 every few weeks, item 1 once long ago
+        ("a", "2017-02-06 10:00", [0]),
+        ("a", "2017-03-06 10:00", [0]),
+        ("a", "2017-03-20 10:00", [0]),      # the signals' reference time; window from 02-20
+        ("b", "2017-01-03 10:00", [2]),
+        ("b", "2017-03-10 10:00", [3, 4]),   # b tries two items in the last 28 days
+    ]
+    train = events_from_baskets(baskets)
+    inter = build_interactions(train, tiny_items())
+    sig = fit_signals(train, inter)
+    rng = np.random.default_rng(0)
+    ranker = Ranker(rng.normal(size=(inter.num_users, 4)).astype(np.float32),
+                    rng.normal(size=(inter.num_items, 4)).astype(np.float32), sig)
+    static = item_features(train, tiny_items(), ranker)
+    item = {name: static[:, j] for j, name in enumerate(ITEM_FEATURES)}
+    # item 0: one recent buyer, not new; items 3 and 4: one new buyer each; item 2: none recent
+    np.testing.assert_allclose(item["new_buyers"][[0, 3, 4]], [0.0, np.log(2), np.log(2)], rtol=1e-6)
+    np.testing.assert_allclose(item["new_share"][[0, 3, 4]], [0.0, 1.0, 1.0])
+    assert np.isnan(item["new_share"][2]) and np.isnan(item["new_share"][7])
+    users = list(inter.user_ids)
+    span = {u: (int(sig.hist_indptr[users.index(u)]), int(sig.hist_indptr[users.index(u) + 1]))
+            for u in ("a", "b")}
+    assert _exploration(sig, *span["a"]) == (0.0, 0.5)  # staple buyer; item 1 bought once
+    assert _exploration(sig, *span["b"]) == (1.0, 1.0)  # everything recent is new to b
+    assert all(np.isnan(v) for v in _exploration(sig, 3, 3))
