@@ -122,9 +122,8 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
                                                        rec.catalogue.titles, rng)
                 requests += reqs
                 targets += q.targets
-            lab = ranker_fit.label(rec, requests, targets, rng)
-            tr_idx, va_idx = ranker_fit.split_requests(requests, rng)
-            lr = fit_ranker(lab.data.subset(tr_idx), lab.data.subset(va_idx), seed=seed,
+            tr, va = ranker_fit.fit_sets(rec, requests, targets, rng, progress=print)
+            lr = fit_ranker(tr.data, va.data, seed=seed,
                             params=v["params"], progress=print)
             rows = {}
             by_cascade: dict[str, dict[str, Any]] = {}
