@@ -122,7 +122,7 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
                                                        rec.catalogue.titles, rng)
                 requests += reqs
                 targets += q.targets
-            tr, va = ranker_fit.fit_sets(rec, requests, targets, rng, progress=print)
+            tr, va = ranker_fit.fit_sets(rec, requests, targets, rng)
             lr = fit_ranker(tr.data, va.data, seed=seed,
                             params=v["params"], progress=print)
             rows = {}

@@ -266,7 +266,7 @@ class LearnedRanker:
 
 def fit_ranker(
     train: RankingData,
-    valid: RankingData | None,
+    valid: RankingData,
     *,
     ablation: str = "full",
     sources: np.ndarray | None = None,
@@ -306,9 +306,7 @@ def fit_ranker(
                           dtype=bool)
         return d.subset(np.flatnonzero(useful & (d.group > 1)))
 
-    tr = prepared(train, sources)
-    va = prepared(valid, valid_sources) if valid is not None else RankingData(
-        tr.x[:0], tr.y[:0], np.zeros(0, dtype=np.int64))
+    tr, va = prepared(train, sources), prepared(valid, valid_sources)
     max_rounds = MAX_ROUNDS if max_rounds is None else max_rounds
     p = {**DEFAULT_PARAMS, "seed": seed, "num_threads": 2, "deterministic": True,
          "force_row_wise": True, **(params or {})}
@@ -322,8 +320,6 @@ def fit_ranker(
         booster = lgb.train(p, dtrain, num_boost_round=max_rounds, valid_sets=[dvalid],
                             valid_names=["validation"],
                             callbacks=[lgb.early_stopping(EARLY_STOPPING, verbose=False)])
-    elif valid is None:  # a fixed number of rounds
-        booster = lgb.train(p, dtrain, num_boost_round=max_rounds)
     else:  # too few requests to hold any out (tiny data sets)
         booster = lgb.train(p, dtrain, num_boost_round=max_rounds // 4)
     best = booster.best_iteration or booster.current_iteration()
