@@ -3,7 +3,7 @@
 :class:`Reasons` turns what the ranker's TreeSHAP contributions
 (:meth:`graph.ltr.LearnedRanker.contributions`) say carried an item ("cooc",
 "repeat", "context", ...) into sentences — "because you added X to your cart", "you buy this every
-week", "because you are shopping for YOGURT", "you often buy YOGURT", "popular on Saturday mornings" — naming the
+week", "because you are shopping for YOGURT", "popular on Saturday mornings" — naming the
 session item behind a "because you ..." reason.
 """
 
@@ -141,14 +141,6 @@ class Reasons:
                                     float(sig.hist_last[p]))
             if comp == "explore" and not len(pos):
                 return "something new to try: you often pick new items"
-            return None
-        if comp == "category" and self.user is not None:
-            # Only for a category the shopper has bought in more than once.
-            sig = m.ranker.signals
-            lo, hi = sig.hist_indptr[self.user], sig.hist_indptr[self.user + 1]
-            mine = sig.item_category[sig.hist_indices[lo:hi]] == sig.item_category[it]
-            if float(sig.hist_count[lo:hi][mine].sum()) >= 2:
-                return f"you often buy {short_title(str(m.intent_labels[it]))}"
             return None
         if comp in ("cooc", "session"):
             src = (self.cooc_src if comp == "cooc" else self.session_src).get(it)

@@ -12,9 +12,6 @@ Features (see :data:`FEATURES`):
 - **repeat purchase**: ``repeat`` (the buy-again share), ``hist_count`` (sessions in which the
   user bought the item), ``days_since_last``, ``interval_days`` (typical time between two of the
   user's purchases of it), ``due`` (their ratio), ``user_sessions``;
-- **category replenishment**: ``cat_share`` (the item's category's share of the user's
-  purchases), ``cat_since`` (days since their last purchase in it), ``cat_due`` (purchases
-  their pace there predicts since then);
 - **co-occurrence and session**: ``cooc``, ``line`` (product line share), ``intent`` (the
   session's weight on the item's category), ``basket`` (personal co-occurrence),
   ``session_items``;
@@ -58,7 +55,6 @@ FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
     "explore", "one_off",
-    "cat_share", "cat_since", "cat_due",
     "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
     "peers",
@@ -76,7 +72,6 @@ COMPONENT_OF: dict[str, str] = {
     "repeat": "repeat", "hist_count": "repeat", "days_since_last": "repeat",
     "interval_days": "repeat", "due": "repeat", "user_sessions": "repeat", "src_buy_again": "repeat",
     "explore": "explore", "one_off": "explore",
-    "cat_share": "category", "cat_since": "category", "cat_due": "category",
     "cooc": "cooc", "src_cooc": "cooc", "line": "line", "intent": "intent", "src_intent": "intent",
     "session_items": "intent", "basket": "basket",
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
@@ -254,56 +249,14 @@ def _repeat_stats(ranker: Ranker, req: FeatureRequest, items: np.ndarray,
                                      / np.maximum(c - 1, 1), np.nan)
         col["user_sessions"] = float(sig.user_sessions[req.user])
         col["explore"], col["one_off"] = _exploration(sig, lo, hi)
-        col["cat_share"], col["cat_since"], col["cat_due"] = _category_stats(
-            sig, lo, hi, items, req.now)
     else:
         col["user_sessions"] = 0.0
         col["explore"] = col["one_off"] = np.nan
-        col["cat_share"] = col["cat_since"] = col["cat_due"] = np.nan
     col["hist_count"] = count
     col["days_since_last"] = since
     col["interval_days"] = interval
     with np.errstate(invalid="ignore", divide="ignore"):
         col["due"] = since / np.maximum(interval, 0.5)
-
-
-def _category_stats(sig: RankingSignals, lo: int, hi: int, items: np.ndarray, now: float
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The shopper's history in each candidate's category (``item_category``), from their
-    history rows ``lo:hi``: the category's share of their (decayed) purchase weight
-    (``cat_share``, 0 for a category they never bought in), the days since their last purchase
-    in it (``cat_since``) and how many purchases in it their pace there predicts since then
-    (``cat_due``: ``cat_since`` times their purchases in the category per day since their first
-    one there; above 1 the category is overdue). NaN where they never bought in it.
-
-    A grocery shopper replenishes categories (milk, bread, cat food) more than exact items:
-    they switch brands and sizes, and a new item in a category they buy every week is a far
-    better bet than one in a category they never touch.
-    """
-    n = len(items)
-    share = np.zeros(n, dtype=np.float64)
-    since = np.full(n, np.nan)
-    due = np.full(n, np.nan)
-    if hi <= lo:
-        return share, since, due
-    cats = sig.item_category[sig.hist_indices[lo:hi]]
-    order = np.argsort(cats, kind="stable")
-    cs = cats[order]
-    starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
-    uniq = cs[starts]
-    weight = np.add.reduceat(sig.hist_weight[lo:hi][order].astype(np.float64), starts)
-    count = np.add.reduceat(sig.hist_count[lo:hi][order].astype(np.float64), starts)
-    last = np.maximum.reduceat(sig.hist_last[lo:hi][order], starts)
-    first = np.minimum.reduceat(sig.hist_first[lo:hi][order], starts)
-    ic = sig.item_category[items]
-    pos = np.minimum(np.searchsorted(uniq, ic), len(uniq) - 1)
-    hit = uniq[pos] == ic
-    p = pos[hit]
-    share[hit] = weight[p] / max(float(weight.sum()), 1e-12)
-    since[hit] = np.maximum(now - last[p], 0.0) / DAY_S
-    span = np.maximum((now - first[p]) / DAY_S, 1.0)
-    due[hit] = since[hit] * count[p] / span
-    return share, since, due
 
 
 def _exploration(sig: RankingSignals, lo: int, hi: int) -> tuple[float, float]:

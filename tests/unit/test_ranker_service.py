@@ -224,16 +224,6 @@ def test_reason_texts(svc: RankerService) -> None:
     assert why(user=u).text("repeat", never) is None
     assert why(user=u).text("explore", m.item_index[item]) is None
     assert why(user=u).text("explore", never) == "something new to try: you often pick new items"
-    # The category sentence only for a category the shopper bought in more than once.
-    from actors.explain import short_title
-
-    cats = sig.item_category[sorted(bought)]
-    it = m.item_index[item]
-    assert why(user=u).text("category", it) == (
-        f"you often buy {short_title(str(m.intent_labels[it]))}")
-    elsewhere = next(i for i in range(len(m.titles)) if sig.item_category[i] not in set(cats))
-    assert why(user=u).text("category", elsewhere) is None
-    assert why(user=None).text("category", it) is None
     # "because you ..." names the session item behind the recommendation, with its event.
     src = _busy_item(svc)
     i = m.item_index[src]

@@ -324,32 +324,3 @@ def test_adoption_and_exploration_features() -> None:
     assert _exploration(sig, *span["a"]) == (0.0, 0.5)  # staple buyer; item 1 bought once
     assert _exploration(sig, *span["b"]) == (1.0, 1.0)  # everything recent is new to b
     assert all(np.isnan(v) for v in _exploration(sig, 3, 3))
-
-
-def test_category_replenishment_features() -> None:
-    from graph.features import _category_stats
-    from graph.signals import to_unix_seconds
-
-    baskets: list[tuple[str, str, list[int]]] = [
-        ("a", "2017-01-02 10:00", [2, 0]),  # bread (items 2 and 3 share BAKERY > BREAD), milk once
-        ("a", "2017-01-09 10:00", [3]),     # a switches between two breads every week
-        ("a", "2017-01-16 10:00", [2]),
-        ("b", "2017-01-03 10:00", [4]),
-    ]
-    train = events_from_baskets(baskets)
-    inter = build_interactions(train, tiny_items())
-    sig = fit_signals(train, inter)
-    u = list(inter.user_ids).index("a")
-    lo, hi = int(sig.hist_indptr[u]), int(sig.hist_indptr[u + 1])
-    now = to_unix_seconds(pd.Timestamp("2017-01-30 10:00"))
-    ids = list(inter.item_ids)
-    items = np.array([ids.index(f"i{n}") for n in (2, 3, 0, 4)])
-    share, since, due = _category_stats(sig, lo, hi, items, now)
-    # Bread: 3 purchases in 28 days since the first, the last 14 days ago, so 1.5 are due; the
-    # rye bread a bought once is as due as the white one. Milk: once, 28 days ago: 1 due.
-    np.testing.assert_allclose(since[:3], [14.0, 14.0, 28.0])
-    np.testing.assert_allclose(due[:3], [1.5, 1.5, 1.0])
-    assert share[0] == share[1] > share[2] > 0
-    assert share[3] == 0.0 and np.isnan(since[3]) and np.isnan(due[3])  # a never bought produce
-    share, since, due = _category_stats(sig, lo, lo, items, now)  # no history
-    assert (share == 0).all() and np.isnan(since).all() and np.isnan(due).all()
