@@ -177,3 +177,30 @@ def test_fixed_user_index_drops_other_users() -> None:
     g = build_interactions(ev, _items(), user_ids=np.array(["u2", "zz"]))
     assert g.user_ids.tolist() == ["u2", "zz"]
     assert set(g.edge_index[0].tolist()) == {0}
+
+
+@pytest.mark.parametrize("variant", ["minimal", "half_summer"])
+def test_other_data_variants_load_as_canonical_files(tmp_path: Path, variant: str) -> None:
+    """bench/other_data.py's retailers go through the path any other data takes."""
+    from bench.other_data import VARIANTS
+
+    ds = load_builtin(max_users=60, seed=2)
+    ev, items, split = VARIANTS[variant](ds)
+    ev.to_parquet(tmp_path / "events.parquet", index=False)
+    items.to_parquet(tmp_path / "items.parquet", index=False)
+    loaded = load_files(tmp_path / "events.parquet", tmp_path / "items.parquet")
+    assert len(loaded.events) == len(ev) > 0
+    before = loaded.events[S.TS_COL] < pd.Timestamp(split)
+    assert before.any() and (~before).any()  # both sides of the split hold events
+    if variant == "minimal":
+        assert list(ev.columns) == [S.USER_COL, S.ITEM_COL, S.TS_COL, S.EVENT_COL]
+        assert list(items.columns) == [S.ITEM_COL, S.CATEGORY_COL]
+        # sessions from inactivity gaps, the title from the category, brand and price unknown
+        e = loaded.events
+        assert (e[S.SESSION_COL].str.rsplit(":", n=1).str[0] == e[S.USER_COL]).all()
+        assert (loaded.items[S.TITLE_COL] == loaded.items[S.CATEGORY_COL]).all()
+        assert (loaded.items[S.BRAND_COL] == "unknown").all()
+        assert loaded.items[S.PRICE_COL].isna().all()
+    else:
+        assert loaded.events[S.USER_COL].nunique() <= ds.events[S.USER_COL].nunique() // 2 + 1
+        assert loaded.events[S.TS_COL].max() < pd.Timestamp("2017-07-01")
