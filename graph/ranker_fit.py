@@ -78,7 +78,7 @@ def label(rec: Recommender, requests: Sequence[Request], targets: Sequence[np.nd
 
     Random, not hard, negatives: the candidates a first ranker likes best but the shopper did
     not buy in the window are mostly items they buy later, and taking half of the negatives
-    from them cost 9-25% recall@20 on held-out validation shoppers (README, "Ranking").
+    from them cost 9-31% recall@20 on held-out validation shoppers (README, "Ranking").
     """
     xs, ys, srcs, group = [], [], [], []
     found = total = 0
