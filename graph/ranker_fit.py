@@ -76,9 +76,9 @@ def label(rec: Recommender, requests: Sequence[Request], targets: Sequence[np.nd
     """Candidates and features of each request, labelled by its targets; at most ``negatives``
     random negatives per request.
 
-    Random, not hard, negatives: the candidates a first ranker likes best but the shopper did
-    not buy in the window are mostly items they buy later, and taking half of the negatives
-    from them cost 9-31% recall@20 on held-out validation shoppers (README, "Ranking").
+    Random, not hard, negatives: taking half of the negatives from a first ranker's best
+    unbought candidates cost 9-31% recall@20 on held-out validation shoppers (README,
+    "Ranking"), most likely because many of them are items the shopper buys later.
     """
     xs, ys, srcs, group = [], [], [], []
     found = total = 0
