@@ -66,7 +66,7 @@ def half_summer(ds: Dataset) -> tuple[pd.DataFrame, pd.DataFrame, str]:
 VARIANTS: dict[str, Callable[[Dataset], tuple[pd.DataFrame, pd.DataFrame, str]]] = {
     "minimal": minimal, "half_summer": half_summer,
 }
-BASELINES = ("popularity", "buy_again", "itemknn")
+BASELINES = tuple(m for m in S.MODEL_NAMES if m != "intentrec")
 
 
 def run_variant(name: str, ds: Dataset, work: Path) -> dict[str, Any]:
