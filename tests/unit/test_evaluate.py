@@ -283,3 +283,21 @@ def test_early_stopping_holds_out_whole_shoppers() -> None:
     assert users_tr and users_va and not users_tr & users_va
     anonymous_va = sum(requests[i].user is None for i in va)
     assert len(users_va) + anonymous_va == round(0.25 * 50)  # a quarter of the 50 shoppers
+
+
+def test_labelled_subset_keeps_rows_and_source_flags_together() -> None:
+    from graph.features import FEATURES
+    from graph.ltr import RankingData
+    from graph.ranker_fit import LabelledSet
+    from graph.retrieval import SOURCES
+
+    # Three requests of 2, 3 and 1 rows; row r's features and source flags both encode r.
+    x = np.repeat(np.arange(6, dtype=np.float32)[:, None], len(FEATURES), axis=1)
+    src = np.zeros((6, len(SOURCES)), dtype=bool)
+    src[np.arange(6), np.arange(6) % len(SOURCES)] = True
+    lab = LabelledSet(RankingData(x, np.arange(6) % 2, np.array([2, 3, 1])), src, 0.5)
+    sub = lab.subset(np.array([2, 0]))
+    assert sub.data.group.tolist() == [1, 2]
+    assert sub.data.x[:, 0].tolist() == [5, 0, 1]
+    assert sub.sources.argmax(axis=1).tolist() == [5 % len(SOURCES), 0, 1]
+    assert sub.candidate_recall == 0.5
