@@ -36,10 +36,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 HELD_OUT_SHARE = 0.25
-FIT_SHOPPER_SHARE = 1.0  # learning-curve experiment: share of the fit shoppers used
-EXTRA_REVEALS = 0  # experiment: more seeded reveals of each fit in-session basket
-EXTRA_WINDOWS = 0  # experiment: earlier validation windows (each with its own GNN and signals)
-WINDOW_DAYS = 28.0
 
 
 @contextmanager
@@ -72,7 +68,7 @@ def embeddings(d: Any, cache: Path, epochs: int | None) -> tuple[Any, Any]:
     from graph.train_loop import fit, format_progress
 
     train_job.init_ray(None)
-    cfg = TrainConfig(storage_path=str(cache.parent.resolve() / ("holdout_ckpt" + cache.stem[7:])),
+    cfg = TrainConfig(storage_path=str(cache.parent.resolve() / "holdout_ckpt"),
                       **({"epochs": epochs} if epochs else {}))
     res = fit(d.inter_fit, cfg, progress=lambda m: print("[train] " + format_progress(m)))
     emb = (res.user_emb, res.item_emb)
@@ -80,38 +76,6 @@ def embeddings(d: Any, cache: Path, epochs: int | None) -> tuple[Any, Any]:
     with cache.open("wb") as f:
         pickle.dump(emb, f)
     return emb
-
-
-def earlier_window(d: Any, k: int, text: Any, seed: int, epochs: int | None) -> tuple[Any, Any]:
-    """The recommender and validation tasks of the k-th earlier window (k = 1: the 28 days
-    before the validation cut), fitted on events before that window only."""
-    import pandas as pd
-
-    from graph import schema as S
-    from graph.evaluate import validation_tasks
-    from graph.features import item_features
-    from graph.interactions import build_interactions
-    from graph.ranking import Ranker
-    from graph.recommend import Recommender
-    from graph.signals import fit_signals
-
-    hi = d.val_cut - pd.Timedelta(days=WINDOW_DAYS * (k - 1))
-    lo = d.val_cut - pd.Timedelta(days=WINDOW_DAYS * k)
-    ts = d.train[S.TS_COL]
-    hist, win = d.train[ts < lo], d.train[(ts >= lo) & (ts < hi)]
-    inter = build_interactions(hist, d.ds.items, user_ids=d.inter_full.user_ids,
-                               now=hist[S.TS_COL].max())
-
-    class _D:  # what embeddings() reads
-        inter_fit = inter
-    emb = embeddings(_D, REPO / ".holdout" / f"fit_emb_w{k}.pkl", epochs)
-    ranker = Ranker(*emb, fit_signals(hist, d.inter_full))
-    rec = Recommender.build(d.ds.items, ranker, item_features(hist, d.ds.items, ranker), text=text)
-    tasks = validation_tasks(hist, win, d.inter_full, lo, country=ranker.signals.params.country,
-                             seed=seed + 100 * k)
-    print(f"[holdout] window {k}: {lo:%Y-%m-%d} to {hi:%Y-%m-%d}, "
-          + ", ".join(f"{q.name} {len(q)}" for q in tasks))
-    return rec, tasks
 
 
 def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None,
@@ -144,7 +108,6 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
     print(f"[holdout] fitting on {sum(map(len, fit_b)):,} requests, measuring on "
           f"{sum(map(len, eval_b)):,} ({len(held):,} held-out shoppers)")
     cascades = cascades or {}
-    windows: dict[int, Any] = {}
     out: dict[str, Any] = {}
     for name, v in variants.items():
         t0 = time.perf_counter()
@@ -152,53 +115,14 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
             rec = Recommender.build(d.ds.items, ranker, static, text=text)
             rng = np.random.default_rng(seed)
             requests, targets = [], []
-            fit_users = np.unique(np.concatenate([q.users for q in fit_b]))
-            fsub = np.random.default_rng(seed + 11).permutation(fit_users)[
-                :round(len(fit_users) * sys.modules[__name__].FIT_SHOPPER_SHARE)]
-            for q0 in fit_b:
-                q = q0.take(np.flatnonzero(np.isin(q0.users, fsub)))
+            for q in fit_b:
                 reqs = q.requests()
                 if q.name == "in_session":
                     reqs = ranker_fit.simulate_queries(reqs, q.targets, rec.catalogue.categories,
                                                        rec.catalogue.titles, rng)
                 requests += reqs
                 targets += q.targets
-            me = sys.modules[__name__]
-            if me.EXTRA_REVEALS or me.EXTRA_WINDOWS:
-                from graph.tasks import in_session_tasks
-                groups = [(rec, requests, targets)]
-                for j in range(me.EXTRA_REVEALS):
-                    ins2, _ = in_session_tasks(d.val_part, d.inter_full,
-                                               country=ranker.signals.params.country,
-                                               seed=seed + 1000 * (j + 1))
-                    ins2 = ins2.take(np.flatnonzero(np.isin(ins2.users, fsub)))
-                    groups.append((rec, ins2.requests(), ins2.targets))
-                for k in range(1, me.EXTRA_WINDOWS + 1):
-                    if k not in windows:
-                        windows[k] = earlier_window(d, k, text, seed, epochs)
-                    rec_k, tasks_k = windows[k]
-                    rq, tg = [], []
-                    for q in tasks_k:
-                        q = q.take(np.flatnonzero(~np.isin(q.users, held)))
-                        r = q.requests()
-                        if q.name == "in_session":
-                            r = ranker_fit.simulate_queries(r, q.targets, rec.catalogue.categories,
-                                                            rec.catalogue.titles, rng)
-                        rq += r
-                        tg += q.targets
-                    groups.append((rec_k, rq, tg))
-                labs = [ranker_fit.label(r_, q_, t_, rng) for r_, q_, t_ in groups]
-                all_req = [x for _, q_, _ in groups for x in q_]
-                lab = ranker_fit.LabelledSet(
-                    ltr.RankingData(np.concatenate([x.data.x for x in labs]),
-                                    np.concatenate([x.data.y for x in labs]),
-                                    np.concatenate([x.data.group for x in labs])),
-                    np.concatenate([x.sources for x in labs]), labs[0].candidate_recall)
-                tr_idx, va_idx = ranker_fit.split_requests(all_req, rng)
-                tr, va = lab.subset(tr_idx), lab.subset(va_idx)
-                print(f"[holdout] {name}: {len(all_req):,} fit requests in {len(groups)} groups")
-            else:
-                tr, va = ranker_fit.fit_sets(rec, requests, targets, rng)
+            tr, va = ranker_fit.fit_sets(rec, requests, targets, rng)
             lr = fit_ranker(tr.data, va.data, seed=seed,
                             params=v["params"], progress=print)
             rows = {}

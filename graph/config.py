@@ -81,8 +81,6 @@ class TrainConfig(BaseModel):
     run_name: str = "intentrec"
     max_failures: int = 1
     text_input: Literal["auto", "on", "off"] = "auto"
-    loss: Literal["bpr", "softmax", "cosine"] = "bpr"
-    temperature: float = 1.0
 
     @field_validator("dim")
     @classmethod
@@ -134,7 +132,7 @@ class TrainConfig(BaseModel):
     @field_validator("num_negatives")
     @classmethod
     def _num_negatives(cls, v: int) -> int:
-        _check_range("num_negatives", v, 1, 65536, "use e.g. 1")
+        _check_range("num_negatives", v, 1, 256, "use e.g. 1")
         return v
 
     @field_validator("num_workers")

@@ -289,24 +289,6 @@ def epoch_batches(
     return list(np.array_split(shard, num_steps))
 
 
-def softmax_loss(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor, reg: float,
-                 temperature: float = 1.0, cosine: bool = False) -> Tensor:
-    """Sampled softmax over K negatives shared by the whole batch:
-    ``-log(e^{u.p/t} / (e^{u.p/t} + sum_k e^{u.n_k/t}))`` with the same L2 term as
-    :func:`bpr_loss`. neg_emb ``[K, d]``."""
-    if cosine:
-        f = torch.nn.functional.normalize
-        user_emb, pos_emb, neg_emb = f(user_emb, dim=-1), f(pos_emb, dim=-1), f(neg_emb, dim=-1)
-    pos_score = (user_emb * pos_emb).sum(-1, keepdim=True)  # [B, 1]
-    neg_score = user_emb @ neg_emb.T  # [B, K]
-    logits = torch.cat([pos_score, neg_score], dim=1) / temperature
-    rank_loss = -torch.log_softmax(logits, dim=1)[:, 0].mean()
-    batch = max(user_emb.size(0), 1)
-    l2 = (user_emb.pow(2).sum() + pos_emb.pow(2).sum()) / (2 * batch) + neg_emb.pow(2).sum(
-        -1).mean() / 2
-    return rank_loss + reg * l2
-
-
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -348,18 +330,16 @@ def train_epoch(
     ):
         users = edge_index[0, batch]
         pos = edge_index[1, batch]
-        neg = (sampler.sample(users, cfg.num_negatives, rng) if cfg.loss == "bpr"
-               else rng.integers(0, num_items, cfg.num_negatives))
+        neg = sampler.sample(users, cfg.num_negatives, rng)
         mask = None
         if cfg.id_dropout > 0:
             mask = torch.from_numpy(rng.random(num_items) < cfg.id_dropout).to(device)
         user_emb, item_emb = model(adj, id_dropout_mask=mask)
-        loss = (bpr_loss if cfg.loss == "bpr" else softmax_loss)(
+        loss = bpr_loss(
             user_emb[torch.from_numpy(users).to(device)],
             item_emb[torch.from_numpy(pos).to(device)],
             item_emb[torch.from_numpy(neg).to(device)],
-            cfg.reg, **({} if cfg.loss == "bpr" else {"temperature": cfg.temperature,
-                                                 "cosine": cfg.loss == "cosine"}),
+            cfg.reg,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
