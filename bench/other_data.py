@@ -94,13 +94,16 @@ def run_variant(name: str, ds: Dataset, work: Path) -> dict[str, Any]:
               for m in (*BASELINES, "intentrec")}
     beats = {t: all(recall["intentrec"][t] > recall[b][t] for b in BASELINES) for t in S.TASKS}
     lift = recall["intentrec"]["in_session"] / max(recall["intentrec"]["in_session_blind"], 1e-12)
+    # 95% intervals of the lead over each task's best baseline (graph.evaluate.recall_uncertainty).
+    lead = {t: {k: u[k] for k in ("best_baseline", "lead", "lead_ci95")}
+            for t, u in metrics.get("uncertainty", {}).get("recall@20", {}).items()}
     return {"split_at": split, "events": len(ev), "users": int(ev[S.USER_COL].nunique()),
             "items": len(items), "event_columns": list(ev.columns),
             "item_columns": list(items.columns), "version": version,
             "seconds": round(time.perf_counter() - t0, 1), "recall@20": recall,
             "candidate_recall": {t: metrics["intentrec"][t].get("candidate_recall")
                                  for t in S.TASKS},
-            "session_lift": lift - 1.0, "beats_every_baseline": beats}
+            "session_lift": lift - 1.0, "beats_every_baseline": beats, "lead": lead}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         best = {t: max(r["recall@20"][b][t] for b in BASELINES) for t in S.TASKS}
         print(f"{'vs best base':<12}" + "".join(
             f"{r['recall@20']['intentrec'][t] / max(best[t], 1e-12) - 1:>+24.1%}" for t in S.TASKS))
+        if r["lead"]:
+            print(f"{'lead 95%':<12}" + "".join(
+                f"{'[{:+.4f}, {:+.4f}]'.format(*r['lead'][t]['lead_ci95']):>24}" for t in S.TASKS))
         print(f"session lift {r['session_lift']:+.1%}; intentrec beats every baseline in every "
               f"task: {'yes' if all(r['beats_every_baseline'].values()) else 'NO'}")
     out = Path(opts.out)

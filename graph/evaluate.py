@@ -37,7 +37,7 @@ import scipy.sparse as sp
 from graph import schema as S
 from graph.interactions import Interactions
 from graph.ltr import LearnedRanker
-from graph.metrics import summarize
+from graph.metrics import cluster_bootstrap, recall_at_k, summarize
 from graph.ranking import top_k_from_scores
 from graph.recommend import Recommender
 from graph.retrieval import SOURCES
@@ -51,6 +51,10 @@ CHUNK = 256
 BATCH = 256
 ABLATION_REQUESTS = 1000
 ABLATIONS_KEY = "ablations"
+UNCERTAINTY_KEY = "uncertainty"
+# Top-level blocks of metrics.json that are not a model's row of the main table.
+NON_MODEL_KEYS = frozenset({ABLATIONS_KEY, UNCERTAINTY_KEY, "search", "cold_items"})
+BOOTSTRAP_SAMPLES = 1000
 
 
 # ------------------------------------------------------------------------------ baselines
@@ -244,6 +248,8 @@ def evaluate(
     empty = {f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"), f"hit@{k}": float("nan"),
              "n": 0.0}
     rng = np.random.default_rng(seed)
+    per_request: dict[str, dict[str, np.ndarray]] = {}
+    shoppers: dict[str, np.ndarray] = {}
     for q in (nb_all, nb_disc, ins, blind):
         t = time.perf_counter()
         if len(q) == 0:
@@ -251,12 +257,17 @@ def evaluate(
                 for name in table:
                     table[name][q.name] = dict(empty)
             continue
+        per_request[q.name] = {}
+        # An unknown shopper's requests are each their own cluster.
+        shoppers[q.name] = np.where(q.users >= 0, q.users, -1 - np.arange(len(q)))
         for name, make in baselines.items():
-            results[name][q.name] = {**summarize(run_queries(make(q), q, k), q.targets, k),
-                                     "n": float(len(q))}
+            top = run_queries(make(q), q, k)
+            results[name][q.name] = {**summarize(top, q.targets, k), "n": float(len(q))}
+            per_request[q.name][name] = recall_at_k(top, q.targets, k)
         ranked, report = recommender_rankings(rec, q, rankers, k, progress=say)  # type: ignore[arg-type]
         for name, top in ranked.items():
             results[name][q.name] = {**summarize(top, q.targets, k), "n": float(len(q))}
+            per_request[q.name][name] = recall_at_k(top, q.targets, k)
         results["intentrec"][q.name].update(report)
         r = {m: results[m][q.name].get(f"recall@{k}", float("nan")) for m in results}
         say(f"evaluate {q.name}: {len(q)} requests in {time.perf_counter() - t:.1f}s; candidate "
@@ -275,6 +286,8 @@ def evaluate(
     out: dict[str, Any] = dict(results)
     if ablations:
         out[ABLATIONS_KEY] = ablated
+    out[UNCERTAINTY_KEY] = recall_uncertainty(per_request, shoppers, list(baselines), k=k,
+                                              seed=seed)
     from graph.search_eval import SEARCH_KEY, evaluate_search
 
     t = time.perf_counter()
@@ -287,6 +300,63 @@ def evaluate(
                                        for m, v in out[SEARCH_KEY].items()))
     say(f"evaluate: done in {time.perf_counter() - t0:.1f}s")
     return out
+
+
+def recall_uncertainty(per_request: Mapping[str, Mapping[str, np.ndarray]],
+                       shoppers: Mapping[str, np.ndarray], baselines: list[str], *,
+                       k: int = S.TOP_K, model: str = "intentrec", seed: int = 0,
+                       samples: int = BOOTSTRAP_SAMPLES) -> dict[str, Any]:
+    """95% intervals of ``model``'s recall@k and of its lead over the task's best baseline.
+
+    Each task's shoppers are resampled with all their requests
+    (:func:`graph.metrics.cluster_bootstrap`); the lead is paired: the same requests for both
+    models, so it is much tighter than the two intervals side by side. What the intervals
+    cover is the sampling of requests (which shoppers and baskets the test window happened to
+    hold), not the ranker's refit noise (another seed, other rows).
+
+    Args:
+        per_request: ``{task: {model: per-request recall@k}}``.
+        shoppers: ``{task: the shopper of each request}``.
+        baselines: The baseline models' names.
+
+    Returns:
+        ``{"method": str, "samples": int, f"recall@{k}": {task: {"mean", "ci95", "best_baseline",
+        "lead", "lead_ci95"}}}``.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for task, by_model in per_request.items():
+        if model not in by_model:
+            continue
+        mine, who = by_model[model], shoppers[task]
+        best = max((b for b in baselines if b in by_model), key=lambda b: float(by_model[b].mean()))
+        lead = mine - by_model[best]
+        rows[task] = {
+            "mean": float(mine.mean()),
+            "ci95": list(cluster_bootstrap(mine, who, samples=samples, seed=seed)),
+            "best_baseline": best,
+            "lead": float(lead.mean()),
+            "lead_ci95": list(cluster_bootstrap(lead, who, samples=samples, seed=seed)),
+        }
+    return {"method": "95% percentile intervals, shoppers resampled with all their requests",
+            "samples": samples, f"recall@{k}": rows}
+
+
+def format_uncertainty(metrics: Mapping[str, Any], k: int = S.TOP_K) -> str:
+    """The intervals of :func:`recall_uncertainty` as a table, or "" without them."""
+    rows = (metrics.get(UNCERTAINTY_KEY) or {}).get(f"recall@{k}")
+    if not rows:
+        return ""
+    width = max(len(t) for t in rows)
+    head = (f"{'task'.ljust(width)} | intentrec recall@{k} [95% interval] | lead over the best "
+            "baseline [95% interval]")
+    lines = [f"uncertainty ({metrics[UNCERTAINTY_KEY]['samples']:,} bootstrap resamples of the "
+             "shoppers; the ranker's refit noise is not in it):", head, "-" * len(head)]
+    for t, r in rows.items():
+        lo, hi = r["ci95"]
+        llo, lhi = r["lead_ci95"]
+        lines.append(f"{t.ljust(width)} | {r['mean']:.4f} [{lo:.4f}, {hi:.4f}]".ljust(width + 38)
+                     + f"| {r['lead']:+.4f} [{llo:+.4f}, {lhi:+.4f}] over {r['best_baseline']}")
+    return "\n".join(lines)
 
 
 def validation_tasks(history: pd.DataFrame, window: pd.DataFrame, inter: Interactions,
@@ -341,7 +411,7 @@ def format_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]]) -> st
 
     The header names each task with its number of requests ``n``.
     """
-    models = [m for m in metrics if m not in ("intentrec", ABLATIONS_KEY, "search", "cold_items")] + (
+    models = [m for m in metrics if m != "intentrec" and m not in NON_MODEL_KEYS] + (
         ["intentrec"] if "intentrec" in metrics else [])
     tasks = [t for t in S.TASKS if any(t in metrics[m] for m in models)]
     tasks += sorted({t for m in models for t in metrics[m]} - set(tasks))

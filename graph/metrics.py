@@ -88,3 +88,42 @@ def summarize(ranked: np.ndarray, targets: Sequence[np.ndarray], k: int) -> dict
         f"ndcg@{k}": float(ndcg_at_k(ranked, targets, k).mean()),
         f"hit@{k}": float(hit_at_k(ranked, targets, k).mean()),
     }
+
+
+def cluster_bootstrap(values: np.ndarray, clusters: np.ndarray, *, samples: int = 1000,
+                      seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean of per-query ``values``, resampling whole ``clusters``.
+
+    The queries of one shopper (their next-basket request, their baskets) are not independent,
+    so the shoppers are drawn with replacement, each with all their queries, and the mean over
+    the drawn queries is taken ``samples`` times (Davison & Hinkley's cluster bootstrap). Pass
+    the difference of two models' per-query values to get the interval of a paired lead.
+
+    Args:
+        values: One value per query (e.g. :func:`recall_at_k`).
+        clusters: The cluster (shopper) of each query, any integer labels.
+        samples: Bootstrap resamples.
+        seed: Seed of the draws: the same inputs and seed give the same interval.
+        level: Coverage of the interval.
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` without queries.
+
+    Shapes:
+        - **values**, **clusters** ``[B]``.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    _, code = np.unique(np.asarray(clusters), return_inverse=True)
+    n = int(code.max()) + 1
+    sums = np.bincount(code, weights=values, minlength=n)
+    counts = np.bincount(code, minlength=n).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    for s in range(samples):
+        w = np.bincount(rng.integers(0, n, n), minlength=n)
+        means[s] = (w @ sums) / max(float(w @ counts), 1.0)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)

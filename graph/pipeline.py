@@ -263,7 +263,13 @@ def run_pipeline(
         The published version, its metrics table and timings.
     """
     from graph.cold_items import COLD_KEY, MAX_BASKETS, evaluate_cold_items, format_cold_items
-    from graph.evaluate import evaluate, format_ablations, format_candidates, format_table
+    from graph.evaluate import (
+        evaluate,
+        format_ablations,
+        format_candidates,
+        format_table,
+        format_uncertainty,
+    )
     from graph.search_eval import format_search
     from graph.train_loop import embed, fit, format_progress
     from graph.validation import validation_sample
@@ -323,7 +329,8 @@ def run_pipeline(
         if cold:
             metrics[COLD_KEY] = cold
         progress(f"[cold items] evaluated in {time.perf_counter() - t4:.0f}s")
-        table = "\n\n".join(t for t in (format_table(metrics), format_candidates(metrics),
+        table = "\n\n".join(t for t in (format_table(metrics), format_uncertainty(metrics),
+                                          format_candidates(metrics),
                                           format_ablations(metrics), format_search(metrics),
                                           format_cold_items(metrics)) if t)
         timings["eval_s"] = time.perf_counter() - t3

@@ -16,8 +16,10 @@ from graph.evaluate import (
     format_ablations,
     format_candidates,
     format_table,
+    format_uncertainty,
     itemknn_scores,
     popularity_scores,
+    recall_uncertainty,
     recommender_rankings,
     run_queries,
     validation_tasks,
@@ -191,7 +193,20 @@ def test_evaluate_reports_every_model_task_and_metric() -> None:
                    ablation_requests=3, progress=lines.append)
     abl = res.pop("ablations")
     search = res.pop("search")
+    unc = res.pop("uncertainty")
     assert list(res) == list(S.MODEL_NAMES)
+    # The intervals: one per task, around intentrec's own recall, the lead over the task's best
+    # baseline by mean recall, paired on the same requests.
+    for task in S.TASKS:
+        u = unc["recall@20"][task]
+        assert u["mean"] == pytest.approx(res["intentrec"][task]["recall@20"])
+        assert u["ci95"][0] <= u["mean"] <= u["ci95"][1]
+        best = max([m for m in S.MODEL_NAMES if m != "intentrec"],
+                   key=lambda b: res[b][task]["recall@20"])
+        assert u["best_baseline"] == best
+        assert u["lead"] == pytest.approx(u["mean"] - res[best][task]["recall@20"])
+        assert u["lead_ci95"][0] <= u["lead"] <= u["lead_ci95"][1]
+    assert "next_basket_all" in format_uncertainty({"uncertainty": unc})
     # The search task: every search baseline and intentrec, on the same simulated queries.
     assert list(search) == [*BASELINES, "intentrec"]
     baskets = res["popularity"]["in_session"]["n"]
@@ -226,6 +241,35 @@ def test_evaluate_reports_every_model_task_and_metric() -> None:
                      progress=lambda _: None)
     assert small["intentrec"]["next_basket_all"]["n"] == 3
     assert small["intentrec"]["in_session"]["n"] == 2
+
+
+def test_recall_uncertainty_resamples_shoppers_and_pairs_the_lead() -> None:
+    rng = np.random.default_rng(3)
+    # 200 shoppers with 10 identical requests each: the requests say no more than the shoppers.
+    shopper_value = rng.random(200)
+    mine = np.repeat(shopper_value, 10)
+    who = np.repeat(np.arange(200), 10)
+    base = {"weak": mine - 0.05, "strong": mine - 0.01}
+    per_request = {"in_session": {"intentrec": mine, **base}}
+    out = recall_uncertainty(per_request, {"in_session": who}, ["weak", "strong"], seed=1)
+    r = out["recall@20"]["in_session"]
+    assert r["best_baseline"] == "strong"
+    # Paired: the lead is the same on every request, so its interval has no width at all.
+    assert r["lead"] == pytest.approx(0.01)
+    assert r["lead_ci95"] == pytest.approx([0.01, 0.01])
+    # Clustered: as wide as the interval of the 200 shoppers' own values, and about sqrt(10)
+    # times the one that takes the 2,000 requests as independent.
+    own = recall_uncertainty({"t": {"intentrec": shopper_value, "b": shopper_value}},
+                             {"t": np.arange(200)}, ["b"], seed=1)["recall@20"]["t"]["ci95"]
+    naive = recall_uncertainty({"t": {"intentrec": mine, "b": mine}}, {"t": np.arange(2000)},
+                               ["b"], seed=1)["recall@20"]["t"]["ci95"]
+    width = r["ci95"][1] - r["ci95"][0]
+    assert width == pytest.approx(own[1] - own[0], rel=0.15)
+    assert width > 2.5 * (naive[1] - naive[0])
+    # Seeded: the same inputs give the same intervals.
+    again = recall_uncertainty(per_request, {"in_session": who}, ["weak", "strong"], seed=1)
+    assert again == out
+    assert "+0.0100 [+0.0100, +0.0100] over strong" in format_uncertainty({"uncertainty": out})
 
 
 def test_format_table_puts_intentrec_last_and_marks_the_best() -> None:
