@@ -92,9 +92,11 @@ class Reasons:
         out = cls(m, user, context, query, item_events)
         if session is None or session.is_empty or len(top) == 0:
             return out
+        from graph.ranking import csr_block  # here: the ranker replica has torch loaded
+
         w = np.maximum(session.weights.astype(np.float32), 0.0)[:, None]
         r = m.ranker
-        co = r.signals.item_sim[session.items][:, top].toarray() * w
+        co = csr_block(r.signals.item_sim, session.items, top) * w
         em = (r.item_emb[session.items] @ r.item_emb[top].T) * w
         for strength, dest in ((co, out.cooc_src), (em, out.session_src)):
             best = strength.argmax(axis=0)

@@ -258,21 +258,56 @@ def top_k_from_scores(
 def _dense(m: sp.spmatrix, cand: np.ndarray | None) -> np.ndarray:
     """Dense float32 rows of a sparse ``[B, I]`` matrix, restricted to ``cand`` columns.
 
-    The column gather goes through a position lookup instead of scipy's fancy column indexing,
-    which costs a fresh matrix per call: this runs once per component per request.
+    The column gather looks the matrix's entries up in the sorted candidates instead of using
+    scipy's fancy column indexing (a fresh matrix per call) or a catalogue-sized position table
+    (an ``[I]`` array per call): this runs once per component per request.
     """
-    m = sp.csr_matrix(m)
+    if not isinstance(m, sp.csr_matrix):
+        m = sp.csr_matrix(m)
     if cand is None:
         return np.asarray(m.toarray(), dtype=np.float32)
     m.sum_duplicates()
-    lookup = np.full(m.shape[1], -1, dtype=np.int64)
-    lookup[cand] = np.arange(len(cand))
-    out = np.zeros((m.shape[0], len(cand)), dtype=np.float32)
-    col = lookup[m.indices]
-    ok = col >= 0
     rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
-    out[rows[ok], col[ok]] = m.data[ok]
-    return out
+    return _gather_sorted(m.shape[0], rows, m.indices, m.data, np.asarray(cand))
+
+
+def _gather_sorted(num_rows: int, rows: np.ndarray, cols: np.ndarray, data: np.ndarray,
+                   cand: np.ndarray) -> np.ndarray:
+    """``out[r, j] = data`` of the entry ``(r, cand[j])``: the sparse entries ``(rows, cols,
+    data)`` (no repeated ``(row, col)``) as dense float32 ``[num_rows, len(cand)]`` columns.
+    Candidates already sorted and unique (a ``CandidateSet``'s) are searched as they are; others
+    through their unique values, so a repeated candidate gets its value in every position."""
+    if len(cand) == 0 or len(cols) == 0:
+        return np.zeros((num_rows, len(cand)), dtype=np.float32)
+    inv = None
+    keys = cand
+    if len(cand) > 1 and not bool((cand[1:] > cand[:-1]).all()):
+        keys, inv = np.unique(cand, return_inverse=True)
+    at = np.minimum(np.searchsorted(keys, cols), len(keys) - 1)
+    hit = keys[at] == cols
+    out = np.zeros((num_rows, len(keys)), dtype=np.float32)
+    out[rows[hit], at[hit]] = data[hit]
+    return out if inv is None else out[:, inv.reshape(-1)]
+
+
+def csr_block(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``m[rows][:, cols].toarray()`` as float32, reading only the given rows of ``m``.
+
+    For the reasons of a response (a session's few items against the top k): scipy's fancy
+    row and column indexing builds two sparse matrices per call, several times this.
+
+    Shapes:
+        - **m** ``[R, C]`` CSR without repeated entries in a row, **rows** ``[r]``, **cols**
+          ``[c]``; return ``[r, c]``.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    lo, hi = m.indptr[rows], m.indptr[rows + 1]
+    lengths = hi - lo
+    total = int(lengths.sum())
+    entry = np.repeat(np.arange(len(rows)), lengths)
+    pos = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths) + lo[entry]
+    return _gather_sorted(len(rows), entry, m.indices[pos], m.data[pos],
+                          np.asarray(cols, dtype=np.int64))
 
 
 def _group_shares(smat: sp.csr_matrix, group_of: np.ndarray, num_groups: int) -> np.ndarray:
@@ -375,19 +410,23 @@ class Ranker:
 
     def _session_matrix(self, sessions: Sequence[SessionSignal | None]) -> sp.csr_matrix:
         """Row ``b`` = session ``b``'s item weights normalised to sum(|w|) = 1. Shapes: ``[B, I]``."""
-        rows, cols, vals = [], [], []
-        for b, s in enumerate(sessions):
+        indptr, cols, vals = [0], [], []
+        for s in sessions:
             if s is None or s.is_empty:
+                indptr.append(indptr[-1])
                 continue
+            # A session's items are unique; CSR wants each row's columns sorted.
+            order = np.argsort(s.items, kind="stable")
             w = s.weights.astype(np.float64)
-            rows.append(np.full(len(w), b))
-            cols.append(s.items)
-            vals.append(w / max(np.abs(w).sum(), 1e-12))
-        if not rows:
+            cols.append(s.items[order])
+            vals.append((w / max(np.abs(w).sum(), 1e-12))[order])
+            indptr.append(indptr[-1] + len(order))
+        if not cols:
             return sp.csr_matrix((len(sessions), self.num_items), dtype=np.float32)
         return sp.csr_matrix(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-            shape=(len(sessions), self.num_items), dtype=np.float32,
+            (np.concatenate(vals).astype(np.float32), np.concatenate(cols).astype(np.int32),
+             np.asarray(indptr, dtype=np.int32)),
+            shape=(len(sessions), self.num_items),
         )
 
     def _chunk_components(

@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 from graph import retrieval
-from graph.ranking import _group_shares, _rows_times_csr
+from graph.ranking import SessionSignal, _dense, _group_shares, _rows_times_csr, csr_block
 
 pytestmark = pytest.mark.unit
 
@@ -38,6 +38,56 @@ def test_rows_times_csr_handles_empty_sessions_and_no_candidates() -> None:
     assert not _rows_times_csr(empty, m, cand).any()
     smat = _random_csr(rng, 2, 50, 0.2)
     assert _rows_times_csr(smat, m, np.array([], dtype=np.int64)).shape == (2, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dense_equals_scipy_column_indexing_for_any_candidates(seed: int) -> None:
+    """Sorted unique candidates (a CandidateSet's), shuffled ones and repeated ones alike."""
+    rng = np.random.default_rng(seed)
+    m = _random_csr(rng, 4, 500, 0.03)
+    m.data[m.indptr[1]:m.indptr[2]] = 0.0  # an empty row
+    m.eliminate_zeros()
+    for cand in (np.sort(rng.choice(500, size=80, replace=False)),
+                 rng.choice(500, size=80, replace=False),
+                 rng.choice(500, size=80, replace=True)):
+        np.testing.assert_array_equal(_dense(m, cand), m.toarray()[:, cand].astype(np.float32))
+    np.testing.assert_array_equal(_dense(m, None), m.toarray())
+    assert _dense(m, np.array([], dtype=np.int64)).shape == (4, 0)
+    assert not _dense(sp.csr_matrix((2, 500), dtype=np.float32), np.arange(5)).any()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_csr_block_equals_scipy_fancy_indexing(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    m = _random_csr(rng, 300, 300, 0.05)
+    rows = rng.choice(300, size=4, replace=False)
+    for cols in (rng.choice(300, size=20, replace=False), rng.choice(300, size=20, replace=True)):
+        np.testing.assert_array_equal(csr_block(m, rows, cols), m[rows][:, cols].toarray())
+    assert csr_block(m, rows, np.array([], dtype=np.int64)).shape == (4, 0)
+    assert csr_block(m, np.array([], dtype=np.int64), cols).shape == (0, 20)
+
+
+def test_session_matrix_rows_are_the_normalised_session_weights() -> None:
+    """The ranker's session matrix, built row by row, equals the COO construction it replaced."""
+    from graph.ranking import Ranker
+
+    sessions = [SessionSignal(np.array([40, 3, 17]), np.array([1.0, -0.5, 2.0], np.float32)),
+                None, SessionSignal(np.zeros(0, np.int64), np.zeros(0, np.float32)),
+                SessionSignal(np.array([5]), np.array([0.25], np.float32))]
+    fake = type("R", (), {"num_items": 50})()
+    got = Ranker._session_matrix(fake, sessions)  # type: ignore[arg-type]
+    rows, cols, vals = [], [], []
+    for b, s in enumerate(sessions):
+        if s is None or s.is_empty:
+            continue
+        w = s.weights.astype(np.float64)
+        rows += [b] * len(w)
+        cols += s.items.tolist()
+        vals += (w / np.abs(w).sum()).tolist()
+    expected = sp.csr_matrix((vals, (rows, cols)), shape=(4, 50), dtype=np.float32)
+    assert got.has_sorted_indices
+    np.testing.assert_array_equal(got.toarray(), expected.toarray())
+    assert Ranker._session_matrix(fake, [None, None]).nnz == 0  # type: ignore[arg-type]
 
 
 def test_group_shares_equals_the_product_with_a_one_hot_group_matrix() -> None:
