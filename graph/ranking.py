@@ -300,14 +300,23 @@ def csr_block(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarra
         - **m** ``[R, C]`` CSR without repeated entries in a row, **rows** ``[r]``, **cols**
           ``[c]``; return ``[r, c]``.
     """
-    rows = np.asarray(rows, dtype=np.int64)
-    lo, hi = m.indptr[rows], m.indptr[rows + 1]
-    lengths = hi - lo
-    total = int(lengths.sum())
-    entry = np.repeat(np.arange(len(rows)), lengths)
-    pos = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths) + lo[entry]
+    entry, pos = _row_entries(m, np.asarray(rows, dtype=np.int64))
     return _gather_sorted(len(rows), entry, m.indices[pos], m.data[pos],
                           np.asarray(cols, dtype=np.int64))
+
+
+def _row_entries(m: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stored entries of the given rows of ``m``: for each, which of ``rows`` it belongs to
+    (``entry``) and its position in ``m.indices`` / ``m.data`` (``pos``), row after row.
+
+    Shapes:
+        - **rows** ``[r]``; return ``([nnz], [nnz])`` int64.
+    """
+    lo, hi = m.indptr[rows], m.indptr[rows + 1]
+    lengths = hi - lo
+    entry = np.repeat(np.arange(len(rows)), lengths)
+    pos = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths) + lo[entry]
+    return entry, pos
 
 
 def _group_shares(smat: sp.csr_matrix, group_of: np.ndarray, num_groups: int) -> np.ndarray:
@@ -333,12 +342,9 @@ def _rows_times_csr(smat: sp.csr_matrix, m: sp.csr_matrix, cand: np.ndarray) -> 
     if smat.nnz == 0 or len(cand) == 0:
         return out
     s_rows = np.repeat(np.arange(smat.shape[0]), np.diff(smat.indptr))
-    lo, hi = m.indptr[smat.indices], m.indptr[smat.indices + 1]
-    lengths = hi - lo
-    if lengths.sum() == 0:
+    entry, pos = _row_entries(m, smat.indices)
+    if len(pos) == 0:
         return out
-    entry = np.repeat(np.arange(len(lo)), lengths)
-    pos = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths) + lo[entry]
     cols = m.indices[pos]
     order = np.argsort(cand, kind="stable")
     sorted_cand = cand[order]
