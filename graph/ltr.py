@@ -350,9 +350,12 @@ class PathAttribution:
     change of the expected value (``internal_value`` → child value) to the split's feature makes
     the tree's leaf value ``root value + Σ credits``. The credits depend only on the leaf the row
     reaches, so they are tabulated once per (tree, leaf) here, and a row's contributions are the
-    sum over trees of its leaves' rows of the table. LightGBM itself finds the leaves
-    (``predict(pred_leaf=True)``), so its rules for missing values and thresholds apply as they
-    do in scoring, and ``base + contributions.sum(1)`` equals the score.
+    sum over trees of its leaves' rows of the table. The leaves are LightGBM's own
+    (``predict(pred_leaf=True)``, found by the same rules for missing values and thresholds):
+    :class:`graph.forest.Forest` walks the trees in compiled code with those rules, without
+    LightGBM's cost per call, and LightGBM walks them itself for a model that
+    :class:`~graph.forest.Forest` does not compile (categorical splits, linear trees). So
+    ``base + contributions.sum(1)`` equals the score.
 
     Args:
         booster: A LightGBM booster.
@@ -399,6 +402,9 @@ class PathAttribution:
         self.table = table if groups is None else table @ groups
         self.value = np.concatenate(values) if values else np.zeros(0)
         self.base = base
+        from graph.forest import Forest  # numba: only where a model ranks, not in every process
+
+        self.forest = Forest.from_dump(trees, self.num_features)
 
     def leaves(self, x: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:
         """The leaf each row reaches in trees ``start`` to ``stop`` (LightGBM's traversal).
@@ -406,6 +412,8 @@ class PathAttribution:
         Shapes: ``x`` ``[n, F]`` (n > 0) → ``[n, stop - start]`` int32.
         """
         stop = len(self.offset) if stop is None else stop
+        if self.forest is not None:
+            return self.forest.leaves(x, start, stop)
         out = self.booster.predict(x, start_iteration=start, num_iteration=stop - start,
                                    pred_leaf=True)
         return np.asarray(out, dtype=np.int32).reshape(len(x), stop - start)
