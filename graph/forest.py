@@ -3,9 +3,9 @@
 A ranker replica asks for the leaves of a few hundred candidates in a few dozen trees, three
 times per request (the cascade's stages, :meth:`graph.ltr.LearnedRanker.cascade`). LightGBM's
 ``predict(pred_leaf=True)`` spends a fixed cost per call on top of the walk; :class:`Forest`
-holds the same trees as flat arrays and walks them in one compiled loop, which cut the score
-step by 30–37% (``bench/ranker_cost.py``; ``docs/PERFORMANCE.md``). The walk follows LightGBM's
-decision rules (``Tree::NumericalDecision`` in LightGBM's ``tree.h``):
+holds the same trees as flat arrays and walks them in one compiled loop, 15–20% less CPU for a
+request's three stages (``bench/ranker_steps.py``; ``docs/PERFORMANCE.md``). The walk follows
+LightGBM's decision rules (``Tree::NumericalDecision`` in LightGBM's ``tree.h``):
 
 - a value within ±1e-35 is read as 0.0 (LightGBM leaves such values out of a dense row:
   ``RowFunctionFromDenseMatric``);

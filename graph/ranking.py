@@ -155,15 +155,42 @@ def repeat_scores(signals: RankingSignals, users: np.ndarray) -> sp.csr_matrix:
         return sp.csr_matrix((len(users), num_items), dtype=np.float32)
     row_of = np.repeat(np.arange(len(users)), lengths)
     pos = np.arange(indptr[-1]) - indptr[row_of] + starts[row_of]
-    user = rows[row_of]
+    return sp.csr_matrix(
+        (_repeat_values(signals, rows[row_of], pos), signals.hist_indices[pos], indptr),
+        shape=(len(users), num_items),
+    )
+
+
+def _repeat_values(signals: RankingSignals, user: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """:func:`repeat_scores` of history entries ``pos`` (rows of the history CSR) of ``user``.
+    Shapes: ``[n]`` → ``[n]`` float32."""
     habit = signals.hist_count[pos] / np.maximum(signals.user_sessions[user], 1.0)
     recent = signals.hist_weight[pos] / np.maximum(signals.user_decayed_sessions[user], 1e-6)
     items = signals.hist_indices[pos]
     propensity = np.power(signals.item_repeat_rate[items], signals.params.repeat_rate_power)
     data = (0.5 * np.minimum(habit, 1.0) + 0.5 * np.minimum(recent, 1.0)) * propensity
-    return sp.csr_matrix(
-        (data.astype(np.float32), items, indptr), shape=(len(users), num_items)
-    )
+    return np.asarray(data, dtype=np.float32)
+
+
+def repeat_scores_of(signals: RankingSignals, users: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """:func:`repeat_scores` of the ``cand`` columns only, dense: a request's candidates are
+    looked up in the user's sorted history row instead of scoring the whole history.
+
+    Shapes: **users** ``[B]`` (``-1``: a row of 0), **cand** ``[n]`` → ``[B, n]`` float32.
+    """
+    out = np.zeros((len(users), len(cand)), dtype=np.float32)
+    for b, u in enumerate(users.tolist()):
+        if u < 0:
+            continue
+        lo, hi = int(signals.hist_indptr[u]), int(signals.hist_indptr[u + 1])
+        if hi == lo:
+            continue
+        # Each history row is sorted and unique (the CSR is built from a sorted groupby).
+        pos = np.minimum(np.searchsorted(signals.hist_indices[lo:hi], cand), hi - lo - 1)
+        hit = signals.hist_indices[lo + pos] == cand
+        p = lo + pos[hit]
+        out[b, hit] = _repeat_values(signals, np.full(len(p), u), p)
+    return out
 
 
 def basket_scores(
@@ -183,29 +210,14 @@ def basket_scores(
     """
     indptr, cols, vals = [0], [], []
     for b, u in enumerate(users):
-        lo, hi = sessions.indptr[b], sessions.indptr[b + 1]
-        first, last = (signals.user_basket_indptr[u], signals.user_basket_indptr[u + 1]) if u >= 0 \
-            else (0, 0)
-        if lo == hi or first == last:
+        got = _basket_weights(signals, int(u), sessions, b)
+        if got is None:
             indptr.append(indptr[-1])
             continue
-        bounds = signals.basket_indptr[first: last + 1]
-        items = signals.basket_items[bounds[0]: bounds[-1]]
-        sizes = np.diff(bounds)
-        order = np.argsort(sessions.indices[lo:hi])
-        s_items, s_w = sessions.indices[lo:hi][order], sessions.data[lo:hi][order]
-        pos = np.minimum(np.searchsorted(s_items, items), len(s_items) - 1)
-        entry_w = np.where(s_items[pos] == items, s_w[pos], 0.0)
-        basket_of = np.repeat(np.arange(len(sizes)), sizes)
-        overlap = np.bincount(basket_of, weights=entry_w, minlength=len(sizes))
-        weight = np.maximum(overlap, 0.0) / np.sqrt(sizes)
-        total = weight.sum()
-        if total <= 0:
-            indptr.append(indptr[-1])
-            continue
+        items, entry_weight, total = got
         uniq, inv = np.unique(items, return_inverse=True)
         cols.append(uniq)
-        vals.append(np.bincount(inv, weights=weight[basket_of]) / total)
+        vals.append(np.bincount(inv, weights=entry_weight) / total)
         indptr.append(indptr[-1] + len(uniq))
     if not cols:
         return sp.csr_matrix((len(users), signals.num_items), dtype=np.float32)
@@ -213,6 +225,58 @@ def basket_scores(
         (np.concatenate(vals).astype(np.float32), np.concatenate(cols), np.array(indptr)),
         shape=(len(users), signals.num_items),
     )
+
+
+def basket_scores_of(signals: RankingSignals, users: np.ndarray, sessions: sp.csr_matrix,
+                     cand: np.ndarray) -> np.ndarray:
+    """:func:`basket_scores` of the ``cand`` columns only, dense (the same sums, in the same
+    order, without collecting every item of the user's past baskets).
+
+    Shapes: ``[B]``, ``[B, I]``, ``[n]`` → ``[B, n]`` float32.
+    """
+    out = np.zeros((len(users), len(cand)), dtype=np.float32)
+    if len(cand) == 0:
+        return out
+    order = np.argsort(cand, kind="stable")
+    sorted_cand = cand[order]
+    leftmost = np.searchsorted(sorted_cand, sorted_cand)  # a repeated candidate reads its first
+    for b, u in enumerate(users):
+        got = _basket_weights(signals, int(u), sessions, b)
+        if got is None:
+            continue
+        items, entry_weight, total = got
+        pos = np.minimum(np.searchsorted(sorted_cand, items), len(cand) - 1)
+        hit = sorted_cand[pos] == items
+        score = np.bincount(pos[hit], weights=entry_weight[hit], minlength=len(cand)) / total
+        out[b, order] = score[leftmost].astype(np.float32)
+    return out
+
+
+def _basket_weights(signals: RankingSignals, u: int, sessions: sp.csr_matrix, b: int,
+                    ) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The items of user ``u``'s past baskets (one entry per basket and item), each entry's
+    basket weight, and the weights' total (an item's :func:`basket_scores` is the sum of its
+    entries' weights over the total); None when the session row ``b`` is empty, the user has no
+    baskets or no basket overlaps the session."""
+    lo, hi = sessions.indptr[b], sessions.indptr[b + 1]
+    first, last = (signals.user_basket_indptr[u], signals.user_basket_indptr[u + 1]) if u >= 0 \
+        else (0, 0)
+    if lo == hi or first == last:
+        return None
+    bounds = signals.basket_indptr[first: last + 1]
+    items = signals.basket_items[bounds[0]: bounds[-1]]
+    sizes = np.diff(bounds)
+    order = np.argsort(sessions.indices[lo:hi])
+    s_items, s_w = sessions.indices[lo:hi][order], sessions.data[lo:hi][order]
+    pos = np.minimum(np.searchsorted(s_items, items), len(s_items) - 1)
+    entry_w = np.where(s_items[pos] == items, s_w[pos], 0.0)
+    basket_of = np.repeat(np.arange(len(sizes)), sizes)
+    overlap = np.bincount(basket_of, weights=entry_w, minlength=len(sizes))
+    weight = np.maximum(overlap, 0.0) / np.sqrt(sizes)
+    total = weight.sum()
+    if total <= 0:
+        return None
+    return items, weight[basket_of], float(total)
 
 
 def _as_users(users: Users) -> np.ndarray:
@@ -476,9 +540,12 @@ class Ranker:
                 out["intent"] = _group_shares(smat, self.signals.item_category,
                                               self.signals.num_categories)[:, cats]
             if "basket" in needed:
-                out["basket"] = _dense(basket_scores(self.signals, users, smat), cand)
+                out["basket"] = (_dense(basket_scores(self.signals, users, smat), None)
+                                 if cand is None
+                                 else basket_scores_of(self.signals, users, smat, cand))
         if "repeat" in needed:
-            out["repeat"] = _dense(repeat_scores(self.signals, users), cand)
+            out["repeat"] = (_dense(repeat_scores(self.signals, users), None) if cand is None
+                             else repeat_scores_of(self.signals, users, cand))
         if "pop" in needed:
             pop = self._pop if cand is None else self._pop[cand]
             out["pop"] = np.broadcast_to(pop, (b, n)).copy()

@@ -213,6 +213,43 @@ def test_candidate_subset_matches_full_ranking() -> None:
         np.testing.assert_allclose(comps_cand[c], comps_full[c][:, cand], rtol=1e-5, atol=1e-6)
 
 
+def test_repeat_of_candidates_equals_the_whole_history_row_exactly() -> None:
+    from graph.ranking import _dense, repeat_scores, repeat_scores_of
+
+    ranker, inter = tiny_ranker()
+    sig = ranker.signals
+    users = np.array([0, -1, 1, 2, 0])
+    rng = np.random.default_rng(0)
+    for cand in (np.array([6, 1, 5, 0]), rng.permutation(inter.num_items),
+                 np.array([7, 7, 0]), np.zeros(0, dtype=np.int64)):
+        got = repeat_scores_of(sig, users, cand)
+        assert got.dtype == np.float32 and got.shape == (len(users), len(cand))
+        np.testing.assert_array_equal(got, _dense(repeat_scores(sig, users), cand))
+    assert repeat_scores_of(sig, users, np.arange(inter.num_items))[0].any()
+
+
+def test_basket_of_candidates_equals_the_whole_basket_row_exactly() -> None:
+    from graph.ranking import _dense, basket_scores, basket_scores_of
+
+    ranker, inter = tiny_ranker()
+    sig = ranker.signals
+    users = np.array([0, -1, 1, 2, 2])
+    sessions = ranker._session_matrix([
+        session_signal([(2, S.ADD_TO_CART, 0.0), (4, S.VIEW, 0.0)], now=0.0),
+        session_signal([(2, S.ADD_TO_CART, 0.0)], now=0.0),
+        session_signal([(3, S.VIEW, 0.0)], now=0.0),
+        None,
+        session_signal([(6, S.CLICK, 0.0), (7, S.VIEW, 0.0)], now=0.0),
+    ])
+    rng = np.random.default_rng(0)
+    for cand in (np.array([6, 1, 5, 0]), rng.permutation(inter.num_items),
+                 np.array([3, 7, 3, 0]), np.zeros(0, dtype=np.int64)):
+        got = basket_scores_of(sig, users, sessions, cand)
+        assert got.dtype == np.float32 and got.shape == (len(users), len(cand))
+        np.testing.assert_array_equal(got, _dense(basket_scores(sig, users, sessions), cand))
+    assert basket_scores_of(sig, users, sessions, np.arange(inter.num_items))[0].any()
+
+
 def test_shape_mismatch_is_rejected() -> None:
     _, inter, signals = tiny_setup()
     from graph.errors import ArtifactError
