@@ -31,8 +31,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[_var] = "1"  # as a ranker replica (actors.ranker._limit_threads)
 
 
 def _best(fn: Callable[[int], Any], n: int, passes: int) -> float:
@@ -106,18 +104,21 @@ def measure(artifacts: str, requests: int, passes: int, seed: int = 0) -> dict[s
             lambda i: _dense(basket_scores(rk.signals, users[i], smat[i]), cand[i]),
             lambda i: basket_scores_of(rk.signals, users[i], smat[i], cand[i])),
     }
+    nonzero = {"buy-again component": 0, "basket component": 0}
     for i in range(len(reqs)):  # the same answers, request by request
         np.testing.assert_array_equal(lightgbm(xs[i], 0, trees), paths.forest.leaves(xs[i]))
-        for name in ("buy-again component", "basket component"):
+        for name in nonzero:
             old, new = steps[name]
-            np.testing.assert_array_equal(old(i), new(i))
+            got = new(i)
+            np.testing.assert_array_equal(old(i), got)
+            nonzero[name] += int(np.count_nonzero(got))
     rows = []
     for name, (old, new) in steps.items():
         times: dict[str, list[float]] = {"before_us": [], "after_us": []}
         for _ in range(3):  # alternate, so that a busy moment hits both
             times["before_us"].append(round(_best(old, len(reqs), passes), 1))
             times["after_us"].append(round(_best(new, len(reqs), passes), 1))
-        rows.append({"step": name, **times})
+        rows.append({"step": name, **times, "nonzero_values": nonzero.get(name)})
     return {"version": m.version, "trees": trees, "requests": len(reqs), "passes": passes,
             "candidates": round(float(np.mean([len(c) for c in cand])), 1), "rows": rows}
 
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="passes per timing; each figure is the fastest pass")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "ranker_steps.json"))
     opts = p.parse_args(argv)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"  # as a ranker replica (actors.ranker._limit_threads)
     res = measure(opts.artifacts, opts.requests, opts.passes)
     res["command"] = "python bench/ranker_steps.py " + " ".join(argv or sys.argv[1:])
     print(f"model {res['version']} ({res['trees']} trees), {res['requests']} requests with a cart, "

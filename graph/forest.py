@@ -3,7 +3,7 @@
 A ranker replica asks for the leaves of a few hundred candidates in a few dozen trees, three
 times per request (the cascade's stages, :meth:`graph.ltr.LearnedRanker.cascade`). LightGBM's
 ``predict(pred_leaf=True)`` spends a fixed cost per call on top of the walk; :class:`Forest`
-holds the same trees as flat arrays and walks them in one compiled loop, 15–20% less CPU for a
+holds the same trees as flat arrays and walks them in one compiled loop, 10–17% less CPU for a
 request's three stages (``bench/ranker_steps.py``; ``docs/PERFORMANCE.md``). The walk follows
 LightGBM's decision rules (``Tree::NumericalDecision`` in LightGBM's ``tree.h``):
 

@@ -242,3 +242,19 @@ def test_an_older_versions_item_features_are_padded_and_a_newer_ones_refused(
     np.save(path, np.concatenate([full, full[:, :1]], axis=1))
     with pytest.raises(ArtifactError, match="newer release"):
         read_artifact(str(root))
+
+
+def test_ranker_steps_bench_finds_the_same_answers_on_a_real_artifact(
+        svd_artifact_root: str) -> None:
+    # bench/ranker_steps.py checks, request by request, that each rewritten step (the compiled
+    # tree walk, the candidate-only buy-again and basket components) answers exactly as the code
+    # it replaced, before it times them; it raises on the first difference.
+    from bench.ranker_steps import measure
+
+    res = measure(svd_artifact_root, requests=25, passes=1)
+    assert res["requests"] == 25 and res["candidates"] > 0
+    assert [r["step"] for r in res["rows"]] == [
+        "tree walk (3 cascade stages)", "buy-again component", "basket component"]
+    assert all(len(r["before_us"]) == len(r["after_us"]) == 3 for r in res["rows"])
+    # the compared components were not all zero on these shoppers
+    assert res["rows"][1]["nonzero_values"] > 0 and res["rows"][2]["nonzero_values"] > 0
