@@ -3,6 +3,7 @@ one recommend path on a real small artifact (built-in data slice; SVD embeddings
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_lambdarank_learns_the_predictive_feature(fitted: tuple[LearnedRanker, R
     # cooc plus noise, so a request whose third and fourth items are close may swap them.
     starts = np.concatenate([[0], np.cumsum(valid.group)])
     hits = [valid.y[lo:hi][np.argsort(-scores[lo:hi])[:3]].sum() / 3
-            for lo, hi in zip(starts[:-1], starts[1:], strict=True)]
+            for lo, hi in itertools.pairwise(starts)]
     assert np.mean(hits) > 0.8
     gain = dict(zip(lr.features, lr.booster.feature_importance("gain"), strict=True))
     assert max(gain, key=gain.__getitem__) == "cooc"
