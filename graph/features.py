@@ -39,7 +39,7 @@ import pandas as pd
 
 from graph import schema as S
 from graph.ranking import ContextSignal, Ranker, SessionSignal
-from graph.retrieval import SOURCES, CandidateSet, Catalogue, user_lines
+from graph.retrieval import SOURCES, CandidateSet, Catalogue
 from graph.search import QueryScores
 from graph.signals import RankingSignals, to_unix_seconds
 
@@ -51,8 +51,6 @@ ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_ba
 # Days before the signals' reference time in which a first purchase counts as adoption
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
-# Experiment switch: the shopper's product-line habit features (line_share, line_items).
-USER_LINE = True
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
@@ -60,7 +58,6 @@ FEATURES: tuple[str, ...] = (
     "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
     "peers",
-    "line_share", "line_items",
     "context", "hour", "weekday", "holiday",
     "department", "price", "price_band", "brand_pop",
     "query_lex", "query_sem", "query_rrf",
@@ -79,8 +76,7 @@ COMPONENT_OF: dict[str, str] = {
     "session_items": "intent", "basket": "basket",
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
     "new_buyers": "pop", "new_share": "pop",
-    "peers": "peers", "src_peers": "peers", "src_lines": "repeat",
-    "line_share": "repeat", "line_items": "repeat",
+    "peers": "peers", "src_peers": "peers",
     "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
     "src_context": "context",
     "department": "item", "price": "item", "price_band": "item", "brand_pop": "item",
@@ -199,7 +195,6 @@ def build_features(
         col["session_items"] = 0.0
     _repeat_stats(ranker, req, items, col)
     col["peers"] = _peer_scores(ranker, req.user, items)
-    col["line_share"], col["line_items"] = _line_habit(ranker, req.user, items)
     for j, name in enumerate(ITEM_FEATURES):
         col[name] = item_static[items, j]
     ctx = req.context
@@ -230,28 +225,6 @@ def _peer_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndar
         hit = row[pos] == items
         out[hit] = score[pos[hit]]
     return out
-
-
-def _line_habit(ranker: Ranker, user: int | None, items: np.ndarray,
-                ) -> tuple[np.ndarray | float, np.ndarray | float]:
-    """How much of the shopper's buying falls in each candidate's product line (category level
-    2 x brand: ``line_share``, their purchases in it over all their purchases) and how many
-    distinct items of it they bought (``line_items``); 0 outside their lines, NaN for an unknown
-    user. A shopper who takes three flavours of one yoghurt line tries the fourth."""
-    if user is None or not USER_LINE:
-        return np.nan, np.nan
-    share = np.zeros(len(items), dtype=np.float32)
-    breadth = np.zeros(len(items), dtype=np.float32)
-    sig = ranker.signals
-    if sig.hist_indptr[user + 1] <= sig.hist_indptr[user]:
-        return share, breadth
-    uniq, total, distinct = user_lines(ranker, user)
-    cl = sig.item_line[items]
-    pos = np.minimum(np.searchsorted(uniq, cl), len(uniq) - 1)
-    hit = uniq[pos] == cl
-    share[hit] = total[pos[hit]] / total.sum()
-    breadth[hit] = distinct[pos[hit]]
-    return share, breadth
 
 
 def _repeat_stats(ranker: Ranker, req: FeatureRequest, items: np.ndarray,

@@ -43,7 +43,6 @@ from graph.text import ItemText
 
 SOURCES: tuple[str, ...] = (
     "popular", "ann_user", "ann_sess", "buy_again", "cooc", "intent", "query", "context", "peers",
-    "lines",
 )
 # Per source, how many candidates to take.
 POPULAR_K = 100
@@ -61,10 +60,6 @@ CATEGORY_K = 200
 CONTEXT_DEPTS = 3
 CONTEXT_PER_DEPT = 30
 PEERS_K = 100
-# The shopper's product lines (category level 2 x brand): the best sellers of the LINES lines
-# that hold most of their purchases, LINE_PER_LINE each (0: the source is off).
-LINES = 0
-LINE_PER_LINE = 10
 USER_CACHE = 200_000
 # A source's best items may be excluded from a request (the shopper's past purchases in a
 # discovery request, the cart, the items a client asks to leave out). Each source then takes its
@@ -101,7 +96,6 @@ class Catalogue:
     popular: np.ndarray
     dept_popular: dict[int, np.ndarray]
     category_popular: dict[int, np.ndarray]
-    line_popular: tuple[np.ndarray, np.ndarray]
     search: SearchIndex
     index: Any  # faiss inner-product index over the ranker's item embeddings (ann_index())
     _prefix_cache: dict[str, np.ndarray] = field(default_factory=dict)
@@ -137,8 +131,6 @@ class Catalogue:
                                         CONTEXT_PER_DEPT * REFILL),
             category_popular=_top_per_group(order, np.asarray(sig.item_category),
                                             INTENT_PER_CATEGORY * REFILL),
-            line_popular=_top_per_group_csr(order, np.asarray(sig.item_line),
-                                            LINE_PER_LINE * REFILL),
             search=SearchIndex(items, text),
             index=index,
         )
@@ -196,33 +188,6 @@ def _top_per_group(order: np.ndarray, group: np.ndarray, k: int) -> dict[int, np
     for v in np.unique(g):
         out[int(v)] = order[g == v][:k]
     return out
-
-
-def _top_per_group_csr(order: np.ndarray, group: np.ndarray, k: int,
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``k`` items of ``order`` in each group, as ``(indptr, items)``: group ``g``'s
-    items are ``items[indptr[g]:indptr[g + 1]]`` (for many small groups, such as product lines)."""
-    g = group[order]
-    by = np.argsort(g, kind="stable")
-    gs, its = g[by], order[by]
-    start = np.searchsorted(gs, gs, side="left")
-    keep = np.arange(len(gs)) - start < k
-    gs, its = gs[keep], its[keep]
-    n = int(group.max()) + 1 if len(group) else 0
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(gs, minlength=n))]).astype(np.int64)
-    return indptr, its.astype(np.int64)
-
-
-def user_lines(ranker: Ranker, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The product lines of a user's purchases (sorted), their purchase counts in each and the
-    distinct items bought in each."""
-    sig = ranker.signals
-    lo, hi = int(sig.hist_indptr[user]), int(sig.hist_indptr[user + 1])
-    lines = sig.item_line[sig.hist_indices[lo:hi]]
-    uniq, inv = np.unique(lines, return_inverse=True)
-    total = np.bincount(inv, weights=sig.hist_count[lo:hi].astype(np.float64),
-                        minlength=len(uniq))
-    return uniq, total, np.bincount(inv, minlength=len(uniq))
 
 
 @dataclass(frozen=True)
@@ -348,12 +313,6 @@ def candidates(
         if len(peer_idx) > PEERS_K:
             peer_idx = peer_idx[np.argpartition(-peer_val, PEERS_K - 1)[:PEERS_K]]
         parts.append((8, peer_idx.astype(np.int64)))
-        if LINES and hi > lo:
-            lines, total, _ = user_lines(ranker, user)
-            indptr, line_items = cat.line_popular
-            for g in lines[np.argsort(-total, kind="stable")[:LINES]].tolist():
-                parts.append((9, first_allowed(line_items[indptr[g]:indptr[g + 1]],
-                                               LINE_PER_LINE, excluded)))
     if session is not None and not session.is_empty:
         near = cat.nearest(session_embedding(ranker, session), ANN_K if excluded is None
                           else min(ANN_K * REFILL, ANN_K + len(excluded)))
