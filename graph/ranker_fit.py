@@ -38,11 +38,12 @@ Progress = Callable[[str], None]
 
 
 def simulate_queries(requests: list[Request], targets: Sequence[np.ndarray], categories: np.ndarray,
-                     titles: np.ndarray, rng: np.random.Generator, share: float = QUERY_SHARE,
+                     titles: np.ndarray, rng: np.random.Generator, share: float | None = None,
                      ) -> list[Request]:
-    """Give a seeded ``share`` of the requests a search about one of its target items
-    (:func:`graph.queries.simulate_query`, e.g. ``"kids cereal"``), half of them as the request's
-    query and half as the session's latest search."""
+    """Give a seeded ``share`` (default :data:`QUERY_SHARE`) of the requests a search about one
+    of its target items (:func:`graph.queries.simulate_query`, e.g. ``"kids cereal"``), half of
+    them as the request's query and half as the session's latest search."""
+    share = QUERY_SHARE if share is None else share
     out = list(requests)
     words_rng = rng.spawn(1)[0]  # a child stream: the draws of rng itself are left as they were
     for r in np.flatnonzero(rng.random(len(requests)) < share).tolist():
@@ -72,14 +73,16 @@ class LabelledSet:
 
 
 def label(rec: Recommender, requests: Sequence[Request], targets: Sequence[np.ndarray],
-          rng: np.random.Generator, negatives: int = NEGATIVES_PER_REQUEST) -> LabelledSet:
+          rng: np.random.Generator, negatives: int | None = None) -> LabelledSet:
     """Candidates and features of each request, labelled by its targets; at most ``negatives``
-    random negatives per request.
+    (default :data:`NEGATIVES_PER_REQUEST`, read at call time so that ``bench/ranker_holdout.py
+    --set`` reaches it) random negatives per request.
 
     Random, not hard, negatives: taking half of the negatives from a first ranker's best
     unbought candidates cost 9-31% recall@20 on held-out validation shoppers (README,
     "Ranking"), most likely because many of them are items the shopper buys later.
     """
+    negatives = NEGATIVES_PER_REQUEST if negatives is None else negatives
     xs, ys, srcs, group = [], [], [], []
     found = total = 0
     for req, tgt in zip(requests, targets, strict=True):
@@ -111,16 +114,18 @@ def fit_sets(rec: Recommender, requests: Sequence[Request], targets: Sequence[np
 
 
 def split_requests(requests: Sequence[Request], rng: np.random.Generator,
-                   share: float = VALID_SHARE) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the training and the early-stopping requests: a random ``share`` of the
-    shoppers and all their requests go to early stopping (a request without a user is its own
-    shopper). With :data:`SPLIT_BY_SHOPPER` off, a random share of the requests instead.
+                   share: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and the early-stopping requests: a random ``share`` (default
+    :data:`VALID_SHARE`) of the shoppers and all their requests go to early stopping (a request
+    without a user is its own shopper). With :data:`SPLIT_BY_SHOPPER` off, a random share of the
+    requests instead.
 
     Split by request, a shopper's next-basket request and in-session baskets land on both
     sides, and early stopping rewards learning the shopper rather than the ranking: on the
     built-in data the early-stopping NDCG@20 kept rising to 600 rounds while held-out shoppers'
     recall did not (docs/PERFORMANCE.md, README "Ranking").
     """
+    share = VALID_SHARE if share is None else share
     n = len(requests)
     if SPLIT_BY_SHOPPER:
         keys = np.array([-1 - i if r.user is None else int(r.user)
