@@ -7,7 +7,9 @@ of three quarters of the shoppers, and recall@20 is measured on the requests of 
 through the served path (candidates, features, cascade). A variant overrides module constants
 (``--set graph.retrieval.PEERS_K=200``) and LightGBM parameters (``--param num_leaves=63``);
 ``--variant`` runs several in one process, each with its own candidates and ranker, on the same
-held-out shoppers. This is how changes are chosen without looking at the test split.
+held-out shoppers. This is how changes are chosen without looking at the test split. A constant
+only reaches the code that reads it at call time: one used as a function's default argument is
+bound at import, and setting it changes nothing (a variant identical to the base is the sign).
 
     python bench/ranker_holdout.py --variant base --variant peers200 \
         --set peers200:graph.retrieval.PEERS_K=200
