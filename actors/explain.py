@@ -159,6 +159,8 @@ class Reasons:
             return "picked for you from your shopping history"
         if comp == "peers" and self.user is not None:
             return "shoppers who buy what you buy also buy this"
+        if comp == "ease" and self.user is not None:
+            return "goes with what you usually buy"
         if comp == "pop":
             return "popular with shoppers"
         if comp == "context" and self.context is not None:

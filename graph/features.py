@@ -17,6 +17,8 @@ Features (see :data:`FEATURES`):
   ``session_items``;
 - **peers**: ``peers`` (how strongly the user's most similar shoppers buy the item:
   ``RankingSignals.peers_of``; 0 outside the user's peer items, NaN for an unknown user);
+- **EASE**: ``ease`` (the user's EASE score of the item, ``RankingSignals.ease_of``; 0 outside
+  the user's best EASE items, NaN for an unknown user);
 - **popularity**: ``pop`` (log, decayed), ``pop_trend`` (last 7 days vs last 28), ``repeat_rate``;
 - **context**: ``context`` (department lift at the request's weekday × hour, holiday lift),
   ``hour``, ``weekday``, ``holiday`` (no data set we ship has device or region; the lift tables
@@ -51,13 +53,14 @@ ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_ba
 # Days before the signals' reference time in which a first purchase counts as adoption
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
+USE_EASE = True  # read at call time (bench/ranker_holdout.py --set turns it off)
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
     "explore", "one_off",
     "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
-    "peers",
+    "peers", "ease",
     "context", "hour", "weekday", "holiday",
     "department", "price", "price_band", "brand_pop",
     "query_lex", "query_sem", "query_rrf",
@@ -77,6 +80,7 @@ COMPONENT_OF: dict[str, str] = {
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
     "new_buyers": "pop", "new_share": "pop",
     "peers": "peers", "src_peers": "peers",
+    "ease": "ease", "src_ease": "ease",
     "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
     "src_context": "context",
     "department": "item", "price": "item", "price_band": "item", "brand_pop": "item",
@@ -195,6 +199,7 @@ def build_features(
         col["session_items"] = 0.0
     _repeat_stats(ranker, req, items, col)
     col["peers"] = _peer_scores(ranker, req.user, items)
+    col["ease"] = _ease_scores(ranker, req.user, items) if USE_EASE else np.nan
     for j, name in enumerate(ITEM_FEATURES):
         col[name] = item_static[items, j]
     ctx = req.context
@@ -219,6 +224,20 @@ def _peer_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndar
     if user is None:
         return np.nan
     row, score = ranker.signals.peers_of(user)
+    out = np.zeros(len(items), dtype=np.float32)
+    if len(row):
+        pos = np.minimum(np.searchsorted(row, items), len(row) - 1)
+        hit = row[pos] == items
+        out[hit] = score[pos[hit]]
+    return out
+
+
+def _ease_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndarray | float:
+    """The user's EASE score of each item (0 outside the user's best EASE items; NaN: unknown
+    user)."""
+    if user is None:
+        return np.nan
+    row, score = ranker.signals.ease_of(user)
     out = np.zeros(len(items), dtype=np.float32)
     if len(row):
         pos = np.minimum(np.searchsorted(row, items), len(row) - 1)

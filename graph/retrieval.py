@@ -21,6 +21,8 @@ query      hybrid search hits (graph.search: BM25 + text embeddings, rank-fused)
            query and the session's last search
 context    best sellers of the departments the request's weekday/hour/holiday favours
 peers      what the user's most similar shoppers buy (user-kNN, ``RankingSignals.peers_of``)
+ease       what goes with the user's purchases by the EASE item-item model
+           (``RankingSignals.ease_of``)
 ========== ===================================================================================
 
 Only the second stage (:mod:`graph.ltr`) orders them.
@@ -43,6 +45,7 @@ from graph.text import ItemText
 
 SOURCES: tuple[str, ...] = (
     "popular", "ann_user", "ann_sess", "buy_again", "cooc", "intent", "query", "context", "peers",
+    "ease",
 )
 # Per source, how many candidates to take.
 POPULAR_K = 100
@@ -60,6 +63,7 @@ CATEGORY_K = 200
 CONTEXT_DEPTS = 3
 CONTEXT_PER_DEPT = 30
 PEERS_K = 100
+EASE_K = 100
 USER_CACHE = 200_000
 # A source's best items may be excluded from a request (the shopper's past purchases in a
 # discovery request, the cart, the items a client asks to leave out). Each source then takes its
@@ -313,6 +317,14 @@ def candidates(
         if len(peer_idx) > PEERS_K:
             peer_idx = peer_idx[np.argpartition(-peer_val, PEERS_K - 1)[:PEERS_K]]
         parts.append((8, peer_idx.astype(np.int64)))
+        if EASE_K > 0:
+            ease_idx, ease_val = sig.ease_of(user)
+            if excluded is not None:
+                ok = ~is_member(ease_idx, excluded)
+                ease_idx, ease_val = ease_idx[ok], ease_val[ok]
+            if len(ease_idx) > EASE_K:
+                ease_idx = ease_idx[np.argpartition(-ease_val, EASE_K - 1)[:EASE_K]]
+            parts.append((9, ease_idx.astype(np.int64)))
     if session is not None and not session.is_empty:
         near = cat.nearest(session_embedding(ranker, session), ANN_K if excluded is None
                           else min(ANN_K * REFILL, ANN_K + len(excluded)))

@@ -96,6 +96,26 @@ def test_candidates_are_a_small_slice_of_the_catalogue(svc: RankerService) -> No
     assert not cand.sources[:, SOURCES.index("ann_sess")].any()  # no session
 
 
+def test_ease_items_are_candidates_with_their_scores_as_a_feature(svc: RankerService) -> None:
+    from graph.features import FEATURES, FeatureRequest, build_features
+
+    m = svc.model
+    sig = m.ranker.signals
+    user = next(u for u in sorted(m.user_index.values()) if len(sig.ease_of(u)[0]) >= 5)
+    idx, score = sig.ease_of(user)
+    cand = candidates(m.ranker, m.catalogue, user=user, session=None, item_events=[], context=None)
+    flagged = cand.items[cand.sources[:, SOURCES.index("ease")]]
+    best = idx[np.argsort(-score, kind="stable")[:retrieval.EASE_K]]
+    np.testing.assert_array_equal(np.sort(flagged), np.sort(best))
+    x = build_features(m.ranker, m.catalogue, m.rec.item_static,
+                       FeatureRequest(user, None, None, 0.0), cand, m.rec.item_unit)
+    col = x[:, FEATURES.index("ease")]
+    pos = np.searchsorted(idx, cand.items)
+    inside = (pos < len(idx)) & (idx[np.minimum(pos, len(idx) - 1)] == cand.items)
+    np.testing.assert_allclose(col[inside], score[pos[inside]])
+    assert (col[~inside] == 0).all()  # outside the shopper's EASE items: no evidence
+
+
 def test_excluded_items_are_replaced_from_deeper_in_each_source(svc: RankerService) -> None:
     """A discovery request excludes the shopper's past purchases: each source refills its quota
     from further down its list instead of proposing fewer items."""

@@ -267,7 +267,8 @@ def test_signals_save_load_round_trip(tmp_path: Path) -> None:
                  "hist_first", "hist_last", "user_sessions", "user_decayed_sessions",
                  "user_last", "basket_indptr", "basket_items", "user_basket_indptr",
                  "item_repeat_rate", "item_department", "item_line", "item_category", "context_lift",
-                 "holiday_lift", "peer_indptr", "peer_indices", "peer_score"):
+                 "holiday_lift", "peer_indptr", "peer_indices", "peer_score", "ease_indptr",
+                 "ease_indices", "ease_score"):
         np.testing.assert_array_equal(getattr(back, name), getattr(signals, name), err_msg=name)
     assert (back.item_sim != signals.item_sim).nnz == 0
     assert back.department_names == signals.department_names
@@ -279,10 +280,13 @@ def test_signals_saved_before_peers_load_with_empty_peer_rows(tmp_path: Path) ->
     _, _, signals = tiny_setup()
     signals.save(tmp_path)
     (tmp_path / "peers.npz").unlink()  # what a model exported before peers holds
+    (tmp_path / "ease.npz").unlink()  # ... and before EASE
     back = RankingSignals.load(tmp_path)
     assert len(back.peer_indptr) == back.num_users + 1
+    assert len(back.ease_indptr) == back.num_users + 1
     for u in range(back.num_users):
         assert len(back.peers_of(u)[0]) == 0
+        assert len(back.ease_of(u)[0]) == 0
 
 
 def test_peer_items_vote_with_the_most_similar_shoppers() -> None:
@@ -313,6 +317,40 @@ def test_peer_items_vote_with_the_most_similar_shoppers() -> None:
     np.testing.assert_allclose(s3, score, rtol=1e-6)
 
 
+def test_ease_items_match_the_closed_form() -> None:
+    from scipy import sparse
+
+    from graph.signals import ease_items
+
+    rng = np.random.default_rng(3)
+    dense = (rng.random((40, 12)) < 0.3).astype(np.float64)
+    dense[:, 11] = 0.0
+    dense[0, 11] = 1.0  # one buyer only: left out of the model
+    dense[5] = 0.0  # a user without purchases gets an empty row
+    hist = sparse.csr_matrix(dense * 3.0)  # counts: only the pattern is used
+    lam = 2.0
+    indptr, indices, score = ease_items(hist, num_items=12, lam=lam, top_items=4, block_users=7)
+    # B = I - P / diag(P) with P = (XᵀX + lam I)⁻¹ over the items with two buyers or more
+    x = dense[:, :11]
+    p = np.linalg.inv(x.T @ x + lam * np.eye(11))
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    want = x @ b
+    assert indptr[6] == indptr[5]
+    for u in range(40):
+        idx, sc = indices[indptr[u]:indptr[u + 1]], score[indptr[u]:indptr[u + 1]]
+        if u == 5:
+            continue
+        assert np.all(np.diff(idx) > 0) and 11 not in idx and len(idx) <= 4
+        best = np.sort(want[u])[::-1]
+        np.testing.assert_allclose(sc, want[u, idx], rtol=1e-4, atol=1e-5)
+        assert np.all(sc > 0) and sc.min() >= best[min(4, len(best)) - 1] - 1e-5
+    # the item model is capped: only the most bought items take part
+    _, x2, _ = ease_items(hist, num_items=3, lam=lam, top_items=10)
+    buyers = (dense > 0).sum(axis=0)
+    assert set(x2.tolist()) <= set(np.argsort(-buyers, kind="stable")[:3].tolist())
+
+
 def test_peers_feature_and_candidates_for_a_known_user() -> None:
     from graph.features import FEATURES
 
@@ -323,6 +361,8 @@ def test_peers_feature_and_candidates_for_a_known_user() -> None:
     for u in range(sig.num_users):
         idx, sc = sig.peers_of(u)
         assert len(idx) > 0 and np.all(np.diff(idx) > 0) and np.all(sc > 0)
+    assert "ease" in FEATURES and "src_ease" in FEATURES
+    assert len(sig.ease_indptr) == sig.num_users + 1
 
 
 def test_load_reports_missing_files(tmp_path: Path) -> None:
