@@ -221,23 +221,17 @@ def build_features(
 
 def _peer_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndarray | float:
     """The user's peer score of each item (0 outside the user's peer items; NaN: unknown user)."""
-    if user is None:
-        return np.nan
-    row, score = ranker.signals.peers_of(user)
-    out = np.zeros(len(items), dtype=np.float32)
-    if len(row):
-        pos = np.minimum(np.searchsorted(row, items), len(row) - 1)
-        hit = row[pos] == items
-        out[hit] = score[pos[hit]]
-    return out
+    return np.nan if user is None else _row_lookup(*ranker.signals.peers_of(user), items)
 
 
 def _ease_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndarray | float:
     """The user's EASE score of each item (0 outside the user's best EASE items; NaN: unknown
     user)."""
-    if user is None:
-        return np.nan
-    row, score = ranker.signals.ease_of(user)
+    return np.nan if user is None else _row_lookup(*ranker.signals.ease_of(user), items)
+
+
+def _row_lookup(row: np.ndarray, score: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """``score`` of each of ``items`` in a sorted row of item indices, 0 where it is absent."""
     out = np.zeros(len(items), dtype=np.float32)
     if len(row):
         pos = np.minimum(np.searchsorted(row, items), len(row) - 1)
