@@ -310,21 +310,9 @@ def candidates(
         parts.append((3, hist[order[:BUY_AGAIN_K]]))
         for i in hist[order[:COOC_HISTORY_ITEMS]].tolist():
             parts.append((4, _neighbours(ranker, i, COOC_PER_HISTORY_ITEM, excluded)))
-        peer_idx, peer_val = sig.peers_of(user)
-        if excluded is not None:
-            ok = ~is_member(peer_idx, excluded)
-            peer_idx, peer_val = peer_idx[ok], peer_val[ok]
-        if len(peer_idx) > PEERS_K:
-            peer_idx = peer_idx[np.argpartition(-peer_val, PEERS_K - 1)[:PEERS_K]]
-        parts.append((8, peer_idx.astype(np.int64)))
+        parts.append((8, _best_allowed(*sig.peers_of(user), PEERS_K, excluded)))
         if EASE_K > 0:
-            ease_idx, ease_val = sig.ease_of(user)
-            if excluded is not None:
-                ok = ~is_member(ease_idx, excluded)
-                ease_idx, ease_val = ease_idx[ok], ease_val[ok]
-            if len(ease_idx) > EASE_K:
-                ease_idx = ease_idx[np.argpartition(-ease_val, EASE_K - 1)[:EASE_K]]
-            parts.append((9, ease_idx.astype(np.int64)))
+            parts.append((9, _best_allowed(*sig.ease_of(user), EASE_K, excluded)))
     if session is not None and not session.is_empty:
         near = cat.nearest(session_embedding(ranker, session), ANN_K if excluded is None
                           else min(ANN_K * REFILL, ANN_K + len(excluded)))
@@ -382,6 +370,17 @@ def is_member(items: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
         return np.zeros(len(items), dtype=bool)
     pos = np.minimum(np.searchsorted(sorted_set, items), len(sorted_set) - 1)
     return sorted_set[pos] == items
+
+
+def _best_allowed(items: np.ndarray, scores: np.ndarray, k: int,
+                  excluded: np.ndarray | None) -> np.ndarray:
+    """The ``k`` best-scored of a user's scored items (peers, EASE) that are not excluded."""
+    if excluded is not None:
+        ok = ~is_member(items, excluded)
+        items, scores = items[ok], scores[ok]
+    if len(items) > k:
+        items = items[np.argpartition(-scores, k - 1)[:k]]
+    return items.astype(np.int64)
 
 
 def first_allowed(order: np.ndarray, k: int, excluded: np.ndarray | None) -> np.ndarray:
