@@ -161,8 +161,6 @@ class Reasons:
             return "shoppers who buy what you buy also buy this"
         if comp == "ease" and self.user is not None:
             return "goes with what you usually buy"
-        if comp == "ease_sess" and self.item_events:
-            return "goes with what you picked just now"
         if comp == "pop":
             return "popular with shoppers"
         if comp == "context" and self.context is not None:

@@ -18,8 +18,7 @@ Features (see :data:`FEATURES`):
 - **peers**: ``peers`` (how strongly the user's most similar shoppers buy the item:
   ``RankingSignals.peers_of``; 0 outside the user's peer items, NaN for an unknown user);
 - **EASE**: ``ease`` (the user's EASE score of the item, ``RankingSignals.ease_of``; 0 outside
-  the user's best EASE items, NaN for an unknown user), ``ease_sess`` (the session's EASE score
-  of the item, ``RankingSignals.ease_of_session``; NaN without a session);
+  the user's best EASE items, NaN for an unknown user);
 - **popularity**: ``pop`` (log, decayed), ``pop_trend`` (last 7 days vs last 28), ``repeat_rate``;
 - **context**: ``context`` (department lift at the request's weekday × hour, holiday lift),
   ``hour``, ``weekday``, ``holiday`` (no data set we ship has device or region; the lift tables
@@ -55,14 +54,13 @@ ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_ba
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
 USE_EASE = True  # read at call time (bench/ranker_holdout.py --set turns it off)
-USE_EASE_SESSION = True  # the same for ``ease_sess``
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
     "explore", "one_off",
     "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
-    "peers", "ease", "ease_sess",
+    "peers", "ease",
     "context", "hour", "weekday", "holiday",
     "department", "price", "price_band", "brand_pop",
     "query_lex", "query_sem", "query_rrf",
@@ -83,7 +81,6 @@ COMPONENT_OF: dict[str, str] = {
     "new_buyers": "pop", "new_share": "pop",
     "peers": "peers", "src_peers": "peers",
     "ease": "ease", "src_ease": "ease",
-    "ease_sess": "ease_sess", "src_ease_sess": "ease_sess",
     "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
     "src_context": "context",
     "department": "item", "price": "item", "price_band": "item", "brand_pop": "item",
@@ -197,10 +194,8 @@ def build_features(
         col["sess_sim_max"] = sims.max(axis=1)
         col["sess_sim_mean"] = sims @ w / max(float(w.sum()), 1e-12)
         col["session_items"] = float(len(s.items))
-        col["ease_sess"] = (_row_lookup(*ranker.signals.ease_of_session(s.items, s.weights), items)
-                            if USE_EASE_SESSION else np.nan)
     else:
-        col["sess_sim_max"] = col["sess_sim_mean"] = col["ease_sess"] = np.nan
+        col["sess_sim_max"] = col["sess_sim_mean"] = np.nan
         col["session_items"] = 0.0
     _repeat_stats(ranker, req, items, col)
     col["peers"] = _peer_scores(ranker, req.user, items)

@@ -36,12 +36,12 @@ from graph.retrieval import SOURCES
 _SESSION_FEATURES = ("session", "sess_sim_max", "sess_sim_mean", "cooc", "line", "intent",
                      "basket", "session_items", "session_query_lex", "session_query_sem",
                      "session_query_rrf", "src_ann_sess",
-                     "src_cooc", "src_intent", "ease_sess", "src_ease_sess")
+                     "src_cooc", "src_intent")
 ABLATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "full": ((), ()),
     "no_gnn": (("gnn", "session", "sess_sim_max", "sess_sim_mean", "src_ann_user",
                 "src_ann_sess"), ("ann_user", "ann_sess")),
-    "no_session": (_SESSION_FEATURES, ("ann_sess", "cooc", "intent", "ease_sess")),
+    "no_session": (_SESSION_FEATURES, ("ann_sess", "cooc", "intent")),
     "no_context": (("context", "hour", "weekday", "holiday", "src_context"), ("context",)),
 }
 DEFAULT_PARAMS: dict[str, Any] = {

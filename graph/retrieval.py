@@ -23,8 +23,6 @@ context    best sellers of the departments the request's weekday/hour/holiday fa
 peers      what the user's most similar shoppers buy (user-kNN, ``RankingSignals.peers_of``)
 ease       what goes with the user's purchases by the EASE item-item model
            (``RankingSignals.ease_of``)
-ease_sess  what goes with the session's items by the same model
-           (``RankingSignals.ease_of_session``)
 ========== ===================================================================================
 
 Only the second stage (:mod:`graph.ltr`) orders them.
@@ -47,7 +45,7 @@ from graph.text import ItemText
 
 SOURCES: tuple[str, ...] = (
     "popular", "ann_user", "ann_sess", "buy_again", "cooc", "intent", "query", "context", "peers",
-    "ease", "ease_sess",
+    "ease",
 )
 # Per source, how many candidates to take.
 POPULAR_K = 100
@@ -66,7 +64,6 @@ CONTEXT_DEPTS = 3
 CONTEXT_PER_DEPT = 30
 PEERS_K = 100
 EASE_K = 100
-EASE_SESSION_K = 50
 USER_CACHE = 200_000
 # A source's best items may be excluded from a request (the shopper's past purchases in a
 # discovery request, the cart, the items a client asks to leave out). Each source then takes its
@@ -328,9 +325,6 @@ def candidates(
                 break
         for i in recent:
             parts.append((4, _neighbours(ranker, i, COOC_PER_ITEM, excluded)))
-        if EASE_SESSION_K > 0:
-            parts.append((10, _best_allowed(*sig.ease_of_session(session.items, session.weights),
-                                            EASE_SESSION_K, excluded)))
         mass = np.bincount(sig.item_category[session.items], weights=session.weights)
         for c in np.argsort(-mass)[:INTENT_CATEGORIES]:
             if mass[c] > 0:
@@ -380,8 +374,7 @@ def is_member(items: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
 
 def _best_allowed(items: np.ndarray, scores: np.ndarray, k: int,
                   excluded: np.ndarray | None) -> np.ndarray:
-    """The ``k`` best-scored of a user's or session's scored items (peers, EASE) that are not
-    excluded."""
+    """The ``k`` best-scored of a user's scored items (peers, EASE) that are not excluded."""
     if excluded is not None:
         ok = ~is_member(items, excluded)
         items, scores = items[ok], scores[ok]

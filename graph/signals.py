@@ -33,7 +33,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import holidays
 import numpy as np
@@ -76,7 +76,6 @@ class SignalParams:
     ease_items: int = 10_000
     ease_lambda: float = 500.0
     ease_user_items: int = 300
-    ease_item_neighbours: int = 100
     country: str = "US"
 
 
@@ -109,8 +108,6 @@ class RankingSignals:
           ``[nnz]`` float32: the user's :func:`peer_items` (empty rows in models exported before
           them).
         - **ease_indptr**, **ease_indices**, **ease_score**: the same for :func:`ease_items`.
-        - **ease_item_indptr** ``[I+1]``, **ease_item_indices**, **ease_item_score**: each item's
-          largest EASE weights (:class:`EaseRows`; empty rows in models exported before them).
     """
 
     popularity: np.ndarray
@@ -142,17 +139,12 @@ class RankingSignals:
     ease_indptr: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     ease_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     ease_score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    ease_item_indptr: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    ease_item_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    ease_item_score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     def __post_init__(self) -> None:
         if len(self.peer_indptr) == 0:  # a model exported before peers: every row empty
             self.peer_indptr = np.zeros(self.num_users + 1, dtype=np.int64)
         if len(self.ease_indptr) == 0:  # a model exported before EASE: every row empty
             self.ease_indptr = np.zeros(self.num_users + 1, dtype=np.int64)
-        if len(self.ease_item_indptr) == 0:  # ... or before EASE's item rows
-            self.ease_item_indptr = np.zeros(self.num_items + 1, dtype=np.int64)
 
     def peers_of(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         """The user's peer items (sorted indices) and their scores. Shapes: ``[n]`` each."""
@@ -163,24 +155,6 @@ class RankingSignals:
         """The user's best :func:`ease_items` (sorted indices) and their scores. Shapes: ``[n]``."""
         lo, hi = int(self.ease_indptr[user]), int(self.ease_indptr[user + 1])
         return self.ease_indices[lo:hi], self.ease_score[lo:hi]
-
-    def ease_of_session(self, items: np.ndarray,
-                        weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """What goes with a session's items by EASE: ``sum_i w_i B[i, j]`` over the items'
-        largest weights, with ``w`` the session weights scaled to ``sum |w| = 1`` (as the
-        co-occurrence component). Shapes: ``items``, ``weights`` ``[m]`` → sorted ``[n]``, ``[n]``."""
-        ip = self.ease_item_indptr
-        lo, hi = ip[items], ip[np.asarray(items) + 1]
-        n = hi - lo
-        if n.sum() == 0:
-            return np.zeros(0, np.int32), np.zeros(0, np.float32)
-        w = np.asarray(weights, dtype=np.float64)
-        w = w / max(float(np.abs(w).sum()), 1e-12)
-        pos = np.concatenate([np.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)])
-        idx, inv = np.unique(self.ease_item_indices[pos], return_inverse=True)
-        score = np.bincount(inv, weights=self.ease_item_score[pos] * np.repeat(w, n),
-                            minlength=len(idx))
-        return idx, score.astype(np.float32)
 
     @property
     def num_users(self) -> int:
@@ -254,8 +228,7 @@ class RankingSignals:
         np.savez(d / _PEERS, indptr=self.peer_indptr, indices=self.peer_indices,
                  score=self.peer_score)
         np.savez(d / _EASE, indptr=self.ease_indptr, indices=self.ease_indices,
-                 score=self.ease_score, item_indptr=self.ease_item_indptr,
-                 item_indices=self.ease_item_indices, item_score=self.ease_item_score)
+                 score=self.ease_score)
         meta = {
             "format": SIGNALS_FORMAT,
             "now": self.now,
@@ -295,10 +268,6 @@ class RankingSignals:
             with np.load(d / _EASE) as ez:
                 peers.update(ease_indptr=ez["indptr"], ease_indices=ez["indices"],
                              ease_score=ez["score"])
-                if "item_indptr" in ez.files:
-                    peers.update(ease_item_indptr=ez["item_indptr"],
-                                 ease_item_indices=ez["item_indices"],
-                                 ease_item_score=ez["item_score"])
         return cls(
             popularity=arrays["popularity"],
             hist_indptr=hist["indptr"],
@@ -427,29 +396,10 @@ def peer_items(
     return indptr, np.concatenate(out_idx), np.concatenate(out_val)
 
 
-class EaseRows(NamedTuple):
-    """What :func:`ease_items` keeps of the fitted EASE model (CSR rows, sorted within a row).
-
-    Shapes:
-        - **indptr** ``[U+1]`` int64, **indices** ``[nnz]`` int32, **score** ``[nnz]`` float32:
-          each user's best items by ``X_u B``.
-        - **item_indptr** ``[I+1]`` int64, **item_indices** ``[m]`` int32, **item_score**
-          ``[m]`` float32: row ``i`` holds the largest positive weights ``B[i, j]``, how much
-          having item ``i`` raises item ``j`` (empty for items outside the model).
-    """
-
-    indptr: np.ndarray
-    indices: np.ndarray
-    score: np.ndarray
-    item_indptr: np.ndarray
-    item_indices: np.ndarray
-    item_score: np.ndarray
-
-
 def ease_items(
     history: sp.csr_matrix, *, num_items: int, lam: float, top_items: int,
-    item_neighbours: int = 0, block_users: int = 4096,
-) -> EaseRows:
+    block_users: int = 4096,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What goes with each user's purchases: EASE (Steck, WWW 2019), a linear item-item model.
 
     ``B = argmin ||X - XB||² + lam ||B||²`` with a zero diagonal has the closed form
@@ -459,12 +409,11 @@ def ease_items(
     items with the most buyers (the inverse costs ``num_items³``: 10,000 items take tens of
     seconds on two cores, whatever the catalogue's size); each user's scores ``X_u B`` are
     computed for those items and the ``top_items`` best kept (the user's own items included).
-    Each item also keeps its ``item_neighbours`` largest positive weights ``B[i, :]``: a
-    session's items score the other items with them the way a history does (``s B``).
 
     Shapes:
         - history ``[U, I]`` CSR; only its pattern is used.
-        - return :class:`EaseRows`.
+        - return ``indptr`` ``[U+1]`` int64, ``indices`` ``[nnz]`` int32 (ascending within a
+          row), ``score`` ``[nnz]`` float32.
     """
     import scipy.linalg as sla
 
@@ -476,10 +425,8 @@ def ease_items(
     top = top[np.argsort(-buyers[top], kind="stable")[:num_items]]
     top.sort()
     indptr = np.zeros(num_users + 1, dtype=np.int64)
-    item_indptr = np.zeros(history.shape[1] + 1, dtype=np.int64)
-    no_idx, no_val = np.zeros(0, np.int32), np.zeros(0, np.float32)
-    if len(top) < 2 or (top_items <= 0 and item_neighbours <= 0):
-        return EaseRows(indptr, no_idx, no_val, item_indptr, no_idx, no_val)
+    if len(top) < 2 or top_items <= 0:
+        return indptr, np.zeros(0, np.int32), np.zeros(0, np.float32)
     xt = sp.csc_matrix(x)[:, top].tocsr()
     g = (xt.T @ xt).toarray().astype(np.float32)
     g[np.diag_indices(len(top))] += np.float32(lam)
@@ -488,11 +435,10 @@ def ease_items(
     b = -p / np.diag(p)[None, :]
     np.fill_diagonal(b, 0.0)
     del p, g
-    item_rows = _ease_item_rows(b, top, history.shape[1], item_neighbours)
     k = min(top_items, len(top))
     out_idx: list[np.ndarray] = []
     out_val: list[np.ndarray] = []
-    for start in range(0, num_users if k > 0 else 0, block_users):
+    for start in range(0, num_users, block_users):
         stop = min(start + block_users, num_users)
         scores = np.asarray(xt[start:stop] @ b)  # [block, N]
         best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
@@ -506,28 +452,8 @@ def ease_items(
             out_val.append(scores[r, cols[order]].astype(np.float32))
             indptr[start + r + 1] = indptr[start + r] + len(cols)
     if not out_idx:
-        return EaseRows(indptr, no_idx, no_val, *item_rows)
-    return EaseRows(indptr, np.concatenate(out_idx), np.concatenate(out_val), *item_rows)
-
-
-def _ease_item_rows(b: np.ndarray, top: np.ndarray, num_items: int,
-                    k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each modelled item's ``k`` largest positive weights ``B[i, :]`` as CSR rows over the
-    whole catalogue (columns ascending). Shapes: ``b`` ``[N, N]`` over ``top`` ``[N]``."""
-    indptr = np.zeros(num_items + 1, dtype=np.int64)
-    k = min(k, len(top) - 1)
-    if k <= 0:
         return indptr, np.zeros(0, np.int32), np.zeros(0, np.float32)
-    best = np.argpartition(-b, k - 1, axis=1)[:, :k]  # [N, k]
-    val = np.take_along_axis(b, best, axis=1)
-    cols = top[best]
-    keep = val > 0
-    order = np.argsort(np.where(keep, cols, np.iinfo(np.int64).max), axis=1, kind="stable")
-    cols, val, keep = (np.take_along_axis(a, order, axis=1) for a in (cols, val, keep))
-    counts = np.zeros(num_items, dtype=np.int64)
-    counts[top] = keep.sum(axis=1)
-    indptr[1:] = np.cumsum(counts)
-    return indptr, cols[keep].astype(np.int32), val[keep].astype(np.float32)
+    return indptr, np.concatenate(out_idx), np.concatenate(out_val)
 
 
 def user_baskets(
@@ -709,11 +635,10 @@ def fit_signals(
                       shape=(num_users, num_items)),
         neighbours=params.peer_neighbours, top_items=params.peer_items,
     )
-    ease = ease_items(
+    ease_indptr, ease_indices, ease_score = ease_items(
         sp.csr_matrix((np.ones(len(u_idx)), (u_idx, pair.index.get_level_values(1).to_numpy())),
                       shape=(num_users, num_items)),
         num_items=params.ease_items, lam=params.ease_lambda, top_items=params.ease_user_items,
-        item_neighbours=params.ease_item_neighbours,
     )
     return RankingSignals(
         popularity=popularity,
@@ -745,10 +670,7 @@ def fit_signals(
         peer_indptr=peer_indptr,
         peer_indices=peer_indices,
         peer_score=peer_score,
-        ease_indptr=ease.indptr,
-        ease_indices=ease.indices,
-        ease_score=ease.score,
-        ease_item_indptr=ease.item_indptr,
-        ease_item_indices=ease.item_indices,
-        ease_item_score=ease.item_score,
+        ease_indptr=ease_indptr,
+        ease_indices=ease_indices,
+        ease_score=ease_score,
     )

@@ -116,37 +116,6 @@ def test_ease_items_are_candidates_with_their_scores_as_a_feature(svc: RankerSer
     assert (col[~inside] == 0).all()  # outside the shopper's EASE items: no evidence
 
 
-def test_session_ease_items_are_candidates_with_their_scores_as_a_feature(
-        svc: RankerService) -> None:
-    from graph.features import FEATURES, FeatureRequest, build_features
-    from graph.ranking import session_signal
-    from graph.schema import ADD_TO_CART, VIEW
-
-    m = svc.model
-    sig = m.ranker.signals
-    rows = np.diff(sig.ease_item_indptr)
-    a, b = (int(i) for i in m.catalogue.popular[np.flatnonzero(rows[m.catalogue.popular] >= 20)[:2]])
-    events = [(a, VIEW, T0 - 60.0), (b, ADD_TO_CART, T0)]
-    session = session_signal(events, T0)
-    idx, score = sig.ease_of_session(session.items, session.weights)
-    assert len(idx) > retrieval.EASE_SESSION_K
-    cand = candidates(m.ranker, m.catalogue, user=None, session=session, item_events=events,
-                      context=None)
-    flagged = cand.items[cand.sources[:, SOURCES.index("ease_sess")]]
-    best = idx[np.argsort(-score, kind="stable")[:retrieval.EASE_SESSION_K]]
-    np.testing.assert_array_equal(np.sort(flagged), np.sort(best))
-    x = build_features(m.ranker, m.catalogue, m.rec.item_static,
-                       FeatureRequest(None, session, None, T0), cand, m.rec.item_unit)
-    col = x[:, FEATURES.index("ease_sess")]
-    pos = np.searchsorted(idx, cand.items)
-    inside = (pos < len(idx)) & (idx[np.minimum(pos, len(idx) - 1)] == cand.items)
-    np.testing.assert_allclose(col[inside], score[pos[inside]], rtol=1e-6)
-    assert (col[~inside] == 0).all()  # no EASE weight from the session's items
-    x0 = build_features(m.ranker, m.catalogue, m.rec.item_static,
-                        FeatureRequest(None, None, None, T0), cand, m.rec.item_unit)
-    assert np.isnan(x0[:, FEATURES.index("ease_sess")]).all()  # no session: no evidence
-
-
 def test_excluded_items_are_replaced_from_deeper_in_each_source(svc: RankerService) -> None:
     """A discovery request excludes the shopper's past purchases: each source refills its quota
     from further down its list instead of proposing fewer items."""
@@ -291,9 +260,6 @@ def test_reason_texts(svc: RankerService) -> None:
     assert reasons.text("intent", neighbour) == f"because you are shopping for {cat}"
     assert reasons.text("line", neighbour) == f"more {cat} from the brand you picked"
     assert why().text("intent", neighbour) is None
-    # What goes with the session by EASE speaks only with a session.
-    assert reasons.text("ease_sess", neighbour) == "goes with what you picked just now"
-    assert why().text("ease_sess", neighbour) is None
 
 
 def test_similar_items(svc: RankerService) -> None:
