@@ -12,9 +12,8 @@ Features (see :data:`FEATURES`):
 - **repeat purchase**: ``repeat`` (the buy-again share), ``hist_count`` (sessions in which the
   user bought the item), ``days_since_last``, ``interval_days`` (typical time between two of the
   user's purchases of it), ``due`` (their ratio), ``user_sessions``;
-- **co-occurrence and session**: ``cooc``, ``cooc_max`` (the item's strongest co-occurrence
-  with any one session item; NaN without a session), ``line`` (product line share), ``intent``
-  (the session's weight on the item's category), ``basket`` (personal co-occurrence),
+- **co-occurrence and session**: ``cooc``, ``line`` (product line share), ``intent`` (the
+  session's weight on the item's category), ``basket`` (personal co-occurrence),
   ``session_items``;
 - **peers**: ``peers`` (how strongly the user's most similar shoppers buy the item:
   ``RankingSignals.peers_of``; 0 outside the user's peer items, NaN for an unknown user);
@@ -55,12 +54,11 @@ ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_ba
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
 USE_EASE = True  # read at call time (bench/ranker_holdout.py --set turns it off)
-USE_COOC_MAX = True  # the same for ``cooc_max``
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
     "explore", "one_off",
-    "cooc", "cooc_max", "line", "intent", "basket", "session_items",
+    "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
     "peers", "ease",
     "context", "hour", "weekday", "holiday",
@@ -77,8 +75,7 @@ COMPONENT_OF: dict[str, str] = {
     "repeat": "repeat", "hist_count": "repeat", "days_since_last": "repeat",
     "interval_days": "repeat", "due": "repeat", "user_sessions": "repeat", "src_buy_again": "repeat",
     "explore": "explore", "one_off": "explore",
-    "cooc": "cooc", "cooc_max": "cooc", "src_cooc": "cooc",
-    "line": "line", "intent": "intent", "src_intent": "intent",
+    "cooc": "cooc", "src_cooc": "cooc", "line": "line", "intent": "intent", "src_intent": "intent",
     "session_items": "intent", "basket": "basket",
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
     "new_buyers": "pop", "new_share": "pop",
@@ -197,9 +194,8 @@ def build_features(
         col["sess_sim_max"] = sims.max(axis=1)
         col["sess_sim_mean"] = sims @ w / max(float(w.sum()), 1e-12)
         col["session_items"] = float(len(s.items))
-        col["cooc_max"] = _cooc_max(ranker, s, items) if USE_COOC_MAX else np.nan
     else:
-        col["sess_sim_max"] = col["sess_sim_mean"] = col["cooc_max"] = np.nan
+        col["sess_sim_max"] = col["sess_sim_mean"] = np.nan
         col["session_items"] = 0.0
     _repeat_stats(ranker, req, items, col)
     col["peers"] = _peer_scores(ranker, req.user, items)
@@ -232,18 +228,6 @@ def _ease_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndar
     """The user's EASE score of each item (0 outside the user's best EASE items; NaN: unknown
     user)."""
     return np.nan if user is None else _row_lookup(*ranker.signals.ease_of(user), items)
-
-
-def _cooc_max(ranker: Ranker, s: SessionSignal, items: np.ndarray) -> np.ndarray:
-    """Each item's largest co-occurrence ``item_sim[i, item]`` with one of the session's items
-    ``i`` of positive weight (0 where none has it as a neighbour). The ``cooc`` component
-    averages over the session, so a strong tie to one of many items is diluted there."""
-    sim = ranker.signals.item_sim
-    out = np.zeros(len(items), dtype=np.float32)
-    for i in s.items[s.weights > 0].tolist():
-        lo, hi = sim.indptr[i], sim.indptr[i + 1]
-        np.maximum(out, _row_lookup(sim.indices[lo:hi], sim.data[lo:hi], items), out=out)
-    return out
 
 
 def _row_lookup(row: np.ndarray, score: np.ndarray, items: np.ndarray) -> np.ndarray:

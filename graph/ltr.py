@@ -33,7 +33,7 @@ from graph.features import COMPONENT_OF, FEATURES
 from graph.retrieval import SOURCES
 
 # What each ablation leaves out: (features, candidate sources).
-_SESSION_FEATURES = ("session", "sess_sim_max", "sess_sim_mean", "cooc", "cooc_max", "line", "intent",
+_SESSION_FEATURES = ("session", "sess_sim_max", "sess_sim_mean", "cooc", "line", "intent",
                      "basket", "session_items", "session_query_lex", "session_query_sem",
                      "session_query_rrf", "src_ann_sess",
                      "src_cooc", "src_intent")

@@ -116,32 +116,6 @@ def test_ease_items_are_candidates_with_their_scores_as_a_feature(svc: RankerSer
     assert (col[~inside] == 0).all()  # outside the shopper's EASE items: no evidence
 
 
-def test_cooc_max_is_the_strongest_tie_to_one_session_item(svc: RankerService) -> None:
-    from graph.features import FEATURES, FeatureRequest, build_features
-    from graph.ranking import session_signal
-    from graph.schema import ADD_TO_CART, REMOVE_FROM_CART, VIEW
-
-    m = svc.model
-    sim = m.ranker.signals.item_sim
-    busy = np.flatnonzero(np.diff(sim.indptr) >= 20)
-    a, b, gone = (int(i) for i in busy[:3])
-    events = [(a, VIEW, T0 - 60.0), (b, ADD_TO_CART, T0), (gone, VIEW, T0),
-              (gone, REMOVE_FROM_CART, T0)]  # a negative weight: no evidence for its neighbours
-    session = session_signal(events, T0)
-    cand = candidates(m.ranker, m.catalogue, user=None, session=session, item_events=events,
-                      context=None)
-    x = build_features(m.ranker, m.catalogue, m.rec.item_static,
-                       FeatureRequest(None, session, None, T0), cand, m.rec.item_unit)
-    want = sim[[a, b]][:, cand.items].toarray().max(axis=0)  # scipy's answer
-    col = x[:, FEATURES.index("cooc_max")]
-    np.testing.assert_allclose(col, want, rtol=1e-6)
-    assert (col > 0).sum() >= 20  # the session's neighbours are among the candidates
-    assert (col >= x[:, FEATURES.index("cooc")] - 1e-6).all()  # the max is at least the mean
-    x0 = build_features(m.ranker, m.catalogue, m.rec.item_static,
-                        FeatureRequest(None, None, None, T0), cand, m.rec.item_unit)
-    assert np.isnan(x0[:, FEATURES.index("cooc_max")]).all()  # no session: no evidence
-
-
 def test_excluded_items_are_replaced_from_deeper_in_each_source(svc: RankerService) -> None:
     """A discovery request excludes the shopper's past purchases: each source refills its quota
     from further down its list instead of proposing fewer items."""
