@@ -374,7 +374,8 @@ def is_member(items: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
 
 def _best_allowed(items: np.ndarray, scores: np.ndarray, k: int,
                   excluded: np.ndarray | None) -> np.ndarray:
-    """The ``k`` best-scored of a user's scored items (peers, EASE) that are not excluded."""
+    """The ``k`` best-scored of scored items (a user's peer or EASE items, an item's
+    co-occurrence neighbours) that are not excluded."""
     if excluded is not None:
         ok = ~is_member(items, excluded)
         items, scores = items[ok], scores[ok]
@@ -396,13 +397,7 @@ def _neighbours(ranker: Ranker, i: int, k: int, excluded: np.ndarray | None = No
     """Item ``i``'s ``k`` strongest co-occurrence neighbours that are not ``excluded``."""
     sim = ranker.signals.item_sim
     row = slice(sim.indptr[i], sim.indptr[i + 1])
-    nb, val = sim.indices[row], sim.data[row]
-    if excluded is not None:
-        ok = ~is_member(nb, excluded)
-        nb, val = nb[ok], val[ok]
-    if len(nb) > k:
-        nb = nb[np.argpartition(-val, k - 1)[:k]]
-    return nb.astype(np.int64)
+    return _best_allowed(sim.indices[row], sim.data[row], k, excluded)
 
 
 def exclusions(exclude: np.ndarray | None, item_events: Sequence[tuple[int, str, float]]) -> np.ndarray:
