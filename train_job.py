@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-max-users", type=int, help="cap users per next-basket task")
     g.add_argument("--eval-max-baskets", type=int, help="cap baskets per in-session task")
     g.add_argument("--skip-eval", action="store_true", help="publish without the evaluation table")
+    g.add_argument("--eval-workers", type=int, default=None,
+                   help="Ray actors that rank the evaluation's requests, one CPU each (default: "
+                        "one per free CPU of the cluster; 1: in this process)")
     g.add_argument("--ablations", action="store_true",
                    help="also fit rankers without the GNN, session and context features and "
                         "print their table (about 3x the ranker's fitting time)")
@@ -125,7 +128,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         events=args.events, items=args.items, max_users=args.max_users, split_at=args.split_at,
         val_days=args.val_days, output=place(args.output, root), eval_max_users=args.eval_max_users,
         eval_max_baskets=args.eval_max_baskets, skip_eval=args.skip_eval,
-        ablations=args.ablations, forgotten=forgotten_file(args.forgotten), train=train,
+        eval_workers=args.eval_workers, ablations=args.ablations,
+        forgotten=forgotten_file(args.forgotten), train=train,
         online_events=None if args.online_events is None else os.path.abspath(args.online_export),
     )
 

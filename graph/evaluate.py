@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ from graph import schema as S
 from graph.interactions import Interactions
 from graph.ltr import LearnedRanker
 from graph.metrics import cluster_bootstrap, recall_at_k, summarize
+from graph.parallel import Call, RankingPool, rank_chunk, run_calls
 from graph.ranking import top_k_from_scores
 from graph.recommend import Recommender
 from graph.retrieval import SOURCES
@@ -121,6 +122,11 @@ def itemknn_scores(signals: RankingSignals, q: QueryBatch) -> ScoreFn:
     return fn
 
 
+BASELINES: dict[str, Callable[[RankingSignals, QueryBatch], ScoreFn]] = {
+    "popularity": popularity_scores, "buy_again": buy_again_scores, "itemknn": itemknn_scores,
+}
+
+
 def run_queries(fn: ScoreFn, q: QueryBatch, k: int, chunk: int = CHUNK) -> np.ndarray:
     """Rank the whole catalogue for every request, in chunks. Shapes: return ``[B, k]``."""
     out = [
@@ -146,45 +152,74 @@ def progress_bar(done: int, total: int, elapsed_s: float, width: int = 24) -> st
 
 def recommender_rankings(
     rec: Recommender, q: QueryBatch, rankers: Mapping[str, LearnedRanker], k: int,
-    progress: Progress | None = None, batch: int = BATCH,
+    progress: Progress | None = None, batch: int = BATCH, pool: RankingPool | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Rank every request of ``q`` with :meth:`Recommender.prepare`, :meth:`Recommender.score`
-    and :meth:`Recommender.select` for each ranker (a request's candidates and features are
-    computed once; ``batch`` requests share one prediction call per ranker).
+    and :meth:`Recommender.select` for each ranker (:func:`graph.parallel.rank_chunk`: a
+    request's candidates and features are computed once; ``batch`` requests share one prediction
+    call per ranker), in this process or, with a ``pool``, on its Ray actors (the same rankings).
 
     Returns:
         ``({name: [B, k] item indices padded with -1}, candidate report)``; the report holds
         ``candidate_recall`` (relevant items among the candidates / relevant items, averaged over
         requests), ``candidates`` (mean count) and ``source_recall`` per source.
     """
+    ranked, report, _ = task_rankings(rec, q, rankers, k, progress=progress, batch=batch,
+                                      pool=pool)
+    return ranked, report
+
+
+def baseline_chunk(rec: Recommender, rankers: Mapping[str, LearnedRanker], names: Sequence[str],
+                   q: QueryBatch, k: int) -> dict[str, np.ndarray]:
+    """The top ``k`` of the named baselines (:data:`BASELINES`) for a chunk of requests (a
+    :data:`graph.parallel.Call`; ``rankers`` is not used)."""
+    return {n: run_queries(BASELINES[n](rec.ranker.signals, q), q, k) for n in names}
+
+
+def task_rankings(
+    rec: Recommender, q: QueryBatch, rankers: Mapping[str, LearnedRanker], k: int, *,
+    baselines: Sequence[str] = (), baseline_fn: Callable[..., dict[str, np.ndarray]] = baseline_chunk,
+    progress: Progress | None = None, batch: int = BATCH, pool: RankingPool | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray]]:
+    """:func:`recommender_rankings` and the named baselines' top ``k`` (``baseline_fn``, chunk
+    by chunk) of one task, all as calls of one :func:`graph.parallel.run_calls`, so that a pool
+    keeps every CPU busy until the task is done.
+
+    Returns:
+        ``(rankings, candidate report, {baseline: [B, k]})``.
+    """
     out = {name: np.full((len(q), k), -1, dtype=np.int64) for name in rankers}
+    base = {name: np.full((len(q), k), -1, dtype=np.int64) for name in baselines}
     recall = np.zeros(len(q))
     count = np.zeros(len(q))
     per_source = np.zeros((len(q), len(SOURCES)))
     t0 = last = time.perf_counter()
     requests = q.requests(k)
-    for start in range(0, len(q), batch):
-        prepared = [rec.prepare(r) for r in requests[start: start + batch]]
-        for b, p in enumerate(prepared, start):
-            tgt = q.targets[b]
-            hit = np.isin(p.candidates.items, tgt)
-            recall[b] = hit.sum() / len(tgt)
-            count[b] = len(p.candidates)
-            per_source[b] = p.candidates.sources[hit].sum(axis=0) / len(tgt)
-        for name, lr in rankers.items():
-            for b, (p, s) in enumerate(zip(prepared, rec.score(prepared, learned=lr), strict=True),
-                                       start):
-                top = rec.select(p, s, learned=lr, k=k).items
-                out[name][b, : len(top)] = top
+    starts = list(range(0, len(q), batch))
+    calls: list[Call] = [(rank_chunk, (requests[s: s + batch], q.targets[s: s + batch], k))
+                         for s in starts]
+    if baselines:
+        calls += [(baseline_fn, (tuple(baselines), q.take(np.arange(s, min(s + batch, len(q)))), k))
+                  for s in starts]
+    done = 0
+    for i, res in run_calls(rec, calls, rankers, pool):
+        sl = slice(starts[i % len(starts)], starts[i % len(starts)] + batch)
+        if i >= len(starts):
+            for name, top in res.items():
+                base[name][sl] = top
+            continue
+        recall[sl], count[sl], per_source[sl] = res.recall, res.count, res.per_source
+        for name, top in res.top.items():
+            out[name][sl] = top
+        done += len(res.recall)
         if progress is not None and time.perf_counter() - last > PROGRESS_EVERY_S:
             last = time.perf_counter()
-            progress(f"evaluate {q.name}: " + progress_bar(min(start + batch, len(q)), len(q),
-                                                           last - t0))
+            progress(f"evaluate {q.name}: " + progress_bar(done, len(q), last - t0))
     report = {"candidate_recall": float(recall.mean()) if len(q) else float("nan"),
               "candidates": float(count.mean()) if len(q) else float("nan"),
               "source_recall": {s: float(per_source[:, j].mean()) if len(q) else float("nan")
                                 for j, s in enumerate(SOURCES)}}
-    return out, report
+    return out, report, base
 
 
 def evaluate(
@@ -201,6 +236,7 @@ def evaluate(
     max_baskets: int | None = None,
     progress: Progress | None = None,
     k: int = S.TOP_K,
+    pool: RankingPool | None = None,
 ) -> dict[str, Any]:
     """Run the protocol; see the module docstring.
 
@@ -220,6 +256,8 @@ def evaluate(
         max_baskets: Subsample of in-session baskets (default: all).
         progress: Called with progress lines (default: the module logger).
         k: Cut-off of the metrics.
+        pool: Ray actors holding ``rec`` (:func:`graph.parallel.ranking_pool`) that rank the
+            requests (the same rankings as without one, on more CPUs).
 
     Returns:
         ``{model: {task: {"recall@k", "ndcg@k", "hit@k", "n"}}}``; intentrec's task entries
@@ -235,15 +273,10 @@ def evaluate(
                                   max_baskets=max_baskets)
     say(f"evaluate: {len(nb_all)} next-basket users ({len(nb_disc)} with new items), "
         f"{len(ins)} in-session baskets; tasks built in {time.perf_counter() - t0:.1f}s")
-    baselines: dict[str, Callable[[QueryBatch], ScoreFn]] = {
-        "popularity": lambda q: popularity_scores(signals, q),
-        "buy_again": lambda q: buy_again_scores(signals, q),
-        "itemknn": lambda q: itemknn_scores(signals, q),
-    }
     assert rec.learned is not None
     rankers = {"intentrec": rec.learned}
     ablation_rankers = {**(ablations or {}), "intentrec": rec.learned}
-    results: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in [*baselines, *rankers]}
+    results: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in [*BASELINES, *rankers]}
     ablated: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in ablation_rankers}
     empty = {f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"), f"hit@{k}": float("nan"),
              "n": 0.0}
@@ -260,12 +293,9 @@ def evaluate(
         per_request[q.name] = {}
         # An unknown shopper's requests are each their own cluster.
         shoppers[q.name] = np.where(q.users >= 0, q.users, -1 - np.arange(len(q)))
-        for name, make in baselines.items():
-            top = run_queries(make(q), q, k)
-            results[name][q.name] = {**summarize(top, q.targets, k), "n": float(len(q))}
-            per_request[q.name][name] = recall_at_k(top, q.targets, k)
-        ranked, report = recommender_rankings(rec, q, rankers, k, progress=say)  # type: ignore[arg-type]
-        for name, top in ranked.items():
+        ranked, report, base = task_rankings(rec, q, rankers, k,  # type: ignore[arg-type]
+                                             baselines=list(BASELINES), progress=say, pool=pool)
+        for name, top in {**base, **ranked}.items():
             results[name][q.name] = {**summarize(top, q.targets, k), "n": float(len(q))}
             per_request[q.name][name] = recall_at_k(top, q.targets, k)
         results["intentrec"][q.name].update(report)
@@ -277,7 +307,8 @@ def evaluate(
             t = time.perf_counter()
             n = min(len(q), ablation_requests)
             sub = q.take(np.sort(rng.choice(len(q), n, replace=False)))
-            ranked, _ = recommender_rankings(rec, sub, ablation_rankers, k, progress=say)
+            ranked, _ = recommender_rankings(rec, sub, ablation_rankers, k, progress=say,
+                                             pool=pool)
             for name, top in ranked.items():
                 ablated[name][q.name] = {**summarize(top, sub.targets, k), "n": float(n)}
             say(f"evaluate {q.name} ablations: {n} requests in {time.perf_counter() - t:.1f}s; "
@@ -286,14 +317,14 @@ def evaluate(
     out: dict[str, Any] = dict(results)
     if ablations:
         out[ABLATIONS_KEY] = ablated
-    out[UNCERTAINTY_KEY] = recall_uncertainty(per_request, shoppers, list(baselines), k=k,
+    out[UNCERTAINTY_KEY] = recall_uncertainty(per_request, shoppers, list(BASELINES), k=k,
                                               seed=seed)
     from graph.search_eval import SEARCH_KEY, evaluate_search
 
     t = time.perf_counter()
     cat = rec.catalogue
     sq = search_task(ins, cat.categories, cat.titles, seed=seed)
-    out[SEARCH_KEY] = evaluate_search(rec, sq, rec.learned, k, progress=say)
+    out[SEARCH_KEY] = evaluate_search(rec, sq, rec.learned, k, progress=say, pool=pool)
     if len(sq):
         say(f"evaluate search: {len(sq)} simulated queries in {time.perf_counter() - t:.1f}s; "
             f"recall@{k} " + ", ".join(f"{m} {v[sq.name][f'recall@{k}']:.4f}"

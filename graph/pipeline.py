@@ -62,6 +62,9 @@ class PipelineConfig(BaseModel):
     eval_max_users: int | None = Field(None, ge=1, description="cap users evaluated per task")
     eval_max_baskets: int | None = Field(None, ge=1, description="cap baskets in in-session tasks")
     skip_eval: bool = False
+    eval_workers: int | None = Field(
+        None, ge=1, description="Ray actors ranking the evaluation's requests (graph.parallel); "
+        "None: one per free CPU of the cluster, 1: in the driver")
     ablations: bool = Field(False, description="also fit and evaluate the ablation rankers")
     forgotten: str | None = Field(
         None, description="forgotten-users file (path or URI) whose users' events are dropped "
@@ -270,6 +273,7 @@ def run_pipeline(
         format_table,
         format_uncertainty,
     )
+    from graph.parallel import ranking_pool
     from graph.search_eval import format_search
     from graph.train_loop import embed, fit, format_progress
     from graph.validation import validation_sample
@@ -315,13 +319,17 @@ def run_pipeline(
     table = "(evaluation skipped)"
     if not cfg.skip_eval:
         t3 = time.perf_counter()
-        metrics = evaluate(
-            train, test, inter_full, rec, split_at,
-            ablations={row: rankers[name] for row, name in ABLATION_ROWS.items()
-                       if name in rankers},
-            seed=cfg.train.seed, max_users=cfg.eval_max_users,
-            max_baskets=cfg.eval_max_baskets, progress=progress,
-        )
+        with ranking_pool(rec, cfg.eval_workers) as pool:
+            if pool is not None:
+                progress(f"evaluate: requests and baselines ranked by {pool.size} Ray actors, one "
+                         "CPU each (--eval-workers)")
+            metrics = evaluate(
+                train, test, inter_full, rec, split_at,
+                ablations={row: rankers[name] for row, name in ABLATION_ROWS.items()
+                           if name in rankers},
+                seed=cfg.train.seed, max_users=cfg.eval_max_users,
+                max_baskets=cfg.eval_max_baskets, progress=progress, pool=pool,
+            )
         t4 = time.perf_counter()
         cold = evaluate_cold_items(rec, encoder, ds.items, train, test, seed=cfg.train.seed,
                                    max_baskets=cfg.eval_max_baskets or MAX_BASKETS,

@@ -215,6 +215,21 @@ class SearchIndex:
         self._lock = threading.Lock()
         self._hits = self._misses = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (into a Ray actor: :mod:`graph.parallel`) without the stemmer (a C object),
+        the lock and the score cache; :meth:`__setstate__` makes new ones."""
+        state = dict(self.__dict__)
+        for name in ("_stemmer", "_lock", "_cache"):
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._stemmer = _stemmer()
+        self._cache = OrderedDict()
+        self._lock = threading.Lock()
+        self._hits = self._misses = 0
+
     def cache_info(self) -> CacheInfo:
         """Score-cache hits and misses since the last :meth:`cache_clear` (as ``functools``)."""
         with self._lock:

@@ -14,13 +14,14 @@ Every model gets the task's exclusions (the revealed basket items). The queries 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from graph.ltr import LearnedRanker
 from graph.metrics import summarize
+from graph.parallel import RankingPool
 from graph.recommend import Recommender
 from graph.tasks import QueryBatch
 
@@ -53,19 +54,30 @@ def _scores(rec: Recommender, q: QueryBatch, model: str) -> ScoreFn:
         np.zeros((0, len(pop)), dtype=np.float32))
 
 
+def baseline_chunk(rec: Recommender, rankers: Mapping[str, LearnedRanker], names: Sequence[str],
+                   q: QueryBatch, k: int) -> dict[str, np.ndarray]:
+    """The top ``k`` of the named search baselines for a chunk of requests (a
+    :data:`graph.parallel.Call`; ``rankers`` is not used)."""
+    from graph.evaluate import run_queries
+
+    return {n: run_queries(_scores(rec, q, n), q, k, chunk=64) for n in names}
+
+
 def evaluate_search(rec: Recommender, q: QueryBatch, learned: LearnedRanker, k: int,
-                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[str], None] | None = None,
+                    pool: RankingPool | None = None) -> dict[str, Any]:
     """``{model: {"search": {"recall@k", "ndcg@k", "hit@k", "n"}}}`` for the baselines and
-    intentrec (whose entry also holds the candidate report)."""
-    from graph.evaluate import recommender_rankings, run_queries
+    intentrec (whose entry also holds the candidate report; ranked on ``pool``'s actors when
+    given)."""
+    from graph.evaluate import task_rankings
 
     out: dict[str, Any] = {}
     if len(q) == 0:
         return out
+    ranked, report, base = task_rankings(rec, q, {"intentrec": learned}, k, baselines=BASELINES,
+                                         baseline_fn=baseline_chunk, progress=progress, pool=pool)
     for name in BASELINES:
-        out[name] = {q.name: {**summarize(run_queries(_scores(rec, q, name), q, k, chunk=64),
-                                          q.targets, k), "n": float(len(q))}}
-    ranked, report = recommender_rankings(rec, q, {"intentrec": learned}, k, progress=progress)
+        out[name] = {q.name: {**summarize(base[name], q.targets, k), "n": float(len(q))}}
     out["intentrec"] = {q.name: {**summarize(ranked["intentrec"], q.targets, k),
                                  "n": float(len(q)), **report}}
     return out

@@ -101,6 +101,13 @@ class TextEncoder:
         self._lock = threading.Lock()
         self.embed_query = lru_cache(maxsize=QUERY_CACHE)(self._embed_query)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled (into a Ray actor: :mod:`graph.parallel`) as what to load, never the loaded
+        models, lock or query cache: the receiving process loads its own lazily."""
+        if self is get_encoder():
+            return (get_encoder, ())
+        return (TextEncoder, (self._cache,))
+
     @property
     def model(self) -> Any:
         with self._lock:

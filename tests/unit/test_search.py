@@ -44,6 +44,22 @@ def test_apple_finds_apples_through_the_stemmer(catalogue: pd.DataFrame, index: 
     assert np.isin(top, apples).sum() >= 10
 
 
+def test_a_pickled_index_scores_the_same_and_shares_the_process_encoder(
+        catalogue: pd.DataFrame, index: SearchIndex) -> None:
+    """Evaluation ships the catalogue's index to Ray actors (graph/parallel.py): the stemmer, lock,
+    caches and loaded models are not pickled; the copy makes its own and scores alike."""
+    import pickle
+
+    index.scores("apple")
+    copy = pickle.loads(pickle.dumps(index))
+    assert copy.cache_info().currsize == 0 and copy.encoder is get_encoder()
+    everything = np.arange(len(catalogue))
+    for text in ("apple", "soda", "kids cereal"):
+        a, b = index.scores(text), copy.scores(text)
+        np.testing.assert_array_equal(b.lexical_of(everything), a.lexical_of(everything))
+        np.testing.assert_array_equal(b.semantic_of(everything), a.semantic_of(everything))
+
+
 def test_soda_finds_soft_drinks_without_a_shared_word(catalogue: pd.DataFrame,
                                                       index: SearchIndex) -> None:
     cat = catalogue[S.CATEGORY_COL]
