@@ -38,6 +38,7 @@ from graph.text import ItemText, own_title_share
 if TYPE_CHECKING:
     from graph.ltr import LearnedRanker
     from graph.recommend import Recommender
+    from graph.signals import RankingSignals
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -220,6 +221,8 @@ def fit_recommender(
         progress(f"[text] {len(text.texts):,} distinct texts of {text.num_items:,} items embedded "
                  f"with {text.model} in {time.perf_counter() - t0:.0f}s")
     progress("[ranker] fitting the LightGBM ranker on candidates of the validation window")
+    # The published signals need only the data: fitted on another CPU meanwhile.
+    full_signals = signals_in_background(d.train, d.inter_full)
     val_ranker = Ranker(*fit_emb, fit_signals(d.fit_part, d.inter_full))
     val_rec = Recommender.build(d.ds.items, val_ranker,
                                 item_features(d.fit_part, d.ds.items, val_ranker), text=text)
@@ -229,10 +232,46 @@ def fit_recommender(
     progress("[ranker] top features by gain: " + ", ".join(
         f"{f} {g:.0%}" for f, g in importance(rankers["full"], 8)))
     del val_rec, val_ranker
-    ranker = Ranker(*full_emb, fit_signals(d.train, d.inter_full))
+    ranker = Ranker(*full_emb, full_signals())
     rec = Recommender.build(d.ds.items, ranker, item_features(d.train, d.ds.items, ranker),
                             rankers["full"], text=text)
     return rec, rankers
+
+
+def _fit_signals_task(train: pd.DataFrame, inter: Interactions, blas_threads: int
+                      ) -> RankingSignals:
+    import scipy.linalg  # noqa: F401  (loads LAPACK's BLAS now: a library loaded later is not limited)
+    from threadpoolctl import threadpool_limits
+
+    from graph.signals import fit_signals
+
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        return fit_signals(train, inter)
+
+
+def signals_in_background(train: pd.DataFrame, inter: Interactions,
+                          ) -> Callable[[], RankingSignals]:
+    """Start :func:`graph.signals.fit_signals` as a Ray task (one CPU) and return what waits for
+    its result; without Ray, what fits them when called.
+
+    The task uses as many BLAS threads as this process: EASE's Cholesky solve
+    (``graph.signals.ease_items``) rounds differently with another thread count, and the
+    signals must not depend on where they were fitted. The result is copied out of the object
+    store (its arrays would be read-only there).
+    """
+    import copy
+
+    import ray
+    from threadpoolctl import threadpool_info
+
+    from graph.signals import fit_signals
+
+    if not ray.is_initialized():
+        return lambda: fit_signals(train, inter)
+    threads = max((int(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"),
+                  default=1)
+    ref = ray.remote(num_cpus=1)(_fit_signals_task).remote(train, inter, threads)
+    return lambda: copy.deepcopy(ray.get(ref))
 
 
 def _plots(history: list[dict[str, Any]], metrics: dict[str, Any],

@@ -66,3 +66,25 @@ def _validation(train: pd.DataFrame, inter: Interactions) -> list[QueryBatch]:
     val_cut = CUT - pd.Timedelta(days=21)
     hist, window = train[train[S.TS_COL] < val_cut], train[train[S.TS_COL] >= val_cut]
     return validation_tasks(hist, window, inter, val_cut, country="US")
+
+
+def test_signals_fitted_in_a_ray_task_equal_the_drivers_and_are_writable(fitted: Fitted) -> None:
+    import dataclasses
+
+    import scipy.sparse as sp
+
+    from graph.pipeline import signals_in_background
+    from graph.signals import fit_signals
+
+    train, _, inter, _, _ = fitted
+    wait = signals_in_background(train, inter)
+    mine, theirs = fit_signals(train, inter), wait()
+    for f in dataclasses.fields(mine):
+        a, b = getattr(mine, f.name), getattr(theirs, f.name)
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(b, a, err_msg=f.name)
+            assert b.flags.writeable, f.name
+        elif sp.issparse(a):
+            assert (a != b).nnz == 0, f.name
+        else:
+            assert b == a, f.name
