@@ -113,6 +113,7 @@ class RankingPool:
 
     def __init__(self, actors: list[Any]) -> None:
         self.actors = actors
+        self.answered = 0  # calls the actors have answered
         self._keys: dict[int, str] = {}
         self._rankers: list[LearnedRanker] = []  # keeps the registered objects (and ids) alive
 
@@ -164,7 +165,9 @@ class RankingPool:
             [done], _ = ray.wait(list(pending), num_returns=1)
             i, actor = pending.pop(done)
             submit(actor)
-            yield i, ray.get(done)
+            result = ray.get(done)
+            self.answered += 1
+            yield i, result
 
     def close(self) -> None:
         import ray

@@ -208,27 +208,29 @@ class SearchIndex:
         self.text = text
         self.lex_row = codes.astype(np.int64)
         self.encoder = encoder or get_encoder()
-        self._stemmer = _stemmer()
+        self._process_state()
         self._bm25 = _bm25_index(list(uniques), self._stemmer)
         self.num_docs = len(uniques)
+
+    def _process_state(self) -> None:
+        """What each process makes for itself: the stemmer (a C object), the lock and the score
+        cache with its counts (set up here and after unpickling, never pickled)."""
+        self._stemmer = _stemmer()
         self._cache: OrderedDict[str, QueryScores] = OrderedDict()
         self._lock = threading.Lock()
         self._hits = self._misses = 0
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled (into a Ray actor: :mod:`graph.parallel`) without the stemmer (a C object),
-        the lock and the score cache; :meth:`__setstate__` makes new ones."""
+        """Pickled (into a Ray actor: :mod:`graph.parallel`) without :meth:`_process_state`'s
+        objects; :meth:`__setstate__` makes new ones."""
         state = dict(self.__dict__)
-        for name in ("_stemmer", "_lock", "_cache"):
+        for name in ("_stemmer", "_lock", "_cache", "_hits", "_misses"):
             del state[name]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._stemmer = _stemmer()
-        self._cache = OrderedDict()
-        self._lock = threading.Lock()
-        self._hits = self._misses = 0
+        self._process_state()
 
     def cache_info(self) -> CacheInfo:
         """Score-cache hits and misses since the last :meth:`cache_clear` (as ``functools``)."""

@@ -39,7 +39,9 @@ def test_pool_rankings_equal_the_driver_loop_for_every_task_and_ranker(fitted: F
             assert len(q) > 3
             # batch=3: many chunks, finishing out of order on two actors.
             mine, mine_report = recommender_rankings(rec, q, rankers, 10, batch=3)
+            before = pool.answered
             theirs, their_report = recommender_rankings(rec, q, rankers, 10, batch=3, pool=pool)
+            assert pool.answered - before == -(-len(q) // 3)  # every chunk went to an actor
             assert set(theirs) == set(rankers)
             for name in rankers:
                 np.testing.assert_array_equal(theirs[name], mine[name])
@@ -53,6 +55,7 @@ def test_evaluate_with_a_pool_gives_the_same_metrics(fitted: Fitted) -> None:
     with ranking_pool(rec, workers=2) as pool:
         with_pool = evaluate(train, test, inter, rec, CUT, progress=lambda _: None, k=10,
                              pool=pool)
+        assert pool is not None and pool.answered > 0
     assert with_pool == without
 
 
