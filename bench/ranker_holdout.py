@@ -60,8 +60,10 @@ def overridden(settings: list[tuple[str, str]]) -> Iterator[None]:
             setattr(mod, name, value)
 
 
-def embeddings(d: Any, cache: Path, epochs: int | None) -> tuple[Any, Any]:
-    """The GNN's embeddings trained on events before the validation cut (as ``train_job.py``)."""
+def embeddings(d: Any, cache: Path, epochs: int | None,
+               gnn: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """The GNN's embeddings trained on events before the validation cut (as ``train_job.py``),
+    with ``gnn`` overriding :class:`~graph.config.TrainConfig` fields."""
     if cache.exists():
         with cache.open("rb") as f:
             return pickle.load(f)  # our own file, written below
@@ -70,8 +72,9 @@ def embeddings(d: Any, cache: Path, epochs: int | None) -> tuple[Any, Any]:
     from graph.train_loop import fit, format_progress
 
     train_job.init_ray(None)
-    cfg = TrainConfig(storage_path=str(cache.parent.resolve() / "holdout_ckpt"),
-                      **({"epochs": epochs} if epochs else {}))
+    # A checkpoint folder per cache: a run of the same name would resume another's checkpoint.
+    cfg = TrainConfig(storage_path=str(cache.parent.resolve() / f"ckpt_{cache.stem}"),
+                      **({"epochs": epochs} if epochs else {}), **(gnn or {}))
     res = fit(d.inter_fit, cfg, progress=lambda m: print("[train] " + format_progress(m)))
     emb = (res.user_emb, res.item_emb)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +84,8 @@ def embeddings(d: Any, cache: Path, epochs: int | None) -> tuple[Any, Any]:
 
 
 def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None,
-        seed: int = 0, cascades: dict[str, str] | None = None) -> dict[str, Any]:
+        seed: int = 0, cascades: dict[str, str] | None = None,
+        gnn: dict[str, Any] | None = None) -> dict[str, Any]:
     import numpy as np
 
     from graph import ltr, ranker_fit
@@ -96,7 +100,7 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
     from graph.text import ItemText
 
     d = prepare_data(PipelineConfig())
-    fit_emb = embeddings(d, emb_cache, epochs)
+    fit_emb = embeddings(d, emb_cache, epochs, gnn)
     text = ItemText.build(d.ds.items, progress=lambda m: None)
     ranker = Ranker(*fit_emb, fit_signals(d.fit_part, d.inter_full))
     static = item_features(d.fit_part, d.ds.items, ranker)
@@ -170,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                         "'three=((20, 100), (80, 50))') and compare with the shipped one and the "
                         "whole model, on the same fitted ranker")
     p.add_argument("--epochs", type=int, default=None, help="GNN epochs (default: the job's)")
+    p.add_argument("--gnn", action="append", default=[], metavar="KEY=VALUE",
+                   help="a GNN training setting (graph.config.TrainConfig, e.g. batch_size=16384); "
+                        "give another --emb-cache with it")
     p.add_argument("--emb-cache", default=str(REPO / ".holdout" / "fit_emb.pkl"),
                    help="the GNN embeddings before the validation cut (trained when missing)")
     p.add_argument("--seed", type=int, default=0,
@@ -197,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             except (ValueError, SyntaxError):
                 variants[name]["params"][target] = value
     cascades = dict(c.split("=", 1) for c in opts.cascade)
-    res = run(variants, Path(opts.emb_cache), opts.epochs, seed=opts.seed, cascades=cascades)
+    import ast
+
+    gnn = {k: ast.literal_eval(v) for k, _, v in (g.partition("=") for g in opts.gnn)}
+    res = run(variants, Path(opts.emb_cache), opts.epochs, seed=opts.seed, cascades=cascades,
+              gnn=gnn)
     tasks = list(next(iter(res.values()))["tasks"])
     print(f"\n{'variant':<14}" + "".join(f"{t:>24}" for t in tasks))
     print(f"{'':<14}" + "".join(f"{'recall@20  cand.recall':>24}" for _ in tasks))
@@ -212,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{c[t]['whole_model_recall@20']:.4f}, top 20 same {c[t]['top20_same_as_whole_model']:.2%})"
                 for t in tasks))
     doc = {"command": "python bench/ranker_holdout.py " + " ".join(argv or sys.argv[1:]),
-           "held_out_share": HELD_OUT_SHARE, "seed": opts.seed, "variants": res}
+           "held_out_share": HELD_OUT_SHARE, "gnn": gnn, "seed": opts.seed, "variants": res}
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(doc, indent=2, default=str))
     return 0
