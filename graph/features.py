@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from graph import schema as S
-from graph.ranking import ContextSignal, Ranker, SessionSignal, _repeat_values
+from graph.ranking import ContextSignal, Ranker, SessionSignal
 from graph.retrieval import SOURCES, CandidateSet, Catalogue
 from graph.search import QueryScores
 from graph.signals import RankingSignals, to_unix_seconds
@@ -54,7 +54,6 @@ ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_ba
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
 USE_EASE = True  # read at call time (bench/ranker_holdout.py --set turns it off)
-USE_RANKS = True
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
@@ -62,7 +61,6 @@ FEATURES: tuple[str, ...] = (
     "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
     "peers", "ease",
-    "repeat_rank", "ease_rank",
     "context", "hour", "weekday", "holiday",
     "department", "price", "price_band", "brand_pop",
     "query_lex", "query_sem", "query_rrf",
@@ -82,7 +80,7 @@ COMPONENT_OF: dict[str, str] = {
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
     "new_buyers": "pop", "new_share": "pop",
     "peers": "peers", "src_peers": "peers",
-    "ease": "ease", "src_ease": "ease", "ease_rank": "ease", "repeat_rank": "repeat",
+    "ease": "ease", "src_ease": "ease",
     "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
     "src_context": "context",
     "department": "item", "price": "item", "price_band": "item", "brand_pop": "item",
@@ -202,7 +200,6 @@ def build_features(
     _repeat_stats(ranker, req, items, col)
     col["peers"] = _peer_scores(ranker, req.user, items)
     col["ease"] = _ease_scores(ranker, req.user, items) if USE_EASE else np.nan
-    col["repeat_rank"], col["ease_rank"] = _ranks(ranker, req.user, items)
     for j, name in enumerate(ITEM_FEATURES):
         col[name] = item_static[items, j]
     ctx = req.context
@@ -231,37 +228,6 @@ def _ease_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndar
     """The user's EASE score of each item (0 outside the user's best EASE items; NaN: unknown
     user)."""
     return np.nan if user is None else _row_lookup(*ranker.signals.ease_of(user), items)
-
-
-def _ranks(ranker: Ranker, user: int | None, items: np.ndarray,
-           ) -> tuple[np.ndarray | float, np.ndarray | float]:
-    """Each item's place (1 = first) in the user's history ordered by repeat score, and in the
-    user's best EASE items ordered by EASE score; NaN where it is not there (or unknown user).
-
-    A score says how strong an item is; its place says how it stands against the shopper's
-    other items, which is what a top 20 is made of (a heavy shopper's 30th staple can have a
-    higher repeat score than a light shopper's first)."""
-    if user is None or not USE_RANKS:
-        return np.nan, np.nan
-    sig = ranker.signals
-    lo, hi = int(sig.hist_indptr[user]), int(sig.hist_indptr[user + 1])
-    pos = np.arange(lo, hi)
-    rep = _rank_lookup(sig.hist_indices[lo:hi],
-                       _repeat_values(sig, np.full(hi - lo, user), pos), items)
-    return rep, _rank_lookup(*sig.ease_of(user), items)
-
-
-def _rank_lookup(row: np.ndarray, score: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """The 1-based place of each of ``items`` in a sorted row of item indices ordered by
-    ``score`` (highest first, ties by index), NaN where it is absent."""
-    out = np.full(len(items), np.nan, dtype=np.float32)
-    if len(row):
-        place = np.empty(len(row), dtype=np.float32)
-        place[np.argsort(-score, kind="stable")] = np.arange(1, len(row) + 1)
-        pos = np.minimum(np.searchsorted(row, items), len(row) - 1)
-        hit = row[pos] == items
-        out[hit] = place[pos[hit]]
-    return out
 
 
 def _row_lookup(row: np.ndarray, score: np.ndarray, items: np.ndarray) -> np.ndarray:
