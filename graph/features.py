@@ -41,7 +41,7 @@ import pandas as pd
 
 from graph import schema as S
 from graph.ranking import ContextSignal, Ranker, SessionSignal
-from graph.retrieval import SOURCES, CandidateSet, Catalogue, is_member
+from graph.retrieval import SOURCES, CandidateSet, Catalogue
 from graph.search import QueryScores
 from graph.signals import RankingSignals, to_unix_seconds
 
@@ -57,7 +57,7 @@ USE_EASE = True  # read at call time (bench/ranker_holdout.py --set turns it off
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
-    "explore", "one_off", "history_excluded",
+    "explore", "one_off",
     "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
     "peers", "ease",
@@ -74,7 +74,7 @@ COMPONENT_OF: dict[str, str] = {
     "src_ann_sess": "session",
     "repeat": "repeat", "hist_count": "repeat", "days_since_last": "repeat",
     "interval_days": "repeat", "due": "repeat", "user_sessions": "repeat", "src_buy_again": "repeat",
-    "explore": "explore", "one_off": "explore", "history_excluded": "explore",
+    "explore": "explore", "one_off": "explore",
     "cooc": "cooc", "src_cooc": "cooc", "line": "line", "intent": "intent", "src_intent": "intent",
     "session_items": "intent", "basket": "basket",
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
@@ -154,7 +154,6 @@ class FeatureRequest:
         now: Request time, unix seconds.
         query: Search scores of the request's search text (None: no search).
         session_query: Search scores of the session's latest search.
-        excluded: Item indices the request may not return (sorted, unique; None: none).
     """
 
     user: int | None
@@ -163,7 +162,6 @@ class FeatureRequest:
     now: float
     query: QueryScores | None = None
     session_query: QueryScores | None = None
-    excluded: np.ndarray | None = None
 
 
 def build_features(
@@ -264,12 +262,9 @@ def _repeat_stats(ranker: Ranker, req: FeatureRequest, items: np.ndarray,
                                      / np.maximum(c - 1, 1), np.nan)
         col["user_sessions"] = float(sig.user_sessions[req.user])
         col["explore"], col["one_off"] = _exploration(sig, lo, hi)
-        col["history_excluded"] = (
-            np.nan if hi <= lo else 0.0 if req.excluded is None or not len(req.excluded)
-            else float(is_member(sig.hist_indices[lo:hi], req.excluded).mean()))
     else:
         col["user_sessions"] = 0.0
-        col["explore"] = col["one_off"] = col["history_excluded"] = np.nan
+        col["explore"] = col["one_off"] = np.nan
     col["hist_count"] = count
     col["days_since_last"] = since
     col["interval_days"] = interval

@@ -128,15 +128,13 @@ class Recommender:
         session_query = (None if req.session_query is not None and req.query is not None
                          and normalize_query(req.session_query) == normalize_query(req.query)
                          else self.search_scores(req.session_query))
-        excluded = exclusions(req.exclude, req.item_events)
         cand = candidates(
             self.ranker, self.catalogue, user=req.user, session=session,
             item_events=req.item_events, context=req.context,
             query=query, session_query=session_query,
-            category=req.category, exclude=excluded,
+            category=req.category, exclude=exclusions(req.exclude, req.item_events),
         )
-        fr = FeatureRequest(req.user, session, req.context, req.now, query, session_query,
-                            np.unique(excluded))
+        fr = FeatureRequest(req.user, session, req.context, req.now, query, session_query)
         x = build_features(self.ranker, self.catalogue, self.item_static, fr, cand, self.item_unit)
         return Prepared(req, session, cand, x)
 
