@@ -54,9 +54,8 @@ ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_ba
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
 USE_EASE = True  # read at call time (bench/ranker_holdout.py --set turns it off)
-HISTORY_SIM_ITEMS = 20
 FEATURES: tuple[str, ...] = (
-    "gnn", "session", "sess_sim_max", "sess_sim_mean", "hist_sim_max", "hist_sim_mean",
+    "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
     "explore", "one_off",
     "cooc", "line", "intent", "basket", "session_items",
@@ -70,7 +69,7 @@ FEATURES: tuple[str, ...] = (
 )
 # The reason component of each feature (actors/explain.py has a sentence per component).
 COMPONENT_OF: dict[str, str] = {
-    "gnn": "gnn", "src_ann_user": "gnn", "hist_sim_max": "gnn", "hist_sim_mean": "gnn",
+    "gnn": "gnn", "src_ann_user": "gnn",
     "session": "session", "sess_sim_max": "session", "sess_sim_mean": "session",
     "src_ann_sess": "session",
     "repeat": "repeat", "hist_count": "repeat", "days_since_last": "repeat",
@@ -198,8 +197,6 @@ def build_features(
     else:
         col["sess_sim_max"] = col["sess_sim_mean"] = np.nan
         col["session_items"] = 0.0
-    col["hist_sim_max"], col["hist_sim_mean"] = _history_similarity(ranker, req.user, items,
-                                                                    item_unit)
     _repeat_stats(ranker, req, items, col)
     col["peers"] = _peer_scores(ranker, req.user, items)
     col["ease"] = _ease_scores(ranker, req.user, items) if USE_EASE else np.nan
@@ -220,24 +217,6 @@ def build_features(
     for j, name in enumerate(FEATURES):
         out[:, j] = col[name]
     return out
-
-
-def _history_similarity(ranker: Ranker, user: int | None, items: np.ndarray,
-                        item_unit: np.ndarray) -> tuple[np.ndarray | float, np.ndarray | float]:
-    """Cosine similarity of each item's GNN vector to the shopper's :data:`HISTORY_SIM_ITEMS`
-    strongest history items (by decayed purchase weight): the largest one, and the mean
-    weighted by those items' weights (NaN: unknown user or no history)."""
-    if user is None:
-        return np.nan, np.nan
-    sig = ranker.signals
-    lo, hi = int(sig.hist_indptr[user]), int(sig.hist_indptr[user + 1])
-    if hi <= lo:
-        return np.nan, np.nan
-    w = sig.hist_weight[lo:hi]
-    top = np.argsort(-w, kind="stable")[:HISTORY_SIM_ITEMS]
-    sims = item_unit[items] @ item_unit[sig.hist_indices[lo:hi][top]].T  # [n, m]
-    ww = np.maximum(w[top], 0.0).astype(np.float32)
-    return sims.max(axis=1), sims @ ww / max(float(ww.sum()), 1e-12)
 
 
 def _peer_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndarray | float:
