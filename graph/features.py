@@ -49,7 +49,7 @@ DAY_S = 86400.0
 # Columns are only ever appended (a model version keeps its item_features.npy; an older one,
 # with fewer columns, is padded with NaN when loaded: graph.artifacts.read_artifact).
 ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_band", "brand_pop",
-                                  "new_buyers", "new_share", "item_interval")
+                                  "new_buyers", "new_share")
 # Days before the signals' reference time in which a first purchase counts as adoption
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
@@ -59,7 +59,7 @@ FEATURES: tuple[str, ...] = (
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
     "explore", "one_off",
     "cooc", "line", "intent", "basket", "session_items",
-    "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share", "item_interval", "due_pop",
+    "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
     "peers", "ease",
     "context", "hour", "weekday", "holiday",
     "department", "price", "price_band", "brand_pop",
@@ -78,7 +78,7 @@ COMPONENT_OF: dict[str, str] = {
     "cooc": "cooc", "src_cooc": "cooc", "line": "line", "intent": "intent", "src_intent": "intent",
     "session_items": "intent", "basket": "basket",
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
-    "new_buyers": "pop", "new_share": "pop", "item_interval": "item", "due_pop": "repeat",
+    "new_buyers": "pop", "new_share": "pop",
     "peers": "peers", "src_peers": "peers",
     "ease": "ease", "src_ease": "ease",
     "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
@@ -124,21 +124,8 @@ def item_features(train_events: pd.DataFrame, items: pd.DataFrame, ranker: Ranke
         brand_pop = np.full(n, np.nan)
     new_buyers, new_share = _adoption(sig)
     out = np.stack([trend, sig.item_repeat_rate.astype(np.float64), price, band, brand_pop,
-                    new_buyers, new_share, _item_interval(sig)], axis=1)
+                    new_buyers, new_share], axis=1)
     return out.astype(np.float32)
-
-
-def _item_interval(sig: RankingSignals) -> np.ndarray:
-    """How many days usually pass between two purchases of an item by the same shopper: the
-    median over its repeat buyers of each one's mean interval (NaN: nobody bought it twice).
-    Milk comes back in a week, a pan in a year; it dates a purchase the shopper made once."""
-    twice = sig.hist_count >= 2
-    days = ((sig.hist_last[twice] - sig.hist_first[twice]) / DAY_S
-            / (sig.hist_count[twice].astype(np.float64) - 1.0))
-    med = pd.Series(days).groupby(sig.hist_indices[twice]).median()
-    out = np.full(sig.num_items, np.nan)
-    out[med.index.to_numpy(dtype=np.int64)] = med.to_numpy(dtype=np.float64)
-    return out
 
 
 def _adoption(sig: RankingSignals) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +197,7 @@ def build_features(
     else:
         col["sess_sim_max"] = col["sess_sim_mean"] = np.nan
         col["session_items"] = 0.0
-    _repeat_stats(ranker, req, items, col, item_static[items, ITEM_FEATURES.index("item_interval")])
+    _repeat_stats(ranker, req, items, col)
     col["peers"] = _peer_scores(ranker, req.user, items)
     col["ease"] = _ease_scores(ranker, req.user, items) if USE_EASE else np.nan
     for j, name in enumerate(ITEM_FEATURES):
@@ -254,7 +241,7 @@ def _row_lookup(row: np.ndarray, score: np.ndarray, items: np.ndarray) -> np.nda
 
 
 def _repeat_stats(ranker: Ranker, req: FeatureRequest, items: np.ndarray,
-                  col: dict[str, np.ndarray | float], item_interval: np.ndarray) -> None:
+                  col: dict[str, np.ndarray | float]) -> None:
     """The user's purchase history of each candidate (NaN where the user never bought it)."""
     n = len(items)
     count = np.zeros(n, dtype=np.float64)
@@ -283,7 +270,6 @@ def _repeat_stats(ranker: Ranker, req: FeatureRequest, items: np.ndarray,
     col["interval_days"] = interval
     with np.errstate(invalid="ignore", divide="ignore"):
         col["due"] = since / np.maximum(interval, 0.5)
-        col["due_pop"] = since / np.maximum(item_interval, 0.5)
 
 
 def _exploration(sig: RankingSignals, lo: int, hi: int) -> tuple[float, float]:
