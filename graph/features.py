@@ -38,10 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from graph import schema as S
-from graph.ranking import ContextSignal, Ranker, SessionSignal, _rows_times_csr
+from graph.ranking import ContextSignal, Ranker, SessionSignal
 from graph.retrieval import SOURCES, CandidateSet, Catalogue
 from graph.search import QueryScores
 from graph.signals import RankingSignals, to_unix_seconds
@@ -55,12 +54,11 @@ ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_ba
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
 USE_EASE = True  # read at call time (bench/ranker_holdout.py --set turns it off)
-HISTORY_COOC_ITEMS = 20
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
     "explore", "one_off",
-    "cooc", "line", "intent", "basket", "session_items", "hist_cooc",
+    "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
     "peers", "ease",
     "context", "hour", "weekday", "holiday",
@@ -77,7 +75,7 @@ COMPONENT_OF: dict[str, str] = {
     "repeat": "repeat", "hist_count": "repeat", "days_since_last": "repeat",
     "interval_days": "repeat", "due": "repeat", "user_sessions": "repeat", "src_buy_again": "repeat",
     "explore": "explore", "one_off": "explore",
-    "cooc": "cooc", "src_cooc": "cooc", "hist_cooc": "cooc", "line": "line", "intent": "intent", "src_intent": "intent",
+    "cooc": "cooc", "src_cooc": "cooc", "line": "line", "intent": "intent", "src_intent": "intent",
     "session_items": "intent", "basket": "basket",
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
     "new_buyers": "pop", "new_share": "pop",
@@ -200,7 +198,6 @@ def build_features(
         col["sess_sim_max"] = col["sess_sim_mean"] = np.nan
         col["session_items"] = 0.0
     _repeat_stats(ranker, req, items, col)
-    col["hist_cooc"] = _history_cooc(ranker, req.user, items)
     col["peers"] = _peer_scores(ranker, req.user, items)
     col["ease"] = _ease_scores(ranker, req.user, items) if USE_EASE else np.nan
     for j, name in enumerate(ITEM_FEATURES):
@@ -220,26 +217,6 @@ def build_features(
     for j, name in enumerate(FEATURES):
         out[:, j] = col[name]
     return out
-
-
-def _history_cooc(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndarray | float:
-    """Each item's co-occurrence with the shopper's :data:`HISTORY_COOC_ITEMS` strongest
-    history items, weighted by their share of those items' decayed purchase weight (item-kNN
-    over the history; NaN: unknown user or no history)."""
-    if user is None:
-        return np.nan
-    sig = ranker.signals
-    lo, hi = int(sig.hist_indptr[user]), int(sig.hist_indptr[user + 1])
-    if hi <= lo:
-        return np.nan
-    w = sig.hist_weight[lo:hi]
-    top = np.argsort(-w, kind="stable")[:HISTORY_COOC_ITEMS]
-    its = sig.hist_indices[lo:hi][top]
-    order = np.argsort(its)
-    ww = np.maximum(w[top], 0.0)[order]
-    row = sp.csr_matrix((ww / max(float(ww.sum()), 1e-12), its[order], [0, len(its)]),
-                        shape=(1, sig.num_items), dtype=np.float32)
-    return _rows_times_csr(row, sig.item_sim, items)[0]
 
 
 def _peer_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndarray | float:
