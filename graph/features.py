@@ -54,7 +54,6 @@ ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_ba
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
 USE_EASE = True  # read at call time (bench/ranker_holdout.py --set turns it off)
-STORE_TABLES = None  # EXPERIMENT: set by bench/store_holdout.py
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
@@ -62,7 +61,7 @@ FEATURES: tuple[str, ...] = (
     "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
     "peers", "ease",
-    "context", "hour", "weekday", "holiday", "store_pop", "store_lift",
+    "context", "hour", "weekday", "holiday",
     "department", "price", "price_band", "brand_pop",
     "query_lex", "query_sem", "query_rrf",
     "session_query_lex", "session_query_sem", "session_query_rrf",
@@ -83,7 +82,6 @@ COMPONENT_OF: dict[str, str] = {
     "peers": "peers", "src_peers": "peers",
     "ease": "ease", "src_ease": "ease",
     "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
-    "store_pop": "context", "store_lift": "context",
     "src_context": "context",
     "department": "item", "price": "item", "price_band": "item", "brand_pop": "item",
     "query_lex": "query", "query_sem": "query", "query_rrf": "query",
@@ -202,7 +200,6 @@ def build_features(
     _repeat_stats(ranker, req, items, col)
     col["peers"] = _peer_scores(ranker, req.user, items)
     col["ease"] = _ease_scores(ranker, req.user, items) if USE_EASE else np.nan
-    col["store_pop"], col["store_lift"] = _store_scores(req.user, items)
     for j, name in enumerate(ITEM_FEATURES):
         col[name] = item_static[items, j]
     ctx = req.context
@@ -220,21 +217,6 @@ def build_features(
     for j, name in enumerate(FEATURES):
         out[:, j] = col[name]
     return out
-
-
-def _store_scores(user: int | None, items: np.ndarray) -> tuple[np.ndarray | float, np.ndarray | float]:
-    """EXPERIMENT: the items' purchases at the shopper's main store (log), and their lift there
-    against the whole chain (NaN without store tables or an unknown user/store)."""
-    if STORE_TABLES is None or user is None:
-        return np.nan, np.nan
-    user_store, counts, store_total, item_total, total = STORE_TABLES
-    st = int(user_store[user])
-    if st < 0:
-        return np.nan, np.nan
-    row = counts[st]
-    c = np.asarray(row[:, items].toarray()[0], dtype=np.float64)
-    lift = np.log((c + 1.0) / (store_total[st] + 1.0)) - np.log((item_total[items] + 1.0) / total)
-    return np.log1p(c).astype(np.float32), lift.astype(np.float32)
 
 
 def _peer_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndarray | float:
