@@ -56,8 +56,7 @@ class SymmetricLGConv(LGConv):
 
 
 def build_adjacency(
-    edge_index: Tensor, edge_weight: Tensor | None, num_users: int, num_items: int,
-    item_edges: Tensor | None = None, item_weight: Tensor | None = None,
+    edge_index: Tensor, edge_weight: Tensor | None, num_users: int, num_items: int
 ) -> Tensor:
     """The symmetric, gcn-normalised user-item adjacency as a torch CSR tensor.
 
@@ -91,11 +90,6 @@ def build_adjacency(
         weight = torch.log1p(edge_weight.float().clamp_min(0.0))
     full_index = torch.cat([torch.stack([users, items]), torch.stack([items, users])], dim=1)
     full_weight = torch.cat([weight, weight])
-    if item_edges is not None and item_weight is not None and item_edges.numel():
-        # EXPERIMENT: co-purchase edges between items, both directions.
-        a, b = item_edges[0].long() + num_users, item_edges[1].long() + num_users
-        full_index = torch.cat([full_index, torch.stack([a, b]), torch.stack([b, a])], dim=1)
-        full_weight = torch.cat([full_weight, item_weight.float(), item_weight.float()])
     norm_index, norm_weight = gcn_norm(
         full_index, full_weight, num_nodes, add_self_loops=False, dtype=torch.float32
     )

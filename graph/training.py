@@ -65,9 +65,6 @@ class EpochStats:
 # --------------------------------------------------------------------------------------
 
 
-ITEM_EDGES: tuple[np.ndarray, np.ndarray] | None = None  # EXPERIMENT: bench/copurchase_holdout.py
-
-
 def graph_payload(inter: Interactions, text: ItemText | None = None) -> dict[str, Any]:
     """The training graph (and, given ``text``, the items' text vectors) as numpy arrays and
     ints, validated.
@@ -75,7 +72,7 @@ def graph_payload(inter: Interactions, text: ItemText | None = None) -> dict[str
     Raises:
         DataError: If shapes or index ranges are inconsistent.
     """
-    payload = make_payload(
+    return make_payload(
         inter.edge_index,
         inter.edge_weight,
         inter.item_features,
@@ -85,10 +82,6 @@ def graph_payload(inter: Interactions, text: ItemText | None = None) -> dict[str
         text_vectors=None if text is None else text.vectors,
         text_row=None if text is None else text.item_row,
     )
-    if ITEM_EDGES is not None:
-        payload["item_edge_index"], payload["item_edge_weight"] = ITEM_EDGES
-        payload["fingerprint"] += f"-copurchase{ITEM_EDGES[0].shape[1]}"
-    return payload
 
 
 def make_payload(
@@ -207,15 +200,11 @@ def build_model(payload: dict[str, Any], cfg: TrainConfig) -> IntentGNN:
 
 def build_graph_adjacency(payload: dict[str, Any], device: torch.device | None = None) -> Tensor:
     """:func:`~graph.model.build_adjacency` for a payload, on ``device``."""
-    extra = payload.get("item_edge_index")
     adj = build_adjacency(
         torch.from_numpy(np.array(payload["edge_index"], dtype=np.int64)),
         torch.from_numpy(np.array(payload["edge_weight"], dtype=np.float32)),
         payload["num_users"],
         payload["num_items"],
-        None if extra is None else torch.from_numpy(np.array(extra, dtype=np.int64)),
-        None if extra is None else torch.from_numpy(
-            np.array(payload["item_edge_weight"], dtype=np.float32)),
     )
     return adj if device is None else adj.to(device)
 
