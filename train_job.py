@@ -59,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--online-export", metavar="PATH", default="online_events.parquet",
                    help="where --online-events writes the exported events")
     g = p.add_argument_group("training")
-    g.add_argument("--workers", type=int, default=d.num_workers, help="Ray Train workers")
+    g.add_argument("--workers", type=int, default=d.num_workers,
+                   help="Ray Train workers: one per node (or GPU); each propagates the whole graph")
+    g.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker,
+                   help="cores (torch threads) per worker; default: the free CPUs shared among "
+                        "the workers, at most one node's")
     g.add_argument("--gpus", action="store_true", help="one GPU per worker (use_gpu=True)")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--dim", type=int, default=d.dim, help="embedding size")
@@ -120,8 +124,9 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     root = shared_root()  # a cluster's shared storage: relative locations go under it
     storage = place(args.storage, root)
     train = TrainConfig(
-        num_workers=args.workers, use_gpu=args.gpus, epochs=args.epochs, dim=args.dim,
-        num_layers=args.layers, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        num_workers=args.workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpus,
+        epochs=args.epochs, dim=args.dim, num_layers=args.layers, lr=args.lr,
+        batch_size=args.batch_size, seed=args.seed,
         storage_path=storage, run_name=run_name, text_input=args.text_input,
     )
     return PipelineConfig(

@@ -1,10 +1,13 @@
 """GNN training benchmark: epoch time, edges/second and worker memory for 1 and 2 workers.
 
-Configurations are ``WORKERSxCPUS`` (Ray Train workers x cores per worker): ``1x1``, ``2x1``
-(DDP) and ``1x2`` (one worker, two torch threads) by default. Every step propagates over the
-whole graph on every worker, a cost independent of the batch, and ``batch_size`` is per
-worker: more workers means fewer, larger global steps per epoch plus one gradient
-all-reduce of every embedding per step; more threads means a faster propagation.
+Configurations are ``WORKERSxCPUS`` (Ray Train workers x cores per worker). By default
+``2x1`` (DDP, one core each) and ``1x2`` (one worker, two torch threads) run twice,
+interleaved, with the same global batch (``--global-batch``, 16,384 edges: each worker takes
+its share), so both take the same optimisation steps and only where the work runs differs.
+Every step propagates over the whole graph on every worker, a cost independent of the batch:
+more workers add one gradient all-reduce of every embedding per step and do the propagation
+once each; more threads make the one propagation faster. ``--batch-size`` instead fixes the
+batch per worker (more workers then take fewer, larger global steps).
 
 Runs :func:`graph.train_loop.fit` (Ray Train, DDP, full-graph LightGCN propagation per step) on
 the built-in data's training graph (purchases before the default split; ``--max-users`` takes a
@@ -18,7 +21,7 @@ of the run's wall time: worker start-up, graph transfer, adjacency build, checkp
 The numbers depend on the CPU cores the workers get: on a machine shared with other jobs they
 vary from run to run.
 
-Usage: ``python bench/train_bench.py [--epochs 2] [--max-users 500] [--configs 1x1,2x1,1x2]``
+Usage: ``python bench/train_bench.py [--epochs 2] [--max-users 500] [--configs 2x1,1x2]``
 Results print as a table and go to ``bench/results/train_bench.json``.
 """
 
@@ -92,7 +95,7 @@ def run(inter: Interactions, cfg: TrainConfig) -> dict[str, Any]:
     """One fresh training run; the epoch metrics averaged over epochs after the first."""
     from graph.train_loop import fit, format_progress
 
-    tag = f"{cfg.num_workers}x{cfg.cpus_per_worker}"
+    tag = f"{cfg.num_workers}x{cfg.cpus_per_worker}, {cfg.batch_size:,} edges/worker"
 
     def progress(m: dict[str, Any]) -> None:
         print(f"  [{tag}] {format_progress(m)}", flush=True)
@@ -105,6 +108,8 @@ def run(inter: Interactions, cfg: TrainConfig) -> dict[str, Any]:
     return {
         "workers": cfg.num_workers,
         "cpus_per_worker": cfg.cpus_per_worker,
+        "batch_per_worker": cfg.batch_size,
+        "global_batch": cfg.batch_size * cfg.num_workers,
         "steps_per_epoch": math.ceil((inter.num_edges // cfg.num_workers) / cfg.batch_size),
         "epochs": len(hist),
         "epoch_s": epoch_s,
@@ -119,13 +124,14 @@ def run(inter: Interactions, cfg: TrainConfig) -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'workers':>7} {'cpus/w':>6} {'steps':>6} {'epoch s':>8} {'edges/s':>10} "
+        f"{'workers':>7} {'cpus/w':>6} {'batch/w':>8} {'steps':>6} {'epoch s':>8} {'edges/s':>10} "
         f"{'peak RSS/worker MB':>19} {'RSS all workers MB':>19} {'setup s':>8} {'loss':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['workers']:>7} {r['cpus_per_worker']:>6} {r['steps_per_epoch']:>6} "
+            f"{r['workers']:>7} {r['cpus_per_worker']:>6} {r['batch_per_worker']:>8,} "
+            f"{r['steps_per_epoch']:>6} "
             f"{r['epoch_s']:>8.1f} {r['edges_per_s']:>10,.0f} "
             f"{r['peak_rss_mb']:>19,.0f} {r['peak_rss_mb_total']:>19,.0f} "
             f"{r['setup_s']:>8.1f} {r['final_loss']:>7.4f}"
@@ -138,11 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
     ap.add_argument("--max-users", type=int, default=None, help="sample of households")
     ap.add_argument(
-        "--configs", default="1x1,2x1,1x2", help="comma-separated WORKERSxCPUS_PER_WORKER"
+        "--configs", default="2x1,1x2,2x1,1x2",
+        help="comma-separated WORKERSxCPUS_PER_WORKER, run in this order",
     )
     ap.add_argument("--synthetic", action="store_true", help="random graph of the built-in size")
     ap.add_argument("--dim", type=int, default=None, help="embedding width (TrainConfig default)")
-    ap.add_argument("--batch-size", type=int, default=None, help="edges per step, all workers")
+    batch = ap.add_mutually_exclusive_group()
+    batch.add_argument("--global-batch", type=int, default=16384,
+                       help="edges per step over all workers, each taking its share (default)")
+    batch.add_argument("--batch-size", type=int, default=None,
+                       help="edges per step per worker instead (the global batch grows with "
+                            "the workers)")
     ap.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -176,18 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {"epochs": args.epochs, "use_gpu": args.use_gpu}
     if args.dim is not None:
         overrides["dim"] = args.dim
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="intentrec-train-bench-") as storage:
-            for workers, cpus in configs:
+            for i, (workers, cpus) in enumerate(configs):
+                per_worker = args.batch_size or max(1, args.global_batch // workers)
                 cfg = TrainConfig(
                     **overrides,
                     num_workers=workers,
                     cpus_per_worker=cpus,
+                    batch_size=per_worker,
                     storage_path=storage,
-                    run_name=f"bench-{workers}x{cpus}",
+                    run_name=f"bench-{i}-{workers}x{cpus}",  # a fresh folder: nothing resumes
                 )
                 rows.append(run(inter, cfg))
     finally:
@@ -205,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             "num_edges": inter.num_edges,
         },
         "config": TrainConfig(**overrides, storage_path="/unused").model_dump(
-            exclude={"storage_path", "run_name", "num_workers", "cpus_per_worker"}
+            exclude={"storage_path", "run_name", "num_workers", "cpus_per_worker", "batch_size"}
         ),
+        "batch": ({"per_worker": args.batch_size} if args.batch_size
+                  else {"global": args.global_batch}),
         "machine": {
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),

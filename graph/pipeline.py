@@ -314,7 +314,7 @@ def run_pipeline(
     )
     from graph.parallel import ranking_pool
     from graph.search_eval import format_search
-    from graph.train_loop import embed, fit, format_progress
+    from graph.train_loop import embed, fit, format_progress, resolve_workers
     from graph.validation import validation_sample
 
     t0 = time.perf_counter()
@@ -339,7 +339,11 @@ def run_pipeline(
     progress(f"[train] item text vectors in the GNN's layer 0: {'yes' if use_text else 'no'} "
              f"(--text-input {cfg.train.text_input}; {share:.0%} of the items have a title of "
              "their own)")
-    result = fit(d.inter_fit, cfg.train, progress=lambda m: progress("[train] " + format_progress(m)),
+    train_cfg = resolve_workers(cfg.train)
+    progress(f"[train] Ray Train: {train_cfg.num_workers} worker(s) x "
+             f"{train_cfg.cpus_per_worker} CPU(s){' + 1 GPU' if train_cfg.use_gpu else ''}, "
+             f"{train_cfg.batch_size * train_cfg.num_workers:,} edges per step")
+    result = fit(d.inter_fit, train_cfg, progress=lambda m: progress("[train] " + format_progress(m)),
                  validation=val, text=text if use_text else None)
     timings["train_s"] = time.perf_counter() - t1
 

@@ -164,6 +164,7 @@ def train_func(config: dict[str, Any]) -> None:
             "peak_rss_mb": rss_max,
             "peak_rss_mb_total": rss_sum,
             "num_workers": world_size,
+            "cpus_per_worker": cfg.cpus_per_worker,
         }
         if validation is not None and trained is not None:
             # Rank 0 only: the other ranks start the next epoch and wait for it at its first
@@ -201,6 +202,44 @@ def _reduce_stats(
 # --------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------
+
+
+def worker_cpus(num_workers: int, free_cpus: list[float]) -> int:
+    """Cores for each of ``num_workers`` Ray Train workers when the config leaves it open.
+
+    The most cores per worker such that every worker fits on a node's free CPUs (several
+    workers may share a node). At least 1: on a busy cluster the workers then wait for a core
+    rather than fail.
+
+    Args:
+        num_workers: Ray Train workers.
+        free_cpus: The CPUs free now on each alive node.
+    """
+    best = 1
+    for cpus in range(2, int(max(free_cpus, default=0.0)) + 1):
+        if sum(int(free // cpus) for free in free_cpus) >= num_workers:
+            best = cpus
+    return best
+
+
+def free_cpus_per_node() -> list[float]:
+    """The CPUs free now on each alive node of the running Ray cluster."""
+    try:
+        # Private, but what Ray's own placement helpers (ray.util.tpu) read.
+        from ray._private.state import available_resources_per_node
+
+        per_node = available_resources_per_node()
+    except (ImportError, AttributeError):  # another Ray: the cluster as one node
+        return [float(ray.available_resources().get("CPU", 0.0))]
+    return [float(res.get("CPU", 0.0)) for res in per_node.values()]
+
+
+def resolve_workers(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``cpus_per_worker`` filled in from the running cluster when it is None."""
+    if cfg.cpus_per_worker is not None:
+        return cfg
+    cpus = worker_cpus(cfg.num_workers, free_cpus_per_node())
+    return cfg.model_copy(update={"cpus_per_worker": cpus})
 
 
 def format_progress(metrics: dict[str, Any]) -> str:
@@ -260,6 +299,7 @@ def fit(
             "Ray is not initialised: call ray.init() (or ray.init(address='auto') to join a "
             "cluster) before graph.train_loop.fit()"
         )
+    cfg = resolve_workers(cfg)
     payload = graph_payload(inter, text)
     num_edges = payload["edge_index"].shape[1]
     if num_edges < cfg.num_workers:

@@ -253,9 +253,10 @@ def setup_worker(
 ) -> WorkerSetup:
     """Model, adjacency and sampler of one worker, seeded as every rank must be.
 
-    On the CPU the worker uses ``cfg.cpus_per_worker`` torch threads (a process-wide setting).
+    On the CPU the worker uses ``cfg.cpus_per_worker`` torch threads (a process-wide setting;
+    None leaves the process's own).
     """
-    if device.type == "cpu":
+    if device.type == "cpu" and cfg.cpus_per_worker is not None:
         torch.set_num_threads(cfg.cpus_per_worker)
     model = build_model(payload, cfg)  # seeded: identical on every rank
     # After the model: initialisation must not depend on the rank.

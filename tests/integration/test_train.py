@@ -47,6 +47,8 @@ def test_fit_checkpoints_each_epoch_and_resumes_by_run_name(
     assert [m["epoch"] for m in seen] == [1]  # progress reached the driver
     h = first.history[0]
     assert h["num_workers"] == 2 and h["loss"] > 0 and h["edges_per_second"] > 0
+    # cpus_per_worker was left open: two workers on the 2-CPU test cluster get one core each.
+    assert h["cpus_per_worker"] == 1
     assert h["peak_rss_mb"] > 0 and h["peak_rss_mb_total"] >= h["peak_rss_mb"]
     ckpt = Path(str(first.checkpoint_path))
     assert ckpt.is_relative_to(tmp_path / "resume-test")

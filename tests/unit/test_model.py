@@ -26,7 +26,7 @@ from graph.model import (
     build_adjacency,
     export_embeddings,
 )
-from graph.train_loop import TrainResult, embed, fit
+from graph.train_loop import TrainResult, embed, fit, worker_cpus
 from graph.training import (
     build_graph_adjacency,
     build_model,
@@ -519,7 +519,31 @@ def test_config_defaults_and_storage_path_made_absolute(tmp_path: Any, monkeypat
     assert cfg.storage_path == str(tmp_path.resolve() / "checkpoints")
     assert TrainConfig(storage_path="rel/dir").storage_path == str(tmp_path.resolve() / "rel/dir")
     assert TrainConfig(storage_path="s3://bucket/prefix").storage_path == "s3://bucket/prefix"
-    assert (cfg.dim, cfg.num_layers, cfg.num_workers, cfg.use_gpu, cfg.seed) == (64, 3, 2, False, 0)
+    assert (cfg.dim, cfg.num_layers, cfg.num_workers, cfg.use_gpu, cfg.seed) == (64, 3, 1, False, 0)
+    # One worker, its cores chosen from the cluster at fit time; the global batch of the
+    # former default (2 workers x 8,192 edges).
+    assert (cfg.cpus_per_worker, cfg.batch_size) == (None, 16384)
+
+
+@pytest.mark.parametrize(
+    ("workers", "free", "expected"),
+    [
+        (1, [2.0], 2),  # one worker takes the whole 2-core machine
+        (2, [2.0], 1),  # two share it
+        (1, [1.3], 1),  # serve replicas hold 0.7 of a core: the worker gets the 1 free
+        (1, [8.0, 8.0], 8),  # never more than one node has free: Ray could not place it
+        (1, [1.5, 1.5], 1),  # 3 free in all, but no node has 2
+        (2, [8.0, 8.0], 8),  # one worker per node
+        (3, [8.0, 8.0], 4),  # two on one node, one on the other
+        (4, [2.0], 1),  # more workers than cores: 1 each, they wait for a core
+        (1, [0.0], 1),  # a busy cluster: wait rather than fail
+        (1, [], 1),
+    ],
+)
+def test_worker_cpus_fit_every_worker_on_a_node(
+    workers: int, free: list[float], expected: int
+) -> None:
+    assert worker_cpus(workers, free) == expected
 
 
 @pytest.mark.parametrize(
@@ -529,6 +553,7 @@ def test_config_defaults_and_storage_path_made_absolute(tmp_path: Any, monkeypat
         ({"lr": 0.0}, r"lr \(0.0\) must be > 0"),
         ({"id_dropout": 1.0}, r"id_dropout \(1.0\) must be >= 0 and < 1"),
         ({"num_workers": 0}, r"num_workers \(0\)"),
+        ({"cpus_per_worker": 0}, r"cpus_per_worker \(0\) must be between 1 and 1024; .*unset"),
         ({"run_name": "a/b"}, r"run_name \('a/b'\)"),
         ({"storage_path": "s3://"}, r"storage_path \('s3://'\) names no bucket"),
         ({"storage_path": " "}, r"storage_path \(''\) must name a folder"),
