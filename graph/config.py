@@ -35,18 +35,20 @@ class TrainConfig(BaseModel):
         batch_size: Positive edges per optimisation step *per worker* (the global batch is
             ``batch_size * num_workers``). Each step propagates over the whole graph, a cost
             that does not depend on the batch, so workers speed an epoch up only by taking
-            fewer, larger global steps (pair ``num_workers=2`` with ``batch_size=8192`` to keep
-            the default global batch of 16,384).
+            fewer, larger global steps (``num_workers=1`` with ``batch_size=16384`` keeps the
+            default global batch of 16,384).
         reg: L2 weight on the embeddings of each batch (users, positives and negatives).
         id_dropout: Probability of dropping an item's id embedding in a training step, so the
             item-feature path learns to stand alone for cold-start items.
         num_negatives: Sampled negatives per positive edge.
         num_workers: Ray Train workers (one DDP process each). Every worker propagates over
-            the whole graph at every step, so on one machine one worker with all its cores
-            beats several with one core each: on the built-in data, 2 cores, 49 steps of
-            16,384 edges, 12.7-13.0 s per epoch for 1 worker x 2 cores against 19.3-20.3 s for
-            2 workers x 1 core, the same loss (``bench/train_bench.py``). Use one worker per
-            node, or per GPU.
+            the whole graph at every step, so on one machine one worker with all its cores is
+            faster than several with one core each: on the built-in data, 2 cores, 49 steps of
+            16,384 edges, 12.7-13.3 s per epoch for 1 worker x 2 cores against 19.3-20.5 s for
+            2 workers x 1 core, the same loss (``bench/train_bench.py``). It is not the
+            default because its GNNs scored lower through the ranker on held-out validation
+            shoppers: discovery recall@20 -0.0015 on average, lower in all eight comparisons
+            (three GNN seeds, two to four quarters each; ``docs/EXPERIMENTS.md``).
         cpus_per_worker: CPU cores reserved per worker; on the CPU, also the worker's torch
             threads. None (the default): the cluster's free CPUs shared among the workers, at
             most one node's (:func:`graph.train_loop.worker_cpus`).
@@ -69,16 +71,17 @@ class TrainConfig(BaseModel):
 
     dim: int = 64
     num_layers: int = 3
-    # The built-in data (734k edges before the validation cut) takes 11-13 s per epoch with
-    # one worker on 2 quiet cores, plus ~17 s of start-up (bench/train_bench.py). The loss is
-    # still falling at 8 epochs; more epochs trade minutes for quality.
+    # The built-in data (734k edges before the validation cut) takes 18-20 s per epoch with 2
+    # workers on 2 quiet cores (11-13 s with one worker x 2 cores), plus ~20 s of start-up
+    # (bench/train_bench.py). The loss is still falling at 8 epochs; more epochs trade
+    # minutes for quality.
     epochs: int = 8
     lr: float = 0.01
-    batch_size: int = 16384
+    batch_size: int = 8192
     reg: float = 1e-4
     id_dropout: float = 0.2
     num_negatives: int = 1
-    num_workers: int = 1
+    num_workers: int = 2
     cpus_per_worker: int | None = None
     use_gpu: bool = False
     seed: int = 0
@@ -115,7 +118,7 @@ class TrainConfig(BaseModel):
     @field_validator("batch_size")
     @classmethod
     def _batch_size(cls, v: int) -> int:
-        _check_range("batch_size", v, 1, 10_000_000, "use e.g. 16384")
+        _check_range("batch_size", v, 1, 10_000_000, "use e.g. 8192")
         return v
 
     @field_validator("reg")

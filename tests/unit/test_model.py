@@ -519,10 +519,9 @@ def test_config_defaults_and_storage_path_made_absolute(tmp_path: Any, monkeypat
     assert cfg.storage_path == str(tmp_path.resolve() / "checkpoints")
     assert TrainConfig(storage_path="rel/dir").storage_path == str(tmp_path.resolve() / "rel/dir")
     assert TrainConfig(storage_path="s3://bucket/prefix").storage_path == "s3://bucket/prefix"
-    assert (cfg.dim, cfg.num_layers, cfg.num_workers, cfg.use_gpu, cfg.seed) == (64, 3, 1, False, 0)
-    # One worker, its cores chosen from the cluster at fit time; the global batch of the
-    # former default (2 workers x 8,192 edges).
-    assert (cfg.cpus_per_worker, cfg.batch_size) == (None, 16384)
+    assert (cfg.dim, cfg.num_layers, cfg.num_workers, cfg.use_gpu, cfg.seed) == (64, 3, 2, False, 0)
+    # Each worker's cores are chosen from the cluster at fit time.
+    assert (cfg.cpus_per_worker, cfg.batch_size) == (None, 8192)
 
 
 @pytest.mark.parametrize(
