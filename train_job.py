@@ -60,10 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where --online-events writes the exported events")
     g = p.add_argument_group("training")
     g.add_argument("--workers", type=int, default=d.num_workers,
-                   help="Ray Train workers: one per node (or GPU); each propagates the whole graph")
+                   help="Ray Train workers (DDP); each propagates the whole graph, so on one "
+                        "node '--workers 1 --batch-size 16384' is faster (README: Workers and "
+                        "cores)")
     g.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker,
                    help="cores (torch threads) per worker; default: the free CPUs shared among "
-                        "the workers, at most one node's")
+                        "the workers, as many as fit on a node each")
     g.add_argument("--gpus", action="store_true", help="one GPU per worker (use_gpu=True)")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--dim", type=int, default=d.dim, help="embedding size")

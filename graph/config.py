@@ -50,8 +50,8 @@ class TrainConfig(BaseModel):
             shoppers: discovery recall@20 -0.0015 on average, lower in all eight comparisons
             (three GNN seeds, two to four quarters each; ``docs/EXPERIMENTS.md``).
         cpus_per_worker: CPU cores reserved per worker; on the CPU, also the worker's torch
-            threads. None (the default): the cluster's free CPUs shared among the workers, at
-            most one node's (:func:`graph.train_loop.worker_cpus`).
+            threads. None (the default): the cluster's free CPUs shared among the workers, as
+            many as let every worker fit on a node (:func:`graph.train_loop.worker_cpus`).
         use_gpu: One GPU per worker.
         seed: Seeds model initialisation (the same on every worker), shuffling and sampling.
         storage_path: Where Ray Train writes checkpoints: an absolute local path or a URI
