@@ -15,7 +15,7 @@ from graph.config import TrainConfig
 from graph.data import load_builtin
 from graph.errors import ConfigError
 from graph.interactions import Interactions, build_interactions
-from graph.train_loop import embed, fit
+from graph.train_loop import embed, fit, free_cpus_per_node, resolve_workers
 from graph.training import META_FILE, STATE_FILE, load_meta
 from graph.validation import VAL_METRIC, ValidationSample
 
@@ -26,6 +26,39 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 def inter() -> Interactions:
     ds = load_builtin(max_users=40, seed=0)
     return build_interactions(ds.events, ds.items)
+
+
+def test_worker_cores_follow_the_live_clusters_free_cpus() -> None:
+    """``free_cpus_per_node`` reads Ray's per-node *available* CPUs (a private Ray API: this
+    is the test that notices when an upgrade moves it), and ``resolve_workers`` gives a lone
+    worker every free core of a node, one core less once an actor holds some."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    free = free_cpus_per_node()
+    assert len(free) == len(alive) == 1
+    assert sum(free) == pytest.approx(ray.available_resources().get("CPU", 0.0))
+    if free[0] < 2:
+        pytest.skip(f"another test still holds the cluster's CPUs ({free[0]} of 2 free)")
+    lone = resolve_workers(TrainConfig(num_workers=1))
+    assert lone.cpus_per_worker == int(free[0]) == 2
+    assert resolve_workers(TrainConfig(num_workers=2)).cpus_per_worker == 1
+    assert resolve_workers(TrainConfig(num_workers=1, cpus_per_worker=1)).cpus_per_worker == 1
+
+    @ray.remote(num_cpus=0.5)
+    class Holder:
+        def ping(self) -> int:
+            return 1
+
+    holder = Holder.remote()  # type: ignore[attr-defined]
+    try:
+        ray.get(holder.ping.remote(), timeout=60)
+        held = free_cpus_per_node()
+        assert held[0] == pytest.approx(free[0] - 0.5)
+        # 1.5 free CPUs: a whole core, not two, for the lone worker.
+        assert resolve_workers(TrainConfig(num_workers=1)).cpus_per_worker == 1
+    finally:
+        ray.kill(holder)
 
 
 def test_fit_checkpoints_each_epoch_and_resumes_by_run_name(
