@@ -7,8 +7,11 @@ pinned and polling off: the only way a replica can change version here is Serve'
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -250,10 +253,16 @@ def test_an_ab_split_reaches_every_replica_and_answers_name_their_arm(rollout: R
             assert ev.json()["events"][0]["attributed"] == {
                 "model_version": out["model_version"], "position": 1}
         assert {o["model_version"] for o in served.values()} == {rollout.first, v2}
+        shown = {rollout.first: 0, v2: 0}
+        for out in served.values():
+            shown[out["model_version"]] += len(out["items"])
         for s in sessions[:10]:  # stable
             again = rollout.client.post(rollout.url + "/v1/recommendations",
                                         json={"session_id": s, "k": 3}).json()
             assert again["model_version"] == served[s]["model_version"]
+            shown[again["model_version"]] += len(again["items"])
+        clicked = {v: sum(o["model_version"] == v for o in served.values()) for v in shown}
+        _ab_report_reads_the_live_counters(rollout, v2, shown, clicked)
     finally:
         r = rollout.client.delete(split_url, headers=ADMIN)
     assert r.status_code == 200 and r.json()["split"] is None, r.text
@@ -261,6 +270,40 @@ def test_an_ab_split_reaches_every_replica_and_answers_name_their_arm(rollout: R
     wait_for_condition(lambda: _splits(rollout) == {None}, timeout=180,
                        what="both replicas stopped the split")
     assert rollout.client.get(rollout.url + "/v1/model").json()["split"] is None
+
+
+def _ab_report_reads_the_live_counters(rollout: Rollout, v2: str, shown: dict[str, int],
+                                       clicked: dict[str, int]) -> None:
+    """``python -m actors.ab_report --metrics`` on the node's live Prometheus endpoint (Ray's
+    metrics agent, not a fixture text) counts what this test showed and clicked per arm. The
+    split's version is new here, so its counts are exact; the main version's include what
+    earlier tests of the module were shown."""
+    import ray
+
+    from actors.ab_report import counts_from_exposition
+
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def v2_counted() -> bool:
+        per = counts_from_exposition([rollout.client.get(url).text]).get(v2, {})
+        return per.get("impressions") == shown[v2] and per.get("clicks") == clicked[v2]
+
+    # The ingress hands its counts to Ray at most once a second, Ray's agent exports every ~10 s.
+    wait_for_condition(v2_counted, timeout=120, interval=1.0,
+                       what=f"the metrics endpoint counts {shown[v2]} impressions and "
+                            f"{clicked[v2]} clicks for {v2}")
+    out = subprocess.run(
+        [sys.executable, "-m", "actors.ab_report", "--metrics", url, "--json",
+         "--control", rollout.first, "--treatment", v2],
+        capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(out.stdout)
+    arms = {a["version"]: a for a in report["arms"]}
+    assert (arms[v2]["impressions"], arms[v2]["clicks"]) == (shown[v2], clicked[v2])
+    assert arms[rollout.first]["impressions"] >= shown[rollout.first]
+    assert arms[rollout.first]["clicks"] >= clicked[rollout.first]
+    assert (report["control"], report["treatment"]) == (rollout.first, v2)
+    assert [d["metric"] for d in report["differences"]] == ["click-through", "add-to-cart"]
 
 
 def _splits(rollout: Rollout, calls: int = 24) -> set[str | None]:
