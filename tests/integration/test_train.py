@@ -38,10 +38,10 @@ def test_worker_cores_follow_the_live_clusters_free_cpus() -> None:
     free = free_cpus_per_node()
     assert len(free) == len(alive) == 1
     assert sum(free) == pytest.approx(ray.available_resources().get("CPU", 0.0))
-    if free[0] < 2:
+    if free[0] < 0.5:
         pytest.skip(f"another test still holds the cluster's CPUs ({free[0]} of 2 free)")
-    lone = resolve_workers(TrainConfig(num_workers=1))
-    assert lone.cpus_per_worker == int(free[0]) == 2
+    # 2 on the idle 2-CPU test cluster (fewer if an earlier test left an actor holding some).
+    assert resolve_workers(TrainConfig(num_workers=1)).cpus_per_worker == max(1, int(free[0]))
     assert resolve_workers(TrainConfig(num_workers=2)).cpus_per_worker == 1
     assert resolve_workers(TrainConfig(num_workers=1, cpus_per_worker=1)).cpus_per_worker == 1
 
@@ -55,8 +55,9 @@ def test_worker_cores_follow_the_live_clusters_free_cpus() -> None:
         ray.get(holder.ping.remote(), timeout=60)
         held = free_cpus_per_node()
         assert held[0] == pytest.approx(free[0] - 0.5)
-        # 1.5 free CPUs: a whole core, not two, for the lone worker.
-        assert resolve_workers(TrainConfig(num_workers=1)).cpus_per_worker == 1
+        # 1.5 free CPUs of 2: a whole core, not two, for the lone worker.
+        assert resolve_workers(TrainConfig(num_workers=1)).cpus_per_worker == max(
+            1, int(free[0] - 0.5))
     finally:
         ray.kill(holder)
 
