@@ -120,7 +120,7 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
         with overridden(v["set"]):
             rec = Recommender.build(d.ds.items, ranker, static, text=text)
             rng = np.random.default_rng(seed)
-            requests, targets, names = [], [], []
+            requests, targets = [], []
             for q in fit_b:
                 reqs = q.requests()
                 if q.name == "in_session":
@@ -128,9 +128,7 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
                                                        rec.catalogue.titles, rng)
                 requests += reqs
                 targets += q.targets
-                names += [q.name] * len(reqs)
-            tr, va = ranker_fit.fit_sets(rec, requests, targets, rng,
-                                         weights=ranker_fit.task_weights(names))
+            tr, va = ranker_fit.fit_sets(rec, requests, targets, rng)
             lr = fit_ranker(tr.data, va.data, seed=seed,
                             params=v["params"], progress=print)
             rows = {}

@@ -84,7 +84,6 @@ class RankingData:
     x: np.ndarray
     y: np.ndarray
     group: np.ndarray
-    weight: np.ndarray | None = None  # ``[N]`` row weights (a request's weight on its rows)
 
     def subset(self, requests: np.ndarray, rows: np.ndarray | None = None) -> RankingData:
         """The given requests (indices), optionally only ``rows`` (a row mask) of them."""
@@ -96,8 +95,7 @@ class RankingData:
             keep = rows[take]
             take, req_of = take[keep], req_of[keep]
         group = np.bincount(req_of, minlength=len(requests))
-        weight = None if self.weight is None else self.weight[take]
-        return RankingData(self.x[take], self.y[take], group, weight)
+        return RankingData(self.x[take], self.y[take], group)
 
 
 @dataclass(frozen=True)
@@ -315,8 +313,8 @@ def fit_ranker(
     if len(tr.group) == 0:
         raise DataError("no validation request has a bought item among its candidates: the "
                         "validation window is too small to fit the ranker; widen --val-days")
-    dtrain = lgb.Dataset(tr.x[:, cols], tr.y, group=tr.group, weight=tr.weight,
-                         feature_name=list(feats), free_raw_data=True)
+    dtrain = lgb.Dataset(tr.x[:, cols], tr.y, group=tr.group, feature_name=list(feats),
+                         free_raw_data=True)
     if len(va.group):  # early stopping on held-out validation requests
         dvalid = lgb.Dataset(va.x[:, cols], va.y, group=va.group, reference=dtrain)
         booster = lgb.train(p, dtrain, num_boost_round=max_rounds, valid_sets=[dvalid],

@@ -34,8 +34,6 @@ QUERY_SHARE = 0.2
 NEGATIVES_PER_REQUEST = 100
 VALID_SHARE = 0.2
 SPLIT_BY_SHOPPER = True  # early-stopping requests: whole shoppers held out (split_requests)
-# A task's weight in the ranker's loss (LightGBM row weights on its requests' rows); unnamed: 1.
-TASK_WEIGHTS: dict[str, float] = {}
 Progress = Callable[[str], None]
 
 
@@ -75,8 +73,7 @@ class LabelledSet:
 
 
 def label(rec: Recommender, requests: Sequence[Request], targets: Sequence[np.ndarray],
-          rng: np.random.Generator, negatives: int | None = None,
-          weights: Sequence[float] | None = None) -> LabelledSet:
+          rng: np.random.Generator, negatives: int | None = None) -> LabelledSet:
     """Candidates and features of each request, labelled by its targets; at most ``negatives``
     (default :data:`NEGATIVES_PER_REQUEST`, read at call time so that ``bench/ranker_holdout.py
     --set`` reaches it) random negatives per request.
@@ -102,26 +99,16 @@ def label(rec: Recommender, requests: Sequence[Request], targets: Sequence[np.nd
         ys.append(y[keep].astype(np.float32))
         srcs.append(p.candidates.sources[keep])
         group.append(len(keep))
-    group_a = np.asarray(group, dtype=np.int64)
-    w = None if weights is None else np.repeat(np.asarray(weights, dtype=np.float32), group_a)
-    data = RankingData(np.concatenate(xs), np.concatenate(ys), group_a, w)
+    data = RankingData(np.concatenate(xs), np.concatenate(ys), np.asarray(group, dtype=np.int64))
     return LabelledSet(data, np.concatenate(srcs), found / max(total, 1))
 
 
-def task_weights(names: Sequence[str]) -> list[float] | None:
-    """Each request's weight from its task's name (:data:`TASK_WEIGHTS`); None when all are 1."""
-    if not TASK_WEIGHTS:
-        return None
-    return [float(TASK_WEIGHTS.get(n, 1.0)) for n in names]
-
-
 def fit_sets(rec: Recommender, requests: Sequence[Request], targets: Sequence[np.ndarray],
-             rng: np.random.Generator, weights: Sequence[float] | None = None,
-             ) -> tuple[LabelledSet, LabelledSet]:
+             rng: np.random.Generator) -> tuple[LabelledSet, LabelledSet]:
     """The labelled training and early-stopping sets of the validation requests
     (:func:`label`, :func:`split_requests`), as ``train_job.py`` and
     ``bench/ranker_holdout.py`` fit them."""
-    lab = label(rec, requests, targets, rng, weights=weights)
+    lab = label(rec, requests, targets, rng)
     tr_idx, va_idx = split_requests(requests, rng)
     return lab.subset(tr_idx), lab.subset(va_idx)
 
@@ -178,7 +165,6 @@ def fit_on_validation(
     rng = np.random.default_rng(seed)
     requests: list[Request] = []
     targets: list[np.ndarray] = []
-    names: list[str] = []
     for q in batches:
         reqs = q.requests()
         if q.name == "in_session":
@@ -186,8 +172,7 @@ def fit_on_validation(
                                         rec.catalogue.titles, rng)
         requests += reqs
         targets += q.targets
-        names += [q.name] * len(reqs)
-    tr, va = fit_sets(rec, requests, targets, rng, weights=task_weights(names))
+    tr, va = fit_sets(rec, requests, targets, rng)
     tasks = ", ".join(f"{q.name} {len(q)}" for q in batches)
     progress(f"[ranker] {len(requests):,} validation requests ({tasks}): "
              f"{len(tr.data.y) + len(va.data.y):,} labelled candidates, candidate recall "
