@@ -95,11 +95,17 @@ def summarize(raw: str) -> dict[str, object]:
             "share": {c: by_class[c] / active for c in CLASSES}}
 
 
-def replica_pid(name: str) -> int | None:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        if f"ServeReplica:{APP}:{name}" in line:
-            return int(line.split()[0])
+def replica_pid(bench_pid: int, name: str) -> int | None:
+    """The pid of a ``name`` replica started by the bench process ``bench_pid`` (its Ray
+    cluster's processes descend from it, so another cluster's replicas are never picked)."""
+    import psutil
+
+    for child in psutil.Process(bench_pid).children(recursive=True):
+        try:
+            if f"ServeReplica:{APP}:{name}" in " ".join(child.cmdline()):
+                return int(child.pid)
+        except psutil.Error:  # exited meanwhile
+            continue
     return None
 
 
@@ -140,7 +146,7 @@ def main() -> int:
             time.sleep(2)
         time.sleep(10)  # warm-up, and the load generator reaching its concurrency
         for name in names:
-            pid = replica_pid(name)
+            pid = replica_pid(proc.pid, name)
             if pid is None:
                 raise SystemExit(f"no {name} replica of the app {APP} is running; see {log}")
             raw = tmp / f"{name}.txt"
