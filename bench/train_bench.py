@@ -108,6 +108,7 @@ def run(inter: Interactions, cfg: TrainConfig) -> dict[str, Any]:
     return {
         "workers": cfg.num_workers,
         "cpus_per_worker": cfg.cpus_per_worker,
+        "malloc": "retain" if cfg.retain_freed_memory else "default",
         "batch_per_worker": cfg.batch_size,
         "global_batch": cfg.batch_size * cfg.num_workers,
         "steps_per_epoch": math.ceil((inter.num_edges // cfg.num_workers) / cfg.batch_size),
@@ -124,13 +125,15 @@ def run(inter: Interactions, cfg: TrainConfig) -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'workers':>7} {'cpus/w':>6} {'batch/w':>8} {'steps':>6} {'epoch s':>8} {'edges/s':>10} "
+        f"{'workers':>7} {'cpus/w':>6} {'malloc':>7} {'batch/w':>8} {'steps':>6} {'epoch s':>8} "
+        f"{'edges/s':>10} "
         f"{'peak RSS/worker MB':>19} {'RSS all workers MB':>19} {'setup s':>8} {'loss':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['workers']:>7} {r['cpus_per_worker']:>6} {r['batch_per_worker']:>8,} "
+            f"{r['workers']:>7} {r['cpus_per_worker']:>6} {r.get('malloc', 'default'):>7} "
+            f"{r['batch_per_worker']:>8,} "
             f"{r['steps_per_epoch']:>6} "
             f"{r['epoch_s']:>8.1f} {r['edges_per_s']:>10,.0f} "
             f"{r['peak_rss_mb']:>19,.0f} {r['peak_rss_mb_total']:>19,.0f} "
@@ -156,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="edges per step per worker instead (the global batch grows with "
                             "the workers)")
     ap.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    ap.add_argument(
+        "--malloc", choices=("retain", "default", "both"), default="retain",
+        help="glibc's thresholds in the workers: raised (TrainConfig.retain_freed_memory, the "
+             "default), glibc's own, or both, each config run once with each (alternated)",
+    )
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     try:
@@ -188,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {"epochs": args.epochs, "use_gpu": args.use_gpu}
     if args.dim is not None:
         overrides["dim"] = args.dim
+    retains = {"retain": [True], "default": [False], "both": [False, True]}[args.malloc]
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="intentrec-train-bench-") as storage:
-            for i, (workers, cpus) in enumerate(configs):
+            runs = [(c, r) for c in configs for r in retains]
+            for i, ((workers, cpus), retain) in enumerate(runs):
                 per_worker = args.batch_size or max(1, args.global_batch // workers)
                 cfg = TrainConfig(
                     **overrides,
@@ -200,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                     batch_size=per_worker,
                     storage_path=storage,
                     run_name=f"bench-{i}-{workers}x{cpus}",  # a fresh folder: nothing resumes
+                    retain_freed_memory=retain,
                 )
                 rows.append(run(inter, cfg))
     finally:

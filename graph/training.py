@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from graph.config import TrainConfig
 from graph.errors import ConfigError, DataError
+from graph.malloc import retain_freed_memory
 from graph.model import IntentGNN, NegativeSampler, bpr_loss, build_adjacency
 
 if TYPE_CHECKING:
@@ -254,10 +255,15 @@ def setup_worker(
     """Model, adjacency and sampler of one worker, seeded as every rank must be.
 
     On the CPU the worker uses ``cfg.cpus_per_worker`` torch threads (a process-wide setting;
-    None leaves the process's own).
+    None leaves the process's own), and with ``cfg.retain_freed_memory`` the process keeps
+    freed memory for the next step (:func:`graph.malloc.retain_freed_memory`: the whole-graph
+    tensors are not faulted in from the kernel again at every step).
     """
-    if device.type == "cpu" and cfg.cpus_per_worker is not None:
-        torch.set_num_threads(cfg.cpus_per_worker)
+    if device.type == "cpu":
+        if cfg.retain_freed_memory:
+            retain_freed_memory()
+        if cfg.cpus_per_worker is not None:
+            torch.set_num_threads(cfg.cpus_per_worker)
     model = build_model(payload, cfg)  # seeded: identical on every rank
     # After the model: initialisation must not depend on the rank.
     seed_everything(cfg.seed + rank)
