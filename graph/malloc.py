@@ -3,17 +3,20 @@
 Every GNN step allocates and frees the same whole-graph tensors: the layer-0 embedding, each
 propagated layer and their gradients, ``[U + I, d]`` float32 each (94,150 × 64 × 4 bytes =
 24 MB on the built-in graph; 48 MB at ``--dim 128``). glibc serves an allocation above its
-``mmap`` threshold with a fresh ``mmap`` and returns it with ``munmap`` when it is freed; that
-threshold adapts upwards only to 32 MB (``DEFAULT_MMAP_THRESHOLD_MAX``), and memory freed at the
-top of the heap is returned to the kernel above the trim threshold. So every step re-faults its
-tensors' pages, and the kernel zeroes every page again: at 128 dimensions, where each tensor is
-above 32 MB, that was more than half of a step (``bench/train_bench.py``; docs/EXPERIMENTS.md,
-"glibc's allocator").
+``mmap`` threshold with a fresh ``mmap`` and returns it with ``munmap`` when it is freed, so its
+pages are faulted in, and zeroed by the kernel, again at every step. glibc raises the threshold
+to the size of a freed block, which keeps the 24 MB tensors in the heap after the first step,
+but only up to 32 MB (``DEFAULT_MMAP_THRESHOLD_MAX``): at 128 dimensions every tensor was a
+fresh ``mmap``, and that took about half of each epoch (``python bench/train_bench.py --dim 128
+--malloc both``: 109 against 58 s per epoch with two 1-core workers, 68 against 38 s with one
+2-core worker, the same loss; docs/EXPERIMENTS.md, "glibc's allocator").
 
-:func:`retain_freed_memory` raises both thresholds, so freed blocks stay in the process and the
-next step reuses them. The process's resident memory then stays at its peak instead of rising
-and falling with each step. ``TrainConfig(retain_freed_memory=False)`` leaves glibc's defaults
-(to compare, or where a worker's memory must shrink between steps). Other C libraries (musl)
+:func:`retain_freed_memory` raises the ``mmap`` threshold past those sizes and the trim
+threshold with it, so freed blocks stay in the process and the next step reuses them: what
+glibc already does at 64 dimensions (where the same bench measures no difference), now at any
+width. The price is memory: at 128 dimensions a worker's peak resident memory is 2.6-2.7 GB
+instead of 1.2-1.3 GB (at 64 it is 1.3-1.4 GB either way).
+``TrainConfig(retain_freed_memory=False)`` leaves glibc's defaults. Other C libraries (musl)
 and other allocators (jemalloc, tcmalloc via ``LD_PRELOAD``) are left alone.
 """
 
