@@ -169,11 +169,14 @@ class RankingSignals:
             (data, self.hist_indices, self.hist_indptr), shape=(self.num_users, self.num_items)
         )
 
-    @property
+    # Cached: a session's components ask for them on every request, and each is a pass over
+    # the catalogue (the arrays are never changed in place; dataclasses.replace makes a new
+    # instance, which computes its own).
+    @functools.cached_property
     def num_lines(self) -> int:
         return int(self.item_line.max()) + 1 if len(self.item_line) else 0
 
-    @property
+    @functools.cached_property
     def num_categories(self) -> int:
         return int(self.item_category.max()) + 1 if len(self.item_category) else 0
 
