@@ -58,3 +58,13 @@ def test_large_tensors_come_from_the_heap_once_retained() -> None:
     if retained["threshold"] < tensor:
         pytest.skip(f"this glibc caps the mmap threshold at {retained['threshold']:,} bytes")
     assert all(m < tensor for m in retained["mapped"]), retained
+
+
+def test_train_job_flag_turns_it_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import train_job
+
+    monkeypatch.chdir(tmp_path)
+    parser = train_job.build_parser()
+    assert train_job.config_from_args(parser.parse_args([])).train.retain_freed_memory
+    off = train_job.config_from_args(parser.parse_args(["--release-freed-memory"]))
+    assert off.train.retain_freed_memory is False
