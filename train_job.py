@@ -76,10 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-input", choices=("auto", "on", "off"), default=d.text_input,
                    help="the items' text vectors in the GNN's layer 0 (auto: when at least half "
                    "of the items have titles of their own, not only category paths)")
-    g.add_argument("--refresh-epochs", type=int, default=d.refresh_epochs,
-                   help="after the GNN trained before the validation cut, train it on for this "
-                   "many epochs over the whole training graph, validation window included, for "
-                   "the published embeddings (0: only propagate it over that graph)")
     g.add_argument("--release-freed-memory", action="store_true",
                    help="let glibc return each step's freed tensors to the kernel (less memory "
                    "per CPU worker, slower epochs above 32 MB per tensor: at --dim 128 about "
@@ -139,7 +135,6 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         batch_size=args.batch_size, seed=args.seed,
         storage_path=storage, run_name=run_name, text_input=args.text_input,
         retain_freed_memory=not args.release_freed_memory,
-        refresh_epochs=args.refresh_epochs,
     )
     return PipelineConfig(
         events=args.events, items=args.items, max_users=args.max_users, split_at=args.split_at,

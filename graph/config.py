@@ -70,12 +70,6 @@ class TrainConfig(BaseModel):
             (:func:`graph.malloc.retain_freed_memory`). At 128 dimensions epochs 1.8-1.9x
             faster for twice the worker's memory (2.7 instead of 1.2-1.3 GB); at 64 glibc
             already does it by itself (no measurable difference).
-        refresh_epochs: Once the GNN has been trained on the events before the validation cut
-            (whose embeddings the ranker is fitted on), it goes on training for this many
-            epochs over the whole training graph, validation window included, from its weights
-            and Adam's state, so that the published embeddings have learned from the newest
-            purchases instead of only being propagated over them
-            (:func:`graph.train_loop.fit`'s ``init``). 0: no refresh.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -101,7 +95,6 @@ class TrainConfig(BaseModel):
     max_failures: int = 1
     text_input: Literal["auto", "on", "off"] = "auto"
     retain_freed_memory: bool = True
-    refresh_epochs: int = 0
 
     @field_validator("dim")
     @classmethod
@@ -119,12 +112,6 @@ class TrainConfig(BaseModel):
     @classmethod
     def _epochs(cls, v: int) -> int:
         _check_range("epochs", v, 1, 10_000, "use e.g. 8")
-        return v
-
-    @field_validator("refresh_epochs")
-    @classmethod
-    def _refresh_epochs(cls, v: int) -> int:
-        _check_range("refresh_epochs", v, 0, 10_000, "use e.g. 2, or 0 for no refresh")
         return v
 
     @field_validator("lr")

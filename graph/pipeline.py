@@ -347,37 +347,17 @@ def run_pipeline(
                  validation=val, text=text if use_text else None)
     timings["train_s"] = time.perf_counter() - t1
 
-    # The ranker learns from the embeddings of the GNN trained before the validation cut (so
-    # its validation-window features are out of sample); what is published either propagates
-    # that GNN over the whole training graph or, with refresh_epochs, trains it on for a few
-    # epochs over the whole graph first.
-    refreshed = None
-    if train_cfg.refresh_epochs > 0:
-        t2 = time.perf_counter()
-        refresh_cfg = train_cfg.model_copy(update={
-            "epochs": result.epoch + train_cfg.refresh_epochs,
-            "run_name": f"{train_cfg.run_name}-refresh"})
-        progress(f"[refresh] the GNN goes on training over the whole training graph (validation "
-                 f"window included) for {train_cfg.refresh_epochs} epoch(s) (--refresh-epochs)")
-        refreshed = fit(inter_full, refresh_cfg,
-                        progress=lambda m: progress("[refresh] " + format_progress(m)),
-                        text=text if use_text else None, init=result)
-        timings["refresh_s"] = time.perf_counter() - t2
-    final_emb = embed(result, inter_full) if refreshed is None else (refreshed.user_emb,
-                                                                       refreshed.item_emb)
-
     t2 = time.perf_counter()
     rec, rankers = fit_recommender(
-        d, (result.user_emb, result.item_emb), final_emb, seed=cfg.train.seed,
+        d, (result.user_emb, result.item_emb), embed(result, inter_full), seed=cfg.train.seed,
         ablations=tuple(ABLATION_ROWS.values()) if cfg.ablations and not cfg.skip_eval else (),
         progress=progress, text=text)
     timings["ranker_s"] = time.perf_counter() - t2
 
     from graph.item_encoder import ItemEncoder
 
-    published = result if refreshed is None else refreshed
-    assert published.model is not None  # fit() always returns its model
-    encoder = ItemEncoder.from_gnn(published.model, inter_full, ds.items)
+    assert result.model is not None  # fit() always returns its model
+    encoder = ItemEncoder.from_gnn(result.model, inter_full, ds.items)
     metrics: dict[str, Any] = {}
     table = "(evaluation skipped)"
     if not cfg.skip_eval:
@@ -414,11 +394,7 @@ def run_pipeline(
                  "forgotten_events_excluded": ds.excluded_events},
         "config": cfg.model_dump(mode="json"),
         "training": {"seconds": round(timings["train_s"], 2), "epochs": len(result.history),
-                     "history": result.history,
-                     **({} if refreshed is None else {"refresh": {
-                         "epochs": len(refreshed.history),
-                         "seconds": round(timings["refresh_s"], 2),
-                         "history": refreshed.history}})},
+                     "history": result.history},
         "ranker": rankers["full"].info,
         "text": {"model": text.model, "texts": len(text.texts), "seconds": round(timings["text_s"], 2),
                  "gnn_input": use_text, "own_title_share": round(share, 4)},

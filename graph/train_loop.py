@@ -32,7 +32,7 @@ from ray.train import UserCallback
 
 from graph import storage
 from graph.config import TrainConfig
-from graph.errors import ConfigError, DataError, IntentrecError, UnavailableError
+from graph.errors import DataError, IntentrecError, UnavailableError
 from graph.model import IntentGNN, export_embeddings
 from graph.training import (
     EpochStats,
@@ -74,8 +74,6 @@ class TrainResult:
         model: The trained model on the CPU (for :func:`embed` over a newer graph).
         trained_users: True for users with edges in the training graph.
         trained_items: True for items with edges in the training graph.
-        optimizer_state: Adam's state at the final checkpoint (to go on training with ``init``).
-        epoch: The epoch of the final checkpoint.
 
     Shapes:
         - user_emb: ``[U, d]`` float32
@@ -90,8 +88,6 @@ class TrainResult:
     model: IntentGNN | None = field(default=None, repr=False)
     trained_users: np.ndarray | None = field(default=None, repr=False)
     trained_items: np.ndarray | None = field(default=None, repr=False)
-    optimizer_state: dict[str, Any] | None = field(default=None, repr=False)
-    epoch: int = 0
 
 
 # --------------------------------------------------------------------------------------
@@ -107,9 +103,7 @@ def train_func(config: dict[str, Any]) -> None:
             "validation": ValidationSample or None}`` (the payload from
             :func:`~graph.training.graph_payload`). With a validation sample, rank 0 adds
             ``val_recall@20`` and its cost ``val_seconds`` to each epoch's metrics
-            (:mod:`graph.validation`). ``"init"`` (optional, an ObjectRef of ``{"model",
-            "optimizer", "epoch"}``): the state to start from when the run folder holds no
-            checkpoint yet; the run then trains the epochs after ``init["epoch"]``.
+            (:mod:`graph.validation`).
     """
     cfg = TrainConfig.model_validate(config["cfg"])
     graph = config["graph"]
@@ -132,11 +126,6 @@ def train_func(config: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
         opt_state = state["optimizer"]
         start_epoch, history = int(meta["epoch"]), list(meta["history"])
-    elif config.get("init") is not None:
-        init = config["init"]
-        init = ray.get(init) if isinstance(init, ray.ObjectRef) else init
-        model.load_state_dict(init["model"])
-        opt_state, start_epoch = init["optimizer"], int(init["epoch"])
 
     ddp_model = ray.train.torch.prepare_model(
         model,
@@ -275,7 +264,6 @@ def _print_progress(metrics: dict[str, Any]) -> None:
 def fit(
     inter: Interactions, cfg: TrainConfig, progress: ProgressFn | None = None,
     validation: ValidationSample | None = None, text: ItemText | None = None,
-    init: TrainResult | None = None,
 ) -> TrainResult:
     """Train IntentGNN with Ray Train and return the final embeddings.
 
@@ -293,12 +281,6 @@ def fit(
             ``val_recall@20`` of the embeddings (:mod:`graph.validation`). None: no validation.
         text: The catalogue's text vectors: each item's layer-0 vector gains a learned
             projection of its text vector (:class:`graph.model.IntentGNN`). None: no text input.
-        init: A previous :func:`fit`'s result to go on training from (its weights, Adam's
-            state and epoch count) when the run folder holds no checkpoint yet: e.g. the GNN
-            trained before the validation cut, refreshed on the whole training graph
-            (``TrainConfig.refresh_epochs``). ``cfg.epochs`` counts from its first epoch, so
-            the run trains epochs ``init.epoch + 1 .. cfg.epochs``. It needs the same users,
-            items, feature vocabularies, text input and model shape.
 
     Returns:
         Embeddings computed on the driver (CPU) from the final checkpoint, the per-epoch
@@ -307,8 +289,7 @@ def fit(
     Raises:
         UnavailableError: If Ray is not initialised.
         DataError: If the graph is inconsistent or has fewer edges than workers.
-        ConfigError: If the run folder holds a checkpoint of a differently shaped model, or
-            ``init`` does not fit the graph and ``cfg``.
+        ConfigError: If the run folder holds a checkpoint of a differently shaped model.
     """
     from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -329,15 +310,12 @@ def fit(
     expected = model_args(payload, cfg)
     run_path = storage.join(cfg.storage_path, cfg.run_name)  # before a URI's ?options
     resumed_from = _previous_epoch(run_path, expected, payload["fingerprint"])
-    loop_config: dict[str, Any] = {"cfg": cfg.model_dump(), "graph": ray.put(payload),
-                                   "validation": validation}
-    if init is not None:
-        loop_config["init"] = ray.put(_init_state(init, expected, cfg))
 
     buffer = _ProgressBuffer.remote()  # type: ignore[attr-defined]
     trainer = TorchTrainer(
         train_func,
-        train_loop_config=loop_config,
+        train_loop_config={"cfg": cfg.model_dump(), "graph": ray.put(payload),
+                           "validation": validation},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
@@ -390,33 +368,7 @@ def fit(
         model=model,
         trained_users=trained_users,
         trained_items=trained_items,
-        optimizer_state=state["optimizer"],
-        epoch=int(meta["epoch"]),
     )
-
-
-def _init_state(init: TrainResult, expected: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
-    """What :func:`train_func` starts from, checked on the driver so that a mismatch fails
-    before any worker starts."""
-    model = init.model
-    if model is None or init.optimizer_state is None:
-        raise ConfigError("init must be what fit() returned: it holds no model or optimizer state")
-    have = {"num_users": model.num_users, "num_items": model.num_items,
-            "feature_cardinalities": list(model.feature_cardinalities), "dim": model.dim,
-            "num_layers": model.num_layers}
-    want = {k: expected[k] for k in have}
-    if have != want or (getattr(model, "text_vectors", None) is None) != (
-            expected.get("text_dim", 0) == 0):
-        raise ConfigError(
-            f"init's model ({have}, text input: {getattr(model, 'text_vectors', None) is not None}"
-            f") does not fit this graph and config ({want}, text_dim {expected.get('text_dim', 0)}"
-            "): refresh a GNN on a graph over the same users, items and features, with the same "
-            "dim, layers and text input")
-    if cfg.epochs <= init.epoch:
-        raise ConfigError(
-            f"epochs ({cfg.epochs}) must be above init's epoch ({init.epoch}): fit() trains "
-            f"epochs {init.epoch + 1}..epochs; use epochs={init.epoch + 1} or more")
-    return {"model": model.state_dict(), "optimizer": init.optimizer_state, "epoch": init.epoch}
 
 
 def embed(result: TrainResult, inter: Interactions) -> tuple[np.ndarray, np.ndarray]:

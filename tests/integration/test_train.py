@@ -124,24 +124,6 @@ def test_fit_checkpoints_each_epoch_and_resumes_by_run_name(
     with pytest.raises(ConfigError, match=r"dim=16 \(now 8\)"):
         fit(inter, cfg.model_copy(update={"dim": 8, "epochs": 3}))
 
-    # init (TrainConfig.refresh_epochs): a new run that starts from second's weights, Adam
-    # state and epoch count trains exactly what resuming the original run trains.
-    resumed = fit(inter, cfg.model_copy(update={"epochs": 3}), progress=seen.append)
-    refreshed = fit(inter, cfg.model_copy(update={"epochs": 3, "run_name": "refresh-test"}),
-                    progress=seen.append, init=second)
-    assert [h["epoch"] for h in resumed.history] == [h["epoch"] for h in refreshed.history] == [3]
-    assert Path(str(refreshed.checkpoint_path)).is_relative_to(tmp_path / "refresh-test")
-    assert refreshed.epoch == 3 and refreshed.optimizer_state is not None
-    np.testing.assert_allclose(refreshed.item_emb, resumed.item_emb, atol=1e-5)
-    np.testing.assert_allclose(refreshed.user_emb, resumed.user_emb, atol=1e-5)
-    assert not np.allclose(refreshed.item_emb, second.item_emb)
-    # Checked on the driver, before any worker starts.
-    with pytest.raises(ConfigError, match=r"epochs \(2\) must be above init's epoch \(2\)"):
-        fit(inter, cfg.model_copy(update={"epochs": 2, "run_name": "refresh-2"}), init=second)
-    with pytest.raises(ConfigError, match="does not fit this graph and config"):
-        fit(inter, cfg.model_copy(update={"dim": 8, "epochs": 3, "run_name": "refresh-3"}),
-            init=second)
-
 
 # --------------------------------------------------------------------------------------------
 # Forget means forget: a retrain leaves a forgotten user out of every file it publishes
