@@ -78,7 +78,6 @@ COMPONENT_OF: dict[str, str] = {
     "cooc": "cooc", "src_cooc": "cooc", "line": "line", "intent": "intent", "src_intent": "intent",
     "session_items": "intent", "basket": "basket",
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
-    "src_trending": "pop",
     "new_buyers": "pop", "new_share": "pop",
     "peers": "peers", "src_peers": "peers",
     "ease": "ease", "src_ease": "ease",

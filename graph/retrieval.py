@@ -23,8 +23,6 @@ context    best sellers of the departments the request's weekday/hour/holiday fa
 peers      what the user's most similar shoppers buy (user-kNN, ``RankingSignals.peers_of``)
 ease       what goes with the user's purchases by the EASE item-item model
            (``RankingSignals.ease_of``)
-trending   the items the most shoppers bought for the first time in the last
-           :data:`TRENDING_DAYS` before the signals' reference time (every request)
 ========== ===================================================================================
 
 Only the second stage (:mod:`graph.ltr`) orders them.
@@ -47,7 +45,7 @@ from graph.text import ItemText
 
 SOURCES: tuple[str, ...] = (
     "popular", "ann_user", "ann_sess", "buy_again", "cooc", "intent", "query", "context", "peers",
-    "ease", "trending",
+    "ease",
 )
 # Per source, how many candidates to take.
 POPULAR_K = 100
@@ -66,8 +64,6 @@ CONTEXT_DEPTS = 3
 CONTEXT_PER_DEPT = 30
 PEERS_K = 100
 EASE_K = 100
-TRENDING_K = 100
-TRENDING_DAYS = 7.0
 USER_CACHE = 200_000
 # A source's best items may be excluded from a request (the shopper's past purchases in a
 # discovery request, the cart, the items a client asks to leave out). Each source then takes its
@@ -106,9 +102,6 @@ class Catalogue:
     category_popular: dict[int, np.ndarray]
     search: SearchIndex
     index: Any  # faiss inner-product index over the ranker's item embeddings (ann_index())
-    # Items by how many shoppers first bought them in the last TRENDING_DAYS, most first
-    # (only items with such a buyer; [TRENDING_K * REFILL] at most).
-    trending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     _prefix_cache: dict[str, np.ndarray] = field(default_factory=dict)
     _user_ann: dict[int, np.ndarray] = field(default_factory=dict)
 
@@ -144,7 +137,6 @@ class Catalogue:
                                             INTENT_PER_CATEGORY * REFILL),
             search=SearchIndex(items, text),
             index=index,
-            trending=_trending(sig),
         )
 
     def user_neighbours(self, ranker: Ranker, user: int,
@@ -344,8 +336,6 @@ def candidates(
         parts.append((6, session_query.hits(cat.popularity, SESSION_QUERY_K)))
     if category:
         parts.append((6, cat.category_items(category)[:CATEGORY_K]))
-    if TRENDING_K > 0:
-        parts.append((10, first_allowed(cat.trending, TRENDING_K, excluded)))
     if context is not None:
         lift = sig.context_lift[context.weekday, context.hour]
         if context.is_holiday:
@@ -372,15 +362,6 @@ def candidates(
 
 
 _NONE = np.zeros(0, dtype=np.int64)
-
-
-def _trending(sig: Any) -> np.ndarray:
-    """Items by their first-time buyers in the last :data:`TRENDING_DAYS` (ties: popularity)."""
-    since = sig.now - TRENDING_DAYS * 86400.0
-    first = np.bincount(np.asarray(sig.hist_indices)[np.asarray(sig.hist_first) >= since],
-                        minlength=sig.num_items).astype(np.float64)
-    order = np.lexsort((-np.asarray(sig.popularity, dtype=np.float64), -first))
-    return order[first[order] > 0][:TRENDING_K * REFILL].astype(np.int64)
 
 
 def is_member(items: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
