@@ -7,7 +7,8 @@ Layout under ``root`` (a local folder or a pyarrow filesystem URI such as ``s3:/
       20171201T000000-1a2b3c/     one folder per version, never modified after LATEST names it
         manifest.json             version, created, data fingerprint, config, training time, files
         metrics.json              {model: {task: {metric: value}}}
-        training_curve.png        loss per epoch; metrics.png: the evaluation as bars (graph/plots.py)
+        training_curve.png        loss and validation recall@20 per epoch (graph/plots.py)
+        metrics.png               the evaluation as bars
         user_emb.npy  item_emb.npy
         users.parquet             user_id (row i = user index i)
         items.parquet             item_id, title, category, department, brand, price (row = index)

@@ -5,9 +5,9 @@ Leakage guard, in order:
 
 1. ``train`` = events before ``split_at``; ``test`` = events from it on (only evaluation reads them).
 2. ``val_cut`` splits ``train`` again. The GNN and a first set of signals are fitted on events
-   before ``val_cut``; the LightGBM ranker (and its ablations) is fitted on candidates of the
-   validation window ``[val_cut, split_at)`` (``graph.ranker_fit``). Nothing after ``split_at``
-   influences any fitted number.
+   before ``val_cut``; the LightGBM ranker (and, with ``ablations``, its ablations) is fitted on
+   candidates of the validation window ``[val_cut, split_at)`` (``graph.ranker_fit``). Nothing
+   after ``split_at`` influences any fitted number.
 3. Signals are then refitted on all of ``train``, and the trained GNN is propagated over the
    full training graph (LightGCN's propagation has no parameters, so the newest edges still shape
    the final embeddings without retraining). The ranker's features are computed from those.
