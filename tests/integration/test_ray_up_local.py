@@ -284,7 +284,8 @@ def test_ray_up_serves_the_app_and_ray_down_tears_it_down() -> None:
             "no haproxy process while serving: RAY_SERVE_ENABLE_HA_PROXY=1 of the start commands "
             "did not reach Serve"
         )
-        # `ray down` stopped Ray on the head: no raylet or GCS left in the namespace.
+        # `ray down` succeeded and stopped Ray on the head: no raylet or GCS left in the namespace.
+        assert result["ray_down_rc"] == 0, logs
         assert result["ray_processes_after_down"] == []
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

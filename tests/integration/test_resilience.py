@@ -218,8 +218,10 @@ def test_generated_requests_get_no_server_error_and_match_the_schema(
     api.config.update(base_url=small_app.url)
     failures: list[str] = []
     calls = 0
+    labels: list[str] = []
     for result in api.get_all_operations():
         op = result.ok()
+        labels.append(op.label)
 
         @given(case=op.as_strategy(GenerationMode(mode)))
         @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
@@ -239,6 +241,10 @@ def test_generated_requests_get_no_server_error_and_match_the_schema(
             failures.append(f"{op.label}: {exc}")
     print(f"\nschemathesis ({mode}): {calls} requests")
     assert not failures, "\n\n".join(failures)
+    # It did fuzz the app: the main operations were in the schema, and requests were sent.
+    for main in ("/v1/events", "/v1/recommendations"):
+        assert any(lb.startswith("POST ") and lb.endswith(main) for lb in labels), labels
+    assert calls >= FUZZ_EXAMPLES, calls
 
 
 def _replica_pid(app: str, deployment: str) -> int:

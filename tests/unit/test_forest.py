@@ -95,9 +95,15 @@ def test_a_categorical_model_is_walked_by_lightgbm_and_still_explained() -> None
     paths = PathAttribution(b)
     assert paths.forest is None
     leaves = paths.leaves(x[:50])
-    np.testing.assert_array_equal(leaves, b.predict(x[:50], pred_leaf=True))
     np.testing.assert_allclose(paths.base + paths.explain_leaves(leaves).sum(axis=1),
                                b.predict(x[:50], raw_score=True), rtol=1e-9, atol=1e-9)
+    # A range of trees (as the cascade's stages ask) is those trees' columns, and their leaves'
+    # values add up to LightGBM's score of the same trees.
+    part = paths.leaves(x[:50], 5, 12)
+    np.testing.assert_array_equal(part, leaves[:, 5:12])
+    np.testing.assert_allclose(paths.value_of(part, 5),
+                               b.predict(x[:50], raw_score=True, start_iteration=5,
+                                         num_iteration=7), rtol=1e-9, atol=1e-9)
 
 
 def test_path_attribution_uses_the_compiled_walk_and_adds_up_to_the_score() -> None:

@@ -72,6 +72,14 @@ def test_the_hash_is_the_same_in_another_process(tmp_path: Path) -> None:
     assert [bucket("exp-1", k) < 0.5 for k in keys] != [bucket("exp-2", k) < 0.5 for k in keys]
 
 
+def test_the_buckets_are_pinned() -> None:
+    """Changing the hash would move every running experiment's users to other arms: the values
+    are pinned (SHA-256 of salt, a zero byte and the key; the first 8 bytes over 2**64)."""
+    assert bucket("exp-1", "user-0") == 0.22683544587537144
+    assert bucket("exp-1", "user-1") == 0.7847342603047024
+    assert bucket("exp-1", "anon-7") == 0.5897933747988852
+
+
 def test_model_info_shows_the_split_and_stopping_it_serves_one_version(
         svc: RankerService) -> None:
     svc.apply_rollout({"version": "v1", "split": SPLIT})
