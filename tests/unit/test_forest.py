@@ -95,6 +95,7 @@ def test_a_categorical_model_is_walked_by_lightgbm_and_still_explained() -> None
     paths = PathAttribution(b)
     assert paths.forest is None
     leaves = paths.leaves(x[:50])
+    np.testing.assert_array_equal(leaves, b.predict(x[:50], pred_leaf=True))
     np.testing.assert_allclose(paths.base + paths.explain_leaves(leaves).sum(axis=1),
                                b.predict(x[:50], raw_score=True), rtol=1e-9, atol=1e-9)
     # A range of trees (as the cascade's stages ask) is those trees' columns, and their leaves'
