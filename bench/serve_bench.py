@@ -468,16 +468,21 @@ def print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str, int]]) ->
 P99_BOUND_MS = 50.0  # the open-loop target: p99 under 50 ms at half the endpoint's max rate
 
 
-def latency_cdf(latencies: dict[tuple[str, str, float], list[float]], bound_ms: float) -> bytes:
-    """The latency CDF PNG of the open-loop runs at half max (both targets, every endpoint; all
-    fractions when none ran at half), against the p99 bound."""
-    from graph.plots import latency_cdf_png
-
+def latency_cdf_series(latencies: dict[tuple[str, str, float], list[float]]
+                       ) -> dict[str, list[float]]:
+    """The curves of the latency CDF: the open-loop runs at half max (both targets, every
+    endpoint), or every fraction when none ran at half, named for the chart's legend."""
     half = {k: v for k, v in latencies.items() if k[2] == 0.5} or latencies
     names = {"serve": "Serve app", "bound": "in-process bound"}
-    series = {f"{ep}, {names.get(t, t)}" + ("" if f == 0.5 else f", {f:g}x max"): v
-              for (ep, t, f), v in sorted(half.items())}
-    return latency_cdf_png(series, bound_ms=bound_ms,
+    return {f"{ep}, {names.get(t, t)}" + ("" if f == 0.5 else f", {f:g}x max"): v
+            for (ep, t, f), v in sorted(half.items())}
+
+
+def latency_cdf(latencies: dict[tuple[str, str, float], list[float]], bound_ms: float) -> bytes:
+    """The latency CDF PNG of :func:`latency_cdf_series`, against the p99 bound."""
+    from graph.plots import latency_cdf_png
+
+    return latency_cdf_png(latency_cdf_series(latencies), bound_ms=bound_ms,
                            title="open-loop latency at half of each endpoint's max rate")
 
 

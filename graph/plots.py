@@ -31,11 +31,19 @@ def _png(fig: Any) -> bytes:
 
 
 def training_curve_png(history: Sequence[Mapping[str, Any]], title: str = "") -> bytes:
+    """:func:`training_curve_figure` as PNG bytes."""
+    return _png(training_curve_figure(history, title))
+
+
+def training_curve_figure(history: Sequence[Mapping[str, Any]], title: str = "") -> Any:
     """Loss per epoch (left axis) and, when the history has it, validation recall (right axis).
 
     Args:
         history: One dict per epoch with ``epoch`` and ``loss`` (``graph.train_loop`` reports),
             optionally ``val_recall@20``.
+
+    Returns:
+        The matplotlib ``Figure`` (first axes: the loss; a twin axes: validation recall).
     """
     from matplotlib.figure import Figure
 
@@ -59,12 +67,21 @@ def training_curve_png(history: Sequence[Mapping[str, Any]], title: str = "") ->
     ax.set_title(title or "training curve")
     if epochs:
         ax.set_xticks(epochs if len(epochs) <= 20 else epochs[:: math.ceil(len(epochs) / 20)])
-    return _png(fig)
+    return fig
 
 
 def metrics_chart_png(metrics: Mapping[str, Any], title: str = "") -> bytes:
+    """:func:`metrics_chart_figure` as PNG bytes."""
+    return _png(metrics_chart_figure(metrics, title))
+
+
+def metrics_chart_figure(metrics: Mapping[str, Any], title: str = "") -> Any:
     """Grouped bars: every model of ``metrics.json`` on every task, one panel per metric of
     :data:`CHART_METRICS`. Models or tasks missing from ``metrics`` are left out.
+
+    Returns:
+        The matplotlib ``Figure``: one axes per metric, one bar container per model (labelled
+        with the model's name), one bar per task in :data:`graph.schema.TASKS` order.
 
     Raises:
         ValueError: ``metrics`` holds no model's task metrics (an evaluation was skipped).
@@ -90,7 +107,7 @@ def metrics_chart_png(metrics: Mapping[str, Any], title: str = "") -> bytes:
         if n == 0:
             ax.legend(fontsize=8)
     fig.suptitle(title or "offline evaluation (higher is better)")
-    return _png(fig)
+    return fig
 
 
 def _task_label(task: str) -> str:
@@ -104,12 +121,21 @@ def _task_label(task: str) -> str:
 
 def latency_cdf_png(samples_ms: Mapping[str, Sequence[float]], bound_ms: float | None = None,
                     title: str = "") -> bytes:
+    """:func:`latency_cdf_figure` as PNG bytes."""
+    return _png(latency_cdf_figure(samples_ms, bound_ms, title))
+
+
+def latency_cdf_figure(samples_ms: Mapping[str, Sequence[float]], bound_ms: float | None = None,
+                       title: str = "") -> Any:
     """Cumulative distribution of request latencies, one curve per series, log-scaled time axis,
     with an optional vertical line at the latency bound.
 
     Args:
         samples_ms: Series name → latencies in milliseconds (empty series are skipped).
         bound_ms: The target (e.g. the p99 bound) drawn as a dashed line.
+
+    Returns:
+        The matplotlib ``Figure``: one step line per non-empty series, then the bound's line.
     """
     import numpy as np
     from matplotlib.figure import Figure
@@ -134,4 +160,4 @@ def latency_cdf_png(samples_ms: Mapping[str, Sequence[float]], bound_ms: float |
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title or "latency CDF")
-    return _png(fig)
+    return fig

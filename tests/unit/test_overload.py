@@ -21,6 +21,7 @@ from ray.serve.exceptions import BackPressureError
 import serve_app
 from actors.api import RecommendationRequest
 from actors.overload import RETRY_AFTER_S, bounded
+from actors.session_events import SessionEvent
 from actors.session_state import SessionStateConfig, SessionStore
 from graph.errors import UnavailableError
 
@@ -45,10 +46,18 @@ async def _died(*_: Any) -> Any:
     raise ray.exceptions.ActorDiedError()
 
 
+SESSION_EVENTS = 2  # what a live stand-in shard holds for every session
+
+
+def _events(session_id: str | None) -> list[SessionEvent]:
+    return [SessionEvent(None, session_id or "", f"item-{n}", "view", 1_700_000_000.0 + n,
+                         seq=n, event_id=f"{session_id}-{n}") for n in range(SESSION_EVENTS)]
+
+
 class _Shard:
     def __init__(self, alive: bool | str) -> None:
         async def sessions(reqs: list[tuple[str | None, str | None]]) -> list[dict[str, Any]]:
-            return [{"session_id": s, "events": [], "user_events": []} for s, _ in reqs]
+            return [{"session_id": s, "events": _events(s), "user_events": []} for s, _ in reqs]
 
         async def stats() -> dict[str, Any]:
             return {"corrupt_records": 2, "quarantined_bytes": 40}
@@ -117,8 +126,10 @@ def test_a_down_shard_degrades_the_recommendation_instead_of_failing(fault: str)
     down, up = _session_on(1, 2), _session_on(0, 2)
     out = asyncio.run(ing.recommend(RecommendationRequest(session_id=down)))
     assert out["degraded"] == ["session"]
-    assert out["session_events"] == 0
-    assert asyncio.run(ing.recommend(RecommendationRequest(session_id=up)))["degraded"] == []
+    assert out["session_events"] == 0  # ranked without the session it could not read
+    live = asyncio.run(ing.recommend(RecommendationRequest(session_id=up)))
+    assert live["degraded"] == []
+    assert live["session_events"] == SESSION_EVENTS  # the live shard's events reach the ranker
 
 
 @pytest.mark.parametrize("fault", ["hung", "died"])
