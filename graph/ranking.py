@@ -466,12 +466,16 @@ class Ranker:
         return self.signals.num_items
 
     # --------------------------------------------------------------------------- components
-    def _zdot(self, q: np.ndarray, cand: np.ndarray | None) -> np.ndarray:
-        """``(q . item - mean) / std`` over the catalogue for each query row; 0 where q is 0."""
-        mean = q.astype(np.float64) @ self._item_mean
-        var = np.einsum("bd,de,be->b", q.astype(np.float64), self._item_cov, q.astype(np.float64))
+    def _zdot(self, q: np.ndarray, cand: np.ndarray | None,
+              emb: np.ndarray | None = None) -> np.ndarray:
+        """``(q . item - mean) / std`` over the catalogue for each query row; 0 where q is 0.
+        ``emb``: the candidates' rows of ``item_emb`` when the caller already gathered them."""
+        q64 = q.astype(np.float64)
+        mean = q64 @ self._item_mean
+        var = np.einsum("bd,de,be->b", q64, self._item_cov, q64)
         std = np.sqrt(np.maximum(var, 0.0))
-        emb = self.item_emb if cand is None else self.item_emb[cand]
+        if emb is None:
+            emb = self.item_emb if cand is None else self.item_emb[cand]
         out = q @ emb.T
         ok = std > 1e-9
         out[ok] = (out[ok] - mean[ok, None].astype(np.float32)) / std[ok, None].astype(np.float32)
@@ -513,10 +517,13 @@ class Ranker:
         n = self.num_items if cand is None else len(cand)
         out: dict[str, np.ndarray] = {}
         known = users >= 0
+        # The candidates' embeddings, gathered once for the user's and the session's dot.
+        emb = (self.item_emb if cand is None or not {"gnn", "session"} & set(needed)
+               else self.item_emb[cand])
         if "gnn" in needed:
             u = np.zeros((b, self.user_emb.shape[1]), dtype=np.float32)
             u[known] = self.user_emb[users[known]]
-            out["gnn"] = self._zdot(u, cand)
+            out["gnn"] = self._zdot(u, cand, emb)
         session_needed = [name for name in SESSION_COMPONENTS if name in needed]
         if session_needed and all(s is None or s.is_empty for s in sessions):
             # No session in the chunk (most requests without a cart): every session component
@@ -527,7 +534,7 @@ class Ranker:
             smat = self._session_matrix(sessions)
             if "session" in needed:
                 q = np.asarray(smat @ self.item_emb, dtype=np.float32)
-                out["session"] = self._zdot(q, cand)
+                out["session"] = self._zdot(q, cand, emb)
             if "cooc" in needed:
                 out["cooc"] = (_dense(smat @ self.signals.item_sim, None) if cand is None
                                else _rows_times_csr(smat, self.signals.item_sim, cand))

@@ -390,7 +390,10 @@ def first_allowed(order: np.ndarray, k: int, excluded: np.ndarray | None) -> np.
     head = order[:k]
     if excluded is None or not is_member(head, excluded).any():
         return head
-    return order[~is_member(order, excluded)][:k]
+    # At most len(excluded) of any prefix are excluded, so the first k allowed lie within the
+    # first k + len(excluded): no need to test the rest of a long list (a department's items).
+    window = order[:k + len(excluded)]
+    return window[~is_member(window, excluded)][:k]
 
 
 def _neighbours(ranker: Ranker, i: int, k: int, excluded: np.ndarray | None = None) -> np.ndarray:

@@ -124,3 +124,22 @@ def test_large_catalogues_get_an_inverted_file_index_that_finds_most_exact_neigh
     assert overlap >= 0.8, f"IVF found only {overlap:.0%} of the exact top 20"
     _, again = retrieval.ann_index(emb).search(queries, 20)
     np.testing.assert_array_equal(approx, again)  # seeded: the same embeddings, the same index
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_first_allowed_equals_filtering_the_whole_list(seed: int) -> None:
+    # first_allowed only tests the first k + len(excluded) items of a long list; the answer must
+    # be the one of filtering all of it, whether the exclusions sit in the head, past it or both.
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(5_000)
+    for k in (1, 5, 20):
+        for excluded in (None, np.array([], dtype=np.int64), np.unique(order[:3]),
+                         np.unique(order[: k + 4]), np.unique(rng.choice(5_000, 40, replace=False)),
+                         np.unique(np.concatenate([order[:2], order[k: k + 3]]))):
+            got = retrieval.first_allowed(order, k, excluded)
+            keep = (np.ones(len(order), dtype=bool) if excluded is None
+                    else ~np.isin(order, excluded))
+            np.testing.assert_array_equal(got, order[keep][:k])
+    # A list shorter than k plus the exclusions keeps everything allowed.
+    short = np.array([4, 9, 2])
+    np.testing.assert_array_equal(retrieval.first_allowed(short, 5, np.array([9])), [4, 2])
