@@ -67,6 +67,7 @@ from bench.svd_model import svd_artifact  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_bench.json"
 CLUSTER_YAML = REPO / "cluster.yaml"
 APP = "intentrec-bench"
+SETTLE_TIMEOUT_S = 180.0  # longest wait for replicas an autoscaling decision is starting
 ENDPOINTS = {"recommendations": "/v1/recommendations", "events": "/v1/events"}
 TARGETS = ("serve", "bound")
 QUERIES = ("cereal", "milk", "cheese", "kids cereal", "coffee", "chicken", "bread", "yogurt")
@@ -368,6 +369,41 @@ def replicas() -> dict[str, int]:
     return {name: int(s.get("RUNNING", 0)) for name, s in states.items()}
 
 
+def in_transition(states: dict[str, dict[Any, int]]) -> dict[str, dict[str, int]]:
+    """The replicas of each deployment that are neither running nor gone (starting, updating,
+    recovering, stopping, migrating), from ``serve.status()``'s ``replica_states``."""
+    out: dict[str, dict[str, int]] = {}
+    for name, by_state in states.items():
+        moving = {str(getattr(k, "value", k)): int(v) for k, v in by_state.items()
+                  if str(getattr(k, "value", k)) not in ("RUNNING", "STOPPED") and v}
+        if moving:
+            out[name] = moving
+    return out
+
+
+def wait_settled(timeout_s: float = SETTLE_TIMEOUT_S, poll_s: float = 1.0) -> dict[str, Any]:
+    """Wait until no replica of the app is in transition before a cell starts.
+
+    The ranker autoscales: a busy cell (recommendations at c=32) can leave a replica starting
+    after it ends, and the seconds of CPU it spends loading the model would be charged to the
+    requests of the next cell (it was, once: 6 ms of "GNNRanker" CPU per event). Returns the
+    seconds waited and what was still moving at the timeout (the cell then runs anyway, and its
+    row says so)."""
+    from ray import serve
+
+    t0 = time.monotonic()
+    moving: dict[str, dict[str, int]] = {}
+    while True:
+        app = serve.status().applications.get(APP)
+        states = {} if app is None else {n: dict(d.replica_states) for n, d in app.deployments.items()}
+        moving = in_transition(states)
+        if not moving or time.monotonic() - t0 >= timeout_s:
+            break
+        time.sleep(poll_s)
+    return {"settle_wait_s": round(time.monotonic() - t0, 1),
+            **({"unsettled_replicas": moving} if moving else {})}
+
+
 def seed_sessions(url: str, batches: list[dict[str, Any]], headers: dict[str, str]) -> None:
     import httpx
 
@@ -633,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
                     spec = LoadSpec(url=urls[t] + ENDPOINTS[ep], bodies=mix[ep], mode="closed",
                                     concurrency=c, duration_s=opts.duration, warmup_s=opts.warmup,
                                     max_requests=opts.max_requests, headers=auth)
+                    settled = wait_settled() if t == "serve" else {}
                     pids = cpu.pids(t, bound.pid if bound else None)
                     before = cpu.seconds(pids)
                     res = gen.run(spec)
@@ -640,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
                     used = sum(after[p] - before[p] for p in after if p in before)
                     # CPU of the whole cell (warm-up included) over the requests it answered.
                     answered = res["requests"] * (1 + opts.warmup / opts.duration)
-                    row = {"endpoint": ep, "concurrency": c, "target": t, **res,
+                    row = {"endpoint": ep, "concurrency": c, "target": t, **res, **settled,
                            "server_cpu_ms_per_req": used * 1e3 / max(answered, 1.0)}
                     if t == "serve":  # where the CPU went: per process role, ms per request
                         by: dict[str, float] = {}
@@ -654,6 +691,10 @@ def main(argv: list[str] | None = None) -> int:
                     if t == "serve":
                         row["replicas"] = replicas()
                     rows.append(row)
+                    if settled.get("settle_wait_s", 0.0) >= 1.0 or "unsettled_replicas" in settled:
+                        print(f"  (waited {settled['settle_wait_s']:.0f}s for replicas to settle"
+                              + (f"; still moving: {settled['unsettled_replicas']}"
+                                 if "unsettled_replicas" in settled else "") + ")", flush=True)
                     print(f"  {ep:<15} c={c:<3} {t:<5} {res['throughput']:8.1f} req/s  "
                           f"p50 {res['p50_ms']:6.1f}  p99 {res['p99_ms']:7.1f} ms  "
                           f"errors {res['errors']}", flush=True)
@@ -669,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
                                 if r["endpoint"] == ep and r["target"] == t), default=0.0)
                     if best <= 0:
                         continue
+                    settled = wait_settled() if t == "serve" else {}
                     spec = LoadSpec(url=urls[t] + ENDPOINTS[ep], bodies=mix[ep], mode="open",
                                     concurrency=256, rate=best * frac,
                                     duration_s=max(opts.duration, 4.0),
@@ -677,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
                     latencies[(ep, t, frac)] = res.pop("latencies_ms", [])
                     open_rows.append({"endpoint": ep, "target": t, "fraction": frac,
                                       "rate": best * frac, "max_throughput": best, **res,
+                                      **settled,
                                       **({"replicas": replicas()} if t == "serve" else {})})
                     print(f"  {ep:<15} open {frac:.2f}x {best * frac:7.1f}/s {t:<5} "
                           f"p50 {res['p50_ms']:6.1f}  p99 {res['p99_ms']:7.1f} ms  "

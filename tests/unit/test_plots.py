@@ -132,3 +132,18 @@ def test_serve_bench_cdf_keeps_the_half_max_runs_or_every_run_when_none_ran_at_h
     quarter = {("events", "serve", 0.25): [100.0], ("events", "bound", 0.25): [2.0]}
     assert latency_cdf_series(quarter) == {"events, in-process bound, 0.25x max": [2.0],
                                            "events, Serve app, 0.25x max": [100.0]}
+
+
+def test_serve_bench_counts_replicas_in_transition_and_ignores_running_or_stopped_ones() -> None:
+    from ray.serve._private.common import ReplicaState
+
+    from bench.serve_bench import in_transition
+
+    states = {
+        "GNNRanker": {ReplicaState.RUNNING: 1, ReplicaState.STARTING: 1},
+        "Ingress": {ReplicaState.RUNNING: 1, ReplicaState.STOPPED: 2},
+        "ContextEnricher": {"RUNNING": 1, "STOPPING": 1, "UPDATING": 0},
+    }
+    assert in_transition(states) == {"GNNRanker": {"STARTING": 1},
+                                     "ContextEnricher": {"STOPPING": 1}}
+    assert in_transition({"GNNRanker": {ReplicaState.RUNNING: 2}}) == {}
