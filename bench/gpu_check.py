@@ -73,16 +73,24 @@ INIT_TOLERANCE = 1e-4
 # --------------------------------------------------------------------------------------
 
 
-def save_payload(path: Path, max_users: int | None) -> dict[str, Any]:
-    """Write the built-in training graph's payload to ``path``; returns its summary."""
+def save_payload(path: Path, max_users: int | None, text_input: str = "auto") -> dict[str, Any]:
+    """Write the built-in training graph's payload to ``path``; returns its summary.
+
+    ``text_input`` decides, as ``train_job.py --text-input`` does, whether the items' text
+    vectors (the GNN's layer-0 text projection) travel with it: ``auto`` takes them when at least
+    half of the items have a title of their own (not so for the built-in data), ``on`` always.
+    """
     from graph.data import load_builtin, temporal_split
     from graph.interactions import build_interactions
+    from graph.text import ItemText, own_title_share
     from graph.training import graph_payload
 
     t0 = time.perf_counter()
     ds = load_builtin(max_users=max_users)
     train, _ = temporal_split(ds.events, ds.default_split_at)
-    payload = graph_payload(build_interactions(train, ds.items))
+    use_text = text_input == "on" or (text_input == "auto" and own_title_share(ds.items) >= 0.5)
+    text = ItemText.build(ds.items) if use_text else None
+    payload = graph_payload(build_interactions(train, ds.items), text)
     int32 = np.iinfo(np.int32).max
     if max(payload["num_users"], payload["num_items"], *payload["feature_cardinalities"]) > int32:
         raise SystemExit("the graph is too large for int32 indices")
@@ -92,7 +100,25 @@ def save_payload(path: Path, max_users: int | None) -> dict[str, Any]:
         "num_users": payload["num_users"],
         "num_items": payload["num_items"],
         "num_edges": int(payload["edge_index"].shape[1]),
+        "text_vectors": None if text is None else list(text.vectors.shape),
     }
+    blob = payload_blob(payload, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(path)
+    size_mb = path.stat().st_size / 2**20
+    print(
+        f"[payload] {data['name']}, split at {data['split_at']}: {data['num_users']:,} users x "
+        f"{data['num_items']:,} items, {data['num_edges']:,} edges, text vectors "
+        f"{'none' if text is None else 'x'.join(map(str, text.vectors.shape))}, fingerprint "
+        f"{payload['fingerprint']} -> {path} ({size_mb:.1f} MiB, {time.perf_counter() - t0:.0f}s)"
+    )
+    return {**data, "fingerprint": payload["fingerprint"], "size_mb": size_mb}
+
+
+def payload_blob(payload: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`save_payload` writes: the payload's tensors, indices stored as int32."""
     blob = {
         "format": FORMAT,
         "edge_index": torch.from_numpy(payload["edge_index"].astype(np.int32)),
@@ -104,17 +130,10 @@ def save_payload(path: Path, max_users: int | None) -> dict[str, Any]:
         "fingerprint": payload["fingerprint"],
         "data": data,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
-    size_mb = path.stat().st_size / 2**20
-    print(
-        f"[payload] {data['name']}, split at {data['split_at']}: {data['num_users']:,} users x "
-        f"{data['num_items']:,} items, {data['num_edges']:,} edges, fingerprint "
-        f"{payload['fingerprint']} -> {path} ({size_mb:.1f} MiB, {time.perf_counter() - t0:.0f}s)"
-    )
-    return {**data, "fingerprint": payload["fingerprint"], "size_mb": size_mb}
+    if payload.get("text_vectors") is not None:
+        blob["text_vectors"] = torch.from_numpy(payload["text_vectors"])
+        blob["text_row"] = torch.from_numpy(payload["text_row"].astype(np.int32))
+    return blob
 
 
 def load_payload(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -129,6 +148,7 @@ def load_payload(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     payload = make_payload(
         blob["edge_index"], blob["edge_weight"], blob["item_features"],
         blob["feature_cardinalities"], blob["num_users"], blob["num_items"],
+        blob.get("text_vectors"), blob.get("text_row"),
     )
     if payload["fingerprint"] != blob["fingerprint"]:
         raise SystemExit(
@@ -237,6 +257,10 @@ def device_run(
         "model_device": str(next(worker.model.parameters()).device),
         "adj_device": str(worker.adj.device),
         "adj_nnz": int(worker.adj._nnz()),
+        "text_dim": worker.model.text_dim,
+        "text_vectors_device": (
+            None if worker.model.text_proj is None else str(worker.model.text_vectors.device)
+        ),
         "num_parameters": sum(p.numel() for p in worker.model.parameters()),
         "user_emb": user_emb,
         "item_emb": item_emb,
@@ -300,6 +324,11 @@ def run_checks(
         and item_emb.shape == (payload["num_items"], dim),
         "embeddings_finite": bool(np.isfinite(user_emb).all() and np.isfinite(item_emb).all()),
         "init_loss_cpu_matches_device": None,
+        # The layer-0 text projection (catalogues with titles): its vectors moved with the model.
+        "text_input_on_device": (
+            None if dev["text_vectors_device"] is None
+            else dev["text_vectors_device"].startswith(device.type)
+        ),
     }
     if cpu is not None:
         checks["init_loss_cpu_matches_device"] = (
@@ -355,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--save-payload", type=Path, help="write the built-in training graph here")
     mode.add_argument("--payload", type=Path, help="train on this payload file")
     ap.add_argument("--max-users", type=int, default=None, help="--save-payload: sample households")
+    ap.add_argument(
+        "--text-input", choices=("auto", "on", "off"), default="auto",
+        help="--save-payload: include the items' text vectors (as train_job.py --text-input)",
+    )
     ap.add_argument("--epochs", type=int, default=3, help="epochs on the device (default 3)")
     ap.add_argument("--max-steps", type=int, default=None, help="truncate device epochs to N steps")
     ap.add_argument("--cpu-steps", type=int, default=5, help="CPU steps to time (0: skip)")
@@ -367,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.save_payload is not None:
-        save_payload(args.save_payload, args.max_users)
+        save_payload(args.save_payload, args.max_users, args.text_input)
         return 0
 
     t_start = time.perf_counter()
@@ -379,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         if cuda
         else "cpu (CUDA is not available: the device epochs run on the CPU)"
     )
+    text_shape = data.get("text_vectors")
     print(f"[data] {data['name']}: {data['num_users']:,} users x {data['num_items']:,} items, "
-          f"{data['num_edges']:,} edges")
+          f"{data['num_edges']:,} edges, text vectors "
+          f"{'none' if text_shape is None else 'x'.join(map(str, text_shape))}")
     print(f"[device] {device_label}", flush=True)
     threads = args.cpu_threads or len(os.sched_getaffinity(0))
     overrides: dict[str, Any] = {"epochs": args.epochs, "num_workers": 1, "use_gpu": cuda,

@@ -482,6 +482,31 @@ def test_make_payload_fingerprint_ignores_storage_dtypes() -> None:
                      p["feature_cardinalities"], too_few, p["num_items"])
 
 
+def test_gpu_check_payload_file_round_trips_text_vectors(tmp_path: Any) -> None:
+    # The GPU check's payload file carries the layer-0 text vectors (catalogues with titles)
+    # with int32 indices, and load_payload gives the training payload back, fingerprint and all.
+    from bench.gpu_check import load_payload, payload_blob
+
+    p = random_payload()
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(4, 6)).astype(np.float32)
+    rows = rng.integers(0, 4, p["num_items"])
+    ref = make_payload(p["edge_index"], p["edge_weight"], p["item_features"],
+                       p["feature_cardinalities"], p["num_users"], p["num_items"], vectors, rows)
+    path = tmp_path / "payload.pt"
+    torch.save(payload_blob(ref, {"name": "random"}), path)
+    back, data = load_payload(path)
+    assert data == {"name": "random"} and back["fingerprint"] == ref["fingerprint"]
+    assert np.array_equal(back["text_vectors"], vectors) and np.array_equal(back["text_row"], rows)
+    assert build_model(back, small_cfg()).text_dim == 6
+    plain = make_payload(p["edge_index"], p["edge_weight"], p["item_features"],
+                         p["feature_cardinalities"], p["num_users"], p["num_items"])
+    torch.save(payload_blob(plain, {}), path)
+    back, _ = load_payload(path)
+    assert back["text_vectors"] is None and back["fingerprint"] == plain["fingerprint"]
+    assert back["fingerprint"] != ref["fingerprint"]
+
+
 def test_embed_propagates_over_a_newer_graph_and_zeroes_untrained_ids() -> None:
     p, _, _ = clustered_payload()
     cfg = small_cfg()
