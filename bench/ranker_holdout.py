@@ -85,7 +85,8 @@ def embeddings(d: Any, cache: Path, epochs: int | None,
 
 def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None,
         seed: int = 0, cascades: dict[str, str] | None = None,
-        gnn: dict[str, Any] | None = None) -> dict[str, Any]:
+        gnn: dict[str, Any] | None = None,
+        signal_params: dict[str, Any] | None = None) -> dict[str, Any]:
     import numpy as np
 
     from graph import ltr, ranker_fit
@@ -96,13 +97,14 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
     from graph.pipeline import PipelineConfig, prepare_data
     from graph.ranking import Ranker
     from graph.recommend import Recommender
-    from graph.signals import fit_signals
+    from graph.signals import SignalParams, fit_signals
     from graph.text import ItemText
 
     d = prepare_data(PipelineConfig())
     fit_emb = embeddings(d, emb_cache, epochs, gnn)
     text = ItemText.build(d.ds.items, progress=lambda m: None)
-    ranker = Ranker(*fit_emb, fit_signals(d.fit_part, d.inter_full))
+    ranker = Ranker(*fit_emb, fit_signals(d.fit_part, d.inter_full,
+                                          params=SignalParams(**(signal_params or {}))))
     static = item_features(d.fit_part, d.ds.items, ranker)
     tasks = validation_tasks(d.fit_part, d.val_part, d.inter_full, d.val_cut,
                              country=ranker.signals.params.country, seed=seed)
@@ -177,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gnn", action="append", default=[], metavar="KEY=VALUE",
                    help="a GNN training setting (graph.config.TrainConfig, e.g. batch_size=16384); "
                         "give another --emb-cache with it")
+    p.add_argument("--signals", action="append", default=[], metavar="KEY=VALUE",
+                   help="a signal setting for every variant of the run (graph.signals."
+                        "SignalParams, e.g. ease_lambda=200.0): the signals are fitted once per "
+                        "run, so compare with a run without it")
     p.add_argument("--emb-cache", default=str(REPO / ".holdout" / "fit_emb.pkl"),
                    help="the GNN embeddings before the validation cut (trained when missing)")
     p.add_argument("--seed", type=int, default=0,
@@ -207,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     import ast
 
     gnn = {k: ast.literal_eval(v) for k, _, v in (g.partition("=") for g in opts.gnn)}
+    signal_params = {k: ast.literal_eval(v)
+                     for k, _, v in (g.partition("=") for g in opts.signals)}
     res = run(variants, Path(opts.emb_cache), opts.epochs, seed=opts.seed, cascades=cascades,
-              gnn=gnn)
+              gnn=gnn, signal_params=signal_params)
     tasks = list(next(iter(res.values()))["tasks"])
     print(f"\n{'variant':<14}" + "".join(f"{t:>24}" for t in tasks))
     print(f"{'':<14}" + "".join(f"{'recall@20  cand.recall':>24}" for _ in tasks))
@@ -223,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{c[t]['whole_model_recall@20']:.4f}, top 20 same {c[t]['top20_same_as_whole_model']:.2%})"
                 for t in tasks))
     doc = {"command": "python bench/ranker_holdout.py " + " ".join(argv or sys.argv[1:]),
-           "held_out_share": HELD_OUT_SHARE, "gnn": gnn, "seed": opts.seed, "variants": res}
+           "held_out_share": HELD_OUT_SHARE, "gnn": gnn, "signals": signal_params,
+           "seed": opts.seed, "variants": res}
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(doc, indent=2, default=str))
     return 0
