@@ -76,9 +76,6 @@ class SignalParams:
     ease_items: int = 10_000
     ease_lambda: float = 500.0
     ease_user_items: int = 300
-    # None: a shopper's EASE scores X_u B read their history as 0/1 (Steck's model); a number:
-    # each item weighs 2^(-days from its last purchase to the shopper's last / half-life).
-    ease_recency_half_life_days: float | None = None
     country: str = "US"
 
 
@@ -404,7 +401,7 @@ def peer_items(
 
 def ease_items(
     history: sp.csr_matrix, *, num_items: int, lam: float, top_items: int,
-    block_users: int = 4096, score_weights: sp.csr_matrix | None = None,
+    block_users: int = 4096,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What goes with each user's purchases: EASE (Steck, WWW 2019), a linear item-item model.
 
@@ -415,9 +412,6 @@ def ease_items(
     items with the most buyers (the inverse costs ``num_items³``: 10,000 items take tens of
     seconds on two cores, whatever the catalogue's size); each user's scores ``X_u B`` are
     computed for those items and the ``top_items`` best kept (the user's own items included).
-
-    ``score_weights`` (the same shape; None: ``X`` itself) weighs each user's items in
-    ``X_u B``; ``B`` is always fitted on the binary ``X``.
 
     Shapes:
         - history ``[U, I]`` CSR; only its pattern is used.
@@ -437,8 +431,6 @@ def ease_items(
     if len(top) < 2 or top_items <= 0:
         return indptr, np.zeros(0, np.int32), np.zeros(0, np.float32)
     xt = sp.csc_matrix(x)[:, top].tocsr()
-    wt = xt if score_weights is None else sp.csc_matrix(
-        score_weights, dtype=np.float32)[:, top].tocsr()
     g = (xt.T @ xt).toarray().astype(np.float32)
     g[np.diag_indices(len(top))] += np.float32(lam)
     p = sla.cho_solve(sla.cho_factor(g, overwrite_a=True, check_finite=False),
@@ -451,7 +443,7 @@ def ease_items(
     out_val: list[np.ndarray] = []
     for start in range(0, num_users, block_users):
         stop = min(start + block_users, num_users)
-        scores = np.asarray(wt[start:stop] @ b)  # [block, N]
+        scores = np.asarray(xt[start:stop] @ b)  # [block, N]
         best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         for r in range(stop - start):
             if xt.indptr[start + r + 1] == xt.indptr[start + r]:  # no purchase among the items
@@ -646,17 +638,10 @@ def fit_signals(
                       shape=(num_users, num_items)),
         neighbours=params.peer_neighbours, top_items=params.peer_items,
     )
-    pair_items = pair.index.get_level_values(1).to_numpy()
-    ease_weights = None
-    if params.ease_recency_half_life_days is not None:
-        lag = user_last[u_idx] - pair["last"].to_numpy(np.float64)
-        ease_weights = sp.csr_matrix(
-            (_decay(lag, params.ease_recency_half_life_days), (u_idx, pair_items)),
-            shape=(num_users, num_items))
     ease_indptr, ease_indices, ease_score = ease_items(
-        sp.csr_matrix((np.ones(len(u_idx)), (u_idx, pair_items)), shape=(num_users, num_items)),
+        sp.csr_matrix((np.ones(len(u_idx)), (u_idx, pair.index.get_level_values(1).to_numpy())),
+                      shape=(num_users, num_items)),
         num_items=params.ease_items, lam=params.ease_lambda, top_items=params.ease_user_items,
-        score_weights=ease_weights,
     )
     return RankingSignals(
         popularity=popularity,

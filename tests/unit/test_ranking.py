@@ -351,35 +351,6 @@ def test_ease_items_match_the_closed_form() -> None:
     assert set(x2.tolist()) <= set(np.argsort(-buyers, kind="stable")[:3].tolist())
 
 
-def test_ease_score_weights_weigh_the_history_but_not_the_fit() -> None:
-    # score_weights change X_u in X_u B; B stays the binary X's closed form.
-    from scipy import sparse
-
-    from graph.signals import ease_items
-
-    rng = np.random.default_rng(4)
-    dense = (rng.random((30, 10)) < 0.35).astype(np.float64)
-    hist = sparse.csr_matrix(dense)
-    weights = sparse.csr_matrix(dense * rng.uniform(0.1, 1.0, dense.shape))
-    lam = 1.5
-    indptr, indices, score = ease_items(hist, num_items=10, lam=lam, top_items=10,
-                                        score_weights=weights)
-    keep = dense.sum(axis=0) >= 2
-    x = dense[:, keep]
-    p = np.linalg.inv(x.T @ x + lam * np.eye(x.shape[1]))
-    b = -p / np.diag(p)[None, :]
-    np.fill_diagonal(b, 0.0)
-    want = np.zeros_like(dense)
-    want[:, keep] = weights.toarray()[:, keep] @ b
-    for u in range(30):
-        idx, sc = indices[indptr[u]:indptr[u + 1]], score[indptr[u]:indptr[u + 1]]
-        np.testing.assert_allclose(sc, want[u, idx], rtol=1e-4, atol=1e-5)
-        assert np.all(sc > 0)  # the positive scores, all of them (top_items covers every item)
-        assert set(np.flatnonzero(want[u] > 1e-4).tolist()) <= set(idx.tolist())
-    _, _, plain = ease_items(hist, num_items=10, lam=lam, top_items=10)
-    assert len(plain) != len(score) or not np.allclose(plain, score)
-
-
 def test_peers_feature_and_candidates_for_a_known_user() -> None:
     from graph.features import FEATURES
 
