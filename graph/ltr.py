@@ -426,12 +426,9 @@ class PathAttribution:
     def explain_leaves(self, leaves: np.ndarray) -> np.ndarray:
         """Contributions of rows whose leaves in every tree are known. ``[n, trees]`` →
         ``[n, G]``."""
-        import scipy.sparse as sp
+        from graph.forest import sum_leaf_rows
 
-        # One-hot rows of the reached leaves times the table: 3x faster than gathering
-        # [n, trees, G] and summing it.
-        n, trees = leaves.shape
-        idx = (leaves + self.offset[:trees]).ravel()
-        hot = sp.csr_matrix((np.ones(len(idx)), idx, np.arange(0, len(idx) + 1, trees)),
-                            shape=(n, len(self.table)))
-        return np.asarray(hot @ self.table)
+        # The reached leaves' rows of the table, summed in one compiled loop (the one-hot sparse
+        # product it replaces gave the same bits and cost 0.1 ms of a request in scipy's
+        # checks; gathering [n, trees, G] and summing was 3x slower still).
+        return sum_leaf_rows(self.table, leaves, self.offset[:leaves.shape[1]])

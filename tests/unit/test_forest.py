@@ -65,6 +65,9 @@ def test_the_compiled_walk_reaches_lightgbms_leaves(params: dict[str, object]) -
     np.testing.assert_array_equal(forest.leaves(x), ref)
     # a range of trees, as the cascade's stages ask for them
     np.testing.assert_array_equal(forest.leaves(x, 10, 25), ref[:, 10:25])
+    # row counts that do not fill the walk's last group of interleaved rows
+    for n in (1, 7, 13):
+        np.testing.assert_array_equal(forest.leaves(x[-n:], 5, 30), ref[-n:, 5:30])
     assert forest.leaves(x[:0], 0, 5).shape == (0, 5)
 
 
@@ -128,3 +131,30 @@ def _nodes(b: object) -> list[dict[str, object]]:
             out.append(n)
             stack.extend((n["left_child"], n["right_child"]))
     return out
+
+
+def test_sum_leaf_rows_is_the_one_hot_product_bit_for_bit() -> None:
+    # PathAttribution.explain_leaves: each row's reached leaves' table rows, summed in tree
+    # order, as the sparse one-hot product it replaced gave them.
+    import scipy.sparse as sp
+
+    from graph.forest import sum_leaf_rows
+
+    rng = np.random.default_rng(5)
+    sizes = rng.integers(1, 9, 30)  # leaves per tree
+    offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    table = rng.normal(size=(int(sizes.sum()), 6)) * 10.0 ** rng.integers(-6, 3, (1, 6))
+    leaves = (rng.random((23, 30)) * sizes).astype(np.int32)
+    got = sum_leaf_rows(table, leaves, offset)
+    idx = (leaves + offset).ravel()
+    hot = sp.csr_matrix((np.ones(len(idx)), idx, np.arange(0, len(idx) + 1, 30)),
+                        shape=(23, len(table)))
+    np.testing.assert_array_equal(got, np.asarray(hot @ table))
+    want = np.zeros((23, 6))
+    for t in range(30):
+        want += table[leaves[:, t] + offset[t]]
+    np.testing.assert_array_equal(got, want)
+    # the first trees only (the cascade's rows scored by fewer trees)
+    np.testing.assert_array_equal(sum_leaf_rows(table, leaves[:, :4], offset[:4]),
+                                  table[leaves[:, :4] + offset[:4]].sum(axis=1))
+    assert sum_leaf_rows(table, leaves[:0], offset).shape == (0, 6)
