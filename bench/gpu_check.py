@@ -82,14 +82,14 @@ def save_payload(path: Path, max_users: int | None, text_input: str = "auto") ->
     """
     from graph.data import load_builtin, temporal_split
     from graph.interactions import build_interactions
-    from graph.text import ItemText, own_title_share
+    from graph.text import ItemText, own_title_share, wants_text_input
     from graph.training import graph_payload
 
     t0 = time.perf_counter()
     ds = load_builtin(max_users=max_users)
     train, _ = temporal_split(ds.events, ds.default_split_at)
-    use_text = text_input == "on" or (text_input == "auto" and own_title_share(ds.items) >= 0.5)
-    text = ItemText.build(ds.items) if use_text else None
+    text = (ItemText.build(ds.items)
+            if wants_text_input(text_input, own_title_share(ds.items)) else None)
     payload = graph_payload(build_interactions(train, ds.items), text)
     int32 = np.iinfo(np.int32).max
     if max(payload["num_users"], payload["num_items"], *payload["feature_cardinalities"]) > int32:

@@ -103,8 +103,9 @@ def sum_leaf_rows(table: np.ndarray, leaves: np.ndarray, offset: np.ndarray) -> 
     → ``[n, G]`` float64.
     """
     out = np.zeros((leaves.shape[0], table.shape[1]), dtype=np.float64)
-    _sum_leaf_rows(np.ascontiguousarray(table, dtype=np.float64),
-                   np.ascontiguousarray(leaves, dtype=np.int64), offset.astype(np.int64), out)
+    # No conversion of the leaves or offsets (int32 or int64 both compile): this runs per request.
+    _sum_leaf_rows(np.ascontiguousarray(table, dtype=np.float64), np.ascontiguousarray(leaves),
+                   np.ascontiguousarray(offset), out)
     return out
 
 

@@ -33,7 +33,7 @@ from graph.data import Dataset, load_builtin, load_files, temporal_split
 from graph.errors import ConfigError
 from graph.forgotten import read_forgotten
 from graph.interactions import Interactions, build_interactions
-from graph.text import ItemText, own_title_share
+from graph.text import ItemText, own_title_share, wants_text_input
 
 if TYPE_CHECKING:
     from graph.ltr import LearnedRanker
@@ -335,7 +335,7 @@ def run_pipeline(
     # window, which the GNN does not train on (graph.validation).
     val = validation_sample(d.fit_part, d.val_part, d.inter_fit, val_cut, seed=cfg.train.seed)
     share = own_title_share(ds.items)
-    use_text = cfg.train.text_input == "on" or (cfg.train.text_input == "auto" and share >= 0.5)
+    use_text = wants_text_input(cfg.train.text_input, share)
     progress(f"[train] item text vectors in the GNN's layer 0: {'yes' if use_text else 'no'} "
              f"(--text-input {cfg.train.text_input}; {share:.0%} of the items have a title of "
              "their own)")

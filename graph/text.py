@@ -83,6 +83,13 @@ def own_title_share(items: pd.DataFrame) -> float:
     return sum(t != c for t, c in zip(item_texts(items), cats, strict=True)) / len(items)
 
 
+def wants_text_input(mode: str, title_share: float) -> bool:
+    """Whether the GNN's layer 0 reads the items' text vectors (``TrainConfig.text_input``):
+    ``on`` always, ``off`` never, ``auto`` when at least half of the items have a title of their
+    own (``title_share``, :func:`own_title_share`)."""
+    return mode == "on" or (mode == "auto" and title_share >= 0.5)
+
+
 def normalize_query(text: str) -> str:
     """A query's cache key: lower case, single spaces."""
     return " ".join(text.lower().split())

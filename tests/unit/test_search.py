@@ -21,6 +21,7 @@ from graph.text import (
     get_encoder,
     item_texts,
     own_title_share,
+    wants_text_input,
 )
 
 pytestmark = pytest.mark.unit
@@ -156,6 +157,9 @@ def test_item_text_is_the_path_for_built_titles_and_title_plus_path_otherwise() 
     # train_job.py --text-input auto: the GNN reads text when most items have titles of their own.
     assert own_title_share(items) == pytest.approx(1 / 3)
     assert own_title_share(items.iloc[1:2]) == 1.0 and own_title_share(items.iloc[:0]) == 0.0
+    # the GNN's text input (train_job.py --text-input, bench/gpu_check.py --text-input)
+    assert wants_text_input("auto", 0.5) and not wants_text_input("auto", 0.49)
+    assert wants_text_input("on", 0.0) and not wants_text_input("off", 1.0)
     text = ItemText.build(items)
     assert len(text.texts) == 2 and text.item_row.tolist() == [0, 1, 0]
     np.testing.assert_allclose(np.linalg.norm(text.vectors, axis=1), 1.0, rtol=1e-5)
