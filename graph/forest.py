@@ -55,7 +55,8 @@ _INTERLEAVE = 8
 
 @_jit
 def _walk(x: np.ndarray, root: np.ndarray, node: np.ndarray, threshold: np.ndarray, start: int,
-          stop: int, zero: float, out: np.ndarray) -> None:  # pragma: no cover - compiled
+          stop: int, zero: float, out: np.ndarray, value: np.ndarray, offset: np.ndarray,
+          add_to: np.ndarray) -> None:  # pragma: no cover - compiled
     n = x.shape[0]
     at = np.empty(_INTERLEAVE, dtype=np.int64)
     for t in range(start, stop):
@@ -83,6 +84,9 @@ def _walk(x: np.ndarray, root: np.ndarray, node: np.ndarray, threshold: np.ndarr
                             live += 1
             for k in range(m):
                 out[i0 + k, t - start] = ~at[k]
+            if len(add_to):  # the raw score: leaf values added tree by tree, as LightGBM does
+                for k in range(m):
+                    add_to[i0 + k] += value[offset[t] + ~at[k]]
 
 
 @_jit
@@ -107,6 +111,10 @@ def sum_leaf_rows(table: np.ndarray, leaves: np.ndarray, offset: np.ndarray) -> 
     _sum_leaf_rows(np.ascontiguousarray(table, dtype=np.float64), np.ascontiguousarray(leaves),
                    np.ascontiguousarray(offset), out)
     return out
+
+
+_NO_VALUES = np.zeros(0, dtype=np.float64)
+_NO_OFFSETS = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -177,11 +185,19 @@ class Forest:
     def num_trees(self) -> int:
         return len(self.root)
 
-    def leaves(self, x: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def leaves(self, x: np.ndarray, start: int = 0, stop: int | None = None, *,
+               value: np.ndarray | None = None, offset: np.ndarray | None = None,
+               add_to: np.ndarray | None = None) -> np.ndarray:
         """The leaf each row reaches in trees ``start`` to ``stop``, as LightGBM's
         ``predict(pred_leaf=True)`` returns it.
 
-        Shapes: ``x`` ``[n, num_features]`` float32 or float64 → ``[n, stop - start]`` int32.
+        With ``add_to``, each row's leaf values (``value[offset[t] + leaf]``) are also added to
+        it, tree after tree in the walk: the raw score of those trees, summed in LightGBM's
+        order, without a second pass over the leaves.
+
+        Shapes: ``x`` ``[n, num_features]`` float32 or float64 → ``[n, stop - start]`` int32;
+        ``value`` ``[total leaves]`` float64, ``offset`` ``[num_trees]`` int64, ``add_to``
+        ``[n]`` float64 (changed in place).
         """
         stop = self.num_trees if stop is None else stop
         if x.ndim != 2 or x.shape[1] != self.num_features:
@@ -189,6 +205,12 @@ class Forest:
         if x.dtype not in (np.float32, np.float64):
             x = x.astype(np.float64)
         out = np.empty((len(x), stop - start), dtype=np.int32)
+        if add_to is None:
+            value, offset, add_to = _NO_VALUES, _NO_OFFSETS, _NO_VALUES
+        elif value is None or offset is None or add_to.shape != (len(x),) \
+                or add_to.dtype != np.float64:
+            raise ValueError("add_to needs the leaf values and tree offsets, and one float64 "
+                             "per row")
         _walk(np.ascontiguousarray(x), self.root, self.node, self.threshold, start, stop,
-              ZERO_THRESHOLD, out)
+              ZERO_THRESHOLD, out, value, offset, add_to)
         return out

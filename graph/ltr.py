@@ -194,8 +194,7 @@ class LearnedRanker:
         for stop, m in [*((t, k) for t, k in CASCADE if t < trees), (trees, 0)]:
             if stop <= start:
                 continue
-            part = paths.leaves(xs[rows], start=start, stop=stop)
-            score = score + paths.value_of(part, start=start)
+            part = paths.leaves(xs[rows], start=start, stop=stop, add_to=score)
             leaves = np.concatenate([leaves, part], axis=1) if leaves.shape[1] else part
             start = stop
             if stop == trees:
@@ -406,17 +405,25 @@ class PathAttribution:
 
         self.forest = Forest.from_dump(trees, self.num_features)
 
-    def leaves(self, x: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """The leaf each row reaches in trees ``start`` to ``stop`` (LightGBM's traversal).
+    def leaves(self, x: np.ndarray, start: int = 0, stop: int | None = None, *,
+               add_to: np.ndarray | None = None) -> np.ndarray:
+        """The leaf each row reaches in trees ``start`` to ``stop`` (LightGBM's traversal);
+        with ``add_to`` (``[n]`` float64, changed in place) the leaves' values are added to it,
+        tree by tree (:meth:`value_of` of the answer, summed in LightGBM's order).
 
         Shapes: ``x`` ``[n, F]`` (n > 0) → ``[n, stop - start]`` int32.
         """
         stop = len(self.offset) if stop is None else stop
         if self.forest is not None:
-            return self.forest.leaves(x, start, stop)
+            return self.forest.leaves(x, start, stop, value=self.value, offset=self.offset,
+                                      add_to=add_to)
         out = self.booster.predict(x, start_iteration=start, num_iteration=stop - start,
                                    pred_leaf=True)
-        return np.asarray(out, dtype=np.int32).reshape(len(x), stop - start)
+        out = np.asarray(out, dtype=np.int32).reshape(len(x), stop - start)
+        if add_to is not None:
+            for t in range(out.shape[1]):
+                add_to += self.value[out[:, t] + self.offset[start + t]]
+        return out
 
     def value_of(self, leaves: np.ndarray, start: int = 0) -> np.ndarray:
         """Raw scores: the sum of the leaves' values (trees from ``start``). ``[n]`` float64."""

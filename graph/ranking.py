@@ -35,6 +35,7 @@ import torch
 
 from graph import schema as S
 from graph.errors import ArtifactError, BadRequestError
+from graph.kernels import group_shares_at, rows_times_csr_at, sessions_times_dense
 from graph.signals import COMPONENTS, RankingSignals, holiday_dates
 
 SESSION_HALF_LIFE_S = 1800.0
@@ -194,7 +195,7 @@ def repeat_scores_of(signals: RankingSignals, users: np.ndarray, cand: np.ndarra
 
 
 def basket_scores(
-    signals: RankingSignals, users: np.ndarray, sessions: sp.csr_matrix
+    signals: RankingSignals, users: np.ndarray, sessions: sp.csr_matrix | SessionRows
 ) -> sp.csr_matrix:
     """Personal co-occurrence: what the user bought in their past baskets that resemble this one.
 
@@ -227,7 +228,8 @@ def basket_scores(
     )
 
 
-def basket_scores_of(signals: RankingSignals, users: np.ndarray, sessions: sp.csr_matrix,
+def basket_scores_of(signals: RankingSignals, users: np.ndarray,
+                     sessions: sp.csr_matrix | SessionRows,
                      cand: np.ndarray) -> np.ndarray:
     """:func:`basket_scores` of the ``cand`` columns only, dense (the same sums, in the same
     order, without collecting every item of the user's past baskets).
@@ -252,7 +254,8 @@ def basket_scores_of(signals: RankingSignals, users: np.ndarray, sessions: sp.cs
     return out
 
 
-def _basket_weights(signals: RankingSignals, u: int, sessions: sp.csr_matrix, b: int,
+def _basket_weights(signals: RankingSignals, u: int, sessions: sp.csr_matrix | SessionRows,
+                    b: int,
                     ) -> tuple[np.ndarray, np.ndarray, float] | None:
     """The items of user ``u``'s past baskets (one entry per basket and item), each entry's
     basket weight, and the weights' total (an item's :func:`basket_scores` is the sum of its
@@ -383,7 +386,8 @@ def _row_entries(m: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.nda
     return entry, pos
 
 
-def _group_shares(smat: sp.csr_matrix, group_of: np.ndarray, num_groups: int) -> np.ndarray:
+def _group_shares(smat: sp.csr_matrix | SessionRows, group_of: np.ndarray,
+                  num_groups: int) -> np.ndarray:
     """Each session row's summed weight per item group (product line, category).
 
     Shapes:
@@ -395,28 +399,42 @@ def _group_shares(smat: sp.csr_matrix, group_of: np.ndarray, num_groups: int) ->
     return out
 
 
-def _rows_times_csr(smat: sp.csr_matrix, m: sp.csr_matrix, cand: np.ndarray) -> np.ndarray:
+def _rows_times_csr(smat: sp.csr_matrix | SessionRows, m: sp.csr_matrix,
+                    cand: np.ndarray) -> np.ndarray:
     """``(smat @ m)[:, cand]`` as dense float32, touching only the rows of ``m`` that the
-    sessions hold (a request's few items), not a sparse product of the whole matrix.
+    sessions hold (a request's few items), not a sparse product of the whole matrix
+    (:func:`graph.kernels.rows_times_csr_at`).
 
     Shapes:
         - **smat** ``[B, I]``, **m** ``[I, I]`` CSR, **cand** ``[n]``; return ``[B, n]``.
     """
-    out = np.zeros((smat.shape[0], len(cand)), dtype=np.float32)
-    if smat.nnz == 0 or len(cand) == 0:
-        return out
-    s_rows = np.repeat(np.arange(smat.shape[0]), np.diff(smat.indptr))
-    entry, pos = _row_entries(m, smat.indices)
-    if len(pos) == 0:
-        return out
-    cols = m.indices[pos]
-    order = np.argsort(cand, kind="stable")
-    sorted_cand = cand[order]
-    at = np.minimum(np.searchsorted(sorted_cand, cols), len(cand) - 1)
-    hit = sorted_cand[at] == cols
-    np.add.at(out, (s_rows[entry[hit]], order[at[hit]]),
-              (smat.data[entry[hit]] * m.data[pos[hit]]).astype(np.float32))
-    return out
+    return rows_times_csr_at(smat.indptr, smat.indices, smat.data, m.indptr, m.indices, m.data,
+                             cand)
+
+
+@dataclass(frozen=True)
+class SessionRows:
+    """Sessions' item weights as CSR arrays, without a scipy matrix (whose constructor checks
+    cost a request more than the arithmetic on its few entries); :meth:`csr` makes one where a
+    product over the whole catalogue needs it.
+
+    Shapes:
+        - **indptr** ``[B + 1]`` int64, **indices** ``[nnz]`` int64 (sorted within a row),
+          **data** ``[nnz]`` float32; ``shape`` ``(B, I)``.
+    """
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return len(self.indices)
+
+    def csr(self) -> sp.csr_matrix:
+        """The same rows as a scipy CSR matrix."""
+        return sp.csr_matrix((self.data, self.indices, self.indptr), shape=self.shape)
 
 
 class Ranker:
@@ -482,7 +500,7 @@ class Ranker:
         out[~ok] = 0.0
         return out
 
-    def _session_matrix(self, sessions: Sequence[SessionSignal | None]) -> sp.csr_matrix:
+    def _session_matrix(self, sessions: Sequence[SessionSignal | None]) -> SessionRows:
         """Row ``b`` = session ``b``'s item weights normalised to sum(|w|) = 1. Shapes: ``[B, I]``."""
         indptr, cols, vals = [0], [], []
         for s in sessions:
@@ -495,13 +513,13 @@ class Ranker:
             cols.append(s.items[order])
             vals.append((w / max(np.abs(w).sum(), 1e-12))[order])
             indptr.append(indptr[-1] + len(order))
+        shape = (len(sessions), self.num_items)
         if not cols:
-            return sp.csr_matrix((len(sessions), self.num_items), dtype=np.float32)
-        return sp.csr_matrix(
-            (np.concatenate(vals).astype(np.float32), np.concatenate(cols).astype(np.int32),
-             np.asarray(indptr, dtype=np.int32)),
-            shape=(len(sessions), self.num_items),
-        )
+            return SessionRows(np.zeros(len(sessions) + 1, dtype=np.int64),
+                               np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32), shape)
+        return SessionRows(np.asarray(indptr, dtype=np.int64),
+                           np.concatenate(cols).astype(np.int64),
+                           np.concatenate(vals).astype(np.float32), shape)
 
     def _chunk_components(
         self,
@@ -533,19 +551,22 @@ class Ranker:
         elif session_needed:
             smat = self._session_matrix(sessions)
             if "session" in needed:
-                q = np.asarray(smat @ self.item_emb, dtype=np.float32)
+                q = sessions_times_dense(smat.indptr, smat.indices, smat.data, self.item_emb)
                 out["session"] = self._zdot(q, cand, emb)
             if "cooc" in needed:
-                out["cooc"] = (_dense(smat @ self.signals.item_sim, None) if cand is None
+                out["cooc"] = (_dense(smat.csr() @ self.signals.item_sim, None) if cand is None
                                else _rows_times_csr(smat, self.signals.item_sim, cand))
-            if "line" in needed:
-                lines = self.signals.item_line if cand is None else self.signals.item_line[cand]
-                out["line"] = _group_shares(smat, self.signals.item_line,
-                                            self.signals.num_lines)[:, lines]
-            if "intent" in needed:
-                cats = self.signals.item_category if cand is None else self.signals.item_category[cand]
-                out["intent"] = _group_shares(smat, self.signals.item_category,
-                                              self.signals.num_categories)[:, cats]
+            for name, group_of, num_groups in (
+                    ("line", self.signals.item_line, self.signals.num_lines),
+                    ("intent", self.signals.item_category, self.signals.num_categories)):
+                if name not in needed:
+                    continue
+                # A request's candidates read their groups' shares directly; the whole
+                # catalogue (offline) gathers them from the [B, groups] table.
+                out[name] = (_group_shares(smat, group_of, num_groups)[:, group_of]
+                             if cand is None else
+                             group_shares_at(smat.indptr, smat.indices, smat.data, group_of,
+                                             group_of[cand]))
             if "basket" in needed:
                 out["basket"] = (_dense(basket_scores(self.signals, users, smat), None)
                                  if cand is None

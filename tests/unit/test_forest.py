@@ -108,6 +108,10 @@ def test_a_categorical_model_is_walked_by_lightgbm_and_still_explained() -> None
     np.testing.assert_allclose(paths.value_of(part, 5),
                                b.predict(x[:50], raw_score=True, start_iteration=5,
                                          num_iteration=7), rtol=1e-9, atol=1e-9)
+    # The cascade's running score: LightGBM's walk adds the same leaf values.
+    score = np.ones(50)
+    np.testing.assert_array_equal(paths.leaves(x[:50], 5, 12, add_to=score), part)
+    np.testing.assert_allclose(score, 1.0 + paths.value_of(part, 5), rtol=1e-12, atol=1e-12)
 
 
 def test_path_attribution_uses_the_compiled_walk_and_adds_up_to_the_score() -> None:
@@ -121,6 +125,16 @@ def test_path_attribution_uses_the_compiled_walk_and_adds_up_to_the_score() -> N
                                rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(paths.base + paths.explain_leaves(leaves).sum(axis=1),
                                b.predict(x, raw_score=True), rtol=1e-9, atol=1e-9)
+    # The walk's running score (the cascade's), stage by stage: the leaf values added tree by
+    # tree in the same walk, onto what the earlier stages gave.
+    score = np.zeros(len(x))
+    trees = b.num_trees()
+    for lo, hi in ((0, 7), (7, 20), (20, trees)):
+        np.testing.assert_array_equal(paths.leaves(x, lo, hi, add_to=score), leaves[:, lo:hi])
+    np.testing.assert_allclose(score, b.predict(x, raw_score=True), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="float64"):
+        paths.forest.leaves(x, add_to=np.zeros(len(x), np.float32), value=paths.value,
+                            offset=paths.offset)
 
 
 def _nodes(b: object) -> list[dict[str, object]]:

@@ -75,7 +75,8 @@ def test_session_matrix_rows_are_the_normalised_session_weights() -> None:
                 None, SessionSignal(np.zeros(0, np.int64), np.zeros(0, np.float32)),
                 SessionSignal(np.array([5]), np.array([0.25], np.float32))]
     fake = type("R", (), {"num_items": 50})()
-    got = Ranker._session_matrix(fake, sessions)  # type: ignore[arg-type]
+    rows_ = Ranker._session_matrix(fake, sessions)  # type: ignore[arg-type]
+    got = rows_.csr()
     rows, cols, vals = [], [], []
     for b, s in enumerate(sessions):
         if s is None or s.is_empty:
@@ -86,6 +87,8 @@ def test_session_matrix_rows_are_the_normalised_session_weights() -> None:
         vals += (w / np.abs(w).sum()).tolist()
     expected = sp.csr_matrix((vals, (rows, cols)), shape=(4, 50), dtype=np.float32)
     assert got.has_sorted_indices
+    for b in range(len(sessions)):  # the arrays themselves, not only scipy's reading of them
+        assert (np.diff(rows_.indices[rows_.indptr[b]:rows_.indptr[b + 1]]) > 0).all()
     np.testing.assert_array_equal(got.toarray(), expected.toarray())
     assert Ranker._session_matrix(fake, [None, None]).nnz == 0  # type: ignore[arg-type]
 
@@ -98,6 +101,57 @@ def test_group_shares_equals_the_product_with_a_one_hot_group_matrix() -> None:
     onehot = sp.csr_matrix((np.ones(items), (np.arange(items), group_of)), shape=(items, groups))
     np.testing.assert_allclose(_group_shares(smat, group_of, groups), (smat @ onehot).toarray(),
                                rtol=1e-5, atol=1e-6)
+
+
+def _sessions_of(rng: np.random.Generator, items: int) -> tuple[object, sp.csr_matrix]:
+    """The ranker's own session rows (an empty session included) and the same as scipy CSR."""
+    from graph.ranking import Ranker
+
+    fake = type("R", (), {"num_items": items})()
+    sessions = [SessionSignal(rng.choice(items, size=n, replace=False),
+                              rng.normal(size=n).astype(np.float32)) if n else None
+                for n in (3, 0, 1, 7, 2)]
+    rows = Ranker._session_matrix(fake, sessions)  # type: ignore[arg-type]
+    return rows, rows.csr()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compiled_session_kernels_give_the_same_bits_as_the_numpy_steps(seed: int) -> None:
+    """graph.kernels: the sessions' weighted embeddings, co-occurrence and group shares, bit for
+    bit what scipy's product, the add.at loop and the [B, groups] table gave."""
+    from graph.kernels import group_shares_at, sessions_times_dense
+
+    rng = np.random.default_rng(seed)
+    items, groups = 300, 23
+    rows, smat = _sessions_of(rng, items)
+    emb = rng.normal(size=(items, 16)).astype(np.float32)
+    np.testing.assert_array_equal(
+        sessions_times_dense(rows.indptr, rows.indices, rows.data, emb),
+        np.asarray(smat @ emb, dtype=np.float32))
+    m = _random_csr(rng, items, items, 0.05)
+    for cand in (np.sort(rng.choice(items, size=60, replace=False)),
+                 rng.choice(items, size=60, replace=False)):
+        # The numpy step it replaces: every (session entry, row entry) product, added in order.
+        expected = np.zeros((smat.shape[0], len(cand)), dtype=np.float32)
+        first = {int(c): j for j, c in reversed(list(enumerate(cand)))}
+        for b in range(smat.shape[0]):
+            for e in range(smat.indptr[b], smat.indptr[b + 1]):
+                i = smat.indices[e]
+                for p in range(m.indptr[i], m.indptr[i + 1]):
+                    j = first.get(int(m.indices[p]))
+                    if j is not None:
+                        expected[b, j] += np.float32(smat.data[e] * m.data[p])
+        np.testing.assert_array_equal(_rows_times_csr(rows, m, cand), expected)
+        np.testing.assert_allclose(_rows_times_csr(rows, m, cand), (smat @ m).toarray()[:, cand],
+                                   rtol=1e-5, atol=1e-6)
+        group_of = rng.integers(0, groups, size=items)
+        np.testing.assert_array_equal(
+            group_shares_at(rows.indptr, rows.indices, rows.data, group_of, group_of[cand]),
+            _group_shares(smat, group_of, groups)[:, group_of[cand]])
+    empty = np.zeros(3, dtype=np.int64)
+    assert not sessions_times_dense(empty, empty[:0], np.zeros(0, np.float32), emb).any()
+    assert group_shares_at(rows.indptr, rows.indices, rows.data, np.zeros(items, np.int64),
+                           np.zeros(0, np.int64)).shape == (5, 0)
 
 
 def test_large_catalogues_get_an_inverted_file_index_that_finds_most_exact_neighbours(

@@ -1,0 +1,122 @@
+"""Compiled per-request loops of the ranking (numba), each the exact twin of a numpy/scipy step.
+
+A ranker replica computes a request's session components from a handful of sparse rows: the
+session's few items against a few hundred candidates. In numpy each such step is a dozen calls
+on tiny arrays (and scipy's constructor checks), so their fixed cost, not the arithmetic, is
+what a request pays. The loops here do the same arithmetic in the same order, so their results
+are the same bits as the steps they replace (unit tests compare them with scipy's products):
+
+- :func:`sessions_times_dense`: ``smat @ emb`` (the sessions' weighted embeddings);
+- :func:`rows_times_csr_at`: ``(smat @ m)[:, cand]`` (co-occurrence with the session);
+- :func:`group_shares_at`: each session's weight on each candidate's group (product line,
+  category).
+
+Sessions are CSR arrays (``indptr``, ``indices``, ``data``) of ``[B, I]`` weights
+(:class:`graph.ranking.SessionRows`). Compiled once per process and cached next to this file
+where it is writable (``numba``'s ``cache=True``), like :mod:`graph.forest`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+
+def jit(fn: Any) -> Any:
+    """``numba.njit`` with an on-disk cache, or without one where no cache directory is
+    writable (compiled at each process start then)."""
+    try:
+        return njit(cache=True, nogil=True)(fn)
+    except RuntimeError:
+        return njit(nogil=True)(fn)
+
+
+@jit
+def _sessions_times_dense(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
+                          dense: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+    for b in range(len(indptr) - 1):
+        for e in range(indptr[b], indptr[b + 1]):
+            w = data[e]
+            row = indices[e]
+            for j in range(dense.shape[1]):
+                out[b, j] += w * dense[row, j]
+
+
+def sessions_times_dense(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
+                         dense: np.ndarray) -> np.ndarray:
+    """The CSR rows times a dense matrix, each row's entries added in order (scipy's
+    ``csr @ dense`` loop). Shapes: ``[B, I]`` CSR, ``dense`` ``[I, d]`` float32 → ``[B, d]``
+    float32."""
+    out = np.zeros((len(indptr) - 1, dense.shape[1]), dtype=np.float32)
+    if len(indices):
+        _sessions_times_dense(indptr, indices, data.astype(np.float32, copy=False),
+                              np.ascontiguousarray(dense, dtype=np.float32), out)
+    return out
+
+
+@jit
+def _rows_times_csr_at(s_indptr: np.ndarray, s_indices: np.ndarray, s_data: np.ndarray,
+                       m_indptr: np.ndarray, m_indices: np.ndarray, m_data: np.ndarray,
+                       sorted_cand: np.ndarray, order: np.ndarray,
+                       out: np.ndarray) -> None:  # pragma: no cover - compiled
+    n = len(sorted_cand)
+    for b in range(len(s_indptr) - 1):
+        for e in range(s_indptr[b], s_indptr[b + 1]):
+            w = s_data[e]
+            i = s_indices[e]
+            for p in range(m_indptr[i], m_indptr[i + 1]):
+                col = m_indices[p]
+                lo, hi = 0, n  # the leftmost candidate >= col (np.searchsorted)
+                while lo < hi:
+                    mid = (lo + hi) >> 1
+                    if sorted_cand[mid] < col:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                if lo < n and sorted_cand[lo] == col:
+                    out[b, order[lo]] += np.float32(w * m_data[p])
+
+
+def rows_times_csr_at(s_indptr: np.ndarray, s_indices: np.ndarray, s_data: np.ndarray,
+                      m_indptr: np.ndarray, m_indices: np.ndarray, m_data: np.ndarray,
+                      cand: np.ndarray) -> np.ndarray:
+    """``(S @ M)[:, cand]`` of CSR sessions ``S`` ``[B, I]`` and a CSR matrix ``M`` ``[I, C]``,
+    reading only the sessions' rows of ``M``; products added in the order of the sessions'
+    entries, then of each row of ``M`` (a repeated candidate gets its first position's value
+    and the others 0, as the numpy step did). Shapes: ``cand`` ``[n]`` → ``[B, n]`` float32."""
+    out = np.zeros((len(s_indptr) - 1, len(cand)), dtype=np.float32)
+    if len(s_indices) == 0 or len(cand) == 0:
+        return out
+    cand = np.asarray(cand, dtype=np.int64)
+    order = np.argsort(cand, kind="stable")
+    _rows_times_csr_at(s_indptr, s_indices, s_data, m_indptr, m_indices, m_data, cand[order],
+                       order, out)
+    return out
+
+
+@jit
+def _group_shares_at(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
+                     group_of: np.ndarray, cand_group: np.ndarray,
+                     out: np.ndarray) -> None:  # pragma: no cover - compiled
+    for b in range(len(indptr) - 1):
+        for j in range(len(cand_group)):
+            g = cand_group[j]
+            acc = np.float32(0.0)
+            for e in range(indptr[b], indptr[b + 1]):
+                if group_of[indices[e]] == g:
+                    acc = np.float32(acc + data[e])
+            out[b, j] = acc
+
+
+def group_shares_at(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
+                    group_of: np.ndarray, cand_group: np.ndarray) -> np.ndarray:
+    """Each session's summed weight on the group of each candidate: ``shares[:, cand_group]``
+    of :func:`graph.ranking._group_shares`, the entries added in the same order. Shapes: CSR
+    ``[B, I]``, ``group_of`` ``[I]``, ``cand_group`` ``[n]`` → ``[B, n]`` float32."""
+    out = np.zeros((len(indptr) - 1, len(cand_group)), dtype=np.float32)
+    if len(indices) and len(cand_group):
+        _group_shares_at(indptr, indices, data.astype(np.float32, copy=False), group_of,
+                         np.asarray(cand_group), out)
+    return out
