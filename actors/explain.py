@@ -135,13 +135,14 @@ class Reasons:
             # "repeat" tells the rhythm of an item the shopper bought; "explore" (how often they
             # try new items) speaks only for one they never bought. Otherwise nothing is true.
             sig = m.ranker.signals
-            lo, hi = sig.hist_indptr[self.user], sig.hist_indptr[self.user + 1]
-            pos = lo + np.flatnonzero(sig.hist_indices[lo:hi] == it)
-            if comp == "repeat" and len(pos):
-                p = int(pos[0])
+            lo, hi = int(sig.hist_indptr[self.user]), int(sig.hist_indptr[self.user + 1])
+            # The history row is sorted by item (graph.signals builds it from a sorted groupby).
+            p = lo + int(np.searchsorted(sig.hist_indices[lo:hi], it))
+            bought = p < hi and int(sig.hist_indices[p]) == it
+            if comp == "repeat" and bought:
                 return cadence_text(float(sig.hist_count[p]), float(sig.hist_first[p]),
                                     float(sig.hist_last[p]))
-            if comp == "explore" and not len(pos):
+            if comp == "explore" and not bought:
                 return "something new to try: you often pick new items"
             return None
         if comp in ("cooc", "session"):

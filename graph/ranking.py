@@ -496,6 +496,10 @@ class Ranker:
             emb = self.item_emb if cand is None else self.item_emb[cand]
         out = q @ emb.T
         ok = std > 1e-9
+        if ok.all():  # in place: the same float32 operations without copying the rows out
+            out -= mean[:, None].astype(np.float32)
+            out /= std[:, None].astype(np.float32)
+            return out
         out[ok] = (out[ok] - mean[ok, None].astype(np.float32)) / std[ok, None].astype(np.float32)
         out[~ok] = 0.0
         return out

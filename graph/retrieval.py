@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from graph import schema as S
+from graph.kernels import any_member, is_member
 from graph.ranking import ContextSignal, Ranker, SessionSignal
 from graph.search import QueryScores, SearchIndex
 from graph.text import ItemText
@@ -364,14 +365,6 @@ def candidates(
 _NONE = np.zeros(0, dtype=np.int64)
 
 
-def is_member(items: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Row mask of ``items`` found in ``sorted_set`` (sorted, unique). Shapes: ``[n]`` bool."""
-    if len(sorted_set) == 0 or len(items) == 0:
-        return np.zeros(len(items), dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_set, items), len(sorted_set) - 1)
-    return sorted_set[pos] == items
-
-
 def _best_allowed(items: np.ndarray, scores: np.ndarray, k: int,
                   excluded: np.ndarray | None) -> np.ndarray:
     """The ``k`` best-scored of scored items (a user's peer or EASE items, an item's
@@ -388,7 +381,7 @@ def first_allowed(order: np.ndarray, k: int, excluded: np.ndarray | None) -> np.
     """The first ``k`` items of ``order`` that are not ``excluded`` (sorted, unique; None:
     nothing is)."""
     head = order[:k]
-    if excluded is None or not is_member(head, excluded).any():
+    if excluded is None or not any_member(head, excluded):
         return head
     # At most len(excluded) of any prefix are excluded, so the first k allowed lie within the
     # first k + len(excluded): no need to test the rest of a long list (a department's items).

@@ -197,3 +197,21 @@ def test_first_allowed_equals_filtering_the_whole_list(seed: int) -> None:
     # A list shorter than k plus the exclusions keeps everything allowed.
     short = np.array([4, 9, 2])
     np.testing.assert_array_equal(retrieval.first_allowed(short, 5, np.array([9])), [4, 2])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_membership_in_the_exclusions_equals_numpy_isin(seed: int) -> None:
+    """graph.kernels.is_member / any_member (candidate exclusions) against np.isin, for item
+    arrays of either index type, empty arrays and sets, and members at both ends."""
+    from graph.kernels import any_member, is_member
+
+    rng = np.random.default_rng(seed)
+    excluded = np.unique(rng.choice(1000, size=7, replace=False)).astype(np.int64)
+    for items in (rng.integers(0, 1000, size=300), rng.integers(0, 1000, size=300).astype(np.int32),
+                  np.concatenate([excluded[:1], np.arange(5), excluded[-1:]]),
+                  np.zeros(0, dtype=np.int64)):
+        expected = np.isin(items, excluded)
+        np.testing.assert_array_equal(is_member(items, excluded), expected)
+        assert any_member(items, excluded) == bool(expected.any())
+        assert not is_member(items, excluded[:0]).any() and not any_member(items, excluded[:0])
+    assert not any_member(np.array([1001, 2000]), excluded)
