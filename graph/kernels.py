@@ -10,6 +10,7 @@ are the same bits as the steps they replace (unit tests compare them with scipy'
 - :func:`rows_times_csr_at`: ``(smat @ m)[:, cand]`` (co-occurrence with the session);
 - :func:`group_shares_at`: each session's weight on each candidate's group (product line,
   category);
+- :func:`csr_block_at`: ``m[rows][:, cols]`` (the co-occurrence behind a response's reasons);
 - :func:`is_member`, :func:`any_member`: which candidates a request excludes (a binary search
   per item; the numpy version was four calls, made about thirty times per request).
 
@@ -162,3 +163,38 @@ def is_member(items: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
 def any_member(items: np.ndarray, sorted_set: np.ndarray) -> bool:
     """Whether any of ``items`` is in ``sorted_set`` (sorted, unique); stops at the first."""
     return bool(len(sorted_set) and len(items) and _member(items, sorted_set, _NO_FLAGS, True))
+
+
+@jit
+def _csr_block_at(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray,
+                  sorted_cols: np.ndarray, order: np.ndarray,
+                  out: np.ndarray) -> None:  # pragma: no cover - compiled
+    n = len(sorted_cols)
+    for r in range(len(rows)):
+        i = rows[r]
+        for p in range(indptr[i], indptr[i + 1]):
+            col = indices[p]
+            lo, hi = 0, n
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if sorted_cols[mid] < col:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            while lo < n and sorted_cols[lo] == col:  # every position of a repeated column
+                out[r, order[lo]] = data[p]
+                lo += 1
+
+
+def csr_block_at(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray,
+                 cols: np.ndarray) -> np.ndarray:
+    """``m[rows][:, cols].toarray()`` of a CSR matrix without repeated entries in a row, as
+    float32, reading only the given rows. Shapes: ``rows`` ``[r]``, ``cols`` ``[c]`` →
+    ``[r, c]``."""
+    out = np.zeros((len(rows), len(cols)), dtype=np.float32)
+    if len(rows) and len(cols):
+        cols = np.asarray(cols, dtype=np.int64)
+        order = np.argsort(cols, kind="stable")
+        _csr_block_at(indptr, indices, data, np.asarray(rows, dtype=np.int64), cols[order],
+                      order, out)
+    return out

@@ -35,7 +35,12 @@ import torch
 
 from graph import schema as S
 from graph.errors import ArtifactError, BadRequestError
-from graph.kernels import group_shares_at, rows_times_csr_at, sessions_times_dense
+from graph.kernels import (
+    csr_block_at,
+    group_shares_at,
+    rows_times_csr_at,
+    sessions_times_dense,
+)
 from graph.signals import COMPONENTS, RankingSignals, holiday_dates
 
 SESSION_HALF_LIFE_S = 1800.0
@@ -358,7 +363,8 @@ def _gather_sorted(num_rows: int, rows: np.ndarray, cols: np.ndarray, data: np.n
 
 
 def csr_block(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``m[rows][:, cols].toarray()`` as float32, reading only the given rows of ``m``.
+    """``m[rows][:, cols].toarray()`` as float32, reading only the given rows of ``m``
+    (:func:`graph.kernels.csr_block_at`).
 
     For the reasons of a response (a session's few items against the top k): scipy's fancy
     row and column indexing builds two sparse matrices per call, several times this.
@@ -367,23 +373,7 @@ def csr_block(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarra
         - **m** ``[R, C]`` CSR without repeated entries in a row, **rows** ``[r]``, **cols**
           ``[c]``; return ``[r, c]``.
     """
-    entry, pos = _row_entries(m, np.asarray(rows, dtype=np.int64))
-    return _gather_sorted(len(rows), entry, m.indices[pos], m.data[pos],
-                          np.asarray(cols, dtype=np.int64))
-
-
-def _row_entries(m: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The stored entries of the given rows of ``m``: for each, which of ``rows`` it belongs to
-    (``entry``) and its position in ``m.indices`` / ``m.data`` (``pos``), row after row.
-
-    Shapes:
-        - **rows** ``[r]``; return ``([nnz], [nnz])`` int64.
-    """
-    lo, hi = m.indptr[rows], m.indptr[rows + 1]
-    lengths = hi - lo
-    entry = np.repeat(np.arange(len(rows)), lengths)
-    pos = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths) + lo[entry]
-    return entry, pos
+    return csr_block_at(m.indptr, m.indices, m.data, rows, cols)
 
 
 def _group_shares(smat: sp.csr_matrix | SessionRows, group_of: np.ndarray,
