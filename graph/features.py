@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from graph import schema as S
+from graph.kernels import history_of
 from graph.ranking import ContextSignal, Ranker, SessionSignal
 from graph.retrieval import SOURCES, CandidateSet, Catalogue
 from graph.search import QueryScores
@@ -243,26 +244,17 @@ def _row_lookup(row: np.ndarray, score: np.ndarray, items: np.ndarray) -> np.nda
 def _repeat_stats(ranker: Ranker, req: FeatureRequest, items: np.ndarray,
                   col: dict[str, np.ndarray | float]) -> None:
     """The user's purchase history of each candidate (NaN where the user never bought it)."""
-    n = len(items)
-    count = np.zeros(n, dtype=np.float64)
-    since = np.full(n, np.nan)
-    interval = np.full(n, np.nan)
     sig = ranker.signals
     if req.user is not None:
         lo, hi = int(sig.hist_indptr[req.user]), int(sig.hist_indptr[req.user + 1])
         row = sig.hist_indices[lo:hi]  # sorted: the history CSR is built from a sorted groupby
-        pos = np.minimum(np.searchsorted(row, items), max(hi - lo - 1, 0))
-        hit = (hi > lo) & (row[pos] == items) if hi > lo else np.zeros(n, dtype=bool)
-        p = lo + pos[hit]
-        c = sig.hist_count[p].astype(np.float64)
-        count[hit] = c
-        since[hit] = np.maximum(req.now - sig.hist_last[p], 0.0) / DAY_S
-        with np.errstate(invalid="ignore", divide="ignore"):
-            interval[hit] = np.where(c >= 2, (sig.hist_last[p] - sig.hist_first[p]) / DAY_S
-                                     / np.maximum(c - 1, 1), np.nan)
+        count, since, interval = history_of(row, lo, sig.hist_count, sig.hist_first,
+                                            sig.hist_last, items, req.now, DAY_S)
         col["user_sessions"] = float(sig.user_sessions[req.user])
         col["explore"], col["one_off"] = _exploration(sig, lo, hi)
-    else:
+    else:  # no history: never bought, so count 0 and no timing
+        count, since, interval = history_of(sig.hist_indices[:0], 0, sig.hist_count,
+                                            sig.hist_first, sig.hist_last, items, req.now, DAY_S)
         col["user_sessions"] = 0.0
         col["explore"] = col["one_off"] = np.nan
     col["hist_count"] = count

@@ -11,6 +11,10 @@ are the same bits as the steps they replace (unit tests compare them with scipy'
 - :func:`group_shares_at`: each session's weight on each candidate's group (product line,
   category);
 - :func:`csr_block_at`: ``m[rows][:, cols]`` (the co-occurrence behind a response's reasons);
+- :func:`union_sources`: the sorted union of a request's candidate sources, with each item's
+  source flags (``np.unique`` with its inverse, then a scatter);
+- :func:`history_of`: a shopper's purchase count, days since the last purchase and typical
+  interval of each candidate (the repeat-purchase features);
 - :func:`is_member`, :func:`any_member`: which candidates a request excludes (a binary search
   per item; the numpy version was four calls, made about thirty times per request).
 
@@ -198,3 +202,68 @@ def csr_block_at(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows
         _csr_block_at(indptr, indices, data, np.asarray(rows, dtype=np.int64), cols[order],
                       order, out)
     return out
+
+
+@jit
+def _union_sources(its: np.ndarray, source_of: np.ndarray,
+                   num_sources: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    order = np.argsort(its, kind="mergesort")
+    items = np.empty(len(its), dtype=np.int64)
+    flags = np.zeros((len(its), num_sources), dtype=np.bool_)
+    u = -1
+    for o in order:
+        v = its[o]
+        if u < 0 or items[u] != v:
+            u += 1
+            items[u] = v
+        flags[u, source_of[o]] = True
+    return items[:u + 1].copy(), flags[:u + 1].copy()
+
+
+def union_sources(its: np.ndarray, source_of: np.ndarray,
+                  num_sources: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted unique items of ``its`` and, per item, which sources proposed it
+    (``source_of[i]`` is the source of ``its[i]``). Shapes: ``[m]``, ``[m]`` → ``[n]`` int64,
+    ``[n, num_sources]`` bool."""
+    return _union_sources(np.asarray(its, dtype=np.int64), np.asarray(source_of, dtype=np.int64),
+                          num_sources)
+
+
+@jit
+def _history_of(row: np.ndarray, lo: int, hist_count: np.ndarray, hist_first: np.ndarray,
+                hist_last: np.ndarray, items: np.ndarray, now: float, day_s: float,
+                count: np.ndarray, since: np.ndarray,
+                interval: np.ndarray) -> None:  # pragma: no cover - compiled
+    n = len(row)
+    for j in range(len(items)):
+        v = items[j]
+        a, b = 0, n
+        while a < b:
+            mid = (a + b) >> 1
+            if row[mid] < v:
+                a = mid + 1
+            else:
+                b = mid
+        if a < n and row[a] == v:
+            p = lo + a
+            c = np.float64(hist_count[p])
+            count[j] = c
+            age = now - hist_last[p]
+            since[j] = (age if age > 0.0 else 0.0) / day_s
+            if c >= 2:
+                interval[j] = (hist_last[p] - hist_first[p]) / day_s / max(c - 1.0, 1.0)
+
+
+def history_of(row: np.ndarray, lo: int, hist_count: np.ndarray, hist_first: np.ndarray,
+               hist_last: np.ndarray, items: np.ndarray, now: float,
+               day_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each of ``items``, from one shopper's history row (``row``: their items, sorted;
+    ``lo``: its first position in the history arrays): the purchase count (0 if never bought),
+    the days since the last purchase and the mean days between purchases (NaN if never bought,
+    and the interval also NaN with fewer than two purchases). Shapes: ``[n]`` float64 each."""
+    n = len(items)
+    count, since, interval = np.zeros(n), np.full(n, np.nan), np.full(n, np.nan)
+    if len(row) and n:
+        _history_of(row, lo, hist_count, hist_first, hist_last, items, float(now), float(day_s),
+                    count, since, interval)
+    return count, since, interval

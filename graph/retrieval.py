@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from graph import schema as S
-from graph.kernels import any_member, is_member
+from graph.kernels import any_member, is_member, union_sources
 from graph.ranking import ContextSignal, Ranker, SessionSignal
 from graph.search import QueryScores, SearchIndex
 from graph.text import ItemText
@@ -344,11 +344,10 @@ def candidates(
         for d in np.argsort(-lift)[:CONTEXT_DEPTS]:
             parts.append((7, first_allowed(cat.dept_popular.get(int(d), _NONE), CONTEXT_PER_DEPT,
                                            excluded)))
-    source_of = np.concatenate([np.full(len(p), j, dtype=np.int64) for j, p in parts])
+    source_of = np.repeat(np.array([j for j, _ in parts], dtype=np.int64),
+                          [len(p) for _, p in parts])
     its = np.concatenate([p for _, p in parts]).astype(np.int64)
-    items, inv = np.unique(its, return_inverse=True)
-    flags = np.zeros((len(items), len(SOURCES)), dtype=bool)
-    flags[inv, source_of] = True
+    items, flags = union_sources(its, source_of, len(SOURCES))
     out = CandidateSet(items, flags)
     keep = np.ones(len(items), dtype=bool)
     if excluded is not None:
