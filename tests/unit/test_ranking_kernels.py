@@ -234,6 +234,11 @@ def test_union_of_candidate_sources_equals_numpy_unique_and_scatter(seed: int) -
     np.testing.assert_array_equal(got_flags, flags)
     empty_items, empty_flags = union_sources(np.zeros(0, np.int64), np.zeros(0, np.int64), 10)
     assert empty_items.shape == (0,) and empty_flags.shape == (0, 10)
+    with pytest.raises(ValueError, match=">= 0"):
+        union_sources(np.array([3, -1]), np.array([0, 1]), 10)
+    one_source = union_sources(np.array([5, 2, 5]), np.zeros(3, np.int64), 1)
+    np.testing.assert_array_equal(one_source[0], [2, 5])
+    assert one_source[1].all() and one_source[1].shape == (2, 1)
 
 
 def test_history_of_candidates_equals_the_numpy_formulas() -> None:
