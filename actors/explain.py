@@ -72,7 +72,8 @@ class Reasons:
 
     The session item behind a "because you ..." reason is found for all top items at once: the
     session item with the largest weighted co-occurrence (``cooc``) or embedding affinity
-    (``session``) with the recommended item.
+    (``session``) with the recommended item; so is each top item's place in the shopper's
+    purchase history (``history``: its position in the history arrays, None if never bought).
     """
 
     m: LoadedModel
@@ -82,6 +83,7 @@ class Reasons:
     item_events: list[tuple[int, str, float]]
     cooc_src: dict[int, int] = field(default_factory=dict)
     session_src: dict[int, int] = field(default_factory=dict)
+    history: dict[int, int | None] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -90,6 +92,8 @@ class Reasons:
         query: str | None, top: np.ndarray,
     ) -> Reasons:
         out = cls(m, user, context, query, item_events)
+        if user is not None and len(top):
+            out.history.update(zip(top.tolist(), out._history_positions(top), strict=True))
         if session is None or session.is_empty or len(top) == 0:
             return out
         from graph.ranking import csr_block  # here: the ranker replica has torch loaded
@@ -128,6 +132,18 @@ class Reasons:
                 break
         return out or ["popular with shoppers"]
 
+    def _history_positions(self, items: np.ndarray) -> list[int | None]:
+        """Each item's position in the shopper's purchase history arrays (None: never bought);
+        the history row is sorted by item (``graph.signals`` builds it from a sorted groupby)."""
+        sig = self.m.ranker.signals
+        lo, hi = int(sig.hist_indptr[self.user]), int(sig.hist_indptr[self.user + 1])
+        if hi <= lo:
+            return [None] * len(items)
+        pos = lo + np.searchsorted(sig.hist_indices[lo:hi], items)
+        found = sig.hist_indices[np.minimum(pos, hi - 1)] == items
+        return [int(p) if ok and p < hi else None
+                for p, ok in zip(pos.tolist(), found.tolist(), strict=True)]
+
     def text(self, comp: str, it: int) -> str | None:
         """The sentence for one component of one item (None: nothing true to say)."""
         m = self.m
@@ -135,14 +151,12 @@ class Reasons:
             # "repeat" tells the rhythm of an item the shopper bought; "explore" (how often they
             # try new items) speaks only for one they never bought. Otherwise nothing is true.
             sig = m.ranker.signals
-            lo, hi = int(sig.hist_indptr[self.user]), int(sig.hist_indptr[self.user + 1])
-            # The history row is sorted by item (graph.signals builds it from a sorted groupby).
-            p = lo + int(np.searchsorted(sig.hist_indices[lo:hi], it))
-            bought = p < hi and int(sig.hist_indices[p]) == it
-            if comp == "repeat" and bought:
+            p = (self.history[it] if it in self.history
+                 else self._history_positions(np.array([it]))[0])
+            if comp == "repeat" and p is not None:
                 return cadence_text(float(sig.hist_count[p]), float(sig.hist_first[p]),
                                     float(sig.hist_last[p]))
-            if comp == "explore" and not bought:
+            if comp == "explore" and p is None:
                 return "something new to try: you often pick new items"
             return None
         if comp in ("cooc", "session"):
