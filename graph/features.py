@@ -90,6 +90,9 @@ COMPONENT_OF: dict[str, str] = {
     "src_query": "query",
 }
 assert set(COMPONENT_OF) == set(FEATURES), set(FEATURES) ^ set(COMPONENT_OF)
+# The source flags are the last columns, in SOURCES order (build_features writes them as one block).
+_SOURCE_COLUMNS = len(FEATURES) - len(SOURCES)
+assert FEATURES[_SOURCE_COLUMNS:] == tuple(f"src_{s}" for s in SOURCES)
 
 
 def item_features(train_events: pd.DataFrame, items: pd.DataFrame, ranker: Ranker) -> np.ndarray:
@@ -201,8 +204,9 @@ def build_features(
     _repeat_stats(ranker, req, items, col)
     col["peers"] = _peer_scores(ranker, req.user, items)
     col["ease"] = _ease_scores(ranker, req.user, items) if USE_EASE else np.nan
+    static = item_static[items]  # one gather of the candidates' rows, then its columns
     for j, name in enumerate(ITEM_FEATURES):
-        col[name] = item_static[items, j]
+        col[name] = static[:, j]
     ctx = req.context
     col["hour"] = np.nan if ctx is None else float(ctx.hour)
     col["weekday"] = np.nan if ctx is None else float(ctx.weekday)
@@ -212,11 +216,10 @@ def build_features(
         col[f"{prefix}_lex"] = np.nan if qs is None else qs.lexical_of(items)
         col[f"{prefix}_sem"] = np.nan if qs is None else qs.semantic_of(items)
         col[f"{prefix}_rrf"] = np.nan if qs is None else qs.fused_of(items)
-    for j, src in enumerate(SOURCES):
-        col[f"src_{src}"] = cand.sources[:, j].astype(np.float32)
     out = np.empty((n, len(FEATURES)), dtype=np.float32)
-    for j, name in enumerate(FEATURES):
+    for j, name in enumerate(FEATURES[:_SOURCE_COLUMNS]):
         out[:, j] = col[name]
+    out[:, _SOURCE_COLUMNS:] = cand.sources  # the source flags, 1.0 / 0.0, in one block
     return out
 
 
