@@ -136,6 +136,8 @@ class Reasons:
         """Each item's position in the shopper's purchase history arrays (None: never bought);
         the history row is sorted by item (``graph.signals`` builds it from a sorted groupby)."""
         sig = self.m.ranker.signals
+        if self.user is None:
+            return [None] * len(items)
         lo, hi = int(sig.hist_indptr[self.user]), int(sig.hist_indptr[self.user + 1])
         if hi <= lo:
             return [None] * len(items)
