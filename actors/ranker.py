@@ -232,7 +232,9 @@ class RankerService:
         top = int(cat.popular[0]) if len(cat.popular) else None
         first = None if top is None else str(cat.item_ids[top])
         user = next(iter(model.user_index), None)
-        events: tuple[WireEvent, ...] = () if first is None else ((first, S.VIEW, 0.0, None),)
+        # A cart item: the exclusion path (and its compiled kernels, graph.kernels) runs too.
+        events: tuple[WireEvent, ...] = () if first is None else (
+            (first, S.ADD_TO_CART, 0.0, None),)
         # A query too: the sentence model is loaded and the query path warmed before publishing.
         words = [] if top is None else str(cat.categories[top]).split()
         probe.recommend(RankQuery(user_id=user, events=events, context={"weekday": 0, "hour": 12},
