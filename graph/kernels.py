@@ -41,6 +41,20 @@ def jit(fn: Any) -> Any:
 
 
 @jit
+def _lower_bound(sorted_arr: np.ndarray, v: Any) -> int:  # pragma: no cover - compiled
+    """The leftmost position of ``v`` in ``sorted_arr`` (``np.searchsorted(..., side="left")``);
+    numba inlines it into the loops below."""
+    lo, hi = 0, len(sorted_arr)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if sorted_arr[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@jit
 def _sessions_times_dense(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
                           dense: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
     for b in range(len(indptr) - 1):
@@ -75,13 +89,7 @@ def _rows_times_csr_at(s_indptr: np.ndarray, s_indices: np.ndarray, s_data: np.n
             i = s_indices[e]
             for p in range(m_indptr[i], m_indptr[i + 1]):
                 col = m_indices[p]
-                lo, hi = 0, n  # the leftmost candidate >= col (np.searchsorted)
-                while lo < hi:
-                    mid = (lo + hi) >> 1
-                    if sorted_cand[mid] < col:
-                        lo = mid + 1
-                    else:
-                        hi = mid
+                lo = _lower_bound(sorted_cand, col)
                 if lo < n and sorted_cand[lo] == col:
                     out[b, order[lo]] += np.float32(w * m_data[p])
 
@@ -136,13 +144,7 @@ def _member(items: np.ndarray, sorted_set: np.ndarray, out: np.ndarray,
     found = False
     for i in range(len(items)):
         v = items[i]
-        lo, hi = 0, n
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if sorted_set[mid] < v:
-                lo = mid + 1
-            else:
-                hi = mid
+        lo = _lower_bound(sorted_set, v)
         hit = lo < n and sorted_set[lo] == v
         if hit:
             found = True
@@ -178,13 +180,7 @@ def _csr_block_at(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, row
         i = rows[r]
         for p in range(indptr[i], indptr[i + 1]):
             col = indices[p]
-            lo, hi = 0, n
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if sorted_cols[mid] < col:
-                    lo = mid + 1
-                else:
-                    hi = mid
+            lo = _lower_bound(sorted_cols, col)
             while lo < n and sorted_cols[lo] == col:  # every position of a repeated column
                 out[r, order[lo]] = data[p]
                 lo += 1
@@ -243,13 +239,7 @@ def _history_of(row: np.ndarray, lo: int, hist_count: np.ndarray, hist_first: np
     n = len(row)
     for j in range(len(items)):
         v = items[j]
-        a, b = 0, n
-        while a < b:
-            mid = (a + b) >> 1
-            if row[mid] < v:
-                a = mid + 1
-            else:
-                b = mid
+        a = _lower_bound(row, v)
         if a < n and row[a] == v:
             p = lo + a
             c = np.float64(hist_count[p])
