@@ -2,15 +2,19 @@
 :class:`graph.recommend.Recommender`, plus the id maps of the API.
 
 A :class:`LoadedModel` is built completely (:meth:`LoadedModel.build`) before it is published and
-is not changed afterwards (the catalogue's category-prefix cache aside), so a request that read
-the reference once finishes on the version it started with while a newer one is swapped in.
+is not changed afterwards (the catalogue's category-prefix cache and the answers of
+:class:`AnswerCache` aside), so a request that read the reference once finishes on the version it
+started with while a newer one is swapped in.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +24,50 @@ if TYPE_CHECKING:  # torch and faiss stay out of processes that only pass reques
     from graph.ranking import Ranker
     from graph.recommend import Recommender
     from graph.retrieval import Catalogue
+
+
+NON_PERSONAL_ANSWERS = 1024
+"""Answers an :class:`AnswerCache` keeps per model version (a few kB each)."""
+
+
+class AnswerCache:
+    """The answers of one model version to requests with nothing personal in them.
+
+    A request without a known shopper, a session, a search or exclusions is answered from the
+    model, the request's context signal (weekday, hour, holiday), ``k`` and the category alone:
+    every anonymous first visit in the same hour gets the same list, so a replica ranks it once
+    per model version. The cache belongs to one :class:`LoadedModel`: a new version, or items
+    added with ``PUT /v1/items`` (which build a new one), start with an empty cache, so an answer
+    is never served by a model that did not compute it. Least recently used answers go first
+    beyond ``capacity``; the counters are those of ``functools.lru_cache``.
+    """
+
+    def __init__(self, capacity: int = NON_PERSONAL_ANSWERS) -> None:
+        self.capacity = capacity
+        self.hits = self.misses = 0
+        self._answers: OrderedDict[Hashable, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> dict[str, Any] | None:
+        """The answer kept for ``key`` (not to be modified: every caller gets the same dict)."""
+        with self._lock:
+            out = self._answers.get(key)
+            if out is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self._answers.move_to_end(key)
+            return out
+
+    def put(self, key: Hashable, answer: dict[str, Any]) -> None:
+        with self._lock:
+            self._answers[key] = answer
+            self._answers.move_to_end(key)
+            while len(self._answers) > self.capacity:
+                self._answers.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._answers)
 
 
 @dataclass
@@ -37,6 +85,7 @@ class LoadedModel:
     added_items: int = 0  # items of PUT /v1/items applied on top of it
     # Item indices a PUT marked unavailable: excluded from every answer (sorted, unique).
     unavailable: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    answers: AnswerCache = field(default_factory=AnswerCache, repr=False, compare=False)
 
     def exclusions(self, extra: np.ndarray) -> np.ndarray:
         """``extra`` item indices plus the unavailable ones."""

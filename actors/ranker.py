@@ -550,15 +550,22 @@ class RankerService:
         if m is None:  # first boot: no catalogue yet, so nothing personal and no items
             return {"model_version": NO_MODEL, "user_known": False,
                     "session_events": len(q.events), "intent": [], "items": []}
-        now = q.now if q.now is not None else max((e[2] for e in q.events), default=0.0)
         user = self.user_row(m, q.user_id)
+        context = _context_signal(q.context)
+        # Nothing personal (no known shopper, session, search or exclusion): the answer depends
+        # on the context signal, k and the category only, so it is ranked once per model
+        # version and kept (actors.loaded_model.AnswerCache).
+        key = ((context, q.k, q.category) if user is None and not q.events and q.query is None
+               and not q.exclude_items else None)
+        if key is not None and (kept := m.answers.get(key)) is not None:
+            return kept
+        now = q.now if q.now is not None else max((e[2] for e in q.events), default=0.0)
         item_events = tuple(
             (i, ev, ts) for i, ev, ts in
             ((m.item_index.get(e[0]) if e[0] is not None else None, e[1], e[2]) for e in q.events)
             if i is not None and ev != S.SEARCH
         )
         searches = [e[3] for e in q.events if e[1] == S.SEARCH and e[3]]
-        context = _context_signal(q.context)
         exclude = np.fromiter((m.item_index[x] for x in q.exclude_items if x in m.item_index),
                               dtype=np.int64)
         req = Request(user=user, item_events=item_events, context=context, now=now,
@@ -573,10 +580,13 @@ class RankerService:
         items = [self._item_out(m, it, sc, why.for_item(it, contrib))
                  for it, sc, contrib in zip(ranked.items.tolist(), ranked.scores.tolist(),
                                             ranked.contributions, strict=True)]
-        return {"model_version": m.version, "user_known": user is not None,
-                "session_events": len(q.events),
-                "intent": [{"category": c, "weight": round(w, 4)} for c, w in intent],
-                "items": items}
+        out = {"model_version": m.version, "user_known": user is not None,
+               "session_events": len(q.events),
+               "intent": [{"category": c, "weight": round(w, 4)} for c, w in intent],
+               "items": items}
+        if key is not None:
+            m.answers.put(key, out)
+        return out
 
     def similar(self, item_id: str, k: int = S.TOP_K) -> dict[str, Any]:
         """Item-to-item neighbours: the recommender's answer to an anonymous session that viewed

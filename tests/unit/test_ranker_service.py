@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from actors.explain import Reasons, cadence_text, day_part, short_title
+from actors.loaded_model import AnswerCache
 from actors.ranker import RankerService, RankQuery
 from graph import retrieval
 from graph.artifacts import latest_version, list_versions, read_artifact, write_artifact
@@ -84,6 +85,45 @@ def test_unknown_user_gets_popular_items_never_an_error(svc: RankerService) -> N
     # context): most of it is among the 200 most popular of ~92k items (chance: 0.04 items).
     popular = set(cat.item_ids[cat.popular[:200]].tolist())
     assert len(popular & got) >= 15
+
+
+def test_non_personal_answers_are_ranked_once_per_model_version(svc: RankerService) -> None:
+    m = svc.model
+    m.answers = AnswerCache()
+    ctx = {"weekday": 2, "hour": 9, "is_holiday": False}
+    first = svc.recommend(RankQuery(user_id="nobody-1", context=ctx, k=10, now=T0))
+    # Another anonymous shopper in the same hour, asked at another time: the same answer, kept.
+    again = svc.recommend(RankQuery(session_id="s-empty", context=ctx, k=10, now=T0 + 3e6))
+    assert again is first and (m.answers.hits, m.answers.misses, len(m.answers)) == (1, 1, 1)
+    # ... and what ranking it afresh gives, bit for bit.
+    m.answers = AnswerCache()
+    fresh = svc.recommend(RankQuery(user_id=None, context=ctx, k=10, now=T0 - 5e6))
+    assert fresh is not first and fresh == first
+    # The context signal, k and the category each name another answer.
+    assert svc.recommend(RankQuery(context={**ctx, "hour": 20}, k=10)) != first
+    assert len(svc.recommend(RankQuery(context=ctx, k=3))["items"]) == 3
+    assert len(m.answers) == 3
+    # Anything personal is ranked every time and never kept.
+    item = _busy_item(svc)
+    user = next(iter(m.user_index))
+    for q in (RankQuery(user_id=user, context=ctx, k=10),
+              RankQuery(events=((item, "view", T0, None),), context=ctx, k=10, now=T0),
+              RankQuery(context=ctx, k=10, query="milk"),
+              RankQuery(context=ctx, k=10, exclude_items=(first["items"][0]["item_id"],))):
+        out = svc.recommend(q)
+        assert out is not first and out != first
+    assert len(m.answers) == 3
+
+
+def test_answer_cache_drops_the_least_recently_used() -> None:
+    cache = AnswerCache(capacity=2)
+    a, b, c = {"n": 1}, {"n": 2}, {"n": 3}
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # now the most recently used
+    cache.put("c", c)
+    assert cache.get("b") is None and cache.get("a") is a and cache.get("c") is c
+    assert len(cache) == 2 and (cache.hits, cache.misses) == (3, 1)
 
 
 def test_candidates_are_a_small_slice_of_the_catalogue(svc: RankerService) -> None:
@@ -308,6 +348,8 @@ def test_reload_swaps_atomically_and_rolls_back(svd_artifact_root: str, tmp_path
     res = svc.maybe_pick_up_latest()
     assert res == {"previous_version": "v1", "version": "v2", "swapped": True}
     assert svc.model is not old and svc.model.version == "v2"
+    # A new version never answers from the old one's kept answers.
+    assert svc.model.answers is not old.answers and len(svc.model.answers) == 0
     # A request that started on the old model still completes on it.
     assert len(old.rec.recommend(Request(k=5)).items) == 5
 
