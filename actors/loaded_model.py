@@ -36,10 +36,13 @@ class AnswerCache:
     A request without a known shopper, a session, a search or exclusions is answered from the
     model, the request's context signal (weekday, hour, holiday), ``k`` and the category alone:
     every anonymous first visit in the same hour gets the same list, so a replica ranks it once
-    per model version. The cache belongs to one :class:`LoadedModel`: a new version, or items
-    added with ``PUT /v1/items`` (which build a new one), start with an empty cache, so an answer
-    is never served by a model that did not compute it. Least recently used answers go first
-    beyond ``capacity``; the counters are those of ``functools.lru_cache``.
+    per model version. The same holds for an item's neighbours (``GET
+    /v1/items/{item_id}/similar``), kept by item and ``k``.
+
+    The cache belongs to one :class:`LoadedModel`: a new version, or items added with ``PUT
+    /v1/items`` (which build a new one), start with an empty cache, so an answer is never served
+    by a model that did not compute it. Least recently used answers go first beyond
+    ``capacity``; the counters are those of ``functools.lru_cache``.
     """
 
     def __init__(self, capacity: int = NON_PERSONAL_ANSWERS) -> None:

@@ -609,6 +609,9 @@ class RankerService:
                 "need a catalogue item (events for unknown items are still accepted)",
                 field="item_id",
             )
+        key = ("similar", i, k)  # the same for everyone: ranked once per model version
+        if (kept := m.answers.get(key)) is not None:
+            return kept
         ranked = m.rec.recommend(Request(item_events=((i, S.VIEW, 0.0),), now=0.0,
                                          exclude=m.exclusions(np.array([i])), k=k),
                                  explain=False)
@@ -618,7 +621,9 @@ class RankerService:
         items = [self._item_out(m, it, sc, [f"often bought together with {name}" if it in co_set
                                             else f"similar to {name}"])
                  for it, sc in zip(ranked.items.tolist(), ranked.scores.tolist(), strict=True)]
-        return {"item_id": item_id, "model_version": m.version, "items": items}
+        out = {"item_id": item_id, "model_version": m.version, "items": items}
+        m.answers.put(key, out)
+        return out
 
     @staticmethod
     def _item_out(m: LoadedModel, it: int, score: float, reasons: list[str]) -> dict[str, Any]:

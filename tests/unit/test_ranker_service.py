@@ -312,6 +312,11 @@ def test_similar_items(svc: RankerService) -> None:
     with pytest.raises(NotFoundError) as info:
         svc.similar("no-such-item", 10)
     assert info.value.field == "item_id" and info.value.http_status == 404
+    # Ranked once per model version and item: asked again, the kept answer; afresh, the same.
+    assert svc.similar(item, 10) is out
+    svc.model.answers = AnswerCache()
+    fresh = svc.similar(item, 10)
+    assert fresh is not out and fresh == out and len(svc.similar(item, 3)["items"]) == 3
 
 
 def test_forget_user_is_persistent_across_replicas(svc: RankerService, tmp_path: Path,
