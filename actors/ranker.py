@@ -32,7 +32,7 @@ from actors.catalogue import catalogue_listing, shopper_sample
 from actors.context import infer_intent
 from actors.deployment_options import RANKER, options
 from actors.explain import Reasons, short_title
-from actors.loaded_model import LoadedModel
+from actors.loaded_model import AnswerCache, LoadedModel
 from actors.split import SplitConfig, in_split, parse_rollout
 from actors.tombstones import Tombstones
 from graph import schema as S
@@ -204,6 +204,7 @@ class RankerService:
         model.base, model.added_items = artifact, len(items)
         model.unavailable = np.unique(np.fromiter(
             (model.item_index[k] for k, it in items.items() if not it.available), dtype=np.int64))
+        model.answers = AnswerCache()  # nothing ranked before the unavailable items were known
         return model, stamp
 
     def _with_items(self, artifact: ModelArtifact, items: list[NewItem]) -> ModelArtifact:
