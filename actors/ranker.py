@@ -19,7 +19,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -125,6 +125,8 @@ class RankerService:
         self._rejected: set[str] = set()  # versions that failed to load (not retried by polling)
         self._listing: tuple[LoadedModel, dict[str, Any]] | None = None
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        # Told "kept" or "ranked" for each request with nothing personal (the replica's metric).
+        self.on_answer: Callable[[str], None] | None = None
         self.model: LoadedModel | None = None
         # A running A/B split and its model, published together by one assignment (a request
         # reads the pair once, like self.model).
@@ -558,8 +560,12 @@ class RankerService:
         # version and kept (actors.loaded_model.AnswerCache).
         key = ((context, q.k, q.category) if user is None and not q.events and q.query is None
                and not q.exclude_items else None)
-        if key is not None and (kept := m.answers.get(key)) is not None:
-            return kept
+        if key is not None:
+            kept = m.answers.get(key)
+            if self.on_answer is not None:
+                self.on_answer("ranked" if kept is None else "kept")
+            if kept is not None:
+                return kept
         now = q.now if q.now is not None else max((e[2] for e in q.events), default=0.0)
         item_events = tuple(
             (i, ev, ts) for i, ev, ts in
@@ -689,6 +695,7 @@ class GNNRanker:
         _freeze_gc()
         self._stop = threading.Event()
         self._metrics = _RankerMetrics()
+        self.service.on_answer = self._metrics.answered
         self._metrics.serving(self.service.versions_served())
         self.reload_poll_s = reload_poll_s
         if reload_poll_s > 0 and model_version == "latest":
@@ -799,7 +806,7 @@ class GNNRanker:
 
 class _RankerMetrics:
     def __init__(self) -> None:
-        from ray.serve.metrics import Gauge, Histogram
+        from ray.serve.metrics import Counter, Gauge, Histogram
 
         self.latency = Histogram(
             "intentrec_ranker_latency_ms", "Ranker time per recommendation (ms)",
@@ -807,7 +814,14 @@ class _RankerMetrics:
         )
         self.version = Gauge("intentrec_model_version_info",
                              "1 for the model version this replica serves", tag_keys=("version",))
+        self.answers = Counter(
+            "intentrec_nonpersonal_answers",
+            "Recommendations with nothing personal, by answer: kept (from the replica's cache of "
+            "the model version) or ranked", tag_keys=("answer",))
         self._served: set[str] = set()
+
+    def answered(self, answer: str) -> None:
+        self.answers.inc(tags={"answer": answer})
 
     def serving(self, versions: list[str]) -> None:
         """1 for each version this replica serves (two while a split runs), 0 for the others it

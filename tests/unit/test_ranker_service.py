@@ -90,11 +90,14 @@ def test_unknown_user_gets_popular_items_never_an_error(svc: RankerService) -> N
 def test_non_personal_answers_are_ranked_once_per_model_version(svc: RankerService) -> None:
     m = svc.model
     m.answers = AnswerCache()
+    seen: list[str] = []  # what the replica's metric is told
+    svc.on_answer = seen.append
     ctx = {"weekday": 2, "hour": 9, "is_holiday": False}
     first = svc.recommend(RankQuery(user_id="nobody-1", context=ctx, k=10, now=T0))
     # Another anonymous shopper in the same hour, asked at another time: the same answer, kept.
     again = svc.recommend(RankQuery(session_id="s-empty", context=ctx, k=10, now=T0 + 3e6))
     assert again is first and (m.answers.hits, m.answers.misses, len(m.answers)) == (1, 1, 1)
+    assert seen == ["ranked", "kept"]
     # ... and what ranking it afresh gives, bit for bit.
     m.answers = AnswerCache()
     fresh = svc.recommend(RankQuery(user_id=None, context=ctx, k=10, now=T0 - 5e6))
@@ -113,6 +116,9 @@ def test_non_personal_answers_are_ranked_once_per_model_version(svc: RankerServi
         out = svc.recommend(q)
         assert out is not first and out != first
     assert len(m.answers) == 3
+    # Each answer with nothing personal was counted once; the personal ones not at all.
+    assert seen == ["ranked", "kept", "ranked", "ranked", "ranked"]
+    svc.on_answer = None
 
 
 def test_answer_cache_drops_the_least_recently_used() -> None:
