@@ -231,6 +231,7 @@ class RankerService:
         probe.tombstones = Tombstones(None)
         probe.model = model
         probe._split = None
+        probe.on_answer = None  # a warm-up is no served request: not counted
         cat = model.catalogue
         top = int(cat.popular[0]) if len(cat.popular) else None
         first = None if top is None else str(cat.item_ids[top])
