@@ -522,8 +522,19 @@ def latency_cdf(latencies: dict[tuple[str, str, float], list[float]], bound_ms: 
                            title="open-loop latency at half of each endpoint's max rate")
 
 
+# The serving targets of the learned-ranker issue, for recommendations: server CPU per request of
+# the in-process bound and of the Serve app at every measured concurrency, and the c=8 throughput
+# ratio. The serving issue's older bars (ratio >= 0.25 per endpoint, no collapse at c=32, p99 at
+# half max) stay beside them.
+RANKER_BOUND_CPU_MS = 3.0
+RANKER_SERVE_CPU_MS = 8.0
+RANKER_RATIO_C8 = 0.6
+
+
 def verdict(rows: list[dict[str, Any]], open_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's three targets, per endpoint, for the Serve app."""
+    """The targets, per endpoint, for the Serve app: the serving issue's (``ratio_c8_ok``,
+    ``c32_no_collapse``, ``p99_at_half_max_ok``) and, for recommendations, the learned-ranker
+    issue's CPU and ratio targets (``bound_cpu_ok``, ``serve_cpu_ok``, ``ratio_c8_ranker_ok``)."""
     out: dict[str, Any] = {}
     for ep in ENDPOINTS:
         serve = {r["concurrency"]: r for r in rows if r["endpoint"] == ep and r["target"] == "serve"}
@@ -532,6 +543,16 @@ def verdict(rows: list[dict[str, Any]], open_rows: list[dict[str, Any]]) -> dict
         if 8 in serve and 8 in bound:
             v["ratio_c8"] = serve[8]["throughput"] / max(bound[8]["throughput"], 1e-9)
             v["ratio_c8_ok"] = v["ratio_c8"] >= 0.25
+            if ep == "recommendations":
+                v["ratio_c8_ranker_ok"] = v["ratio_c8"] >= RANKER_RATIO_C8
+        if ep == "recommendations":
+            for target, by_c, bar in (("bound", bound, RANKER_BOUND_CPU_MS),
+                                      ("serve", serve, RANKER_SERVE_CPU_MS)):
+                cpu = [r["server_cpu_ms_per_req"] for r in by_c.values()
+                       if r.get("server_cpu_ms_per_req") is not None]
+                if cpu:
+                    v[f"{target}_cpu_ms_worst"] = max(cpu)
+                    v[f"{target}_cpu_ok"] = max(cpu) <= bar
         if 32 in serve:
             best_lower = max((r["throughput"] for c, r in serve.items() if c < 32), default=0.0)
             v["c32_over_best_lower"] = serve[32]["throughput"] / max(best_lower, 1e-9)
