@@ -91,7 +91,7 @@ from actors.overload import (
 from actors.ranker import GNNRanker, RankQuery
 from actors.rollout import roll_out, start_split, stop_split
 from actors.session_events import SessionEvent
-from actors.session_state import SessionSnapshot, SessionStateConfig, SessionStore
+from actors.session_state import Coalescer, SessionSnapshot, SessionStateConfig, SessionStore
 from actors.shard_attach import check_attached
 from actors.split import SplitConfig, SplitResponse
 from graph import storage
@@ -438,6 +438,7 @@ class Ingress:
         self.keys = api_keys(self.args, os.environ)
         self.ranker = ranker
         self.enricher = enricher
+        self._enricher_coalescer: Coalescer | None = None
         self.clock = clock
         if store is None:
             store = SessionStore(self.args.session, clock)
@@ -466,12 +467,25 @@ class Ingress:
         except Exception as exc:
             log.warning("starting with session shard(s) down (%s); /healthz names them", exc)
 
+    def _enricher_calls(self, enricher: DeploymentHandle) -> Coalescer:
+        """The enricher's calls on the running loop: one in flight; the contexts of requests
+        arriving meanwhile go together in the next (one Serve call, not one each)."""
+        loop = asyncio.get_running_loop()
+        calls = self._enricher_coalescer
+        if calls is None or calls.loop is not loop:
+            timeout_s = self.args.ranker_timeout_s
+            calls = Coalescer(lambda items: bounded(
+                enricher.enrich_many.remote(items), timeout_s, "the context enricher",
+                "ranker_timeout_s"))
+            self._enricher_coalescer = calls
+        return calls
+
     async def _enrich(self, ctx: dict[str, Any] | None, now: float) -> dict[str, Any]:
         """The context of one request (:meth:`actors.context.EnrichedContext.wire`), whose
         ``ts`` is the request time: ``context.ts`` when given, else ``now``."""
         if self.enricher is not None:
             out: dict[str, Any] = await bounded(
-                self.enricher.enrich.remote(ctx, now), self.args.ranker_timeout_s,
+                self._enricher_calls(self.enricher).submit((ctx, now)), self.args.ranker_timeout_s,
                 "the context enricher", "ranker_timeout_s")
             return out
         return enrich_context(ctx, default_country=self.args.default_country,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ray.serve.exceptions import BackPressureError
 
 import serve_app
 from actors.api import RecommendationRequest
+from actors.context import enrich_context
 from actors.overload import RETRY_AFTER_S, bounded
 from actors.session_events import SessionEvent
 from actors.session_state import SessionStateConfig, SessionStore
@@ -186,3 +188,71 @@ def test_fastapis_own_errors_use_the_one_error_format() -> None:
     resp = asyncio.run(serve_app._http_error(req, HTTPException(404, "Not Found")))
     assert resp.status_code == 404
     assert json.loads(bytes(resp.body)) == {"error": "HTTPError", "message": "Not Found"}
+
+
+class _Enricher:
+    """The real ContextEnricher's ``enrich_many`` behind a stand-in handle that counts calls and
+    holds each for ``delay_s`` (so that requests arriving meanwhile queue behind it); the first
+    ``hang_first`` calls never answer."""
+
+    def __init__(self, delay_s: float = 0.02, hang_first: int = 0) -> None:
+        from actors.context import ContextEnricher
+
+        real = ContextEnricher.func_or_class()
+        self.batches: list[int] = []
+
+        async def enrich_many(requests: list[Any]) -> list[Any]:
+            self.batches.append(len(requests))
+            if len(self.batches) <= hang_first:
+                await asyncio.Event().wait()
+            await asyncio.sleep(delay_s)
+            return await real.enrich_many(requests)
+
+        self.enrich_many = _Call(enrich_many)
+
+
+def _ingress_with(enricher: _Enricher, ranker_timeout_s: float = 10.0) -> Any:
+    config = SessionStateConfig(num_shards=1, call_timeout_s=0.2)
+    args = serve_app.AppArgs(allow_anonymous=True, session=config, ranker_timeout_s=ranker_timeout_s)
+    cls = next(c for c in serve_app.Ingress.func_or_class.__mro__ if "recommend" in vars(c))
+    return cls(_Ranker(), enricher, args.model_dump(),
+               store=SessionStore.over(config, [_Shard(True)]))
+
+
+def test_concurrent_requests_share_enricher_calls_and_each_gets_its_own_context() -> None:
+    enricher = _Enricher()
+    ing = _ingress_with(enricher)
+    now = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+    zones = ["UTC", "Asia/Tokyo", "America/New_York", "Europe/Berlin", "Australia/Sydney", "UTC"]
+
+    async def scenario() -> list[Any]:
+        first = asyncio.ensure_future(ing._enrich({"timezone": zones[0], "device": "d0"}, now))
+        await asyncio.sleep(0.005)  # its call is in flight
+        calls = [ing._enrich({"timezone": z, "device": f"d{i}"}, now)
+                 for i, z in enumerate(zones) if i > 0]
+        calls.append(ing._enrich({"timezone": "Nowhere/Atlantis"}, now))  # refused on its own
+        return await asyncio.gather(first, *calls, return_exceptions=True)
+
+    out = asyncio.run(scenario())
+    # the first request's call goes alone; the six arriving meanwhile go together in the next
+    assert enricher.batches == [1, 6]
+    for i, z in enumerate(zones):
+        want = enrich_context({"timezone": z, "device": f"d{i}"},
+                              now=datetime.fromtimestamp(now, UTC)).wire()
+        assert out[i] == want, z
+    assert isinstance(out[-1], KeyError)  # zoneinfo's unknown-zone error, for that request only
+    assert len({o["display"]["hour"] for o in out[:-1]}) > 1  # the contexts were not mixed up
+
+
+def test_a_hung_enricher_call_fails_its_requests_with_503_and_the_next_call_goes_through() -> None:
+    enricher = _Enricher(delay_s=0.0, hang_first=1)
+    ing = _ingress_with(enricher, ranker_timeout_s=0.2)
+
+    async def scenario() -> tuple[Any, Any]:
+        first = await asyncio.gather(ing._enrich(None, 1_700_000_000.0), return_exceptions=True)
+        return first[0], await ing._enrich(None, 1_700_000_000.0)
+
+    hung, answered = asyncio.run(scenario())
+    assert isinstance(hung, UnavailableError) and "ranker_timeout_s" in hung.message
+    assert answered["display"]["hour"] == 22
+    assert enricher.batches == [1, 1]
