@@ -43,6 +43,7 @@ from fastapi.security import APIKeyHeader
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -474,9 +475,24 @@ class Ingress:
         calls = self._enricher_coalescer
         if calls is None or calls.loop is not loop:
             timeout_s = self.args.ranker_timeout_s
-            calls = Coalescer(lambda items: bounded(
-                enricher.enrich_many.remote(items), timeout_s, "the context enricher",
-                "ranker_timeout_s"))
+
+            def bounded_call(call: Any) -> Any:
+                return bounded(call, timeout_s, "the context enricher", "ranker_timeout_s")
+
+            async def send(items: list[tuple[dict[str, Any] | None, float]]) -> list[Any]:
+                try:
+                    out: list[Any] = await bounded_call(enricher.enrich_many.remote(items))
+                    return out
+                except RayServeException as exc:
+                    if "'enrich_many'" not in str(exc):
+                        raise
+                # An enricher replica of an earlier release, during a rolling update, has no
+                # enrich_many yet: one call per request, as that release's ingress made.
+                return list(await asyncio.gather(
+                    *(bounded_call(enricher.enrich.remote(ctx, now)) for ctx, now in items),
+                    return_exceptions=True))
+
+            calls = Coalescer(send)
             self._enricher_coalescer = calls
         return calls
 

@@ -211,7 +211,7 @@ class _Enricher:
         self.enrich_many = _Call(enrich_many)
 
 
-def _ingress_with(enricher: _Enricher, ranker_timeout_s: float = 10.0) -> Any:
+def _ingress_with(enricher: Any, ranker_timeout_s: float = 10.0) -> Any:
     config = SessionStateConfig(num_shards=1, call_timeout_s=0.2)
     args = serve_app.AppArgs(allow_anonymous=True, session=config, ranker_timeout_s=ranker_timeout_s)
     cls = next(c for c in serve_app.Ingress.func_or_class.__mro__ if "recommend" in vars(c))
@@ -256,3 +256,49 @@ def test_a_hung_enricher_call_fails_its_requests_with_503_and_the_next_call_goes
     assert isinstance(hung, UnavailableError) and "ranker_timeout_s" in hung.message
     assert answered["display"]["hour"] == 22
     assert enricher.batches == [1, 1]
+
+
+def test_an_enricher_of_an_earlier_release_is_called_once_per_request_during_a_rolling_update() -> None:
+    from ray.serve.exceptions import RayServeException
+
+    from actors.context import ContextEnricher
+
+    real = ContextEnricher.func_or_class()
+    singles: list[Any] = []
+
+    class _OldEnricher:
+        """A replica without ``enrich_many``, as Serve 2.60 answers for a missing method."""
+
+        def __init__(self) -> None:
+            async def enrich_many(requests: list[Any]) -> list[Any]:
+                raise RayServeException("Tried to call a method 'enrich_many' that does not "
+                                        "exist. Available methods: ['enrich'].")
+
+            async def enrich(ctx: Any, now: float) -> Any:
+                singles.append(ctx)
+                return await real.enrich(ctx, now)
+
+            self.enrich_many = _Call(enrich_many)
+            self.enrich = _Call(enrich)
+
+    ing = _ingress_with(_OldEnricher())
+    now = 1_700_000_000.0
+
+    async def scenario() -> list[Any]:
+        return await asyncio.gather(ing._enrich({"timezone": "Asia/Tokyo"}, now),
+                                    ing._enrich({"timezone": "Nowhere/Atlantis"}, now),
+                                    ing._enrich(None, now), return_exceptions=True)
+
+    tokyo, refused, utc = asyncio.run(scenario())
+    assert len(singles) == 3
+    assert tokyo["display"]["hour"] == 7 and utc["display"]["hour"] == 22
+    assert isinstance(refused, KeyError)
+    # any other Serve error is not taken for an earlier release: it fails the requests
+    other = _Enricher()
+
+    async def broken(requests: list[Any]) -> list[Any]:
+        raise RayServeException("the replica is shutting down")
+
+    other.enrich_many = _Call(broken)
+    with pytest.raises(RayServeException, match="shutting down"):
+        asyncio.run(_ingress_with(other)._enrich(None, now))
