@@ -77,7 +77,7 @@ from actors.api import (
 from actors.auth import ADMIN_KEY_ENV, API_KEY_HEADER, CLIENT_KEY_ENV, ApiKeys, Scope
 from actors.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from actors.clock import Clock, system_clock
-from actors.context import ContextEnricher, enrich_context
+from actors.context import ContextCache, ContextEnricher, enrich_context
 from actors.demo_page import add_demo_routes
 from actors.deployment_options import INGRESS, options
 from actors.feedback import DEFAULT_CAPACITY as IMPRESSIONS_CAPACITY
@@ -144,6 +144,10 @@ class AppArgs(BaseModel):
         impressions_capacity: Recommendation responses each ingress replica remembers, to credit
             clicks and add-to-carts to the version and position that showed the item
             (:class:`actors.feedback.Impressions`, about 0.35 KB each, oldest dropped first).
+        context_cache_size: Request contexts (device, region, country, zone) whose enrichment
+            each ingress replica keeps while the enricher says it holds (a UTC quarter-hour for
+            the built-in one): a request with one of them skips the enricher call
+            (:class:`actors.context.ContextCache`). 0 calls the enricher for every request.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -164,6 +168,7 @@ class AppArgs(BaseModel):
     ranker_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0)
     health_timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
     impressions_capacity: int = Field(default=IMPRESSIONS_CAPACITY, ge=1, le=10_000_000)
+    context_cache_size: int = Field(default=1024, ge=0, le=1_000_000)
 
     @field_validator("default_timezone")
     @classmethod
@@ -340,6 +345,10 @@ class _Metrics:
             tag_keys=("endpoint",),
         )
         self.events = Counter("intentrec_events_accepted", "Session events accepted")
+        self.enrichments = Counter(
+            "intentrec_context_enricher_calls",
+            "Request contexts sent to the context enricher (not answered from the ingress's "
+            "cache of its answers)")
 
 
 _METRICS: _Metrics | None = None
@@ -440,6 +449,7 @@ class Ingress:
         self.ranker = ranker
         self.enricher = enricher
         self._enricher_coalescer: Coalescer | None = None
+        self.contexts = ContextCache(self.args.default_timezone, self.args.context_cache_size)
         self.clock = clock
         if store is None:
             store = SessionStore(self.args.session, clock)
@@ -498,11 +508,19 @@ class Ingress:
 
     async def _enrich(self, ctx: dict[str, Any] | None, now: float) -> dict[str, Any]:
         """The context of one request (:meth:`actors.context.EnrichedContext.wire`), whose
-        ``ts`` is the request time: ``context.ts`` when given, else ``now``."""
+        ``ts`` is the request time: ``context.ts`` when given, else ``now``. From the ingress's
+        cache of the enricher's answers while they hold, else from the enricher."""
         if self.enricher is not None:
+            probe = self.contexts.probe(ctx, now)
+            if probe is not None and (kept := self.contexts.get(probe)) is not None:
+                return kept
             out: dict[str, Any] = await bounded(
                 self._enricher_calls(self.enricher).submit((ctx, now)), self.args.ranker_timeout_s,
                 "the context enricher", "ranker_timeout_s")
+            if _METRICS is not None:
+                _METRICS.enrichments.inc()
+            if probe is not None:
+                self.contexts.put(probe, out)
             return out
         return enrich_context(ctx, default_country=self.args.default_country,
                               default_timezone=self.args.default_timezone,

@@ -45,6 +45,10 @@ UNKNOWN = "unknown"
 # Half-life of a session event's weight in the intent: a view from an hour ago still counts a
 # quarter as much as one from now.
 INTENT_HALF_LIFE_S = 1800.0
+# The span over which an enrichment holds (`EnrichedContext.valid`): a UTC quarter-hour. Every
+# zone in use today is a whole number of quarter-hours off UTC, so within one the local date,
+# hour and offset stay the same.
+VALID_S = 900
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,28 @@ class EnrichedContext:
         the request uses (session decay, intent, context)."""
         return self.local.timestamp()
 
+    @property
+    def valid(self) -> tuple[float, float] | None:
+        """The request times ``[from, until)`` (unix seconds) over which this answer, for the
+        same context but its ``ts``, changes only in the clock (``local_time``, ``ts``): the
+        UTC quarter-hour of the request, when the local offset is a whole number of
+        quarter-hours and the same at both ends of it (so the local date and hour are too).
+        None otherwise (a local mean time of the 1800s, an offset of +05:53)."""
+        start = math.floor(self.ts / VALID_S) * VALID_S
+        zone = self.local.tzinfo
+        first = datetime.fromtimestamp(start, zone).utcoffset()
+        last = datetime.fromtimestamp(start + VALID_S - 1, zone).utcoffset()
+        if first is None or first != last or first.total_seconds() % VALID_S:
+            return None
+        return float(start), float(start + VALID_S)
+
     def wire(self) -> dict[str, Any]:
-        """What the enricher sends the ingress: ``{"signal", "display", "ts"}``."""
-        return {"signal": self.signal_fields(), "display": self.display(), "ts": self.ts}
+        """What the enricher sends the ingress: ``{"signal", "display", "ts", "valid"}``
+        (``valid``: :attr:`valid` as a list, or None; the ingress's :class:`ContextCache`
+        reuses the answer within it)."""
+        valid = self.valid
+        return {"signal": self.signal_fields(), "display": self.display(), "ts": self.ts,
+                "valid": None if valid is None else list(valid)}
 
     def signal_fields(self) -> dict[str, Any]:
         """Keyword arguments of :class:`graph.ranking.ContextSignal` (what crosses the wire:
@@ -192,6 +215,92 @@ def enrich_context(
         region=ctx.get("region") or UNKNOWN,
         country=country,
     )
+
+
+@dataclass(frozen=True)
+class ContextProbe:
+    """One request's place in :class:`ContextCache`: its context without the time, with the UTC
+    offset of its local time (what the enrichment depends on besides the local date and hour),
+    and that local time."""
+
+    key: tuple[Any, ...]
+    local: datetime
+
+
+class ContextCache:
+    """The ingress's copy of the enricher's recent answers, reused while the enricher says they
+    hold.
+
+    A request whose context equals an earlier one's but for its time, at a request time within
+    the span the enricher declared for that answer (``wire()["valid"]``, see
+    :attr:`EnrichedContext.valid`), gets the earlier answer with its own clock: the local time
+    and ``ts``, which the ingress computes with :func:`local_time`, the enricher's own function.
+    Requests sent with the server clock or the client's current time hit it all quarter-hour
+    long; each distinct context (device, region, country, zone) costs one enricher call per
+    quarter-hour.
+
+    An answer is kept only when the enricher placed the request at the time the ingress computes
+    (so an enricher configured with another default zone, during a rolling update, is never
+    shortcut) and declared a span: an enricher that declares none (an earlier release, or one
+    whose answers change by the minute) is called every time.
+
+    Args:
+        default_timezone: ``AppArgs.default_timezone``: the zone of a request time without an
+            offset, as the enricher is configured.
+        capacity: Contexts kept; past it the cache starts over (clients choose the device and
+            region strings, so the memory is bounded). 0 turns the cache off.
+    """
+
+    def __init__(self, default_timezone: str, capacity: int = 1024) -> None:
+        self.default_timezone = default_timezone
+        self.capacity = capacity
+        self._entries: dict[tuple[Any, ...], tuple[float, float, dict[str, Any]]] = {}
+
+    def probe(self, context: dict[str, Any] | None, now: float) -> ContextProbe | None:
+        """Where the request with ``context`` at server time ``now`` stands; None when the cache
+        is off or cannot place the request's time (an unknown zone: the enricher refuses it
+        with the error the client should see)."""
+        if self.capacity <= 0:
+            return None
+        ctx = context or {}
+        try:
+            ts = ctx.get("ts")
+            if isinstance(ts, str):
+                ts = datetime.fromisoformat(ts)
+            local = local_time(ts, ctx.get("timezone"), self.default_timezone,
+                               datetime.fromtimestamp(now, UTC))
+        except Exception:  # the enricher answers it, with the client's error
+            return None
+        fields = tuple(sorted((k, v) for k, v in ctx.items() if k != "ts"))
+        return ContextProbe((fields, local.utcoffset()), local)
+
+    def get(self, probe: ContextProbe) -> dict[str, Any] | None:
+        """The kept answer for ``probe`` with the request's own clock, or None."""
+        entry = self._entries.get(probe.key)
+        t = probe.local.timestamp()
+        if entry is None or not entry[0] <= t < entry[1]:
+            return None
+        wire = entry[2]
+        return {**wire, "ts": t,
+                "display": {**wire["display"],
+                            "local_time": probe.local.isoformat(timespec="seconds")}}
+
+    def put(self, probe: ContextProbe, wire: dict[str, Any]) -> bool:
+        """Keep the enricher's answer ``wire`` to the request of ``probe``, if it declares a span
+        around the request time and places the request where the ingress does; True if kept."""
+        valid = wire.get("valid")
+        t = probe.local.timestamp()
+        if (not valid or not valid[0] <= t < valid[1] or wire.get("ts") != t
+                or wire.get("display", {}).get("local_time")
+                != probe.local.isoformat(timespec="seconds")):
+            return False
+        if len(self._entries) >= self.capacity and probe.key not in self._entries:
+            self._entries.clear()
+        self._entries[probe.key] = (float(valid[0]), float(valid[1]), wire)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def infer_intent(

@@ -87,3 +87,99 @@ def test_intent_remove_from_cart_and_unknown_items() -> None:
     assert infer_intent(gone, CATS.get, now) == [("DRINKS > BEER", 1.0)]
     assert infer_intent([], CATS.get, now) == []
     assert infer_intent([("mystery", "view", now)], CATS.get, now) == []
+
+
+# --- the ingress's cache of the enricher's answers -----------------------------------------
+
+def _truth(ctx: dict | None, now: float, default_timezone: str = "UTC") -> dict:
+    """The enricher's own answer (``ContextEnricher.enrich``)."""
+    return enrich_context(ctx, default_timezone=default_timezone,
+                          now=datetime.fromtimestamp(now, UTC)).wire()
+
+
+def test_an_enrichment_holds_for_its_utc_quarter_hour_when_the_offset_allows() -> None:
+    t = datetime(2024, 7, 8, 12, 7, 30, tzinfo=UTC).timestamp()
+    quarter = [datetime(2024, 7, 8, 12, 0, tzinfo=UTC).timestamp(),
+               datetime(2024, 7, 8, 12, 15, tzinfo=UTC).timestamp()]
+    for zone in ("UTC", "Asia/Kolkata", "Asia/Kathmandu", "Australia/Eucla"):  # +5:30 +5:45 +8:45
+        assert _truth({"timezone": zone}, t)["valid"] == quarter, zone
+    # a client offset that is not whole quarter-hours: its local hours do not start on one
+    odd = datetime(2024, 7, 8, 12, 7, tzinfo=timezone(timedelta(hours=5, minutes=53)))
+    assert _truth({"ts": odd}, t)["valid"] is None
+    # New York's local mean time of 1880 (UTC−4:56:02)
+    assert _truth({"ts": datetime(1880, 6, 1, 12, 0), "timezone": "America/New_York"}, t)["valid"] is None
+
+
+def test_the_cache_answers_exactly_what_the_enricher_would() -> None:
+    """Every answer from the cache equals the enricher's own, over requests crossing quarter-hours,
+    local midnights, a holiday's start and both DST changes of New York in every form of context
+    (server clock, naive ts, ts with its own offset, ts with a zone, an odd offset)."""
+    from actors.context import ContextCache
+
+    cache = ContextCache("America/Chicago")
+    starts = [datetime(2024, 3, 10, 6, 0, tzinfo=UTC),  # 01:00 EST: New York springs forward at 2
+              datetime(2024, 11, 3, 4, 0, tzinfo=UTC),  # 00:00 EDT: falls back at 2 (01:xx twice)
+              datetime(2024, 12, 25, 4, 30, tzinfo=UTC)]  # around midnight, Christmas, in Chicago
+    hits = misses = 0  # misses of answers with a span
+    for start in starts:
+        for step in range(0, 4 * 3600, 137):  # every 137 s for four hours
+            now = start.timestamp() + step
+            local = datetime.fromtimestamp(now, UTC)
+            contexts: list[dict | None] = [
+                None,
+                {"timezone": "America/New_York", "device": "mobile"},
+                {"ts": local.replace(tzinfo=None) - timedelta(hours=5), "country": "US"},  # naive
+                {"ts": local.astimezone(timezone(timedelta(hours=-5))), "region": "east"},
+                {"ts": local, "timezone": "America/New_York"},
+                {"ts": local.isoformat(), "timezone": "Asia/Kathmandu", "country": "NP"},
+                {"ts": local.astimezone(timezone(timedelta(hours=5, minutes=53)))},
+            ]
+            for ctx in contexts:
+                want = _truth(ctx, now, "America/Chicago")
+                probe = cache.probe(ctx, now)
+                assert probe is not None
+                got = cache.get(probe)
+                if got is None:
+                    misses += want["valid"] is not None
+                    kept = cache.put(probe, want)
+                    assert kept == (want["valid"] is not None), ctx
+                else:
+                    hits += 1
+                    assert got == want, (ctx, now)
+    # and it does answer most of them: one miss per context with a span and quarter-hour
+    assert misses <= 6 * 16 * len(starts) and hits > 5 * misses
+
+
+def test_the_cache_keeps_only_answers_it_can_reproduce() -> None:
+    from actors.context import ContextCache
+
+    now = datetime(2024, 7, 8, 12, 7, tzinfo=UTC).timestamp()
+    cache = ContextCache("UTC")
+    probe = cache.probe({"device": "app"}, now)
+    assert probe is not None
+    # an enricher of an earlier release declares no span: called every time
+    earlier = {k: v for k, v in _truth({"device": "app"}, now).items() if k != "valid"}
+    assert not cache.put(probe, earlier) and cache.get(probe) is None
+    # an enricher with another default zone places the request elsewhere: not shortcut
+    assert not cache.put(probe, _truth({"device": "app"}, now, "Asia/Tokyo"))
+    assert cache.get(probe) is None
+    assert cache.put(probe, _truth({"device": "app"}, now))
+    assert cache.get(probe) == _truth({"device": "app"}, now)
+    # the next quarter-hour, or another device, is the enricher's again
+    assert cache.get(cache.probe({"device": "app"}, now + 900)) is None  # type: ignore[arg-type]
+    assert cache.get(cache.probe({"device": "mobile"}, now)) is None  # type: ignore[arg-type]
+    # an unknown zone is left to the enricher, which refuses it with the client's error
+    assert cache.probe({"timezone": "Nowhere/Atlantis"}, now) is None
+    assert ContextCache("UTC", capacity=0).probe(None, now) is None
+
+
+def test_the_cache_is_bounded() -> None:
+    from actors.context import ContextCache
+
+    now = datetime(2024, 7, 8, 12, 7, tzinfo=UTC).timestamp()
+    cache = ContextCache("UTC", capacity=3)
+    for i in range(10):
+        ctx = {"region": f"r{i}"}
+        probe = cache.probe(ctx, now)
+        assert probe is not None and cache.put(probe, _truth(ctx, now))
+        assert len(cache) <= 3

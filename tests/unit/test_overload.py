@@ -211,9 +211,10 @@ class _Enricher:
         self.enrich_many = _Call(enrich_many)
 
 
-def _ingress_with(enricher: Any, ranker_timeout_s: float = 10.0) -> Any:
+def _ingress_with(enricher: Any, ranker_timeout_s: float = 10.0, context_cache_size: int = 1024) -> Any:
     config = SessionStateConfig(num_shards=1, call_timeout_s=0.2)
-    args = serve_app.AppArgs(allow_anonymous=True, session=config, ranker_timeout_s=ranker_timeout_s)
+    args = serve_app.AppArgs(allow_anonymous=True, session=config, ranker_timeout_s=ranker_timeout_s,
+                             context_cache_size=context_cache_size)
     cls = next(c for c in serve_app.Ingress.func_or_class.__mro__ if "recommend" in vars(c))
     return cls(_Ranker(), enricher, args.model_dump(),
                store=SessionStore.over(config, [_Shard(True)]))
@@ -302,3 +303,36 @@ def test_an_enricher_of_an_earlier_release_is_called_once_per_request_during_a_r
     other.enrich_many = _Call(broken)
     with pytest.raises(RayServeException, match="shutting down"):
         asyncio.run(_ingress_with(other)._enrich(None, now))
+
+
+def test_the_ingress_answers_a_known_context_from_its_cache_until_the_quarter_hour_ends() -> None:
+    enricher = _Enricher(delay_s=0.0)
+    ing = _ingress_with(enricher)
+    start = 1_700_000_100.0  # 2023-11-14 22:15:00 UTC, the start of a quarter-hour
+    ctx = {"device": "mobile", "timezone": "Asia/Kolkata"}
+
+    async def scenario() -> list[Any]:
+        times = [start + 1.5, start + 300.25, start + 899.9, start + 900.0, start + 1000.0]
+        out = [await ing._enrich(dict(ctx), t) for t in times]
+        out.append(await ing._enrich({"device": "tablet", "timezone": "Asia/Kolkata"}, start + 5))
+        for t in (start + 6, start + 7):  # refused by the enricher, each time
+            out.extend(await asyncio.gather(ing._enrich({"timezone": "Nowhere/Atlantis"}, t),
+                                            return_exceptions=True))
+        return [*times, *out]
+
+    res = asyncio.run(scenario())
+    times, out = res[:5], res[5:]
+    # one call for the first quarter-hour, one for the next, one for the other device, and the
+    # refused zone goes to the enricher each time (refused there, with its own error)
+    assert enricher.batches == [1, 1, 1, 1, 1]
+    for t, got in zip(times, out, strict=False):
+        assert got == enrich_context(ctx, now=datetime.fromtimestamp(t, UTC)).wire()
+    assert out[0]["display"]["local_time"] != out[1]["display"]["local_time"]
+    assert out[5]["display"]["device"] == "tablet"
+    assert all(isinstance(o, KeyError) for o in out[6:])
+    # with the cache off, every request is the enricher's
+    off = _Enricher(delay_s=0.0)
+    ing_off = _ingress_with(off, context_cache_size=0)
+    for t in (start + 1, start + 2):
+        asyncio.run(ing_off._enrich(dict(ctx), t))
+    assert off.batches == [1, 1]
