@@ -326,7 +326,8 @@ def test_every_node_starts_ray_with_the_serve_flags_the_benchmark_measured(path:
     config = yaml.safe_load(path.read_text())
     head = cluster_serve_env(config, "head_start_ray_commands")
     workers = cluster_serve_env(config, "worker_start_ray_commands")
-    assert head == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, head
+    assert head == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}, head
     assert workers == head
     # Each export precedes the `ray start` it is meant for (not after it, not in another command).
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
