@@ -31,6 +31,23 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("INTENTREC_CACHE_DIR", tempfile.mkdtemp(prefix="intentrec-test-cache-"))
 
 
+def _has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+# OpenBLAS (numpy's and scipy's) picks its kernels by CPU: on an AVX-512 machine its SVDs and
+# products round differently in the last bits than on an AVX2 one, and the rankers the fixtures
+# fit from them (LightGBM on real data) then split differently, enough to reorder a top 10.
+# Tests pin the AVX2 kernels, which every x86-64 machine since 2013 has, so that a fixture model
+# is the same model on every CI machine. Set before anything imports numpy (OpenBLAS reads it
+# when it loads); Ray workers inherit it. Serving and training pick their kernels as usual.
+if sys.platform == "linux" and os.uname().machine == "x86_64" and _has_avx2():
+    os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests under tests/<tier>/ get that tier's marker if they did not set one."""
     for item in items:
