@@ -181,6 +181,18 @@ def local_time(ts: datetime | None, timezone: str | None, default_timezone: str,
     return ts.astimezone(zone) if timezone else ts
 
 
+def request_local_time(context: dict[str, Any] | None, default_timezone: str,
+                       now: datetime | None = None) -> datetime:
+    """:func:`local_time` of a request's ``context`` object (``ts`` as a datetime or an ISO
+    string, ``timezone``); what :func:`enrich_context` and :class:`ContextCache` both place a
+    request by."""
+    ctx = context or {}
+    ts = ctx.get("ts")
+    if isinstance(ts, str):
+        ts = datetime.fromisoformat(ts)
+    return local_time(ts, ctx.get("timezone"), default_timezone, now)
+
+
 def enrich_context(
     context: dict[str, Any] | None,
     *,
@@ -198,10 +210,7 @@ def enrich_context(
         now: The server clock: the request time when the context has no ``ts``.
     """
     ctx = context or {}
-    ts = ctx.get("ts")
-    if isinstance(ts, str):
-        ts = datetime.fromisoformat(ts)
-    local = local_time(ts, ctx.get("timezone"), default_timezone, now)
+    local = request_local_time(ctx, default_timezone, now)
     country = (ctx.get("country") or default_country).upper()
     weekday = local.weekday()
     return EnrichedContext(
@@ -234,7 +243,7 @@ class ContextCache:
     A request whose context equals an earlier one's but for its time, at a request time within
     the span the enricher declared for that answer (``wire()["valid"]``, see
     :attr:`EnrichedContext.valid`), gets the earlier answer with its own clock: the local time
-    and ``ts``, which the ingress computes with :func:`local_time`, the enricher's own function.
+    and ``ts``, which the ingress computes with :func:`request_local_time`, the enricher's own function.
     Requests sent with the server clock or the client's current time hit it all quarter-hour
     long; each distinct context (device, region, country, zone) costs one enricher call per
     quarter-hour.
@@ -264,11 +273,7 @@ class ContextCache:
             return None
         ctx = context or {}
         try:
-            ts = ctx.get("ts")
-            if isinstance(ts, str):
-                ts = datetime.fromisoformat(ts)
-            local = local_time(ts, ctx.get("timezone"), self.default_timezone,
-                               datetime.fromtimestamp(now, UTC))
+            local = request_local_time(ctx, self.default_timezone, datetime.fromtimestamp(now, UTC))
         except Exception:  # the enricher answers it, with the client's error
             return None
         fields = tuple(sorted((k, v) for k, v in ctx.items() if k != "ts"))
