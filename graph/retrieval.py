@@ -46,7 +46,7 @@ from graph.text import ItemText
 
 SOURCES: tuple[str, ...] = (
     "popular", "ann_user", "ann_sess", "buy_again", "cooc", "intent", "query", "context", "peers",
-    "ease", "adopt",
+    "ease",
 )
 # Per source, how many candidates to take.
 POPULAR_K = 100
@@ -65,7 +65,6 @@ CONTEXT_DEPTS = 3
 CONTEXT_PER_DEPT = 30
 PEERS_K = 100
 EASE_K = 100
-ADOPT_K = 100
 USER_CACHE = 200_000
 # A source's best items may be excluded from a request (the shopper's past purchases in a
 # discovery request, the cart, the items a client asks to leave out). Each source then takes its
@@ -315,8 +314,6 @@ def candidates(
         parts.append((8, _best_allowed(*sig.peers_of(user), PEERS_K, excluded)))
         if EASE_K > 0:
             parts.append((9, _best_allowed(*sig.ease_of(user), EASE_K, excluded)))
-        if ADOPT_K > 0:
-            parts.append((10, _best_allowed(*sig.adopt_of(user), ADOPT_K, excluded)))
     if session is not None and not session.is_empty:
         near = cat.nearest(session_embedding(ranker, session), ANN_K if excluded is None
                           else min(ANN_K * REFILL, ANN_K + len(excluded)))

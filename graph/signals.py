@@ -20,10 +20,6 @@ The GNN learns what a user tends to like; these signals carry what it cannot or 
 - ``ease`` (CSR ``[U, I]``): each known user's best items by EASE (Steck, WWW 2019), a linear
   item-item model fitted in closed form on who bought what; it weighs each item against all the
   others at once instead of counting pairs (see :func:`ease_items`).
-- ``adopt`` (CSR ``[U, I]``): what each known user is likely to buy for the first time: a
-  directed linear model, fitted in closed form like EASE, from the history shoppers had to the
-  items they went on to try in the following weeks (see :func:`adopt_items`). Where EASE says
-  what goes with a basket, this says what comes next; a source and feature for *discovery*.
 - ``context_lift`` ``[7, 24, D]`` and ``holiday_lift`` ``[D]``: log-lift of a department's share of
   purchases at a weekday/hour (and on public holidays) over its overall share, smoothed towards 0.
 
@@ -60,7 +56,6 @@ _ITEM_SIM = "item_sim.npz"
 _META = "signals.json"
 _PEERS = "peers.npz"  # optional: models exported before it have none
 _EASE = "ease.npz"  # optional: models exported before it have none
-_ADOPT = "adopt.npz"  # optional, likewise
 
 
 @dataclass
@@ -81,10 +76,6 @@ class SignalParams:
     ease_items: int = 10_000
     ease_lambda: float = 500.0
     ease_user_items: int = 300
-    adopt_windows: int = 6
-    adopt_window_days: float = 28.0
-    adopt_lambda: float = 500.0
-    adopt_user_items: int = 300
     country: str = "US"
 
 
@@ -117,8 +108,6 @@ class RankingSignals:
           ``[nnz]`` float32: the user's :func:`peer_items` (empty rows in models exported before
           them).
         - **ease_indptr**, **ease_indices**, **ease_score**: the same for :func:`ease_items`.
-        - **adopt_indptr**, **adopt_indices**, **adopt_score**: the same for :func:`adopt_items`
-          (empty rows in models exported before it).
     """
 
     popularity: np.ndarray
@@ -150,17 +139,12 @@ class RankingSignals:
     ease_indptr: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     ease_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     ease_score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    adopt_indptr: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    adopt_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    adopt_score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     def __post_init__(self) -> None:
         if len(self.peer_indptr) == 0:  # a model exported before peers: every row empty
             self.peer_indptr = np.zeros(self.num_users + 1, dtype=np.int64)
         if len(self.ease_indptr) == 0:  # a model exported before EASE: every row empty
             self.ease_indptr = np.zeros(self.num_users + 1, dtype=np.int64)
-        if len(self.adopt_indptr) == 0:
-            self.adopt_indptr = np.zeros(self.num_users + 1, dtype=np.int64)
 
     def peers_of(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         """The user's peer items (sorted indices) and their scores. Shapes: ``[n]`` each."""
@@ -171,11 +155,6 @@ class RankingSignals:
         """The user's best :func:`ease_items` (sorted indices) and their scores. Shapes: ``[n]``."""
         lo, hi = int(self.ease_indptr[user]), int(self.ease_indptr[user + 1])
         return self.ease_indices[lo:hi], self.ease_score[lo:hi]
-
-    def adopt_of(self, user: int) -> tuple[np.ndarray, np.ndarray]:
-        """The user's best :func:`adopt_items` (sorted indices) and their scores."""
-        lo, hi = int(self.adopt_indptr[user]), int(self.adopt_indptr[user + 1])
-        return self.adopt_indices[lo:hi], self.adopt_score[lo:hi]
 
     @property
     def num_users(self) -> int:
@@ -253,8 +232,6 @@ class RankingSignals:
                  score=self.peer_score)
         np.savez(d / _EASE, indptr=self.ease_indptr, indices=self.ease_indices,
                  score=self.ease_score)
-        np.savez(d / _ADOPT, indptr=self.adopt_indptr, indices=self.adopt_indices,
-                 score=self.adopt_score)
         meta = {
             "format": SIGNALS_FORMAT,
             "now": self.now,
@@ -294,10 +271,6 @@ class RankingSignals:
             with np.load(d / _EASE) as ez:
                 peers.update(ease_indptr=ez["indptr"], ease_indices=ez["indices"],
                              ease_score=ez["score"])
-        if (d / _ADOPT).exists():
-            with np.load(d / _ADOPT) as az:
-                peers.update(adopt_indptr=az["indptr"], adopt_indices=az["indices"],
-                             adopt_score=az["score"])
         return cls(
             popularity=arrays["popularity"],
             hist_indptr=hist["indptr"],
@@ -486,91 +459,6 @@ def ease_items(
     return indptr, np.concatenate(out_idx), np.concatenate(out_val)
 
 
-def adopt_items(
-    users: np.ndarray, items: np.ndarray, first: np.ndarray, now_s: float, num_users: int,
-    num_items: int, *, windows: int, window_days: float, fit_items: int, lam: float,
-    top_items: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What each user is likely to try next: a directed linear model of adoption.
-
-    EASE explains an item by the others a shopper bought, whenever they bought them. This model
-    learns what shoppers go on to buy *for the first time* after a history: for each of
-    ``windows`` windows of ``window_days`` before ``now_s``, ``X_k`` is every user's history
-    before the window (binary) and ``Y_k`` the items they first bought within it;
-    ``B = (sum X_kᵀX_k + lam I)⁻¹ sum X_kᵀY_k``. A user is scored by their whole history,
-    ``X_u B``, over the ``fit_items`` items with the most buyers; the ``top_items`` best items
-    the user has never bought are kept.
-
-    Shapes:
-        - users, items, first ``[nnz]``: one row per (user, item) pair, ``first`` its first
-          purchase (unix seconds).
-        - return CSR ``indptr`` ``[U+1]`` int64, ``indices`` (ascending within a row) int32,
-          ``score`` float32.
-    """
-    import scipy.linalg as sla
-
-    indptr = np.zeros(num_users + 1, dtype=np.int64)
-    empty = (indptr, np.zeros(0, np.int32), np.zeros(0, np.float32))
-    if windows <= 0 or top_items <= 0 or len(users) == 0:
-        return empty
-    buyers = np.bincount(items, minlength=num_items)
-    top = np.flatnonzero(buyers >= 2)
-    top = np.sort(top[np.argsort(-buyers[top], kind="stable")[:fit_items]])
-    if len(top) < 2:
-        return empty
-    col = np.full(num_items, -1, dtype=np.int64)
-    col[top] = np.arange(len(top))
-    keep = col[items] >= 0
-    u, c, t = users[keep], col[items[keep]], first[keep]
-    n = len(top)
-
-    def binary(mask: np.ndarray) -> sp.csr_matrix:
-        return sp.csr_matrix((np.ones(int(mask.sum()), np.float32), (u[mask], c[mask])),
-                             shape=(num_users, n))
-
-    g = np.zeros((n, n), dtype=np.float32)
-    xy = np.zeros((n, n), dtype=np.float32)
-    width = window_days * 86400.0
-    for k in range(1, windows + 1):
-        start = now_s - k * width
-        x = binary(t < start)
-        y = binary((t >= start) & (t < start + width))
-        if x.nnz == 0 or y.nnz == 0:
-            continue
-        g += (x.T @ x).toarray()
-        xy += (x.T @ y).toarray()
-    if not xy.any():
-        return empty
-    g[np.diag_indices(n)] += np.float32(lam)
-    b = sla.cho_solve(sla.cho_factor(g, overwrite_a=True, check_finite=False), xy,
-                      overwrite_b=True, check_finite=False)
-    del g, xy
-    x_all = binary(np.ones(len(u), dtype=bool))
-    k_top = min(top_items, n)
-    out_idx: list[np.ndarray] = []
-    out_val: list[np.ndarray] = []
-    block = 4096
-    for lo in range(0, num_users, block):
-        hi = min(lo + block, num_users)
-        xb = x_all[lo:hi]
-        scores = np.asarray(xb @ b)  # [block, n]
-        rows, cols = xb.nonzero()
-        scores[rows, cols] = -np.inf  # only items new to the user
-        best = np.argpartition(-scores, k_top - 1, axis=1)[:, :k_top]
-        for r in range(hi - lo):
-            if xb.indptr[r + 1] == xb.indptr[r]:
-                indptr[lo + r + 1] = indptr[lo + r]
-                continue
-            cs = best[r][scores[r, best[r]] > 0]
-            order = np.argsort(top[cs], kind="stable")
-            out_idx.append(top[cs[order]].astype(np.int32))
-            out_val.append(scores[r, cs[order]].astype(np.float32))
-            indptr[lo + r + 1] = indptr[lo + r] + len(cs)
-    if not out_idx:
-        return empty
-    return indptr, np.concatenate(out_idx), np.concatenate(out_val)
-
-
 def user_baskets(
     users: np.ndarray, sessions: np.ndarray, items: np.ndarray, num_users: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -755,12 +643,6 @@ def fit_signals(
                       shape=(num_users, num_items)),
         num_items=params.ease_items, lam=params.ease_lambda, top_items=params.ease_user_items,
     )
-    adopt_indptr, adopt_indices, adopt_score = adopt_items(
-        u_idx, pair.index.get_level_values(1).to_numpy(), pair["first"].to_numpy(np.float64),
-        now_s, num_users, num_items, windows=params.adopt_windows,
-        window_days=params.adopt_window_days, fit_items=params.ease_items,
-        lam=params.adopt_lambda, top_items=params.adopt_user_items,
-    )
     return RankingSignals(
         popularity=popularity,
         hist_indptr=hist_indptr.astype(np.int64),
@@ -794,7 +676,4 @@ def fit_signals(
         ease_indptr=ease_indptr,
         ease_indices=ease_indices,
         ease_score=ease_score,
-        adopt_indptr=adopt_indptr,
-        adopt_indices=adopt_indices,
-        adopt_score=adopt_score,
     )
