@@ -622,9 +622,16 @@ class Ingress:
         A shard that is down or slower than ``session.call_timeout_s`` does not fail the
         recommendation: it is answered without the session (the user's model history and the
         context still count), flagged ``degraded: ["session"]``.
+
+        One shard call for a request with a session (the session's shard), at most two for one
+        with only a user (the user's implicit session and their events across sessions).
         """
+        # The user's events across sessions only reach the ranker for a request without a
+        # session (_wire_events): with a session they are not read, which would cost a second
+        # shard call whenever the user's shard is not the session's (and fail the read with it).
+        reader = user_id if session_id is None else None
         try:
-            snapshot = await bounded(self.store.get(session_id, user_id),
+            snapshot = await bounded(self.store.get(session_id, reader),
                                      self.args.session.call_timeout_s, "session state",
                                      "session.call_timeout_s")
         except UnavailableError as exc:

@@ -134,6 +134,24 @@ def test_a_down_shard_degrades_the_recommendation_instead_of_failing(fault: str)
     assert live["session_events"] == SESSION_EVENTS  # the live shard's events reach the ranker
 
 
+def test_a_session_s_recommendation_reads_only_the_session_s_shard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The user's events across sessions only count without a session, so a request with a
+    session and a user makes one shard call: the user's shard is not read (here it is down)."""
+    monkeypatch.setenv(serve_app.CLIENT_KEY_ENV, "client-key-for-the-test")
+    ing = _ingress([_Shard(True), _Shard("died")], _Ranker())
+    session = _session_on(0, 2)
+    user = next(f"u{i}" for i in range(1000) if ing.store.shard_of(f"u{i}") == 1)
+    out = asyncio.run(ing.recommend(RecommendationRequest(session_id=session, user_id=user),
+                                    api_key="client-key-for-the-test"))
+    assert out["degraded"] == []
+    assert out["session_events"] == SESSION_EVENTS
+    # without a session, the user's shard is what holds their events: it is read
+    alone = asyncio.run(ing.recommend(RecommendationRequest(user_id=user), api_key="client-key-for-the-test"))
+    assert alone["degraded"] == ["session"]
+
+
 @pytest.mark.parametrize("fault", ["hung", "died"])
 def test_healthz_names_the_down_shard(fault: str) -> None:
     ing = _ingress([_Shard(True), _Shard(fault)], _Ranker())
