@@ -134,7 +134,7 @@ def test_a_down_shard_degrades_the_recommendation_instead_of_failing(fault: str)
     assert live["session_events"] == SESSION_EVENTS  # the live shard's events reach the ranker
 
 
-def test_a_session_s_recommendation_reads_only_the_session_s_shard(
+def test_a_recommendation_with_a_session_reads_only_the_session_shard(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The user's events across sessions only count without a session, so a request with a
