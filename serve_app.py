@@ -623,8 +623,8 @@ class Ingress:
         recommendation: it is answered without the session (the user's model history and the
         context still count), flagged ``degraded: ["session"]``.
 
-        One shard call for a request with a session (the session's shard), at most two for one
-        with only a user (the user's implicit session and their events across sessions).
+        One shard call either way: the session's shard for a request with a session, the user's
+        for one with only a user (the user's implicit session lives there too).
         """
         # The user's events across sessions only reach the ranker for a request without a
         # session (_wire_events): with a session they are not read, which would cost a second

@@ -139,16 +139,17 @@ def test_a_recommendation_with_a_session_reads_only_the_session_shard(
 ) -> None:
     """The user's events across sessions only count without a session, so a request with a
     session and a user makes one shard call: the user's shard is not read (here it is down)."""
-    monkeypatch.setenv(serve_app.CLIENT_KEY_ENV, "client-key-for-the-test")
+    key = "client-key-for-the-test"
+    monkeypatch.setenv(serve_app.CLIENT_KEY_ENV, key)
     ing = _ingress([_Shard(True), _Shard("died")], _Ranker())
     session = _session_on(0, 2)
     user = next(f"u{i}" for i in range(1000) if ing.store.shard_of(f"u{i}") == 1)
     out = asyncio.run(ing.recommend(RecommendationRequest(session_id=session, user_id=user),
-                                    api_key="client-key-for-the-test"))
+                                    api_key=key))
     assert out["degraded"] == []
     assert out["session_events"] == SESSION_EVENTS
     # without a session, the user's shard is what holds their events: it is read
-    alone = asyncio.run(ing.recommend(RecommendationRequest(user_id=user), api_key="client-key-for-the-test"))
+    alone = asyncio.run(ing.recommend(RecommendationRequest(user_id=user), api_key=key))
     assert alone["degraded"] == ["session"]
 
 
