@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from actors.session_state import SessionStateConfig, SessionStore
 
 # Settings only the client reads: they may differ between an app and the shards it attaches to.
-CLIENT_ONLY = frozenset({"call_timeout_s"})
+CLIENT_ONLY = frozenset({"call_timeout_s", "transport"})
 _SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d+)-of-(?P<count>\d+)$")
 
 

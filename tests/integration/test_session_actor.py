@@ -181,3 +181,56 @@ def test_concurrent_requests_share_shard_calls_and_all_land(store: SessionStore)
         assert windows[s] == [f"i{k}" for k in range(64) if k % 16 == s]
     assert stats["append"]["items"] >= 64 and stats["append"]["calls"] < 32, stats
     assert stats["get"]["items"] == 16 and stats["get"]["calls"] < 16, stats
+
+
+def test_reads_and_appends_use_the_shards_grpc_ports_and_find_them_again_after_a_kill(
+    store: SessionStore,
+) -> None:
+    """Reads and appends go over each shard's gRPC port. After a SIGKILL the call to the dead
+    port is resent over Ray (which waits for the restart), the next one asks the restarted shard
+    for its new port, and no acknowledged event is lost or doubled."""
+
+    async def scenario() -> tuple[dict[str, int], dict[str, int], dict[str, int], list[list[str]]]:
+        now = time.time()
+        first = [SessionEvent.create("view", session_id=f"g-{k}", user_id="gu", item_id=f"a{k}",
+                                     ts=now + k * 1e-3) for k in range(4)]
+        await store.append(first)
+        await asyncio.gather(*(store.get(session_id=f"g-{k}") for k in range(4)))
+        before = store.transport_stats()
+        await asyncio.to_thread(kill_all_and_wait, store)  # the same event loop, its channels open
+        second = [SessionEvent.create("view", session_id=f"g-{k}", user_id="gu", item_id=f"b{k}",
+                                      ts=now + 1 + k * 1e-3) for k in range(4)]
+        await store.append(second)
+        resent = store.transport_stats()
+        snaps = await asyncio.gather(*(store.get(session_id=f"g-{k}") for k in range(4)))
+        return before, resent, store.transport_stats(), [[e.item_id or "" for e in s.events] for s in snaps]
+
+    before, resent, after, windows = asyncio.run(scenario())
+    assert before["grpc_calls"] >= 2 and before["ray_calls"] == 0 and before["failed_grpc_calls"] == 0
+    assert resent["failed_grpc_calls"] >= 1 and resent["ray_calls"] == resent["failed_grpc_calls"]
+    assert after["grpc_calls"] > resent["grpc_calls"] and after["ray_calls"] == resent["ray_calls"]
+    assert windows == [[f"a{k}", f"b{k}"] for k in range(4)]
+
+
+def test_transport_ray_attaches_to_the_same_shards_and_sends_only_ray_calls(
+    store: SessionStore,
+) -> None:
+    """``session.transport`` is the client's choice: a client with ``ray`` attaches to shards a
+    ``grpc`` client started, and reads what that client wrote, through Ray actor calls alone."""
+    ray_client = SessionStore(store.config.model_copy(update={"transport": "ray"}))
+
+    async def scenario() -> tuple[list[str], list[str], dict[str, int], dict[str, int]]:
+        await ray_client.ready()
+        ev = SessionEvent.create("view", session_id="t-1", user_id="tu", item_id="x1", ts=time.time())
+        await store.append([ev])
+        mine = await ray_client.get(session_id="t-1", user_id="tu")
+        await ray_client.append([SessionEvent.create("view", session_id="t-1", item_id="x2",
+                                                     ts=time.time() + 1)])
+        theirs = await store.get(session_id="t-1")
+        return ([e.item_id or "" for e in mine.events], [e.item_id or "" for e in theirs.events],
+                ray_client.transport_stats(), store.transport_stats())
+
+    mine, theirs, ray_stats, grpc_stats = asyncio.run(scenario())
+    assert mine == ["x1"] and theirs == ["x1", "x2"]
+    assert ray_stats["grpc_calls"] == 0 and ray_stats["ray_calls"] >= 2
+    assert grpc_stats["grpc_calls"] >= 2 and grpc_stats["ray_calls"] == 0
