@@ -789,7 +789,10 @@ class Ingress:
         return {"status": "degraded" if down else "ok", "model_version": info["version"],
                 "shards": shards,
                 "wal_corrupt_records": sum(int(s.get("corrupt_records", 0))
-                                           + int(s.get("corrupt_snapshots", 0)) for s in shards)}
+                                           + int(s.get("corrupt_snapshots", 0)) for s in shards),
+                # This replica's session reads and appends by way: gRPC, Ray (the fallback, or
+                # session.transport: ray), and gRPC calls that failed and were resent over Ray.
+                "session_calls": self.store.transport_stats()}
 
 
 # --------------------------------------------------------------------------------------

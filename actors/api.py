@@ -491,6 +491,15 @@ class ShardHealth(_Out):
     quarantined_bytes: int = Field(default=0, description="their size, kept in a side file")
 
 
+class SessionCalls(_Out):
+    """The answering ingress replica's session reads and appends since it started, by way."""
+
+    grpc_calls: int = Field(description="sent to the shards' gRPC ports")
+    ray_calls: int = Field(description="sent as Ray actor calls: resent after a failed gRPC call, "
+                           "or every call with session.transport: ray or a shard without a port")
+    failed_grpc_calls: int = Field(description="gRPC calls that failed (each was resent over Ray)")
+
+
 class Health(_Out):
     """``ok``; ``degraded`` while a session shard is down (recommendations are then answered
     without the session and say so in ``degraded``)."""
@@ -501,6 +510,8 @@ class Health(_Out):
     wal_corrupt_records: int = Field(
         description="damaged session-log records and snapshots set aside by the shards' last "
         "restores, summed (details per shard; the bytes are in the shard's quarantine files)")
+    session_calls: SessionCalls
+
 
 
 class ErrorDetail(_Out):

@@ -71,10 +71,12 @@ def build(app_args: dict[str, Any], clock: Any = None) -> Any:
     ranker = RankerService(args.artifacts_root, args.model_version, args.tombstones_path,
                            items_path=args.items_path)
     # SessionStore's routing and validation, with its shard handles pointing at shards in this
-    # process instead of actors (its constructor would start the actors).
-    store = SessionStore.over(
-        args.session, [InProcessHandle(SessionShard(args.session.model_dump(), i, clock))
-                       for i in range(args.session.num_shards)], clock)
+    # process instead of actors (its constructor would start the actors). Direct calls: the
+    # "ray" transport, since the handle would also answer `endpoint` and send the shard's calls
+    # over gRPC to this same process.
+    shards = [InProcessHandle(SessionShard(args.session.model_dump(), i, clock))
+              for i in range(args.session.num_shards)]
+    store = SessionStore.over(args.session.model_copy(update={"transport": "ray"}), shards, clock)
     # The user class under Serve's ingress wrapper (the one that defines the routes).
     wrapper: Any = serve_app.Ingress  # a Deployment at run time
     ingress_cls = next(c for c in wrapper.func_or_class.__mro__ if "recommend" in vars(c))

@@ -230,6 +230,15 @@ def test_read_your_writes_ten_years_ahead(served: Served, future_served: Served)
     assert int(year) >= pd.Timestamp.now(tz="UTC").year + 9
 
 
+def test_session_reads_and_appends_go_over_the_shards_grpc_ports(served: Served) -> None:
+    r = served.post("/v1/events", {"session_id": "wire", "event": "view", "item_id": "sku-1"},
+                    auth=True)
+    assert r.status_code == 202, r.text
+    assert served.recommend(session_id="wire", k=3)["session_events"] == 1
+    calls = served.client.get(served.url + "/healthz").json()["session_calls"]
+    assert calls["grpc_calls"] >= 2 and calls["failed_grpc_calls"] == 0, calls
+
+
 def test_cold_start_never_fails(served: Served) -> None:
     out = served.recommend(user_id="nobody-we-know", k=10)
     assert not out["user_known"] and len(out["items"]) == 10

@@ -78,6 +78,16 @@ def app(svd_artifact_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     yield App(api, clock, str(root))
 
 
+def test_the_in_process_bound_calls_its_shards_directly_not_over_grpc(app: App) -> None:
+    """The benchmark's bound replaces every hop by a direct call: its shards' reads and appends
+    must not go over the gRPC data plane to its own process."""
+    ev = {"session_id": "direct", "event": "view", "item_id": "i1"}
+    assert app.post_events(ev).status_code == 202
+    assert app.session_events("direct") == 1
+    calls = app.call("GET", "/healthz").json()["session_calls"]
+    assert calls["grpc_calls"] == 0 and calls["ray_calls"] >= 2, calls
+
+
 # --- a retry is not stored twice ------------------------------------------------------------
 
 
