@@ -497,7 +497,8 @@ class SessionCalls(_Out):
     grpc_calls: int = Field(description="sent to the shards' gRPC ports")
     ray_calls: int = Field(description="sent as Ray actor calls: resent after a failed gRPC call, "
                            "or every call with session.transport: ray or a shard without a port")
-    failed_grpc_calls: int = Field(description="gRPC calls that failed (each was resent over Ray)")
+    failed_grpc_calls: int = Field(description="gRPC calls, or asks for a shard's port, that "
+                                   "failed; each of those calls was sent over Ray instead")
 
 
 class Health(_Out):

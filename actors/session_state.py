@@ -1208,8 +1208,8 @@ class SessionStore:
         return c
 
     def transport_stats(self) -> dict[str, int]:
-        """Shard reads and appends sent over gRPC and over Ray, and gRPC calls that failed (each
-        was resent over Ray), summed over shards and event loops."""
+        """Shard reads and appends sent over gRPC and over Ray, and gRPC calls (or asks for a
+        shard's port) that failed, each call then sent over Ray; summed over shards and loops."""
         out = {"grpc_calls": 0, "ray_calls": 0, "failed_grpc_calls": 0}
         for ch in list(self._channels.values()):
             out["grpc_calls"] += ch.grpc_calls

@@ -154,7 +154,7 @@ class ShardChannel:
                     raw = await stubs[method](pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL),
                                               metadata=self._metadata)
                 except grpc.aio.AioRpcError as exc:
-                    await self._failed(exc)
+                    await self._failed(f"{exc.code().name} {exc.details()}")
                 else:
                     self._failures = 0
                     self.grpc_calls += 1
@@ -178,8 +178,7 @@ class ShardChannel:
             try:
                 ep: Endpoint | None = await self._handle.endpoint.remote()
             except Exception as exc:  # the Ray call below reports a dead shard
-                logger.info("session shard %d: no data-plane endpoint (%s); using a Ray call",
-                            self._shard, exc)
+                await self._failed(f"no endpoint: {exc!r}")
                 return None
             if ep is None:  # the shard runs without a data plane
                 self._use_grpc = False
@@ -192,9 +191,10 @@ class ShardChannel:
             self._address = ep.address
         return self._stubs
 
-    async def _failed(self, exc: grpc.aio.AioRpcError) -> None:
-        """A failed gRPC call: forget the endpoint (the shard may have restarted elsewhere) and let
-        this call go over Ray; after :data:`MAX_FAILURES` in a row, use Ray for a while."""
+    async def _failed(self, why: str) -> None:
+        """A failed gRPC call (or endpoint ask): forget the endpoint (the shard may have restarted
+        elsewhere) and let this call go over Ray; after :data:`MAX_FAILURES` in a row, use Ray
+        for a while."""
         self.failed_grpc_calls += 1
         self._failures += 1
         address = self._address
@@ -203,15 +203,14 @@ class ShardChannel:
             self._failures = 0
             self._skip = RETRY_AFTER_CALLS
             logger.warning(
-                "session shard %d: %d gRPC calls in a row to its data port %s failed (last: %s "
-                "%s); the next %d calls go through Ray actor calls, then the port is tried again. "
+                "session shard %d: %d gRPC calls in a row to its data port %s failed (last: %s); "
+                "the next %d calls go through Ray actor calls, then the port is tried again. "
                 "If this repeats, check that the port is reachable from this node (firewall, "
                 "security group), or set session.transport: ray",
-                self._shard, MAX_FAILURES, address, exc.code().name, exc.details(),
-                RETRY_AFTER_CALLS)
+                self._shard, MAX_FAILURES, address or "(unknown)", why, RETRY_AFTER_CALLS)
         else:
-            logger.info("session shard %d: gRPC call to %s failed (%s %s); resending over Ray",
-                        self._shard, address, exc.code().name, exc.details())
+            logger.info("session shard %d: gRPC call to %s failed (%s); resending over Ray",
+                        self._shard, address or "(unknown)", why)
 
 
 def _has_method(handle: Any, name: str) -> bool:

@@ -169,6 +169,22 @@ def test_a_port_that_keeps_failing_is_left_alone_for_a_while_then_tried_again() 
     assert failed == MAX_FAILURES + 1
 
 
+def test_a_shard_that_cannot_say_where_it_listens_counts_as_a_failed_try() -> None:
+    async def scenario() -> tuple[int, int, int]:
+        shard = _Shard()
+
+        async def broken() -> Any:
+            raise OSError("cannot bind the node's address")
+        shard.endpoint = _Call(broken)
+        ch = ShardChannel(shard, 2)
+        for _ in range(MAX_FAILURES + 5):
+            assert await ch.call("append_many", ["e"]) == [("append_many", "e")]
+        return shard.endpoint.calls, ch.failed_grpc_calls, ch.ray_calls
+
+    asked, failed, ray_calls = asyncio.run(scenario())
+    assert (asked, failed, ray_calls) == (MAX_FAILURES, MAX_FAILURES, MAX_FAILURES + 5)
+
+
 @pytest.mark.parametrize("why", ["transport ray", "no endpoint method"])
 def test_without_a_data_plane_every_call_is_a_ray_call(why: str) -> None:
     async def scenario() -> tuple[Any, int]:
