@@ -692,14 +692,23 @@ def main(argv: list[str] | None = None) -> int:
                                     max_requests=opts.max_requests, headers=auth)
                     settled = wait_settled() if t == "serve" else {}
                     pids = cpu.pids(t, bound.pid if bound else None)
-                    before = cpu.seconds(pids)
+                    others = [] if bound is None else cpu.pids("bound" if t == "serve" else "serve",
+                                                               bound.pid)
+                    before, others_before = cpu.seconds(pids), cpu.seconds(others)
                     res = gen.run(spec)
-                    after = cpu.seconds(pids)
+                    after, others_after = cpu.seconds(pids), cpu.seconds(others)
                     used = sum(after[p] - before[p] for p in after if p in before)
                     # CPU of the whole cell (warm-up included) over the requests it answered.
                     answered = res["requests"] * (1 + opts.warmup / opts.duration)
                     row = {"endpoint": ep, "concurrency": c, "target": t, **res, **settled,
                            "server_cpu_ms_per_req": used * 1e3 / max(answered, 1.0)}
+                    # What the idle other target took from the same two cores meanwhile (the bound
+                    # is quiet during Serve's cells, 0.02-0.07 ms per request; the idle Ray
+                    # cluster uses about 0.2 cores during the bound's).
+                    if others:
+                        row["other_target_cpu_ms_per_req"] = round(sum(
+                            others_after[p] - others_before[p] for p in others_after
+                            if p in others_before) * 1e3 / max(answered, 1.0), 3)
                     if t == "serve":  # where the CPU went: per process role, ms per request
                         by: dict[str, float] = {}
                         for pid, name in cpu.names(pids).items():
