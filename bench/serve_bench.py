@@ -404,6 +404,20 @@ def wait_settled(timeout_s: float = SETTLE_TIMEOUT_S, poll_s: float = 1.0) -> di
             **({"unsettled_replicas": moving} if moving else {})}
 
 
+def idle_cpu(cpu: ServerCpu, seconds: float) -> dict[str, float]:
+    """CPU (cores) of each process role of the Serve cluster while no request arrives: the
+    controller's, the replicas' and Ray's own loops, which a cell charges to its requests."""
+    pids = cpu.pids("serve", None)
+    before = cpu.seconds(pids)
+    time.sleep(seconds)
+    after = cpu.seconds(pids)
+    by: dict[str, float] = {}
+    for pid, name in cpu.names(pids).items():
+        if pid in before and pid in after:
+            by[name] = by.get(name, 0.0) + (after[pid] - before[pid]) / seconds
+    return {k: round(v, 4) for k, v in sorted(by.items(), key=lambda kv: -kv[1]) if v >= 0.0005}
+
+
 def seed_sessions(url: str, batches: list[dict[str, Any]], headers: dict[str, str]) -> None:
     import httpx
 
@@ -613,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--app-env", action="append", default=[], metavar="KEY=VALUE",
                    help="added to the replicas' env_vars from serve_config.yaml")
     p.add_argument("--no-bound", action="store_true", help="measure the Serve app only")
+    p.add_argument("--idle", type=float, default=0.0, metavar="S",
+                   help="first measure the idle Serve cluster's CPU by process for S seconds")
     p.add_argument("--open-fractions", default="0.25,0.5",
                    help="open-loop rates as fractions of each endpoint's max closed-loop "
                         "throughput (the target is judged at 0.5)")
@@ -667,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     bound: subprocess.Popen[bytes] | None = None
     gen: LoadGen | None = None
     rows: list[dict[str, Any]] = []
+    idle: dict[str, float] = {}
     open_rows: list[dict[str, Any]] = []
     latencies: dict[tuple[str, str, float], list[float]] = {}
     niceness = 0
@@ -684,6 +701,10 @@ def main(argv: list[str] | None = None) -> int:
             seed_sessions(urls[t], mix["seed_batches"], auth)
         gen = LoadGen()
         cpu = ServerCpu(exclude={gen.proc.pid or -1, *([bound.pid] if bound else [])})
+        if opts.idle > 0:  # the cluster's own loops, charged to every request of a cell
+            idle = idle_cpu(cpu, opts.idle)
+            print(f"idle Serve cluster over {opts.idle:.0f}s: {sum(idle.values()):.3f} cores ("
+                  + ", ".join(f"{k} {v:.3f}" for k, v in idle.items()) + ")", flush=True)
         for ep in endpoints:
             for c in concurrencies:
                 for t in targets:
@@ -810,7 +831,8 @@ def main(argv: list[str] | None = None) -> int:
                             ("inline_context", opts.inline_context)) if on]
     out = Path(opts.output) if opts.output else RESULTS.with_stem("_".join([RESULTS.stem, *tags]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "open_loop": open_rows, "verdict": v},
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "open_loop": open_rows, "verdict": v,
+                               **({"idle_cores_by_process": idle} if idle else {})},
                               indent=2, default=str))
     print(f"wrote {out}")
     cdf = out.with_name(out.stem + "_latency_cdf.png")
