@@ -501,6 +501,16 @@ class SessionCalls(_Out):
                                    "failed; each of those calls was sent over Ray instead")
 
 
+class RankerCalls(_Out):
+    """The answering ingress replica's recommendation calls to the ranker since it started."""
+
+    calls: int = Field(description="Serve calls made to the ranker for recommendations (an "
+                       "earlier release's ranker, which cannot take a batch, counts one per request)")
+    requests: int = Field(description="recommendation requests they carried: more than calls "
+                          "when requests arriving together went in one call "
+                          "(ranker_calls_in_flight)")
+
+
 class Health(_Out):
     """``ok``; ``degraded`` while a session shard is down (recommendations are then answered
     without the session and say so in ``degraded``)."""
@@ -512,7 +522,7 @@ class Health(_Out):
         description="damaged session-log records and snapshots set aside by the shards' last "
         "restores, summed (details per shard; the bytes are in the shard's quarantine files)")
     session_calls: SessionCalls
-
+    ranker_calls: RankerCalls
 
 
 class ErrorDetail(_Out):

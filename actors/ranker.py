@@ -45,7 +45,7 @@ from graph.artifacts import (
     set_latest_version,
     versions_with_user,
 )
-from graph.errors import BadRequestError, NotFoundError, UnavailableError
+from graph.errors import BadRequestError, IntentrecError, NotFoundError, UnavailableError
 from graph.forgotten import record_name
 
 if TYPE_CHECKING:  # heavy imports (torch, faiss) stay out of processes that only pass requests
@@ -741,6 +741,21 @@ class GNNRanker:
         t0 = time.perf_counter()
         out = self.service.recommend(q)
         self._metrics.latency.observe((time.perf_counter() - t0) * 1000.0)
+        return out
+
+    async def recommend_many(self, queries: list[RankQuery]) -> list[dict[str, Any] | Exception]:
+        """Rank several requests in one call (the ingress coalesces its calls): one answer per
+        query, in order. A query that fails gets its error in its place; the others are answered."""
+        out: list[dict[str, Any] | Exception] = []
+        for q in queries:
+            t0 = time.perf_counter()
+            try:
+                out.append(self.service.recommend(q))
+            except Exception as exc:  # this request's own failure (a 4xx, or a bug): not the batch's
+                if not isinstance(exc, IntentrecError):
+                    log.exception("ranking one request of a batch failed")
+                out.append(exc)
+            self._metrics.latency.observe((time.perf_counter() - t0) * 1000.0)
         return out
 
     async def similar(self, item_id: str, k: int) -> dict[str, Any]:

@@ -1075,22 +1075,28 @@ def _settle(fut: asyncio.Future[Any], result: Any = None, exc: BaseException | N
 
 
 class Coalescer:
-    """Sends one call at a time to one shard; items submitted while it is in flight go out
-    together in the next call.
+    """Sends calls to one callee, at most ``max_in_flight`` at a time; items submitted while
+    that many are in flight go out together in the next call.
 
-    There is no timer: a lone item leaves at once, and batches form only while the previous call
-    is in flight, i.e. exactly when the caller is busy. Bound to the event loop it was created on.
+    There is no timer: a lone item leaves at once, and batches form only while earlier calls are
+    in flight, i.e. exactly when the callee is busy. Bound to the event loop it was created on.
 
     Args:
         send: Sends a list of items in one call and returns one result per item, in order; a
             result that is an exception fails that item alone. Raising fails the whole batch.
+        max_in_flight: Calls in flight at once (1: one call to a shard at a time).
     """
 
-    def __init__(self, send: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
+    def __init__(self, send: Callable[[list[Any]], Awaitable[list[Any]]],
+                 max_in_flight: int = 1) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
         self.loop = asyncio.get_running_loop()
         self._send = send
+        self.max_in_flight = max_in_flight
         self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
-        self._pump: asyncio.Task[None] | None = None
+        self._pumps: set[asyncio.Task[None]] = set()  # referenced until done
+        self._in_flight = 0  # pumps not yet returned (a done task's callback may still be queued)
         self.calls = 0
         self.items = 0
 
@@ -1098,11 +1104,20 @@ class Coalescer:
         """Send ``item`` (with whatever else is waiting) and return its own result."""
         fut: asyncio.Future[Any] = self.loop.create_future()
         self._pending.append((item, fut))
-        if self._pump is None or self._pump.done():
-            self._pump = self.loop.create_task(self._run())
+        if self._in_flight < self.max_in_flight:
+            self._in_flight += 1
+            pump = self.loop.create_task(self._run())
+            self._pumps.add(pump)
+            pump.add_done_callback(self._pumps.discard)
         return await fut
 
     async def _run(self) -> None:
+        try:
+            await self._pump()
+        finally:
+            self._in_flight -= 1
+
+    async def _pump(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
             self.calls += 1

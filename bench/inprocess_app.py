@@ -67,7 +67,9 @@ def build(app_args: dict[str, Any], clock: Any = None) -> Any:
 
     clock = clock or system_clock
 
-    args = serve_app.AppArgs.model_validate(app_args).resolved()
+    # One direct ranker call per request: nothing to coalesce without a hop.
+    args = serve_app.AppArgs.model_validate(
+        {**app_args, "ranker_calls_in_flight": 0}).resolved()
     ranker = RankerService(args.artifacts_root, args.model_version, args.tombstones_path,
                            items_path=args.items_path)
     # SessionStore's routing and validation, with its shard handles pointing at shards in this

@@ -227,6 +227,18 @@ def model_or_stand_in(root: str, work: Path, purpose: str) -> tuple[str, Any, di
         return (root, *model_info(root))
 
 
+def ranker_calls(url: str) -> dict[str, int] | None:
+    """The answering ingress replica's ``ranker_calls`` (``/healthz``), None if it has none."""
+    import httpx
+
+    try:
+        out: dict[str, int] | None = httpx.get(url + "/healthz", timeout=10.0).json().get(
+            "ranker_calls")
+        return out
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 def app_args(model_root: str, work: Path, name: str) -> Any:
     import serve_app
     from actors.session_state import SessionStateConfig
@@ -610,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bound-port", type=int, default=8432, help="in-process bound port")
     p.add_argument("--inline-context", action="store_true",
                    help="AppArgs.inline_context: enrich in the ingress (no ContextEnricher hop)")
+    p.add_argument("--ranker-calls-in-flight", type=int, default=None, metavar="N",
+                   help="AppArgs.ranker_calls_in_flight (default: the app's); 0: one ranker call "
+                        "per recommendation")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the whole Ray cluster, proxy and controller included "
                         "(e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
@@ -676,7 +691,9 @@ def main(argv: list[str] | None = None) -> int:
     del art
 
     serve_args = app_args(model_root, work, "serve").model_copy(
-        update={"inline_context": opts.inline_context})
+        update={"inline_context": opts.inline_context,
+                **({} if opts.ranker_calls_in_flight is None
+                   else {"ranker_calls_in_flight": opts.ranker_calls_in_flight})})
     bound_args = app_args(model_root, work, "bound")
     urls = {"serve": f"http://127.0.0.1:{opts.port}", "bound": f"http://127.0.0.1:{opts.bound_port}"}
     targets = [t for t in TARGETS if not (opts.no_bound and t == "bound")]
@@ -715,9 +732,11 @@ def main(argv: list[str] | None = None) -> int:
                     pids = cpu.pids(t, bound.pid if bound else None)
                     others = [] if bound is None else cpu.pids("bound" if t == "serve" else "serve",
                                                                bound.pid)
+                    calls_before = ranker_calls(urls[t]) if t == "serve" else None
                     before, others_before = cpu.seconds(pids), cpu.seconds(others)
                     res = gen.run(spec)
                     after, others_after = cpu.seconds(pids), cpu.seconds(others)
+                    calls_after = ranker_calls(urls[t]) if t == "serve" else None
                     used = sum(after[p] - before[p] for p in after if p in before)
                     # CPU of the whole cell (warm-up included) over the requests it answered.
                     answered = res["requests"] * (1 + opts.warmup / opts.duration)
@@ -739,6 +758,12 @@ def main(argv: list[str] | None = None) -> int:
                         row["cpu_ms_per_req_by_process"] = {
                             k: round(v, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])
                             if v >= 0.05}
+                    if calls_before and calls_after and ep == "recommendations":
+                        # Requests per ranker call (the ingress coalesces them while its calls
+                        # are out; one ingress replica here, which answers /healthz).
+                        n = calls_after["calls"] - calls_before["calls"]
+                        row["ranker_requests_per_call"] = round(
+                            (calls_after["requests"] - calls_before["requests"]) / max(n, 1), 2)
                     if t == "serve":
                         row["replicas"] = replicas()
                     rows.append(row)
@@ -749,6 +774,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {ep:<15} c={c:<3} {t:<5} {res['throughput']:8.1f} req/s  "
                           f"p50 {res['p50_ms']:6.1f}  p99 {res['p99_ms']:7.1f} ms  "
                           f"errors {res['errors']}", flush=True)
+                    if "ranker_requests_per_call" in row:
+                        print(f"    requests per ranker call: {row['ranker_requests_per_call']}",
+                              flush=True)
                     if "cpu_ms_per_req_by_process" in row:
                         print("    cpu ms/req by process: " + ", ".join(
                             f"{k} {v:.2f}" for k, v in row["cpu_ms_per_req_by_process"].items()),

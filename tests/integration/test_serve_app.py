@@ -66,8 +66,10 @@ def served(ray_cluster: None, trained_artifact_root: str,
     shutil.copytree(trained_artifact_root, root)  # this module writes new versions into it
     session = SessionStateConfig(num_shards=2, wal_uri=str(tmp / "wal"),
                                  actor_prefix="intentrec-test-session")
+    # Coalesced ranker calls here (the default sends one per request, as every other app of
+    # the integration tests does): the rest of the module runs over both.
     args = serve_app.AppArgs(artifacts_root=root, state_dir=str(tmp / "state"),
-                             reload_poll_s=1.0, session=session)
+                             reload_poll_s=1.0, session=session, ranker_calls_in_flight=2)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     app = serve_app.compose(args, env_vars={**KEYS_ENV, "PYTHONPATH": os.environ["PYTHONPATH"]})
     serve.run(app, name=APP, route_prefix="/", blocking=False)
@@ -237,6 +239,51 @@ def test_session_reads_and_appends_go_over_the_shards_grpc_ports(served: Served)
     assert served.recommend(session_id="wire", k=3)["session_events"] == 1
     calls = served.client.get(served.url + "/healthz").json()["session_calls"]
     assert calls["grpc_calls"] >= 2 and calls["failed_grpc_calls"] == 0, calls
+
+
+def test_concurrent_recommendations_share_ranker_calls_and_each_gets_its_own_answer(
+    served: Served,
+) -> None:
+    """A burst of requests through real Serve: the ingress sends those arriving while its calls
+    to the ranker are out together (ranker_calls_in_flight), and every request still gets the
+    answer it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    art = read_artifact(served.root, served.first_version)
+    popular = art.items["item_id"].to_numpy()[np.argsort(-art.signals.popularity)[:40]].tolist()
+    # One time for every event and request (the session window is read at the server clock, so
+    # the events are stamped a moment ago), so that a request's answer cannot change between asks.
+    ts = (pd.Timestamp.now(tz="UTC").floor("s") - pd.Timedelta(seconds=5)).isoformat()
+    bodies = []
+    for n in range(16):
+        sid = f"burst-{n}"
+        events = [{"session_id": sid, "event": "view", "item_id": str(i), "ts": ts}
+                  for i in popular[n: n + 1 + n % 4]]
+        r = served.post("/v1/events", {"events": events}, auth=True)
+        assert r.status_code == 202, r.text
+        bodies.append({"session_id": sid, "k": 5, "context": {"ts": ts}})
+
+    def ask(body: dict[str, Any]) -> dict[str, Any]:
+        with httpx.Client(timeout=30.0) as c:
+            r = c.post(served.url + "/v1/recommendations", json=body)
+            assert r.status_code == 200, r.text
+            out: dict[str, Any] = r.json()
+            return out
+
+    alone = [ask(b) for b in bodies]
+    assert [a["session_events"] for a in alone] == [1 + n % 4 for n in range(16)]
+    before = served.client.get(served.url + "/healthz").json()["ranker_calls"]
+    with ThreadPoolExecutor(16) as pool:
+        for _ in range(3):
+            together = list(pool.map(ask, bodies))
+            for n, (a, t) in enumerate(zip(alone, together, strict=True)):
+                assert t["session_events"] == 1 + n % 4
+                assert [i["item_id"] for i in t["items"]] == [i["item_id"] for i in a["items"]]
+    after = served.client.get(served.url + "/healthz").json()["ranker_calls"]
+    requests, calls = after["requests"] - before["requests"], after["calls"] - before["calls"]
+    assert requests == 48 and calls < requests, after  # some went to the ranker together
 
 
 def test_cold_start_never_fails(served: Served) -> None:

@@ -355,3 +355,120 @@ def test_the_ingress_answers_a_known_context_from_its_cache_until_the_quarter_ho
     for t in (start + 1, start + 2):
         asyncio.run(ing_off._enrich(dict(ctx), t))
     assert off.batches == [1, 1]
+
+
+class _BatchRanker:
+    """A ranker stand-in that answers each request with its own session id (``model_version``),
+    counts single and batched calls, and holds every call until ``gate`` opens; a session named
+    ``refused`` gets a 422 of its own. ``batches=False``: a replica of an earlier release, which
+    has no ``recommend_many``; ``hang_batches``: batched calls never answer."""
+
+    def __init__(self, batches: bool = True, hang_batches: bool = False) -> None:
+        from ray.serve.exceptions import RayServeException
+
+        from graph.errors import BadRequestError
+
+        self.gate = asyncio.Event()
+        self.singles: list[str] = []
+        self.batches: list[list[str]] = []
+
+        def answer(q: Any) -> Any:
+            if q.session_id == "refused":
+                return BadRequestError("refused for the test", field="session_id")
+            return {"items": [], "model_version": f"v-{q.session_id}", "intent": [],
+                    "user_known": False, "session_events": len(q.events)}
+
+        async def recommend(q: Any) -> dict[str, Any]:
+            self.singles.append(q.session_id)
+            await self.gate.wait()
+            out = answer(q)
+            if isinstance(out, Exception):
+                raise out
+            return out  # type: ignore[no-any-return]
+
+        async def recommend_many(queries: list[Any]) -> list[Any]:
+            if not batches:
+                raise RayServeException("Tried to call a method 'recommend_many' that does not "
+                                        "exist. Available methods: ['recommend'].")
+            self.batches.append([q.session_id for q in queries])
+            if hang_batches:
+                await asyncio.Event().wait()
+            await self.gate.wait()
+            return [answer(q) for q in queries]
+
+        async def model_info() -> dict[str, Any]:
+            return {"version": "v1"}
+
+        self.recommend = _Call(recommend)
+        self.recommend_many = _Call(recommend_many)
+        self.model_info = _Call(model_info)
+
+
+def _ingress_ranked(ranker: _BatchRanker, in_flight: int = 2, ranker_timeout_s: float = 10.0) -> Any:
+    config = SessionStateConfig(num_shards=1, call_timeout_s=0.2)
+    args = serve_app.AppArgs(allow_anonymous=True, session=config, inline_context=True,
+                             ranker_calls_in_flight=in_flight, ranker_timeout_s=ranker_timeout_s)
+    cls = next(c for c in serve_app.Ingress.func_or_class.__mro__ if "recommend" in vars(c))
+    return cls(ranker, None, args.model_dump(), store=SessionStore.over(config, [_Shard(True)]))
+
+
+async def _recommend_in_two_waves(ing: Any, ranker: _BatchRanker, first: list[str],
+                                  then: list[str]) -> list[Any]:
+    """``first`` reach the ranker one after another and wait there; ``then`` arrive together
+    meanwhile; then it answers."""
+    early = []
+    for s in first:
+        early.append(asyncio.ensure_future(ing.recommend(RecommendationRequest(session_id=s))))
+        await asyncio.sleep(0.05)
+    late = [asyncio.ensure_future(ing.recommend(RecommendationRequest(session_id=s)))
+            for s in then]
+    await asyncio.sleep(0.05)
+    ranker.gate.set()
+    return await asyncio.gather(*early, *late, return_exceptions=True)
+
+
+def test_concurrent_recommendations_share_ranker_calls_and_each_gets_its_own_answer() -> None:
+    from graph.errors import BadRequestError
+
+    ranker = _BatchRanker()
+    ing = _ingress_ranked(ranker, in_flight=2)
+    then = ["s2", "s3", "refused", "s5", "s6", "s7"]
+    out = asyncio.run(_recommend_in_two_waves(ing, ranker, ["s0", "s1"], then))
+    # two calls out at once, each alone; the six arriving meanwhile go together in the next
+    assert sorted(ranker.singles) == ["s0", "s1"]
+    assert ranker.batches == [then]
+    for sid, res in zip(["s0", "s1", *then], out, strict=True):
+        if sid == "refused":  # its own error, and only its own
+            assert isinstance(res, BadRequestError) and res.field == "session_id"
+        else:
+            assert res["model_version"] == f"v-{sid}", sid  # not another request's answer
+            assert res["session_events"] == SESSION_EVENTS
+    health = asyncio.run(ing.healthz())
+    assert health["ranker_calls"] == {"calls": 3, "requests": 8}
+
+
+def test_a_ranker_of_an_earlier_release_is_called_once_per_request_during_a_rolling_update() -> None:
+    ranker = _BatchRanker(batches=False)
+    ing = _ingress_ranked(ranker, in_flight=1)
+    out = asyncio.run(_recommend_in_two_waves(ing, ranker, ["s0"], ["s1", "s2", "s3"]))
+    assert sorted(ranker.singles) == ["s0", "s1", "s2", "s3"] and ranker.batches == []
+    assert [o["model_version"] for o in out] == ["v-s0", "v-s1", "v-s2", "v-s3"]
+
+
+def test_ranker_calls_in_flight_0_sends_one_call_per_request() -> None:
+    ranker = _BatchRanker()
+    ing = _ingress_ranked(ranker, in_flight=0)
+    out = asyncio.run(_recommend_in_two_waves(ing, ranker, ["s0"], ["s1", "s2"]))
+    assert sorted(ranker.singles) == ["s0", "s1", "s2"] and ranker.batches == []
+    assert [o["model_version"] for o in out] == ["v-s0", "v-s1", "v-s2"]
+    assert asyncio.run(ing.healthz())["ranker_calls"] == {"calls": 3, "requests": 3}
+
+
+def test_a_hung_ranker_batch_fails_its_requests_with_503_naming_the_timeout() -> None:
+    ranker = _BatchRanker(hang_batches=True)
+    ing = _ingress_ranked(ranker, in_flight=1, ranker_timeout_s=0.3)
+    out = asyncio.run(_recommend_in_two_waves(ing, ranker, ["s0"], ["s1", "s2"]))
+    assert out[0]["model_version"] == "v-s0"  # the lone call answered
+    assert ranker.batches == [["s1", "s2"]]
+    for res in out[1:]:
+        assert isinstance(res, UnavailableError) and "ranker_timeout_s" in res.message

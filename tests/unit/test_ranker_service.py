@@ -453,3 +453,41 @@ def test_first_boot_answers_without_a_model_then_picks_up_the_first(svd_artifact
     assert svc.recommend(RankQuery(k=5))["items"]
     with pytest.raises(ArtifactError):  # without cold start (a pinned or direct use): an error
         RankerService(str(tmp_path / "other"))
+
+
+def test_the_ranker_answers_a_coalesced_batch_in_order_and_fails_only_the_failing_request(
+    svc: RankerService,
+) -> None:
+    """``GNNRanker.recommend_many`` (the ingress's coalesced calls): each query gets the answer
+    ``recommend`` gives it alone, in order; a query that raises gets its error in its place."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from actors.ranker import GNNRanker
+
+    class _Service:
+        def recommend(self, q: RankQuery) -> dict[str, Any]:
+            if q.user_id == "refused":
+                raise BadRequestError("refused for the test", field="user_id")
+            if q.user_id == "bug":
+                raise RuntimeError("a bug in ranking one request")
+            return svc.recommend(q)
+
+    observed: list[float] = []
+    cls = next(c for c in GNNRanker.func_or_class.__mro__ if "recommend_many" in vars(c))
+    replica = object.__new__(cls)
+    replica.service = _Service()
+    replica._metrics = SimpleNamespace(latency=SimpleNamespace(observe=observed.append))
+    item = _busy_item(svc)
+    queries = [RankQuery(session_id="a", events=((item, "view", T0, None),), now=T0, k=5),
+               RankQuery(user_id="refused", now=T0),
+               RankQuery(k=3, now=T0),
+               RankQuery(user_id="bug", now=T0),
+               RankQuery(query="milk", k=4, now=T0)]
+    out = asyncio.run(replica.recommend_many(queries))
+    assert len(out) == 5 and len(observed) == 5  # every request's own latency
+    for n in (0, 2, 4):
+        assert out[n] == svc.recommend(queries[n])
+    assert [len(out[n]["items"]) for n in (0, 2, 4)] == [5, 3, 4]
+    assert isinstance(out[1], BadRequestError) and out[1].field == "user_id"
+    assert isinstance(out[3], RuntimeError)

@@ -482,6 +482,64 @@ def test_coalescer_sends_a_lone_item_at_once_and_batches_while_busy() -> None:
     assert (c.calls, c.items) == (2, 4)
 
 
+def test_coalescer_keeps_up_to_max_in_flight_calls_out_and_loses_no_item() -> None:
+    """With ``max_in_flight=2`` the first two items each leave at once; what arrives while both
+    are out goes together in the next call; an item submitted as a call ends is still sent."""
+    from actors.session_state import Coalescer
+
+    async def scenario() -> tuple[list[list[int]], list[Any], Coalescer]:
+        calls: list[list[int]] = []
+        gates: list[asyncio.Event] = []
+
+        async def send(batch: list[int]) -> list[Any]:
+            calls.append(list(batch))
+            gate = asyncio.Event()
+            gates.append(gate)
+            await gate.wait()
+            return [x * 10 for x in batch]
+
+        c = Coalescer(send, max_in_flight=2)
+        first = asyncio.create_task(c.submit(1))
+        for _ in range(2):
+            await asyncio.sleep(0)
+        second = asyncio.create_task(c.submit(2))
+        for _ in range(2):
+            await asyncio.sleep(0)
+        assert calls == [[1], [2]]  # two calls out at once
+        rest = [asyncio.create_task(c.submit(x)) for x in (3, 4, 5)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert calls == [[1], [2]]  # both slots busy: the three wait
+        gates[1].set()  # the second call answers; its pump takes the three together
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert calls == [[1], [2], [3, 4, 5]]
+        gates[0].set()
+        gates[2].set()
+        out = await asyncio.gather(first, second, *rest)
+        # Every pump has ended; an item now starts a new call (the count of calls out is exact
+        # even before the finished pumps' callbacks have run).
+        late = asyncio.create_task(c.submit(6))
+        for _ in range(2):
+            await asyncio.sleep(0)
+        gates[3].set()
+        out.append(await late)
+        return calls, out, c
+
+    calls, out, c = asyncio.run(scenario())
+    assert calls == [[1], [2], [3, 4, 5], [6]]
+    assert out == [10, 20, 30, 40, 50, 60]
+    assert (c.calls, c.items) == (4, 6)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        asyncio.run(_coalescer_with(0))
+
+
+async def _coalescer_with(max_in_flight: int) -> Any:
+    from actors.session_state import Coalescer
+
+    return Coalescer(lambda batch: asyncio.sleep(0, result=batch), max_in_flight=max_in_flight)
+
+
 def test_coalescer_fails_the_whole_batch_when_the_call_fails() -> None:
     from actors.session_state import Coalescer
     from graph.errors import UnavailableError
