@@ -153,7 +153,8 @@ class AppArgs(BaseModel):
             together in the next call (one Serve call for several requests: about 1.1-1.3 ms
             less CPU per recommendation at concurrency 8). 0 (the default): one call per request.
             Serve's autoscaler counts calls, not the requests in them, so turn it on only for a
-            ranker whose replica count is fixed (``min_replicas`` = ``max_replicas``).
+            ranker whose replica count is fixed (``min_replicas`` = ``max_replicas``), with N at
+            least its replicas per ingress replica (fewer calls out would leave some idle).
     """
 
     model_config = ConfigDict(extra="forbid")
