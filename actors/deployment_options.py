@@ -95,8 +95,14 @@ DEPLOYMENTS: dict[str, dict[str, Any]] = {
         "backpressure_config": BACKPRESSURE,
         "graceful_shutdown_timeout_s": 30,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        # Ongoing *calls*, not recommendations: each ingress keeps ranker_calls_in_flight (2)
+        # calls out while they keep up and sends every further full batch of ranker_batch_size
+        # (8) recommendations as one more call (serve_app.AppArgs), so calls grow with the load,
+        # about one per 8 recommendations waiting. Above 3 per replica: more than the 2 calls one
+        # ingress keeps out and a full batch waiting (a call carries at least one request, so
+        # with several ingress replicas it scales out no later than the 8 requests before).
         "autoscaling_config": {
-            "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8,
+            "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3,
             "upscale_delay_s": 10, "downscale_delay_s": 300,
         },
         "ray_actor_options": {"num_cpus": 0.5},

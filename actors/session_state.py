@@ -1075,28 +1075,38 @@ def _settle(fut: asyncio.Future[Any], result: Any = None, exc: BaseException | N
 
 
 class Coalescer:
-    """Sends calls to one callee, at most ``max_in_flight`` at a time; items submitted while
-    that many are in flight go out together in the next call.
+    """Sends calls to one callee, at most ``max_in_flight`` at a time while they keep up; items
+    submitted while that many are in flight go out together in the next call.
 
     There is no timer: a lone item leaves at once, and batches form only while earlier calls are
-    in flight, i.e. exactly when the callee is busy. Bound to the event loop it was created on.
+    in flight, i.e. exactly when the callee is busy. With ``max_batch``, a call carries at most
+    that many items, and a full batch that finds every call busy goes out at once as one more
+    call: calls in flight then grow with the load instead of batches, so a callee that
+    autoscales on its calls in flight (a Serve deployment) still sees the load. Bound to the
+    event loop it was created on.
 
     Args:
         send: Sends a list of items in one call and returns one result per item, in order; a
             result that is an exception fails that item alone. Raising fails the whole batch.
-        max_in_flight: Calls in flight at once (1: one call to a shard at a time).
+        max_in_flight: Calls in flight at once, full batches aside (1: one call to a shard at a
+            time).
+        max_batch: Most items in one call; None: no limit (every waiting item goes in the next).
     """
 
     def __init__(self, send: Callable[[list[Any]], Awaitable[list[Any]]],
-                 max_in_flight: int = 1) -> None:
+                 max_in_flight: int = 1, max_batch: int | None = None) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.loop = asyncio.get_running_loop()
         self._send = send
         self.max_in_flight = max_in_flight
+        self.max_batch = max_batch
         self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
         self._pumps: set[asyncio.Task[None]] = set()  # referenced until done
         self._in_flight = 0  # pumps not yet returned (a done task's callback may still be queued)
+        self._starting = 0  # pumps that have not taken their first batch yet
         self.calls = 0
         self.items = 0
 
@@ -1104,8 +1114,11 @@ class Coalescer:
         """Send ``item`` (with whatever else is waiting) and return its own result."""
         fut: asyncio.Future[Any] = self.loop.create_future()
         self._pending.append((item, fut))
-        if self._in_flight < self.max_in_flight:
+        full = (self.max_batch is not None
+                and len(self._pending) >= self.max_batch * (self._starting + 1))
+        if self._in_flight < self.max_in_flight or full:
             self._in_flight += 1
+            self._starting += 1
             pump = self.loop.create_task(self._run())
             self._pumps.add(pump)
             pump.add_done_callback(self._pumps.discard)
@@ -1118,8 +1131,13 @@ class Coalescer:
             self._in_flight -= 1
 
     async def _pump(self) -> None:
+        first = True
         while self._pending:
-            batch, self._pending = self._pending, []
+            n = len(self._pending) if self.max_batch is None else self.max_batch
+            batch, self._pending = self._pending[:n], self._pending[n:]
+            if first:
+                self._starting -= 1
+                first = False
             self.calls += 1
             self.items += len(batch)
             try:
@@ -1135,6 +1153,8 @@ class Coalescer:
                     _settle(fut, exc=res)
                 else:
                     _settle(fut, result=res)
+        if first:  # started, but what it was started for went with another pump
+            self._starting -= 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -758,14 +758,17 @@ def main(argv: list[str] | None = None) -> int:
                         row["cpu_ms_per_req_by_process"] = {
                             k: round(v, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])
                             if v >= 0.05}
-                    if calls_before and calls_after and ep == "recommendations":
+                    if t == "serve":
+                        row["replicas"] = replicas()
+                    if (calls_before and calls_after and ep == "recommendations"
+                            and row["replicas"].get("Ingress") == 1
+                            and calls_after["calls"] > calls_before["calls"]):
                         # Requests per ranker call (the ingress coalesces them while its calls
-                        # are out; one ingress replica here, which answers /healthz).
+                        # are out), from /healthz: only with one ingress replica, which then
+                        # answered both reads.
                         n = calls_after["calls"] - calls_before["calls"]
                         row["ranker_requests_per_call"] = round(
                             (calls_after["requests"] - calls_before["requests"]) / max(n, 1), 2)
-                    if t == "serve":
-                        row["replicas"] = replicas()
                     rows.append(row)
                     if settled.get("settle_wait_s", 0.0) >= 1.0 or "unsettled_replicas" in settled:
                         print(f"  (waited {settled['settle_wait_s']:.0f}s for replicas to settle"

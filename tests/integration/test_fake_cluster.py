@@ -115,11 +115,12 @@ def test_serve_load_makes_the_autoscaler_launch_a_fake_cpu_worker(fake_cluster: 
 
     The deployment is a probe that holds each request for a few seconds without using CPU, sized
     exactly as intentrec's ranker (``options("GNNRanker")`` from ``actors/deployment_options.py``:
-    0.5 CPU per replica, 1 to 4 replicas, ``target_ongoing_requests: 8``, ``upscale_delay_s:
-    10``), so it scales as the ranker would under the same number of requests in flight, without
-    loading a model. The head has one CPU, so it holds two replicas; 32 clients keep 32 requests
-    in flight, so Serve wants 32 / 8 = 4, and the two that do not fit are what the autoscaler
-    must find a node for. The load is bounded (each client stops after ``max_requests``) and
+    0.5 CPU per replica, 1 to 4 replicas, ``target_ongoing_requests: 3``, ``upscale_delay_s:
+    10``), so it scales as the ranker would under the same number of calls in flight (the
+    ingress's coalesced calls, each carrying up to ``ranker_batch_size`` recommendations),
+    without loading a model. The head has one CPU, so it holds two replicas; 12 clients keep 12
+    calls in flight, so Serve wants 12 / 3 = 4, and the two that do not fit are what the
+    autoscaler must find a node for. The load is bounded (each client stops after ``max_requests``) and
     stops as soon as a replica on the new node has answered.
     """
     opts = options(RANKER)

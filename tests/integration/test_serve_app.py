@@ -66,10 +66,8 @@ def served(ray_cluster: None, trained_artifact_root: str,
     shutil.copytree(trained_artifact_root, root)  # this module writes new versions into it
     session = SessionStateConfig(num_shards=2, wal_uri=str(tmp / "wal"),
                                  actor_prefix="intentrec-test-session")
-    # Coalesced ranker calls here (the default sends one per request, as every other app of
-    # the integration tests does): the rest of the module runs over both.
     args = serve_app.AppArgs(artifacts_root=root, state_dir=str(tmp / "state"),
-                             reload_poll_s=1.0, session=session, ranker_calls_in_flight=2)
+                             reload_poll_s=1.0, session=session)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     app = serve_app.compose(args, env_vars={**KEYS_ENV, "PYTHONPATH": os.environ["PYTHONPATH"]})
     serve.run(app, name=APP, route_prefix="/", blocking=False)

@@ -404,10 +404,12 @@ class _BatchRanker:
         self.model_info = _Call(model_info)
 
 
-def _ingress_ranked(ranker: _BatchRanker, in_flight: int = 2, ranker_timeout_s: float = 10.0) -> Any:
+def _ingress_ranked(ranker: _BatchRanker, in_flight: int = 2, ranker_timeout_s: float = 10.0,
+                    batch_size: int = 8) -> Any:
     config = SessionStateConfig(num_shards=1, call_timeout_s=0.2)
     args = serve_app.AppArgs(allow_anonymous=True, session=config, inline_context=True,
-                             ranker_calls_in_flight=in_flight, ranker_timeout_s=ranker_timeout_s)
+                             ranker_calls_in_flight=in_flight, ranker_timeout_s=ranker_timeout_s,
+                             ranker_batch_size=batch_size)
     cls = next(c for c in serve_app.Ingress.func_or_class.__mro__ if "recommend" in vars(c))
     return cls(ranker, None, args.model_dump(), store=SessionStore.over(config, [_Shard(True)]))
 
@@ -445,6 +447,20 @@ def test_concurrent_recommendations_share_ranker_calls_and_each_gets_its_own_ans
             assert res["session_events"] == SESSION_EVENTS
     health = asyncio.run(ing.healthz())
     assert health["ranker_calls"] == {"calls": 3, "requests": 8}
+
+
+def test_full_ranker_batches_go_out_at_once_so_the_rankers_calls_grow_with_the_load() -> None:
+    """Serve autoscales the ranker on its calls in flight: past ``ranker_calls_in_flight``, each
+    full batch of ``ranker_batch_size`` is one more call, not a larger batch."""
+    ranker = _BatchRanker()
+    ing = _ingress_ranked(ranker, in_flight=1, batch_size=2)
+    then = [f"s{n}" for n in range(1, 6)]
+    out = asyncio.run(_recommend_in_two_waves(ing, ranker, ["s0"], then))
+    assert ranker.singles[0] == "s0"
+    assert ranker.batches[:2] == [["s1", "s2"], ["s3", "s4"]]  # sent while s0's call was out
+    assert "s5" in ranker.singles[1:]  # the odd one out, once a call ended
+    assert [o["model_version"] for o in out] == [f"v-s{n}" for n in range(6)]
+    assert asyncio.run(ing.healthz())["ranker_calls"] == {"calls": 4, "requests": 6}
 
 
 def test_a_ranker_of_an_earlier_release_is_called_once_per_request_during_a_rolling_update() -> None:

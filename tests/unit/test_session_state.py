@@ -534,10 +534,59 @@ def test_coalescer_keeps_up_to_max_in_flight_calls_out_and_loses_no_item() -> No
         asyncio.run(_coalescer_with(0))
 
 
-async def _coalescer_with(max_in_flight: int) -> Any:
+def test_coalescer_sends_each_full_batch_at_once_so_calls_grow_with_the_load() -> None:
+    """With ``max_batch``: a call carries at most that many items, and a full batch that finds
+    every call busy goes out at once as one more call (what a callee that autoscales on its
+    calls in flight must see); the rest wait for a call to end."""
     from actors.session_state import Coalescer
 
-    return Coalescer(lambda batch: asyncio.sleep(0, result=batch), max_in_flight=max_in_flight)
+    async def scenario() -> tuple[list[list[int]], list[Any], Coalescer]:
+        calls: list[list[int]] = []
+        gates: list[asyncio.Event] = []
+
+        async def send(batch: list[int]) -> list[Any]:
+            calls.append(list(batch))
+            gate = asyncio.Event()
+            gates.append(gate)
+            await gate.wait()
+            return [x * 10 for x in batch]
+
+        async def turns(n: int = 5) -> None:
+            for _ in range(n):
+                await asyncio.sleep(0)
+
+        c = Coalescer(send, max_in_flight=1, max_batch=3)
+        tasks = [asyncio.create_task(c.submit(1))]
+        await turns()
+        assert calls == [[1]]
+        for x in range(2, 9):  # seven more while the first call is out
+            tasks.append(asyncio.create_task(c.submit(x)))
+            await turns()
+        # two full batches went out at once, each as its own call; 8 waits
+        assert calls == [[1], [2, 3, 4], [5, 6, 7]]
+        gates[1].set()  # a call ends: its pump takes what waits
+        await turns()
+        assert calls == [[1], [2, 3, 4], [5, 6, 7], [8]]
+        for g in gates:
+            g.set()
+        await turns()
+        gates[-1].set()
+        out = await asyncio.gather(*tasks)
+        return calls, out, c
+
+    calls, out, c = asyncio.run(scenario())
+    assert calls == [[1], [2, 3, 4], [5, 6, 7], [8]]
+    assert out == [10 * x for x in range(1, 9)]
+    assert (c.calls, c.items) == (4, 8)
+    with pytest.raises(ValueError, match="max_batch"):
+        asyncio.run(_coalescer_with(1, max_batch=0))
+
+
+async def _coalescer_with(max_in_flight: int, max_batch: int | None = None) -> Any:
+    from actors.session_state import Coalescer
+
+    return Coalescer(lambda batch: asyncio.sleep(0, result=batch), max_in_flight=max_in_flight,
+                     max_batch=max_batch)
 
 
 def test_coalescer_fails_the_whole_batch_when_the_call_fails() -> None:
