@@ -482,21 +482,29 @@ def test_coalescer_sends_a_lone_item_at_once_and_batches_while_busy() -> None:
     assert (c.calls, c.items) == (2, 4)
 
 
+def _gated_send() -> tuple[list[list[int]], list[asyncio.Event], Any]:
+    """A ``send`` that records each call's batch and holds it until its gate (in call order) is
+    set, then answers ten times each item."""
+    calls: list[list[int]] = []
+    gates: list[asyncio.Event] = []
+
+    async def send(batch: list[int]) -> list[Any]:
+        calls.append(list(batch))
+        gate = asyncio.Event()
+        gates.append(gate)
+        await gate.wait()
+        return [x * 10 for x in batch]
+
+    return calls, gates, send
+
+
 def test_coalescer_keeps_up_to_max_in_flight_calls_out_and_loses_no_item() -> None:
     """With ``max_in_flight=2`` the first two items each leave at once; what arrives while both
     are out goes together in the next call; an item submitted as a call ends is still sent."""
     from actors.session_state import Coalescer
 
     async def scenario() -> tuple[list[list[int]], list[Any], Coalescer]:
-        calls: list[list[int]] = []
-        gates: list[asyncio.Event] = []
-
-        async def send(batch: list[int]) -> list[Any]:
-            calls.append(list(batch))
-            gate = asyncio.Event()
-            gates.append(gate)
-            await gate.wait()
-            return [x * 10 for x in batch]
+        calls, gates, send = _gated_send()
 
         c = Coalescer(send, max_in_flight=2)
         first = asyncio.create_task(c.submit(1))
@@ -541,15 +549,7 @@ def test_coalescer_sends_each_full_batch_at_once_so_calls_grow_with_the_load() -
     from actors.session_state import Coalescer
 
     async def scenario() -> tuple[list[list[int]], list[Any], Coalescer]:
-        calls: list[list[int]] = []
-        gates: list[asyncio.Event] = []
-
-        async def send(batch: list[int]) -> list[Any]:
-            calls.append(list(batch))
-            gate = asyncio.Event()
-            gates.append(gate)
-            await gate.wait()
-            return [x * 10 for x in batch]
+        calls, gates, send = _gated_send()
 
         async def turns(n: int = 5) -> None:
             for _ in range(n):
