@@ -29,7 +29,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -391,6 +391,22 @@ async def _observed(endpoint: str) -> AsyncIterator[None]:
                                      tags={"endpoint": endpoint})
 
 
+async def _batch_or_each(handle: Any, many: str, one: Callable[[Any], Any], items: list[Any],
+                         bounded_call: Callable[[Any], Awaitable[Any]]) -> tuple[list[Any], int]:
+    """One call of ``handle``'s method ``many`` with every item, or, from a replica of an earlier
+    release that has no such method yet (during a rolling update), one call ``one(item)`` per
+    item, as that release's ingress made. Returns one result per item (an exception fails its
+    item alone) and the calls answered."""
+    try:
+        out: list[Any] = await bounded_call(getattr(handle, many).remote(items))
+        return out, 1
+    except RayServeException as exc:
+        if f"'{many}'" not in str(exc):
+            raise
+    return list(await asyncio.gather(*(bounded_call(one(item)) for item in items),
+                                     return_exceptions=True)), len(items)
+
+
 def _unix(ts: datetime | None) -> float | None:
     """Unix seconds of an event time; a time without an offset is UTC (the schema's rule)."""
     if ts is None:
@@ -505,17 +521,10 @@ class Ingress:
                 return bounded(call, timeout_s, "the context enricher", "ranker_timeout_s")
 
             async def send(items: list[tuple[dict[str, Any] | None, float]]) -> list[Any]:
-                try:
-                    out: list[Any] = await bounded_call(enricher.enrich_many.remote(items))
-                    return out
-                except RayServeException as exc:
-                    if "'enrich_many'" not in str(exc):
-                        raise
-                # An enricher replica of an earlier release, during a rolling update, has no
-                # enrich_many yet: one call per request, as that release's ingress made.
-                return list(await asyncio.gather(
-                    *(bounded_call(enricher.enrich.remote(ctx, now)) for ctx, now in items),
-                    return_exceptions=True))
+                out, _ = await _batch_or_each(
+                    enricher, "enrich_many", lambda item: enricher.enrich.remote(*item), items,
+                    bounded_call)
+                return out
 
             calls = Coalescer(send)
             self._enricher_coalescer = calls
@@ -534,20 +543,13 @@ class Ingress:
 
             async def send(queries: list[RankQuery]) -> list[Any]:
                 self._ranker_requests += len(queries)
-                if len(queries) > 1:
+                if len(queries) == 1:
                     self._ranker_calls_made += 1
-                    try:
-                        out: list[Any] = await bounded_call(ranker.recommend_many.remote(queries))
-                        return out
-                    except RayServeException as exc:
-                        if "'recommend_many'" not in str(exc):
-                            raise
-                # One request, or a ranker replica of an earlier release during a rolling update
-                # (no recommend_many yet): one call per request.
-                self._ranker_calls_made += len(queries)
-                return list(await asyncio.gather(
-                    *(bounded_call(ranker.recommend.remote(q)) for q in queries),
-                    return_exceptions=True))
+                    return [await bounded_call(ranker.recommend.remote(queries[0]))]
+                out, made = await _batch_or_each(
+                    ranker, "recommend_many", ranker.recommend.remote, queries, bounded_call)
+                self._ranker_calls_made += made
+                return out
 
             calls = Coalescer(send, max_in_flight=self.args.ranker_calls_in_flight,
                               max_batch=self.args.ranker_batch_size)
