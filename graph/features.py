@@ -50,18 +50,17 @@ DAY_S = 86400.0
 # Columns are only ever appended (a model version keeps its item_features.npy; an older one,
 # with fewer columns, is padded with NaN when loaded: graph.artifacts.read_artifact).
 ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_band", "brand_pop",
-                                  "new_buyers", "new_share", "item_age")
+                                  "new_buyers", "new_share")
 # Days before the signals' reference time in which a first purchase counts as adoption
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
 USE_EASE = True  # read at call time (bench/ranker_holdout.py --set turns it off)
-USE_ITEM_AGE = True  # likewise: False fits item_age as NaN (the experiment's base variant)
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
     "explore", "one_off",
     "cooc", "line", "intent", "basket", "session_items",
-    "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share", "item_age",
+    "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
     "peers", "ease",
     "context", "hour", "weekday", "holiday",
     "department", "price", "price_band", "brand_pop",
@@ -80,7 +79,7 @@ COMPONENT_OF: dict[str, str] = {
     "cooc": "cooc", "src_cooc": "cooc", "line": "line", "intent": "intent", "src_intent": "intent",
     "session_items": "intent", "basket": "basket",
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
-    "new_buyers": "pop", "new_share": "pop", "item_age": "pop",
+    "new_buyers": "pop", "new_share": "pop",
     "peers": "peers", "src_peers": "peers",
     "ease": "ease", "src_ease": "ease",
     "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
@@ -128,13 +127,8 @@ def item_features(train_events: pd.DataFrame, items: pd.DataFrame, ranker: Ranke
     else:
         brand_pop = np.full(n, np.nan)
     new_buyers, new_share = _adoption(sig)
-    # Days since the item's first purchase in the training events (log; NaN: never bought): a
-    # newly launched item is tried by many shoppers for the first time.
-    first = np.full(n, np.inf)
-    np.minimum.at(first, sig.hist_indices, sig.hist_first)
-    item_age = np.log1p(np.maximum(sig.now - first, 0.0) / DAY_S)
     out = np.stack([trend, sig.item_repeat_rate.astype(np.float64), price, band, brand_pop,
-                    new_buyers, new_share, item_age], axis=1)
+                    new_buyers, new_share], axis=1)
     return out.astype(np.float32)
 
 
@@ -213,8 +207,6 @@ def build_features(
     static = item_static[items]  # one gather of the candidates' rows, then its columns
     for j, name in enumerate(ITEM_FEATURES):
         col[name] = static[:, j]
-    if not USE_ITEM_AGE:
-        col["item_age"] = np.nan
     ctx = req.context
     col["hour"] = np.nan if ctx is None else float(ctx.hour)
     col["weekday"] = np.nan if ctx is None else float(ctx.weekday)
