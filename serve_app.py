@@ -48,7 +48,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.added_items import ADDED_ITEMS_DIR
-from actors.affinity import pin_replica
+from actors.affinity import cpu_reservation, pin_to_core
 from actors.api import (
     MAX_ID_LEN,
     MAX_K,
@@ -501,7 +501,7 @@ class Ingress:
         _METRICS = _Metrics()
         self.feedback = Feedback(Impressions(self.args.impressions_capacity))
         if self.args.pin_replicas:
-            pin_replica("Ingress replica")
+            pin_to_core(cpu_reservation(), "Ingress replica")
         log.info("intentrec ingress ready (%s; bodies up to %d bytes)", self.keys.describe(),
                  self.args.max_body_bytes)
 

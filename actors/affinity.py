@@ -40,16 +40,14 @@ log = logging.getLogger(__name__)
 REGISTRY = Path(tempfile.gettempdir()) / "intentrec-cpu-affinity"
 
 
-def pin_replica(what: str) -> list[int] | None:
-    """:func:`pin_to_core` for a Serve replica, weighted by its Ray CPU reservation; nothing when
-    this process is not a Ray actor (a test or the in-process bound building the class itself:
-    pinning it would pin every process it starts after, Ray's included)."""
+def cpu_reservation() -> float:
+    """This process's Ray CPU reservation (a replica's ``ray_actor_options.num_cpus``); 1.0
+    outside a Ray worker."""
     import ray
 
-    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
-        return None
-    reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    return pin_to_core(float(reserved), what)
+    if not ray.is_initialized():
+        return 1.0
+    return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
 
 
 def choose_core(cores: Iterable[int], claims: Iterable[tuple[int, float]]) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 from ray import serve
 
 from actors.added_items import AddedItems, Stamp
-from actors.affinity import pin_replica
+from actors.affinity import cpu_reservation, pin_to_core
 from actors.catalogue import catalogue_listing, shopper_sample
 from actors.context import infer_intent
 from actors.deployment_options import RANKER, options
@@ -708,7 +708,7 @@ class GNNRanker:
         if items_path is not None:
             threading.Thread(target=self._watch_items, name="items-watcher", daemon=True).start()
         if pin_replicas:  # last: every thread started above goes to the same core
-            pin_replica("GNNRanker replica")
+            pin_to_core(cpu_reservation(), "GNNRanker replica")
 
     def _watch(self) -> None:
         while not self._stop.wait(self.reload_poll_s):

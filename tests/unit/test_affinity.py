@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.affinity import _live_claims, choose_core, choose_cores, pin_replica, pin_to_core
+from actors.affinity import _live_claims, choose_core, choose_cores, pin_to_core
 
 REPO = Path(__file__).resolve().parents[2]
 LINUX_TWO_CORES = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
@@ -119,14 +119,5 @@ def test_an_unwritable_registry_leaves_the_process_unpinned(tmp_path: Path) -> N
     blocker.write_text("")  # mkdir of a path below a file fails
     before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     assert pin_to_core(1.0, "test", blocker / "registry") is None
-    if before is not None:
-        assert os.sched_getaffinity(0) == before
-
-
-def test_a_process_that_is_not_a_ray_actor_is_never_pinned() -> None:
-    """A test or the in-process bound builds the Ingress class in its own process: pinning that
-    process would pin everything it starts afterwards (a Ray cluster included)."""
-    before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    assert pin_replica("Ingress replica") is None
     if before is not None:
         assert os.sched_getaffinity(0) == before
