@@ -48,7 +48,6 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.added_items import ADDED_ITEMS_DIR
-from actors.affinity import cpu_reservation, pin_to_core
 from actors.api import (
     MAX_ID_LEN,
     MAX_K,
@@ -158,10 +157,6 @@ class AppArgs(BaseModel):
             busy goes out at once as one more call, so under load the calls in flight grow with
             it: Serve's autoscaler, which counts the ranker's calls (``target_ongoing_requests``
             of the GNNRanker), still sees the load, and more ranker replicas get calls.
-        pin_replicas: Keep all the threads of each ranker and ingress replica on one core of
-            its node, the one with the fewest other pinned replicas (:mod:`actors.affinity`): a
-            request then finds the replica's data in that core's caches. False: the kernel
-            places the threads.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -185,7 +180,6 @@ class AppArgs(BaseModel):
     context_cache_size: int = Field(default=1024, ge=0, le=1_000_000)
     ranker_calls_in_flight: int = Field(default=2, ge=0, le=1024)
     ranker_batch_size: int = Field(default=8, ge=1, le=1024)
-    pin_replicas: bool = True
 
     @field_validator("default_timezone")
     @classmethod
@@ -500,8 +494,6 @@ class Ingress:
             self.store = store
         _METRICS = _Metrics()
         self.feedback = Feedback(Impressions(self.args.impressions_capacity))
-        if self.args.pin_replicas:
-            pin_to_core(cpu_reservation(), "Ingress replica")
         log.info("intentrec ingress ready (%s; bodies up to %d bytes)", self.keys.describe(),
                  self.args.max_body_bytes)
 
@@ -908,7 +900,7 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
 
     ranker = with_env(GNNRanker).bind(
         args.artifacts_root, args.model_version, args.reload_poll_s, args.tombstones_path,
-        args.items_path, args.pin_replicas)
+        args.items_path)
     enricher = None if args.inline_context else with_env(ContextEnricher).bind(
         args.default_country, args.default_timezone)
     return with_env(Ingress).bind(ranker, enricher, args.model_dump(), None, clock)

@@ -28,7 +28,6 @@ import numpy as np
 from ray import serve
 
 from actors.added_items import AddedItems, Stamp
-from actors.affinity import cpu_reservation, pin_to_core
 from actors.catalogue import catalogue_listing, shopper_sample
 from actors.context import infer_intent
 from actors.deployment_options import RANKER, options
@@ -681,8 +680,6 @@ class GNNRanker:
         tombstones_path: File of forgotten users shared by the replicas.
         items_path: Folder of items added with ``PUT /v1/items`` shared by the replicas; a
             second thread lists it every :data:`ITEMS_POLL_S` seconds.
-        pin_replicas: Keep all of the replica's threads on one core of its node
-            (:func:`actors.affinity.pin_to_core`, ``AppArgs.pin_replicas``).
     """
 
     def __init__(
@@ -692,7 +689,6 @@ class GNNRanker:
         reload_poll_s: float = 30.0,
         tombstones_path: str | None = None,
         items_path: str | None = None,
-        pin_replicas: bool = False,
     ) -> None:
         _limit_threads()
         self.service = RankerService(artifacts_root, model_version, tombstones_path,
@@ -707,8 +703,6 @@ class GNNRanker:
             threading.Thread(target=self._watch, name="latest-watcher", daemon=True).start()
         if items_path is not None:
             threading.Thread(target=self._watch_items, name="items-watcher", daemon=True).start()
-        if pin_replicas:  # last: every thread started above goes to the same core
-            pin_to_core(cpu_reservation(), "GNNRanker replica")
 
     def _watch(self) -> None:
         while not self._stop.wait(self.reload_poll_s):

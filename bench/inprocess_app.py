@@ -67,11 +67,9 @@ def build(app_args: dict[str, Any], clock: Any = None) -> Any:
 
     clock = clock or system_clock
 
-    # One direct ranker call per request: nothing to coalesce without a hop. Not pinned to a
-    # core: the bound stays the same process it has always been measured as (and the Serve
-    # replicas of the same bench claim the node's cores for themselves).
+    # One direct ranker call per request: nothing to coalesce without a hop.
     args = serve_app.AppArgs.model_validate(
-        {**app_args, "ranker_calls_in_flight": 0, "pin_replicas": False}).resolved()
+        {**app_args, "ranker_calls_in_flight": 0}).resolved()
     ranker = RankerService(args.artifacts_root, args.model_version, args.tombstones_path,
                            items_path=args.items_path)
     # SessionStore's routing and validation, with its shard handles pointing at shards in this

@@ -625,9 +625,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranker-calls-in-flight", type=int, default=None, metavar="N",
                    help="AppArgs.ranker_calls_in_flight (default: the app's); 0: one ranker call "
                         "per recommendation")
-    p.add_argument("--no-pin-replicas", action="store_true",
-                   help="AppArgs.pin_replicas false: the kernel places the ranker's and the "
-                        "ingress's threads (default: each replica on one core, actors/affinity.py)")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the whole Ray cluster, proxy and controller included "
                         "(e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
@@ -694,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     del art
 
     serve_args = app_args(model_root, work, "serve").model_copy(
-        update={"inline_context": opts.inline_context, "pin_replicas": not opts.no_pin_replicas,
+        update={"inline_context": opts.inline_context,
                 **({} if opts.ranker_calls_in_flight is None
                    else {"ranker_calls_in_flight": opts.ranker_calls_in_flight})})
     bound_args = app_args(model_root, work, "bound")
@@ -849,7 +846,6 @@ def main(argv: list[str] | None = None) -> int:
                      "serve_env": serve_env, "app_env": app_env,
                      "serve_env_from": "Ray defaults" if opts.ray_defaults else opts.cluster_config,
                      "inline_context": opts.inline_context,
-                     "pin_replicas": not opts.no_pin_replicas,
                      "ray_init": "address=local, num_cpus=2, dashboard off, 127.0.0.1",
                      "niceness": {"ray_workers": niceness, "bound": niceness, "client": os.nice(0)},
                      "deployments": deployments,
