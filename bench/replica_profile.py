@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +39,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 APP = "intentrec-bench"  # bench/serve_bench.py's app name
 DEPLOYMENTS = ("GNNRanker", "Ingress", "ContextEnricher")
 WAITS = ("epoll_wait", "epoll_pwait", "pthread_cond_wait", "pthread_cond_timedwait",
@@ -129,21 +128,14 @@ def main() -> int:
     passes = len(names) * (2 if args.svg else 1)
     tmp = Path(tempfile.mkdtemp(prefix="replica-profile-"))
     log = tmp / "serve_bench.log"
-    bench = [sys.executable, str(ROOT / "bench" / "serve_bench.py"), "--artifacts", args.artifacts,
-             "--endpoints", "recommendations", "--concurrency", "8", "--warmup", "3",
-             "--duration", str(passes * (args.seconds + 5) + 20), "--no-bound",
+    bench = ["--artifacts", args.artifacts, "--endpoints", "recommendations", "--concurrency", "8",
+             "--warmup", "3", "--duration", str(passes * (args.seconds + 5) + 20), "--no-bound",
              "--open-fractions", "", "--output", str(tmp / "serve_bench.json")]
-    print(f"starting the serving bench (log: {log})", flush=True)
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(bench, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     results: dict[str, object] = {}
-    try:
-        deadline = time.monotonic() + 600
-        while "seeding sessions" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the serving bench did not start its load; see {log}")
-            time.sleep(2)
+    from bench.serve_bench import in_background, wait_for_log
+
+    with in_background(bench, log) as proc:
+        wait_for_log(log, "seeding sessions", proc, 600)
         time.sleep(10)  # warm-up, and the load generator reaching its concurrency
         for name in names:
             pid = replica_pid(proc.pid, name)
@@ -164,13 +156,6 @@ def main() -> int:
         print("waiting for the bench's measured cell to end (its CPU per request by process)",
               flush=True)
         proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:  # stopped early: SIGINT lets the bench shut its Ray and HAProxy
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     cpu = re.search(r"cpu ms/req by process: (.*)", log.read_text())
     print(f"\n{'share of active samples':<24}" + "".join(f"{n:>12}" for n in names))
     for c in CLASSES:

@@ -46,10 +46,13 @@ import os
 import platform
 import random
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from importlib import metadata
@@ -492,6 +495,38 @@ class ServerCpu:
                 title = Path(title).name
             out[pid] = title or p.name()
         return out
+
+
+@contextmanager
+def in_background(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """This bench run as a child process with ``argv`` (its output in ``log``), for tools that
+    measure its cluster from outside (``bench/replica_profile.py``, ``bench/serve_threads.py``).
+    A child still running when the block ends (early, or on an error) gets a SIGINT, which lets it
+    shut its Ray cluster and HAProxy, then a kill after 120 s."""
+    cmd = [sys.executable, str(REPO / "bench" / "serve_bench.py"), *argv]
+    print(f"starting the serving bench (log: {log})", flush=True)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def wait_for_log(log: Path, text: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Until ``text`` is in the background bench's ``log``; exits naming the log if the bench
+    ends or ``timeout_s`` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while text not in (log.read_text() if log.exists() else ""):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the serving bench did not get to {text!r}; see {log}")
+        time.sleep(0.5)
 
 
 class LoadGen:

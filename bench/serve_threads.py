@@ -26,8 +26,6 @@ import argparse
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 APP = "intentrec-bench"  # bench/serve_bench.py's app name
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
@@ -121,14 +120,6 @@ def pin(procs: dict[int, str]) -> dict[str, int]:
     return where
 
 
-def _wait_for(log: Path, text: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while text not in (log.read_text() if log.exists() else ""):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the serving bench did not get to {text!r}; see {log}")
-        time.sleep(0.5)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--artifacts", default=str(ROOT / "artifacts"))
@@ -142,33 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     log, result = tmp / "serve_bench.log", tmp / "serve_bench.json"
     warmup, idle = 5.0, args.seconds + 8.0
     duration = args.seconds + 10.0
-    bench = [sys.executable, str(ROOT / "bench" / "serve_bench.py"), "--artifacts", args.artifacts,
-             "--endpoints", "recommendations", "--concurrency", str(args.concurrency),
-             "--warmup", str(warmup), "--duration", str(duration), "--idle", str(idle),
-             "--no-bound", "--open-fractions", "", "--output", str(result)]
-    print(f"starting the serving bench (log: {log})", flush=True)
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(bench, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        _wait_for(log, "seeding sessions", proc, 600)
+    bench = ["--artifacts", args.artifacts, "--endpoints", "recommendations",
+             "--concurrency", str(args.concurrency), "--warmup", str(warmup),
+             "--duration", str(duration), "--idle", str(idle), "--no-bound",
+             "--open-fractions", "", "--output", str(result)]
+    from bench.serve_bench import in_background, wait_for_log
+
+    with in_background(bench, log) as proc:
+        wait_for_log(log, "seeding sessions", proc, 600)
         procs = app_processes(proc.pid)
         pinned = pin(procs) if args.pin else {}
         time.sleep(4.0)  # seeding done; the bench measures its idle cluster next
         print(f"idle window: {args.seconds:.0f} s over {len(procs)} processes", flush=True)
         idle_w = window(procs, args.seconds)
-        _wait_for(log, "idle Serve cluster", proc, 120)
+        wait_for_log(log, "idle Serve cluster", proc, 120)
         time.sleep(warmup + 3.0)
         print(f"load window: {args.seconds:.0f} s at concurrency {args.concurrency}", flush=True)
         load_w = window(procs, args.seconds)
         proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:  # stopped early: SIGINT lets the bench shut its Ray and HAProxy
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     row = json.loads(result.read_text())["rows"][0]
     rate = float(row["throughput"])
     requests = rate * args.seconds
