@@ -504,8 +504,9 @@ class SessionCalls(_Out):
 class RankerCalls(_Out):
     """The answering ingress replica's recommendation calls to the ranker since it started."""
 
-    calls: int = Field(description="Serve calls the ranker answered for recommendations (a "
-                       "ranker of an earlier release, which cannot take a batch, one per request)")
+    calls: int = Field(description="Serve calls made to the ranker for recommendations; a batch "
+                       "call that a ranker of an earlier release refuses (it cannot take a batch) "
+                       "is not counted, and its requests then count one call each")
     requests: int = Field(description="recommendation requests they carried: more than calls "
                           "when requests arriving together went in one call "
                           "(ranker_calls_in_flight)")
