@@ -5,7 +5,8 @@ GNN is trained on the events before the validation cut (Ray Train, as in the job
 ``--emb-cache`` so later runs skip it), the LightGBM ranker is fitted on the validation requests
 of three quarters of the shoppers, and recall@20 is measured on the requests of the other quarter
 through the served path (candidates, features, cascade). A variant overrides module constants
-(``--set graph.retrieval.PEERS_K=200``) and LightGBM parameters (``--param num_leaves=63``);
+(``--set graph.retrieval.PEERS_K=200``) and LightGBM parameters (``--param num_leaves=63``), or
+fits its ranker as one of the job's ablations (``--ablation ctx:no_context``);
 ``--variant`` runs several in one process, each with its own candidates and ranker, on the same
 held-out shoppers. This is how changes are chosen without looking at the test split. A constant
 only reaches the code that reads it at call time: one used as a function's default argument is
@@ -131,7 +132,8 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
                 requests += reqs
                 targets += q.targets
             tr, va = ranker_fit.fit_sets(rec, requests, targets, rng)
-            lr = fit_ranker(tr.data, va.data, seed=seed,
+            lr = fit_ranker(tr.data, va.data, ablation=v.get("ablation", "full"),
+                            sources=tr.sources, valid_sources=va.sources, seed=seed,
                             params=v["params"], progress=print)
             rows = {}
             by_cascade: dict[str, dict[str, Any]] = {}
@@ -155,7 +157,8 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
                         "recall@20": summarize(top, q.targets, 20)["recall@20"],
                         "whole_model_recall@20": summarize(whole, q.targets, 20)["recall@20"],
                         "top20_same_as_whole_model": float(np.mean(same))}
-        out[name] = {"set": v["set"], "params": v["params"], "rounds": lr.info["rounds"],
+        out[name] = {"set": v["set"], "params": v["params"],
+                     "ablation": v.get("ablation", "full"), "rounds": lr.info["rounds"],
                      "tasks": rows, "seconds": round(time.perf_counter() - t0, 1)}
         if by_cascade:
             out[name]["cascades"] = by_cascade
@@ -171,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a module constant of a variant (a Python literal)")
     p.add_argument("--param", action="append", default=[], metavar="VARIANT:KEY=VALUE",
                    help="a LightGBM parameter of a variant")
+    p.add_argument("--ablation", action="append", default=[], metavar="VARIANT:NAME",
+                   help="fit a variant's ranker as an ablation of graph.ltr.ABLATIONS (its "
+                        "features and candidate sources left out, e.g. no_context)")
     p.add_argument("--cascade", action="append", default=[], metavar="NAME=STAGES",
                    help="also rank with these cascade stages (graph.ltr.CASCADE, e.g. "
                         "'three=((20, 100), (80, 50))') and compare with the shipped one and the "
@@ -209,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
                 variants[name]["params"][target] = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 variants[name]["params"][target] = value
+    for spec in opts.ablation:
+        from graph.ltr import ABLATIONS
+
+        name, _, ablation = spec.partition(":")
+        if name not in variants or ablation not in ABLATIONS:
+            raise SystemExit(f"--ablation {spec!r}: write VARIANT:NAME with VARIANT one of {names} "
+                             f"and NAME one of {sorted(ABLATIONS)}")
+        variants[name]["ablation"] = ablation
     cascades = dict(c.split("=", 1) for c in opts.cascade)
     import ast
 
