@@ -88,6 +88,28 @@ def test_fitting_is_deterministic_and_round_trips(fitted: tuple[LearnedRanker, R
     assert back.features == lr.features and back.info == lr.info
 
 
+def test_the_ranker_is_refitted_on_every_request_with_the_early_stopped_rounds_scaled(
+        fitted: tuple[LearnedRanker, RankingData], monkeypatch: pytest.MonkeyPatch) -> None:
+    from graph import ltr
+
+    lr, _ = fitted
+    info = lr.info
+    assert info["refit_on_all"] and 0 < info["early_stopped_rounds"] < 60
+    # 60 training requests and 20 early-stopping ones: the rounds scaled by 80 / 60.
+    assert info["requests"] == 60 and info["valid_requests"] == 20
+    assert info["rounds"] == round(info["early_stopped_rounds"] * 80 / 60)
+    assert lr.booster.current_iteration() == info["rounds"]
+    # Without the refit the model is the early-stopped one, with as many trees as it chose.
+    monkeypatch.setattr(ltr, "REFIT_ON_ALL", False)
+    train, src = synthetic(0)
+    valid, vsrc = synthetic(1, requests=20)
+    stopped = fit_ranker(train, valid, sources=src, valid_sources=vsrc, max_rounds=60)
+    assert not stopped.info["refit_on_all"]
+    assert stopped.info["rounds"] == stopped.info["early_stopped_rounds"] == info["early_stopped_rounds"]
+    assert stopped.booster.current_iteration() == stopped.info["rounds"]
+    assert not np.array_equal(stopped.score(valid.x), lr.score(valid.x))
+
+
 @pytest.mark.parametrize("ablation", [a for a in ABLATIONS if a != "full"])
 def test_an_ablation_drops_its_features_and_sources(ablation: str) -> None:
     train, src = synthetic(0)
