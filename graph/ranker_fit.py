@@ -14,7 +14,8 @@
    requests with 100 negatives each ranked better on held-out validation requests than a third
    as many with 300: the same rows, more variety of shoppers and baskets), the shoppers are
    split 80/20 into training and early-stopping sets (:func:`split_requests`), and LambdaRank
-   is fitted for the full model and each ablation (:data:`graph.ltr.ABLATIONS`).
+   is fitted for the full model and each ablation (:data:`graph.ltr.ABLATIONS`), then refitted
+   on both sets with the rounds early stopping chose, scaled (:data:`graph.ltr.REFIT_ON_ALL`).
 """
 
 from __future__ import annotations
