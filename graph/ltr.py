@@ -334,20 +334,24 @@ def fit_ranker(
     if refit:
         # The early-stopping requests hold a fifth of the shoppers: once they have chosen the
         # number of rounds, refit on every request with that number scaled to the larger set.
-        both = RankingData(np.concatenate([tr.x, va.x]), np.concatenate([tr.y, va.y]),
-                           np.concatenate([tr.group, va.group]))
-        best = max(1, round(stopped * len(both.group) / len(tr.group)))
-        booster = lgb.train(p, lgb.Dataset(both.x[:, cols], both.y, group=both.group,
+        group = np.concatenate([tr.group, va.group])
+        best = max(1, round(stopped * len(group) / len(tr.group)))
+        booster = lgb.train(p, lgb.Dataset(np.concatenate([tr.x[:, cols], va.x[:, cols]]),
+                                           np.concatenate([tr.y, va.y]), group=group,
                                            feature_name=list(feats), free_raw_data=True),
                             num_boost_round=best)
+    # rows / requests: what early stopping trained on; fitted_*: what the returned model learned
+    # from; valid_ndcg@20: the early-stopped model's score on the held-out shoppers (after a
+    # refit they are in the model too, so no held-out score of it exists).
     info = {"ablation": ablation, "rows": len(tr.y), "requests": len(tr.group),
             "valid_requests": len(va.group), "rounds": int(best), "early_stopped_rounds": stopped,
-            "refit_on_all": refit,
+            "refit_on_all": refit, "fitted_rows": len(tr.y) + (len(va.y) if refit else 0),
+            "fitted_requests": len(tr.group) + (len(va.group) if refit else 0),
             "valid_ndcg@20": ndcg, "params": {k: v for k, v in p.items() if k != "eval_at"}}
     model = booster if best == booster.current_iteration() else lgb.Booster(
         model_str=booster.model_to_string(num_iteration=best))
     if progress is not None:
-        then = f", refitted on all {len(tr.y) + len(va.y):,} rows with {best} rounds" if refit else ""
+        then = f", refitted on all {info['fitted_rows']:,} rows with {best} rounds" if refit else ""
         progress(f"[ranker] {ablation}: LambdaRank on {info['rows']:,} rows of "
                  f"{info['requests']:,} requests, {stopped} rounds, validation ndcg@20 "
                  f"{ndcg:.4f}{then}")

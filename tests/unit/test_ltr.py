@@ -97,6 +97,7 @@ def test_the_ranker_is_refitted_on_every_request_with_the_early_stopped_rounds_s
     assert info["refit_on_all"] and 0 < info["early_stopped_rounds"] < 60
     # 60 training requests and 20 early-stopping ones: the rounds scaled by 80 / 60.
     assert info["requests"] == 60 and info["valid_requests"] == 20
+    assert info["fitted_requests"] == 80 and info["fitted_rows"] == 80 * 30
     assert info["rounds"] == round(info["early_stopped_rounds"] * 80 / 60)
     assert lr.booster.current_iteration() == info["rounds"]
     # Without the refit the model is the early-stopped one, with as many trees as it chose.
@@ -105,6 +106,7 @@ def test_the_ranker_is_refitted_on_every_request_with_the_early_stopped_rounds_s
     valid, vsrc = synthetic(1, requests=20)
     stopped = fit_ranker(train, valid, sources=src, valid_sources=vsrc, max_rounds=60)
     assert not stopped.info["refit_on_all"]
+    assert stopped.info["fitted_requests"] == 60 and stopped.info["fitted_rows"] == 60 * 30
     assert stopped.info["rounds"] == stopped.info["early_stopped_rounds"] == info["early_stopped_rounds"]
     assert stopped.booster.current_iteration() == stopped.info["rounds"]
     assert not np.array_equal(stopped.score(valid.x), lr.score(valid.x))
