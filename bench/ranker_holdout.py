@@ -132,7 +132,7 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
                 requests += reqs
                 targets += q.targets
             tr, va = ranker_fit.fit_sets(rec, requests, targets, rng)
-            lr = fit_ranker(tr.data, va.data, ablation=v.get("ablation", "full"),
+            lr = fit_ranker(tr.data, va.data, ablation=v["ablation"],
                             sources=tr.sources, valid_sources=va.sources, seed=seed,
                             params=v["params"], progress=print)
             rows = {}
@@ -158,7 +158,7 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
                         "whole_model_recall@20": summarize(whole, q.targets, 20)["recall@20"],
                         "top20_same_as_whole_model": float(np.mean(same))}
         out[name] = {"set": v["set"], "params": v["params"],
-                     "ablation": v.get("ablation", "full"), "rounds": lr.info["rounds"],
+                     "ablation": v["ablation"], "rounds": lr.info["rounds"],
                      "tasks": rows, "seconds": round(time.perf_counter() - t0, 1)}
         if by_cascade:
             out[name]["cascades"] = by_cascade
@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     names = opts.variant or ["base"]
-    variants: dict[str, dict[str, Any]] = {n: {"set": [], "params": {}} for n in names}
+    variants: dict[str, dict[str, Any]] = {n: {"set": [], "params": {}, "ablation": "full"}
+                                           for n in names}
     for spec, key in [(s, "set") for s in opts.set] + [(s, "params") for s in opts.param]:
         name, _, rest = spec.partition(":")
         target, eq, value = rest.partition("=")
@@ -215,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                 variants[name]["params"][target] = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 variants[name]["params"][target] = value
-    for spec in opts.ablation:
-        from graph.ltr import ABLATIONS
+    from graph.ltr import ABLATIONS
 
+    for spec in opts.ablation:
         name, _, ablation = spec.partition(":")
         if name not in variants or ablation not in ABLATIONS:
             raise SystemExit(f"--ablation {spec!r}: write VARIANT:NAME with VARIANT one of {names} "
