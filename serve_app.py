@@ -143,7 +143,7 @@ class AppArgs(BaseModel):
         health_timeout_s: Longest wait for each component ``/healthz`` checks.
         impressions_capacity: Recommendation responses each ingress replica remembers, to credit
             clicks and add-to-carts to the version and position that showed the item
-            (:class:`actors.feedback.Impressions`, about 0.35 KB each, oldest dropped first).
+            (:class:`actors.feedback.Impressions`, about 0.39 KB each, oldest dropped first).
         context_cache_size: Request contexts (device, region, country, zone) whose enrichment
             each ingress replica keeps while the enricher says it holds (a UTC quarter-hour for
             the built-in one): a request with one of them skips the enricher call

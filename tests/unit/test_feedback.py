@@ -103,7 +103,7 @@ def test_an_item_id_holding_the_separator_is_still_found() -> None:
 
 
 def test_a_full_impressions_buffer_stays_within_its_documented_size() -> None:
-    """The docstring's figure (100,000 responses of 20 items in about 35 MB) measured: the item
+    """The docstring's figure (100,000 responses of 20 items in about 39 MB) measured: the item
     ids arrive as fresh strings, as they do from a deserialized ranker answer."""
     import pickle
     import random
