@@ -25,6 +25,7 @@ Prints one row per variant and task and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import os
@@ -44,8 +45,6 @@ HELD_OUT_SHARE = 0.25
 @contextmanager
 def overridden(settings: list[tuple[str, str]]) -> Iterator[None]:
     """Module constants set to new values (``module.NAME``, a Python literal) for the block."""
-    import ast
-
     old = []
     for target, value in settings:
         mod_name, _, name = target.rpartition(".")
@@ -210,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
         if key == "set":
             variants[name]["set"].append((target, value))
         else:
-            import ast
-
             try:
                 variants[name]["params"][target] = ast.literal_eval(value)
             except (ValueError, SyntaxError):
@@ -225,8 +222,6 @@ def main(argv: list[str] | None = None) -> int:
                              f"and NAME one of {sorted(ABLATIONS)}")
         variants[name]["ablation"] = ablation
     cascades = dict(c.split("=", 1) for c in opts.cascade)
-    import ast
-
     gnn = {k: ast.literal_eval(v) for k, _, v in (g.partition("=") for g in opts.gnn)}
     signal_params = {k: ast.literal_eval(v)
                      for k, _, v in (g.partition("=") for g in opts.signals)}
