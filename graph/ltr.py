@@ -88,7 +88,6 @@ class RankingData:
     x: np.ndarray
     y: np.ndarray
     group: np.ndarray
-    weight: np.ndarray | None = None  # ``[N]`` row weights (one request's weight on each of its rows)
 
     def subset(self, requests: np.ndarray, rows: np.ndarray | None = None) -> RankingData:
         """The given requests (indices), optionally only ``rows`` (a row mask) of them."""
@@ -100,8 +99,7 @@ class RankingData:
             keep = rows[take]
             take, req_of = take[keep], req_of[keep]
         group = np.bincount(req_of, minlength=len(requests))
-        weight = None if self.weight is None else self.weight[take]
-        return RankingData(self.x[take], self.y[take], group, weight)
+        return RankingData(self.x[take], self.y[take], group)
 
 
 @dataclass(frozen=True)
@@ -320,11 +318,10 @@ def fit_ranker(
     if len(tr.group) == 0:
         raise DataError("no validation request has a bought item among its candidates: the "
                         "validation window is too small to fit the ranker; widen --val-days")
-    dtrain = lgb.Dataset(tr.x[:, cols], tr.y, group=tr.group, weight=tr.weight,
-                         feature_name=list(feats), free_raw_data=True)
+    dtrain = lgb.Dataset(tr.x[:, cols], tr.y, group=tr.group, feature_name=list(feats),
+                         free_raw_data=True)
     if len(va.group):  # early stopping on held-out validation requests
-        dvalid = lgb.Dataset(va.x[:, cols], va.y, group=va.group, weight=va.weight,
-                             reference=dtrain)
+        dvalid = lgb.Dataset(va.x[:, cols], va.y, group=va.group, reference=dtrain)
         booster = lgb.train(p, dtrain, num_boost_round=max_rounds, valid_sets=[dvalid],
                             valid_names=["validation"],
                             callbacks=[lgb.early_stopping(EARLY_STOPPING, verbose=False)])
@@ -339,12 +336,9 @@ def fit_ranker(
         # number of rounds, refit on every request with that number scaled to the larger set.
         group = np.concatenate([tr.group, va.group])
         best = max(1, round(stopped * len(group) / len(tr.group)))
-        weight = (None if tr.weight is None or va.weight is None
-                  else np.concatenate([tr.weight, va.weight]))
         booster = lgb.train(p, lgb.Dataset(np.concatenate([tr.x[:, cols], va.x[:, cols]]),
                                            np.concatenate([tr.y, va.y]), group=group,
-                                           weight=weight, feature_name=list(feats),
-                                           free_raw_data=True),
+                                           feature_name=list(feats), free_raw_data=True),
                             num_boost_round=best)
     # rows / requests: what early stopping trained on; fitted_*: what the returned model learned
     # from; valid_ndcg@20: the early-stopped model's score on the held-out shoppers (after a

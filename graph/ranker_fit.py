@@ -34,9 +34,6 @@ from graph.tasks import QueryBatch
 QUERY_SHARE = 0.2
 NEGATIVES_PER_REQUEST = 100
 VALID_SHARE = 0.2
-# Experiment: weight each request by IDCG(min(|T|, 20)) / |T| (normalised to mean 1 within each
-# kind of request), so that LambdaRank's NDCG gradients value a hit as recall@20 does (1 / |T|).
-TARGET_WEIGHTS = False
 SPLIT_BY_SHOPPER = True  # early-stopping requests: whole shoppers held out (split_requests)
 Progress = Callable[[str], None]
 
@@ -87,12 +84,9 @@ def label(rec: Recommender, requests: Sequence[Request], targets: Sequence[np.nd
     "Ranking"), most likely because many of them are items the shopper buys later.
     """
     negatives = NEGATIVES_PER_REQUEST if negatives is None else negatives
-    xs, ys, srcs, group, raw, kinds = [], [], [], [], [], []
+    xs, ys, srcs, group = [], [], [], []
     found = total = 0
-    discount = np.cumsum(1.0 / np.log2(np.arange(2, 22)))
     for req, tgt in zip(requests, targets, strict=True):
-        raw.append(discount[min(len(tgt), 20) - 1] / len(tgt))
-        kinds.append((bool(req.item_events), req.exclude is not None))
         p = rec.prepare(req)
         y = np.isin(p.candidates.items, tgt)
         found += int(y.sum())
@@ -106,15 +100,7 @@ def label(rec: Recommender, requests: Sequence[Request], targets: Sequence[np.nd
         ys.append(y[keep].astype(np.float32))
         srcs.append(p.candidates.sources[keep])
         group.append(len(keep))
-    weight = None
-    if TARGET_WEIGHTS:
-        w = np.asarray(raw)
-        kind = np.array([2 * a + b for a, b in kinds])
-        for k in np.unique(kind):
-            w[kind == k] /= w[kind == k].mean()
-        weight = np.repeat(w, group).astype(np.float32)
-    data = RankingData(np.concatenate(xs), np.concatenate(ys), np.asarray(group, dtype=np.int64),
-                       weight)
+    data = RankingData(np.concatenate(xs), np.concatenate(ys), np.asarray(group, dtype=np.int64))
     return LabelledSet(data, np.concatenate(srcs), found / max(total, 1))
 
 
