@@ -1,5 +1,5 @@
 # The two commands the README opens with: `make demo` and `make test`.
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench lock
 
 setup:
 	bash scripts/setup.sh
@@ -15,3 +15,6 @@ lint: setup
 
 bench: setup
 	. .venv/bin/activate && python bench/train_bench.py && python bench/serve_bench.py
+
+lock:
+	bash scripts/lock.sh
