@@ -14,6 +14,6 @@ fi
 echo "[setup] installing torch==2.13.0 (CPU) first"
 if ! pip install -q --retries 0 --timeout 20 "torch==2.13.0" \
     --index-url https://download.pytorch.org/whl/cpu 2>/dev/null; then
-  echo "[setup] PyTorch's CPU index is out of reach; installing torch==2.13.0 from the configured indexes"
+  echo "[setup] torch==2.13.0 did not install from PyTorch's CPU index (out of reach, or no such wheel there); installing it from the configured indexes"
   pip install -q "torch==2.13.0"
 fi
