@@ -55,11 +55,6 @@ ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_ba
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
 USE_EASE = True  # read at call time (bench/ranker_holdout.py --set turns it off)
-PROMO_TABLES = None  # EXPERIMENT: set by bench/promo_holdout.py
-PROMO_MODE = "off"  # EXPERIMENT: off | now | ahead | elastic
-PROMO_ELASTIC = None  # EXPERIMENT
-PROMO_BASKET_STORE: dict = {}  # EXPERIMENT: (user, unix seconds) -> the basket's store
-PROMO_STORE = "main"  # EXPERIMENT: main | basket (the basket's own store where the request has one)
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
@@ -67,7 +62,7 @@ FEATURES: tuple[str, ...] = (
     "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
     "peers", "ease",
-    "context", "hour", "weekday", "holiday", "promo_here", "promo_chain", "promo_ahead",
+    "context", "hour", "weekday", "holiday",
     "department", "price", "price_band", "brand_pop",
     "query_lex", "query_sem", "query_rrf",
     "session_query_lex", "session_query_sem", "session_query_rrf",
@@ -88,7 +83,6 @@ COMPONENT_OF: dict[str, str] = {
     "peers": "peers", "src_peers": "peers",
     "ease": "ease", "src_ease": "ease",
     "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
-    "promo_here": "context", "promo_chain": "context", "promo_ahead": "context",
     "src_context": "context",
     "department": "item", "price": "item", "price_band": "item", "brand_pop": "item",
     "query_lex": "query", "query_sem": "query", "query_rrf": "query",
@@ -210,7 +204,6 @@ def build_features(
     _repeat_stats(ranker, req, items, col)
     col["peers"] = _peer_scores(ranker, req.user, items)
     col["ease"] = _ease_scores(ranker, req.user, items) if USE_EASE else np.nan
-    col["promo_here"], col["promo_chain"], col["promo_ahead"] = _promo_scores(req.user, req.now, items)
     static = item_static[items]  # one gather of the candidates' rows, then its columns
     for j, name in enumerate(ITEM_FEATURES):
         col[name] = static[:, j]
@@ -228,31 +221,6 @@ def build_features(
         out[:, j] = col[name]
     out[:, _SOURCE_COLUMNS:] = cand.sources  # the source flags, 1.0 / 0.0, in one block
     return out
-
-
-def _promo_scores(user: int | None, now: float, items: np.ndarray) -> tuple:
-    """EXPERIMENT: the items' promotion at the shopper's main store in the request's week (1
-    display, 2 mailer, 3 both), the share of stores promoting them that week, and (mode ahead)
-    the share of the next four weeks they are promoted at the main store."""
-    if PROMO_TABLES is None or PROMO_MODE == "off":
-        return np.nan, np.nan, np.nan
-    user_store, by_store_week, chain, t0, nweeks = PROMO_TABLES
-    w = int(min(max((now - t0) // (7 * DAY_S) + 2, 1), nweeks - 1))
-    chain_now = chain[w, items]
-    st = -1 if user is None else int(user_store[user])
-    if PROMO_STORE == "basket" and user is not None:
-        st = PROMO_BASKET_STORE.get((int(user), int(round(now))), st)
-    if st < 0:
-        return np.nan, chain_now, np.nan
-    here = by_store_week[st * nweeks + w][:, items].toarray()[0].astype(np.float32)
-    ahead: np.ndarray | float = np.nan
-    if PROMO_MODE == "ahead":
-        ws = [min(w + k, nweeks - 1) for k in range(4)]
-        ahead = np.mean([(by_store_week[st * nweeks + x][:, items].toarray()[0] > 0) for x in ws],
-                        axis=0).astype(np.float32)
-    elif PROMO_MODE == "elastic":
-        ahead = np.where(here > 0, PROMO_ELASTIC[items], 0.0).astype(np.float32)
-    return here, chain_now, ahead
 
 
 def _peer_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndarray | float:
