@@ -7,8 +7,9 @@ Two pure functions, testable without Ray, and one Serve deployment:
   season, device and region. It returns the :class:`graph.ranking.ContextSignal` the ranker
   scores with and the display fields the API returns. How much the context moves the ranking is
   not decided here: the ranker looks the signal up in ``RankingSignals.context_lift`` /
-  ``holiday_lift``, tables estimated from the training data (category affinity by weekday, hour
-  and holiday), so no hand-written rule ("cereal in the morning") exists anywhere.
+  ``holiday_lift`` / ``attribute_lift``, tables estimated from the training data (category
+  affinity by weekday, hour and holiday, and by device and region where the events carry them),
+  so no hand-written rule ("cereal in the morning") exists anywhere.
 - :func:`infer_intent` turns the session's events into a recency- and event-weighted
   distribution over categories (the session's intent).
 - :class:`ContextEnricher` serves :func:`enrich_context`. The ingress calls it concurrently with
@@ -122,8 +123,12 @@ class EnrichedContext:
 
     def signal_fields(self) -> dict[str, Any]:
         """Keyword arguments of :class:`graph.ranking.ContextSignal` (what crosses the wire:
-        plain values keep torch, which ``graph.ranking`` imports, out of the ingress process)."""
-        return {"weekday": self.weekday, "hour": self.hour, "is_holiday": self.holiday is not None}
+        plain values keep torch, which ``graph.ranking`` imports, out of the ingress process).
+        ``device`` and ``region`` are sent as given (None when the request named none); the
+        ranker's lift tables normalise them the way they were fitted."""
+        return {"weekday": self.weekday, "hour": self.hour, "is_holiday": self.holiday is not None,
+                "device": None if self.device == UNKNOWN else self.device,
+                "region": None if self.region == UNKNOWN else self.region}
 
     def signal(self) -> Any:
         """The :class:`graph.ranking.ContextSignal` the ranker scores with."""

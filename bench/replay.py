@@ -70,7 +70,11 @@ def replay(url: str, artifacts: str, *, version: str = "latest", baskets: int = 
             r = client.post(f"{url}/v1/events", json={"events": events})
             r.raise_for_status()
             ts = pd.Timestamp(req.now, unit="s").isoformat()
-            body = {"session_id": sid, "k": 20, "context": {"ts": ts},
+            context = {"ts": ts}
+            if req.context is not None:  # the basket's device and region, where the data has them
+                context.update({k: v for k, v in (("device", req.context.device),
+                                                  ("region", req.context.region)) if v})
+            body = {"session_id": sid, "k": 20, "context": context,
                     **({"user_id": user} if user else {})}
             r = client.post(f"{url}/v1/recommendations", json=body)
             r.raise_for_status()

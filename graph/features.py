@@ -20,9 +20,11 @@ Features (see :data:`FEATURES`):
 - **EASE**: ``ease`` (the user's EASE score of the item, ``RankingSignals.ease_of``; 0 outside
   the user's best EASE items, NaN for an unknown user);
 - **popularity**: ``pop`` (log, decayed), ``pop_trend`` (last 7 days vs last 28), ``repeat_rate``;
-- **context**: ``context`` (department lift at the request's weekday × hour, holiday lift),
-  ``hour``, ``weekday``, ``holiday`` (no data set we ship has device or region; the lift tables
-  would take them the same way);
+- **context**: ``context`` (department lift at the request's weekday × hour, plus the holiday
+  lift, plus the device's and the region's lift where the training events carry ``device`` /
+  ``region`` columns: :meth:`graph.ranking.ContextSignal.department_lift`), ``hour``,
+  ``weekday``, ``holiday`` (no data set we ship has device or region, so there the lift is
+  time and holiday only);
 - **item**: ``department`` (its index, split like a number), ``price``, ``price_band`` (price
   percentile inside the item's category), ``brand_pop``;
 - **query** (:mod:`graph.search`): ``query_lex`` (BM25 over the query's best), ``query_sem``

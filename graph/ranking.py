@@ -41,7 +41,7 @@ from graph.kernels import (
     rows_times_csr_at,
     sessions_times_dense,
 )
-from graph.signals import COMPONENTS, RankingSignals, holiday_dates
+from graph.signals import COMPONENTS, RankingSignals, attribute_value, holiday_dates
 
 SESSION_HALF_LIFE_S = 1800.0
 # Components that only a session can move (0 without one).
@@ -106,17 +106,22 @@ def session_signal(
 
 @dataclass(frozen=True)
 class ContextSignal:
-    """When the request happens.
+    """When, and on what and where, the request happens.
 
     Args:
         weekday: 0 = Monday … 6 = Sunday, in the time convention of the training events.
         hour: 0–23, same convention.
         is_holiday: The day is a public holiday in the data's country.
+        device: The request's device (``context.device``), or None.
+        region: The request's region (``context.region``), or None. Either counts only where
+            the training events had that column and the value (``RankingSignals.attribute_lift``).
     """
 
     weekday: int
     hour: int
     is_holiday: bool = False
+    device: str | None = None
+    region: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.weekday <= 6:
@@ -125,13 +130,28 @@ class ContextSignal:
             raise BadRequestError(f"hour ({self.hour}) must be in 0..23", field="hour")
 
     @classmethod
-    def from_timestamp(cls, ts: pd.Timestamp | float, country: str = "US") -> ContextSignal:
+    def from_timestamp(cls, ts: pd.Timestamp | float, country: str = "US", *,
+                       device: str | None = None, region: str | None = None) -> ContextSignal:
         """Context of a naive-UTC timestamp (or unix seconds), with the country's holidays."""
         t = pd.Timestamp(ts, unit="s") if isinstance(ts, int | float) else pd.Timestamp(ts)
         if t.tzinfo is not None:
             t = t.tz_convert("UTC").tz_localize(None)
         hol = t.date() in holiday_dates(country, [t.year])
-        return cls(weekday=t.weekday(), hour=t.hour, is_holiday=hol)
+        return cls(weekday=t.weekday(), hour=t.hour, is_holiday=hol, device=device, region=region)
+
+    def department_lift(self, signals: RankingSignals) -> np.ndarray:
+        """Log-lift of each department in this context: the weekday × hour cell, plus the
+        holiday lift on a holiday, plus the device's and the region's lift where the training
+        events had them (a value they never had adds nothing). Shapes: return ``[D]``."""
+        lift = signals.context_lift[self.weekday, self.hour]
+        if self.is_holiday:
+            lift = lift + signals.holiday_lift
+        if signals.attribute_lift:
+            for col, value in ((S.DEVICE_COL, self.device), (S.REGION_COL, self.region)):
+                row = signals.attribute_lift.get(col, {}).get(attribute_value(value) or "")
+                if row is not None:
+                    lift = lift + row
+        return lift
 
 
 def repeat_scores(signals: RankingSignals, users: np.ndarray) -> sp.csr_matrix:
@@ -577,10 +597,7 @@ class Ranker:
             for r, c in enumerate(contexts):
                 if c is None:
                     continue
-                lift = self.signals.context_lift[c.weekday, c.hour]
-                if c.is_holiday:
-                    lift = lift + self.signals.holiday_lift
-                ctx[r] = lift[dept]
+                ctx[r] = c.department_lift(self.signals)[dept]
             out["context"] = ctx
         return out
 

@@ -338,9 +338,7 @@ def candidates(
     if category:
         parts.append((6, cat.category_items(category)[:CATEGORY_K]))
     if context is not None:
-        lift = sig.context_lift[context.weekday, context.hour]
-        if context.is_holiday:
-            lift = lift + sig.holiday_lift
+        lift = context.department_lift(sig)
         for d in np.argsort(-lift)[:CONTEXT_DEPTS]:
             parts.append((7, first_allowed(cat.dept_popular.get(int(d), _NONE), CONTEXT_PER_DEPT,
                                            excluded)))

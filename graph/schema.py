@@ -17,6 +17,11 @@ SESSION_COL: Final = "session_id"
 QUERY_COL: Final = "query"
 QTY_COL: Final = "qty"
 PRICE_COL: Final = "price"
+# Optional context columns of an event (the request's ``context.device`` / ``context.region``
+# online). Where the events carry them, the ranker's context lift uses them too.
+DEVICE_COL: Final = "device"
+REGION_COL: Final = "region"
+CONTEXT_ATTRIBUTES: Final[tuple[str, ...]] = (DEVICE_COL, REGION_COL)
 
 # --- canonical items table --------------------------------------------------------------
 TITLE_COL: Final = "title"

@@ -22,6 +22,10 @@ The GNN learns what a user tends to like; these signals carry what it cannot or 
   others at once instead of counting pairs (see :func:`ease_items`).
 - ``context_lift`` ``[7, 24, D]`` and ``holiday_lift`` ``[D]``: log-lift of a department's share of
   purchases at a weekday/hour (and on public holidays) over its overall share, smoothed towards 0.
+- ``attribute_lift``: the same log-lift for each value of the events' optional context columns
+  (``device``, ``region``; :data:`graph.schema.CONTEXT_ATTRIBUTES`) where the data has them: a
+  department's share of the purchases made on that device or in that region over its share among
+  all purchases with a value. Empty when the events carry neither (the built-in data).
 
 Everything is indexed like the ``Interactions`` it was fitted with: rows of the user arrays are
 ``inter.user_ids``, item positions are ``inter.item_ids`` (the whole catalogue).
@@ -56,6 +60,10 @@ _ITEM_SIM = "item_sim.npz"
 _META = "signals.json"
 _PEERS = "peers.npz"  # optional: models exported before it have none
 _EASE = "ease.npz"  # optional: models exported before it have none
+_ATTRIBUTES = "context_attributes.npz"  # optional: only data with device / region columns has it
+# Values of one context column kept in its lift table: the most frequent ones (a request with
+# another value gets no lift from that column). Bounds the table for free-text regions.
+MAX_ATTRIBUTE_VALUES = 256
 
 
 @dataclass
@@ -104,6 +112,8 @@ class RankingSignals:
         - **item_category** ``[I]`` int: category index (level 2 of the category path, the
           level the session's intent is shown at), in ``[0, num_categories)``.
         - **context_lift** ``[7, 24, D]``, **holiday_lift** ``[D]`` float32.
+        - **attribute_lift**: ``{column: {value: [D] float32}}`` for the context columns the
+          events carry (values as :func:`attribute_value` spells them); ``{}`` without any.
         - **peer_indptr** ``[U+1]``, **peer_indices** ``[nnz]`` (sorted within a row), **peer_score**
           ``[nnz]`` float32: the user's :func:`peer_items` (empty rows in models exported before
           them).
@@ -139,6 +149,7 @@ class RankingSignals:
     ease_indptr: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     ease_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     ease_score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    attribute_lift: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.peer_indptr) == 0:  # a model exported before peers: every row empty
@@ -238,6 +249,16 @@ class RankingSignals:
             "department_names": self.department_names,
             "params": self.params.__dict__,
         }
+        if self.attribute_lift:
+            # One [V, D] table per column; its values, in row order, go into the JSON (a region
+            # name can be anything, so it is not an .npz key).
+            meta["context_attributes"] = {c: list(v) for c, v in self.attribute_lift.items()}
+            tables: dict[str, Any] = {
+                c: np.stack(list(v.values())).astype(np.float32) if v
+                else np.zeros((0, len(self.department_names)), np.float32)
+                for c, v in self.attribute_lift.items()
+            }
+            np.savez(d / _ATTRIBUTES, allow_pickle=False, **tables)
         (d / _META).write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -271,6 +292,14 @@ class RankingSignals:
             with np.load(d / _EASE) as ez:
                 peers.update(ease_indptr=ez["indptr"], ease_indices=ez["indices"],
                              ease_score=ez["score"])
+        attribute_lift: dict[str, dict[str, np.ndarray]] = {}
+        names = meta.get("context_attributes") or {}
+        if names:
+            if not (d / _ATTRIBUTES).exists():
+                raise ArtifactError(f"ranking signals in {d} name context columns {list(names)} "
+                                    f"but lack {_ATTRIBUTES}; re-export the model")
+            with np.load(d / _ATTRIBUTES) as az:
+                attribute_lift = {c: dict(zip(vals, az[c], strict=True)) for c, vals in names.items()}
         return cls(
             popularity=arrays["popularity"],
             hist_indptr=hist["indptr"],
@@ -295,6 +324,7 @@ class RankingSignals:
             holiday_lift=arrays["holiday_lift"],
             now=float(meta["now"]),
             params=SignalParams(**meta["params"]),
+            attribute_lift=attribute_lift,
             **peers,
         )
 
@@ -510,6 +540,46 @@ def _lift(counts: np.ndarray, base_share: np.ndarray, prior: float) -> np.ndarra
     return np.clip(np.log((counts + prior) / (expected + prior)), -2.0, 2.0)
 
 
+def attribute_value(value: Any) -> str | None:
+    """A context column's value as the lift tables key it: trimmed and lower-cased (``Mobile``
+    and ``mobile `` are one device); None for a missing or empty value and for ``unknown`` (what
+    the context enricher sends when a request names none)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    s = str(value).strip().lower()
+    return None if s in ("", "unknown", "nan", "none") else s
+
+
+def attribute_lifts(ev: pd.DataFrame, dept: np.ndarray, num_depts: int,
+                    prior: float) -> dict[str, dict[str, np.ndarray]]:
+    """Per-department log-lift of each value of the events' context columns
+    (:data:`graph.schema.CONTEXT_ATTRIBUTES`), against the department shares of all events with a
+    value in that column; the :data:`MAX_ATTRIBUTE_VALUES` most frequent values of each.
+
+    Shapes:
+        - **ev** ``[n]`` rows, **dept** ``[n]`` (each row's item department); every value of the
+          result ``[D]`` float32.
+    """
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for col in S.CONTEXT_ATTRIBUTES:
+        if col not in ev.columns:
+            continue
+        values = pd.Series([attribute_value(v) for v in ev[col].to_numpy()], dtype=object)
+        counts = values.value_counts()
+        if counts.empty:
+            continue
+        kept = list(counts.index[:MAX_ATTRIBUTE_VALUES])
+        code = pd.Index(kept).get_indexer(values.to_numpy())
+        has = code >= 0
+        cells = np.bincount(code[has] * num_depts + dept[has], minlength=len(kept) * num_depts)
+        cells = cells.reshape(len(kept), num_depts).astype(np.float64)
+        known = np.bincount(dept[values.notna().to_numpy()], minlength=num_depts).astype(np.float64)
+        base = np.maximum(known / max(known.sum(), 1.0), 1e-12)
+        table = _lift(cells, base, prior).astype(np.float32)
+        out[col] = {v: table[j] for j, v in enumerate(kept)}
+    return out
+
+
 def holiday_dates(country: str, years: range | list[int] | tuple[int, ...]) -> frozenset[Any]:
     """Public holiday dates of ``country`` (``holidays`` library) for ``years`` (cached).
 
@@ -631,6 +701,7 @@ def fit_signals(
     off = np.bincount(dept[~is_hol], minlength=num_depts).astype(np.float64)
     off_share = np.maximum(off / max(off.sum(), 1.0), 1e-12)
     holiday_lift = _lift(on, off_share, params.context_smoothing).astype(np.float32)
+    attribute_lift = attribute_lifts(ev, dept, num_depts, params.context_smoothing)
 
     peer_indptr, peer_indices, peer_score = peer_items(
         sp.csr_matrix((pair["weight"].to_numpy(np.float64), (u_idx, pair.index.get_level_values(1)
@@ -668,6 +739,7 @@ def fit_signals(
         department_names=department_names,
         context_lift=context_lift,
         holiday_lift=holiday_lift,
+        attribute_lift=attribute_lift,
         now=now_s,
         params=params,
         peer_indptr=peer_indptr,

@@ -87,7 +87,8 @@ class QueryBatch:
 
 
 def bought(events: pd.DataFrame, inter: Interactions) -> pd.DataFrame:
-    """Purchases (or, for data without any, positive item events) as (u, i, s, ts) codes.
+    """Purchases (or, for data without any, positive item events) as (u, i, s, ts) codes, and
+    the events' context columns (``device``, ``region``) where they have them.
 
     ``u`` is -1 for users outside ``inter.user_ids``; items outside the catalogue are dropped.
     """
@@ -102,7 +103,15 @@ def bought(events: pd.DataFrame, inter: Interactions) -> pd.DataFrame:
         "s": ev[S.SESSION_COL].astype(str).to_numpy(),
         "ts": ev[S.TS_COL].to_numpy(),
     })
+    for col in S.CONTEXT_ATTRIBUTES:
+        if col in ev.columns:
+            out[col] = ev[col].to_numpy(dtype=object)
     return out[out["i"] >= 0]
+
+
+def _attribute(value: Any) -> str | None:
+    """A context column's value for :class:`ContextSignal` (None where the event has none)."""
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
 def _item_sets(df: pd.DataFrame, key: str) -> dict[Any, np.ndarray]:
@@ -155,7 +164,9 @@ def in_session_tasks(
     basket's items are shuffled by the same seeded generator and the first ``n // 2`` revealed.
     """
     b = bought(targets, inter)
-    meta = b.groupby("s", sort=True).agg(u=("u", "first"), ts=("ts", "max"))
+    attrs = [c for c in S.CONTEXT_ATTRIBUTES if c in b.columns]
+    meta = b.groupby("s", sort=True).agg(u=("u", "first"), ts=("ts", "max"),
+                                         **{c: (c, "first") for c in attrs})
     items = _item_sets(b, "s")
     meta = meta[np.array([len(items[s]) >= MIN_BASKET for s in meta.index], dtype=bool)]
     rng = np.random.default_rng(seed)
@@ -166,12 +177,15 @@ def in_session_tasks(
     times: list[float] = []
     exclude: list[np.ndarray | None] = []
     relevant: list[np.ndarray] = []
-    for s, ts in zip(meta.index, pd.to_datetime(meta["ts"]), strict=True):
+    # The basket's device and region (its first event's with a value), as its request would send.
+    where = {c: meta[c].to_numpy(dtype=object) for c in attrs}
+    for j, (s, ts) in enumerate(zip(meta.index, pd.to_datetime(meta["ts"]), strict=True)):
         its = rng.permutation(items[s])
         half = len(its) // 2
         now = to_unix_seconds(ts)
         events.append(tuple((int(i), S.ADD_TO_CART, now) for i in its[:half]))
-        contexts.append(ContextSignal.from_timestamp(ts, country))
+        contexts.append(ContextSignal.from_timestamp(
+            ts, country, **{c: _attribute(where[c][j]) for c in attrs}))
         times.append(now)
         exclude.append(np.sort(its[:half]))
         relevant.append(np.sort(its[half:]))

@@ -58,6 +58,10 @@ def test_signal_feeds_the_shared_ranker_context() -> None:
     assert isinstance(sig, ContextSignal)
     assert (sig.weekday, sig.hour, sig.is_holiday) == (0, 9, True)
     assert ctx.display()["device"] == "mobile" and ctx.display()["region"] == "TX"
+    # The device and region reach the ranker's context; a request naming neither sends None.
+    assert (sig.device, sig.region) == ("mobile", "TX")
+    bare = enrich_context({"ts": datetime(2017, 12, 25, 9, 0)}).signal()
+    assert (bare.device, bare.region) == (None, None)
 
 
 CATS = {"milk": "DAIRY > MILK", "cheese": "DAIRY > CHEESE", "beer": "DRINKS > BEER"}

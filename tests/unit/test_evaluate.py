@@ -149,6 +149,33 @@ def test_in_session_reveals_half_and_ranks_the_rest() -> None:
     # Seeded: the same seed reveals the same items, another seed other items.
     assert all(np.array_equal(a, b) for a, b in zip(ins.exclude, again.exclude, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(ins.exclude, other.exclude, strict=True))
+    # Without device or region columns a request's context is its time alone.
+    assert all(c is not None and (c.device, c.region) == (None, None) for c in ins.contexts)
+
+
+def test_in_session_requests_carry_their_baskets_device_and_region() -> None:
+    _, test, inter, _, _ = setup()
+    test = test.copy()
+    sessions = sorted(test[S.SESSION_COL].unique())
+    device = {s: ("mobile" if n % 2 else "desktop") for n, s in enumerate(sessions)}
+    test[S.DEVICE_COL] = test[S.SESSION_COL].map(device)
+    test[S.REGION_COL] = None  # a column with no value sends no region
+    first = test.index[test[S.SESSION_COL] == sessions[1]][0]
+    test.loc[first, S.DEVICE_COL] = None  # the basket's first event with a value counts
+    ins, blind = in_session_tasks(test, inter, seed=3)
+    plain, _ = in_session_tasks(test.drop(columns=[S.DEVICE_COL, S.REGION_COL]), inter, seed=3)
+    assert len(ins) > 0
+    by_items: dict[frozenset[int], set[str]] = {}  # a basket's items -> its device(s)
+    for _, g in test.sort_values(S.TS_COL).groupby(S.SESSION_COL):
+        key, known = frozenset(int(x[1:]) for x in g[S.ITEM_COL]), g[S.DEVICE_COL].dropna()
+        by_items.setdefault(key, set()).update(known.iloc[:1])
+    for ex, tg, c, b in zip(ins.exclude, ins.targets, ins.contexts, blind.contexts, strict=True):
+        assert ex is not None and c is not None and c == b
+        assert c.device in by_items[frozenset(ex.tolist()) | frozenset(tg.tolist())]
+        assert c.region is None
+    # The same baskets and reveals as without the columns: only the context gained the device.
+    assert all(np.array_equal(a, b) for a, b in zip(ins.exclude, plain.exclude, strict=True))
+    assert {c.device for c in ins.contexts} == {"mobile", "desktop"}
 
 
 def test_rankings_do_not_depend_on_the_test_window() -> None:

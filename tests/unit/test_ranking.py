@@ -401,3 +401,56 @@ def test_adoption_and_exploration_features() -> None:
     assert _exploration(sig, *span["a"]) == (0.0, 0.5)  # staple buyer; item 1 bought once
     assert _exploration(sig, *span["b"]) == (1.0, 1.0)  # everything recent is new to b
     assert all(np.isnan(v) for v in _exploration(sig, 3, 3))
+
+
+def _with_devices(train: pd.DataFrame) -> pd.DataFrame:
+    """The tiny baskets with a device per event: user b's baskets (bread-heavy BAKERY) on
+    "Mobile " (spelled as a client might), the others' on desktop, and one event with none."""
+    out = train.copy()
+    out[S.DEVICE_COL] = np.where(out[S.USER_COL] == "b", "Mobile ", "desktop")
+    out.loc[out.index[0], S.DEVICE_COL] = None
+    return out
+
+
+def test_device_lift_is_fitted_from_the_events_context_column_and_used_by_the_ranker() -> None:
+    train, inter, plain = tiny_setup()
+    assert plain.attribute_lift == {}  # no device or region column: time and holiday only
+    sig = fit_signals(_with_devices(train), inter)
+    assert set(sig.attribute_lift) == {S.DEVICE_COL}
+    assert set(sig.attribute_lift[S.DEVICE_COL]) == {"mobile", "desktop"}  # trimmed, lower-cased
+    dept = {n: j for j, n in enumerate(sig.department_names)}
+    mobile = sig.attribute_lift[S.DEVICE_COL]["mobile"]
+    # b's mobile baskets hold 4 BAKERY items of 8; all events with a device 8 of 25.
+    assert mobile[dept["BAKERY"]] > 0 > mobile[dept["PRODUCE"]]
+
+    at = dict(weekday=1, hour=18)
+    base = ContextSignal(**at).department_lift(sig)
+    np.testing.assert_array_equal(base, sig.context_lift[1, 18])
+    on_mobile = ContextSignal(**at, device="MOBILE").department_lift(sig)
+    np.testing.assert_allclose(on_mobile, base + mobile)
+    # A value the training events never had, and a region the data has no column for, add nothing.
+    np.testing.assert_array_equal(ContextSignal(**at, device="tv", region="TX").department_lift(sig),
+                                  base)
+    # The ranker's context component reads the same lift: bread is raised on mobile.
+    ranker = Ranker(np.zeros((inter.num_users, 4), np.float32),
+                    np.zeros((inter.num_items, 4), np.float32), sig)
+    ctx = ranker.components([None, None], None, [ContextSignal(**at), ContextSignal(**at, device="mobile")])
+    bread = list(inter.item_ids).index("i2")
+    assert ctx["context"][1, bread] > ctx["context"][0, bread]
+
+
+def test_context_attribute_lifts_survive_save_and_load(tmp_path: Path) -> None:
+    train, inter, _ = tiny_setup()
+    ev = _with_devices(train)
+    ev[S.REGION_COL] = np.where(ev[S.USER_COL] == "c", "Rhein/Main", "TX")  # not an .npz key
+    sig = fit_signals(ev, inter)
+    sig.save(tmp_path)
+    back = RankingSignals.load(tmp_path)
+    assert set(back.attribute_lift) == {S.DEVICE_COL, S.REGION_COL}
+    for col, table in sig.attribute_lift.items():
+        assert list(back.attribute_lift[col]) == list(table)
+        for value, row in table.items():
+            np.testing.assert_array_equal(back.attribute_lift[col][value], row, err_msg=value)
+    c = ContextSignal(weekday=2, hour=12, region="rhein/main")
+    np.testing.assert_array_equal(c.department_lift(back), c.department_lift(sig))
+    assert not np.array_equal(c.department_lift(sig), sig.context_lift[2, 12])
