@@ -542,10 +542,14 @@ def _lift(counts: np.ndarray, base_share: np.ndarray, prior: float) -> np.ndarra
 
 def attribute_value(value: Any) -> str | None:
     """A context column's value as the lift tables key it: trimmed and lower-cased (``Mobile``
-    and ``mobile `` are one device); None for a missing or empty value and for ``unknown`` (what
-    the context enricher sends when a request names none)."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    and ``mobile `` are one device), a whole number without its ``.0`` (a numeric region code
+    read from a CSV column with gaps is a float, the request sends ``"12"``); None for a missing
+    or empty value and for ``unknown`` (what the context enricher sends when a request names
+    none)."""
+    if value is None or (np.ndim(value) == 0 and pd.isna(value)):
         return None
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        value = int(value)
     s = str(value).strip().lower()
     return None if s in ("", "unknown", "nan", "none") else s
 

@@ -32,7 +32,7 @@ from graph.interactions import Interactions
 from graph.queries import simulate_query
 from graph.ranking import ContextSignal, SessionSignal, session_signal
 from graph.recommend import Request
-from graph.signals import to_unix_seconds
+from graph.signals import attribute_value, to_unix_seconds
 
 MIN_BASKET = 4
 SessionEvents = tuple[tuple[int, str, float], ...]
@@ -109,11 +109,6 @@ def bought(events: pd.DataFrame, inter: Interactions) -> pd.DataFrame:
     return out[out["i"] >= 0]
 
 
-def _attribute(value: Any) -> str | None:
-    """A context column's value for :class:`ContextSignal` (None where the event has none)."""
-    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
-
-
 def _item_sets(df: pd.DataFrame, key: str) -> dict[Any, np.ndarray]:
     return {k: np.unique(g.to_numpy()) for k, g in df.groupby(key, sort=True)["i"]}
 
@@ -185,7 +180,7 @@ def in_session_tasks(
         now = to_unix_seconds(ts)
         events.append(tuple((int(i), S.ADD_TO_CART, now) for i in its[:half]))
         contexts.append(ContextSignal.from_timestamp(
-            ts, country, **{c: _attribute(where[c][j]) for c in attrs}))
+            ts, country, **{c: attribute_value(where[c][j]) for c in attrs}))
         times.append(now)
         exclude.append(np.sort(its[:half]))
         relevant.append(np.sort(its[half:]))

@@ -18,7 +18,7 @@ from graph.ranking import (
     session_signal,
     top_k_from_scores,
 )
-from graph.signals import COMPONENTS, RankingSignals, fit_signals
+from graph.signals import COMPONENTS, RankingSignals, attribute_value, fit_signals
 
 CATEGORIES = [
     "DAIRY > MILK > WHOLE",      # 0 milk: user a buys it every week
@@ -437,6 +437,14 @@ def test_device_lift_is_fitted_from_the_events_context_column_and_used_by_the_ra
     ctx = ranker.components([None, None], None, [ContextSignal(**at), ContextSignal(**at, device="mobile")])
     bread = list(inter.item_ids).index("i2")
     assert ctx["context"][1, bread] > ctx["context"][0, bread]
+
+
+def test_context_attribute_values_are_compared_as_clients_send_them() -> None:
+    assert attribute_value(" Mobile ") == "mobile"
+    assert attribute_value(12.0) == "12" == attribute_value("12")  # a CSV code column with gaps
+    assert attribute_value(np.float64(12.5)) == "12.5"
+    for missing in (None, np.nan, pd.NA, "", "  ", "unknown", "Unknown"):
+        assert attribute_value(missing) is None, missing
 
 
 def test_context_attribute_lifts_survive_save_and_load(tmp_path: Path) -> None:
