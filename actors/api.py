@@ -441,6 +441,12 @@ class ModelInfo(_Out):
     data: dict[str, Any] | None
     split: SplitOut | None = Field(default=None, description="the A/B split running now: its "
                                    "version answers `share` of the users (null: none)")
+    context_columns: dict[str, int] = Field(
+        default_factory=dict,
+        description="the events' context columns (`device`, `region`) this model learned a "
+        "department lift from, with how many values each; a request's `context.device` or "
+        "`context.region` moves the ranking only with one of those values ({}: none, time and "
+        "holidays only)")
 
 
 class ForgetResponse(_Out):

@@ -497,6 +497,7 @@ class RankerService:
             "metrics": m.artifact.metrics,
             "data": manifest.get("data"),
             "split": self.split_info(),
+            "context_columns": {c: len(v) for c, v in m.artifact.signals.attribute_lift.items()},
         }
 
     def split_info(self) -> dict[str, Any] | None:

@@ -142,6 +142,7 @@ def test_health_docs_and_model(served: Served) -> None:
     m = served.client.get(served.url + "/v1/model").json()
     assert m["version"] == served.first_version
     assert m["num_items"] == len(served.items) and isinstance(m["metrics"], dict)
+    assert m["context_columns"] == {}  # the built-in data has no device or region column
     # The fixture's run fitted the ablations: the version reports them, and the candidate recall
     # of the ranker it serves.
     from graph import schema as S

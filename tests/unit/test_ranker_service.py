@@ -264,6 +264,27 @@ def test_context_moves_the_ranking(svc: RankerService) -> None:
     assert {"context", "hour", "weekday"} <= set(m.rec.learned.features)
 
 
+def test_a_device_lift_moves_the_ranking_and_the_model_names_it(svc: RankerService) -> None:
+    # The fixture's data has no device column; give its signals a device table as a model
+    # trained on such data would have (graph.signals.attribute_lifts), then restore them.
+    sig = svc.model.ranker.signals
+    assert svc.model_info()["context_columns"] == {}
+    row = np.random.default_rng(0).permutation(
+        np.linspace(-2.0, 2.0, len(sig.department_names))).astype(np.float32)
+    ctx = {"weekday": 2, "hour": 12, "is_holiday": False}
+    try:
+        sig.attribute_lift = {"device": {"kiosk": row}}
+        plain = svc.recommend(RankQuery(user_id="anon", k=20, context=ctx))
+        kiosk = svc.recommend(RankQuery(user_id="anon", k=20, context={**ctx, "device": "Kiosk"}))
+        other = svc.recommend(RankQuery(user_id="anon", k=20, context={**ctx, "device": "tv"}))
+        assert svc.model_info()["context_columns"] == {"device": 1}
+    finally:
+        sig.attribute_lift = {}
+    ids = [[it["item_id"] for it in out["items"]] for out in (plain, kiosk, other)]
+    assert ids[1] != ids[0]  # the device's lift reached the candidates and the context feature
+    assert ids[2] == ids[0]  # a device the training events never had changes nothing
+
+
 def test_reason_texts(svc: RankerService) -> None:
     from graph.ranking import ContextSignal, session_signal
 
