@@ -557,6 +557,8 @@ class RankerService:
                     "session_events": len(q.events), "intent": [], "items": []}
         user = self.user_row(m, q.user_id)
         context = _context_signal(q.context)
+        if context is not None:  # a device or region the model has no lift for is dropped
+            context = context.for_signals(m.ranker.signals)
         # Nothing personal (no known shopper, session, search or exclusion): the answer depends
         # on the context signal, k and the category only, so it is ranked once per model
         # version and kept (actors.loaded_model.AnswerCache).

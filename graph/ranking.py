@@ -25,6 +25,7 @@ mean and covariance), so a value does not depend on which candidates are scored.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -138,6 +139,20 @@ class ContextSignal:
             t = t.tz_convert("UTC").tz_localize(None)
         hol = t.date() in holiday_dates(country, [t.year])
         return cls(weekday=t.weekday(), hour=t.hour, is_holiday=hol, device=device, region=region)
+
+    def for_signals(self, signals: RankingSignals) -> ContextSignal:
+        """This context with its device and region as ``signals`` key them where they have a
+        lift for them, and None where not: it ranks exactly as this one, and two requests whose
+        device or region makes no difference get one context (one cached answer for both)."""
+        known = signals.attribute_lift
+        device, region = (
+            v if v is not None and v in known.get(col, {}) else None
+            for col, v in ((S.DEVICE_COL, attribute_value(self.device)),
+                           (S.REGION_COL, attribute_value(self.region)))
+        )
+        if (device, region) == (self.device, self.region):
+            return self
+        return dataclasses.replace(self, device=device, region=region)
 
     def department_lift(self, signals: RankingSignals) -> np.ndarray:
         """Log-lift of each department in this context: the weekday × hour cell, plus the

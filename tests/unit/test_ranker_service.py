@@ -98,6 +98,11 @@ def test_non_personal_answers_are_ranked_once_per_model_version(svc: RankerServi
     again = svc.recommend(RankQuery(session_id="s-empty", context=ctx, k=10, now=T0 + 3e6))
     assert again is first and (m.answers.hits, m.answers.misses, len(m.answers)) == (1, 1, 1)
     assert seen == ["ranked", "kept"]
+    # A device or region the model learned no lift for (this one learned none) ranks as none.
+    assert svc.recommend(RankQuery(context={**ctx, "device": "tablet", "region": "TX"},
+                                   k=10)) is first
+    assert seen == ["ranked", "kept", "kept"]
+    del seen[2:]  # what follows counts as it did before that request
     # ... and what ranking it afresh gives, bit for bit.
     m.answers = AnswerCache()
     fresh = svc.recommend(RankQuery(user_id=None, context=ctx, k=10, now=T0 - 5e6))

@@ -431,6 +431,13 @@ def test_device_lift_is_fitted_from_the_events_context_column_and_used_by_the_ra
     # A value the training events never had, and a region the data has no column for, add nothing.
     np.testing.assert_array_equal(ContextSignal(**at, device="tv", region="TX").department_lift(sig),
                                   base)
+    # Reduced to what the signals know: the same lift, one context for "MOBILE" and "mobile ".
+    known = ContextSignal(**at, device="MOBILE", region="TX").for_signals(sig)
+    assert (known.device, known.region) == ("mobile", None)
+    np.testing.assert_array_equal(known.department_lift(sig), on_mobile)
+    assert ContextSignal(**at, device=" mobile").for_signals(sig) == known
+    assert ContextSignal(**at, device="tv").for_signals(sig) == ContextSignal(**at)
+    assert ContextSignal(**at, device="tv").for_signals(plain) == ContextSignal(**at)
     # The ranker's context component reads the same lift: bread is raised on mobile.
     ranker = Ranker(np.zeros((inter.num_users, 4), np.float32),
                     np.zeros((inter.num_items, 4), np.float32), sig)
