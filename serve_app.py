@@ -603,6 +603,7 @@ class Ingress:
                     e.event, session_id=e.session_id, user_id=e.user_id, item_id=e.item_id,
                     ts=_unix(e.ts), query=e.query, event_id=e.event_id,
                     clock=lambda: now, idempotency_key=idempotency, index=n,
+                    device=e.device, region=e.region,
                 )
                 for n, e in enumerate(events)
             ]

@@ -112,6 +112,10 @@ Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN,
                           json_schema_extra={"pattern": _ID_PATTERN}),
                AfterValidator(_printable_id)]
 SessionId = Annotated[Id, AfterValidator(_not_reserved)]
+# An event's region: printable like an id (it is stored in the log and exported), at most 64
+# characters like a request's context.region.
+Region = Annotated[str, Field(min_length=1, max_length=64, json_schema_extra={"pattern": _ID_PATTERN}),
+                   AfterValidator(_printable_id)]
 _EVENT_TYPES_LITERAL: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]
 assert set(_EVENT_TYPES_LITERAL) == set(S.EVENT_TYPES), "EventType drifted from graph.schema"
 
@@ -182,6 +186,13 @@ class EventIn(_Strict):
         "digits, as returned): attributes a click or an add-to-cart to the model version and "
         "position that showed the item",
     )
+    device: Device | None = Field(
+        default=None, description="where the shopper acted, as a recommendation request's "
+        "`context.device`: kept with the event and exported for retraining (`train_job.py "
+        "--online-events`), where the model learns each device's department lift")
+    region: Region | None = Field(
+        default=None,
+        description="the shopper's region, as `context.region`: kept and exported like `device`")
     event_id: Id | None = Field(
         default=None, description="idempotency key: re-posting an event with the same id stores it "
         "once. Without it (and without ts), an identical event within the dedupe window (10 s by "

@@ -23,6 +23,7 @@ No Ray and no I/O here: the shards (:mod:`actors.session_state`) and the ingress
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,6 +39,8 @@ from graph.schema import EVENT_TYPES, SEARCH
 USER_SESSION_PREFIX: Final = "user:"
 MAX_ID_CHARS: Final = 256
 MAX_QUERY_CHARS: Final = 1024
+# An event's device and region, as the recommendation request's context.region (actors.api).
+MAX_ATTRIBUTE_CHARS: Final = 64
 # C0 and C1 control characters, DEL, the Unicode line and paragraph separators (each ends a line
 # for some reader: str.splitlines, a log viewer, a line-oriented file) and lone surrogates (which
 # cannot be encoded as UTF-8). Everything else is allowed: any script, spaces, "/", "%".
@@ -61,6 +64,10 @@ class SessionEvent:
         dedupe_key: Set for an event that arrived without ``ts`` and ``event_id`` (the server
             stamped its time): :func:`content_key`, from which the shard derives an id that a
             retry within ``dedupe_window_s`` shares (:func:`window_event_ids`). Never stored.
+        device: Where the shopper acted (the canonical events' optional ``device`` column), or
+            None. Kept in the log and exported, so that a retrain on the online events learns
+            its context lift; not part of the event's identity (:func:`derive_event_id`).
+        region: The same for the optional ``region`` column.
     """
 
     user_id: str | None
@@ -72,6 +79,8 @@ class SessionEvent:
     seq: int = -1
     event_id: str = ""
     dedupe_key: str = ""
+    device: str | None = None
+    region: str | None = None
 
     @classmethod
     def create(
@@ -87,6 +96,8 @@ class SessionEvent:
         clock: Clock = system_clock,
         idempotency_key: str | None = None,
         index: int = 0,
+        device: str | None = None,
+        region: str | None = None,
     ) -> SessionEvent:
         """Build an event with defaults: the user's implicit session, ``clock()`` as the time of
         an event sent without ``ts``, a derived ``event_id`` when none is given.
@@ -105,7 +116,8 @@ class SessionEvent:
                     "an event needs a session_id or a user_id; send at least one", "session_id"
                 )
             session_id = default_session_key(user_id)
-        ev = cls(user_id, session_id, item_id, event, clock() if ts is None else float(ts), query)
+        ev = cls(user_id, session_id, item_id, event, clock() if ts is None else float(ts), query,
+                 device=device, region=region)
         if event_id:
             return replace(ev, event_id=event_id)
         if idempotency_key:
@@ -113,6 +125,25 @@ class SessionEvent:
         if ts is None:  # stamped here: a retry gets another time, so the shard dedupes by window
             return replace(ev, dedupe_key=content_key(ev))
         return replace(ev, event_id=derive_event_id(ev))
+
+
+def _setstate(self: SessionEvent, state: list[Any]) -> None:
+    """Unpickle an event, giving the fields an earlier release did not send their defaults.
+
+    Shards are detached actors that outlive a deploy, and events travel between them and the
+    ingress pickled (``actors.shard_channel``): during a rolling update an event pickled by the
+    earlier release (without ``device`` and ``region``) must still load whole. Pickles of a later
+    release with more fields load with the fields this one knows (as the dataclass default does).
+    """
+    fields = dataclasses.fields(self)
+    for f, value in zip(fields, state, strict=False):
+        object.__setattr__(self, f.name, value)
+    for f in fields[len(state):]:
+        object.__setattr__(self, f.name, f.default)
+
+
+# Set after the decorator, which installs its own pair on frozen classes with slots.
+SessionEvent.__setstate__ = _setstate  # type: ignore[attr-defined]
 
 
 def default_session_key(user_id: str) -> str:
@@ -197,6 +228,18 @@ def check_id(value: object, where: str, *, optional: bool) -> None:
         raise BadRequestError(f"{where} ({value!r}) {problem}", where)
 
 
+def _check_attribute(value: object, where: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value or len(value) > MAX_ATTRIBUTE_CHARS:
+        raise BadRequestError(
+            f"{where} ({value!r}) must be a non-empty string of at most {MAX_ATTRIBUTE_CHARS} "
+            "characters, or left out", where)
+    problem = id_problem(value)
+    if problem is not None:
+        raise BadRequestError(f"{where} ({value!r}) {problem}", where)
+
+
 def validate_event(ev: object, where: str, now: float, max_skew: float) -> SessionEvent:
     """Check one event and fill its ``event_id``; raise ``BadRequestError`` naming the field.
 
@@ -228,6 +271,8 @@ def validate_event(ev: object, where: str, now: float, max_skew: float) -> Sessi
         raise BadRequestError(
             f"{where}.query must be a string of at most {MAX_QUERY_CHARS} characters", f"{where}.query"
         )
+    for name in ("device", "region"):
+        _check_attribute(getattr(ev, name), f"{where}.{name}")
     if not isinstance(ev.event_id, str) or len(ev.event_id) > MAX_ID_CHARS:
         raise BadRequestError(f"{where}.event_id must be a short string", f"{where}.event_id")
     if ev.event_id or ev.dedupe_key:  # a dedupe_key's id is chosen by the shard
@@ -246,6 +291,10 @@ def event_to_json(ev: SessionEvent, roles: int | None = None) -> dict[str, Any]:
         "ts": ev.ts,
         "query": ev.query,
     }
+    if ev.device is not None:
+        out["device"] = ev.device
+    if ev.region is not None:
+        out["region"] = ev.region
     if roles is not None:
         out["roles"] = roles
     return out
@@ -254,7 +303,7 @@ def event_to_json(ev: SessionEvent, roles: int | None = None) -> dict[str, Any]:
 def event_from_json(d: dict[str, Any]) -> SessionEvent:
     return SessionEvent(
         d["user_id"], d["session_id"], d["item_id"], d["event"], float(d["ts"]), d["query"],
-        int(d["seq"]), d["event_id"],
+        int(d["seq"]), d["event_id"], device=d.get("device"), region=d.get("region"),
     )  # fmt: skip
 
 

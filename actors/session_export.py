@@ -13,7 +13,9 @@ Rules:
 - a user forgotten through ``DELETE /v1/users/{id}`` (a ``forget`` record) loses every event of
   the sessions they had, as the shard does;
 - an event without a ``user_id`` (an anonymous session) is kept under the user
-  ``session:<session_id>``, so that the session's co-occurrences reach the graph.
+  ``session:<session_id>``, so that the session's co-occurrences reach the graph;
+- the events' ``device`` and ``region`` (posted with the event) become the optional context
+  columns when any event has one, so that the retrain learns their department lifts.
 """
 
 from __future__ import annotations
@@ -138,8 +140,9 @@ def _forget(events: dict[str, SessionEvent], user_id: str) -> None:
 
 def to_canonical(events: list[SessionEvent]) -> pd.DataFrame:
     """Canonical events rows (``user_id``, ``item_id``, ``ts``, ``event``, ``session_id``,
-    ``query``); an anonymous session's events go to the user ``session:<session_id>``."""
-    return pd.DataFrame({
+    ``query``, and ``device`` / ``region`` when any event carries one); an anonymous session's
+    events go to the user ``session:<session_id>``."""
+    out = pd.DataFrame({
         S.USER_COL: [e.user_id or ANONYMOUS_USER_PREFIX + e.session_id for e in events],
         S.ITEM_COL: pd.Series([e.item_id for e in events], dtype="object"),
         S.TS_COL: pd.to_datetime([e.ts for e in events], unit="s", utc=True).tz_localize(None),
@@ -147,6 +150,11 @@ def to_canonical(events: list[SessionEvent]) -> pd.DataFrame:
         S.SESSION_COL: [e.session_id for e in events],
         S.QUERY_COL: pd.Series([e.query for e in events], dtype="object"),
     })
+    for col, values in ((S.DEVICE_COL, [e.device for e in events]),
+                        (S.REGION_COL, [e.region for e in events])):
+        if any(v is not None for v in values):
+            out[col] = pd.Series(values, dtype="object")
+    return out
 
 
 def export_online_events(wal_uri: str, output: str) -> ExportReport:

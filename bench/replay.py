@@ -65,16 +65,17 @@ def replay(url: str, artifacts: str, *, version: str = "latest", baskets: int = 
             offline[b, : len(top)] = top
             sid = f"replay-{uuid.uuid4().hex[:12]}"
             user = None if req.user is None else str(user_ids[req.user])
-            events = [{"session_id": sid, "event": ev, "item_id": str(item_ids[i]),
+            # The basket's device and region, where the data has them: on its events and its
+            # request, as a shop's client would send them.
+            where = {} if req.context is None else {
+                k: v for k, v in (("device", req.context.device), ("region", req.context.region))
+                if v}
+            events = [{"session_id": sid, "event": ev, "item_id": str(item_ids[i]), **where,
                        **({"user_id": user} if user else {})} for i, ev, _ in req.item_events]
             r = client.post(f"{url}/v1/events", json={"events": events})
             r.raise_for_status()
             ts = pd.Timestamp(req.now, unit="s").isoformat()
-            context = {"ts": ts}
-            if req.context is not None:  # the basket's device and region, where the data has them
-                context.update({k: v for k, v in (("device", req.context.device),
-                                                  ("region", req.context.region)) if v})
-            body = {"session_id": sid, "k": 20, "context": context,
+            body = {"session_id": sid, "k": 20, "context": {"ts": ts, **where},
                     **({"user_id": user} if user else {})}
             r = client.post(f"{url}/v1/recommendations", json=body)
             r.raise_for_status()

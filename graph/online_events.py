@@ -81,7 +81,11 @@ def merge_online(train: pd.DataFrame, online: pd.DataFrame, items: pd.DataFrame,
     shift = max(mine[S.TS_COL].max() - end, pd.Timedelta(0))
     mine = mine.assign(**{S.TS_COL: mine[S.TS_COL] - shift})
     users = set(mine[S.USER_COL].unique())
-    merged = pd.concat([train, mine[train.columns.intersection(mine.columns)]],
+    # The base's columns, and the context columns only the online events have (the base's rows
+    # get no value there), so that a retrain learns the devices and regions shoppers posted.
+    cols = train.columns.intersection(mine.columns).append(
+        pd.Index([c for c in S.CONTEXT_ATTRIBUTES if c in mine.columns and c not in train.columns]))
+    merged = pd.concat([train, mine[cols]],
                        ignore_index=True).sort_values(S.TS_COL, kind="stable", ignore_index=True)
     return merged, OnlineMerge(
         events=len(mine), users=len(users), new_users=len(users - set(train[S.USER_COL].unique())),

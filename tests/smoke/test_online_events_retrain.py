@@ -1,6 +1,7 @@
 """The feedback loop end to end: events posted over HTTP to the serving app's code, exported from
 its session log by ``python train_job.py --online-events``, trained on with a small slice of the
-built-in data; the new version knows the new shopper and what they carted, the old one did not.
+built-in data; the new version knows the new shopper and what they carted, the old one did not,
+and has learned the department lift of the device the events were posted from.
 
 The app is the serving code in one process under uvicorn on 127.0.0.1
 (``bench/inprocess_app.py``: the same routes, ingress, ranker and session shards with their
@@ -60,7 +61,8 @@ def test_posted_events_are_exported_and_trained_on(svd_artifact_root: str, tmp_p
         carted = [it["item_id"] for it in shown["items"][3:6]]
         r = httpx.post(url + "/v1/events", headers=auth, timeout=30, json={"events": [
             {"session_id": "online-1", "user_id": NEW_USER, "event": "add_to_cart",
-             "item_id": item, "from_request": shown["request_id"]} for item in carted]})
+             "item_id": item, "from_request": shown["request_id"], "device": "app"}
+            for item in carted]})
         assert r.status_code == 202, r.text
         assert [e["attributed"]["position"] for e in r.json()["events"]] == [4, 5, 6]
     finally:
@@ -85,6 +87,7 @@ def test_posted_events_are_exported_and_trained_on(svd_artifact_root: str, tmp_p
     exported = pd.read_parquet(export)
     assert exported[S.USER_COL].tolist() == [NEW_USER] * 3
     assert sorted(exported[S.ITEM_COL]) == sorted(carted)
+    assert exported[S.DEVICE_COL].tolist() == ["app"] * 3  # posted with the events
 
     new = read_artifact(str(out))
     users = new.user_ids.tolist()
@@ -95,3 +98,6 @@ def test_posted_events_are_exported_and_trained_on(svd_artifact_root: str, tmp_p
         sig.hist_indices[sig.hist_indptr[u]: sig.hist_indptr[u + 1]]].tolist())
     assert history == set(carted)
     assert np.isfinite(new.user_emb[u]).all() and np.abs(new.user_emb[u]).sum() > 0
+    # The base data has no device column: the app's department lift comes from these events.
+    assert not old.signals.attribute_lift
+    assert list(sig.attribute_lift) == [S.DEVICE_COL] and list(sig.attribute_lift[S.DEVICE_COL]) == ["app"]

@@ -50,6 +50,10 @@ def test_single_event_and_batch_are_both_accepted() -> None:
         ({"events": [_ev()] * (MAX_EVENTS_PER_BATCH + 1)}, "events"),
         (_ev(ts="not a time"), "ts"),
         (_ev(session_id=None), "session_id"),
+        ({"events": [_ev(), _ev(device="toaster")]}, "events[1].device"),
+        (_ev(region=""), "region"),
+        (_ev(region="r" * 65), "region"),
+        (_ev(region="north\nsouth"), "region"),  # stored in a line-oriented log
     ],
 )
 def test_event_errors_name_the_field(body: dict[str, Any], field: str) -> None:
@@ -61,6 +65,14 @@ def test_event_errors_name_the_field(body: dict[str, Any], field: str) -> None:
 def test_an_event_may_name_only_the_user() -> None:
     ev = BODY.validate_python({"user_id": "u1", "event": "view", "item_id": "i1"})
     assert ev.session_id is None and ev.user_id == "u1"
+
+
+def test_an_event_carries_the_device_and_region_of_a_request_context() -> None:
+    ev = BODY.validate_python(_ev(device="mobile", region=" Texas "))
+    assert (ev.device, ev.region) == ("mobile", "Texas")
+    # The same devices as a recommendation's context.device, so the lifts learned from the
+    # events are found by the requests.
+    assert EventIn.model_fields["device"].annotation == ContextIn.model_fields["device"].annotation
 
 
 def test_unknown_item_ids_are_valid_events() -> None:

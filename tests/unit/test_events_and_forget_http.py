@@ -164,6 +164,24 @@ def test_an_invalid_request_claims_no_key_and_a_bad_key_is_a_422(app: App) -> No
     assert r.status_code == 422 and r.json()["field"] == "Idempotency-Key", r.text
 
 
+def test_an_events_device_and_region_are_kept_for_the_retrain_and_checked(
+        app: App, tmp_path: Path) -> None:
+    """Events posted with a device and region come out of the session log's export with them
+    (``train_job.py --online-events`` learns their department lifts from there)."""
+    from actors.session_export import read_online_events
+
+    body = {"events": [
+        {"session_id": "dev", "user_id": "u-d", "event": "view", "item_id": "sku-1",
+         "device": "mobile", "region": "Texas"},
+        {"session_id": "dev", "user_id": "u-d", "event": "click", "item_id": "sku-2"}]}
+    assert app.post_events(body).status_code == 202
+    r = app.post_events({"session_id": "dev", "event": "view", "item_id": "x", "device": "fridge"})
+    assert r.status_code == 422 and r.json()["field"] == "device", r.text
+    events, _ = read_online_events(str(tmp_path / "wal"))
+    assert [(e.item_id, e.device, e.region) for e in events] == [
+        ("sku-1", "mobile", "Texas"), ("sku-2", None, None)]
+
+
 # --- forget says exactly what it did ------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -15,6 +16,7 @@ from graph import schema as S
 from graph.errors import ConfigError, DataError
 from graph.online_events import merge_online
 from graph.online_events import read_online_events as read_canonical
+from graph.signals import attribute_lifts
 
 T0 = 1_764_460_800.0  # 2025-11-30
 
@@ -58,6 +60,23 @@ def test_export_reads_snapshots_and_logs_once_each_and_applies_forgets(tmp_path:
     assert df.loc[df[S.EVENT_COL] == S.SEARCH, S.QUERY_COL].tolist() == ["milk"]
 
 
+def test_export_carries_the_events_device_and_region_as_the_context_columns(tmp_path: Path) -> None:
+    _, shards = shard_log(tmp_path)
+    shards[0].append([SessionEvent.create("view", session_id="s1", user_id="u1", item_id="i1",
+                                          ts=T0 + 1, device="mobile", region="Texas"),
+                      ev(2, "s1", "u1", "i2")])
+    out = tmp_path / "online.parquet"
+    export_online_events(str(tmp_path / "wal"), str(out))
+    df = read_canonical(out).sort_values(S.TS_COL)
+    assert df[S.DEVICE_COL].iloc[0] == "mobile" and pd.isna(df[S.DEVICE_COL].iloc[1])
+    assert df[S.REGION_COL].iloc[0] == "Texas" and pd.isna(df[S.REGION_COL].iloc[1])
+    # Without any device or region, the export has no such columns (as before).
+    _, plain = shard_log(tmp_path / "plain")
+    plain[0].append([ev(1, "s1", "u1", "i1")])
+    export_online_events(str(tmp_path / "plain" / "wal"), str(out))
+    assert not set(S.CONTEXT_ATTRIBUTES) & set(read_canonical(out).columns)
+
+
 def test_export_skips_a_torn_last_record_without_changing_the_log(tmp_path: Path) -> None:
     _, shards = shard_log(tmp_path)
     shards[0].append([ev(1, "s1", "u1", "i1")])
@@ -97,3 +116,17 @@ def test_merge_shifts_late_events_to_end_at_the_split_and_drops_the_unusable() -
     with pytest.raises(DataError) as err:
         merge_online(train, online.iloc[2:3], items, split)
     assert err.value.field == "online_events"
+
+
+def test_merge_keeps_the_online_device_column_the_base_data_lacks() -> None:
+    """The built-in data has no device column: the online events' devices must still reach the
+    signals, which fit one department lift per device from them."""
+    items = pd.DataFrame({S.ITEM_COL: ["a", "b"]})
+    train = _frame([("u1", "a", "2017-01-01"), ("u2", "b", "2017-06-01")])
+    online = _frame([("u1", "b", "2017-11-01"), ("u3", "a", "2017-11-02")]).assign(
+        **{S.DEVICE_COL: ["app", "desktop"]})
+    merged, _ = merge_online(train, online, items, pd.Timestamp("2017-12-01"))
+    assert merged[S.DEVICE_COL][:2].isna().all()
+    assert merged[S.DEVICE_COL].tolist()[2:] == ["app", "desktop"]
+    lifts = attribute_lifts(merged, np.array([0, 1, 1, 0]), 2, prior=1.0)
+    assert set(lifts) == {S.DEVICE_COL} and set(lifts[S.DEVICE_COL]) == {"app", "desktop"}

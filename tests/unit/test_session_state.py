@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -389,6 +390,8 @@ def test_bad_events_are_rejected_naming_the_field_and_store_nothing(tmp_path: Pa
         "events[1].ts": SessionEvent("u", "s", "i", "view", T0 + 10_000),
         "events[1].session_id": SessionEvent("u", "", "i", "view", T0),
         "events[1].user_id": SessionEvent("a\nb", "s", "i", "view", T0),  # the one id rule
+        "events[1].device": SessionEvent("u", "s", "i", "view", T0, device=""),
+        "events[1].region": SessionEvent("u", "s", "i", "view", T0, region="r\n2"),
     }
     for field, bad in cases.items():
         with pytest.raises(BadRequestError) as info:
@@ -645,3 +648,34 @@ def test_store_coalesces_concurrent_appends_and_reads_into_few_shard_calls(tmp_p
     # 39 requests, each to its session's shard and maybe its user's: far fewer calls than that.
     assert stats["append"]["items"] >= 39 and stats["append"]["calls"] <= 8, stats
     assert stats["get"]["items"] == 4
+
+
+def test_an_events_device_and_region_survive_the_log_snapshots_and_restart(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    st = ShardState(cfg, 0, clock=Clock(T0 + 100))
+    st.append([SessionEvent.create("view", session_id="s", user_id="u", item_id="a", ts=T0,
+                                   device="mobile", region="Texas"),
+               SessionEvent.create("view", session_id="s", user_id="u", item_id="b", ts=T0 + 1)])
+    st.compact()  # a snapshot record
+    st.append([SessionEvent.create("click", session_id="s", user_id="u", item_id="c", ts=T0 + 2,
+                                   device="app")])  # a log record
+    restored = ShardState(cfg, 0, clock=Clock(T0 + 100))
+    got = [(e.item_id, e.device, e.region) for e in restored.get_session("s")["events"]]
+    assert got == [("a", "mobile", "Texas"), ("b", None, None), ("c", "app", None)]
+
+
+def test_an_event_pickled_by_a_release_without_device_and_region_loads_whole() -> None:
+    """Shards outlive a deploy and events cross between them and the ingress pickled: an event
+    of the earlier release (nine fields) must load with the new fields at their defaults."""
+    import pickle
+
+    ev = SessionEvent.create("view", session_id="s", user_id="u", item_id="a", ts=T0,
+                             device="tablet", region="Ohio")
+    assert pickle.loads(pickle.dumps(ev)) == ev
+    old_state = ev.__getstate__()[:9]  # what the earlier release's dataclass pickled
+    old = SessionEvent.__new__(SessionEvent)
+    old.__setstate__(old_state)
+    assert old == replace(ev, device=None, region=None)
+    newer = SessionEvent.__new__(SessionEvent)
+    newer.__setstate__([*ev.__getstate__(), "a field of a later release"])
+    assert newer == ev
