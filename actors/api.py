@@ -557,10 +557,18 @@ class ErrorBody(_Out):
     details: list[ErrorDetail] | None = None
 
 
+# Event fields added after idempotency keys were first stored: they join a body's fingerprint
+# only when set, so that a retry of a request first sent to an earlier release (its key claimed in
+# the session log) is still the same request.
+_LATER_EVENT_FIELDS = frozenset({"device", "region"})
+
+
 def body_fingerprint(events: Sequence[BaseModel]) -> str:
     """A hash of a request's validated events: what an ``Idempotency-Key`` is bound to. One event
     and a batch holding just that event are the same request."""
-    body = json.dumps([e.model_dump(mode="json") for e in events], sort_keys=True)
+    body = json.dumps([{k: v for k, v in e.model_dump(mode="json").items()
+                        if v is not None or k not in _LATER_EVENT_FIELDS} for e in events],
+                      sort_keys=True)
     return hashlib.blake2b(body.encode(), digest_size=16).hexdigest()
 
 

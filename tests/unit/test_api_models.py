@@ -16,6 +16,7 @@ from actors.api import (
     EventsBody,
     RecommendationRequest,
     ReloadRequest,
+    body_fingerprint,
     field_path,
 )
 
@@ -73,6 +74,20 @@ def test_an_event_carries_the_device_and_region_of_a_request_context() -> None:
     # The same devices as a recommendation's context.device, so the lifts learned from the
     # events are found by the requests.
     assert EventIn.model_fields["device"].annotation == ContextIn.model_fields["device"].annotation
+
+
+def test_a_body_fingerprint_is_the_earlier_releases_unless_a_device_or_region_is_sent() -> None:
+    """Idempotency keys are claimed durably with the body's fingerprint: a retry of a request
+    first sent to the release before events had a device must still match its claim."""
+    import hashlib
+    import json
+
+    ev = BODY.validate_python(_ev(ts="2017-11-30T10:00:00Z", event_id="e1"))
+    earlier = {k: v for k, v in ev.model_dump(mode="json").items() if k not in ("device", "region")}
+    digest = hashlib.blake2b(json.dumps([earlier], sort_keys=True).encode(), digest_size=16)
+    assert body_fingerprint([ev]) == digest.hexdigest()
+    assert body_fingerprint([BODY.validate_python(_ev(ts="2017-11-30T10:00:00Z", event_id="e1",
+                                                      device="app"))]) != digest.hexdigest()
 
 
 def test_unknown_item_ids_are_valid_events() -> None:
