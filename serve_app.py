@@ -445,6 +445,27 @@ def _wire_events(snapshot: SessionSnapshot, user_only: bool) -> tuple[Any, ...]:
     return tuple((e.item_id, e.event, e.ts, e.query) for e in events)
 
 
+def _session_context(enriched: dict[str, Any], events: Sequence[SessionEvent],
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The context signal and display of a request, with the device and region it did not name
+    taken from its session: the latest event that carries one. A shop that sends them with its
+    events but not with its recommendation calls still gets their lift, and the answer's
+    ``context`` says which were used. New dicts: the enricher's answer may be a cached one."""
+    signal, display = enriched["signal"], enriched["display"]
+    want_device, want_region = signal.get("device") is None, signal.get("region") is None
+    found: dict[str, str] = {}
+    for e in reversed(events):
+        if not (want_device or want_region):
+            break
+        if want_device and e.device is not None:
+            found["device"], want_device = e.device, False
+        if want_region and e.region is not None:
+            found["region"], want_region = e.region, False
+    if not found:
+        return signal, display
+    return {**signal, **found}, {**display, **found}
+
+
 # --------------------------------------------------------------------------------------
 # The ingress deployment
 # --------------------------------------------------------------------------------------
@@ -651,11 +672,12 @@ class Ingress:
             (snapshot, degraded), enriched = await asyncio.gather(
                 self._session(req.session_id, req.user_id), self._enrich(ctx, self.clock())
             )
+            signal, display = _session_context(enriched, snapshot.events)
             query = RankQuery(
                 user_id=req.user_id,
                 session_id=req.session_id,
                 events=_wire_events(snapshot, user_only=req.session_id is None),
-                context=enriched["signal"],
+                context=signal,
                 k=req.k,
                 query=req.query,
                 exclude_items=tuple(req.exclude_items),
@@ -670,7 +692,7 @@ class Ingress:
                 self._ranker_calls_made += 1
                 self._ranker_requests += 1
                 out = await self._ranker(self.ranker.recommend.remote(query))
-            return {**out, "context": ContextOut(**enriched["display"]), "degraded": degraded,
+            return {**out, "context": ContextOut(**display), "degraded": degraded,
                     "request_id": self.feedback.served(out)}
 
     async def _session(self, session_id: str | None,

@@ -182,6 +182,44 @@ def test_an_events_device_and_region_are_kept_for_the_retrain_and_checked(
         ("sku-1", "mobile", "Texas"), ("sku-2", None, None)]
 
 
+def test_a_recommendation_that_names_no_device_takes_its_sessions(app: App) -> None:
+    """A shop may send the device and region with its events only: the recommendation then ranks
+    with the session's latest ones, and its answer's context says so."""
+    assert app.post_events({"events": [
+        {"session_id": "ctx", "event": "view", "item_id": "sku-1", "device": "tablet"},
+        {"session_id": "ctx", "event": "view", "item_id": "sku-2", "device": "app",
+         "region": "Ohio"},
+        {"session_id": "ctx", "event": "view", "item_id": "sku-3"}]}).status_code == 202
+
+    def context(body: dict[str, Any]) -> tuple[str, str]:
+        r = app.call("POST", "/v1/recommendations", {"k": 3, **body})
+        assert r.status_code == 200, r.text
+        return r.json()["context"]["device"], r.json()["context"]["region"]
+
+    assert context({"session_id": "ctx"}) == ("app", "Ohio")
+    assert context({"session_id": "ctx", "context": {"device": "desktop"}}) == ("desktop", "Ohio")
+    assert context({"session_id": "elsewhere"}) == ("unknown", "unknown")
+
+
+def test_the_session_context_fills_only_what_the_request_left_out() -> None:
+    from actors.session_events import SessionEvent
+    from serve_app import _session_context
+
+    def ev(n: int, **kw: Any) -> SessionEvent:
+        return SessionEvent.create("view", session_id="s", item_id=f"i{n}", ts=T0 + n, **kw)
+
+    enriched = {"signal": {"hour": 9, "device": None, "region": None},
+                "display": {"hour": 9, "device": "unknown", "region": "unknown"}}
+    events = (ev(1, device="mobile", region="Texas"), ev(2, device="app"), ev(3))
+    signal, display = _session_context(enriched, events)
+    assert signal == {"hour": 9, "device": "app", "region": "Texas"}
+    assert display == {"hour": 9, "device": "app", "region": "Texas"}
+    assert enriched["signal"]["device"] is None  # the (maybe cached) enricher answer is unchanged
+    named = {"signal": {"device": "desktop", "region": "Ohio"}, "display": {}}
+    assert _session_context(named, events) == (named["signal"], named["display"])
+    assert _session_context(enriched, (ev(4),)) == (enriched["signal"], enriched["display"])
+
+
 # --- forget says exactly what it did ------------------------------------------------------------
 
 
