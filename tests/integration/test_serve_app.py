@@ -232,10 +232,12 @@ def test_read_your_writes_ten_years_ahead(served: Served, future_served: Served)
 
 
 def test_session_reads_and_appends_go_over_the_shards_grpc_ports(served: Served) -> None:
-    r = served.post("/v1/events", {"session_id": "wire", "event": "view", "item_id": "sku-1"},
-                    auth=True)
+    r = served.post("/v1/events", {"session_id": "wire", "event": "view", "item_id": "sku-1",
+                                   "device": "app"}, auth=True)
     assert r.status_code == 202, r.text
-    assert served.recommend(session_id="wire", k=3)["session_events"] == 1
+    out = served.recommend(session_id="wire", k=3)
+    assert out["session_events"] == 1
+    assert out["context"]["device"] == "app"  # kept by the shard, read back over its port
     calls = served.client.get(served.url + "/healthz").json()["session_calls"]
     assert calls["grpc_calls"] >= 2 and calls["failed_grpc_calls"] == 0, calls
 
