@@ -57,11 +57,6 @@ ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_ba
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
 USE_EASE = True  # read at call time (bench/ranker_holdout.py --set turns it off)
-# Experiment: each item's own lift in the request's time cell (weekday or weekend x 4 dayparts),
-# beyond its department's; item_features appends the [I, TIME_CELLS] table after its columns.
-USE_ITEM_TIME = False
-TIME_CELLS = 8
-ITEM_TIME_PRIOR = 20.0
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
@@ -69,7 +64,7 @@ FEATURES: tuple[str, ...] = (
     "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
     "peers", "ease",
-    "context", "hour", "weekday", "holiday", "item_time",
+    "context", "hour", "weekday", "holiday",
     "department", "price", "price_band", "brand_pop",
     "query_lex", "query_sem", "query_rrf",
     "session_query_lex", "session_query_sem", "session_query_rrf",
@@ -90,7 +85,6 @@ COMPONENT_OF: dict[str, str] = {
     "peers": "peers", "src_peers": "peers",
     "ease": "ease", "src_ease": "ease",
     "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
-    "item_time": "context",
     "src_context": "context",
     "department": "item", "price": "item", "price_band": "item", "brand_pop": "item",
     "query_lex": "query", "query_sem": "query", "query_rrf": "query",
@@ -137,24 +131,7 @@ def item_features(train_events: pd.DataFrame, items: pd.DataFrame, ranker: Ranke
     new_buyers, new_share = _adoption(sig)
     out = np.stack([trend, sig.item_repeat_rate.astype(np.float64), price, band, brand_pop,
                     new_buyers, new_share], axis=1)
-    cell = time_cells(ev[S.TS_COL].dt.weekday.to_numpy()[ok], ev[S.TS_COL].dt.hour.to_numpy()[ok])
-    return np.concatenate([out, _item_time_lift(sig, idx[ok], cell)], axis=1).astype(np.float32)
-
-
-def time_cells(weekday: np.ndarray, hour: np.ndarray) -> np.ndarray:
-    """Weekday (0) or weekend (4), plus the daypart: before 10, 10-14, 14-17, from 17."""
-    return np.where(np.asarray(weekday) >= 5, 4, 0) + np.searchsorted([10, 14, 17], hour, "right")
-
-
-def _item_time_lift(sig: RankingSignals, idx: np.ndarray, cell: np.ndarray) -> np.ndarray:
-    n, dept = sig.num_items, sig.item_department
-    counts = np.bincount(idx * TIME_CELLS + cell, minlength=n * TIME_CELLS).reshape(n, TIME_CELLS)
-    d_counts = np.bincount(dept[idx] * TIME_CELLS + cell,
-                           minlength=(int(dept.max()) + 1) * TIME_CELLS).reshape(-1, TIME_CELLS)
-    p_dept = (d_counts + 1.0) / (d_counts.sum(axis=1, keepdims=True) + TIME_CELLS)
-    prior = p_dept[dept]
-    p_item = (counts + ITEM_TIME_PRIOR * prior) / (counts.sum(axis=1, keepdims=True) + ITEM_TIME_PRIOR)
-    return np.log(p_item) - np.log(prior)
+    return out.astype(np.float32)
 
 
 def _adoption(sig: RankingSignals) -> tuple[np.ndarray, np.ndarray]:
@@ -236,8 +213,6 @@ def build_features(
     col["hour"] = np.nan if ctx is None else float(ctx.hour)
     col["weekday"] = np.nan if ctx is None else float(ctx.weekday)
     col["holiday"] = np.nan if ctx is None else float(ctx.is_holiday)
-    col["item_time"] = (np.nan if ctx is None or not USE_ITEM_TIME else static[
-        :, len(ITEM_FEATURES) + int(time_cells(np.array([ctx.weekday]), np.array([ctx.hour]))[0])])
     col["department"] = ranker.signals.item_department[items].astype(np.float32)
     for prefix, qs in (("query", req.query), ("session_query", req.session_query)):
         col[f"{prefix}_lex"] = np.nan if qs is None else qs.lexical_of(items)

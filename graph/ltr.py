@@ -42,8 +42,7 @@ ABLATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "no_gnn": (("gnn", "session", "sess_sim_max", "sess_sim_mean", "src_ann_user",
                 "src_ann_sess"), ("ann_user", "ann_sess")),
     "no_session": (_SESSION_FEATURES, ("ann_sess", "cooc", "intent")),
-    "no_context": (("context", "hour", "weekday", "holiday", "item_time", "src_context"),
-                   ("context",)),
+    "no_context": (("context", "hour", "weekday", "holiday", "src_context"), ("context",)),
 }
 DEFAULT_PARAMS: dict[str, Any] = {
     "objective": "lambdarank",
