@@ -250,7 +250,8 @@ EventsBody = Annotated[
 
 
 class ContextIn(_Strict):
-    """Request context. Missing fields fall back to the server clock / "unknown"."""
+    """Request context. Missing fields fall back to the server clock; a missing device or region
+    to the session's (its latest event posted with one), else "unknown"."""
 
     ts: datetime | None = Field(
         default=None, description="request time, between 1970-01-01 and 2200-01-01 (UTC); its UTC "
