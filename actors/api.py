@@ -59,6 +59,7 @@ MAX_CONTEXT_TS = datetime(2200, 1, 1, tzinfo=UTC)
 
 EventType = Literal["view", "click", "add_to_cart", "remove_from_cart", "purchase", "search"]
 Device = Literal["desktop", "mobile", "tablet", "app", "other"]
+assert Device.__args__ == S.DEVICES, "Device drifted from graph.schema"  # type: ignore[attr-defined]
 
 
 def _printable_id(value: str) -> str:

@@ -390,9 +390,24 @@ def validate_events(ev: pd.DataFrame, source: str) -> pd.DataFrame:
         ev[S.SESSION_COL] = ev[S.SESSION_COL].astype(str).where(
             ev[S.SESSION_COL].notna(), ev[S.USER_COL] + ":nosession"
         )
+    _warn_unmatched_devices(ev, source)
     extra = [c for c in ev.columns if c not in EVENT_COLUMNS]
     ev = ev[list(EVENT_COLUMNS) + extra]
     return ev.sort_values(S.TS_COL, kind="stable").reset_index(drop=True)
+
+
+def _warn_unmatched_devices(ev: pd.DataFrame, source: str) -> None:
+    """Warn about devices that no request can name: the model learns their lift, but a request's
+    ``context.device`` is one of :data:`graph.schema.DEVICES`, so it is never used online."""
+    if S.DEVICE_COL not in ev.columns:
+        return
+    seen = ev[S.DEVICE_COL].dropna().astype(str).str.strip().str.lower().unique()
+    odd = sorted(set(seen) - set(S.DEVICES) - {"", "unknown", "nan", "none"})
+    if odd:
+        log.warning(
+            "events file %s: column 'device' has %d value(s) a request's context.device cannot "
+            "name (e.g. %s); their lift is learned but never used online. Rename them to one of "
+            "%s to use them.", source, len(odd), odd[:5], ", ".join(S.DEVICES))
 
 
 def temporal_split(

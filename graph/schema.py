@@ -22,6 +22,8 @@ PRICE_COL: Final = "price"
 DEVICE_COL: Final = "device"
 REGION_COL: Final = "region"
 CONTEXT_ATTRIBUTES: Final[tuple[str, ...]] = (DEVICE_COL, REGION_COL)
+# The devices a request's context.device (and an online event's device) can name.
+DEVICES: Final[tuple[str, ...]] = ("desktop", "mobile", "tablet", "app", "other")
 
 # --- canonical items table --------------------------------------------------------------
 TITLE_COL: Final = "title"

@@ -125,6 +125,24 @@ def test_items_not_in_catalogue_are_dropped_with_a_warning(
     assert "1 events" in caplog.text and "zzz" in caplog.text
 
 
+def test_devices_no_request_can_name_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ev = _events()
+    ev["device"] = ["Mobile ", "app", None, "iOS", "android", "unknown"]
+    e, i = _write(tmp_path, ev, _items())
+    with caplog.at_level(logging.WARNING):
+        ds = load_files(e, i)
+    assert "2 value(s)" in caplog.text and "['android', 'ios']" in caplog.text, caplog.text
+    assert ds.events["device"].notna().sum() == 5  # kept as they are: the lift is still learned
+    caplog.clear()
+    ev["device"] = "tablet"
+    e, i = _write(tmp_path, ev, _items())
+    with caplog.at_level(logging.WARNING):
+        load_files(e, i)
+    assert "device" not in caplog.text
+
+
 def test_temporal_split_rejects_empty_side() -> None:
     ev = _events()
     ev["ts"] = pd.to_datetime(ev["ts"])
