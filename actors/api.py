@@ -113,8 +113,8 @@ Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN,
                           json_schema_extra={"pattern": _ID_PATTERN}),
                AfterValidator(_printable_id)]
 SessionId = Annotated[Id, AfterValidator(_not_reserved)]
-# An event's region: printable like an id (it is stored in the log and exported), at most 64
-# characters like a request's context.region.
+# A region (a request's context.region, an event's region): printable like an id (an event's is
+# stored in the log and exported, a request's shown in the answer), at most 64 characters.
 Region = Annotated[str, Field(min_length=1, max_length=64, json_schema_extra={"pattern": _ID_PATTERN}),
                    AfterValidator(_printable_id)]
 _EVENT_TYPES_LITERAL: tuple[str, ...] = EventType.__args__  # type: ignore[attr-defined]
@@ -262,7 +262,7 @@ class ContextIn(_Strict):
         default=None, max_length=64, description="IANA zone (e.g. 'America/Chicago') for the local time"
     )
     device: Device | None = None
-    region: str | None = Field(default=None, min_length=1, max_length=64)
+    region: Region | None = None
     country: str | None = Field(
         default=None, pattern=r"^[A-Za-z]{2}$", description="ISO 3166-1 alpha-2 (holiday calendar)"
     )

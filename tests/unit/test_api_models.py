@@ -107,6 +107,8 @@ def test_unknown_item_ids_are_valid_events() -> None:
         ({"user_id": "u", "context": {"country": "USA"}}, "context.country"),
         ({"user_id": "u", "context": {"timezone": "Mars/Base"}}, "context.timezone"),
         ({"user_id": "u", "context": {"device": "toaster"}}, "context.device"),
+        ({"user_id": "u", "context": {"region": "north\nsouth"}}, "context.region"),
+        ({"user_id": "u", "context": {"region": "r" * 65}}, "context.region"),
         ({"user_id": "u", "kk": 5}, "kk"),
     ],
 )
