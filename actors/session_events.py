@@ -215,26 +215,14 @@ def id_problem(value: str) -> str | None:
             "line separator; an id is printable text (any script, spaces and '/' are fine)")
 
 
-def check_id(value: object, where: str, *, optional: bool) -> None:
+def check_id(value: object, where: str, *, optional: bool, max_chars: int = MAX_ID_CHARS) -> None:
     if value is None and optional:
         return
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+    if not isinstance(value, str) or not value or len(value) > max_chars:
         raise BadRequestError(
-            f"{where} ({value!r}) must be a non-empty string of at most {MAX_ID_CHARS} characters",
+            f"{where} ({value!r}) must be a non-empty string of at most {max_chars} characters",
             where,
         )
-    problem = id_problem(value)
-    if problem is not None:
-        raise BadRequestError(f"{where} ({value!r}) {problem}", where)
-
-
-def _check_attribute(value: object, where: str) -> None:
-    if value is None:
-        return
-    if not isinstance(value, str) or not value or len(value) > MAX_ATTRIBUTE_CHARS:
-        raise BadRequestError(
-            f"{where} ({value!r}) must be a non-empty string of at most {MAX_ATTRIBUTE_CHARS} "
-            "characters, or left out", where)
     problem = id_problem(value)
     if problem is not None:
         raise BadRequestError(f"{where} ({value!r}) {problem}", where)
@@ -271,8 +259,8 @@ def validate_event(ev: object, where: str, now: float, max_skew: float) -> Sessi
         raise BadRequestError(
             f"{where}.query must be a string of at most {MAX_QUERY_CHARS} characters", f"{where}.query"
         )
-    for name in ("device", "region"):
-        _check_attribute(getattr(ev, name), f"{where}.{name}")
+    check_id(ev.device, f"{where}.device", optional=True, max_chars=MAX_ATTRIBUTE_CHARS)
+    check_id(ev.region, f"{where}.region", optional=True, max_chars=MAX_ATTRIBUTE_CHARS)
     if not isinstance(ev.event_id, str) or len(ev.event_id) > MAX_ID_CHARS:
         raise BadRequestError(f"{where}.event_id must be a short string", f"{where}.event_id")
     if ev.event_id or ev.dedupe_key:  # a dedupe_key's id is chosen by the shard
