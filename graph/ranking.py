@@ -145,6 +145,9 @@ class ContextSignal:
         lift for them, and None where not: it ranks exactly as this one, and two requests whose
         device or region makes no difference get one context (one cached answer for both)."""
         known = signals.attribute_lift
+        if not known:  # most models (the built-in data's): no value has a lift, nothing to spell
+            return self if self.device is None and self.region is None else dataclasses.replace(
+                self, device=None, region=None)
         device, region = (
             v if v is not None and v in known.get(col, {}) else None
             for col, v in ((S.DEVICE_COL, attribute_value(self.device)),
