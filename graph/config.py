@@ -41,9 +41,6 @@ class TrainConfig(BaseModel):
         id_dropout: Probability of dropping an item's id embedding in a training step, so the
             item-feature path learns to stand alone for cold-start items.
         num_negatives: Sampled negatives per positive edge.
-        neg_pop_share: Share of the negatives drawn in proportion to the item's degree to the
-            power ``neg_pop_alpha`` instead of uniformly (:class:`graph.model.NegativeSampler`).
-        neg_pop_alpha: That power.
         num_workers: Ray Train workers (one DDP process each). Every worker propagates over
             the whole graph at every step, so on one machine one worker with all its cores is
             faster than several with one core each: on the built-in data, 2 cores, 49 steps of
@@ -89,8 +86,6 @@ class TrainConfig(BaseModel):
     reg: float = 1e-4
     id_dropout: float = 0.2
     num_negatives: int = 1
-    neg_pop_share: float = 0.0
-    neg_pop_alpha: float = 0.75
     num_workers: int = 2
     cpus_per_worker: int | None = None
     use_gpu: bool = False
@@ -152,18 +147,6 @@ class TrainConfig(BaseModel):
     @classmethod
     def _num_negatives(cls, v: int) -> int:
         _check_range("num_negatives", v, 1, 256, "use e.g. 1")
-        return v
-
-    @field_validator("neg_pop_share")
-    @classmethod
-    def _neg_pop_share(cls, v: float) -> float:
-        _check_range("neg_pop_share", v, 0.0, 1.0, "use e.g. 0.5 (0: uniform negatives)")
-        return v
-
-    @field_validator("neg_pop_alpha")
-    @classmethod
-    def _neg_pop_alpha(cls, v: float) -> float:
-        _check_range("neg_pop_alpha", v, 0.0, 2.0, "use e.g. 0.75 (1: by degree, 0: uniform)")
         return v
 
     @field_validator("num_workers")

@@ -301,12 +301,7 @@ def bpr_loss(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor, reg: float) -> 
 
 
 class NegativeSampler:
-    """Item negatives, re-sampled while they are positives of the user.
-
-    Each negative is drawn uniformly over the items, or, with probability ``pop_share``, in
-    proportion to the item's degree (its positive edges) to the power ``pop_alpha`` (Mikolov
-    et al.'s unigram^0.75 for word2vec; Rendle and Freudenthaler, WSDM 2014, on why uniform
-    negatives are mostly too easy for a BPR model on a long-tailed catalogue).
+    """Uniform item negatives, re-sampled while they are positives of the user.
 
     Positives are kept as sorted int64 keys ``user * I + item``; membership of a whole batch
     is one ``np.searchsorted``.
@@ -316,28 +311,17 @@ class NegativeSampler:
         num_items: I.
         max_rounds: Re-sampling rounds before giving up (only reached when a user has
             positives on nearly every item).
-        pop_share: Share of the negatives drawn by degree (0: all uniform).
-        pop_alpha: Exponent of the degree for those.
 
     Shapes:
         - edge_index: ``[2, E]``
     """
 
-    def __init__(self, edge_index: Tensor | np.ndarray, num_items: int, max_rounds: int = 1000,
-                 pop_share: float = 0.0, pop_alpha: float = 0.75):
+    def __init__(self, edge_index: Tensor | np.ndarray, num_items: int, max_rounds: int = 1000):
         ei = edge_index.cpu().numpy() if isinstance(edge_index, Tensor) else edge_index
         users = np.asarray(ei[0], dtype=np.int64)
         items = np.asarray(ei[1], dtype=np.int64)
         self.num_items = int(num_items)
         self.max_rounds = max_rounds
-        if not 0.0 <= pop_share <= 1.0:
-            raise ValueError(f"pop_share ({pop_share}) must be in [0, 1]; use e.g. 0.5 (0: uniform)")
-        self.pop_share = float(pop_share)
-        self._pop_cdf: np.ndarray | None = None
-        if self.pop_share > 0 and items.size:
-            w = np.bincount(items, minlength=self.num_items).astype(np.float64) ** pop_alpha
-            cdf = np.cumsum(w)
-            self._pop_cdf = cdf / cdf[-1]
         self._keys = np.unique(users * self.num_items + items)
         if users.size:
             per_user = np.bincount(self._keys // self.num_items)
@@ -373,29 +357,18 @@ class NegativeSampler:
             - output: ``[B, K]`` int64
         """
         users_k = np.repeat(np.asarray(users, dtype=np.int64)[:, None], num_negatives, axis=1)
-        neg = self._draw(users_k.shape, rng)
+        neg = rng.integers(0, self.num_items, size=users_k.shape, dtype=np.int64)
         bad = self.is_positive(users_k, neg)
         for _ in range(self.max_rounds):
             n_bad = int(bad.sum())
             if n_bad == 0:
                 return neg
-            neg[bad] = self._draw((n_bad,), rng)
+            neg[bad] = rng.integers(0, self.num_items, size=n_bad, dtype=np.int64)
             bad[bad] = self.is_positive(users_k[bad], neg[bad])
         raise RuntimeError(
             f"could not draw negatives for {int(bad.sum())} pairs in {self.max_rounds} rounds: "
             "some users have positives on nearly every item"
         )
-
-    def _draw(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-        """Items: uniform, or by degree with probability ``pop_share``."""
-        neg = rng.integers(0, self.num_items, size=shape, dtype=np.int64)
-        if self._pop_cdf is not None:
-            by_pop = rng.random(shape) < self.pop_share
-            n = int(by_pop.sum())
-            if n:
-                picks = np.searchsorted(self._pop_cdf, rng.random(n), side="right")
-                neg[by_pop] = np.minimum(picks, self.num_items - 1)
-        return neg
 
 
 def _as_bool_mask(mask: Tensor | np.ndarray, size: int, name: str) -> Tensor:

@@ -269,8 +269,7 @@ def setup_worker(
     seed_everything(cfg.seed + rank)
     edge_index = np.array(payload["edge_index"], dtype=np.int64)
     adj = build_graph_adjacency(payload, device)
-    sampler = NegativeSampler(edge_index, payload["num_items"], pop_share=cfg.neg_pop_share,
-                              pop_alpha=cfg.neg_pop_alpha)
+    sampler = NegativeSampler(edge_index, payload["num_items"])
     return WorkerSetup(model=model, adj=adj, edge_index=edge_index, sampler=sampler)
 
 

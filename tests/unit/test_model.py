@@ -274,27 +274,6 @@ def test_negative_sampler_rejects_user_with_every_item() -> None:
         NegativeSampler(np.array([[0, 0, 0, 1], [0, 1, 2, 0]]), 3)
 
 
-def test_negative_sampler_draws_by_degree_with_pop_share() -> None:
-    # Item 0 has 90 of the 100 positive edges (users 0-89), items 1-10 one each; users 100+
-    # have none, so every draw stands.
-    items = np.concatenate([np.zeros(90, dtype=np.int64), np.arange(1, 11)])
-    edges = np.stack([np.arange(100), items])
-    rng = np.random.default_rng(3)
-    fresh = np.arange(100, 120)
-    uniform = NegativeSampler(edges, 50).sample(fresh, 500, rng)
-    by_degree = NegativeSampler(edges, 50, pop_share=1.0, pop_alpha=1.0).sample(fresh, 500, rng)
-    half = NegativeSampler(edges, 50, pop_share=0.5, pop_alpha=1.0).sample(fresh, 500, rng)
-    assert abs((uniform == 0).mean() - 1 / 50) < 0.01
-    assert abs((by_degree == 0).mean() - 0.9) < 0.01  # 90 of 100 edges
-    assert (by_degree <= 10).all()  # items without an edge are never drawn by degree
-    assert abs((half == 0).mean() - (0.5 * 0.9 + 0.5 / 50)) < 0.015
-    # Positives are still re-drawn: user 0 bought item 0.
-    neg = NegativeSampler(edges, 50, pop_share=1.0).sample(np.zeros(300, dtype=np.int64), 4, rng)
-    assert not (neg == 0).any()
-    with pytest.raises(ValueError, match="pop_share"):
-        NegativeSampler(edges, 50, pop_share=1.5)
-
-
 # --- batching -------------------------------------------------------------------------
 
 
