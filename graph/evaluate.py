@@ -162,7 +162,11 @@ def recommender_rankings(
     Returns:
         ``({name: [B, k] item indices padded with -1}, candidate report)``; the report holds
         ``candidate_recall`` (relevant items among the candidates / relevant items, averaged over
-        requests), ``candidates`` (mean count) and ``source_recall`` per source.
+        requests), ``candidates`` (mean count), ``source_recall`` per source and
+        ``contributions``: what ranked the first ranker's top ``k``, per reason component
+        (:attr:`graph.ltr.LearnedRanker.components`): ``share``, the component's part of the
+        summed absolute TreeSHAP contributions of every recommended item, and ``mean``, its
+        signed contribution per recommended item (raw score units).
     """
     ranked, report, _ = task_rankings(rec, q, rankers, k, progress=progress, batch=batch,
                                       pool=pool)
@@ -193,6 +197,9 @@ def task_rankings(
     recall = np.zeros(len(q))
     count = np.zeros(len(q))
     per_source = np.zeros((len(q), len(SOURCES)))
+    first = next(iter(rankers), None)
+    components = rankers[first].components if first is not None else ()
+    evidence, explained = np.zeros((2, len(components))), 0
     t0 = last = time.perf_counter()
     requests = q.requests(k)
     starts = list(range(0, len(q), batch))
@@ -209,6 +216,9 @@ def task_rankings(
                 base[name][sl] = top
             continue
         recall[sl], count[sl], per_source[sl] = res.recall, res.count, res.per_source
+        if first is not None:
+            evidence += res.contributions[first]
+            explained += res.explained[first]
         for name, top in res.top.items():
             out[name][sl] = top
         done += len(res.recall)
@@ -218,8 +228,20 @@ def task_rankings(
     report = {"candidate_recall": float(recall.mean()) if len(q) else float("nan"),
               "candidates": float(count.mean()) if len(q) else float("nan"),
               "source_recall": {s: float(per_source[:, j].mean()) if len(q) else float("nan")
-                                for j, s in enumerate(SOURCES)}}
+                                for j, s in enumerate(SOURCES)},
+              "contributions": contribution_report(components, evidence, explained)}
     return out, report, base
+
+
+def contribution_report(components: Sequence[str], evidence: np.ndarray, explained: int
+                        ) -> dict[str, dict[str, float]]:
+    """``{component: {"share", "mean"}}`` from summed absolute (``evidence[0]``) and signed
+    (``evidence[1]``) contributions of ``explained`` items; empty without any."""
+    total = float(evidence[0].sum())
+    if not explained or total <= 0.0:
+        return {}
+    return {c: {"share": float(evidence[0, j] / total), "mean": float(evidence[1, j] / explained)}
+            for j, c in enumerate(components)}
 
 
 def evaluate(
@@ -433,6 +455,32 @@ def format_candidates(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) ->
         r = rows[t]
         lines.append(t.ljust(width) + f" | {r['candidate_recall']:>11.4f} {r['candidates']:>7.0f} | "
                      + " ".join(f"{r['source_recall'][s]:>9.4f}" for s in SOURCES))
+    return "\n".join(lines)
+
+
+def format_contributions(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """What ranks intentrec's recommendations, per task: each reason component's share of the
+    recommended items' absolute contributions and its mean signed contribution (largest average
+    share first), or "" without a report."""
+    rows = metrics.get("intentrec", {})
+    tasks = [t for t in S.TASKS if rows.get(t, {}).get("contributions")]
+    if not tasks:
+        return ""
+    comps = sorted({c for t in tasks for c in rows[t]["contributions"]},
+                   key=lambda c: -sum(rows[t]["contributions"].get(c, {}).get("share", 0.0)
+                                      for t in tasks))
+    width = max(max(len(c) for c in comps), len("component"))
+    cell = max(max(len(t) for t in tasks), 15)
+    head = "component".ljust(width) + " | " + " | ".join(t.center(cell) for t in tasks)
+    lines = ["what ranks the recommended items (TreeSHAP contributions to the top 20's scores, "
+             "per reason component: share of the absolute total, mean per item):", head,
+             "-" * len(head)]
+    for c in comps:
+        cells = []
+        for t in tasks:
+            v = rows[t]["contributions"].get(c)
+            cells.append(("-" if v is None else f"{v['share']:6.1%}  {v['mean']:+.3f}").rjust(cell))
+        lines.append(c.ljust(width) + " | " + " | ".join(cells))
     return "\n".join(lines)
 
 

@@ -116,6 +116,10 @@ class Cascade:
     rows: np.ndarray
     leaves: np.ndarray
 
+    def leaves_of(self, positions: np.ndarray) -> np.ndarray:
+        """The leaves of rows scored in full, by position. Shapes: ``[m]`` → ``[m, trees]``."""
+        return self.leaves[np.searchsorted(self.rows, positions)]
+
 
 @dataclass
 class LearnedRanker:
@@ -139,6 +143,12 @@ class LearnedRanker:
         self._component = [COMPONENT_OF[f] for f in self.features]
         self._paths: PathAttribution | None = None
         self._names: list[str] = list(dict.fromkeys(self._component))
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The reason components of its features (:data:`graph.features.COMPONENT_OF`), in the
+        column order of :meth:`component_contributions`."""
+        return tuple(self._names)
 
     def keep_candidates(self, sources: np.ndarray) -> np.ndarray | None:
         """Row mask of candidates proposed by one of this ranker's sources (None: all)."""
@@ -239,10 +249,16 @@ class LearnedRanker:
         """
         if len(leaves) == 0:
             return []
-        paths = self.attribution()
-        raw = paths.explain_leaves(leaves)
-        return [{"base": paths.base, **dict(zip(self._names, row, strict=True))}
+        raw = self.component_contributions(leaves)
+        return [{"base": self.attribution().base, **dict(zip(self._names, row, strict=True))}
                 for row in raw.tolist()]
+
+    def component_contributions(self, leaves: np.ndarray) -> np.ndarray:
+        """:meth:`contributions_of` as an array, one column per :attr:`components`.
+
+        Shapes: ``leaves`` ``[n, trees]`` → ``[n, len(components)]``.
+        """
+        return self.attribution().explain_leaves(leaves)
 
     # --- persistence ---------------------------------------------------------------------
     def to_files(self) -> dict[str, bytes]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,12 +40,17 @@ class ChunkResult:
         - **top** ``{ranker name: [n, k]}`` item indices padded with ``-1``.
         - **recall**, **count** ``[n]``: candidate recall and number of candidates per request.
         - **per_source** ``[n, len(SOURCES)]``: each source's share of the relevant items.
+        - **contributions** ``{ranker name: [2, len(ranker.components)]}``: the summed absolute
+          (row 0) and signed (row 1) per-component contributions of its top ``k`` items, over
+          ``explained[name]`` items.
     """
 
     top: dict[str, np.ndarray]
     recall: np.ndarray
     count: np.ndarray
     per_source: np.ndarray
+    contributions: dict[str, np.ndarray] = field(default_factory=dict)
+    explained: dict[str, int] = field(default_factory=dict)
 
 
 def rank_chunk(rec: Recommender, rankers: Mapping[str, LearnedRanker],
@@ -62,14 +67,22 @@ def rank_chunk(rec: Recommender, rankers: Mapping[str, LearnedRanker],
         recall[b] = hit.sum() / len(tgt)
         count[b] = len(p.candidates)
         per_source[b] = p.candidates.sources[hit].sum(axis=0) / len(tgt)
-    top = {}
+    top, contributions, explained = {}, {}, {}
     for name, lr in rankers.items():
         out = np.full((n, k), -1, dtype=np.int64)
+        leaves = []
         for b, (p, s) in enumerate(zip(prepared, rec.score(prepared, learned=lr), strict=True)):
             items = rec.select(p, s, learned=lr, k=k).items
             out[b, : len(items)] = items
+            # Candidates are sorted and unique: an item's position is its rank among them.
+            leaves.append(s.leaves_of(np.searchsorted(p.candidates.items, items)))
         top[name] = out
-    return ChunkResult(top, recall, count, per_source)
+        rows = np.concatenate(leaves) if leaves else np.zeros((0, 0), dtype=np.int32)
+        c = (lr.component_contributions(rows) if len(rows)
+             else np.zeros((0, len(lr.components))))
+        contributions[name] = np.stack([np.abs(c).sum(axis=0), c.sum(axis=0)])
+        explained[name] = len(c)
+    return ChunkResult(top, recall, count, per_source, contributions, explained)
 
 
 # A unit of pool work: ``fn(rec, rankers, *args)`` with a module-level ``fn`` (sent by reference).

@@ -309,6 +309,7 @@ def run_pipeline(
         evaluate,
         format_ablations,
         format_candidates,
+        format_contributions,
         format_table,
         format_uncertainty,
     )
@@ -382,6 +383,7 @@ def run_pipeline(
         progress(f"[cold items] evaluated in {time.perf_counter() - t4:.0f}s")
         table = "\n\n".join(t for t in (format_table(metrics), format_uncertainty(metrics),
                                           format_candidates(metrics),
+                                          format_contributions(metrics),
                                           format_ablations(metrics), format_search(metrics),
                                           format_cold_items(metrics)) if t)
         timings["eval_s"] = time.perf_counter() - t3

@@ -186,8 +186,8 @@ class Recommender:
         scores = scored.scores
         ok = np.isfinite(scores)
         top = np.flatnonzero(ok)[top_k(scores[ok], p.candidates.items[ok], k)]
-        contrib = (self._ranker(learned).contributions_of(
-            scored.leaves[np.searchsorted(scored.rows, top)]) if explain else [])
+        contrib = (self._ranker(learned).contributions_of(scored.leaves_of(top))
+                   if explain else [])
         return Ranked(p.candidates.items[top], scores[top], contrib, len(p.candidates))
 
     def rank(self, p: Prepared, *, learned: LearnedRanker | None = None, k: int | None = None,

@@ -15,6 +15,7 @@ from graph.evaluate import (
     evaluate,
     format_ablations,
     format_candidates,
+    format_contributions,
     format_table,
     format_uncertainty,
     itemknn_scores,
@@ -246,8 +247,8 @@ def test_evaluate_reports_every_model_task_and_metric() -> None:
         assert list(res[model]) == list(S.TASKS)
         for task in S.TASKS:
             m = res[model][task]
-            extra = {"candidate_recall", "candidates", "source_recall"} if model == "intentrec" \
-                else set()
+            extra = {"candidate_recall", "candidates", "source_recall", "contributions"} \
+                if model == "intentrec" else set()
             assert set(m) == {*S.METRICS, "n", *extra}
             assert all(0.0 <= m[x] <= 1.0 for x in S.METRICS)
     # The ablation table: its rows rank the same seeded sample; the same ranker under another
@@ -263,12 +264,46 @@ def test_evaluate_reports_every_model_task_and_metric() -> None:
         assert max(report["source_recall"].values()) <= report["candidate_recall"] + 1e-9
     assert any(t in line for line in lines for t in S.TASKS)
     assert "in_session_blind" in format_candidates(res)
+    for task in S.TASKS:
+        shares = res["intentrec"][task]["contributions"]
+        assert set(shares) == set(rec.learned.components)
+        assert sum(v["share"] for v in shares.values()) == pytest.approx(1.0)
+    table = format_contributions(res)
+    assert all(t in table for t in S.TASKS) and all(c in table for c in rec.learned.components)
     assert "intentrec_alone" in format_ablations({**res, "ablations": abl})
     # Subsampling is seeded and reported.
     small = evaluate(train, test, inter, rec, CUT, max_users=3, max_baskets=2,
                      progress=lambda _: None)
     assert small["intentrec"]["next_basket_all"]["n"] == 3
     assert small["intentrec"]["in_session"]["n"] == 2
+
+
+def test_contribution_report_adds_up_each_recommendations_own_explanation() -> None:
+    _, test, inter, _, rec = setup()
+    q, _ = in_session_tasks(test, inter)
+    k = 5
+    _, report = recommender_rankings(rec, q, {"intentrec": rec.learned}, k, batch=2)
+    got = report["contributions"]
+    # Each request alone, as serving answers it: its top k with their exact contributions.
+    comps = rec.learned.components
+    total_abs, total, scores, n = dict.fromkeys(comps, 0.0), dict.fromkeys(comps, 0.0), [], 0
+    for req in q.requests(k):
+        r = rec.recommend(req, explain=True)
+        for c, score in zip(r.contributions, r.scores, strict=True):
+            assert sum(c.values()) == pytest.approx(float(score), abs=1e-4)
+            for name in comps:
+                total_abs[name] += abs(c[name])
+                total[name] += c[name]
+            scores.append(float(score))
+            n += 1
+    assert n > 0
+    grand = sum(total_abs.values())
+    for name in comps:
+        assert got[name]["share"] == pytest.approx(total_abs[name] / grand, abs=1e-6)
+        assert got[name]["mean"] == pytest.approx(total[name] / n, abs=1e-6)
+    # The mean contributions and the base add up to the recommended items' mean score.
+    base = rec.learned.attribution().base
+    assert base + sum(v["mean"] for v in got.values()) == pytest.approx(np.mean(scores), abs=1e-4)
 
 
 def test_recall_uncertainty_resamples_shoppers_and_pairs_the_lead() -> None:
