@@ -86,8 +86,7 @@ def embeddings(d: Any, cache: Path, epochs: int | None,
 def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None,
         seed: int = 0, cascades: dict[str, str] | None = None,
         gnn: dict[str, Any] | None = None,
-        signal_params: dict[str, Any] | None = None,
-        reranks: dict[str, str] | None = None) -> dict[str, Any]:
+        signal_params: dict[str, Any] | None = None) -> dict[str, Any]:
     import numpy as np
 
     from graph import ltr, ranker_fit
@@ -157,43 +156,13 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
                         "recall@20": summarize(top, q.targets, 20)["recall@20"],
                         "whole_model_recall@20": summarize(whole, q.targets, 20)["recall@20"],
                         "top20_same_as_whole_model": float(np.mean(same))}
-            by_rerank = rerank_recall(rec, lr, eval_b, reranks) if reranks else {}
         out[name] = {"set": v["set"], "params": v["params"],
                      "ablation": v["ablation"], "rounds": lr.info["rounds"],
                      "tasks": rows, "seconds": round(time.perf_counter() - t0, 1)}
         if by_cascade:
             out[name]["cascades"] = by_cascade
-        if by_rerank:
-            out[name]["reranks"] = by_rerank
         print(f"[holdout] {name} done in {out[name]['seconds']:.0f}s")
     return out
-
-
-def rerank_recall(rec: Any, lr: Any, eval_b: list[Any], reranks: dict[str, str],
-                  batch: int = 256) -> dict[str, dict[str, float]]:
-    """recall@20 of the same fitted ranker's scores under other top-k selections
-    (``graph.recommend.DIVERSITY`` settings), each request prepared and scored once."""
-    import numpy as np
-
-    from graph.metrics import summarize
-
-    specs = [("shipped", "None"), *reranks.items()]
-    res: dict[str, dict[str, float]] = {n: {} for n, _ in specs}
-    for q in eval_b:
-        reqs = q.requests(20)
-        tops = {n: np.full((len(q), 20), -1, dtype=np.int64) for n, _ in specs}
-        for s0 in range(0, len(q), batch):
-            prepared = [rec.prepare(r) for r in reqs[s0: s0 + batch]]
-            scored = rec.score(prepared, learned=lr)
-            for n, spec in specs:
-                with overridden([("graph.recommend.DIVERSITY", spec)]):
-                    for b, (p, sc) in enumerate(zip(prepared, scored, strict=True)):
-                        it = rec.select(p, sc, learned=lr, k=20).items
-                        tops[n][s0 + b, : len(it)] = it
-        for n, _ in specs:
-            res[n][q.name] = summarize(tops[n], q.targets, 20)["recall@20"]
-        print(f"[rerank] {q.name}: " + ", ".join(f"{n} {res[n][q.name]:.4f}" for n, _ in specs))
-    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,8 +180,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="also rank with these cascade stages (graph.ltr.CASCADE, e.g. "
                         "'three=((20, 100), (80, 50))') and compare with the shipped one and the "
                         "whole model, on the same fitted ranker")
-    p.add_argument("--rerank", action="append", default=[], metavar="NAME=SPEC",
-                   help="also rank with graph.recommend.DIVERSITY=SPEC on the same fitted ranker")
     p.add_argument("--epochs", type=int, default=None, help="GNN epochs (default: the job's)")
     p.add_argument("--gnn", action="append", default=[], metavar="KEY=VALUE",
                    help="a GNN training setting (graph.config.TrainConfig, e.g. batch_size=16384); "
@@ -259,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     signal_params = {k: ast.literal_eval(v)
                      for k, _, v in (g.partition("=") for g in opts.signals)}
     res = run(variants, Path(opts.emb_cache), opts.epochs, seed=opts.seed, cascades=cascades,
-              gnn=gnn, signal_params=signal_params,
-              reranks=dict(r.split("=", 1) for r in opts.rerank))
+              gnn=gnn, signal_params=signal_params)
     tasks = list(next(iter(res.values()))["tasks"])
     print(f"\n{'variant':<14}" + "".join(f"{t:>24}" for t in tasks))
     print(f"{'':<14}" + "".join(f"{'recall@20  cand.recall':>24}" for _ in tasks))

@@ -28,13 +28,6 @@ from graph.retrieval import CandidateSet, Catalogue, candidates, exclusions
 from graph.search import QueryScores
 from graph.text import ItemText, normalize_query
 
-# Diversity in the top k (experiment): ``(levels, penalty, exempt_history)``. A candidate's score
-# is lowered by ``penalty`` for each item already chosen in its group (the first ``levels`` levels
-# of its category path); with ``exempt_history`` the user's buy-again items are neither lowered
-# nor counted. None: plain top k.
-DIVERSITY: tuple[int, float, bool] | None = None
-DIVERSITY_POOL = 5  # the greedy pass looks at the best DIVERSITY_POOL * k candidates
-
 
 @dataclass(frozen=True)
 class Request:
@@ -192,47 +185,10 @@ class Recommender:
         k = p.request.k if k is None else k
         scores = scored.scores
         ok = np.isfinite(scores)
-        if DIVERSITY is None:
-            top = np.flatnonzero(ok)[top_k(scores[ok], p.candidates.items[ok], k)]
-        else:
-            top = self._diverse(p, scores, ok, k, *DIVERSITY)
+        top = np.flatnonzero(ok)[top_k(scores[ok], p.candidates.items[ok], k)]
         contrib = (self._ranker(learned).contributions_of(scored.leaves_of(top))
                    if explain else [])
         return Ranked(p.candidates.items[top], scores[top], contrib, len(p.candidates))
-
-    def _groups(self, levels: int) -> np.ndarray:
-        cache = self.__dict__.setdefault("_group_cache", {})
-        if levels not in cache:
-            sep = S.CATEGORY_SEP.strip()
-            keys = [sep.join(c.split(sep)[:levels]) for c in self.catalogue.categories.tolist()]
-            cache[levels] = pd.factorize(pd.Series(keys))[0].astype(np.int64)
-        return cache[levels]
-
-    def _diverse(self, p: Prepared, scores: np.ndarray, ok: np.ndarray, k: int, levels: int,
-                 penalty: float, exempt_history: bool) -> np.ndarray:
-        from graph.retrieval import SOURCES
-
-        pos = np.flatnonzero(ok)
-        pool = pos[top_k(scores[pos], p.candidates.items[pos], DIVERSITY_POOL * k)]
-        s = scores[pool].astype(np.float64)
-        grp = self._groups(levels)[p.candidates.items[pool]]
-        exempt = (p.candidates.sources[pool, SOURCES.index("buy_again")] if exempt_history
-                  else np.zeros(len(pool), dtype=bool))
-        count: dict[int, int] = {}
-        chosen: list[int] = []
-        taken = np.zeros(len(pool), dtype=bool)
-        adj = s.copy()
-        for _ in range(min(k, len(pool))):
-            j = int(np.argmax(np.where(taken, -np.inf, adj)))
-            taken[j] = True
-            chosen.append(j)
-            if exempt[j]:
-                continue
-            g = int(grp[j])
-            count[g] = count.get(g, 0) + 1
-            same = (grp == g) & ~exempt
-            adj[same] = s[same] - penalty * count[g]
-        return pool[np.array(chosen, dtype=np.int64)]
 
     def rank(self, p: Prepared, *, learned: LearnedRanker | None = None, k: int | None = None,
              explain: bool = False) -> Ranked:
