@@ -164,9 +164,10 @@ def recommender_rankings(
         ``candidate_recall`` (relevant items among the candidates / relevant items, averaged over
         requests), ``candidates`` (mean count), ``source_recall`` per source and
         ``contributions``: what ranked the first ranker's top ``k``, per reason component
-        (:attr:`graph.ltr.LearnedRanker.components`): ``share``, the component's part of the
-        summed absolute TreeSHAP contributions of every recommended item, and ``mean``, its
-        signed contribution per recommended item (raw score units).
+        (:attr:`graph.ltr.LearnedRanker.components`), from each recommended item's TreeSHAP
+        contribution minus its request's mean over the finalists (the candidates every tree
+        scored; :func:`graph.parallel.component_lift`): ``share``, the component's part of the
+        absolute total, and ``mean``, the signed lift per recommended item (raw score units).
     """
     ranked, report, _ = task_rankings(rec, q, rankers, k, progress=progress, batch=batch,
                                       pool=pool)
@@ -199,7 +200,9 @@ def task_rankings(
     per_source = np.zeros((len(q), len(SOURCES)))
     first = next(iter(rankers), None)
     components = rankers[first].components if first is not None else ()
-    evidence, explained = np.zeros((2, len(components))), 0
+    # Per chunk, summed in chunk order after the loop: a pool answers in any order, and the
+    # metrics must not depend on it to the last bit.
+    chunk_lift: dict[int, tuple[np.ndarray, int]] = {}
     t0 = last = time.perf_counter()
     requests = q.requests(k)
     starts = list(range(0, len(q), batch))
@@ -217,14 +220,17 @@ def task_rankings(
             continue
         recall[sl], count[sl], per_source[sl] = res.recall, res.count, res.per_source
         if first is not None:
-            evidence += res.contributions[first]
-            explained += res.explained[first]
+            chunk_lift[i] = (res.contributions[first], res.explained[first])
         for name, top in res.top.items():
             out[name][sl] = top
         done += len(res.recall)
         if progress is not None and time.perf_counter() - last > PROGRESS_EVERY_S:
             last = time.perf_counter()
             progress(f"evaluate {q.name}: " + progress_bar(done, len(q), last - t0))
+    evidence, explained = np.zeros((2, len(components))), 0
+    for i in sorted(chunk_lift):
+        evidence += chunk_lift[i][0]
+        explained += chunk_lift[i][1]
     report = {"candidate_recall": float(recall.mean()) if len(q) else float("nan"),
               "candidates": float(count.mean()) if len(q) else float("nan"),
               "source_recall": {s: float(per_source[:, j].mean()) if len(q) else float("nan")
@@ -235,8 +241,8 @@ def task_rankings(
 
 def contribution_report(components: Sequence[str], evidence: np.ndarray, explained: int
                         ) -> dict[str, dict[str, float]]:
-    """``{component: {"share", "mean"}}`` from summed absolute (``evidence[0]``) and signed
-    (``evidence[1]``) contributions of ``explained`` items; empty without any."""
+    """``{component: {"share", "mean"}}`` from the summed absolute (``evidence[0]``) and signed
+    (``evidence[1]``) lifts of ``explained`` items; empty without any."""
     total = float(evidence[0].sum())
     if not explained or total <= 0.0:
         return {}
@@ -460,8 +466,8 @@ def format_candidates(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) ->
 
 def format_contributions(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
     """What ranks intentrec's recommendations, per task: each reason component's share of the
-    recommended items' absolute contributions and its mean signed contribution (largest average
-    share first), or "" without a report."""
+    recommended items' absolute lift over their finalists and its mean signed lift (largest
+    average share first), or "" without a report."""
     rows = metrics.get("intentrec", {})
     tasks = [t for t in S.TASKS if rows.get(t, {}).get("contributions")]
     if not tasks:
@@ -472,9 +478,9 @@ def format_contributions(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]])
     width = max(max(len(c) for c in comps), len("component"))
     cell = max(max(len(t) for t in tasks), 15)
     head = "component".ljust(width) + " | " + " | ".join(t.center(cell) for t in tasks)
-    lines = ["what ranks the recommended items (TreeSHAP contributions to the top 20's scores, "
-             "per reason component: share of the absolute total, mean per item):", head,
-             "-" * len(head)]
+    lines = ["what ranks the recommended items (per reason component, each top-20 item's TreeSHAP "
+             "contribution minus its request's mean over the finalists that every tree scored: "
+             "share of the absolute total, mean per item):", head, "-" * len(head)]
     for c in comps:
         cells = []
         for t in tasks:

@@ -40,9 +40,11 @@ class ChunkResult:
         - **top** ``{ranker name: [n, k]}`` item indices padded with ``-1``.
         - **recall**, **count** ``[n]``: candidate recall and number of candidates per request.
         - **per_source** ``[n, len(SOURCES)]``: each source's share of the relevant items.
-        - **contributions** ``{ranker name: [2, len(ranker.components)]}``: the summed absolute
-          (row 0) and signed (row 1) per-component contributions of its top ``k`` items, over
-          ``explained[name]`` items.
+        - **contributions** ``{ranker name: [2, len(ranker.components)]}``: over its top ``k``
+          items (``explained[name]`` of them), the summed absolute (row 0) and signed (row 1)
+          *lift* of each reason component: the item's contribution minus its request's mean
+          over the finalists (the candidates every tree scored, :attr:`graph.ltr.Cascade.rows`),
+          so that what moves every finalist alike (a missing session) counts for nothing.
     """
 
     top: dict[str, np.ndarray]
@@ -70,19 +72,36 @@ def rank_chunk(rec: Recommender, rankers: Mapping[str, LearnedRanker],
     top, contributions, explained = {}, {}, {}
     for name, lr in rankers.items():
         out = np.full((n, k), -1, dtype=np.int64)
-        leaves = []
+        chosen, finalists = [], []
         for b, (p, s) in enumerate(zip(prepared, rec.score(prepared, learned=lr), strict=True)):
             items = rec.select(p, s, learned=lr, k=k).items
             out[b, : len(items)] = items
-            # Candidates are sorted and unique: an item's position is its rank among them.
-            leaves.append(s.leaves_of(np.searchsorted(p.candidates.items, items)))
+            if len(items):
+                # Candidates are sorted and unique: an item's position is its rank among them.
+                chosen.append(s.leaves_of(np.searchsorted(p.candidates.items, items)))
+                finalists.append(s.leaves)
         top[name] = out
-        rows = np.concatenate(leaves) if leaves else np.zeros((0, 0), dtype=np.int32)
-        c = (lr.component_contributions(rows) if len(rows)
-             else np.zeros((0, len(lr.components))))
-        contributions[name] = np.stack([np.abs(c).sum(axis=0), c.sum(axis=0)])
-        explained[name] = len(c)
+        contributions[name] = component_lift(lr, chosen, finalists)
+        explained[name] = sum(map(len, chosen))
     return ChunkResult(top, recall, count, per_source, contributions, explained)
+
+
+def component_lift(lr: LearnedRanker, chosen: Sequence[np.ndarray], finalists: Sequence[np.ndarray]
+                   ) -> np.ndarray:
+    """Summed absolute (row 0) and signed (row 1) lift of each of ``lr.components`` over chosen
+    items: an item's contribution minus the mean over its request's finalists.
+
+    Shapes: per request, ``chosen`` ``[k_r, trees]`` and ``finalists`` ``[m_r, trees]`` leaves
+    (``k_r`` > 0); return ``[2, len(lr.components)]``.
+    """
+    if not chosen:
+        return np.zeros((2, len(lr.components)))
+    top = lr.component_contributions(np.concatenate(chosen))
+    sizes = np.array([len(f) for f in finalists])
+    fin = lr.component_contributions(np.concatenate(finalists))
+    mean = np.add.reduceat(fin, np.r_[0, np.cumsum(sizes)[:-1]], axis=0) / sizes[:, None]
+    lift = top - np.repeat(mean, [len(c) for c in chosen], axis=0)
+    return np.stack([np.abs(lift).sum(axis=0), lift.sum(axis=0)])
 
 
 # A unit of pool work: ``fn(rec, rankers, *args)`` with a module-level ``fn`` (sent by reference).
