@@ -4,7 +4,9 @@
 Loads the version and the data it was trained on (the built-in data by default), runs
 :func:`graph.evaluate.evaluate` (the four tasks, baselines, uncertainty and the search task, as
 ``train_job.py`` runs it) first in this process, then with ``--workers`` actors, checks that the
-two give the same metrics, and prints the wall time of each with their ratio. Writes JSON.
+two give the same metrics, and prints the wall time of each with their ratio, the metrics table
+and what ranks the recommendations (:func:`graph.evaluate.format_contributions`). Writes JSON
+with the metrics.
 
     python bench/eval_parallel.py --artifacts artifacts            # 2 actors, the full protocol
     python bench/eval_parallel.py --artifacts artifacts --max-baskets 2000 --max-users 500
@@ -70,6 +72,7 @@ def run(artifacts: str, workers: int, max_users: int | None, max_baskets: int | 
             "driver_s": round(driver_s, 1), "pool_s": round(pool_s, 1),
             "pool_with_start_and_close_s": round(pool_total_s, 1),
             "speedup": round(driver_s / pool_total_s, 2), "same_metrics": same,
+            "metrics": driver_m,
             "load_average": os.getloadavg(), "machine": platform.processor() or platform.machine()}
 
 
@@ -83,12 +86,15 @@ def main() -> None:
     a = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     r = run(a.artifacts, a.workers, a.max_users, a.max_baskets)
+    from graph.evaluate import format_contributions, format_table
+
+    print("\n" + format_table(r["metrics"]) + "\n\n" + format_contributions(r["metrics"]))
     print(f"\n{'evaluation':<34} | wall s\n{'-' * 44}")
     print(f"{'in the driver':<34} | {r['driver_s']:>6.1f}")
     print(f"{f'{a.workers} Ray actors':<34} | {r['pool_s']:>6.1f}")
     print(f"{'  with their start and close':<34} | {r['pool_with_start_and_close_s']:>6.1f}")
     print(f"speedup {r['speedup']:.2f}x; the same metrics: {'yes' if r['same_metrics'] else 'NO'}")
-    Path(a.output).write_text(json.dumps(r, indent=2) + "\n")
+    Path(a.output).write_text(json.dumps(r, indent=2, default=str) + "\n")
     print(f"wrote {a.output}")
     if not r["same_metrics"]:
         sys.exit("the pool's metrics differ from the driver's: a bug in graph/parallel.py")
