@@ -9,7 +9,9 @@ Uses the Ray cluster named by ``--address`` or ``RAY_ADDRESS`` (``ray job submit
 starts a private local Ray (127.0.0.1, no dashboard); trains the GNN with Ray Train,
 prints the evaluation table and switches ``<output>/LATEST`` to the new version. Users forgotten
 through ``DELETE /v1/users/{id}`` (``--forgotten``, default ``state/forgotten_users.txt``) are
-left out of everything it fits and writes.
+left out of everything it fits and writes. With ``--require-lead [MARGIN]`` the new version
+becomes ``LATEST`` only if it beats every baseline in every task; otherwise it is written, not
+published, and the job exits 3 (:data:`GATE_EXIT`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pydantic import ValidationError
 
 if TYPE_CHECKING:  # imported lazily at run time: `--help` stays fast
     from graph.pipeline import PipelineConfig
+
+GATE_EXIT = 3  # the exit status of a run whose version the publish gate kept from LATEST
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ablations", action="store_true",
                    help="also fit rankers without the GNN, session and context features and "
                         "print their table (about 3x the ranker's fitting time)")
+    g.add_argument("--require-lead", type=float, nargs="?", const=0.0, default=None,
+                   metavar="MARGIN",
+                   help="publish gate: move LATEST only if intentrec's recall@20 beats every "
+                        "baseline's by more than MARGIN (default 0) in every task; otherwise the "
+                        "version is written but not made current, and the job exits 3 naming the "
+                        "tasks")
     g.add_argument("--address", default=None,
                    help="Ray cluster to use: 'auto' joins the `ray start` cluster on this machine, "
                         "or ray://host:port / host:port. Default: RAY_ADDRESS (set by `ray job "
@@ -140,7 +150,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         events=args.events, items=args.items, max_users=args.max_users, split_at=args.split_at,
         val_days=args.val_days, output=place(args.output, root), eval_max_users=args.eval_max_users,
         eval_max_baskets=args.eval_max_baskets, skip_eval=args.skip_eval,
-        eval_workers=args.eval_workers, ablations=args.ablations,
+        eval_workers=args.eval_workers, ablations=args.ablations, require_lead=args.require_lead,
         forgotten=forgotten_file(args.forgotten), train=train,
         online_events=None if args.online_events is None else os.path.abspath(args.online_export),
     )
@@ -178,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         for err in exc.errors():
             loc = ".".join(str(x) for x in err["loc"])
-            print(f"error: {loc}: {err['msg']}", file=sys.stderr)
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            print(f"error: {loc}: {msg}" if loc else f"error: {msg}", file=sys.stderr)
         return 2
     try:
         if args.online_events is not None:
@@ -197,10 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     print(result.table)
     print()
     t = result.timings
-    print(f"model version {result.version} published under {result.output}  "
-          f"(train {t.get('train_s', 0):.0f}s, ranker {t.get('ranker_s', 0):.0f}s, "
-          f"eval {t.get('eval_s', 0):.0f}s, "
-          f"total {t.get('total_s', 0):.0f}s)")
+    took = (f"(train {t.get('train_s', 0):.0f}s, ranker {t.get('ranker_s', 0):.0f}s, "
+            f"eval {t.get('eval_s', 0):.0f}s, total {t.get('total_s', 0):.0f}s)")
+    if not result.published:
+        print(f"model version {result.version} written under {result.output} but NOT published "
+              f"{took}", file=sys.stderr)
+        print(f"error: the publish gate (--require-lead {args.require_lead}) is not met, so "
+              "LATEST was not moved to this version and serving does not switch to it:",
+              file=sys.stderr)
+        for line in result.shortfalls:
+            print(f"  - {line}", file=sys.stderr)
+        print(f"Serve it anyway by name (POST /v1/admin/reload with {{\"version\": "
+              f"\"{result.version}\"}}), or retrain without --require-lead.", file=sys.stderr)
+        return GATE_EXIT
+    print(f"model version {result.version} published under {result.output}  {took}")
     return 0
 
 

@@ -438,6 +438,32 @@ def validation_tasks(history: pd.DataFrame, window: pd.DataFrame, inter: Interac
     return [nb_all, nb_disc, ins, blind.take(quarter)]
 
 
+def lead_shortfalls(metrics: Mapping[str, Any], margin: float, k: int = S.TOP_K) -> list[str]:
+    """The tasks where intentrec's recall@k does not beat every baseline's by more than
+    ``margin`` (the publish gate of ``train_job.py --require-lead``; a tie is no lead), one
+    sentence each; [] when it does in every task. A task without requests (NaN) is not
+    judged; no judged task at all is a shortfall (nothing shows the model is better).
+    """
+    key = f"recall@{k}"
+    mine = metrics.get("intentrec", {})
+    out, judged = [], 0
+    for task in S.TASKS:
+        ours = float(mine.get(task, {}).get(key, float("nan")))
+        theirs = {b: float(metrics.get(b, {}).get(task, {}).get(key, float("nan")))
+                  for b in BASELINES}
+        theirs = {b: v for b, v in theirs.items() if not np.isnan(v)}
+        if np.isnan(ours) or not theirs:
+            continue
+        judged += 1
+        best = max(theirs, key=lambda b: theirs[b])
+        if not ours - theirs[best] > margin:
+            out.append(f"{task}: intentrec {key} {ours:.4f} against {best} {theirs[best]:.4f} "
+                       f"(a lead of {ours - theirs[best]:+.4f}, more than {margin:.4f} required)")
+    if not judged:
+        out.append(f"no task had requests to compare intentrec's {key} with the baselines'")
+    return out
+
+
 def format_ablations(metrics: Mapping[str, Any]) -> str:
     """The ablation table (``metrics["ablations"]``), or "" without one."""
     abl = metrics.get(ABLATIONS_KEY)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from graph import schema as S
 from graph.artifacts import write_artifact
@@ -67,6 +67,10 @@ class PipelineConfig(BaseModel):
         None, ge=1, description="Ray actors ranking the evaluation's requests (graph.parallel); "
         "None: one per free CPU of the cluster, 1: in the driver")
     ablations: bool = Field(False, description="also fit and evaluate the ablation rankers")
+    require_lead: float | None = Field(
+        None, ge=0.0, le=1.0, description="publish gate: move LATEST only if intentrec's "
+        "recall@20 beats every baseline's by more than this in every task (graph.evaluate."
+        "lead_shortfalls); otherwise the version is written but not made current. None: no gate")
     forgotten: str | None = Field(
         None, description="forgotten-users file (path or URI) whose users' events are dropped "
         "before anything is fitted or written; None: exclude nobody")
@@ -82,6 +86,13 @@ class PipelineConfig(BaseModel):
             raise ValueError("give both --events and --items, or neither (built-in data)")
         return v
 
+    @model_validator(mode="after")
+    def _gate_needs_evaluation(self) -> PipelineConfig:
+        if self.require_lead is not None and self.skip_eval:
+            raise ValueError("--require-lead judges the evaluation, which --skip-eval skips: "
+                             "drop one of them")
+        return self
+
 
 @dataclass
 class PipelineResult:
@@ -91,6 +102,13 @@ class PipelineResult:
     table: str
     history: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # Why the publish gate (PipelineConfig.require_lead) kept LATEST where it was; [] = published.
+    shortfalls: list[str] = field(default_factory=list)
+
+    @property
+    def published(self) -> bool:
+        """Whether ``LATEST`` now names this version."""
+        return not self.shortfalls
 
 
 def load_dataset(cfg: PipelineConfig, forgotten: frozenset[str] = frozenset()) -> Dataset:
@@ -312,6 +330,7 @@ def run_pipeline(
         format_contributions,
         format_table,
         format_uncertainty,
+        lead_shortfalls,
     )
     from graph.parallel import ranking_pool
     from graph.search_eval import format_search
@@ -388,7 +407,11 @@ def run_pipeline(
                                           format_cold_items(metrics)) if t)
         timings["eval_s"] = time.perf_counter() - t3
 
+    shortfalls = ([] if cfg.require_lead is None
+                  else lead_shortfalls(metrics, cfg.require_lead))
     manifest = {
+        "gate": {"require_lead": cfg.require_lead, "passed": not shortfalls,
+                 "shortfalls": shortfalls},
         "data": {"name": ds.name, "fingerprint": ds.fingerprint(), "split_at": str(split_at),
                  "val_cut": str(val_cut), "num_events": len(ds.events),
                  # Counts only: a manifest never names a forgotten user.
@@ -409,8 +432,13 @@ def run_pipeline(
         learned=rec.learned, item_static=rec.item_static, text=rec.text,
         item_encoder=encoder,
         extra_files=_plots(result.history, metrics, progress),
+        set_latest=not shortfalls,
     )
     timings["total_s"] = time.perf_counter() - t0 + (d.seconds if data is not None else 0.0)
-    progress(f"[artifact] published version {version} under {cfg.output} (LATEST updated)")
+    if shortfalls:
+        progress(f"[artifact] wrote version {version} under {cfg.output}; LATEST NOT moved: "
+                 f"--require-lead {cfg.require_lead} is not met in {len(shortfalls)} task(s)")
+    else:
+        progress(f"[artifact] published version {version} under {cfg.output} (LATEST updated)")
     return PipelineResult(version=version, output=cfg.output, metrics=metrics, table=table,
-                          history=result.history, timings=timings)
+                          history=result.history, timings=timings, shortfalls=shortfalls)

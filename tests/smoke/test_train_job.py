@@ -125,6 +125,35 @@ def test_the_session_signal_helps(metrics: dict) -> None:
     assert on - off >= SESSION_GAIN_MIN, f"in_session {on:.4f} vs in_session_blind {off:.4f}"
 
 
+def test_publish_gate_writes_the_version_but_keeps_latest(run: Run) -> None:
+    """``--require-lead`` with a lead no model reaches: the new version is written and complete,
+    ``LATEST`` still names the module run's version, and the job exits 3 naming every task."""
+    assert run.proc.returncode == 0, run.log
+    before = (run.output / "LATEST").read_text().strip()
+    versions = {p.name for p in run.output.iterdir() if p.is_dir()}
+    proc = _train_job("--max-users", "120", "--epochs", "1", "--seed", str(SEED),
+                      "--output", str(run.output), "--storage", str(run.output.parent / "ckpt_gate"),
+                      "--require-lead", "1.0")  # fmt: skip
+    log = f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 3, log
+    assert "Traceback" not in proc.stderr, log
+    assert (run.output / "LATEST").read_text().strip() == before
+    new = {p.name for p in run.output.iterdir() if p.is_dir()} - versions
+    assert len(new) == 1, (new, log)
+    version = new.pop()
+    assert (run.output / version / "_COMPLETE").is_file()
+    gate = json.loads((run.output / version / "manifest.json").read_text())["gate"]
+    assert gate["require_lead"] == 1.0 and gate["passed"] is False
+    assert [g.split(":")[0] for g in gate["shortfalls"]] == list(S.TASKS)
+    assert f"model version {version} written under {run.output} but NOT published" in proc.stderr
+    for task in S.TASKS:
+        assert f"  - {task}: intentrec recall@20 " in proc.stderr, log
+    assert f'{{"version": "{version}"}}' in proc.stderr, log
+    # The run the module fixture made had no gate, and says so in its manifest.
+    manifest = json.loads((run.output / before / "manifest.json").read_text())
+    assert manifest["gate"] == {"require_lead": None, "passed": True, "shortfalls": []}
+
+
 def test_events_file_missing_a_column_names_the_file_and_the_column(tmp_path: Path) -> None:
     events, items = tmp_path / "events.csv", tmp_path / "items.csv"
     items.write_text("item_id,title,category\nA,Apples,PRODUCE > FRUIT\nB,Bread,GROCERY > BREAD\n")

@@ -19,6 +19,7 @@ from graph.evaluate import (
     format_table,
     format_uncertainty,
     itemknn_scores,
+    lead_shortfalls,
     popularity_scores,
     recall_uncertainty,
     recommender_rankings,
@@ -311,6 +312,48 @@ def test_contribution_report_adds_up_each_recommendations_own_explanation() -> N
     # The lifts add up to how far the recommended items score above their request's finalists.
     assert sum(v["mean"] for v in got.values()) == pytest.approx(score_lift / n, abs=1e-4)
     assert score_lift > 0
+
+
+def _gate_metrics(ours: list[float], best: list[float]) -> dict:
+    """intentrec's and the baselines' recall@20 per task (in S.TASKS order); the best baseline
+    of each task is ``itemknn``, the others score half of it."""
+    out: dict = {"intentrec": {}, **{b: {} for b in BASELINES_OF_TABLE}}
+    for task, o, b in zip(S.TASKS, ours, best, strict=True):
+        out["intentrec"][task] = {"recall@20": o}
+        for name in BASELINES_OF_TABLE:
+            out[name][task] = {"recall@20": b if name == "itemknn" else b / 2}
+    return out
+
+
+BASELINES_OF_TABLE = ("popularity", "buy_again", "itemknn")
+
+
+def test_publish_gate_names_each_task_where_the_lead_is_missing() -> None:
+    ahead = _gate_metrics([0.14, 0.03, 0.23, 0.18], [0.13, 0.025, 0.17, 0.17])
+    assert lead_shortfalls(ahead, 0.0) == []
+    # A margin the smallest lead (discovery, +0.005) does not reach fails that task alone.
+    short = lead_shortfalls(ahead, 0.006)
+    assert len(short) == 1 and short[0].startswith("next_basket_discovery: ")
+    assert "itemknn 0.0250" in short[0] and "+0.0050" in short[0] and "than 0.0060 required" in short[0]
+    # A tie is not a lead; a task without requests (NaN) is not judged.
+    tie = _gate_metrics([0.13, float("nan"), 0.23, 0.17], [0.13, 0.025, 0.17, 0.17])
+    assert [t.split(":")[0] for t in lead_shortfalls(tie, 0.0)] == ["next_basket_all",
+                                                                    "in_session_blind"]
+    # Nothing judged at all is a shortfall, not a pass.
+    empty = _gate_metrics([float("nan")] * 4, [0.1] * 4)
+    assert lead_shortfalls(empty, 0.0) and "no task" in lead_shortfalls(empty, 0.0)[0]
+
+
+def test_publish_gate_needs_the_evaluation() -> None:
+    from pydantic import ValidationError
+
+    from graph.pipeline import PipelineConfig
+
+    assert PipelineConfig(require_lead=0.001).require_lead == 0.001
+    with pytest.raises(ValidationError, match="--skip-eval"):
+        PipelineConfig(require_lead=0.0, skip_eval=True)
+    with pytest.raises(ValidationError, match="require_lead"):
+        PipelineConfig(require_lead=-0.1)
 
 
 def test_recall_uncertainty_resamples_shoppers_and_pairs_the_lead() -> None:
