@@ -40,7 +40,7 @@ class ChunkResult:
         - **top** ``{ranker name: [n, k]}`` item indices padded with ``-1``.
         - **recall**, **count** ``[n]``: candidate recall and number of candidates per request.
         - **per_source** ``[n, len(SOURCES)]``: each source's share of the relevant items.
-        - **contributions** ``{ranker name: [2, len(ranker.components)]}``: over its top ``k``
+        - **contributions** ``{first ranker's name: [2, len(ranker.components)]}``: over its top ``k``
           items (``explained[name]`` of them), the summed absolute (row 0) and signed (row 1)
           *lift* of each reason component: the item's contribution minus its request's mean
           over the finalists (the candidates every tree scored, :attr:`graph.ltr.Cascade.rows`),
@@ -69,20 +69,23 @@ def rank_chunk(rec: Recommender, rankers: Mapping[str, LearnedRanker],
         recall[b] = hit.sum() / len(tgt)
         count[b] = len(p.candidates)
         per_source[b] = p.candidates.sources[hit].sum(axis=0) / len(tgt)
-    top, contributions, explained = {}, {}, {}
+    top: dict[str, np.ndarray] = {}
+    contributions: dict[str, np.ndarray] = {}  # the first ranker's only (the report's)
+    explained: dict[str, int] = {}
     for name, lr in rankers.items():
         out = np.full((n, k), -1, dtype=np.int64)
         chosen, finalists = [], []
         for b, (p, s) in enumerate(zip(prepared, rec.score(prepared, learned=lr), strict=True)):
             items = rec.select(p, s, learned=lr, k=k).items
             out[b, : len(items)] = items
-            if len(items):
+            if len(items) and not contributions:
                 # Candidates are sorted and unique: an item's position is its rank among them.
                 chosen.append(s.leaves_of(np.searchsorted(p.candidates.items, items)))
                 finalists.append(s.leaves)
         top[name] = out
-        contributions[name] = component_lift(lr, chosen, finalists)
-        explained[name] = sum(map(len, chosen))
+        if not contributions:
+            contributions[name] = component_lift(lr, chosen, finalists)
+            explained[name] = sum(map(len, chosen))
     return ChunkResult(top, recall, count, per_source, contributions, explained)
 
 
