@@ -136,7 +136,9 @@ def test_publish_gate_writes_the_version_but_keeps_latest(run: Run) -> None:
                       "--require-lead", "1.0")  # fmt: skip
     log = f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
     assert proc.returncode == 3, log
-    assert "Traceback" not in proc.stderr, log
+    # The job's own stderr has no traceback (Ray's processes may log theirs, each line prefixed
+    # with the process, e.g. "(PlacementGroupCleaner pid=...) Traceback ...").
+    assert not any(line.startswith("Traceback") for line in proc.stderr.splitlines()), log
     assert (run.output / "LATEST").read_text().strip() == before
     new = {p.name for p in run.output.iterdir() if p.is_dir()} - versions
     assert len(new) == 1, (new, log)
