@@ -11,7 +11,9 @@ prints the evaluation table and switches ``<output>/LATEST`` to the new version.
 through ``DELETE /v1/users/{id}`` (``--forgotten``, default ``state/forgotten_users.txt``) are
 left out of everything it fits and writes. With ``--require-lead [MARGIN]`` the new version
 becomes ``LATEST`` only if it beats every baseline in every task; otherwise it is written, not
-published, and the job exits 3 (:data:`GATE_EXIT`).
+published, and the job exits 3 (:data:`GATE_EXIT`); ``--require-no-regression [TOLERANCE]``
+likewise keeps ``LATEST`` on the version it names unless the new model is at most ``TOLERANCE``
+below that version's recall@20 on this run's requests, in every task.
 """
 
 from __future__ import annotations
@@ -106,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "baseline's by more than MARGIN (default 0) in every task; otherwise the "
                         "version is written but not made current, and the job exits 3 naming the "
                         "tasks")
+    g.add_argument("--require-no-regression", type=float, nargs="?", const=0.0, default=None,
+                   metavar="TOLERANCE",
+                   help="publish gate: also evaluate the version LATEST names (the one serving) "
+                        "on this run's requests, and move LATEST only if the new model's "
+                        "recall@20 is at most TOLERANCE (default 0) below it in every task; "
+                        "otherwise as --require-lead")
     g.add_argument("--address", default=None,
                    help="Ray cluster to use: 'auto' joins the `ray start` cluster on this machine, "
                         "or ray://host:port / host:port. Default: RAY_ADDRESS (set by `ray job "
@@ -151,6 +159,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         val_days=args.val_days, output=place(args.output, root), eval_max_users=args.eval_max_users,
         eval_max_baskets=args.eval_max_baskets, skip_eval=args.skip_eval,
         eval_workers=args.eval_workers, ablations=args.ablations, require_lead=args.require_lead,
+        require_no_regression=args.require_no_regression,
         forgotten=forgotten_file(args.forgotten), train=train,
         online_events=None if args.online_events is None else os.path.abspath(args.online_export),
     )
@@ -213,13 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     if not result.published:
         print(f"model version {result.version} written under {result.output} but NOT published "
               f"{took}", file=sys.stderr)
-        print(f"error: the publish gate (--require-lead {args.require_lead}) is not met, so "
-              "LATEST was not moved to this version and serving does not switch to it:",
-              file=sys.stderr)
+        flags = " ".join(f"{flag} {value}" for flag, value in (
+            ("--require-lead", args.require_lead),
+            ("--require-no-regression", args.require_no_regression)) if value is not None)
+        print(f"error: the publish gate ({flags}) is not met, so LATEST was not moved to this "
+              "version and serving does not switch to it:", file=sys.stderr)
         for line in result.shortfalls:
             print(f"  - {line}", file=sys.stderr)
         print(f"Serve it anyway by name (POST /v1/admin/reload with {{\"version\": "
-              f"\"{result.version}\"}}), or retrain without --require-lead.", file=sys.stderr)
+              f"\"{result.version}\"}}), or retrain without the gate's flags.", file=sys.stderr)
         return GATE_EXIT
     print(f"model version {result.version} published under {result.output}  {took}")
     return 0

@@ -295,6 +295,17 @@ def resolve_version(root: str, version: str = "latest") -> str:
     return version
 
 
+def read_manifest(root: str, version: str = "latest") -> dict[str, Any]:
+    """The manifest of a complete version alone (what it was trained on, when, how), without
+    loading its model."""
+    version = resolve_version(root, version)
+    fs, base = filesystem(root)
+    if not _exists(fs, f"{base}/{version}/{COMPLETE_MARKER}"):
+        raise ArtifactError(f"model version {version} under {root} is incomplete; retrain or roll back")
+    manifest: dict[str, Any] = json.loads(_read_bytes(fs, f"{base}/{version}/{MANIFEST}"))
+    return manifest
+
+
 def read_artifact(root: str, version: str = "latest") -> ModelArtifact:
     """Load a complete model version (``"latest"`` or a name)."""
     from graph.item_encoder import ItemEncoder

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,9 @@ ABLATIONS_KEY = "ablations"
 UNCERTAINTY_KEY = "uncertainty"
 # Top-level blocks of metrics.json that are not a model's row of the main table.
 NON_MODEL_KEYS = frozenset({ABLATIONS_KEY, UNCERTAINTY_KEY, "search", "cold_items"})
+# The row of the version LATEST named when the run started, on this run's tasks
+# (evaluate_version; train_job.py --require-no-regression).
+PUBLISHED = "published"
 BOOTSTRAP_SAMPLES = 1000
 
 
@@ -295,10 +299,9 @@ def evaluate(
     say = progress or log.info
     signals = rec.ranker.signals
     t0 = time.perf_counter()
-    nb_all, nb_disc = next_basket_tasks(train_events, test_events, inter, cut, seed=seed,
-                                        max_users=max_users)
-    ins, blind = in_session_tasks(test_events, inter, country=signals.params.country, seed=seed,
-                                  max_baskets=max_baskets)
+    nb_all, nb_disc, ins, blind = protocol_tasks(
+        train_events, test_events, inter, cut, country=signals.params.country, seed=seed,
+        max_users=max_users, max_baskets=max_baskets)
     say(f"evaluate: {len(nb_all)} next-basket users ({len(nb_disc)} with new items), "
         f"{len(ins)} in-session baskets; tasks built in {time.perf_counter() - t0:.1f}s")
     assert rec.learned is not None
@@ -358,6 +361,126 @@ def evaluate(
             f"recall@{k} " + ", ".join(f"{m} {v[sq.name][f'recall@{k}']:.4f}"
                                        for m, v in out[SEARCH_KEY].items()))
     say(f"evaluate: done in {time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def protocol_tasks(train_events: pd.DataFrame, test_events: pd.DataFrame, inter: Interactions,
+                   cut: pd.Timestamp, *, country: str, seed: int = 0,
+                   max_users: int | None = None, max_baskets: int | None = None,
+                   ) -> tuple[QueryBatch, QueryBatch, QueryBatch, QueryBatch]:
+    """The four tasks of :data:`graph.schema.TASKS`, in ``inter``'s rows (seeded: the same
+    arguments give the same requests)."""
+    nb_all, nb_disc = next_basket_tasks(train_events, test_events, inter, cut, seed=seed,
+                                        max_users=max_users)
+    ins, blind = in_session_tasks(test_events, inter, country=country, seed=seed,
+                                  max_baskets=max_baskets)
+    return nb_all, nb_disc, ins, blind
+
+
+# ------------------------------------------------------------------ the published version
+@dataclass(frozen=True)
+class IndexMap:
+    """Rows of this run's users and items in another model version, and back.
+
+    Shapes:
+        - **users** ``[users here]``, **items** ``[items here]``: the version's row, -1 where it
+          does not know the id; **back** ``[items there]``: this run's row, -1 likewise.
+    """
+
+    users: np.ndarray
+    items: np.ndarray
+    back: np.ndarray
+
+    @classmethod
+    def between(cls, user_ids: np.ndarray, item_ids: np.ndarray, their_user_ids: np.ndarray,
+                their_item_ids: np.ndarray) -> IndexMap:
+        """The map from ids here (``user_ids``, ``item_ids``, each row's id) to theirs."""
+        def rows(ids: np.ndarray, into: np.ndarray) -> np.ndarray:
+            return pd.Index(np.asarray(into).astype(str)).get_indexer(
+                np.asarray(ids).astype(str)).astype(np.int64)
+        return cls(rows(user_ids, their_user_ids), rows(item_ids, their_item_ids),
+                   rows(their_item_ids, item_ids))
+
+    def to_theirs(self, q: QueryBatch) -> QueryBatch:
+        """``q``'s requests as the other version gets them: a shopper it does not know is
+        anonymous, items it does not know leave the session and the exclusions, as they do when
+        it serves. Its targets are those it could recommend (a request left without one gets
+        ``[-1]``, which no candidate matches); the metrics are computed here, on ``q``'s own."""
+        def items(x: np.ndarray) -> np.ndarray:
+            out = self.items[np.asarray(x, dtype=np.int64)]
+            return out[out >= 0]
+
+        users = np.where(q.users >= 0, self.users[np.maximum(q.users, 0)], -1)
+        events = [tuple((int(self.items[i]), e, t) for i, e, t in ev if self.items[i] >= 0)
+                  for ev in q.events]
+        exclude = [None if ex is None else items(ex) for ex in q.exclude]
+        targets = [t if len(t := items(tg)) else np.array([-1], dtype=np.int64)
+                   for tg in q.targets]
+        return QueryBatch(q.name, users, events, list(q.contexts), q.times.copy(), exclude,
+                          targets, None if q.queries is None else list(q.queries))
+
+    def to_ours(self, top: np.ndarray) -> np.ndarray:
+        """Their ranked rows (``-1`` padded) as this run's rows; an item this run does not
+        know stays in its place as ``-1``, a miss."""
+        return np.where(top >= 0, self.back[np.maximum(top, 0)], -1)
+
+
+def evaluate_version(
+    rec: Recommender, index: IndexMap, train_events: pd.DataFrame, test_events: pd.DataFrame,
+    inter: Interactions, cut: pd.Timestamp, *, country: str, seed: int = 0,
+    max_users: int | None = None, max_baskets: int | None = None,
+    progress: Progress | None = None, k: int = S.TOP_K, pool: RankingPool | None = None,
+) -> dict[str, dict[str, float]]:
+    """Another model version (``rec``: the one serving, :data:`PUBLISHED`) on this run's four
+    tasks: the requests :func:`evaluate` asked (same arguments, same seed), in that version's
+    rows (:meth:`IndexMap.to_theirs`), ranked by its own candidates, features and ranker, and
+    judged here against the same targets. It answers with what it knew when it was trained:
+    a shopper's purchases since then, and items added since, are unknown to it, as they are
+    while it serves.
+
+    Returns:
+        ``{task: {"recall@k", "ndcg@k", "hit@k", "n"}}``.
+    """
+    say = progress or log.info
+    assert rec.learned is not None
+    out: dict[str, dict[str, float]] = {}
+    for q in protocol_tasks(train_events, test_events, inter, cut, country=country, seed=seed,
+                            max_users=max_users, max_baskets=max_baskets):
+        if len(q) == 0:
+            out[q.name] = {f"recall@{k}": float("nan"), f"ndcg@{k}": float("nan"),
+                           f"hit@{k}": float("nan"), "n": 0.0}
+            continue
+        t = time.perf_counter()
+        ranked, _, _ = task_rankings(rec, index.to_theirs(q), {PUBLISHED: rec.learned}, k,
+                                     progress=say, pool=pool)
+        out[q.name] = {**summarize(index.to_ours(ranked[PUBLISHED]), q.targets, k),
+                       "n": float(len(q))}
+        say(f"evaluate {q.name} ({PUBLISHED} version): {len(q)} requests in "
+            f"{time.perf_counter() - t:.1f}s; recall@{k} {out[q.name][f'recall@{k}']:.4f}")
+    return out
+
+
+def regression_shortfalls(metrics: Mapping[str, Any], tolerance: float, k: int = S.TOP_K
+                          ) -> list[str]:
+    """The tasks where intentrec's recall@k is below the published version's
+    (``metrics[PUBLISHED]``, :func:`evaluate_version`) by more than ``tolerance``: the publish
+    gate of ``train_job.py --require-no-regression``, one sentence each; [] when it is not, and
+    when there is no published row (nothing was published before). A task without requests
+    (NaN) is not judged.
+    """
+    key = f"recall@{k}"
+    mine, theirs = metrics.get("intentrec", {}), metrics.get(PUBLISHED)
+    if not theirs:
+        return []
+    out = []
+    for task in S.TASKS:
+        ours = float(mine.get(task, {}).get(key, float("nan")))
+        old = float(theirs.get(task, {}).get(key, float("nan")))
+        if np.isnan(ours) or np.isnan(old):
+            continue
+        if ours < old - tolerance - 1e-12:  # a drop of exactly the tolerance is allowed
+            out.append(f"{task}: intentrec {key} {ours:.4f} against the published version's "
+                       f"{old:.4f} ({ours - old:+.4f}, at most {tolerance:.4f} lower allowed)")
     return out
 
 

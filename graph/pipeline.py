@@ -71,6 +71,11 @@ class PipelineConfig(BaseModel):
         None, ge=0.0, le=1.0, description="publish gate: move LATEST only if intentrec's "
         "recall@20 beats every baseline's by more than this in every task (graph.evaluate."
         "lead_shortfalls); otherwise the version is written but not made current. None: no gate")
+    require_no_regression: float | None = Field(
+        None, ge=0.0, le=1.0, description="publish gate: evaluate the version LATEST names (the "
+        "one serving) on this run's tasks, and move LATEST only if intentrec's recall@20 is at "
+        "most this much below its in every task (graph.evaluate.regression_shortfalls). None: "
+        "no comparison")
     forgotten: str | None = Field(
         None, description="forgotten-users file (path or URI) whose users' events are dropped "
         "before anything is fitted or written; None: exclude nobody")
@@ -88,9 +93,11 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _gate_needs_evaluation(self) -> PipelineConfig:
-        if self.require_lead is not None and self.skip_eval:
-            raise ValueError("--require-lead judges the evaluation, which --skip-eval skips: "
-                             "drop one of them")
+        for flag, value in (("--require-lead", self.require_lead),
+                            ("--require-no-regression", self.require_no_regression)):
+            if value is not None and self.skip_eval:
+                raise ValueError(f"{flag} judges the evaluation, which --skip-eval skips: "
+                                 "drop one of them")
         return self
 
 
@@ -102,8 +109,11 @@ class PipelineResult:
     table: str
     history: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    # Why the publish gate (PipelineConfig.require_lead) kept LATEST where it was; [] = published.
+    # Why the publish gate (PipelineConfig.require_lead, .require_no_regression) kept LATEST
+    # where it was; [] = published.
     shortfalls: list[str] = field(default_factory=list)
+    # The version LATEST named when the run started, evaluated beside it (require_no_regression).
+    compared_with: str | None = None
 
     @property
     def published(self) -> bool:
@@ -309,6 +319,37 @@ def _plots(history: list[dict[str, Any]], metrics: dict[str, Any],
     return out
 
 
+def published_to_compare(cfg: PipelineConfig, split_at: pd.Timestamp) -> str | None:
+    """The version ``LATEST`` names, which ``--require-no-regression`` evaluates beside this
+    run's model; None without the gate or before the first published version.
+
+    Raises:
+        ConfigError: the version was trained on events at or after this run's split (its
+            figures on this test window would include what it learned from), or its manifest
+            does not say when its training events end.
+    """
+    from graph.artifacts import has_latest, latest_version, read_manifest
+
+    if cfg.require_no_regression is None or not has_latest(cfg.output):
+        return None
+    version = latest_version(cfg.output)
+    theirs = read_manifest(cfg.output, version).get("data", {}).get("split_at")
+    if theirs is None:
+        raise ConfigError(
+            f"--require-no-regression compares with the published version {version} under "
+            f"{cfg.output}, whose manifest does not say when its training events end; publish "
+            "a version of this release first (train without the flag), or drop the flag",
+            field="require_no_regression")
+    if pd.Timestamp(theirs) > split_at:
+        raise ConfigError(
+            f"--require-no-regression compares with the published version {version}, trained "
+            f"on events before {pd.Timestamp(theirs):%Y-%m-%d %H:%M}, after this run's split "
+            f"({split_at:%Y-%m-%d %H:%M}): its figures on this test window would include what "
+            "it was trained on. Split at or after its split (--split-at), or write to another "
+            "--output", field="require_no_regression")
+    return version
+
+
 def run_pipeline(
     cfg: PipelineConfig, progress: Progress = print, data: PreparedData | None = None
 ) -> PipelineResult:
@@ -324,6 +365,7 @@ def run_pipeline(
     """
     from graph.cold_items import COLD_KEY, MAX_BASKETS, evaluate_cold_items, format_cold_items
     from graph.evaluate import (
+        PUBLISHED,
         evaluate,
         format_ablations,
         format_candidates,
@@ -331,6 +373,7 @@ def run_pipeline(
         format_table,
         format_uncertainty,
         lead_shortfalls,
+        regression_shortfalls,
     )
     from graph.parallel import ranking_pool
     from graph.search_eval import format_search
@@ -342,6 +385,8 @@ def run_pipeline(
     timings: dict[str, float] = {"data_s": d.seconds}
     ds, split_at, val_cut = d.ds, d.split_at, d.val_cut
     train, test, inter_full = d.train, d.test, d.inter_full
+    # Before any training: a comparison that cannot be made fails in seconds.
+    compared_with = published_to_compare(cfg, split_at)
 
     t2 = time.perf_counter()
     # First: the GNN's layer 0 reads the items' text vectors (TrainConfig.text_input).
@@ -393,6 +438,9 @@ def run_pipeline(
                 seed=cfg.train.seed, max_users=cfg.eval_max_users,
                 max_baskets=cfg.eval_max_baskets, progress=progress, pool=pool,
             )
+        if compared_with is not None:
+            metrics[PUBLISHED] = _evaluate_published(
+                cfg, compared_with, d, rec.ranker.signals.params.country, progress)
         t4 = time.perf_counter()
         cold = evaluate_cold_items(rec, encoder, ds.items, train, test, seed=cfg.train.seed,
                                    max_baskets=cfg.eval_max_baskets or MAX_BASKETS,
@@ -400,7 +448,11 @@ def run_pipeline(
         if cold:
             metrics[COLD_KEY] = cold
         progress(f"[cold items] evaluated in {time.perf_counter() - t4:.0f}s")
-        table = "\n\n".join(t for t in (format_table(metrics), format_uncertainty(metrics),
+        main = format_table(metrics)
+        if compared_with is not None:
+            main += (f"\n{PUBLISHED} = version {compared_with} (LATEST when this run started) on "
+                     "the same requests")
+        table = "\n\n".join(t for t in (main, format_uncertainty(metrics),
                                           format_candidates(metrics),
                                           format_contributions(metrics),
                                           format_ablations(metrics), format_search(metrics),
@@ -409,8 +461,12 @@ def run_pipeline(
 
     shortfalls = ([] if cfg.require_lead is None
                   else lead_shortfalls(metrics, cfg.require_lead))
+    if cfg.require_no_regression is not None:
+        shortfalls += regression_shortfalls(metrics, cfg.require_no_regression)
     manifest = {
-        "gate": {"require_lead": cfg.require_lead, "passed": not shortfalls,
+        "gate": {"require_lead": cfg.require_lead,
+                 "require_no_regression": cfg.require_no_regression,
+                 "compared_with": compared_with, "passed": not shortfalls,
                  "shortfalls": shortfalls},
         "data": {"name": ds.name, "fingerprint": ds.fingerprint(), "split_at": str(split_at),
                  "val_cut": str(val_cut), "num_events": len(ds.events),
@@ -437,8 +493,36 @@ def run_pipeline(
     timings["total_s"] = time.perf_counter() - t0 + (d.seconds if data is not None else 0.0)
     if shortfalls:
         progress(f"[artifact] wrote version {version} under {cfg.output}; LATEST NOT moved: "
-                 f"--require-lead {cfg.require_lead} is not met in {len(shortfalls)} task(s)")
+                 f"the publish gate is not met in {len(shortfalls)} task(s)")
     else:
         progress(f"[artifact] published version {version} under {cfg.output} (LATEST updated)")
     return PipelineResult(version=version, output=cfg.output, metrics=metrics, table=table,
-                          history=result.history, timings=timings, shortfalls=shortfalls)
+                          history=result.history, timings=timings, shortfalls=shortfalls,
+                          compared_with=compared_with)
+
+
+def _evaluate_published(cfg: PipelineConfig, version: str, d: PreparedData, country: str,
+                        progress: Progress) -> dict[str, dict[str, float]]:
+    """The published ``version`` on this run's tasks (:func:`graph.evaluate.evaluate_version`),
+    ranked on its own pool of actors once this run's pool is closed."""
+    from actors.loaded_model import LoadedModel
+    from graph.artifacts import read_artifact
+    from graph.evaluate import IndexMap, evaluate_version
+    from graph.parallel import ranking_pool
+
+    t = time.perf_counter()
+    art = read_artifact(cfg.output, version)
+    old = LoadedModel.build(art).rec
+    index = IndexMap.between(d.inter_full.user_ids, d.inter_full.item_ids, art.user_ids,
+                             art.items[S.ITEM_COL].to_numpy())
+    known = float((index.users >= 0).mean()) if len(index.users) else 0.0
+    progress(f"evaluate: the published version {version} (LATEST when this run started) on "
+             f"the same tasks; it knows {known:.0%} of this run's shoppers and "
+             f"{float((index.items >= 0).mean()):.0%} of its items; loaded in "
+             f"{time.perf_counter() - t:.0f}s")
+    with ranking_pool(old, cfg.eval_workers) as pool:
+        return evaluate_version(
+            old, index, d.train, d.test, d.inter_full, d.split_at,
+            country=country, seed=cfg.train.seed,
+            max_users=cfg.eval_max_users, max_baskets=cfg.eval_max_baskets, progress=progress,
+            pool=pool)

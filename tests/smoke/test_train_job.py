@@ -125,15 +125,19 @@ def test_the_session_signal_helps(metrics: dict) -> None:
     assert on - off >= SESSION_GAIN_MIN, f"in_session {on:.4f} vs in_session_blind {off:.4f}"
 
 
-def test_publish_gate_writes_the_version_but_keeps_latest(run: Run) -> None:
+def test_publish_gate_writes_the_version_but_keeps_latest(run: Run, metrics: dict) -> None:
     """``--require-lead`` with a lead no model reaches: the new version is written and complete,
-    ``LATEST`` still names the module run's version, and the job exits 3 naming every task."""
+    ``LATEST`` still names the module run's version, and the job exits 3 naming every task.
+
+    With ``--require-no-regression`` the published version (the module run's) is evaluated on
+    this run's requests: the same users and split, so the same requests as its own evaluation,
+    whatever this run trains; its row must equal the one it wrote then."""
     assert run.proc.returncode == 0, run.log
     before = (run.output / "LATEST").read_text().strip()
     versions = {p.name for p in run.output.iterdir() if p.is_dir()}
-    proc = _train_job("--max-users", "120", "--epochs", "1", "--seed", str(SEED),
+    proc = _train_job("--max-users", str(MAX_USERS), "--epochs", "1", "--seed", str(SEED),
                       "--output", str(run.output), "--storage", str(run.output.parent / "ckpt_gate"),
-                      "--require-lead", "1.0")  # fmt: skip
+                      "--require-lead", "1.0", "--require-no-regression", "1.0")  # fmt: skip
     log = f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
     assert proc.returncode == 3, log
     # The job's own stderr has no traceback (Ray's processes may log theirs, each line prefixed
@@ -147,13 +151,24 @@ def test_publish_gate_writes_the_version_but_keeps_latest(run: Run) -> None:
     gate = json.loads((run.output / version / "manifest.json").read_text())["gate"]
     assert gate["require_lead"] == 1.0 and gate["passed"] is False
     assert [g.split(":")[0] for g in gate["shortfalls"]] == list(S.TASKS)
+    assert gate["require_no_regression"] == 1.0 and gate["compared_with"] == before
     assert f"model version {version} written under {run.output} but NOT published" in proc.stderr
+    assert "--require-lead 1.0 --require-no-regression 1.0" in proc.stderr, log
+    published = json.loads((run.output / version / "metrics.json").read_text())["published"]
+    assert sorted(published) == sorted(S.TASKS)  # metrics.json is written with sorted keys
+    for task in S.TASKS:
+        for x in (*S.METRICS, "n"):
+            assert published[task][x] == pytest.approx(metrics["intentrec"][task][x], abs=1e-12), \
+                (task, x, log)
+    assert any(line.startswith("published  |") for line in proc.stdout.splitlines()), log
+    assert f"published = version {before} (LATEST when this run started)" in proc.stdout, log
     for task in S.TASKS:
         assert f"  - {task}: intentrec recall@20 " in proc.stderr, log
     assert f'{{"version": "{version}"}}' in proc.stderr, log
     # The run the module fixture made had no gate, and says so in its manifest.
     manifest = json.loads((run.output / before / "manifest.json").read_text())
-    assert manifest["gate"] == {"require_lead": None, "passed": True, "shortfalls": []}
+    assert manifest["gate"] == {"require_lead": None, "require_no_regression": None,
+                                "compared_with": None, "passed": True, "shortfalls": []}
 
 
 def test_events_file_missing_a_column_names_the_file_and_the_column(tmp_path: Path) -> None:

@@ -11,8 +11,11 @@ import pytest
 from graph import schema as S
 from graph.data import temporal_split
 from graph.evaluate import (
+    PUBLISHED,
+    IndexMap,
     buy_again_scores,
     evaluate,
+    evaluate_version,
     format_ablations,
     format_candidates,
     format_contributions,
@@ -23,6 +26,7 @@ from graph.evaluate import (
     popularity_scores,
     recall_uncertainty,
     recommender_rankings,
+    regression_shortfalls,
     run_queries,
     validation_tasks,
 )
@@ -354,6 +358,105 @@ def test_publish_gate_needs_the_evaluation() -> None:
         PipelineConfig(require_lead=0.0, skip_eval=True)
     with pytest.raises(ValidationError, match="require_lead"):
         PipelineConfig(require_lead=-0.1)
+
+
+def test_the_published_version_read_back_ranks_the_tasks_as_it_did_when_trained(tmp_path) -> None:
+    """What ``--require-no-regression`` compares with: a version written to disk, read back as
+    the ranker replica loads it, scores this run's tasks exactly as the evaluation that trained
+    it did (same ids: the index map is the identity)."""
+    from actors.loaded_model import LoadedModel
+    from graph.artifacts import read_artifact, write_artifact
+
+    train, test, inter, _, rec = setup()
+    ours = evaluate(train, test, inter, rec, CUT, progress=lambda _: None)
+    root = str(tmp_path / "artifacts")
+    write_artifact(root, user_ids=inter.user_ids, items=items(), user_emb=rec.ranker.user_emb,
+                   item_emb=rec.ranker.item_emb, signals=rec.ranker.signals, metrics={},
+                   manifest={}, learned=rec.learned, item_static=rec.item_static, text=rec.text)
+    art = read_artifact(root)
+    index = IndexMap.between(inter.user_ids, inter.item_ids, art.user_ids,
+                             art.items[S.ITEM_COL].to_numpy())
+    assert (index.users == np.arange(inter.num_users)).all()
+    assert (index.items == np.arange(inter.num_items)).all()
+    lines: list[str] = []
+    theirs = evaluate_version(LoadedModel.build(art).rec, index, train, test, inter, CUT,
+                              country="US", progress=lines.append)
+    assert list(theirs) == list(S.TASKS)
+    for task in S.TASKS:
+        assert theirs[task]["n"] == ours["intentrec"][task]["n"] > 0
+        for x in S.METRICS:
+            assert theirs[task][x] == pytest.approx(ours["intentrec"][task][x], abs=1e-12), (task, x)
+    assert any(f"({PUBLISHED} version)" in line for line in lines)
+
+
+def test_index_map_takes_requests_to_the_other_versions_rows_and_back() -> None:
+    """Ids the other version does not know: the shopper is anonymous there, the items leave
+    the session, the exclusions and the targets; its answers come back in this run's rows."""
+    mine_users, mine_items = np.array(["a", "b", "c"]), np.array(["x", "y", "z", "w"])
+    theirs_users, theirs_items = np.array(["c", "a"]), np.array(["w", "q", "x", "y"])
+    m = IndexMap.between(mine_users, mine_items, theirs_users, theirs_items)
+    assert m.users.tolist() == [1, -1, 0]
+    assert m.items.tolist() == [2, 3, -1, 0]
+    assert m.back.tolist() == [3, -1, 0, 1]
+    q = QueryBatch("in_session", np.array([0, 1, -1]),
+                   [((0, S.ADD_TO_CART, 5.0), (2, S.VIEW, 6.0)), (), ((2, S.VIEW, 1.0),)],
+                   [None] * 3, np.array([10.0, 11.0, 12.0]),
+                   [np.array([0, 2]), None, np.array([2])],
+                   [np.array([1, 3]), np.array([2]), np.array([1, 2])])
+    t = m.to_theirs(q)
+    assert t.users.tolist() == [1, -1, -1]
+    assert t.events == [((2, S.ADD_TO_CART, 5.0),), (), ()]
+    assert [None if e is None else e.tolist() for e in t.exclude] == [[2], None, []]
+    assert [x.tolist() for x in t.targets] == [[3, 0], [-1], [3]]
+    assert t.times.tolist() == q.times.tolist() and len(t) == len(q)
+    # Their rows back: "q" is unknown here, so that place is a miss (-1), as is padding.
+    assert m.to_ours(np.array([[1, 0, 2, -1]])).tolist() == [[-1, 3, 0, -1]]
+
+
+def test_regression_gate_names_each_task_where_the_new_model_is_lower() -> None:
+    def with_published(ours: list[float], old: list[float]) -> dict:
+        m = _gate_metrics(ours, [0.01] * 4)
+        m[PUBLISHED] = {t: {"recall@20": v} for t, v in zip(S.TASKS, old, strict=True)}
+        return m
+
+    better = with_published([0.14, 0.03, 0.23, 0.18], [0.14, 0.029, 0.22, 0.18])
+    assert regression_shortfalls(better, 0.0) == []  # equal is no regression
+    worse = with_published([0.14, 0.03, 0.21, float("nan")], [0.141, 0.03, 0.23, 0.5])
+    short = regression_shortfalls(worse, 0.0)
+    assert [s.split(":")[0] for s in short] == ["next_basket_all", "in_session"]
+    assert "0.2100 against the published version's 0.2300 (-0.0200" in short[1]
+    # A tolerance lets small drops through, not larger ones; NaN tasks are not judged.
+    assert [s.split(":")[0] for s in regression_shortfalls(worse, 0.005)] == ["in_session"]
+    assert regression_shortfalls(worse, 0.02) == []
+    # Nothing published before (no row): nothing to regress from.
+    assert regression_shortfalls(_gate_metrics([0.1] * 4, [0.01] * 4), 0.0) == []
+
+
+def test_regression_gate_refuses_a_published_version_trained_past_this_split(tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from graph.artifacts import write_artifact
+    from graph.errors import ConfigError
+    from graph.pipeline import PipelineConfig, published_to_compare
+
+    _, _, inter, _, rec = setup()
+    root = str(tmp_path / "artifacts")
+    cfg = PipelineConfig(output=root, require_no_regression=0.0)
+    assert published_to_compare(cfg, CUT) is None  # nothing published yet
+    version = write_artifact(
+        root, user_ids=inter.user_ids, items=items(), user_emb=rec.ranker.user_emb,
+        item_emb=rec.ranker.item_emb, signals=rec.ranker.signals, metrics={},
+        manifest={"data": {"split_at": str(CUT)}}, learned=rec.learned,
+        item_static=rec.item_static, text=rec.text)
+    assert published_to_compare(cfg, CUT) == version
+    assert published_to_compare(cfg, CUT + pd.Timedelta(days=7)) == version
+    with pytest.raises(ConfigError, match="after this run's split") as err:
+        published_to_compare(cfg, CUT - pd.Timedelta(days=1))
+    assert version in err.value.message and "--split-at" in err.value.message
+    # Without the gate nothing is read.
+    assert published_to_compare(PipelineConfig(output=root), CUT - pd.Timedelta(days=1)) is None
+    with pytest.raises(ValidationError, match="--skip-eval"):
+        PipelineConfig(require_no_regression=0.0, skip_eval=True)
 
 
 def test_recall_uncertainty_resamples_shoppers_and_pairs_the_lead() -> None:
