@@ -350,6 +350,20 @@ def published_to_compare(cfg: PipelineConfig, split_at: pd.Timestamp) -> str | N
     return version
 
 
+def latest_moved(root: str, compared_with: str | None) -> list[str]:
+    """[] while ``LATEST`` under ``root`` still names ``compared_with`` (None: no ``LATEST``);
+    otherwise one sentence for the publish gate: the run was compared with a version that is no
+    longer the one serving (a rollback or another job published meanwhile), so its verdict does
+    not hold for the version serving now."""
+    from graph.artifacts import has_latest, latest_version
+
+    now = latest_version(root) if has_latest(root) else None
+    if now == compared_with:
+        return []
+    return [f"LATEST moved while this run trained, from {compared_with or 'nothing'} to {now}: "
+            "the comparison was with the former; retrain to compare with the version serving now"]
+
+
 def run_pipeline(
     cfg: PipelineConfig, progress: Progress = print, data: PreparedData | None = None
 ) -> PipelineResult:
@@ -463,6 +477,7 @@ def run_pipeline(
                   else lead_shortfalls(metrics, cfg.require_lead))
     if cfg.require_no_regression is not None:
         shortfalls += regression_shortfalls(metrics, cfg.require_no_regression)
+        shortfalls += latest_moved(cfg.output, compared_with)
     manifest = {
         "gate": {"require_lead": cfg.require_lead,
                  "require_no_regression": cfg.require_no_regression,

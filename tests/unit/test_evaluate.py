@@ -437,7 +437,7 @@ def test_regression_gate_refuses_a_published_version_trained_past_this_split(tmp
 
     from graph.artifacts import write_artifact
     from graph.errors import ConfigError
-    from graph.pipeline import PipelineConfig, published_to_compare
+    from graph.pipeline import PipelineConfig, latest_moved, published_to_compare
 
     _, _, inter, _, rec = setup()
     root = str(tmp_path / "artifacts")
@@ -455,6 +455,11 @@ def test_regression_gate_refuses_a_published_version_trained_past_this_split(tmp
     assert version in err.value.message and "--split-at" in err.value.message
     # Without the gate nothing is read.
     assert published_to_compare(PipelineConfig(output=root), CUT - pd.Timedelta(days=1)) is None
+    # LATEST moved while the run trained (a rollback, another job): the verdict no longer holds.
+    assert latest_moved(root, version) == []
+    moved = latest_moved(root, None)
+    assert len(moved) == 1 and f"from nothing to {version}" in moved[0]
+    assert latest_moved(str(tmp_path / "empty"), None) == []
     with pytest.raises(ValidationError, match="--skip-eval"):
         PipelineConfig(require_no_regression=0.0, skip_eval=True)
 
