@@ -324,9 +324,9 @@ def published_to_compare(cfg: PipelineConfig, split_at: pd.Timestamp) -> str | N
     run's model; None without the gate or before the first published version.
 
     Raises:
-        ConfigError: the version was trained on events at or after this run's split (its
-            figures on this test window would include what it learned from), or its manifest
-            does not say when its training events end.
+        ConfigError: the version's training events reach past this run's split (its split is
+            later: its figures on this test window would include what it learned from), or its
+            manifest does not say when its training events end.
     """
     from graph.artifacts import has_latest, latest_version, read_manifest
 
