@@ -12,6 +12,9 @@ on a seeded sample of each task (prediction costs one LightGBM pass per ranker).
 report also gives the **candidate recall**: the share of relevant items that candidate generation
 put in front of the ranker (an upper bound of its recall), overall and per source.
 
+``published`` (:func:`evaluate_version`, for ``train_job.py --require-no-regression``): the
+version serving, asked the same requests in its own ids and judged against the same targets.
+
 Baselines rank the whole catalogue (no sampled negatives) through
 ``graph.ranking.top_k_from_scores``:
 
