@@ -452,6 +452,12 @@ class ModelInfo(_Out):
     num_items: int
     metrics: dict[str, Any]
     data: dict[str, Any] | None
+    gate: dict[str, Any] | None = Field(
+        default=None, description="the publish gate of the run that trained this version "
+        "(`train_job.py --require-lead`, `--require-no-regression`): its settings, the version "
+        "it was compared with, whether it passed and why not; `passed: false` means the version "
+        "was loaded by name although the gate kept it from `LATEST` (null: a version of an "
+        "earlier release)")
     split: SplitOut | None = Field(default=None, description="the A/B split running now: its "
                                    "version answers `share` of the users (null: none)")
     context_columns: dict[str, int] = Field(

@@ -486,7 +486,7 @@ class RankerService:
         m = self.model
         if m is None:
             return {"version": NO_MODEL, "created": None, "loaded_at": self.started_at,
-                    "num_users": 0, "num_items": 0, "metrics": {}, "data": None}
+                    "num_users": 0, "num_items": 0, "metrics": {}, "data": None, "gate": None}
         manifest = m.artifact.manifest
         return {
             "version": m.version,
@@ -496,6 +496,7 @@ class RankerService:
             "num_items": m.num_items,
             "metrics": m.artifact.metrics,
             "data": manifest.get("data"),
+            "gate": manifest.get("gate"),
             "split": self.split_info(),
             "context_columns": {c: len(v) for c, v in m.artifact.signals.attribute_lift.items()},
         }

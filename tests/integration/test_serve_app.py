@@ -143,6 +143,9 @@ def test_health_docs_and_model(served: Served) -> None:
     assert m["version"] == served.first_version
     assert m["num_items"] == len(served.items) and isinstance(m["metrics"], dict)
     assert m["context_columns"] == {}  # the built-in data has no device or region column
+    # The fixture's run had no publish gate, and its version says so.
+    assert m["gate"] == {"require_lead": None, "require_no_regression": None,
+                         "compared_with": None, "passed": True, "shortfalls": []}
     # The fixture's run fitted the ablations: the version reports them, and the candidate recall
     # of the ranker it serves.
     from graph import schema as S
