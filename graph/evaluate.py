@@ -472,13 +472,11 @@ def regression_shortfalls(metrics: Mapping[str, Any], tolerance: float, k: int =
     (NaN) is not judged.
     """
     key = f"recall@{k}"
-    mine, theirs = metrics.get("intentrec", {}), metrics.get(PUBLISHED)
-    if not theirs:
+    if not metrics.get(PUBLISHED):
         return []
     out = []
     for task in S.TASKS:
-        ours = float(mine.get(task, {}).get(key, float("nan")))
-        old = float(theirs.get(task, {}).get(key, float("nan")))
+        ours, old = _recall(metrics, "intentrec", task, k), _recall(metrics, PUBLISHED, task, k)
         if np.isnan(ours) or np.isnan(old):
             continue
         if ours < old - tolerance - 1e-12:  # a drop of exactly the tolerance is allowed
@@ -564,6 +562,11 @@ def validation_tasks(history: pd.DataFrame, window: pd.DataFrame, inter: Interac
     return [nb_all, nb_disc, ins, blind.take(quarter)]
 
 
+def _recall(metrics: Mapping[str, Any], model: str, task: str, k: int) -> float:
+    """``model``'s recall@k in ``task`` (NaN where the table has none): what the gates judge."""
+    return float(metrics.get(model, {}).get(task, {}).get(f"recall@{k}", float("nan")))
+
+
 def lead_shortfalls(metrics: Mapping[str, Any], margin: float, k: int = S.TOP_K) -> list[str]:
     """The tasks where intentrec's recall@k does not beat every baseline's by more than
     ``margin`` (the publish gate of ``train_job.py --require-lead``; a tie is no lead), one
@@ -571,12 +574,10 @@ def lead_shortfalls(metrics: Mapping[str, Any], margin: float, k: int = S.TOP_K)
     judged; no judged task at all is a shortfall (nothing shows the model is better).
     """
     key = f"recall@{k}"
-    mine = metrics.get("intentrec", {})
     out, judged = [], 0
     for task in S.TASKS:
-        ours = float(mine.get(task, {}).get(key, float("nan")))
-        theirs = {b: float(metrics.get(b, {}).get(task, {}).get(key, float("nan")))
-                  for b in BASELINES}
+        ours = _recall(metrics, "intentrec", task, k)
+        theirs = {b: _recall(metrics, b, task, k) for b in BASELINES}
         theirs = {b: v for b, v in theirs.items() if not np.isnan(v)}
         if np.isnan(ours) or not theirs:
             continue

@@ -112,8 +112,6 @@ class PipelineResult:
     # Why the publish gate (PipelineConfig.require_lead, .require_no_regression) kept LATEST
     # where it was; [] = published.
     shortfalls: list[str] = field(default_factory=list)
-    # The version LATEST named when the run started, evaluated beside it (require_no_regression).
-    compared_with: str | None = None
 
     @property
     def published(self) -> bool:
@@ -512,8 +510,7 @@ def run_pipeline(
     else:
         progress(f"[artifact] published version {version} under {cfg.output} (LATEST updated)")
     return PipelineResult(version=version, output=cfg.output, metrics=metrics, table=table,
-                          history=result.history, timings=timings, shortfalls=shortfalls,
-                          compared_with=compared_with)
+                          history=result.history, timings=timings, shortfalls=shortfalls)
 
 
 def _evaluate_published(cfg: PipelineConfig, version: str, d: PreparedData, country: str,
