@@ -32,7 +32,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import Body, FastAPI, Header, Request, Security
 from fastapi import Path as PathParam
@@ -79,10 +79,11 @@ from actors.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from actors.clock import Clock, system_clock
 from actors.context import ContextCache, ContextEnricher, enrich_context
 from actors.demo_page import add_demo_routes
-from actors.deployment_options import INGRESS, options
+from actors.deployment_options import INGRESS, inline_ranker_options, options
 from actors.feedback import DEFAULT_CAPACITY as IMPRESSIONS_CAPACITY
 from actors.feedback import Feedback, Impressions
 from actors.items_api import ItemBatch, ItemBatchResponse, ItemUpsert, ItemUpsertResponse
+from actors.local_handle import LocalHandle
 from actors.overload import (
     TRANSIENT_ERRORS,
     bounded,
@@ -90,7 +91,7 @@ from actors.overload import (
     unavailable,
 )
 from actors.ranker import GNNRanker, RankQuery
-from actors.rollout import roll_out, start_split, stop_split
+from actors.rollout import ranker_deployment, roll_out, start_split, stop_split
 from actors.session_events import SessionEvent
 from actors.session_state import Coalescer, SessionSnapshot, SessionStateConfig, SessionStore
 from actors.shard_attach import check_attached
@@ -134,6 +135,13 @@ class AppArgs(BaseModel):
         inline_context: Compute the context in the ingress instead of calling the
             ContextEnricher deployment: one handle call less per recommendation (the enricher is
             then not deployed). The enrichment is the same function either way.
+        inline_ranker: Rank in the ingress process instead of calling the GNNRanker deployment:
+            each ingress replica loads the model (the same ``GNNRanker`` code: ``LATEST``
+            polling, added items, forgotten users, rollouts and A/B splits, which then reach the
+            ``Ingress`` deployment's ``user_config``), and the GNNRanker is not deployed. No
+            hop: 5.5 instead of 10.0 ms of CPU per recommendation at concurrency 1 on a 2-core
+            node (docs/PERFORMANCE.md); the ranking then scales with the ingress replicas, and
+            each holds a model in memory.
         session: Session-state configuration (shards, window, TTL, write-ahead log);
             ``session.call_timeout_s`` bounds each shard call.
         ranker_timeout_s: Longest wait for the ranker (and the context enricher) per request;
@@ -173,6 +181,7 @@ class AppArgs(BaseModel):
     state_dir: str = "state"
     storage: str = ""
     inline_context: bool = False
+    inline_ranker: bool = False
     session: SessionStateConfig = Field(default_factory=SessionStateConfig)
     ranker_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0)
     health_timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
@@ -477,7 +486,8 @@ class Ingress:
     """HTTP endpoints of SPEC.md ("Online API").
 
     Args:
-        ranker: Handle to :class:`actors.ranker.GNNRanker`.
+        ranker: Handle to :class:`actors.ranker.GNNRanker`; None with ``args.inline_ranker``:
+            the replica builds its own ranker and calls it in process.
         enricher: Handle to :class:`actors.context.ContextEnricher` (None: enrich inline).
         args: :class:`AppArgs` as a dict (resolved paths).
         store: The session-state client; None (always, under Serve): the shard actors named by
@@ -487,14 +497,16 @@ class Ingress:
             ``context.ts`` and of an event without ``ts``; also given to the session shards.
     """
 
-    def __init__(self, ranker: DeploymentHandle, enricher: DeploymentHandle | None,
+    def __init__(self, ranker: DeploymentHandle | None, enricher: DeploymentHandle | None,
                  args: dict[str, Any], store: SessionStore | None = None,
                  clock: Clock = system_clock) -> None:
         global _METRICS
         self.args = AppArgs.model_validate(args)
         # First: without a key (and without explicit anonymous mode) the replica does not start.
         self.keys = api_keys(self.args, os.environ)
-        self.ranker = ranker
+        self.ranker: Any = (self._own_ranker() if self.args.inline_ranker and ranker is None
+                            else ranker)
+        self.ranker_deployment = ranker_deployment(self.args.inline_ranker)
         self.enricher = enricher
         self._enricher_coalescer: Coalescer | None = None
         self._ranker_coalescer: Coalescer | None = None
@@ -517,6 +529,32 @@ class Ingress:
         self.feedback = Feedback(Impressions(self.args.impressions_capacity))
         log.info("intentrec ingress ready (%s; bodies up to %d bytes)", self.keys.describe(),
                  self.args.max_body_bytes)
+
+    def _own_ranker(self) -> LocalHandle:
+        """The ranker in this replica (``inline_ranker``): the GNNRanker deployment's own class,
+        called without a hop, so nothing to coalesce (``ranker_calls_in_flight`` 0)."""
+        self.args = self.args.model_copy(update={"ranker_calls_in_flight": 0})
+        ranker_cls = cast(Any, GNNRanker).func_or_class  # the class under @serve.deployment
+        return LocalHandle(ranker_cls(
+            self.args.artifacts_root, self.args.model_version, self.args.reload_poll_s,
+            self.args.tombstones_path, self.args.items_path))
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's hook for the ingress's ``user_config``: a rollout or A/B split for the ranker
+        in this replica (``inline_ranker``; :mod:`actors.rollout` writes it). Without an own
+        ranker the ingress takes no ``user_config``: the ranker's is on the GNNRanker."""
+        if not self.args.inline_ranker:
+            if user_config:
+                log.warning("the Ingress deployment's user_config is ignored: the ranker runs "
+                            "in the GNNRanker deployment (set it there, or inline_ranker: true)")
+            return
+        await self.ranker.reconfigure.remote(user_config)
+
+    async def serving(self) -> dict[str, Any]:
+        """The ranker replica that answers this call: its id, version and split (rollout checks
+        and tests; with ``inline_ranker`` this ingress replica's own)."""
+        out: dict[str, Any] = await self.ranker.serving.remote()
+        return out
 
     def _wait_for_shards(self, timeout_s: float = 60.0) -> None:
         """Readiness: the replica starts answering once the session shards answer (a first start
@@ -827,7 +865,8 @@ class Ingress:
                 self.ranker, app_name=serve.get_replica_context().app_name,
                 artifacts_root=self.args.artifacts_root,
                 follow_latest=self.args.model_version == "latest",
-                reload_poll_s=self.args.reload_poll_s, version=body.version if body else None)
+                reload_poll_s=self.args.reload_poll_s, version=body.version if body else None,
+                deployment=self.ranker_deployment)
 
     @api.post("/v1/admin/split", response_model=SplitResponse,
               responses={**_ERROR_RESPONSES, 409: {"model": ErrorBody}},
@@ -841,7 +880,7 @@ class Ingress:
         async with _observed("split"):
             self.keys.require(api_key, Scope.ADMIN, "starting a traffic split")
             return await start_split(self.ranker, app_name=serve.get_replica_context().app_name,
-                                     split=body)
+                                     split=body, deployment=self.ranker_deployment)
 
     @api.delete("/v1/admin/split", response_model=SplitResponse,
                 responses={**_ERROR_RESPONSES, 409: {"model": ErrorBody}},
@@ -852,7 +891,8 @@ class Ingress:
     ) -> dict[str, Any]:
         async with _observed("split"):
             self.keys.require(api_key, Scope.ADMIN, "stopping a traffic split")
-            return await stop_split(self.ranker, app_name=serve.get_replica_context().app_name)
+            return await stop_split(self.ranker, app_name=serve.get_replica_context().app_name,
+                                    deployment=self.ranker_deployment)
 
     @api.get("/healthz", response_model=Health, responses=_ERROR_RESPONSES,
              summary="Liveness and readiness: the ranker and every session shard")
@@ -915,18 +955,20 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
 
     def with_env(dep: Any) -> Any:
         if opts:  # the decorator's sizes (actors/deployment_options.py) plus the environment
-            dep = dep.options(ray_actor_options={**options(dep.name)["ray_actor_options"], **opts})
+            dep = dep.options(ray_actor_options={**(dep.ray_actor_options or {}), **opts})
         extra = dict((deployments or {}).get(dep.name, {}))
         if "num_replicas" in extra:  # a fixed size replaces the decorator's autoscaling
             extra.setdefault("autoscaling_config", None)
         return dep.options(**extra) if extra else dep
 
-    ranker = with_env(GNNRanker).bind(
+    ranker = None if args.inline_ranker else with_env(GNNRanker).bind(
         args.artifacts_root, args.model_version, args.reload_poll_s, args.tombstones_path,
         args.items_path)
     enricher = None if args.inline_context else with_env(ContextEnricher).bind(
         args.default_country, args.default_timezone)
-    return with_env(Ingress).bind(ranker, enricher, args.model_dump(), None, clock)
+    ingress = (cast(Any, Ingress).options(**inline_ranker_options()) if args.inline_ranker
+               else Ingress)
+    return with_env(ingress).bind(ranker, enricher, args.model_dump(), None, clock)
 
 
 def _inside_an_actor() -> bool:

@@ -121,6 +121,19 @@ def options(name: str) -> dict[str, Any]:
     return copy.deepcopy({**DEPLOYMENTS[name], **CODE_ONLY.get(name, {})})
 
 
+def inline_ranker_options() -> dict[str, Any]:
+    """``.options(...)`` of the Ingress when it ranks in its own process (``inline_ranker``):
+    the ranker's CPU reservation added to its own, and the ranker's graceful shutdown and
+    constructor retries (a replica that loads a model)."""
+    ingress, ranker = options(INGRESS), options(RANKER)
+    return {
+        "ray_actor_options": {"num_cpus": ingress["ray_actor_options"]["num_cpus"]
+                              + ranker["ray_actor_options"]["num_cpus"]},
+        "graceful_shutdown_timeout_s": ranker["graceful_shutdown_timeout_s"],
+        "max_constructor_retry_count": ranker["max_constructor_retry_count"],
+    }
+
+
 def config_entries() -> list[dict[str, Any]]:
     """The ``deployments`` list of ``serve_config.yaml`` (each entry: ``name`` + options)."""
     return [{"name": name, **copy.deepcopy(opts)} for name, opts in DEPLOYMENTS.items()]

@@ -11,7 +11,9 @@ A reload or rollback (``POST /v1/admin/reload``) runs three steps, in this order
    application's declarative config becomes ``{"version": v}`` and the config is applied again,
    as ``serve deploy`` with an edited file would. The code version is unchanged, so Serve does
    not restart replicas: it calls ``GNNRanker.reconfigure`` on each one, and on every replica it
-   starts afterwards.
+   starts afterwards. With ``inline_ranker`` (the ranker inside each ingress replica, no GNNRanker
+   deployment) the same ``user_config`` goes to the ``Ingress`` deployment, whose
+   ``reconfigure`` hands it to its ranker.
 
 Step 3 needs an application deployed from a config (``serve deploy serve_config.yaml``, the
 REST API, or a RayService). An app started with ``serve run``/``serve.run`` has no config to
@@ -30,11 +32,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from actors.deployment_options import INGRESS, RANKER
 from actors.split import SplitConfig
 from graph.artifacts import set_latest_version
 from graph.errors import BadRequestError, ConflictError
 
-RANKER_DEPLOYMENT = "GNNRanker"
+RANKER_DEPLOYMENT = RANKER
+
+
+def ranker_deployment(inline_ranker: bool) -> str:
+    """The deployment whose replicas hold the ranker: ``GNNRanker``, or ``Ingress`` when the app
+    ranks in the ingress (``AppArgs.inline_ranker``)."""
+    return INGRESS if inline_ranker else RANKER
 
 
 def _controller() -> Any:
@@ -55,22 +64,25 @@ async def declared_state() -> dict[str, Any]:
     return details
 
 
-def _ranker_entry(state: dict[str, Any], app_name: str) -> dict[str, Any] | None:
+def _ranker_entry(state: dict[str, Any], app_name: str,
+                  deployment: str = RANKER_DEPLOYMENT) -> dict[str, Any] | None:
     app = (state.get("applications") or {}).get(app_name) or {}
     doc = app.get("deployed_app_config") or {}
-    return next((d for d in doc.get("deployments", []) if d.get("name") == RANKER_DEPLOYMENT),
-                None)
+    return next((d for d in doc.get("deployments", []) if d.get("name") == deployment), None)
 
 
-async def declared_split(app_name: str) -> dict[str, Any] | None:
+async def declared_split(app_name: str, deployment: str = RANKER_DEPLOYMENT
+                         ) -> dict[str, Any] | None:
     """The split in the ranker's declared ``user_config`` of ``app_name`` (None: none)."""
-    entry = _ranker_entry(await declared_state(), app_name) or {}
+    entry = _ranker_entry(await declared_state(), app_name, deployment) or {}
     split: dict[str, Any] | None = (entry.get("user_config") or {}).get("split")
     return split
 
 
-async def push_ranker_config(app_name: str, user_config: dict[str, Any]) -> bool:
-    """Set the ranker deployment's ``user_config`` in ``app_name``'s config and apply it again.
+async def push_ranker_config(app_name: str, user_config: dict[str, Any],
+                             deployment: str = RANKER_DEPLOYMENT) -> bool:
+    """Set the ranker deployment's ``user_config`` in ``app_name``'s config and apply it again
+    (``deployment``: the one whose replicas hold the ranker, :func:`ranker_deployment`).
 
     Like ``serve deploy`` with an edited file: every other application deployed from a config,
     and the target capacity, are applied unchanged (the declarative state is the whole set;
@@ -89,9 +101,9 @@ async def push_ranker_config(app_name: str, user_config: dict[str, Any]) -> bool
         return False
     # Only what the operator wrote is kept (exclude_unset upstream): options not written stay
     # unset, so the values in code keep applying.
-    others = [d for d in doc.get("deployments", []) if d.get("name") != RANKER_DEPLOYMENT]
-    ranker = next((d for d in doc.get("deployments", []) if d.get("name") == RANKER_DEPLOYMENT),
-                  {"name": RANKER_DEPLOYMENT})
+    others = [d for d in doc.get("deployments", []) if d.get("name") != deployment]
+    ranker = next((d for d in doc.get("deployments", []) if d.get("name") == deployment),
+                  {"name": deployment})
     apps[app_name] = {**doc, "deployments": [*others, {**ranker, "user_config": dict(user_config)}]}
     config = {"applications": [a for a in apps.values() if a is not None]}
     if state.get("target_capacity") is not None:
@@ -101,16 +113,18 @@ async def push_ranker_config(app_name: str, user_config: dict[str, Any]) -> bool
 
 
 async def roll_out(ranker: Any, *, app_name: str, artifacts_root: str, follow_latest: bool,
-                   reload_poll_s: float, version: str | None) -> dict[str, Any]:
+                   reload_poll_s: float, version: str | None,
+                   deployment: str = RANKER_DEPLOYMENT) -> dict[str, Any]:
     """Validate a version, move ``LATEST`` to it, and move every ranker replica to it.
 
     Args:
-        ranker: Handle to the ranker deployment.
+        ranker: Handle to the ranker deployment (or the ingress's own ranker).
         app_name: The Serve application the ranker belongs to.
         artifacts_root: Where the versions and ``LATEST`` live.
         follow_latest: The app follows ``LATEST`` (``model_version: latest``), else it is pinned.
         reload_poll_s: The ranker's ``LATEST`` polling period (0: off).
         version: The version to roll to; None: what ``LATEST`` (or the pin) names now.
+        deployment: The deployment whose replicas hold the ranker (:func:`ranker_deployment`).
 
     Returns:
         ``{"previous_version", "version", "swapped"}`` (``previous_version``: what the
@@ -137,9 +151,10 @@ async def roll_out(ranker: Any, *, app_name: str, artifacts_root: str, follow_la
     if follow_latest and version is not None:
         await asyncio.to_thread(set_latest_version, artifacts_root, target)
     if declared:
-        split = await declared_split(app_name)
+        split = await declared_split(app_name, deployment)
         keep = split is not None and split.get("version") != target
-        await push_ranker_config(app_name, {"version": target, **({"split": split} if keep else {})})
+        await push_ranker_config(app_name, {"version": target, **({"split": split} if keep else {})},
+                                 deployment)
     else:  # the others follow LATEST within reload_poll_s
         await ranker.reload.remote(target)
     return {"previous_version": previous, "version": target, "swapped": target != previous}
@@ -155,7 +170,8 @@ def _declared_only(app_name: str, declared: bool) -> None:
         )
 
 
-async def start_split(ranker: Any, *, app_name: str, split: SplitConfig) -> dict[str, Any]:
+async def start_split(ranker: Any, *, app_name: str, split: SplitConfig,
+                      deployment: str = RANKER_DEPLOYMENT) -> dict[str, Any]:
     """Validate both versions, then serve ``split.version`` to ``split.share`` of the users on
     every ranker replica (the ranker's ``user_config`` gets ``split``).
 
@@ -179,12 +195,13 @@ async def start_split(ranker: Any, *, app_name: str, split: SplitConfig) -> dict
     # Both arms answer a warm-up request on one replica before any replica moves.
     for v in (main, split.version):
         await ranker.prepare.remote(v)
-    previous = await declared_split(app_name)
-    await push_ranker_config(app_name, {"version": main, "split": split.model_dump()})
+    previous = await declared_split(app_name, deployment)
+    await push_ranker_config(app_name, {"version": main, "split": split.model_dump()}, deployment)
     return {"version": main, "split": split.model_dump(), "previous_split": previous}
 
 
-async def stop_split(ranker: Any, *, app_name: str) -> dict[str, Any]:
+async def stop_split(ranker: Any, *, app_name: str,
+                     deployment: str = RANKER_DEPLOYMENT) -> dict[str, Any]:
     """Stop the split on every replica: the main version answers every request again.
 
     Returns:
@@ -196,7 +213,7 @@ async def stop_split(ranker: Any, *, app_name: str) -> dict[str, Any]:
     state = await declared_state()
     _declared_only(app_name, app_name in (state.get("applications") or {}))
     main = (await ranker.serving.remote())["version"]
-    previous = await declared_split(app_name)
+    previous = await declared_split(app_name, deployment)
     if previous is not None:
-        await push_ranker_config(app_name, {"version": main})
+        await push_ranker_config(app_name, {"version": main}, deployment)
     return {"version": main, "split": None, "previous_split": previous}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import os
 import sys
 from pathlib import Path
@@ -27,31 +26,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # as the Serve replicas (serve_config.yaml env_vars)
 
 
-class _Method:
-    """``handle.method.remote(*args)`` → an awaitable running ``method`` in this process."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def remote(self, *args: Any, **kwargs: Any) -> Any:
-        return _run(self.fn, args, kwargs)
-
-
-async def _run(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    out = fn(*args, **kwargs)
-    return await out if inspect.isawaitable(out) else out
-
-
-class InProcessHandle:
-    """Stands in for a ``DeploymentHandle`` / actor handle: same call shape, no Ray."""
-
-    def __init__(self, target: Any) -> None:
-        self._target = target
-
-    def __getattr__(self, name: str) -> _Method:
-        return _Method(getattr(self._target, name))
-
-
 def build(app_args: dict[str, Any], clock: Any = None) -> Any:
     """The FastAPI app of ``serve_app`` bound to an in-process Ingress (returns ``serve_app.api``).
 
@@ -62,6 +36,7 @@ def build(app_args: dict[str, Any], clock: Any = None) -> Any:
     """
     import serve_app
     from actors.clock import system_clock
+    from actors.local_handle import LocalHandle
     from actors.ranker import RankerService
     from actors.session_state import SessionShard, SessionStore
 
@@ -76,13 +51,13 @@ def build(app_args: dict[str, Any], clock: Any = None) -> Any:
     # process instead of actors (its constructor would start the actors). Direct calls: the
     # "ray" transport, since the handle would also answer `endpoint` and send the shard's calls
     # over gRPC to this same process.
-    shards = [InProcessHandle(SessionShard(args.session.model_dump(), i, clock))
+    shards = [LocalHandle(SessionShard(args.session.model_dump(), i, clock))
               for i in range(args.session.num_shards)]
     store = SessionStore.over(args.session.model_copy(update={"transport": "ray"}), shards, clock)
     # The user class under Serve's ingress wrapper (the one that defines the routes).
     wrapper: Any = serve_app.Ingress  # a Deployment at run time
     ingress_cls = next(c for c in wrapper.func_or_class.__mro__ if "recommend" in vars(c))
-    ingress = ingress_cls(InProcessHandle(ranker), None, args.model_dump(), store=store,
+    ingress = ingress_cls(LocalHandle(ranker), None, args.model_dump(), store=store,
                           clock=clock)
     # @serve.ingress gave every route method a `self` dependency that returns
     # `serve.get_replica_context().servable_object`; in this process that is this one instance.

@@ -337,6 +337,7 @@ def start_serve(args: Any, port: int, app_env: dict[str, str],
 
     import serve_app
     from actors.context import ContextEnricher
+    from actors.deployment_options import inline_ranker_options
     from actors.ranker import GNNRanker
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -345,7 +346,10 @@ def start_serve(args: Any, port: int, app_env: dict[str, str],
     app = serve_app.compose(args, env_vars={"PYTHONPATH": str(REPO), **app_env},
                             deployments=deployments)
     serve.run(app, name=APP, route_prefix="/", blocking=False)
-    deps: list[Any] = [serve_app.Ingress, GNNRanker, *([] if args.inline_context else [ContextEnricher])]
+    ingress = (serve_app.Ingress.options(**inline_ranker_options()) if args.inline_ranker
+               else serve_app.Ingress)
+    deps: list[Any] = [ingress, *([] if args.inline_ranker else [GNNRanker]),
+                       *([] if args.inline_context else [ContextEnricher])]
     deps = [d.options(**(deployments or {}).get(d.name, {})) for d in deps]
     return {d.name: {"num_cpus": (d.ray_actor_options or {}).get("num_cpus"),
                      "max_ongoing_requests": d.max_ongoing_requests,
@@ -657,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bound-port", type=int, default=8432, help="in-process bound port")
     p.add_argument("--inline-context", action="store_true",
                    help="AppArgs.inline_context: enrich in the ingress (no ContextEnricher hop)")
+    p.add_argument("--inline-ranker", action="store_true",
+                   help="AppArgs.inline_ranker: rank in the ingress (no GNNRanker hop)")
     p.add_argument("--ranker-calls-in-flight", type=int, default=None, metavar="N",
                    help="AppArgs.ranker_calls_in_flight (default: the app's); 0: one ranker call "
                         "per recommendation")
@@ -685,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None,
                    help="results file (default: bench/results/serve_bench.json, with the variant "
                         "in the name for --ray-defaults, --haproxy, --throughput-optimized, "
-                        "--inline-context)")
+                        "--inline-context, --inline-ranker)")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.duration, opts.warmup = min(opts.duration, 4.0), min(opts.warmup, 1.0)
@@ -726,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     del art
 
     serve_args = app_args(model_root, work, "serve").model_copy(
-        update={"inline_context": opts.inline_context,
+        update={"inline_context": opts.inline_context, "inline_ranker": opts.inline_ranker,
                 **({} if opts.ranker_calls_in_flight is None
                    else {"ranker_calls_in_flight": opts.ranker_calls_in_flight})})
     bound_args = app_args(model_root, work, "bound")
@@ -880,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "throughput; latency from the scheduled send time",
                      "serve_env": serve_env, "app_env": app_env,
                      "serve_env_from": "Ray defaults" if opts.ray_defaults else opts.cluster_config,
-                     "inline_context": opts.inline_context,
+                     "inline_context": opts.inline_context, "inline_ranker": opts.inline_ranker,
                      "ray_init": "address=local, num_cpus=2, dashboard off, 127.0.0.1",
                      "niceness": {"ray_workers": niceness, "bound": niceness, "client": os.nice(0)},
                      "deployments": deployments,
@@ -894,7 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     tags = [t for t, on in (("ray_defaults", opts.ray_defaults), ("haproxy", opts.haproxy),
                             ("throughput_optimized", opts.throughput_optimized),
-                            ("inline_context", opts.inline_context)) if on]
+                            ("inline_context", opts.inline_context),
+                            ("inline_ranker", opts.inline_ranker)) if on]
     out = Path(opts.output) if opts.output else RESULTS.with_stem("_".join([RESULTS.stem, *tags]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "open_loop": open_rows, "verdict": v,

@@ -2,7 +2,9 @@
 
 The app is deployed from a config, as ``serve deploy serve_config.yaml`` does, with its version
 pinned and polling off: the only way a replica can change version here is Serve's
-``user_config`` / ``reconfigure``.
+``user_config`` / ``reconfigure``. Each test runs twice: with the ranker as its own deployment
+(two GNNRanker replicas), and with the ranker inside the ingress (``inline_ranker``: two Ingress
+replicas, each with its own ranker, reconfigured through the Ingress's ``user_config``).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ class Rollout:
     url: str
     root: str
     first: str
-    ranker: Any  # DeploymentHandle of the GNNRanker deployment
+    ranker: Any  # DeploymentHandle of the deployment whose replicas rank
     client: httpx.Client
+    tag: str  # which layout: "deployment" or "inline"
 
     def reload(self, version: str) -> httpx.Response:
         return self.client.post(self.url + "/v1/admin/reload", json={"version": version},
@@ -60,8 +63,8 @@ class Rollout:
         return len(seen) == 2 and set(seen.values()) == {version}
 
 
-@pytest.fixture(scope="module")
-def rollout(ray_cluster: None, svd_artifact_root: str,
+@pytest.fixture(scope="module", params=["deployment", "inline"])
+def rollout(request: pytest.FixtureRequest, ray_cluster: None, svd_artifact_root: str,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rollout]:
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -74,17 +77,21 @@ def rollout(ray_cluster: None, svd_artifact_root: str,
     shutil.copytree(svd_artifact_root, root)
     first = latest_version(root)
     session = {"num_shards": 1, "wal_uri": str(tmp / "wal"), "actor_prefix": "intentrec-rollout"}
+    inline = request.param == "inline"
+    two = {"min_replicas": 2, "max_replicas": 2}
+    deployments = ([{"name": "Ingress", "ray_actor_options": {"num_cpus": 0.25},
+                     "autoscaling_config": two}] if inline else
+                   [{"name": "GNNRanker", "ray_actor_options": {"num_cpus": 0.25},
+                     "autoscaling_config": two},
+                    {"name": "Ingress", "ray_actor_options": {"num_cpus": 0.1}}])
     config = ServeDeploySchema.model_validate({"applications": [{
         "name": APP, "route_prefix": PREFIX, "import_path": "serve_app:build_app",
         "runtime_env": {"env_vars": {"INTENTREC_ADMIN_KEY": ADMIN_KEY,
                                      "PYTHONPATH": os.environ["PYTHONPATH"]}},
         "args": {"artifacts_root": root, "model_version": first, "reload_poll_s": 0,
-                 "state_dir": str(tmp / "state"), "inline_context": True, "session": session},
-        "deployments": [
-            {"name": "GNNRanker", "ray_actor_options": {"num_cpus": 0.25},
-             "autoscaling_config": {"min_replicas": 2, "max_replicas": 2}},
-            {"name": "Ingress", "ray_actor_options": {"num_cpus": 0.1}},
-        ],
+                 "state_dir": str(tmp / "state"), "inline_context": True, "session": session,
+                 "inline_ranker": inline},
+        "deployments": deployments,
     }]})
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     _get_global_client().deploy_apps(config)  # what `serve deploy` posts to the dashboard
@@ -92,7 +99,8 @@ def rollout(ray_cluster: None, svd_artifact_root: str,
     client = httpx.Client(timeout=60.0)
     wait_for_condition(lambda: client.get(url + "/healthz").status_code == 200, timeout=240,
                        interval=0.5, what="the rollout app answers /healthz")
-    r = Rollout(url, root, first, serve.get_deployment_handle("GNNRanker", APP), client)
+    ranks = "Ingress" if inline else "GNNRanker"
+    r = Rollout(url, root, first, serve.get_deployment_handle(ranks, APP), client, request.param)
     wait_for_condition(lambda: r.all_serve(first), timeout=120, what="both rankers serve")
     try:
         yield r
@@ -111,7 +119,7 @@ def _copy_version(root: str, name: str) -> str:
 
 
 def test_a_reload_moves_every_replica_without_a_failed_request(rollout: Rollout) -> None:
-    v2 = _copy_version(rollout.root, "v2-rollout")
+    v2 = _copy_version(rollout.root, f"v2-rollout-{rollout.tag}")
     stop, codes = threading.Event(), []
 
     def hammer() -> None:
@@ -141,7 +149,7 @@ def test_a_reload_moves_every_replica_without_a_failed_request(rollout: Rollout)
 
 
 def test_a_broken_version_is_refused_and_the_previous_keeps_serving(rollout: Rollout) -> None:
-    broken = _copy_version(rollout.root, "broken-rollout")
+    broken = _copy_version(rollout.root, f"broken-rollout-{rollout.tag}")
     fs, base = filesystem(rollout.root)
     with fs.open_output_stream(f"{base}/{broken}/user_emb.npy") as f:
         f.write(b"truncated")
@@ -227,7 +235,8 @@ def test_an_ab_split_reaches_every_replica_and_answers_name_their_arm(rollout: R
     A/B report reads)."""
     from actors.split import bucket
 
-    v2 = _copy_version(rollout.root, "v2-split")
+    # A name of its own per layout: the metrics of the cluster count it from zero.
+    v2 = _copy_version(rollout.root, f"v2-split-{rollout.tag}")
     split_url = rollout.url + "/v1/admin/split"
     body = {"version": v2, "share": 0.5, "salt": "exp-it"}
     assert rollout.client.post(split_url, json=body).status_code == 401  # admin only
@@ -250,6 +259,7 @@ def test_an_ab_split_reaches_every_replica_and_answers_name_their_arm(rollout: R
 
         sessions = [f"ab-{n}" for n in range(60)]
         served = {}
+        credited = {rollout.first: 0, v2: 0}
         for s in sessions:
             out = rollout.client.post(rollout.url + "/v1/recommendations",
                                       json={"session_id": s, "k": 3}).json()
@@ -259,8 +269,15 @@ def test_an_ab_split_reaches_every_replica_and_answers_name_their_arm(rollout: R
                      "from_request": out["request_id"]}
             ev = rollout.client.post(rollout.url + "/v1/events", json=click, headers=ADMIN)
             assert ev.status_code == 202, ev.text
-            assert ev.json()["events"][0]["attributed"] == {
-                "model_version": out["model_version"], "position": 1}
+            attributed = ev.json()["events"][0]["attributed"]
+            # Each ingress replica remembers the answers it gave: with one ingress every click is
+            # credited; with two (the inline layout) a click that reaches the other replica is
+            # accepted uncredited (README, "Feedback loop"), never credited wrongly.
+            expected = {"model_version": out["model_version"], "position": 1}
+            if rollout.tag == "deployment" or attributed is not None:
+                assert attributed == expected
+                credited[out["model_version"]] += 1
+        assert sum(credited.values()) > 0
         assert {o["model_version"] for o in served.values()} == {rollout.first, v2}
         shown = {rollout.first: 0, v2: 0}
         for out in served.values():
@@ -270,8 +287,10 @@ def test_an_ab_split_reaches_every_replica_and_answers_name_their_arm(rollout: R
                                         json={"session_id": s, "k": 3}).json()
             assert again["model_version"] == served[s]["model_version"]
             shown[again["model_version"]] += len(again["items"])
-        clicked = {v: sum(o["model_version"] == v for o in served.values()) for v in shown}
-        _ab_report_reads_the_live_counters(rollout, v2, shown, clicked)
+        if rollout.tag == "deployment":
+            assert credited == {v: sum(o["model_version"] == v for o in served.values())
+                                for v in shown}
+        _ab_report_reads_the_live_counters(rollout, v2, shown, credited)
     finally:
         r = rollout.client.delete(split_url, headers=ADMIN)
     assert r.status_code == 200 and r.json()["split"] is None, r.text

@@ -74,6 +74,32 @@ def test_compose_with_an_environment_keeps_the_sizes() -> None:
         assert _values(dep) == _values(DECORATED[dep.name]), dep.name
 
 
+def test_an_inline_ranker_app_has_no_ranker_deployment_and_an_ingress_sized_for_both() -> None:
+    args = serve_app.AppArgs(allow_anonymous=True, inline_ranker=True, inline_context=True)
+    app = serve_app.compose(args, env_vars={"X": "1"})
+    ingress = app._bound_deployment
+    assert ingress.name == D.INGRESS
+    assert ingress.init_args[:2] == (None, None)  # no ranker handle, no enricher handle
+    assert ingress.init_args[2]["inline_ranker"] is True
+    cpus = (D.options(D.INGRESS)["ray_actor_options"]["num_cpus"]
+            + D.options(D.RANKER)["ray_actor_options"]["num_cpus"])
+    assert ingress.ray_actor_options == {"num_cpus": cpus, "runtime_env": {"env_vars": {"X": "1"}}}
+    config = ingress._deployment_config
+    assert config.graceful_shutdown_timeout_s == D.options(D.RANKER)["graceful_shutdown_timeout_s"]
+    assert config.max_constructor_retry_count == D.options(D.RANKER)["max_constructor_retry_count"]
+    # The ingress's own settings otherwise: its queue and autoscaling.
+    assert config.max_ongoing_requests == D.options(D.INGRESS)["max_ongoing_requests"]
+    assert config.autoscaling_config.target_ongoing_requests == \
+        D.options(D.INGRESS)["autoscaling_config"]["target_ongoing_requests"]
+
+
+def test_rollouts_reach_the_deployment_that_ranks() -> None:
+    from actors.rollout import ranker_deployment
+
+    assert ranker_deployment(False) == D.RANKER
+    assert ranker_deployment(True) == D.INGRESS
+
+
 def _values(dep: Any) -> dict[str, Any]:
     """The deployment config's values (not which options were given by name)."""
     return dep._deployment_config.model_dump(exclude={"user_configured_option_names"})
