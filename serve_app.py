@@ -139,7 +139,7 @@ class AppArgs(BaseModel):
             each ingress replica loads the model (the same ``GNNRanker`` code: ``LATEST``
             polling, added items, forgotten users, rollouts and A/B splits, which then reach the
             ``Ingress`` deployment's ``user_config``), and the GNNRanker is not deployed. One
-            hop less: 1.6x less CPU per recommendation at concurrency 1 and 1.2-1.3x the
+            hop less: 1.2-1.8x less CPU per recommendation at concurrency 1 and 1.2-1.35x the
             recommendations per second at 8 on a 2-core node (docs/PERFORMANCE.md); the ranking
             then scales with the ingress replicas, each holds a model in memory, and an event
             that reaches a replica while it ranks waits for that ranking.
@@ -940,6 +940,7 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
         deployments: Deployment options by deployment name (``.options(...)`` keywords, e.g.
             ``{"Ingress": {"max_ongoing_requests": 4}}``), over the decorators' defaults
             (:mod:`actors.deployment_options`); the overload test sizes a small app with it.
+            ``ray_actor_options`` given here are merged over the deployment's own.
             ``serve deploy`` takes these from the ``deployments`` of ``serve_config.yaml``,
             which is generated from the same module.
 
@@ -960,6 +961,9 @@ def compose(args: AppArgs, *, env_vars: dict[str, str] | None = None,
         extra = dict((deployments or {}).get(dep.name, {}))
         if "num_replicas" in extra:  # a fixed size replaces the decorator's autoscaling
             extra.setdefault("autoscaling_config", None)
+        if "ray_actor_options" in extra:  # over the deployment's (its runtime_env stays)
+            extra["ray_actor_options"] = {**(dep.ray_actor_options or {}),
+                                          **extra["ray_actor_options"]}
         return dep.options(**extra) if extra else dep
 
     ranker = None if args.inline_ranker else with_env(GNNRanker).bind(

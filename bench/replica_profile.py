@@ -1,7 +1,8 @@
 """Where a Serve replica's CPU goes under load: the ranker's own code, or Serve, gRPC and Ray.
 
-Runs ``bench/serve_bench.py`` (recommendations, closed loop at concurrency 8, the shipped
-cluster flags, no bound) in the background and attaches ``py-spy record --native`` to one
+Runs ``bench/serve_bench.py`` (recommendations, closed loop at concurrency 8 or
+``--concurrency``, the shipped cluster flags, no bound; ``--inline-ranker`` for the ranker in the
+ingress) in the background and attaches ``py-spy record --native`` to one
 replica of each deployment in turn. Every sample of a thread that is not waiting (futex,
 epoll, ``Condition.wait``...) is put in the class of the innermost frame that has one (numpy
 under the ranking counts as the ranking, Ray's actor-call submission under the ingress's code as
@@ -116,6 +117,9 @@ def main() -> int:
     p.add_argument("--seconds", type=int, default=20, help="sampled seconds per replica")
     p.add_argument("--rate", type=int, default=50, help="samples per second")
     p.add_argument("--svg", help="also write <DIR>/serve_<deployment>_flamegraph.svg")
+    p.add_argument("--concurrency", type=int, default=8, help="the closed loop's concurrency")
+    p.add_argument("--inline-ranker", action="store_true",
+                   help="AppArgs.inline_ranker: the ranker in the ingress (profile Ingress)")
     p.add_argument("--output", default=str(ROOT / "bench" / "results" / "replica_profile.json"))
     args = p.parse_args()
     names = [n.strip() for n in args.deployments.split(",") if n.strip()]
@@ -128,9 +132,11 @@ def main() -> int:
     passes = len(names) * (2 if args.svg else 1)
     tmp = Path(tempfile.mkdtemp(prefix="replica-profile-"))
     log = tmp / "serve_bench.log"
-    bench = ["--artifacts", args.artifacts, "--endpoints", "recommendations", "--concurrency", "8",
-             "--warmup", "3", "--duration", str(passes * (args.seconds + 5) + 20), "--no-bound",
-             "--open-fractions", "", "--output", str(tmp / "serve_bench.json")]
+    bench = ["--artifacts", args.artifacts, "--endpoints", "recommendations",
+             "--concurrency", str(args.concurrency), "--warmup", "3",
+             "--duration", str(passes * (args.seconds + 5) + 20), "--no-bound",
+             "--open-fractions", "", "--output", str(tmp / "serve_bench.json"),
+             *(["--inline-ranker"] if args.inline_ranker else [])]
     results: dict[str, object] = {}
     from bench.serve_bench import in_background, wait_for_log
 

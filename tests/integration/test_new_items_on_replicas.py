@@ -1,5 +1,6 @@
 """``PUT /v1/items/{id}`` on the real Serve app with two ranker replicas: the item, embedded by the
-trained GNN's item encoder, is found by a search on every replica within a bounded wait."""
+trained GNN's item encoder, is found by a search on every replica within a bounded wait. Both
+layouts: two GNNRanker replicas, and two Ingress replicas that each rank (``inline_ranker``)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ pytestmark = pytest.mark.timeout(2400)
 CONSECUTIVE = 20
 
 
-@pytest.fixture(scope="module")
-def app_url(ray_cluster: None, trained_artifact_root: str,
+@pytest.fixture(scope="module", params=["deployment", "inline"])
+def app_url(request: pytest.FixtureRequest, ray_cluster: None, trained_artifact_root: str,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, httpx.Client]]:
     from ray import serve
 
@@ -41,11 +42,14 @@ def app_url(ray_cluster: None, trained_artifact_root: str,
     shutil.copytree(trained_artifact_root, root)
     session = SessionStateConfig(num_shards=1, wal_uri=str(tmp / "wal"),
                                  actor_prefix="intentrec-new-items-session")
+    inline = request.param == "inline"
     args = serve_app.AppArgs(artifacts_root=root, state_dir=str(tmp / "state"), reload_poll_s=0,
-                             session=session, inline_context=True)
+                             session=session, inline_context=True, inline_ranker=inline)
+    two = ({"Ingress": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}} if inline
+           else {"GNNRanker": {"num_replicas": 2}})
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     app = serve_app.compose(args, env_vars={**KEYS_ENV, "PYTHONPATH": os.environ["PYTHONPATH"]},
-                            deployments={"GNNRanker": {"num_replicas": 2}})
+                            deployments=two)
     serve.run(app, name=APP, route_prefix=PREFIX, blocking=False)
     url = f"http://127.0.0.1:{PORT}{PREFIX}"
     client = httpx.Client(timeout=120.0)
