@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="events kept per user (default: the deployment's)")
     p.add_argument("--impressions", type=int, default=None,
                    help="responses each ingress remembers for click credit (default: the app's)")
+    p.add_argument("--inline-ranker", action="store_true",
+                   help="AppArgs.inline_ranker: the ranker in the ingress (no GNNRanker hop)")
     opts = p.parse_args(argv)
 
     from actors.session_state import SessionStore
@@ -162,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     if opts.impressions is not None:
         args = args.model_copy(update={"impressions_capacity": opts.impressions})
         print(f"impressions kept per ingress replica for this soak: {opts.impressions}", flush=True)
+    if opts.inline_ranker:
+        args = args.model_copy(update={"inline_ranker": True})
+        print("the ranker in the ingress for this soak (inline_ranker)", flush=True)
     url = f"http://127.0.0.1:{opts.port}"
     gens: list[sb.LoadGen] = []
     windows: list[dict[str, Any]] = []
