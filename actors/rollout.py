@@ -37,8 +37,6 @@ from actors.split import SplitConfig
 from graph.artifacts import set_latest_version
 from graph.errors import BadRequestError, ConflictError
 
-RANKER_DEPLOYMENT = RANKER
-
 
 def ranker_deployment(inline_ranker: bool) -> str:
     """The deployment whose replicas hold the ranker: ``GNNRanker``, or ``Ingress`` when the app
@@ -65,13 +63,13 @@ async def declared_state() -> dict[str, Any]:
 
 
 def _ranker_entry(state: dict[str, Any], app_name: str,
-                  deployment: str = RANKER_DEPLOYMENT) -> dict[str, Any] | None:
+                  deployment: str = RANKER) -> dict[str, Any] | None:
     app = (state.get("applications") or {}).get(app_name) or {}
     doc = app.get("deployed_app_config") or {}
     return next((d for d in doc.get("deployments", []) if d.get("name") == deployment), None)
 
 
-async def declared_split(app_name: str, deployment: str = RANKER_DEPLOYMENT
+async def declared_split(app_name: str, deployment: str = RANKER
                          ) -> dict[str, Any] | None:
     """The split in the ranker's declared ``user_config`` of ``app_name`` (None: none)."""
     entry = _ranker_entry(await declared_state(), app_name, deployment) or {}
@@ -80,7 +78,7 @@ async def declared_split(app_name: str, deployment: str = RANKER_DEPLOYMENT
 
 
 async def push_ranker_config(app_name: str, user_config: dict[str, Any],
-                             deployment: str = RANKER_DEPLOYMENT) -> bool:
+                             deployment: str = RANKER) -> bool:
     """Set the ranker deployment's ``user_config`` in ``app_name``'s config and apply it again
     (``deployment``: the one whose replicas hold the ranker, :func:`ranker_deployment`).
 
@@ -114,7 +112,7 @@ async def push_ranker_config(app_name: str, user_config: dict[str, Any],
 
 async def roll_out(ranker: Any, *, app_name: str, artifacts_root: str, follow_latest: bool,
                    reload_poll_s: float, version: str | None,
-                   deployment: str = RANKER_DEPLOYMENT) -> dict[str, Any]:
+                   deployment: str = RANKER) -> dict[str, Any]:
     """Validate a version, move ``LATEST`` to it, and move every ranker replica to it.
 
     Args:
@@ -171,7 +169,7 @@ def _declared_only(app_name: str, declared: bool) -> None:
 
 
 async def start_split(ranker: Any, *, app_name: str, split: SplitConfig,
-                      deployment: str = RANKER_DEPLOYMENT) -> dict[str, Any]:
+                      deployment: str = RANKER) -> dict[str, Any]:
     """Validate both versions, then serve ``split.version`` to ``split.share`` of the users on
     every ranker replica (the ranker's ``user_config`` gets ``split``).
 
@@ -201,7 +199,7 @@ async def start_split(ranker: Any, *, app_name: str, split: SplitConfig,
 
 
 async def stop_split(ranker: Any, *, app_name: str,
-                     deployment: str = RANKER_DEPLOYMENT) -> dict[str, Any]:
+                     deployment: str = RANKER) -> dict[str, Any]:
     """Stop the split on every replica: the main version answers every request again.
 
     Returns:

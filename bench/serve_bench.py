@@ -336,9 +336,6 @@ def start_serve(args: Any, port: int, app_env: dict[str, str],
     from ray import serve
 
     import serve_app
-    from actors.context import ContextEnricher
-    from actors.deployment_options import inline_ranker_options
-    from actors.ranker import GNNRanker
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})  # fmt: skip
@@ -346,11 +343,11 @@ def start_serve(args: Any, port: int, app_env: dict[str, str],
     app = serve_app.compose(args, env_vars={"PYTHONPATH": str(REPO), **app_env},
                             deployments=deployments)
     serve.run(app, name=APP, route_prefix="/", blocking=False)
-    ingress = (serve_app.Ingress.options(**inline_ranker_options()) if args.inline_ranker
-               else serve_app.Ingress)
-    deps: list[Any] = [ingress, *([] if args.inline_ranker else [GNNRanker]),
-                       *([] if args.inline_context else [ContextEnricher])]
-    deps = [d.options(**(deployments or {}).get(d.name, {})) for d in deps]
+    # The deployments as composed (the layout's options and `deployments` applied): the ingress
+    # and the handles it was bound with.
+    ingress = app._bound_deployment
+    deps: list[Any] = [ingress, *(a._bound_deployment for a in ingress.init_args
+                                  if hasattr(a, "_bound_deployment"))]
     return {d.name: {"num_cpus": (d.ray_actor_options or {}).get("num_cpus"),
                      "max_ongoing_requests": d.max_ongoing_requests,
                      "autoscaling": {k: getattr(d._deployment_config.autoscaling_config, k)
