@@ -81,7 +81,7 @@ from actors.context import ContextCache, ContextEnricher, enrich_context
 from actors.demo_page import add_demo_routes
 from actors.deployment_options import INGRESS, inline_ranker_options, options
 from actors.feedback import DEFAULT_CAPACITY as IMPRESSIONS_CAPACITY
-from actors.feedback import Feedback, Impressions
+from actors.feedback import Feedback, Impressions, SharedImpressions, attach_book, book_name
 from actors.items_api import ItemBatch, ItemBatchResponse, ItemUpsert, ItemUpsertResponse
 from actors.local_handle import LocalHandle
 from actors.overload import (
@@ -153,6 +153,12 @@ class AppArgs(BaseModel):
         impressions_capacity: Recommendation responses each ingress replica remembers, to credit
             clicks and add-to-carts to the version and position that showed the item
             (:class:`actors.feedback.Impressions`, about 0.39 KB each, oldest dropped first).
+        shared_impressions: Also hand every response to one shared book
+            (:class:`actors.feedback.ImpressionBook`, a detached actor named
+            ``<session.actor_prefix>-impressions`` holding the last ``impressions_capacity``
+            responses of all replicas), so that a click is credited whichever ingress replica
+            Serve's proxy sends it to. Off: a click reaching another replica than the one that
+            answered counts as ``unknown``.
         context_cache_size: Request contexts (device, region, country, zone) whose enrichment
             each ingress replica keeps while the enricher says it holds (a UTC quarter-hour for
             the built-in one): a request with one of them skips the enricher call
@@ -187,6 +193,7 @@ class AppArgs(BaseModel):
     ranker_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0)
     health_timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
     impressions_capacity: int = Field(default=IMPRESSIONS_CAPACITY, ge=1, le=10_000_000)
+    shared_impressions: bool = True
     context_cache_size: int = Field(default=1024, ge=0, le=1_000_000)
     ranker_calls_in_flight: int = Field(default=2, ge=0, le=1024)
     ranker_batch_size: int = Field(default=8, ge=1, le=1024)
@@ -382,6 +389,10 @@ def _count(request: Request, status: int) -> None:
         _METRICS.requests.inc(tags={"endpoint": endpoint, "status": str(status)})
 
 
+async def _none() -> None:
+    return None
+
+
 @asynccontextmanager
 async def _observed(endpoint: str) -> AsyncIterator[None]:
     """Count and time one request; the status of a raised project error is its HTTP status."""
@@ -516,6 +527,7 @@ class Ingress:
         self._ranker_requests = 0
         self.contexts = ContextCache(self.args.default_timezone, self.args.context_cache_size)
         self.clock = clock
+        in_ray = store is None  # the in-process bound passes its own store and has no Ray
         if store is None:
             store = SessionStore(self.args.session, clock)
             self.store = store
@@ -527,9 +539,19 @@ class Ingress:
         else:
             self.store = store
         _METRICS = _Metrics()
-        self.feedback = Feedback(Impressions(self.args.impressions_capacity))
+        self.feedback = Feedback(Impressions(self.args.impressions_capacity),
+                                 shared=self._shared_impressions() if in_ray else None)
         log.info("intentrec ingress ready (%s; bodies up to %d bytes)", self.keys.describe(),
                  self.args.max_body_bytes)
+
+    def _shared_impressions(self) -> SharedImpressions | None:
+        """This replica's side of the app's shared impression book (``shared_impressions``)."""
+        if not self.args.shared_impressions:
+            return None
+        cfg = self.args.session
+        book = attach_book(book_name(cfg.actor_prefix), cfg.namespace,
+                           self.args.impressions_capacity)
+        return SharedImpressions.over_actor(book)
 
     def _own_ranker(self) -> LocalHandle:
         """The ranker in this replica (``inline_ranker``): the GNNRanker deployment's own class,
@@ -677,8 +699,10 @@ class Ingress:
                 raise
             if _METRICS is not None:
                 _METRICS.events.inc(len(stored))
-            credited = [None if e.from_request is None else
-                        self.feedback.credit(e.event, e.item_id, e.from_request) for e in events]
+            credited = await asyncio.gather(*(
+                _none() if e.from_request is None else
+                self.feedback.credit_anywhere(e.event, e.item_id, e.from_request)
+                for e in events))
             return EventsAccepted(accepted=len(stored), events=[
                 AcceptedEvent(index=n, session_id=ev.session_id, event=ev.event,
                               item_id=ev.item_id, event_id=event_id,

@@ -9,26 +9,36 @@ version are one division in Prometheus or Grafana::
     sum by (model_version) (rate(ray_intentrec_clicks_total[5m]))
       / sum by (model_version) (rate(ray_intentrec_impressions_total[5m]))
 
-An event whose response another replica served (or one this replica forgot) is still accepted;
-it is counted with ``model_version="unknown"``. The offline half, exporting accepted events for
-retraining, is :mod:`graph.online_events`.
+Serve's proxy sends a click to any ingress replica, not to the one that answered. So every
+replica also hands its responses, in batches, to one shared :class:`ImpressionBook` actor
+(:class:`SharedImpressions`), and a click the replica cannot credit from its own memory is looked
+up there. An event whose response nobody remembers (older than the book holds, sent within
+:data:`SHARE_EVERY_S` of its answer to another replica, or while the book restarts) is still
+accepted; it is counted with ``model_version="unknown"``, never credited to a wrong version. The
+offline half, exporting accepted events for retraining, is :mod:`graph.online_events`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from graph import schema as S
 
+log = logging.getLogger("intentrec.feedback")
+
 DEFAULT_CAPACITY = 100_000
 FLUSH_EVERY_S = 1.0  # impressions reach the Ray counters at most this late (FeedbackMetrics)
 UNKNOWN_VERSION = "unknown"
+SHARE_EVERY_S = 0.2  # a replica's responses reach the shared book at most this late
+LOOKUP_TIMEOUT_S = 0.5  # longest wait for the shared book when crediting one event
 # Event types credited to the response they came from, and the counter each one feeds.
 CREDITED = {S.CLICK: "clicks", S.ADD_TO_CART: "add_to_cart"}
 
@@ -103,6 +113,142 @@ class Impressions:
 
     def __len__(self) -> int:
         return len(self._shown)
+
+
+# One response on its way to the shared book: (request_id, model_version, item ids shown).
+Shown = tuple[str, str, tuple[str, ...]]
+
+
+class ImpressionBook:
+    """The recent responses of every ingress replica, in one place (``shared_impressions``).
+
+    Run as one named, detached Ray actor per app (:func:`attach_book`), so that a click is
+    credited whichever ingress replica receives it. It holds ``capacity`` responses of the whole
+    app, newest kept (each replica still keeps its own ``impressions_capacity`` too). Its state
+    is not persisted: a restarted book starts empty, and clicks on earlier answers that reach
+    another replica are counted as unknown until it has filled again.
+    """
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self.impressions = Impressions(capacity)
+
+    def record_many(self, rows: Sequence[Shown]) -> int:
+        """Remember a batch of responses; returns how many the book holds."""
+        for request_id, version, items in rows:
+            self.impressions.record(request_id, version, items)
+        return len(self.impressions)
+
+    def attribute(self, request_id: str, item_id: str | None) -> Attribution | None:
+        return self.impressions.attribute(request_id, item_id)
+
+    def size(self) -> int:
+        return len(self.impressions)
+
+
+def attach_book(name: str, namespace: str, capacity: int) -> Any:
+    """The app's :class:`ImpressionBook` actor: created by the first ingress replica, attached to
+    by the others (``get_if_exists``). Detached, like the session shards, so that it outlives the
+    replica that created it; a crashed book restarts empty (``max_restarts=-1``). No CPU is
+    reserved: it answers a batch call per replica every :data:`SHARE_EVERY_S` and one call per
+    click another replica answered."""
+    import ray
+
+    return ray.remote(ImpressionBook).options(
+        name=name, namespace=namespace, get_if_exists=True, lifetime="detached",
+        max_restarts=-1, num_cpus=0,
+    ).remote(capacity)
+
+
+def book_name(actor_prefix: str) -> str:
+    """The shared book's actor name: ``<session.actor_prefix>-impressions``."""
+    return f"{actor_prefix}-impressions"
+
+
+def kill_book(name: str, namespace: str) -> bool:
+    """Remove the shared book (it is detached, so ``serve shutdown`` leaves it); True if one ran.
+    The next deploy starts a new, empty one with its ``impressions_capacity``."""
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    except ValueError:
+        return False
+    return True
+
+
+class SharedImpressions:
+    """One replica's side of the :class:`ImpressionBook`.
+
+    Responses are queued and sent by a daemon thread every ``every_s`` seconds, all of them in
+    one call (fire and forget: nothing is waited for on the request path). A click this replica
+    cannot credit is looked up in the book, waiting at most ``timeout_s``.
+
+    Args:
+        send: Hands a batch to the book (``book.record_many.remote``).
+        lookup: Asks the book about one event (``book.attribute.remote``): an awaitable of an
+            :class:`Attribution` or None.
+        every_s: The batching interval; 0 sends each response at once (tests).
+        timeout_s: Longest wait for the book per event; past it the event counts as unknown.
+    """
+
+    def __init__(self, send: Callable[[list[Shown]], Any],
+                 lookup: Callable[[str, str | None], Awaitable[Attribution | None]], *,
+                 every_s: float = SHARE_EVERY_S, timeout_s: float = LOOKUP_TIMEOUT_S) -> None:
+        self._send = send
+        self._lookup = lookup
+        self.every_s = every_s
+        self.timeout_s = timeout_s
+        self._queue: list[Shown] = []
+        self._lock = threading.Lock()
+        self._warned = False
+        if every_s > 0:
+            threading.Thread(target=self._send_every, name="impressions-share",
+                             daemon=True).start()
+
+    @classmethod
+    def over_actor(cls, book: Any, **kwargs: Any) -> SharedImpressions:
+        """Over a Ray actor handle of :class:`ImpressionBook` (:func:`attach_book`)."""
+        return cls(lambda rows: book.record_many.remote(rows),
+                   lambda rid, item: book.attribute.remote(rid, item), **kwargs)
+
+    def add(self, request_id: str, model_version: str, item_ids: Sequence[str]) -> None:
+        row = (request_id, model_version, tuple(item_ids))
+        if self.every_s <= 0:
+            self._send([row])
+            return
+        with self._lock:
+            self._queue.append(row)
+
+    def flush(self) -> None:
+        """Send what is queued, in one call."""
+        with self._lock:
+            rows, self._queue = self._queue, []
+        if rows:
+            try:
+                self._send(rows)
+            except Exception as exc:  # a book being restarted: these answers go uncredited
+                self._warn(f"could not hand {len(rows)} responses to the shared impression "
+                           f"book ({exc!r})")
+
+    def _send_every(self) -> None:
+        while True:
+            time.sleep(self.every_s)
+            self.flush()
+
+    async def attribute(self, request_id: str, item_id: str | None) -> Attribution | None:
+        """The book's answer; None when it does not know the response, is down or is slow."""
+        try:
+            return await asyncio.wait_for(self._lookup(request_id, item_id), self.timeout_s)
+        except Exception as exc:  # the event is accepted either way
+            self._warn(f"the shared impression book did not answer ({exc!r}); the event is "
+                       "accepted and counted with model_version=\"unknown\"")
+            return None
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:  # once per replica: it says what is wrong, not how often
+            self._warned = True
+            log.warning("%s; clicks on other replicas' answers count as unknown meanwhile",
+                        message)
 
 
 class _Counter(Protocol):
@@ -198,24 +344,45 @@ class FeedbackMetrics:
 
 
 class Feedback:
-    """One replica's feedback loop: remember responses, credit events, count both."""
+    """One replica's feedback loop: remember responses, credit events, count both.
+
+    Args:
+        impressions: This replica's own recent responses.
+        metrics: The counters.
+        shared: The app's shared book (:class:`SharedImpressions`); None: this replica credits
+            only the responses it gave itself.
+    """
 
     def __init__(self, impressions: Impressions | None = None,
-                 metrics: FeedbackMetrics | None = None) -> None:
+                 metrics: FeedbackMetrics | None = None,
+                 shared: SharedImpressions | None = None) -> None:
         self.impressions = impressions if impressions is not None else Impressions()
         self.metrics = metrics if metrics is not None else FeedbackMetrics(
             flush_every_s=FLUSH_EVERY_S)
+        self.shared = shared
 
     def served(self, response: dict[str, Any]) -> str:
         """Give a response its ``request_id``, remember what it showed and count it."""
         request_id = new_request_id()
         items = [it["item_id"] for it in response["items"]]
         self.impressions.record(request_id, response["model_version"], items)
+        if self.shared is not None:
+            self.shared.add(request_id, response["model_version"], items)
         self.metrics.shown(response["model_version"], len(items))
         return request_id
 
     def credit(self, event: str, item_id: str | None, from_request: str) -> Attribution | None:
-        """Attribute one accepted event that carries ``from_request`` and count it."""
+        """Attribute one accepted event that carries ``from_request`` from this replica's own
+        responses, and count it."""
         attribution = self.impressions.attribute(from_request, item_id)
+        self.metrics.credited(event, attribution)
+        return attribution
+
+    async def credit_anywhere(self, event: str, item_id: str | None,
+                              from_request: str) -> Attribution | None:
+        """:meth:`credit`, asking the shared book when the response is not this replica's."""
+        attribution = self.impressions.attribute(from_request, item_id)
+        if attribution is None and self.shared is not None:
+            attribution = await self.shared.attribute(from_request, item_id)
         self.metrics.credited(event, attribution)
         return attribution

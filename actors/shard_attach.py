@@ -158,8 +158,10 @@ def _named_actor_exists(name: str, namespace: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m actors.shard_attach kill``: remove the session shards so that the next deploy
-    starts them with its settings (run on a node of the cluster, after ``serve shutdown``)."""
+    """``python -m actors.shard_attach kill``: remove the session shards (and the shared
+    impression book) so that the next deploy starts them with its settings (run on a node of the
+    cluster, after ``serve shutdown``)."""
+    from actors.feedback import book_name, kill_book
     from actors.session_state import SessionStateConfig
 
     defaults = SessionStateConfig()
@@ -175,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=args.address, log_to_driver=False)
     killed = kill_shards(args.prefix, args.namespace)
     print(f"killed {len(killed)} session shard(s): {', '.join(killed) or 'none running'}")
+    # The app's other detached actor: the impression book (actors/feedback.py), which a new
+    # deploy then starts afresh with its impressions_capacity.
+    if kill_book(book_name(args.prefix), args.namespace):
+        print(f"killed the shared impression book {book_name(args.prefix)}")
     return 0
 
 

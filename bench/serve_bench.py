@@ -660,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="AppArgs.inline_context: enrich in the ingress (no ContextEnricher hop)")
     p.add_argument("--inline-ranker", action="store_true",
                    help="AppArgs.inline_ranker: rank in the ingress (no GNNRanker hop)")
+    p.add_argument("--no-shared-impressions", action="store_true",
+                   help="AppArgs.shared_impressions off: no shared impression book (each "
+                        "ingress replica credits only its own answers' clicks)")
     p.add_argument("--ranker-calls-in-flight", type=int, default=None, metavar="N",
                    help="AppArgs.ranker_calls_in_flight (default: the app's); 0: one ranker call "
                         "per recommendation")
@@ -688,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None,
                    help="results file (default: bench/results/serve_bench.json, with the variant "
                         "in the name for --ray-defaults, --haproxy, --throughput-optimized, "
-                        "--inline-context, --inline-ranker)")
+                        "--inline-context, --inline-ranker, --no-shared-impressions)")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.duration, opts.warmup = min(opts.duration, 4.0), min(opts.warmup, 1.0)
@@ -730,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
 
     serve_args = app_args(model_root, work, "serve").model_copy(
         update={"inline_context": opts.inline_context, "inline_ranker": opts.inline_ranker,
+                "shared_impressions": not opts.no_shared_impressions,
                 **({} if opts.ranker_calls_in_flight is None
                    else {"ranker_calls_in_flight": opts.ranker_calls_in_flight})})
     bound_args = app_args(model_root, work, "bound")
@@ -884,6 +888,7 @@ def main(argv: list[str] | None = None) -> int:
                      "serve_env": serve_env, "app_env": app_env,
                      "serve_env_from": "Ray defaults" if opts.ray_defaults else opts.cluster_config,
                      "inline_context": opts.inline_context, "inline_ranker": opts.inline_ranker,
+                     "shared_impressions": serve_args.shared_impressions,
                      "ray_init": "address=local, num_cpus=2, dashboard off, 127.0.0.1",
                      "niceness": {"ray_workers": niceness, "bound": niceness, "client": os.nice(0)},
                      "deployments": deployments,
@@ -898,7 +903,8 @@ def main(argv: list[str] | None = None) -> int:
     tags = [t for t, on in (("ray_defaults", opts.ray_defaults), ("haproxy", opts.haproxy),
                             ("throughput_optimized", opts.throughput_optimized),
                             ("inline_context", opts.inline_context),
-                            ("inline_ranker", opts.inline_ranker)) if on]
+                            ("inline_ranker", opts.inline_ranker),
+                            ("no_shared_impressions", opts.no_shared_impressions)) if on]
     out = Path(opts.output) if opts.output else RESULTS.with_stem("_".join([RESULTS.stem, *tags]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "open_loop": open_rows, "verdict": v,

@@ -162,3 +162,89 @@ def test_impressions_held_when_traffic_stops_are_flushed_by_the_thread() -> None
     while not counter.counts and time.monotonic() < deadline:
         time.sleep(0.01)
     assert counter.counts == {("v1", "1"): 1, ("v1", "2"): 1}
+
+
+async def _ask(book: feedback.ImpressionBook, rid: str,
+               item: str | None) -> feedback.Attribution | None:
+    return book.attribute(rid, item)
+
+
+def _replica(book: feedback.ImpressionBook, calls: list[int], **kwargs: float) -> tuple[
+        Feedback, dict[str, FakeCounter]]:
+    """One ingress replica's feedback, sharing ``book`` (each batch sent is counted in calls)."""
+    def send(rows: list[feedback.Shown]) -> None:
+        calls.append(len(rows))
+        book.record_many(rows)
+
+    counters = {name: FakeCounter() for name in ("impressions", "clicks", "add_to_cart")}
+    shared = feedback.SharedImpressions(send, lambda rid, item: _ask(book, rid, item), **kwargs)
+    return Feedback(Impressions(100), FeedbackMetrics(counters),  # type: ignore[arg-type]
+                    shared=shared), counters
+
+
+def test_a_click_on_another_replica_is_credited_through_the_shared_book() -> None:
+    import asyncio
+
+    book = feedback.ImpressionBook(capacity=100)
+    calls: list[int] = []
+    a, _ = _replica(book, calls, every_s=0)
+    b, counts_b = _replica(book, calls, every_s=0)
+    rid = a.served(response("v2", ["x", "y", "z"]))
+    # Replica b never saw the answer: alone it could not credit the click.
+    assert b.credit("click", "y", rid) is None
+    hit = asyncio.run(b.credit_anywhere("click", "y", rid))
+    assert hit == feedback.Attribution("v2", 2)
+    assert asyncio.run(b.credit_anywhere("add_to_cart", "nope", rid)) == \
+        feedback.Attribution("v2", None)
+    assert asyncio.run(b.credit_anywhere("click", "y", new_request_id())) is None
+    assert counts_b["clicks"].counts == {("unknown", "none"): 2, ("v2", "2"): 1}
+    assert counts_b["add_to_cart"].counts == {("v2", "none"): 1}
+
+
+def test_responses_reach_the_book_in_one_call_per_interval() -> None:
+    import asyncio
+
+    book = feedback.ImpressionBook(capacity=100)
+    calls: list[int] = []
+    a, _ = _replica(book, calls, every_s=3600.0)  # the thread does not wake during the test
+    b, _ = _replica(book, calls, every_s=3600.0)
+    rids = [a.served(response("v1", [f"i{n}"])) for n in range(7)]
+    assert calls == [] and book.size() == 0  # nothing sent on the request path
+    assert asyncio.run(b.credit_anywhere("click", "i0", rids[0])) is None  # not there yet
+    a.shared.flush()  # type: ignore[union-attr]
+    assert calls == [7] and book.size() == 7
+    assert asyncio.run(b.credit_anywhere("click", "i6", rids[6])) == feedback.Attribution("v1", 1)
+    a.shared.flush()  # type: ignore[union-attr]
+    assert calls == [7]  # an empty queue sends nothing
+
+
+def test_a_book_that_is_down_or_slow_leaves_clicks_unknown_not_failed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    def down(rows: list[feedback.Shown]) -> None:
+        raise ConnectionError("book restarting")
+
+    async def slow(rid: str, item: str | None) -> feedback.Attribution | None:
+        await asyncio.sleep(10)
+        return feedback.Attribution("never", 1)
+
+    counters = {name: FakeCounter() for name in ("impressions", "clicks", "add_to_cart")}
+    shared = feedback.SharedImpressions(down, slow, every_s=3600.0, timeout_s=0.05)
+    fb = Feedback(Impressions(100), FeedbackMetrics(counters),  # type: ignore[arg-type]
+                  shared=shared)
+    rid = fb.served(response("v1", ["a"]))
+    with caplog.at_level("WARNING", logger="intentrec.feedback"):
+        shared.flush()  # the batch is dropped with one warning, the replica goes on
+        assert asyncio.run(fb.credit_anywhere("click", "a", rid)) == feedback.Attribution("v1", 1)
+        assert asyncio.run(fb.credit_anywhere("click", "a", new_request_id())) is None
+    assert counters["clicks"].counts == {("v1", "1"): 1, ("unknown", "none"): 1}
+    assert "shared impression book" in caplog.text
+
+
+def test_the_book_keeps_the_newest_responses_of_all_replicas() -> None:
+    book = feedback.ImpressionBook(capacity=3)
+    rids = [new_request_id() for _ in range(5)]
+    assert book.record_many([(r, "v1", ("a",)) for r in rids]) == 3
+    assert book.attribute(rids[0], "a") is None
+    assert book.attribute(rids[4], "a") == feedback.Attribution("v1", 1)
