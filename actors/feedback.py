@@ -57,6 +57,10 @@ class Attribution:
     position: int | None
 
 
+# A response's item ids as kept: joined by Impressions.SEP, or a tuple when an id holds it.
+Packed = str | tuple[str, ...]
+
+
 class Impressions:
     """Recent responses of one replica: ``request_id -> (model_version, item ids shown)``.
 
@@ -86,10 +90,18 @@ class Impressions:
         except ValueError:  # not hex (ids are validated by the API; keep any other one exact)
             return request_id.encode()
 
+    @classmethod
+    def pack(cls, item_ids: Sequence[str]) -> Packed:
+        """The item ids as kept: one joined string (a catalogue id with the separator in it,
+        not from the API, keeps the plain tuple)."""
+        return (tuple(item_ids) if any(cls.SEP in i for i in item_ids)
+                else cls.SEP.join(item_ids))
+
     def record(self, request_id: str, model_version: str, item_ids: Sequence[str]) -> None:
-        # A catalogue id with the separator in it (not from the API) keeps the plain tuple.
-        shown = (tuple(item_ids) if any(self.SEP in i for i in item_ids)
-                 else self.SEP.join(item_ids))
+        self.record_packed(request_id, model_version, self.pack(item_ids))
+
+    def record_packed(self, request_id: str, model_version: str, shown: Packed) -> None:
+        """:meth:`record` for ids already :meth:`pack`-ed."""
         key = self._key(request_id)
         with self._lock:
             self._shown[key] = (model_version, shown)
@@ -115,8 +127,8 @@ class Impressions:
         return len(self._shown)
 
 
-# One response on its way to the shared book: (request_id, model_version, item ids shown).
-Shown = tuple[str, str, tuple[str, ...]]
+# One response on its way to the shared book: (request_id, model_version, packed item ids).
+Shown = tuple[str, str, Packed]
 
 
 class ImpressionBook:
@@ -134,8 +146,8 @@ class ImpressionBook:
 
     def record_many(self, rows: Sequence[Shown]) -> int:
         """Remember a batch of responses; returns how many the book holds."""
-        for request_id, version, items in rows:
-            self.impressions.record(request_id, version, items)
+        for request_id, version, shown in rows:
+            self.impressions.record_packed(request_id, version, shown)
         return len(self.impressions)
 
     def attribute(self, request_id: str, item_id: str | None) -> Attribution | None:
@@ -179,9 +191,11 @@ def kill_book(name: str, namespace: str) -> bool:
 class SharedImpressions:
     """One replica's side of the :class:`ImpressionBook`.
 
-    Responses are queued and sent by a daemon thread every ``every_s`` seconds, all of them in
-    one call (fire and forget: nothing is waited for on the request path). A click this replica
-    cannot credit is looked up in the book, waiting at most ``timeout_s``.
+    Responses are queued and sent ``every_s`` seconds after the first of them, all in one call
+    (fire and forget: nothing is waited for on the request path). The send is a timer on the
+    caller's event loop (a replica's request loop), so an idle replica does nothing and no
+    second thread competes for the GIL; outside an event loop a daemon timer thread sends. A
+    click this replica cannot credit is looked up in the book, waiting at most ``timeout_s``.
 
     Args:
         send: Hands a batch to the book (``book.record_many.remote``).
@@ -201,9 +215,6 @@ class SharedImpressions:
         self._queue: list[Shown] = []
         self._lock = threading.Lock()
         self._warned = False
-        if every_s > 0:
-            threading.Thread(target=self._send_every, name="impressions-share",
-                             daemon=True).start()
 
     @classmethod
     def over_actor(cls, book: Any, **kwargs: Any) -> SharedImpressions:
@@ -211,13 +222,22 @@ class SharedImpressions:
         return cls(lambda rows: book.record_many.remote(rows),
                    lambda rid, item: book.attribute.remote(rid, item), **kwargs)
 
-    def add(self, request_id: str, model_version: str, item_ids: Sequence[str]) -> None:
-        row = (request_id, model_version, tuple(item_ids))
+    def add(self, request_id: str, model_version: str, shown: Packed) -> None:
+        """Queue one response (its item ids :meth:`Impressions.pack`-ed)."""
+        row = (request_id, model_version, shown)
         if self.every_s <= 0:
             self._send([row])
             return
         with self._lock:
             self._queue.append(row)
+            first = len(self._queue) == 1
+        if first:  # a send is due every_s from now; later responses ride along
+            try:
+                asyncio.get_running_loop().call_later(self.every_s, self.flush)
+            except RuntimeError:  # no event loop in this thread
+                timer = threading.Timer(self.every_s, self.flush)
+                timer.daemon = True
+                timer.start()
 
     def flush(self) -> None:
         """Send what is queued, in one call."""
@@ -229,11 +249,6 @@ class SharedImpressions:
             except Exception as exc:  # a book being restarted: these answers go uncredited
                 self._warn(f"could not hand {len(rows)} responses to the shared impression "
                            f"book ({exc!r})")
-
-    def _send_every(self) -> None:
-        while True:
-            time.sleep(self.every_s)
-            self.flush()
 
     async def attribute(self, request_id: str, item_id: str | None) -> Attribution | None:
         """The book's answer; None when it does not know the response, is down or is slow."""
@@ -365,9 +380,10 @@ class Feedback:
         """Give a response its ``request_id``, remember what it showed and count it."""
         request_id = new_request_id()
         items = [it["item_id"] for it in response["items"]]
-        self.impressions.record(request_id, response["model_version"], items)
+        shown = Impressions.pack(items)
+        self.impressions.record_packed(request_id, response["model_version"], shown)
         if self.shared is not None:
-            self.shared.add(request_id, response["model_version"], items)
+            self.shared.add(request_id, response["model_version"], shown)
         self.metrics.shown(response["model_version"], len(items))
         return request_id
 

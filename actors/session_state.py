@@ -1409,6 +1409,11 @@ class SessionStore:
                 raise drift_error(self.config, self.config.shard_name(i), diff)
 
     def kill(self) -> None:
-        """Kill the shard actors for good (their logs stay on disk)."""
+        """Kill the shard actors for good (their logs stay on disk), and the app's shared
+        impression book, the other detached actor named after ``actor_prefix``
+        (:mod:`actors.feedback`)."""
+        from actors.feedback import book_name, kill_book
+
         for h in self.handles:
             ray.kill(h, no_restart=True)
+        kill_book(book_name(self.config.actor_prefix), self.config.namespace)

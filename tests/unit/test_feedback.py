@@ -245,6 +245,26 @@ def test_a_book_that_is_down_or_slow_leaves_clicks_unknown_not_failed(
 def test_the_book_keeps_the_newest_responses_of_all_replicas() -> None:
     book = feedback.ImpressionBook(capacity=3)
     rids = [new_request_id() for _ in range(5)]
-    assert book.record_many([(r, "v1", ("a",)) for r in rids]) == 3
+    assert book.record_many([(r, "v1", "a") for r in rids]) == 3
     assert book.attribute(rids[0], "a") is None
     assert book.attribute(rids[4], "a") == feedback.Attribution("v1", 1)
+
+
+def test_responses_given_on_an_event_loop_are_sent_by_a_timer_on_that_loop() -> None:
+    import asyncio
+
+    book = feedback.ImpressionBook(capacity=100)
+    calls: list[int] = []
+
+    async def replica_loop() -> None:
+        a, _ = _replica(book, calls, every_s=0.01)
+        rids = [a.served(response("v1", ["a", "b"])) for _ in range(5)]
+        assert calls == []  # queued: the send waits for the timer, not the request
+        for _ in range(1000):  # up to 10 s
+            if calls:
+                break
+            await asyncio.sleep(0.01)
+        assert calls == [5]  # one call for the five
+        assert book.attribute(rids[4], "b") == feedback.Attribution("v1", 2)
+
+    asyncio.run(replica_loop())
