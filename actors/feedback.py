@@ -39,6 +39,7 @@ FLUSH_EVERY_S = 1.0  # impressions reach the Ray counters at most this late (Fee
 UNKNOWN_VERSION = "unknown"
 SHARE_EVERY_S = 0.2  # a replica's responses reach the shared book at most this late
 LOOKUP_TIMEOUT_S = 0.5  # longest wait for the shared book when crediting one event
+WARN_EVERY_S = 60.0  # a replica warns about the shared book at most this often
 # Event types credited to the response they came from, and the counter each one feeds.
 CREDITED = {S.CLICK: "clicks", S.ADD_TO_CART: "add_to_cart"}
 
@@ -214,7 +215,7 @@ class SharedImpressions:
         self.timeout_s = timeout_s
         self._queue: list[Shown] = []
         self._lock = threading.Lock()
-        self._warned = False
+        self._warned_at: float | None = None
 
     @classmethod
     def over_actor(cls, book: Any, **kwargs: Any) -> SharedImpressions:
@@ -260,8 +261,9 @@ class SharedImpressions:
             return None
 
     def _warn(self, message: str) -> None:
-        if not self._warned:  # once per replica: it says what is wrong, not how often
-            self._warned = True
+        now = time.monotonic()  # at most one warning a minute: what is wrong, not how often
+        if self._warned_at is None or now - self._warned_at >= WARN_EVERY_S:
+            self._warned_at = now
             log.warning("%s; clicks on other replicas' answers count as unknown meanwhile",
                         message)
 
