@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import ray
+
 from graph import schema as S
 
 log = logging.getLogger("intentrec.feedback")
@@ -145,12 +147,17 @@ class ImpressionBook:
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         self.impressions = Impressions(capacity)
 
+    # Without Ray's task events: every replica calls the book five times a second for as long
+    # as it serves, and the GCS would keep each call's record until its task-event bound (a
+    # 10-minute soak saw the GCS grow 15% from these alone; bench/results/soak_inline_ranker_*).
+    @ray.method(enable_task_events=False)
     def record_many(self, rows: Sequence[Shown]) -> int:
         """Remember a batch of responses; returns how many the book holds."""
         for request_id, version, shown in rows:
             self.impressions.record_packed(request_id, version, shown)
         return len(self.impressions)
 
+    @ray.method(enable_task_events=False)
     def attribute(self, request_id: str, item_id: str | None) -> Attribution | None:
         return self.impressions.attribute(request_id, item_id)
 
@@ -164,8 +171,6 @@ def attach_book(name: str, namespace: str, capacity: int) -> Any:
     replica that created it; a crashed book restarts empty (``max_restarts=-1``). No CPU is
     reserved: it answers a batch call per replica every :data:`SHARE_EVERY_S` and one call per
     click another replica answered."""
-    import ray
-
     return ray.remote(ImpressionBook).options(
         name=name, namespace=namespace, get_if_exists=True, lifetime="detached",
         max_restarts=-1, num_cpus=0,
@@ -180,8 +185,6 @@ def book_name(actor_prefix: str) -> str:
 def kill_book(name: str, namespace: str) -> bool:
     """Remove the shared book (it is detached, so ``serve shutdown`` leaves it); True if one ran.
     The next deploy starts a new, empty one with its ``impressions_capacity``."""
-    import ray
-
     try:
         ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
     except ValueError:
