@@ -389,10 +389,6 @@ def _count(request: Request, status: int) -> None:
         _METRICS.requests.inc(tags={"endpoint": endpoint, "status": str(status)})
 
 
-async def _none() -> None:
-    return None
-
-
 @asynccontextmanager
 async def _observed(endpoint: str) -> AsyncIterator[None]:
     """Count and time one request; the status of a raised project error is its HTTP status."""
@@ -700,9 +696,7 @@ class Ingress:
             if _METRICS is not None:
                 _METRICS.events.inc(len(stored))
             credited = await asyncio.gather(*(
-                _none() if e.from_request is None else
-                self.feedback.credit_anywhere(e.event, e.item_id, e.from_request)
-                for e in events))
+                self.feedback.credit(e.event, e.item_id, e.from_request) for e in events))
             return EventsAccepted(accepted=len(stored), events=[
                 AcceptedEvent(index=n, session_id=ev.session_id, event=ev.event,
                               item_id=ev.item_id, event_id=event_id,

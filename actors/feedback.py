@@ -392,16 +392,13 @@ class Feedback:
         self.metrics.shown(response["model_version"], len(items))
         return request_id
 
-    def credit(self, event: str, item_id: str | None, from_request: str) -> Attribution | None:
-        """Attribute one accepted event that carries ``from_request`` from this replica's own
-        responses, and count it."""
-        attribution = self.impressions.attribute(from_request, item_id)
-        self.metrics.credited(event, attribution)
-        return attribution
-
-    async def credit_anywhere(self, event: str, item_id: str | None,
-                              from_request: str) -> Attribution | None:
-        """:meth:`credit`, asking the shared book when the response is not this replica's."""
+    async def credit(self, event: str, item_id: str | None,
+                     from_request: str | None) -> Attribution | None:
+        """Attribute one accepted event that carries ``from_request`` and count it: from this
+        replica's own responses, else from the shared book. An event without ``from_request``
+        is credited to nothing and counted nowhere."""
+        if from_request is None:
+            return None
         attribution = self.impressions.attribute(from_request, item_id)
         if attribution is None and self.shared is not None:
             attribution = await self.shared.attribute(from_request, item_id)

@@ -3,6 +3,7 @@ and the counters per model version and position."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import Counter
 
@@ -42,14 +43,14 @@ def test_clicks_and_carts_are_credited_to_version_and_position() -> None:
     fb, c = fake_feedback()
     rid = fb.served(response("v1", ["a", "b", "c"]))
     assert c["impressions"].counts == {("v1", "1"): 1, ("v1", "2"): 1, ("v1", "3"): 1}
-    a = fb.credit("click", "b", rid)
+    a = asyncio.run(fb.credit("click", "b", rid))
     assert a is not None and (a.model_version, a.position) == ("v1", 2)
-    fb.credit("add_to_cart", "c", rid)
-    fb.credit("add_to_cart", "zzz", rid)  # not shown by that response
+    asyncio.run(fb.credit("add_to_cart", "c", rid))
+    asyncio.run(fb.credit("add_to_cart", "zzz", rid))  # not shown by that response
     assert c["clicks"].counts == {("v1", "2"): 1}
     assert c["add_to_cart"].counts == {("v1", "3"): 1, ("v1", "none"): 1}
     # A view is not a click: it is attributed but counted nowhere.
-    assert fb.credit("view", "a", rid) is not None
+    assert asyncio.run(fb.credit("view", "a", rid)) is not None
     assert sum(c["clicks"].counts.values()) == 1
 
 
@@ -58,8 +59,8 @@ def test_an_unknown_or_forgotten_request_counts_as_unknown_version() -> None:
     first = fb.served(response("v1", ["a"]))
     fb.served(response("v2", ["a"]))
     fb.served(response("v2", ["a"]))  # the oldest response is dropped
-    assert fb.credit("click", "a", first) is None
-    assert fb.credit("click", "a", new_request_id()) is None
+    assert asyncio.run(fb.credit("click", "a", first)) is None
+    assert asyncio.run(fb.credit("click", "a", new_request_id())) is None
     assert c["clicks"].counts == {("unknown", "none"): 2}
     assert len(fb.impressions) == 2
 
@@ -70,7 +71,7 @@ def test_ctr_per_version_is_clicks_over_impressions() -> None:
         for n in range(4):
             rid = fb.served(response(version, ["a", "b"]))
             if n < clicks:
-                fb.credit("click", "a", rid)
+                asyncio.run(fb.credit("click", "a", rid))
     shown = Counter[str]()
     clicked = Counter[str]()
     for (v, _), n in c["impressions"].counts.items():
@@ -183,45 +184,39 @@ def _replica(book: feedback.ImpressionBook, calls: list[int], **kwargs: float) -
 
 
 def test_a_click_on_another_replica_is_credited_through_the_shared_book() -> None:
-    import asyncio
-
     book = feedback.ImpressionBook(capacity=100)
     calls: list[int] = []
     a, _ = _replica(book, calls, every_s=0)
     b, counts_b = _replica(book, calls, every_s=0)
     rid = a.served(response("v2", ["x", "y", "z"]))
-    # Replica b never saw the answer: alone it could not credit the click.
-    assert b.credit("click", "y", rid) is None
-    hit = asyncio.run(b.credit_anywhere("click", "y", rid))
+    # Replica b never saw the answer: its own memory cannot credit the click.
+    assert b.impressions.attribute(rid, "y") is None
+    hit = asyncio.run(b.credit("click", "y", rid))
     assert hit == feedback.Attribution("v2", 2)
-    assert asyncio.run(b.credit_anywhere("add_to_cart", "nope", rid)) == \
+    assert asyncio.run(b.credit("add_to_cart", "nope", rid)) == \
         feedback.Attribution("v2", None)
-    assert asyncio.run(b.credit_anywhere("click", "y", new_request_id())) is None
-    assert counts_b["clicks"].counts == {("unknown", "none"): 2, ("v2", "2"): 1}
+    assert asyncio.run(b.credit("click", "y", new_request_id())) is None
+    assert counts_b["clicks"].counts == {("unknown", "none"): 1, ("v2", "2"): 1}
     assert counts_b["add_to_cart"].counts == {("v2", "none"): 1}
 
 
 def test_responses_reach_the_book_in_one_call_per_interval() -> None:
-    import asyncio
-
     book = feedback.ImpressionBook(capacity=100)
     calls: list[int] = []
     a, _ = _replica(book, calls, every_s=3600.0)  # the thread does not wake during the test
     b, _ = _replica(book, calls, every_s=3600.0)
     rids = [a.served(response("v1", [f"i{n}"])) for n in range(7)]
     assert calls == [] and book.size() == 0  # nothing sent on the request path
-    assert asyncio.run(b.credit_anywhere("click", "i0", rids[0])) is None  # not there yet
+    assert asyncio.run(b.credit("click", "i0", rids[0])) is None  # not there yet
     a.shared.flush()  # type: ignore[union-attr]
     assert calls == [7] and book.size() == 7
-    assert asyncio.run(b.credit_anywhere("click", "i6", rids[6])) == feedback.Attribution("v1", 1)
+    assert asyncio.run(b.credit("click", "i6", rids[6])) == feedback.Attribution("v1", 1)
     a.shared.flush()  # type: ignore[union-attr]
     assert calls == [7]  # an empty queue sends nothing
 
 
 def test_a_book_that_is_down_or_slow_leaves_clicks_unknown_not_failed(
         caplog: pytest.LogCaptureFixture) -> None:
-    import asyncio
-
     def down(rows: list[feedback.Shown]) -> None:
         raise ConnectionError("book restarting")
 
@@ -236,8 +231,8 @@ def test_a_book_that_is_down_or_slow_leaves_clicks_unknown_not_failed(
     rid = fb.served(response("v1", ["a"]))
     with caplog.at_level("WARNING", logger="intentrec.feedback"):
         shared.flush()  # the batch is dropped with one warning, the replica goes on
-        assert asyncio.run(fb.credit_anywhere("click", "a", rid)) == feedback.Attribution("v1", 1)
-        assert asyncio.run(fb.credit_anywhere("click", "a", new_request_id())) is None
+        assert asyncio.run(fb.credit("click", "a", rid)) == feedback.Attribution("v1", 1)
+        assert asyncio.run(fb.credit("click", "a", new_request_id())) is None
     assert counters["clicks"].counts == {("v1", "1"): 1, ("unknown", "none"): 1}
     assert "shared impression book" in caplog.text
 
@@ -251,8 +246,6 @@ def test_the_book_keeps_the_newest_responses_of_all_replicas() -> None:
 
 
 def test_responses_given_on_an_event_loop_are_sent_by_a_timer_on_that_loop() -> None:
-    import asyncio
-
     book = feedback.ImpressionBook(capacity=100)
     calls: list[int] = []
 
@@ -268,3 +261,10 @@ def test_responses_given_on_an_event_loop_are_sent_by_a_timer_on_that_loop() -> 
         assert book.attribute(rids[4], "b") == feedback.Attribution("v1", 2)
 
     asyncio.run(replica_loop())
+
+
+def test_an_event_without_from_request_is_credited_to_nothing_and_counted_nowhere() -> None:
+    fb, c = fake_feedback()
+    fb.served(response("v1", ["a"]))
+    assert asyncio.run(fb.credit("click", "a", None)) is None
+    assert c["clicks"].counts == {}
