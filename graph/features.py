@@ -57,10 +57,6 @@ ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_ba
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
 USE_EASE = True  # read at call time (bench/ranker_holdout.py --set turns it off)
-# Experiment: the shopper's affinity to the candidate's brand, department and price band, from
-# their purchase history (brand_share, dept_share, price_gap); item_features appends the brand's
-# code after its columns.
-USE_AFFINITY = False
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
@@ -70,7 +66,6 @@ FEATURES: tuple[str, ...] = (
     "peers", "ease",
     "context", "hour", "weekday", "holiday",
     "department", "price", "price_band", "brand_pop",
-    "brand_share", "dept_share", "price_gap",
     "query_lex", "query_sem", "query_rrf",
     "session_query_lex", "session_query_sem", "session_query_rrf",
     *(f"src_{s}" for s in SOURCES),
@@ -92,7 +87,6 @@ COMPONENT_OF: dict[str, str] = {
     "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
     "src_context": "context",
     "department": "item", "price": "item", "price_band": "item", "brand_pop": "item",
-    "brand_share": "item", "dept_share": "item", "price_gap": "item",
     "query_lex": "query", "query_sem": "query", "query_rrf": "query",
     "session_query_lex": "query", "session_query_sem": "query", "session_query_rrf": "query",
     "src_query": "query",
@@ -132,12 +126,11 @@ def item_features(train_events: pd.DataFrame, items: pd.DataFrame, ranker: Ranke
         brand = items[S.BRAND_COL].astype(str).to_numpy()
         totals = pd.Series(sig.popularity.astype(np.float64)).groupby(brand).transform("sum")
         brand_pop = np.log1p(totals.to_numpy(dtype=np.float64))
-        brand_code = pd.factorize(brand)[0].astype(np.float64)
     else:
-        brand_pop = brand_code = np.full(n, np.nan)
+        brand_pop = np.full(n, np.nan)
     new_buyers, new_share = _adoption(sig)
     out = np.stack([trend, sig.item_repeat_rate.astype(np.float64), price, band, brand_pop,
-                    new_buyers, new_share, brand_code], axis=1)
+                    new_buyers, new_share], axis=1)
     return out.astype(np.float32)
 
 
@@ -221,7 +214,6 @@ def build_features(
     col["weekday"] = np.nan if ctx is None else float(ctx.weekday)
     col["holiday"] = np.nan if ctx is None else float(ctx.is_holiday)
     col["department"] = ranker.signals.item_department[items].astype(np.float32)
-    _affinity(ranker, item_static, req.user, items, static, col)
     for prefix, qs in (("query", req.query), ("session_query", req.session_query)):
         col[f"{prefix}_lex"] = np.nan if qs is None else qs.lexical_of(items)
         col[f"{prefix}_sem"] = np.nan if qs is None else qs.semantic_of(items)
@@ -231,36 +223,6 @@ def build_features(
         out[:, j] = col[name]
     out[:, _SOURCE_COLUMNS:] = cand.sources  # the source flags, 1.0 / 0.0, in one block
     return out
-
-
-def _affinity(ranker: Ranker, item_static: np.ndarray, user: int | None, items: np.ndarray,
-              static: np.ndarray, col: dict[str, np.ndarray | float]) -> None:
-    """The shopper's share of purchases (sessions per item) in each candidate's brand and
-    department, and the candidate's price band minus the shopper's mean one (NaN: no history)."""
-    if not USE_AFFINITY or user is None:
-        col["brand_share"] = col["dept_share"] = col["price_gap"] = np.nan
-        return
-    sig = ranker.signals
-    lo, hi = int(sig.hist_indptr[user]), int(sig.hist_indptr[user + 1])
-    if hi <= lo:
-        col["brand_share"] = col["dept_share"] = col["price_gap"] = np.nan
-        return
-    hist = sig.hist_indices[lo:hi]
-    w = sig.hist_count[lo:hi].astype(np.float64)
-    total = float(w.sum())
-    bcol = len(ITEM_FEATURES)
-    for name, h_keys, c_keys in (
-            ("brand_share", item_static[hist, bcol], static[:, bcol]),
-            ("dept_share", sig.item_department[hist].astype(np.float64),
-             sig.item_department[items].astype(np.float64))):
-        keys, inv = np.unique(h_keys, return_inverse=True)
-        sums = np.bincount(inv, weights=w, minlength=len(keys))
-        pos = np.minimum(np.searchsorted(keys, c_keys), len(keys) - 1)
-        col[name] = np.where(keys[pos] == c_keys, sums[pos] / total, 0.0)
-    band = item_static[hist, ITEM_FEATURES.index("price_band")].astype(np.float64)
-    ok = ~np.isnan(band)
-    mean = float((band[ok] * w[ok]).sum() / w[ok].sum()) if ok.any() else np.nan
-    col["price_gap"] = static[:, ITEM_FEATURES.index("price_band")] - mean
 
 
 def _peer_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndarray | float:
