@@ -4,7 +4,9 @@ One training run for the module (300 seeded users, 3 epochs, seed 0; determinist
 then checks in the Microsoft Recommenders smoke-test style: the command exits 0, prints the
 evaluation table and the published version, writes a complete artifact that ``LATEST`` names,
 and its metrics clear fixed bounds (``recall@20 >= x``) measured on this same configuration with
-a safety margin. Bad input exits non-zero with a message a person can act on.
+a safety margin. The same command again, with publish gates no model passes, must leave
+``LATEST`` alone and write the same model bit for bit. Bad input exits non-zero with a message a
+person can act on.
 
 Every run passes ``--address local``: without it ``train_job.py`` joins any Ray cluster it finds on
 the machine (``ray.init(address="auto")``), e.g. this pytest session's integration cluster.
@@ -58,19 +60,46 @@ class Run:
         return f"--- stdout\n{self.proc.stdout[-6000:]}\n--- stderr\n{self.proc.stderr[-6000:]}"
 
 
+# --text-input on: the built-in titles are only category paths, so the default (auto) leaves the
+# text out of the GNN; the other smoke runs (job submit, demo, batch) cover the default.
+RUN_ARGS = ("--max-users", str(MAX_USERS), "--epochs", str(EPOCHS), "--seed", str(SEED),
+            "--text-input", "on")
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     tmp = tmp_path_factory.mktemp("train_job")
     t0 = time.monotonic()
-    # --text-input on: the built-in titles are only category paths, so the default (auto) leaves
-    # the text out of the GNN; the other smoke runs (job submit, demo, batch) cover the default.
-    proc = _train_job(
-        "--max-users", str(MAX_USERS), "--epochs", str(EPOCHS), "--seed", str(SEED),
-        "--output", str(tmp / "artifacts"), "--storage", str(tmp / "ckpt"), "--text-input", "on",
-    )  # fmt: skip
+    proc = _train_job(*RUN_ARGS, "--output", str(tmp / "artifacts"), "--storage", str(tmp / "ckpt"))
     result = Run(proc, tmp / "artifacts", time.monotonic() - t0)
     print(f"train_job.py: {result.seconds:.0f}s")
     return result
+
+
+@dataclass
+class GatedRerun:
+    """The module run's command again, into the same output folder, with publish gates that no
+    model passes."""
+
+    proc: subprocess.CompletedProcess[str]
+    latest_before: str  # the version LATEST named before it (the module run's)
+    versions_before: set[str]
+
+    @property
+    def log(self) -> str:
+        return f"--- stdout\n{self.proc.stdout[-4000:]}\n--- stderr\n{self.proc.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def gated_rerun(run: Run) -> GatedRerun:
+    assert run.proc.returncode == 0, run.log
+    before = (run.output / "LATEST").read_text().strip()
+    versions = {p.name for p in run.output.iterdir() if p.is_dir()}
+    # Its own checkpoint folder: the same folder would resume the module run's last epoch.
+    proc = _train_job(*RUN_ARGS, "--output", str(run.output),
+                      "--storage", str(run.output.parent / "ckpt_gate"),
+                      "--require-lead", "1.0", "--require-no-regression", "1.0")  # fmt: skip
+    return GatedRerun(proc, before, versions)
 
 
 @pytest.fixture(scope="module")
@@ -125,20 +154,16 @@ def test_the_session_signal_helps(metrics: dict) -> None:
     assert on - off >= SESSION_GAIN_MIN, f"in_session {on:.4f} vs in_session_blind {off:.4f}"
 
 
-def test_publish_gate_writes_the_version_but_keeps_latest(run: Run, metrics: dict) -> None:
+def test_publish_gate_writes_the_version_but_keeps_latest(run: Run, metrics: dict,
+                                                         gated_rerun: GatedRerun) -> None:
     """``--require-lead`` with a lead no model reaches: the new version is written and complete,
     ``LATEST`` still names the module run's version, and the job exits 3 naming every task.
 
     With ``--require-no-regression`` the published version (the module run's) is evaluated on
     this run's requests: the same users and split, so the same requests as its own evaluation,
     whatever this run trains; its row must equal the one it wrote then."""
-    assert run.proc.returncode == 0, run.log
-    before = (run.output / "LATEST").read_text().strip()
-    versions = {p.name for p in run.output.iterdir() if p.is_dir()}
-    proc = _train_job("--max-users", str(MAX_USERS), "--epochs", "1", "--seed", str(SEED),
-                      "--output", str(run.output), "--storage", str(run.output.parent / "ckpt_gate"),
-                      "--require-lead", "1.0", "--require-no-regression", "1.0")  # fmt: skip
-    log = f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    proc, before, versions = gated_rerun.proc, gated_rerun.latest_before, gated_rerun.versions_before
+    log = gated_rerun.log
     assert proc.returncode == 3, log
     # The job's own stderr has no traceback (Ray's processes may log theirs, each line prefixed
     # with the process, e.g. "(PlacementGroupCleaner pid=...) Traceback ...").
@@ -191,6 +216,37 @@ def test_split_after_the_data_names_the_fix() -> None:
     assert "Traceback" not in err, err[-3000:]
     assert "2030-01-01" in err and "--split-at" in err, err[-3000:]
     assert "[ray]" not in proc.stdout, "bad input must fail before Ray is started"
+
+
+def test_the_same_command_on_the_same_data_trains_the_same_model(run: Run,
+                                                                gated_rerun: GatedRerun) -> None:
+    """Reproducible training: the gated rerun is the module run's command (same data, settings
+    and seed; other checkpoint folder), so its version must hold the same model, bit for bit:
+    embeddings, signals, ranker, item features, text vectors and item encoder, the evaluation's
+    rows and the training history's losses. Only what names or times the run may differ (the
+    version, its creation time, durations, the paths and the gate)."""
+    import numpy as np
+
+    assert gated_rerun.proc.returncode == 3, gated_rerun.log
+    (second,) = {p.name for p in run.output.iterdir() if p.is_dir()} - gated_rerun.versions_before
+    a, b = run.output / gated_rerun.latest_before, run.output / second
+    varying = {"manifest.json", "metrics.json"}  # compared field by field below
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert {"user_emb.npy", "item_emb.npy", "ranker/model.txt", "ranker/item_features.npy",
+            "signals/signals.npz"} <= set(files), files
+    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    differ = [f for f in files if f not in varying and (a / f).read_bytes() != (b / f).read_bytes()]
+    if differ:  # say by how much, for the arrays
+        detail = {f: float(np.abs(np.load(a / f) - np.load(b / f)).max())
+                  for f in differ if f.endswith(".npy")}
+        raise AssertionError(f"the same command trained another model: {differ} differ {detail}")
+    first_metrics, second_metrics = (json.loads((v / "metrics.json").read_text()) for v in (a, b))
+    for model in S.MODEL_NAMES:
+        assert first_metrics[model] == second_metrics[model], model
+    first_training, second_training = (json.loads((v / "manifest.json").read_text())["training"]
+                                       for v in (a, b))
+    assert [(h["epoch"], h["loss"], h["val_recall@20"]) for h in first_training["history"]] == [
+        (h["epoch"], h["loss"], h["val_recall@20"]) for h in second_training["history"]]
 
 
 def test_text_input_on_trains_through_ray_and_the_encoder_matches_the_export(run: Run) -> None:
