@@ -997,9 +997,13 @@ class SessionShard:
         return self._state.get_session(session_id, user_id)
 
     async def stats(self) -> dict[str, Any]:
-        """Shard sizes and counters, plus the process id and whether it was restarted."""
-        ctx = ray.get_runtime_context()
-        return {**self._state.stats(), "pid": os.getpid(), "restarted": ctx.was_current_actor_reconstructed}
+        """Shard sizes and counters, plus the process id and whether it was restarted.
+
+        Outside a Ray worker (the in-process bound of ``bench/serve_bench.py``, unit tests) the
+        shard was never restarted; asking Ray's runtime context there would start a whole local
+        Ray cluster (``ray.get_runtime_context`` initialises Ray when it is not)."""
+        restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+        return {**self._state.stats(), "pid": os.getpid(), "restarted": restarted}
 
     async def ping(self) -> dict[str, Any]:
         """The configuration this shard runs with (the client checks it matches its own)."""

@@ -24,6 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # as the Serve replicas (serve_config.yaml env_vars)
+# No Ray here: a Ray call that would start a local cluster (ray.get_runtime_context() and the
+# like initialise Ray when it is not) fails instead. Such a cluster would run beside the bound
+# and, as a child of this process, be counted as part of the Serve app by serve_bench.py.
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 
 
 def build(app_args: dict[str, Any], clock: Any = None) -> Any:

@@ -416,6 +416,26 @@ def test_config_errors_name_the_value_and_the_fix() -> None:
 # --- the actor's group commit, driven without Ray ---------------------------------------------
 
 
+def test_shard_stats_outside_ray_start_no_ray_cluster(tmp_path: Path) -> None:
+    """A shard driven without Ray (the in-process bound, these tests) answers ``stats`` without
+    initialising Ray: Ray's runtime context would start a local cluster of a dozen processes
+    beside it. In a fresh interpreter, since this pytest process may hold a Ray session."""
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, json, ray\n"
+        "from actors.session_state import SessionShard, SessionStateConfig\n"
+        f"cfg = SessionStateConfig(num_shards=1, wal_uri={str(tmp_path / 'wal')!r})\n"
+        "stats = asyncio.run(SessionShard(cfg.model_dump(), 0).stats())\n"
+        "print(json.dumps({'restarted': stats['restarted'], 'ray': ray.is_initialized()}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == '{"restarted": false, "ray": false}', out.stdout
+
+
 def test_actor_group_commits_concurrent_appends_in_arrival_order(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
 
