@@ -237,8 +237,9 @@ def test_the_same_command_on_the_same_data_trains_the_same_model(run: Run,
     assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
     differ = [f for f in files if f not in varying and (a / f).read_bytes() != (b / f).read_bytes()]
     if differ:  # say by how much, for the arrays
-        detail = {f: float(np.abs(np.load(a / f) - np.load(b / f)).max())
-                  for f in differ if f.endswith(".npy")}
+        arrays = {f: (np.load(a / f), np.load(b / f)) for f in differ if f.endswith(".npy")}
+        detail = {f: float(np.abs(x - y).max()) if x.shape == y.shape else f"{x.shape} {y.shape}"
+                  for f, (x, y) in arrays.items()}
         raise AssertionError(f"the same command trained another model: {differ} differ {detail}")
     first_metrics, second_metrics = (json.loads((v / "metrics.json").read_text()) for v in (a, b))
     for model in S.MODEL_NAMES:
