@@ -81,6 +81,7 @@ from actors.context import ContextCache, ContextEnricher, enrich_context
 from actors.demo_page import add_demo_routes
 from actors.deployment_options import INGRESS, inline_ranker_options, options
 from actors.feedback import DEFAULT_CAPACITY as IMPRESSIONS_CAPACITY
+from actors.feedback import Attribution as Credit
 from actors.feedback import Feedback, Impressions, SharedImpressions, attach_book, book_name
 from actors.items_api import ItemBatch, ItemBatchResponse, ItemUpsert, ItemUpsertResponse
 from actors.local_handle import LocalHandle
@@ -695,8 +696,16 @@ class Ingress:
                 raise
             if _METRICS is not None:
                 _METRICS.events.inc(len(stored))
-            credited = await asyncio.gather(*(
-                self.feedback.credit(e.event, e.item_id, e.from_request) for e in events))
+            # Only events that answer a response are credited: most carry no from_request,
+            # and each awaited credit would cost a task on this hot path for nothing.
+            credited: list[Credit | None] = [None] * len(events)
+            answering = [n for n, e in enumerate(events) if e.from_request is not None]
+            if answering:
+                found = await asyncio.gather(*(
+                    self.feedback.credit(events[n].event, events[n].item_id,
+                                         events[n].from_request) for n in answering))
+                for n, a in zip(answering, found, strict=True):
+                    credited[n] = a
             return EventsAccepted(accepted=len(stored), events=[
                 AcceptedEvent(index=n, session_id=ev.session_id, event=ev.event,
                               item_id=ev.item_id, event_id=event_id,

@@ -91,14 +91,15 @@ def test_events_from_a_response_are_attributed_to_its_version_and_position(app: 
     third = r1["items"][2]["item_id"]
     out = app.call("POST", "/v1/events", {"events": [
         {"session_id": "fb", "event": "click", "item_id": third, "from_request": r1["request_id"]},
+        {"session_id": "fb", "event": "view", "item_id": third},
         {"session_id": "fb", "event": "add_to_cart", "item_id": "not-shown",
          "from_request": r1["request_id"]},
-        {"session_id": "fb", "event": "view", "item_id": third},
     ]}, AUTH)
     assert out.status_code == 202, out.text
+    # The event without from_request sits between two with one: each answer keeps its place.
     got = [e["attributed"] for e in out.json()["events"]]
-    assert got == [{"model_version": r1["model_version"], "position": 3},
-                   {"model_version": r1["model_version"], "position": None}, None]
+    assert got == [{"model_version": r1["model_version"], "position": 3}, None,
+                   {"model_version": r1["model_version"], "position": None}]
     bad = app.call("POST", "/v1/events", {"session_id": "fb", "event": "click", "item_id": third,
                                           "from_request": "nope"}, AUTH)
     assert bad.status_code == 422 and bad.json()["field"] == "from_request"
