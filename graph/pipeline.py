@@ -33,6 +33,7 @@ from graph.data import Dataset, load_builtin, load_files, temporal_split
 from graph.errors import ConfigError
 from graph.forgotten import read_forgotten
 from graph.interactions import Interactions, build_interactions
+from graph.machine import machine_facts
 from graph.text import ItemText, own_title_share, wants_text_input
 
 if TYPE_CHECKING:
@@ -493,6 +494,7 @@ def run_pipeline(
         "text": {"model": text.model, "texts": len(text.texts), "seconds": round(timings["text_s"], 2),
                  "gnn_input": use_text, "own_title_share": round(share, 4)},
         "timings": {k: round(v, 2) for k, v in timings.items()},
+        "machine": machine_facts(),
     }
     version = write_artifact(
         cfg.output, user_ids=inter_full.user_ids, items=ds.items, user_emb=rec.ranker.user_emb,

@@ -138,6 +138,11 @@ def test_exits_0_prints_the_table_and_publishes_latest(run: Run) -> None:
     assert manifest["version"] == version
     assert manifest["training"]["epochs"] == EPOCHS
     assert manifest["config"]["max_users"] == MAX_USERS
+    # The machine it was trained on: runs on different CPUs may round differently.
+    machine = manifest["machine"]
+    assert machine["cpu"] and machine["logical_cpus"] >= 1, machine
+    assert machine["packages"]["torch"].startswith("2.13.0"), machine
+    assert machine["packages"]["lightgbm"] and machine["packages"]["faiss-cpu"], machine
 
 
 def test_metrics_clear_the_smoke_bounds(metrics: dict) -> None:
@@ -244,8 +249,10 @@ def test_the_same_command_on_the_same_data_trains_the_same_model(run: Run,
     first_metrics, second_metrics = (json.loads((v / "metrics.json").read_text()) for v in (a, b))
     for model in S.MODEL_NAMES:
         assert first_metrics[model] == second_metrics[model], model
-    first_training, second_training = (json.loads((v / "manifest.json").read_text())["training"]
+    first_manifest, second_manifest = (json.loads((v / "manifest.json").read_text())
                                        for v in (a, b))
+    assert first_manifest["machine"] == second_manifest["machine"]
+    first_training, second_training = first_manifest["training"], second_manifest["training"]
     assert [(h["epoch"], h["loss"], h["val_recall@20"]) for h in first_training["history"]] == [
         (h["epoch"], h["loss"], h["val_recall@20"]) for h in second_training["history"]]
 
