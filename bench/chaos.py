@@ -1,5 +1,5 @@
-"""Chaos with several replicas: SIGKILL a session shard, a ranker replica and an ingress replica
-under steady load, and measure what clients see.
+"""Chaos with several replicas: SIGKILL a session shard, a ranker replica, an ingress replica and
+the shared impression book under steady load, and measure what clients see.
 
 The integration test (``tests/integration/test_resilience.py``) runs the same kills on an app
 with one replica of each deployment, where every restart is a full outage of that component. This
@@ -15,7 +15,13 @@ per kill:
   again; the restarted shard answers from a new process);
 - **full strength**: seconds until the killed process is replaced and ``/healthz`` is ``ok``
   (for a replica: a new replica runs, and Serve counts ``--replicas`` running again; for a
-  shard: the restarted actor answers from a new process).
+  shard: the restarted actor answers from a new process);
+- **credited**: the share of the clicks acknowledged in the phase that the app credited to the
+  answer they came from (each client clicks the first item of an answer at least 0.5 s old,
+  with ``from_request``: ``bench/steady_load.py``). A click that reaches the ingress replica
+  that did not answer is credited through the shared impression book; a restarted book starts
+  empty, so such clicks on answers given before the kill count as unknown (README, "Feedback
+  loop").
 
 Afterwards every acknowledged (202) event must be in its session. The issue's bar: under 1%
 failed requests and recovery under 15 s. The table prints; the JSON goes to
@@ -110,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
 
     from actors.deployment_options import INGRESS, RANKER
+    from actors.feedback import book_name
     from actors.session_state import SessionStore
 
     bench, art = sb.prepare_app(opts.artifacts, "chaos", "chaos")
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_until(lambda: healthy(url) and running(INGRESS) == running(RANKER) == opts.replicas,
                    300, "the app is up with every replica")
         store = SessionStore(args.session)
-        load = SteadyLoad(url, items, auth, opts.clients)
+        load = SteadyLoad(url, items, auth, opts.clients, clicks=True)
         load.thread.start()
         wait_until(lambda: load is not None and load.successes() >= 50, 120, "steady load")
         time.sleep(opts.settle_s)
@@ -151,10 +158,21 @@ def main(argv: list[str] | None = None) -> int:
             os.kill(old, signal.SIGKILL)
             return t_kill, lambda: pid_of(store.handles[0]) != old
 
+        def kill_book() -> tuple[float, Callable[[], bool]]:
+            import ray
+
+            book = ray.get_actor(book_name(args.session.actor_prefix),
+                                 namespace=args.session.namespace)
+            old = pid_of(book)
+            t_kill = time.monotonic()
+            os.kill(old, signal.SIGKILL)
+            return t_kill, lambda: pid_of(book) != old  # Ray restarts it (max_restarts=-1)
+
         victims: list[tuple[str, Callable[[], tuple[float, Callable[[], bool]]]]] = [
             ("session shard", kill_shard),
             (f"ranker replica (1 of {opts.replicas})", lambda: kill_replica(RANKER)),
             (f"ingress replica (1 of {opts.replicas})", lambda: kill_replica(INGRESS)),
+            ("shared impression book", kill_book),
         ]
         for what, kill in victims:
             t0, replaced = kill()
@@ -182,23 +200,35 @@ def main(argv: list[str] | None = None) -> int:
 
     assert load is not None
     ends = [k["t0"] for k in kills[1:]] + [float("inf")]
+    first_kill = kills[0]["t0"] if kills else float("inf")
+    steady_credits = [ok for t, ok in load.credits if t < first_kill]
     for k, end in zip(kills, ends, strict=True):
         phase = [(t, o) for t, _, o in load.attempts if k["t0"] <= t < end]
         failed = [(t, o) for t, o in phase if o not in (200, 202)]
+        credits = [ok for t, ok in load.credits if k["t0"] <= t < end]
         k.update(attempts=len(phase), failed=len(failed),
                  failed_share=len(failed) / len(phase) if phase else 0.0,
                  outage_s=max((t for t, _ in failed), default=k["t0"]) - k["t0"],
-                 failures=dict(Counter(str(o) for _, o in failed)))
+                 failures=dict(Counter(str(o) for _, o in failed)),
+                 clicks=len(credits), uncredited=credits.count(False),
+                 credited_share=sum(credits) / len(credits) if credits else None)
     total = len(load.attempts)
     failed_total = sum(1 for _, _, o in load.attempts if o not in (200, 202))
     acked = sum(map(len, load.acked.values()))
     lost = sum(map(len, missing.values()))
     print(f"\n{'killed':<28} {'attempts':>8} {'failed':>7} {'failed %':>8} {'outage s':>9} "
-          f"{'replaced s':>10} {'full strength s':>15}  failures")
+          f"{'replaced s':>10} {'full strength s':>15} {'credited':>9}  failures")
+    steady_share = sum(steady_credits) / len(steady_credits) if steady_credits else None
+
+    def pct(share: float | None) -> str:
+        return "—" if share is None else f"{share:.1%}"
+
+    print(f"{'(steady, before the kills)':<28} {'':>8} {'':>7} {'':>8} {'':>9} {'':>10} {'':>15} "
+          f"{pct(steady_share):>9}")
     for k in kills:
         print(f"{k['killed']:<28} {k['attempts']:8d} {k['failed']:7d} {k['failed_share']:8.2%} "
-              f"{k['outage_s']:9.1f} {k['replaced_s']:10.1f} {k['full_strength_s']:15.1f}  "
-              f"{k['failures']}")
+              f"{k['outage_s']:9.1f} {k['replaced_s']:10.1f} {k['full_strength_s']:15.1f} "
+              f"{pct(k['credited_share']):>9}  {k['failures']}")
     share = failed_total / total if total else 0.0
     worst_outage = max(k["outage_s"] for k in kills)
     worst_full = max(k["full_strength_s"] for k in kills)
@@ -209,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                "worst_outage_s": worst_outage, "outage_under_15s": worst_outage < RECOVERY_BAR_S,
                "worst_full_strength_s": worst_full,
                "full_strength_under_15s": worst_full < RECOVERY_BAR_S,
-               "acknowledged_events": acked, "missing_events": lost}
+               "acknowledged_events": acked, "missing_events": lost,
+               "clicks": len(load.credits), "steady_credited_share": steady_share}
     print(f"verdict: failed < 1%: {verdict['failed_under_1pct']}; clients' outage under 15 s for "
           f"every kill: {verdict['outage_under_15s']} (worst {worst_outage:.1f} s); back to full "
           f"strength within 15 s: {verdict['full_strength_under_15s']} (worst {worst_full:.1f} s); "
