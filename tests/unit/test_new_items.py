@@ -143,7 +143,10 @@ def test_a_batch_of_items_is_one_rebuild_and_every_item_is_served(
     first = svc.model
     assert first is not None
     known = str(first.artifact.items["item_id"].iloc[0])
-    batch = [NewItem(f"tea-{n}", f"Zorbleberry herbal tea no {n}", cat, "Leafco", 2.0 + n)
+    # Cheap, close prices (2.00-4.90), so that the query, not the ranker's price features,
+    # decides whether each tea reaches the top 40: priced 2-31, the dearest fell to place 53 on
+    # an AVX2-only machine, whose rounding moves the learned ranker's near-ties.
+    batch = [NewItem(f"tea-{n}", f"Zorbleberry herbal tea no {n}", cat, "Leafco", 2.0 + n / 10)
              for n in range(30)] + [NewItem(known, "Renamed known item", cat, None, 1.0)]
     builds: list[str] = []
     build = RankerService.build
