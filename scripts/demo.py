@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -189,6 +190,9 @@ def main() -> int:
         with contextlib.suppress(Exception):
             SessionStore(session_cfg).kill()  # detached shard actors
         ray.shutdown()
+        # The run's scratch (Ray Train's checkpoints, the session WAL, the app's state: 150 MB);
+        # the model itself is in --output.
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -27,8 +29,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # The traced query model (graph/text.py) is cached per machine; tests start from an empty cache of
-# their own, shared by the session's processes (Ray replicas inherit the variable).
-os.environ.setdefault("INTENTREC_CACHE_DIR", tempfile.mkdtemp(prefix="intentrec-test-cache-"))
+# their own, shared by the session's processes (Ray replicas and the commands tests run inherit the
+# variable), and removed when the run ends (about 150 MB).
+if "INTENTREC_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="intentrec-test-cache-")
+    os.environ["INTENTREC_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
 def _has_avx2() -> bool:

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,7 @@ def test_demo_shows_recommendations_change_after_session_events(tmp_path: Path) 
         sys.executable, str(DEMO), "--max-users", "300", "--epochs", "2",
         "--port", str(port), "--output", str(tmp_path / "artifacts"),
     ]  # fmt: skip
+    scratch_before = set(Path(tempfile.gettempdir()).glob("intentrec-demo-*"))
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
     out = proc.stdout
     log = f"--- stdout\n{out[-6000:]}\n--- stderr\n{proc.stderr[-4000:]}"
@@ -106,3 +108,6 @@ def test_demo_shows_recommendations_change_after_session_events(tmp_path: Path) 
     assert changed and int(changed.group(1)) == new_after, log
     # The demo trained and published into the folder it was given, not into the checkout.
     assert (tmp_path / "artifacts" / "LATEST").is_file()
+    # ...and removed its scratch (Ray Train's checkpoints, the WAL: 150 MB a run) when it ended.
+    left = set(Path(tempfile.gettempdir()).glob("intentrec-demo-*")) - scratch_before
+    assert not left, f"the demo left its scratch folder behind: {sorted(left)}"
