@@ -55,7 +55,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -632,15 +631,17 @@ def verdict(rows: list[dict[str, Any]], open_rows: list[dict[str, Any]]) -> dict
     return out
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("ray", "fastapi", "starlette", "uvicorn", "pydantic", "numpy", "torch", "faiss-cpu",
-                "aiohttp", "uvloop"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+# The serving stack's releases, recorded with every serving benchmark's results.
+SERVING_PACKAGES = ("ray", "fastapi", "starlette", "uvicorn", "pydantic", "numpy", "torch",
+                    "faiss-cpu", "lightgbm", "aiohttp", "uvloop")
+
+
+def versions() -> dict[str, Any]:
+    """The machine (CPU, vector extensions, cores, OS) and the serving stack's releases, as
+    ``graph.machine`` records them in a model's manifest."""
+    from graph.machine import machine_facts
+
+    return machine_facts(SERVING_PACKAGES)
 
 
 def main(argv: list[str] | None = None) -> int:

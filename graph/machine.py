@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterable
 from importlib import metadata
 from typing import Any
 
@@ -49,15 +50,20 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     return []
 
 
-def machine_facts() -> dict[str, Any]:
-    """The CPU, its vector extensions and logical core count, the OS and the releases of
-    :data:`PACKAGES`."""
-    packages: dict[str, str | None] = {}
-    for name in PACKAGES:
+def package_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """Each installed distribution's release; ``None`` for one that is not installed."""
+    out: dict[str, str | None] = {}
+    for name in names:
         try:
-            packages[name] = metadata.version(name)
+            out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            packages[name] = None
+            out[name] = None
+    return out
+
+
+def machine_facts(packages: Iterable[str] = PACKAGES) -> dict[str, Any]:
+    """The CPU, its vector extensions and logical core count, the OS and the releases of
+    ``packages`` (default :data:`PACKAGES`)."""
     return {"cpu": cpu_model(), "isa": cpu_flags(), "logical_cpus": os.cpu_count(),
             "platform": platform.platform(),
-            "python": platform.python_version(), "packages": packages}
+            "python": platform.python_version(), "packages": package_versions(packages)}

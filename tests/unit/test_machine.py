@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from graph.machine import PACKAGES, cpu_flags, cpu_model, machine_facts
+from graph.machine import PACKAGES, cpu_flags, cpu_model, machine_facts, package_versions
 
 
 def test_cpu_model_reads_the_kernels_model_name(tmp_path: Path) -> None:
@@ -32,3 +32,11 @@ def test_machine_facts_name_every_numeric_package() -> None:
     assert set(facts["packages"]) == set(PACKAGES)
     assert facts["packages"]["numpy"] and facts["packages"]["lightgbm"]
     assert facts["logical_cpus"] >= 1 and facts["python"].startswith("3.")
+
+
+def test_package_versions_name_a_missing_package_none() -> None:
+    found = package_versions(["numpy", "no-such-package-intentrec"])
+    assert found["numpy"] and found["no-such-package-intentrec"] is None
+    # The serving benchmarks record the same facts with their own packages.
+    facts = machine_facts(["uvicorn"])
+    assert set(facts["packages"]) == {"uvicorn"} and facts["cpu"]
