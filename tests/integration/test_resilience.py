@@ -265,6 +265,24 @@ def _healthy(url: str) -> bool:
     return r.status_code == 200 and r.json()["status"] == "ok"
 
 
+def test_steady_load_clicks_earlier_answers_and_the_app_credits_them(small_app: Small) -> None:
+    """The chaos bench's click mode (``SteadyLoad(clicks=True)``): clients click the first item of
+    an answer at least half a second old, with its ``from_request``, and the app credits those
+    clicks to that answer at position 1 (what ``bench/chaos.py`` reports per phase)."""
+    load = SteadyLoad(small_app.url, small_app.items, AUTH, clients=2, k=5, clicks=True)
+    load.thread.start()
+    try:
+        wait_for_condition(lambda: sum(ok for _, ok in list(load.credits)) >= 5, timeout=90,
+                           what="five clicks credited to the answers they came from")
+    finally:
+        load.stop.set()
+        load.thread.join(timeout=60)
+    credited = sum(ok for _, ok in load.credits)
+    print(f"\nclicks: {len(load.credits)} acknowledged, {credited} credited at position 1; "
+          f"requests {dict(load.outcomes)}")
+    assert not load.server_errors, load.server_errors
+
+
 def test_chaos_sigkill_shard_ranker_and_ingress_under_load_loses_no_acknowledged_event(
         small_app: Small) -> None:
     """Under steady load (4 clients, each posting an event and asking for a recommendation in a
