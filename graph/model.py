@@ -12,8 +12,13 @@ letting autograd build a transpose each step, which cuts another ~30%.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -38,6 +43,24 @@ class _SymmetricSpMM(torch.autograd.Function):
         return None, torch.sparse.mm(adj, grad_out)
 
 
+def _remove_generated_source(cls: type) -> None:
+    """Delete the temporary source file PyG generated for ``cls``'s ``propagate``.
+
+    PyG renders each message-passing class's ``propagate`` from a template into a ``.py`` file in
+    the temporary folder, imports it once per process and never deletes it
+    (``torch_geometric.template``, ``delete=False``): every training worker, evaluation and
+    replica that builds the GNN would leave one behind. The module is already imported and its
+    file is not read again (only a traceback through it loses its source lines).
+    """
+    prefix = f"{cls.__module__}_{cls.__name__}_"
+    tmp = Path(tempfile.gettempdir()).resolve()
+    for kind in ("propagate", "edge_updater"):
+        path = getattr(sys.modules.get(prefix + kind), "__file__", None)
+        if path and Path(path).name.startswith(prefix + kind) and Path(path).resolve().parent == tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
 class SymmetricLGConv(LGConv):
     """:class:`~torch_geometric.nn.LGConv` for a pre-normalised symmetric sparse adjacency.
 
@@ -48,6 +71,11 @@ class SymmetricLGConv(LGConv):
 
     def __init__(self) -> None:
         super().__init__(normalize=False)
+        _remove_generated_source(type(self))
+
+    def __setstate__(self, data: dict[str, Any]) -> None:  # unpickled in a fresh process
+        super().__setstate__(data)
+        _remove_generated_source(type(self))
 
     def message_and_aggregate(self, adj_t: Any, x: Tensor) -> Tensor:
         if isinstance(adj_t, Tensor) and adj_t.layout == torch.sparse_csr:

@@ -623,3 +623,23 @@ def test_text_input_is_part_of_the_payload_model_and_checkpoint_shape() -> None:
     _, got = embed(result, inter)
     _, ref = export_embeddings(model, build_graph_adjacency(with_text), has)
     assert np.allclose(got, ref, atol=1e-6)
+
+
+def test_building_the_gnn_leaves_no_generated_source_in_the_temporary_folder(tmp_path: Path) -> None:
+    """PyG writes each message-passing class's ``propagate`` to a temporary file it never removes;
+    a fresh process (PyG generates it once per process) that builds and runs the GNN leaves none."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom graph.model import SymmetricLGConv\n"
+            "conv = SymmetricLGConv()\n"
+            "x = torch.ones(3, 2)\n"
+            "out = conv(x, torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]]))\n"
+            "assert out.shape == (3, 2)\n")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(tmp_path.glob("*.py")), sorted(p.name for p in tmp_path.iterdir())
