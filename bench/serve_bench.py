@@ -40,12 +40,14 @@ embeddings in place of the GNN (same signals and artifact format) and says so in
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import multiprocessing as mp
 import os
 import platform
 import random
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -209,6 +211,37 @@ def traffic(art: Any, seed: int = 0, n: int = 2000) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+_scratch: list[Path] = []
+_failed = False
+
+
+def scratch_dir(prefix: str, parent: str | None = None) -> Path:
+    """A scratch folder for this run (the stand-in model, the WAL, the servers' logs), removed
+    when the process exits, unless it ends with an uncaught exception: then it is kept, and its
+    path printed, for the logs in it."""
+    if not _scratch:
+        previous = sys.excepthook
+
+        def keep_on_error(*exc: Any) -> None:
+            global _failed
+            _failed = True
+            previous(*exc)
+
+        sys.excepthook = keep_on_error
+        atexit.register(_remove_scratch)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    _scratch.append(path)
+    return path
+
+
+def _remove_scratch() -> None:
+    for path in _scratch:
+        if _failed:
+            print(f"kept the scratch folder {path} (its logs) after the error", file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def model_or_stand_in(root: str, work: Path, purpose: str) -> tuple[str, Any, dict[str, Any]]:
     """The model under ``root`` (:func:`model_info`), or, when there is none, a small one with
     SVD embeddings built under ``work`` (the soak and chaos benchmarks' default).
@@ -284,7 +317,7 @@ def prepare_app(artifacts: str, name: str, purpose: str) -> tuple[BenchApp, Any]
 
     os.environ.update(cluster_serve_env(yaml.safe_load(CLUSTER_YAML.read_text()),
                                         prefixes=HEAD_ENV_PREFIXES))
-    work = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    work = scratch_dir(f"{name}-")
     model_root, art, model = model_or_stand_in(artifacts, work, purpose)
     args = app_args(model_root, work, name)
     return BenchApp(work, secrets.token_urlsafe(32), model_root, model, args), art
@@ -706,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_env.update(cluster_serve_env(yaml.safe_load(Path(opts.cluster_config).read_text()),
                                            prefixes=HEAD_ENV_PREFIXES))
     serve_env.update(kv.split("=", 1) for kv in opts.serve_env)
-    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    work = scratch_dir("serve-bench-")
     if opts.throughput_optimized:
         serve_env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     if opts.haproxy:
@@ -714,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     if serve_env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         # HAProxy's files go in a folder of this run, not the shared /tmp/haproxy-serve default;
         # a short one: Ray adds the node id to the admin socket's path, which must stay < 98 chars.
-        hap = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp"))
+        hap = scratch_dir("hap-", "/tmp")
         serve_env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1",
                           "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
                           "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
