@@ -57,14 +57,13 @@ ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_ba
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
 USE_EASE = True  # read at call time (bench/ranker_holdout.py --set turns it off)
-USE_MARKOV = False  # read at call time: the basket-to-basket transition feature (an experiment)
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
     "explore", "one_off",
     "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
-    "peers", "ease", "markov",
+    "peers", "ease",
     "context", "hour", "weekday", "holiday",
     "department", "price", "price_band", "brand_pop",
     "query_lex", "query_sem", "query_rrf",
@@ -84,7 +83,7 @@ COMPONENT_OF: dict[str, str] = {
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
     "new_buyers": "pop", "new_share": "pop",
     "peers": "peers", "src_peers": "peers",
-    "ease": "ease", "src_ease": "ease", "markov": "ease",
+    "ease": "ease", "src_ease": "ease",
     "context": "context", "hour": "context", "weekday": "context", "holiday": "context",
     "src_context": "context",
     "department": "item", "price": "item", "price_band": "item", "brand_pop": "item",
@@ -207,8 +206,6 @@ def build_features(
     _repeat_stats(ranker, req, items, col)
     col["peers"] = _peer_scores(ranker, req.user, items)
     col["ease"] = _ease_scores(ranker, req.user, items) if USE_EASE else np.nan
-    col["markov"] = (np.nan if not USE_MARKOV or req.user is None
-                     else _row_lookup(*ranker.signals.markov_of(req.user), items))
     static = item_static[items]  # one gather of the candidates' rows, then its columns
     for j, name in enumerate(ITEM_FEATURES):
         col[name] = static[:, j]

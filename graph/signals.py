@@ -84,8 +84,6 @@ class SignalParams:
     ease_items: int = 10_000
     ease_lambda: float = 500.0
     ease_user_items: int = 300
-    markov_baskets: int = 3
-    markov_user_items: int = 300
     country: str = "US"
 
 
@@ -151,9 +149,6 @@ class RankingSignals:
     ease_indptr: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     ease_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     ease_score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    markov_indptr: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    markov_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    markov_score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     attribute_lift: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -161,8 +156,6 @@ class RankingSignals:
             self.peer_indptr = np.zeros(self.num_users + 1, dtype=np.int64)
         if len(self.ease_indptr) == 0:  # a model exported before EASE: every row empty
             self.ease_indptr = np.zeros(self.num_users + 1, dtype=np.int64)
-        if len(self.markov_indptr) == 0:
-            self.markov_indptr = np.zeros(self.num_users + 1, dtype=np.int64)
 
     def peers_of(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         """The user's peer items (sorted indices) and their scores. Shapes: ``[n]`` each."""
@@ -173,11 +166,6 @@ class RankingSignals:
         """The user's best :func:`ease_items` (sorted indices) and their scores. Shapes: ``[n]``."""
         lo, hi = int(self.ease_indptr[user]), int(self.ease_indptr[user + 1])
         return self.ease_indices[lo:hi], self.ease_score[lo:hi]
-
-    def markov_of(self, user: int) -> tuple[np.ndarray, np.ndarray]:
-        """The user's best :func:`markov_items` (sorted indices) and scores. Shapes: ``[n]``."""
-        lo, hi = int(self.markov_indptr[user]), int(self.markov_indptr[user + 1])
-        return self.markov_indices[lo:hi], self.markov_score[lo:hi]
 
     @property
     def num_users(self) -> int:
@@ -501,80 +489,6 @@ def ease_items(
     return indptr, np.concatenate(out_idx), np.concatenate(out_val)
 
 
-def markov_items(
-    users: np.ndarray, sessions: np.ndarray, ts: np.ndarray, items: np.ndarray,
-    num_users: int, num_items: int, *, last_baskets: int, top_items: int, block_users: int = 512,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What tends to follow each user's latest baskets: a first-order basket-to-basket
-    transition model (the Markov part of FPMC, Rendle et al., WWW 2010).
-
-    Over every pair of consecutive baskets of one user, ``C[i, j]`` counts baskets holding ``j``
-    that follow one holding ``i`` (``i != j``); ``T = C / sqrt(n_i n_j)`` with ``n_i`` the pairs
-    whose first basket holds ``i`` and ``n_j`` those whose second holds ``j``. A user's scores are
-    ``T``'s rows summed over the items of their ``last_baskets`` latest baskets, weighted 1, 1/2,
-    1/4, ...; the ``top_items`` best are kept.
-
-    Shapes:
-        - **users**, **sessions**, **ts**, **items** ``[n]``: one row per (known user) event.
-        - return ``indptr`` ``[U+1]`` int64, ``indices`` ``[nnz]`` int32 (ascending within a
-          row), ``score`` ``[nnz]`` float32.
-    """
-    indptr = np.zeros(num_users + 1, dtype=np.int64)
-    empty = (indptr, np.zeros(0, np.int32), np.zeros(0, np.float32))
-    if len(users) == 0 or top_items <= 0:
-        return empty
-    df = pd.DataFrame({"u": users, "s": sessions, "t": ts, "i": items})
-    bt = df.groupby(["u", "s"], sort=False)["t"].min().reset_index()
-    bt = bt.sort_values(["u", "t", "s"], kind="stable").reset_index(drop=True)
-    bt["b"] = np.arange(len(bt))
-    rows = df[["u", "s", "i"]].drop_duplicates().merge(bt[["u", "s", "b"]], on=["u", "s"])
-    nb = len(bt)
-    basket = sp.csr_matrix((np.ones(len(rows), np.float32), (rows["b"].to_numpy(),
-                                                             rows["i"].to_numpy())),
-                           shape=(nb, num_items))
-    bu = bt["u"].to_numpy()
-    follows = np.flatnonzero(bu[1:] == bu[:-1])  # basket k followed by k + 1 of the same user
-    if len(follows) == 0:
-        return empty
-    prev, nxt = basket[follows], basket[follows + 1]
-    c = (prev.T @ nxt).tocsr()
-    c.setdiag(0.0)
-    c.eliminate_zeros()
-    n_i = np.asarray(prev.sum(axis=0)).ravel()
-    n_j = np.asarray(nxt.sum(axis=0)).ravel()
-    inv_i = 1.0 / np.sqrt(np.maximum(n_i, 1.0))
-    inv_j = 1.0 / np.sqrt(np.maximum(n_j, 1.0))
-    t = (sp.diags(inv_i.astype(np.float32)) @ c @ sp.diags(inv_j.astype(np.float32))).tocsr()
-    # Each user's latest baskets, weighted 1, 1/2, 1/4, ...
-    ends = np.searchsorted(bu, np.arange(num_users), side="right")
-    starts = np.searchsorted(bu, np.arange(num_users), side="left")
-    r_idx, b_idx, wts = [], [], []
-    for k in range(last_baskets):
-        has = ends - k - 1 >= starts
-        r_idx.append(np.flatnonzero(has))
-        b_idx.append((ends - k - 1)[has])
-        wts.append(np.full(int(has.sum()), 0.5 ** k, np.float32))
-    pick = sp.csr_matrix((np.concatenate(wts), (np.concatenate(r_idx), np.concatenate(b_idx))),
-                         shape=(num_users, nb))
-    x = (pick @ basket).tocsr()
-    out_idx: list[np.ndarray] = []
-    out_val: list[np.ndarray] = []
-    for start in range(0, num_users, block_users):
-        stop = min(start + block_users, num_users)
-        scores = (x[start:stop] @ t).tocsr()
-        for r in range(stop - start):
-            lo, hi = scores.indptr[r], scores.indptr[r + 1]
-            cols, vals = scores.indices[lo:hi], scores.data[lo:hi]
-            if len(cols) > top_items:
-                best = np.argpartition(-vals, top_items - 1)[:top_items]
-                cols, vals = cols[best], vals[best]
-            order = np.argsort(cols, kind="stable")
-            out_idx.append(cols[order].astype(np.int32))
-            out_val.append(vals[order].astype(np.float32))
-            indptr[start + r + 1] = indptr[start + r] + len(cols)
-    return indptr, np.concatenate(out_idx), np.concatenate(out_val)
-
-
 def user_baskets(
     users: np.ndarray, sessions: np.ndarray, items: np.ndarray, num_users: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -804,11 +718,6 @@ def fit_signals(
                       shape=(num_users, num_items)),
         num_items=params.ease_items, lam=params.ease_lambda, top_items=params.ease_user_items,
     )
-    markov_indptr, markov_indices, markov_score = markov_items(
-        df["u"].to_numpy(), df["s"].to_numpy(), df["ts"].to_numpy(), df["i"].to_numpy(),
-        num_users, num_items, last_baskets=params.markov_baskets,
-        top_items=params.markov_user_items,
-    )
     return RankingSignals(
         popularity=popularity,
         hist_indptr=hist_indptr.astype(np.int64),
@@ -843,7 +752,4 @@ def fit_signals(
         ease_indptr=ease_indptr,
         ease_indices=ease_indices,
         ease_score=ease_score,
-        markov_indptr=markov_indptr,
-        markov_indices=markov_indices,
-        markov_score=markov_score,
     )
