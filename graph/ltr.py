@@ -44,7 +44,6 @@ ABLATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "no_session": (_SESSION_FEATURES, ("ann_sess", "cooc", "intent")),
     "no_context": (("context", "hour", "weekday", "holiday", "src_context"), ("context",)),
 }
-CATEGORICAL: tuple[str, ...] = ()  # read at call time: features split as categories (an experiment)
 DEFAULT_PARAMS: dict[str, Any] = {
     "objective": "lambdarank",
     "metric": "ndcg",
@@ -335,9 +334,8 @@ def fit_ranker(
     if len(tr.group) == 0:
         raise DataError("no validation request has a bought item among its candidates: the "
                         "validation window is too small to fit the ranker; widen --val-days")
-    cats = [f for f in CATEGORICAL if f in feats]
     dtrain = lgb.Dataset(tr.x[:, cols], tr.y, group=tr.group, feature_name=list(feats),
-                         categorical_feature=cats or "auto", free_raw_data=True)
+                         free_raw_data=True)
     if len(va.group):  # early stopping on held-out validation requests
         dvalid = lgb.Dataset(va.x[:, cols], va.y, group=va.group, reference=dtrain)
         booster = lgb.train(p, dtrain, num_boost_round=max_rounds, valid_sets=[dvalid],
@@ -356,8 +354,7 @@ def fit_ranker(
         best = max(1, round(stopped * len(group) / len(tr.group)))
         booster = lgb.train(p, lgb.Dataset(np.concatenate([tr.x[:, cols], va.x[:, cols]]),
                                            np.concatenate([tr.y, va.y]), group=group,
-                                           feature_name=list(feats),
-                                           categorical_feature=cats or "auto", free_raw_data=True),
+                                           feature_name=list(feats), free_raw_data=True),
                             num_boost_round=best)
     # rows / requests: what early stopping trained on; fitted_*: what the returned model learned
     # from; valid_ndcg@20: the early-stopped model's score on the held-out shoppers (after a
