@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -52,6 +53,10 @@ class SteadyLoad:
         self.phase = "steady"
         self.server_errors: list[str] = []
         self.stop = threading.Event()
+        # Session and event ids of this load only: another load on the same app (the next test
+        # of a module) must not re-send these ids, which the shards would take for retries and
+        # drop as duplicates.
+        self.run_id = uuid.uuid4().hex[:8]
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
     @property
@@ -90,7 +95,7 @@ class SteadyLoad:
         shown: list[tuple[float, dict[str, Any]]] = []  # answers not yet clicked, with clicks on
         while not self.stop.is_set():
             n += 1
-            sid, eid = f"chaos-{c}-{n // 20}", f"chaos-{c}-{n}"
+            sid, eid = f"chaos-{self.run_id}-{c}-{n // 20}", f"chaos-{self.run_id}-{c}-{n}"
             event = {"session_id": sid, "event": "view", "event_id": eid,
                      "item_id": self.items[(c * 11 + n) % len(self.items)]}
             cutoff = time.monotonic() - CLICK_AFTER_S
