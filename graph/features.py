@@ -57,18 +57,11 @@ ITEM_FEATURES: tuple[str, ...] = ("pop_trend", "repeat_rate", "price", "price_ba
 # (``new_buyers``, ``new_share``, ``explore``).
 ADOPTION_DAYS = 28.0
 USE_EASE = True  # read at call time (bench/ranker_holdout.py --set turns it off)
-# Experiment: complementary categories. How strongly the candidate's category goes with the
-# session's categories in the training baskets (category-to-category PMI, weighted by the
-# session's shares): pasta in the cart lifts pasta sauce, whatever the sauce's own co-occurrence.
-USE_CATPMI = False
-# Experiment: the shopper's typical basket size (mean items per training basket; NaN without one):
-# a large basket holds the shopper's rarer repeats and new items, a small one only staples.
-USE_BSIZE = False
 FEATURES: tuple[str, ...] = (
     "gnn", "session", "sess_sim_max", "sess_sim_mean",
     "repeat", "hist_count", "days_since_last", "interval_days", "due", "user_sessions",
-    "explore", "one_off", "basket_size",
-    "cooc", "line", "intent", "basket", "session_items", "cat_pmi",
+    "explore", "one_off",
+    "cooc", "line", "intent", "basket", "session_items",
     "pop", "pop_trend", "repeat_rate", "new_buyers", "new_share",
     "peers", "ease",
     "context", "hour", "weekday", "holiday",
@@ -84,9 +77,9 @@ COMPONENT_OF: dict[str, str] = {
     "src_ann_sess": "session",
     "repeat": "repeat", "hist_count": "repeat", "days_since_last": "repeat",
     "interval_days": "repeat", "due": "repeat", "user_sessions": "repeat", "src_buy_again": "repeat",
-    "explore": "explore", "one_off": "explore", "basket_size": "explore",
+    "explore": "explore", "one_off": "explore",
     "cooc": "cooc", "src_cooc": "cooc", "line": "line", "intent": "intent", "src_intent": "intent",
-    "session_items": "intent", "cat_pmi": "intent", "basket": "basket",
+    "session_items": "intent", "basket": "basket",
     "pop": "pop", "pop_trend": "pop", "repeat_rate": "pop", "src_popular": "pop",
     "new_buyers": "pop", "new_share": "pop",
     "peers": "peers", "src_peers": "peers",
@@ -210,9 +203,7 @@ def build_features(
     else:
         col["sess_sim_max"] = col["sess_sim_mean"] = np.nan
         col["session_items"] = 0.0
-    col["cat_pmi"] = _category_pmi(ranker.signals, s, items) if USE_CATPMI else np.nan
     _repeat_stats(ranker, req, items, col)
-    col["basket_size"] = _basket_size(ranker.signals, req.user) if USE_BSIZE else np.nan
     col["peers"] = _peer_scores(ranker, req.user, items)
     col["ease"] = _ease_scores(ranker, req.user, items) if USE_EASE else np.nan
     static = item_static[items]  # one gather of the candidates' rows, then its columns
@@ -232,60 +223,6 @@ def build_features(
         out[:, j] = col[name]
     out[:, _SOURCE_COLUMNS:] = cand.sources  # the source flags, 1.0 / 0.0, in one block
     return out
-
-
-_CAT_PMI: dict[int, np.ndarray] = {}
-
-
-def _basket_size(sig: RankingSignals, user: int | None) -> float:
-    """The user's mean number of items per training basket (NaN: unknown user, no basket)."""
-    if user is None:
-        return np.nan
-    lo, hi = int(sig.user_basket_indptr[user]), int(sig.user_basket_indptr[user + 1])
-    if hi <= lo:
-        return np.nan
-    return float(sig.basket_indptr[hi] - sig.basket_indptr[lo]) / (hi - lo)
-
-
-def category_pmi(sig: RankingSignals) -> np.ndarray:
-    """Pointwise mutual information of two categories being in one training basket,
-    ``log(P(a, b) / (P(a) P(b)))`` with add-one smoothing of the pair counts, 0 for pairs seen
-    no more than chance would give (negative PMI floored at 0). Shape ``[C, C]`` float32."""
-    key = id(sig)
-    if key not in _CAT_PMI:
-        import scipy.sparse as sp
-        nb = len(sig.basket_indptr) - 1
-        rows = np.repeat(np.arange(nb), np.diff(sig.basket_indptr))
-        cats = sig.item_category[sig.basket_items]
-        b = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cats)),
-                          shape=(nb, sig.num_categories))
-        b.data[:] = 1.0  # duplicates summed by the constructor: one per basket and category
-        b.sum_duplicates()
-        b.data[:] = 1.0
-        pair = (b.T @ b).toarray().astype(np.float64)
-        n = np.diag(pair).copy()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            pmi = np.log((pair + 1.0) * nb / np.maximum(np.outer(n, n), 1.0))
-        pmi = np.nan_to_num(np.maximum(pmi, 0.0))
-        np.fill_diagonal(pmi, 0.0)  # the same category is the intent feature's
-        _CAT_PMI[key] = pmi.astype(np.float32)
-    return _CAT_PMI[key]
-
-
-def _category_pmi(sig: RankingSignals, s: SessionSignal | None,
-                  items: np.ndarray) -> np.ndarray | float:
-    """Each candidate's category's PMI with the session's categories, weighted by the session's
-    positive item weights (NaN without a session)."""
-    if s is None or s.is_empty:
-        return np.nan
-    w = np.maximum(s.weights.astype(np.float64), 0.0)
-    if w.sum() <= 0:
-        return np.nan
-    share = np.bincount(sig.item_category[s.items], weights=w / w.sum(),
-                        minlength=sig.num_categories)
-    cats = np.flatnonzero(share)
-    pmi = category_pmi(sig)
-    return (share[cats] @ pmi[cats][:, sig.item_category[items]]).astype(np.float32)
 
 
 def _peer_scores(ranker: Ranker, user: int | None, items: np.ndarray) -> np.ndarray | float:
