@@ -59,6 +59,10 @@ class SteadyLoad:
         self.run_id = uuid.uuid4().hex[:8]
         self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
+    def ids(self, client: int, n: int) -> tuple[str, str]:
+        """The session id and event id of client ``client``'s ``n``-th event (20 per session)."""
+        return f"chaos-{self.run_id}-{client}-{n // 20}", f"chaos-{self.run_id}-{client}-{n}"
+
     @property
     def outcomes(self) -> Counter[int | str]:
         """Attempts by status (or error name)."""
@@ -95,7 +99,7 @@ class SteadyLoad:
         shown: list[tuple[float, dict[str, Any]]] = []  # answers not yet clicked, with clicks on
         while not self.stop.is_set():
             n += 1
-            sid, eid = f"chaos-{self.run_id}-{c}-{n // 20}", f"chaos-{self.run_id}-{c}-{n}"
+            sid, eid = self.ids(c, n)
             event = {"session_id": sid, "event": "view", "event_id": eid,
                      "item_id": self.items[(c * 11 + n) % len(self.items)]}
             cutoff = time.monotonic() - CLICK_AFTER_S
