@@ -281,8 +281,8 @@ def signals_in_background(train: pd.DataFrame, inter: Interactions,
     """Start :func:`graph.signals.fit_signals` as a Ray task (one CPU) and return what waits for
     its result; without Ray, what fits them when called.
 
-    The task uses as many BLAS threads as this process: EASE's Cholesky solve
-    (``graph.signals.ease_items``) rounds differently with another thread count, and the
+    The task uses as many BLAS threads as this process: EASE's Cholesky inverse
+    (``graph.signals.spd_inverse``) rounds differently with another thread count, and the
     signals must not depend on where they were fitted. The result is copied out of the object
     store (its arrays would be read-only there).
     """

@@ -429,6 +429,44 @@ def peer_items(
     return indptr, np.concatenate(out_idx), np.concatenate(out_val)
 
 
+def spd_inverse(a: np.ndarray, block: int = 1024) -> np.ndarray:
+    """The inverse of a symmetric positive definite matrix, as a C-ordered array.
+
+    LAPACK's Cholesky factor (``potrf``) and then its inverse from the factor (``potri``): about
+    ``2n³/3`` flops, against ``2n³`` for solving against the identity (``cho_solve(…, I)``), and
+    no identity matrix to hold; 3× less time for EASE's 10,000 items on two cores
+    (``bench/ease_inverse.py``). ``potri`` writes one triangle; the other is copied from it in
+    blocks of ``block`` columns (no index arrays the size of the matrix). ``a`` is overwritten
+    where LAPACK can work in its memory.
+
+    Shapes:
+        - a ``[n, n]`` float32 or float64, symmetric positive definite.
+        - return ``[n, n]``, the same dtype.
+
+    Raises:
+        numpy.linalg.LinAlgError: ``a`` is not positive definite.
+    """
+    import scipy.linalg as sla
+    from scipy.linalg import lapack
+
+    n = a.shape[0]
+    c, lower = sla.cho_factor(a, lower=False, overwrite_a=True, check_finite=False)
+    potri, = lapack.get_lapack_funcs(("potri",), (c,))
+    p, info = potri(c, lower=lower, overwrite_c=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"LAPACK potri failed (info {info}): the matrix is singular")
+    # p[i, j] holds the inverse for i <= j (numpy's indexing): fill i > j from it.
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        p[e:, s:e] = p[s:e, e:].T
+        diag = p[s:e, s:e]
+        below = np.tril_indices(e - s, -1)
+        diag[below] = diag.T[below]
+    # Symmetric now, so the transpose of a Fortran-ordered result is the same matrix in C order
+    # (what sparse @ dense reads without a copy).
+    return np.ascontiguousarray(p.T if p.flags.f_contiguous else p)
+
+
 def ease_items(
     history: sp.csr_matrix, *, num_items: int, lam: float, top_items: int,
     block_users: int = 4096,
@@ -439,8 +477,8 @@ def ease_items(
     ``B = I - P / diag(P)``, ``P = (XᵀX + lam I)⁻¹``, over the binary user-item matrix ``X``.
     Unlike co-occurrence counts it explains each item by all the others at once, so an item
     that merely rides along with a popular one gets little weight. Fitted on the ``num_items``
-    items with the most buyers (the inverse costs ``num_items³``: 10,000 items take tens of
-    seconds on two cores, whatever the catalogue's size); each user's scores ``X_u B`` are
+    items with the most buyers (the inverse, :func:`spd_inverse`, costs ``num_items³``: 10,000
+    items take about 7 seconds on two cores, whatever the catalogue's size); each user's scores ``X_u B`` are
     computed for those items and the ``top_items`` best kept (the user's own items included).
 
     Shapes:
@@ -448,8 +486,6 @@ def ease_items(
         - return ``indptr`` ``[U+1]`` int64, ``indices`` ``[nnz]`` int32 (ascending within a
           row), ``score`` ``[nnz]`` float32.
     """
-    import scipy.linalg as sla
-
     num_users = history.shape[0]
     x = sp.csr_matrix(history, dtype=np.float32, copy=True)
     x.data[:] = 1.0
@@ -463,11 +499,11 @@ def ease_items(
     xt = sp.csc_matrix(x)[:, top].tocsr()
     g = (xt.T @ xt).toarray().astype(np.float32)
     g[np.diag_indices(len(top))] += np.float32(lam)
-    p = sla.cho_solve(sla.cho_factor(g, overwrite_a=True, check_finite=False),
-                      np.eye(len(top), dtype=np.float32), overwrite_b=True, check_finite=False)
-    b = -p / np.diag(p)[None, :]
+    b = spd_inverse(g)
+    del g
+    b /= np.diag(b).copy()[None, :]  # in place: B = -P / diag(P), zero diagonal
+    np.negative(b, out=b)
     np.fill_diagonal(b, 0.0)
-    del p, g
     k = min(top_items, len(top))
     out_idx: list[np.ndarray] = []
     out_val: list[np.ndarray] = []

@@ -351,6 +351,30 @@ def test_ease_items_match_the_closed_form() -> None:
     assert set(x2.tolist()) <= set(np.argsort(-buyers, kind="stable")[:3].tolist())
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_spd_inverse_is_the_whole_symmetric_inverse(dtype: type, order: str) -> None:
+    from graph.signals import spd_inverse
+
+    rng = np.random.default_rng(5)
+    m = rng.standard_normal((60, 37))
+    a = (m.T @ m + 3.0 * np.eye(37)).astype(dtype)
+    want = np.linalg.inv(a.astype(np.float64))
+    # blocks of 8 columns: the copied triangle crosses several blocks and a partial last one
+    got = spd_inverse(np.array(a, order=order), block=8)
+    assert got.dtype == dtype and got.flags.c_contiguous
+    np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == np.float32 else 1e-10,
+                               atol=1e-6 if dtype == np.float32 else 1e-13)
+    np.testing.assert_array_equal(got, got.T)
+
+
+def test_spd_inverse_refuses_a_matrix_that_is_not_positive_definite() -> None:
+    from graph.signals import spd_inverse
+
+    with pytest.raises(np.linalg.LinAlgError):
+        spd_inverse(np.array([[1.0, 2.0], [2.0, 1.0]]))
+
+
 def test_peers_feature_and_candidates_for_a_known_user() -> None:
     from graph.features import FEATURES
 
