@@ -1,14 +1,17 @@
-"""EASE's matrix inverse: :func:`graph.signals.spd_inverse` against the solve it replaced.
+"""EASE's fit: its inverse (:func:`graph.signals.spd_inverse` against the solve it replaced), and
+the whole fit by items against by users (:func:`graph.signals.ease_items`).
 
 EASE (:func:`graph.signals.ease_items`) needs ``P = (XᵀX + λI)⁻¹`` over its 10,000 items, twice
 per training job (the signals of the validation fit and the published ones) and twice per
 ``bench/ranker_holdout.py`` run. Until 2026-12-07 it solved against the identity
 (``scipy.linalg.cho_solve(cho_factor(G), I)``, about ``2n³`` flops); now LAPACK's ``potrf`` and
-``potri`` compute it from the Cholesky factor (about ``2n³/3``). This builds ``G`` from the
-built-in data's training purchases (the user–item graph of the default split, as
-``train_job.py`` sees it), checks that both give the same matrix (relative difference), and
-times both, alternated, ``--repeats`` times each: wall and CPU seconds of this process, at the
-machine's BLAS thread count. Prints a table and writes JSON.
+``potri`` compute it from the Cholesky factor (about ``2n³/3``); and with fewer shoppers than
+items, the fit needs no ``n × n`` inverse at all (``ease_items``' "by users" way). This builds
+the built-in data's training purchases (the user–item graph of the default split, as
+``train_job.py`` sees it), checks that each pair gives the same result (relative difference of
+the matrices; for the fits, the same items per shopper and their largest score difference), and
+times each pair, alternated, ``--repeats`` times each: wall and CPU seconds of this process, at
+the machine's BLAS thread count. Prints a table and writes JSON.
 
     python bench/ease_inverse.py                   # all shoppers (what the default job fits)
     python bench/ease_inverse.py --max-users 300   # the tests' slice
@@ -28,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _gram(max_users: int, num_items: int, lam: float) -> Any:
+def _purchases(max_users: int) -> Any:
+    """The user–item pattern of the default split's training graph, CSR ``[U, I]``."""
     import numpy as np
     import scipy.sparse as sp
 
@@ -37,15 +41,21 @@ def _gram(max_users: int, num_items: int, lam: float) -> Any:
     cfg = PipelineConfig(max_users=max_users) if max_users else PipelineConfig()
     d = prepare_data(cfg, progress=lambda line: None)
     users, items = d.inter_full.edge_index.numpy()
-    x = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)),
-                      shape=(d.inter_full.num_users, d.inter_full.num_items))
+    return sp.csr_matrix((np.ones(len(users), np.float32), (users, items)),
+                         shape=(d.inter_full.num_users, d.inter_full.num_items))
+
+
+def _gram(x: Any, num_items: int, lam: float) -> Any:
+    import numpy as np
+    import scipy.sparse as sp
+
     buyers = np.bincount(x.indices, minlength=x.shape[1])
     top = np.flatnonzero(buyers >= 2)  # ease_items' own choice of items
     top = np.sort(top[np.argsort(-buyers[top], kind="stable")[:num_items]])
     xt = sp.csc_matrix(x)[:, top].tocsr()
     g = (xt.T @ xt).toarray().astype(np.float32)
     g[np.diag_indices(len(top))] += np.float32(lam)
-    return g, x.shape[0]
+    return g
 
 
 def _solve_identity(g: Any) -> Any:
@@ -69,44 +79,66 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from threadpoolctl import threadpool_info
 
-    from graph.signals import spd_inverse
+    from graph.signals import ease_items, spd_inverse
 
     print(f"building XᵀX + λI from the built-in data ({args.max_users or 'all'} shoppers) ...",
           flush=True)
-    g, num_users = _gram(args.max_users, args.items, args.lam)
-    ways = {"solve against I (replaced)": _solve_identity, "potrf + potri (shipped)": spd_inverse}
-    first = {name: fn(g.copy()) for name, fn in ways.items()}
-    a, b = first.values()
-    rel = float(np.abs(a - b).max() / np.abs(a).max())
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
-    for r in range(args.repeats):
-        for name, fn in ways.items():
-            m = g.copy()
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn(m)
-            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-            print(f"  round {r + 1}/{args.repeats} {name}: {times[name][-1][0]:.2f} s", flush=True)
+    x = _purchases(args.max_users)
+    num_users = x.shape[0]
+    g = _gram(x, args.items, args.lam)
+
+    def fit(dual: bool) -> Any:
+        return ease_items(x, num_items=args.items, lam=args.lam, top_items=300, dual=dual)
+
+    pairs = {
+        "inverse": {"solve against I (replaced)": lambda: _solve_identity(g.copy()),
+                    "potrf + potri (shipped)": lambda: spd_inverse(g.copy())},
+        "fit": {"ease_items by items": lambda: fit(False),
+                "ease_items by users": lambda: fit(True)},
+    }
+    checks: dict[str, Any] = {}
+    a, b = (fn() for fn in pairs["inverse"].values())
+    checks["inverse_max_relative_difference"] = float(np.abs(a - b).max() / np.abs(a).max())
+    del a, b
+    (ia, xa, sa), (ib, xb, sb) = (fn() for fn in pairs["fit"].values())
+    same = [np.array_equal(xa[ia[u]:ia[u + 1]], xb[ib[u]:ib[u + 1]]) for u in range(num_users)]
+    checks["fit_shoppers_with_the_same_items"] = float(np.mean(same))
+    checks["fit_max_score_difference"] = float(max(
+        (np.abs(sa[ia[u]:ia[u + 1]] - sb[ib[u]:ib[u + 1]]).max(initial=0.0)
+         for u in range(num_users) if same[u]), default=0.0))
     rows = []
-    for name, t in times.items():
-        walls, cpus = [w for w, _ in t], [c for _, c in t]
-        rows.append({"method": name, "wall_s": walls, "cpu_s": cpus,
-                     "wall_min_s": min(walls), "cpu_min_s": min(cpus)})
-    old, new = rows
-    print(f"\nEASE inverse of a {len(g):,} x {len(g):,} float32 matrix ({num_users:,} shoppers), "
-          f"fastest of {args.repeats}, alternated:")
-    print("| method | wall s | CPU s |\n|---|---:|---:|")
+    for pair, ways in pairs.items():
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
+        for r in range(args.repeats):
+            for name, fn in ways.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                fn()
+                times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+                print(f"  round {r + 1}/{args.repeats} {name}: {times[name][-1][0]:.2f} s",
+                      flush=True)
+        for name, t in times.items():
+            walls, cpus = [w for w, _ in t], [c for _, c in t]
+            rows.append({"pair": pair, "method": name, "wall_s": walls, "cpu_s": cpus,
+                         "wall_min_s": min(walls), "cpu_min_s": min(cpus)})
+    print(f"\nEASE on {len(g):,} items and {num_users:,} shoppers, fastest of {args.repeats}, "
+          "alternated within each pair:")
+    print("| what | wall s | CPU s |\n|---|---:|---:|")
     for row in rows:
         print(f"| {row['method']} | {row['wall_min_s']:.2f} | {row['cpu_min_s']:.2f} |")
-    print(f"speed-up (wall) {old['wall_min_s'] / new['wall_min_s']:.2f}x; "
-          f"largest difference relative to the largest entry {rel:.1e}")
+    speedup = {pair: rows[2 * i]["wall_min_s"] / rows[2 * i + 1]["wall_min_s"]
+               for i, pair in enumerate(pairs)}
+    print("speed-up (wall): " + ", ".join(f"{p} {v:.2f}x" for p, v in speedup.items()))
+    print(f"inverse: largest difference relative to the largest entry "
+          f"{checks['inverse_max_relative_difference']:.1e}; fit: "
+          f"{checks['fit_shoppers_with_the_same_items']:.2%} of shoppers get the same items, "
+          f"scores within {checks['fit_max_score_difference']:.1e}")
     out = {
         "command": "python bench/ease_inverse.py " + " ".join(argv or sys.argv[1:]),
         "n": len(g), "shoppers": num_users, "lam": args.lam, "repeats": args.repeats,
         "machine": platform.processor() or platform.machine(),
         "blas": [{k: i.get(k) for k in ("internal_api", "num_threads", "version")}
                  for i in threadpool_info() if i["user_api"] == "blas"],
-        "max_relative_difference": rel, "rows": rows,
-        "speedup_wall": old["wall_min_s"] / new["wall_min_s"],
+        **checks, "rows": rows, "speedup_wall": speedup,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

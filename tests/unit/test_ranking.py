@@ -317,27 +317,34 @@ def test_peer_items_vote_with_the_most_similar_shoppers() -> None:
     np.testing.assert_allclose(s3, score, rtol=1e-6)
 
 
-def test_ease_items_match_the_closed_form() -> None:
+@pytest.mark.parametrize(("users", "dual"), [
+    (40, None), (40, True), (8, None), (8, False),  # None: by items for 40 users, users for 8
+])
+def test_ease_items_match_the_closed_form(users: int, dual: bool | None) -> None:
+    """Both ways to EASE's scores (by items: ``P`` itself; by users: the push-through and
+    Woodbury identities) give the closed form, with more users than items and with fewer."""
     from scipy import sparse
 
     from graph.signals import ease_items
 
     rng = np.random.default_rng(3)
-    dense = (rng.random((40, 12)) < 0.3).astype(np.float64)
+    dense = (rng.random((users, 12)) < (0.3 if users > 20 else 0.6)).astype(np.float64)
     dense[:, 11] = 0.0
     dense[0, 11] = 1.0  # one buyer only: left out of the model
     dense[5] = 0.0  # a user without purchases gets an empty row
     hist = sparse.csr_matrix(dense * 3.0)  # counts: only the pattern is used
     lam = 2.0
-    indptr, indices, score = ease_items(hist, num_items=12, lam=lam, top_items=4, block_users=7)
+    indptr, indices, score = ease_items(hist, num_items=12, lam=lam, top_items=4, block_users=7,
+                                        dual=dual)
     # B = I - P / diag(P) with P = (XᵀX + lam I)⁻¹ over the items with two buyers or more
     x = dense[:, :11]
+    assert (dense[:, :11] > 0).sum(axis=0).min() >= 2  # every other item is in the model
     p = np.linalg.inv(x.T @ x + lam * np.eye(11))
     b = -p / np.diag(p)[None, :]
     np.fill_diagonal(b, 0.0)
     want = x @ b
     assert indptr[6] == indptr[5]
-    for u in range(40):
+    for u in range(users):
         idx, sc = indices[indptr[u]:indptr[u + 1]], score[indptr[u]:indptr[u + 1]]
         if u == 5:
             continue
