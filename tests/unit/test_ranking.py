@@ -358,6 +358,27 @@ def test_ease_items_match_the_closed_form(users: int, dual: bool | None) -> None
     assert set(x2.tolist()) <= set(np.argsort(-buyers, kind="stable")[:3].tolist())
 
 
+def test_fit_signals_fits_ease_by_items_unless_by_users_is_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny data has fewer shoppers (3) than EASE items (6), where fitting by users is the
+    cheaper way; the job still fits by items (graph.signals.EASE_BY_USERS) unless asked."""
+    import graph.signals as G
+
+    train = events_from_baskets(TRAIN_BASKETS)
+    inter = build_interactions(train, tiny_items())
+    calls: list[int] = []
+    by_users = G._ease_by_users
+    monkeypatch.setattr(G, "_ease_by_users", lambda *a: calls.append(1) or by_users(*a))
+    items_way = fit_signals(train, inter)
+    assert calls == [] and len(items_way.ease_score) > 0
+    monkeypatch.setattr(G, "EASE_BY_USERS", True)
+    users_way = fit_signals(train, inter)
+    assert calls == [1]
+    np.testing.assert_array_equal(users_way.ease_indptr, items_way.ease_indptr)
+    np.testing.assert_array_equal(users_way.ease_indices, items_way.ease_indices)
+    np.testing.assert_allclose(users_way.ease_score, items_way.ease_score, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_spd_inverse_is_the_whole_symmetric_inverse(dtype: type, order: str) -> None:
