@@ -6,7 +6,8 @@ per training job (the signals of the validation fit and the published ones) and 
 ``bench/ranker_holdout.py`` run. Until 2026-12-07 it solved against the identity
 (``scipy.linalg.cho_solve(cho_factor(G), I)``, about ``2n³`` flops); now LAPACK's ``potrf`` and
 ``potri`` compute it from the Cholesky factor (about ``2n³/3``); and with fewer shoppers than
-items, the fit needs no ``n × n`` inverse at all (``ease_items``' "by users" way). This builds
+items, the fit needs no ``n × n`` inverse at all (``ease_items``' "by users" way; not the
+default, ``graph.signals.EASE_BY_USERS`` says why). This builds
 the built-in data's training purchases (the user–item graph of the default split, as
 ``train_job.py`` sees it), checks that each pair gives the same result (relative difference of
 the matrices; for the fits, the same items per shopper and their largest score difference), and
