@@ -46,19 +46,6 @@ def _purchases(max_users: int) -> Any:
                          shape=(d.inter_full.num_users, d.inter_full.num_items))
 
 
-def _gram(x: Any, num_items: int, lam: float) -> Any:
-    import numpy as np
-    import scipy.sparse as sp
-
-    buyers = np.bincount(x.indices, minlength=x.shape[1])
-    top = np.flatnonzero(buyers >= 2)  # ease_items' own choice of items
-    top = np.sort(top[np.argsort(-buyers[top], kind="stable")[:num_items]])
-    xt = sp.csc_matrix(x)[:, top].tocsr()
-    g = (xt.T @ xt).toarray().astype(np.float32)
-    g[np.diag_indices(len(top))] += np.float32(lam)
-    return g
-
-
 def _solve_identity(g: Any) -> Any:
     """The replaced code: a Cholesky factor, then a solve against the identity."""
     import numpy as np
@@ -80,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from threadpoolctl import threadpool_info
 
-    from graph.signals import ease_items, spd_inverse
+    from graph.signals import ease_gram, ease_items, ease_matrix, spd_inverse
 
     print(f"building XᵀX + λI from the built-in data ({args.max_users or 'all'} shoppers) ...",
           flush=True)
     x = _purchases(args.max_users)
     num_users = x.shape[0]
-    g = _gram(x, args.items, args.lam)
+    g = ease_gram(ease_matrix(x, args.items)[1], args.lam)  # what ease_items inverts
 
     def fit(dual: bool) -> Any:
         return ease_items(x, num_items=args.items, lam=args.lam, top_items=300, dual=dual)

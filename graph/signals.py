@@ -507,16 +507,10 @@ def ease_items(
           row), ``score`` ``[nnz]`` float32.
     """
     num_users = history.shape[0]
-    x = sp.csr_matrix(history, dtype=np.float32, copy=True)
-    x.data[:] = 1.0
-    buyers = np.bincount(x.indices, minlength=history.shape[1])
-    top = np.flatnonzero(buyers >= 2)
-    top = top[np.argsort(-buyers[top], kind="stable")[:num_items]]
-    top.sort()
+    top, xt = ease_matrix(history, num_items)
     indptr = np.zeros(num_users + 1, dtype=np.int64)
     if len(top) < 2 or top_items <= 0:
         return indptr, np.zeros(0, np.int32), np.zeros(0, np.float32)
-    xt = sp.csc_matrix(x)[:, top].tocsr()
     scores_of = (_ease_by_users(xt, lam) if (num_users < len(top) if dual is None else dual)
                  else _ease_by_items(xt, lam))
     k = min(top_items, len(top))
@@ -540,13 +534,35 @@ def ease_items(
     return indptr, np.concatenate(out_idx), np.concatenate(out_val)
 
 
+def ease_matrix(history: sp.csr_matrix, num_items: int) -> tuple[np.ndarray, sp.csr_matrix]:
+    """EASE's items and its binary user-item matrix ``X`` over them (:func:`ease_items`).
+
+    The items with two buyers or more, the ``num_items`` with the most buyers (ties by id),
+    in ascending id order. Shared with ``bench/ease_inverse.py`` so the bench times the
+    matrix the job fits.
+
+    Shapes: history ``[U, I]`` CSR (only its pattern is used); return ``top`` ``[N]`` int64
+    and ``X`` ``[U, N]`` float32 CSR.
+    """
+    x = sp.csr_matrix(history, dtype=np.float32, copy=True)
+    x.data[:] = 1.0
+    buyers = np.bincount(x.indices, minlength=history.shape[1])
+    top = np.flatnonzero(buyers >= 2)
+    top = top[np.argsort(-buyers[top], kind="stable")[:num_items]]
+    top.sort()
+    return top, sp.csc_matrix(x)[:, top].tocsr()
+
+
+def ease_gram(xt: sp.csr_matrix, lam: float) -> np.ndarray:
+    """``XᵀX + lam I`` of :func:`ease_matrix`'s ``X``, dense float32 ``[N, N]``."""
+    g = (xt.T @ xt).toarray().astype(np.float32)
+    g[np.diag_indices(xt.shape[1])] += np.float32(lam)
+    return g
+
+
 def _ease_by_items(xt: sp.csr_matrix, lam: float) -> Callable[[int, int], np.ndarray]:
     """EASE's ``X B`` for users ``start:stop`` from ``B`` itself (:func:`ease_items`)."""
-    n = xt.shape[1]
-    g = (xt.T @ xt).toarray().astype(np.float32)
-    g[np.diag_indices(n)] += np.float32(lam)
-    b = spd_inverse(g)
-    del g
+    b = spd_inverse(ease_gram(xt, lam))
     b /= np.diag(b).copy()[None, :]  # in place: B = -P / diag(P), zero diagonal
     np.negative(b, out=b)
     np.fill_diagonal(b, 0.0)
