@@ -358,6 +358,32 @@ def test_ease_items_match_the_closed_form(users: int, dual: bool | None) -> None
     assert set(x2.tolist()) <= set(np.argsort(-buyers, kind="stable")[:3].tolist())
 
 
+def test_ease_matrix_takes_the_most_bought_items_with_two_buyers() -> None:
+    """EASE's items (shared by ``ease_items`` and ``bench/ease_inverse.py``): two buyers or
+    more, the ``num_items`` with the most buyers (ties by the lower id), in ascending id order;
+    ``X`` is their 0/1 pattern, and ``ease_gram`` is ``XᵀX + lam I`` of it."""
+    from scipy import sparse
+
+    from graph.signals import ease_gram, ease_matrix
+
+    # buyers per item: 0: 3, 1: 1, 2: 2, 3: 4, 4: 2, 5: 0
+    dense = np.array([[1, 0, 1, 1, 0, 0],
+                      [1, 1, 0, 1, 1, 0],
+                      [2, 0, 5, 1, 1, 0],
+                      [0, 0, 0, 1, 0, 0]], dtype=np.float64)
+    hist = sparse.csr_matrix(dense)
+    top, x = ease_matrix(hist, num_items=10)
+    assert top.tolist() == [0, 2, 3, 4]  # items 1 and 5 have fewer than two buyers
+    np.testing.assert_array_equal(x.toarray(), (dense[:, top] > 0).astype(np.float32))
+    assert x.dtype == np.float32 and x.shape == (4, 4)
+    top3, _ = ease_matrix(hist, num_items=3)
+    assert top3.tolist() == [0, 2, 3]  # 3 (4 buyers), 0 (3), then 2 before 4 (2 each)
+    g = ease_gram(x, 2.5)
+    b = (dense[:, top] > 0).astype(np.float64)
+    np.testing.assert_allclose(g, b.T @ b + 2.5 * np.eye(4), rtol=0, atol=0)
+    assert g.dtype == np.float32
+
+
 def test_fit_signals_fits_ease_by_items_unless_by_users_is_set(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The tiny data has fewer shoppers (3) than EASE items (6), where fitting by users is the
