@@ -7,9 +7,10 @@ per training job (the signals of the validation fit and the published ones) and 
 (``scipy.linalg.cho_solve(cho_factor(G), I)``, about ``2n³`` flops); now LAPACK's ``potrf`` and
 ``potri`` compute it from the Cholesky factor (about ``2n³/3``); and with fewer shoppers than
 items, the fit needs no ``n × n`` inverse at all (``ease_items``' "by users" way; not the
-default, ``graph.signals.EASE_BY_USERS`` says why). This builds
-the built-in data's training purchases (the user–item graph of the default split, as
-``train_job.py`` sees it), checks that each pair gives the same result (relative difference of
+default, ``graph.signals.EASE_BY_USERS`` says why). This reads the built-in data's training
+purchases (the user–item graph of the default split, as ``train_job.py`` sees it), builds
+``XᵀX + λI`` with ``ease_items``' own helpers (``ease_matrix``, ``ease_gram``), checks that
+each pair gives the same result (relative difference of
 the matrices; for the fits, the same items per shopper and their largest score difference), and
 times each pair, alternated, ``--repeats`` times each: wall and CPU seconds of this process, at
 the machine's BLAS thread count. Prints a table and writes JSON.
