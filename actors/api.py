@@ -444,6 +444,41 @@ class ShoppersResponse(_Out):
     users: list[str]
 
 
+class FeaturePsi(_Out):
+    feature: str
+    psi: float
+
+
+class MixShare(_Out):
+    training: float | None = Field(description="share of the ranker's training requests")
+    live: float | None = Field(description="share of this replica's binned requests (null: none)")
+
+
+class FeatureSkew(_Out):
+    """Training–serving skew of the version in use on the replica that answered
+    (:mod:`graph.skew`): each ranker feature's population stability index (PSI) over the
+    candidates of one ranked request in ``sample_every``, against the candidates it was trained
+    on."""
+
+    status: Literal["stable", "moderate", "major", "no requests yet", "no profile"] = Field(
+        description="by the largest PSI: stable under 0.1, moderate to 0.25, major above")
+    detail: str | None = Field(default=None, description="why there is no profile")
+    max_psi: float | None = None
+    requests_ranked: int = Field(default=0, description="requests this replica ranked with the "
+                                 "version (answers kept for nothing personal are not ranked)")
+    requests_binned: int = 0
+    candidates_binned: int = 0
+    sample_every: int | None = None
+    top: list[FeaturePsi] = Field(default_factory=list, description="the most shifted features")
+    psi: dict[str, float] = Field(default_factory=dict, description="every feature, largest first")
+    request_mix: dict[str, MixShare] = Field(
+        default_factory=dict, description="share of requests with a known shopper, session items "
+        "and a search, in training and live: a change there moves the GNN, session and query "
+        "features")
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    since: str | None = Field(default=None, description="when this replica loaded the version")
+
+
 class ModelInfo(_Out):
     version: str
     created: str | None
@@ -466,6 +501,9 @@ class ModelInfo(_Out):
         "department lift from, with how many values each; a request's `context.device` or "
         "`context.region` moves the ranking only with one of those values ({}: none, time and "
         "holidays only)")
+    feature_skew: FeatureSkew | None = Field(
+        default=None, description="the live features against the ranker's training profile on "
+        "the replica that answered (null: no model yet)")
 
 
 class ForgetResponse(_Out):

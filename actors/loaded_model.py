@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # torch and faiss stay out of processes that only pass reques
     from graph.ranking import Ranker
     from graph.recommend import Recommender
     from graph.retrieval import Catalogue
+    from graph.skew import SkewMonitor
 
 
 NON_PERSONAL_ANSWERS = 1024
@@ -89,6 +90,8 @@ class LoadedModel:
     # Item indices a PUT marked unavailable: excluded from every answer (sorted, unique).
     unavailable: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     answers: AnswerCache = field(default_factory=AnswerCache, repr=False, compare=False)
+    # Live feature counts against the ranker's training profile (None: a ranker without one).
+    skew: SkewMonitor | None = field(default=None, repr=False, compare=False)
 
     def exclusions(self, extra: np.ndarray) -> np.ndarray:
         """``extra`` item indices plus the unavailable ones."""
@@ -122,12 +125,15 @@ class LoadedModel:
     @classmethod
     def build(cls, artifact: ModelArtifact) -> LoadedModel:
         """Everything a request needs from one artifact (:meth:`Recommender.build`)."""
+        from graph.features import FEATURES
         from graph.ranking import Ranker
         from graph.recommend import Recommender
+        from graph.skew import SkewMonitor
 
         ranker = Ranker(artifact.user_emb, artifact.item_emb, artifact.signals)
         rec = Recommender.build(artifact.items, ranker, artifact.item_static, artifact.learned,
                                 text=artifact.text)
+        profile = artifact.learned.profile
         return cls(
             version=artifact.version,
             artifact=artifact,
@@ -136,4 +142,6 @@ class LoadedModel:
             user_index=artifact.user_index(),
             loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
             build_seconds=0.0,
+            skew=None if profile is None else SkewMonitor(
+                profile, [FEATURES.index(f) for f in profile.features]),
         )

@@ -55,6 +55,8 @@ if TYPE_CHECKING:  # heavy imports (torch, faiss) stay out of processes that onl
 log = logging.getLogger(__name__)
 
 ITEMS_POLL_S = 1.0
+# A replica's feature-skew gauge is set at the first binned request and every this many after.
+SKEW_PUBLISH_EVERY = 8
 """Seconds between a replica's listings of the added-items folder (``PUT /v1/items``)."""
 
 NO_MODEL = "none (cold start: no model trained yet)"
@@ -127,6 +129,10 @@ class RankerService:
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
         # Told "kept" or "ranked" for each request with nothing personal (the replica's metric).
         self.on_answer: Callable[[str], None] | None = None
+        # Told (version, PSI by feature) every SKEW_PUBLISH_EVERY-th binned request (the
+        # replica's gauge); monitor_skew False: ranked requests are not counted (a warm-up).
+        self.on_skew: Callable[[str, dict[str, float]], None] | None = None
+        self.monitor_skew = True
         self.model: LoadedModel | None = None
         # A running A/B split and its model, published together by one assignment (a request
         # reads the pair once, like self.model).
@@ -232,6 +238,7 @@ class RankerService:
         probe.model = model
         probe._split = None
         probe.on_answer = None  # a warm-up is no served request: not counted
+        probe.on_skew, probe.monitor_skew = None, False
         cat = model.catalogue
         top = int(cat.popular[0]) if len(cat.popular) else None
         first = None if top is None else str(cat.item_ids[top])
@@ -499,6 +506,7 @@ class RankerService:
             "gate": manifest.get("gate"),
             "split": self.split_info(),
             "context_columns": {c: len(v) for c, v in m.artifact.signals.attribute_lift.items()},
+            "feature_skew": _skew_info(m),
         }
 
     def split_info(self) -> dict[str, Any] | None:
@@ -508,7 +516,8 @@ class RankerService:
             return None
         split, b = pair
         return {**split.model_dump(), "created": b.artifact.manifest.get("created"),
-                "loaded_at": b.loaded_at, "metrics": b.artifact.metrics}
+                "loaded_at": b.loaded_at, "metrics": b.artifact.metrics,
+                "feature_skew": _skew_info(b)}
 
     def catalogue(self) -> dict[str, Any]:
         """``GET /v1/catalogue``: departments and categories of the model in use (cached per
@@ -585,6 +594,12 @@ class RankerService:
                       category=q.category,
                       exclude=m.exclusions(exclude), k=q.k)
         prepared = m.rec.prepare(req)  # Recommender.recommend, with the session kept for reasons
+        skew = m.skew if self.monitor_skew else None
+        if skew is not None and skew.observe(
+                prepared.x, user=user is not None, session=bool(item_events),
+                query=req.query is not None or req.session_query is not None,
+        ) and self.on_skew is not None and skew.sampled % SKEW_PUBLISH_EVERY == 1:
+            self.on_skew(m.version, skew.psi())
         ranked = m.rec.rank(prepared, explain=True)
         intent = infer_intent(((e[0], e[1], e[2]) for e in q.events), lambda it: _label(m, it), now)
         why = Reasons.build(m, user, prepared.session, list(item_events), context,
@@ -651,6 +666,16 @@ class RankerService:
         }
 
 
+def _skew_info(m: LoadedModel) -> dict[str, Any]:
+    """``feature_skew`` of ``GET /v1/model``: this replica's live features against the ranker's
+    training profile since the version was loaded (:class:`graph.skew.SkewMonitor`)."""
+    if m.skew is None:
+        return {"status": "no profile", "detail": f"model version {m.version} was trained by a "
+                "release that kept no feature profile; retrain with `python train_job.py` to "
+                "monitor training-serving skew"}
+    return {**m.skew.report(), "since": m.loaded_at}
+
+
 def _context_signal(fields: dict[str, Any] | None) -> ContextSignal | None:
     """``graph.ranking.ContextSignal`` from the enricher's fields (extra fields are ignored, so an
     enricher and a ranker of neighbouring releases still talk during a rolling update)."""
@@ -701,6 +726,7 @@ class GNNRanker:
         self._stop = threading.Event()
         self._metrics = _RankerMetrics()
         self.service.on_answer = self._metrics.answered
+        self.service.on_skew = self._metrics.skew
         self._metrics.serving(self.service.versions_served())
         self.reload_poll_s = reload_poll_s
         if reload_poll_s > 0 and model_version == "latest":
@@ -838,10 +864,22 @@ class _RankerMetrics:
             "intentrec_nonpersonal_answers",
             "Recommendations with nothing personal, by answer: kept (from the replica's cache of "
             "the model version) or ranked", tag_keys=("answer",))
+        # Ray's stubs type tag_keys as a 1-tuple; any tuple of names is accepted.
+        self.psi = Gauge(
+            "intentrec_feature_psi",
+            "Population stability index of each ranker feature on this replica's ranked "
+            "requests since the version was loaded, against the ranker's training candidates "
+            "(over 0.25: a major shift)",
+            tag_keys=("version", "feature"))  # type: ignore[arg-type]
         self._served: set[str] = set()
 
     def answered(self, answer: str) -> None:
         self.answers.inc(tags={"answer": answer})
+
+    def skew(self, version: str, psi: dict[str, float]) -> None:
+        for feature, value in psi.items():
+            if math.isfinite(value):
+                self.psi.set(value, tags={"version": version, "feature": feature})
 
     def serving(self, versions: list[str]) -> None:
         """1 for each version this replica serves (two while a split runs), 0 for the others it

@@ -61,6 +61,9 @@ class SplitOut(BaseModel):
     loaded_at: str | None = Field(default=None, description="when this replica loaded it")
     metrics: dict[str, Any] = Field(default_factory=dict,
                                     description="the split version's offline metrics")
+    feature_skew: dict[str, Any] | None = Field(
+        default=None, description="the split version's live features against its training "
+        "profile on this replica (as `feature_skew` of GET /v1/model)")
 
 
 class SplitResponse(BaseModel):

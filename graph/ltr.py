@@ -31,6 +31,7 @@ import numpy as np
 from graph.errors import ArtifactError, DataError
 from graph.features import COMPONENT_OF, FEATURES
 from graph.retrieval import SOURCES
+from graph.skew import PROFILE_FILE, FeatureProfile
 
 # What each ablation leaves out: (features, candidate sources).
 _SESSION_FEATURES = ("session", "sess_sim_max", "sess_sim_mean", "cooc", "line", "intent",
@@ -130,12 +131,16 @@ class LearnedRanker:
         features: Its input columns, a subset of :data:`graph.features.FEATURES` in that order.
         sources: Candidate sources it ranks (others' candidates are dropped first).
         info: How it was fitted (rows, requests, rounds, validation NDCG).
+        profile: Its features' distribution over the training candidates
+            (:class:`graph.skew.FeatureProfile`; None for an ablation, or a ranker written by a
+            release before it).
     """
 
     booster: Any
     features: tuple[str, ...] = FEATURES
     sources: tuple[str, ...] = SOURCES
     info: dict[str, Any] = field(default_factory=dict)
+    profile: FeatureProfile | None = None
 
     def __post_init__(self) -> None:
         self._cols = np.array([FEATURES.index(f) for f in self.features], dtype=np.int64)
@@ -263,8 +268,11 @@ class LearnedRanker:
     # --- persistence ---------------------------------------------------------------------
     def to_files(self) -> dict[str, bytes]:
         meta = {"features": list(self.features), "sources": list(self.sources), "info": self.info}
-        return {"model.txt": self.booster.model_to_string().encode(),
-                "meta.json": json.dumps(meta, indent=2, default=str).encode()}
+        files = {"model.txt": self.booster.model_to_string().encode(),
+                 "meta.json": json.dumps(meta, indent=2, default=str).encode()}
+        if self.profile is not None:
+            files[PROFILE_FILE] = self.profile.to_json()
+        return files
 
     @classmethod
     def from_files(cls, files: dict[str, bytes]) -> LearnedRanker:
@@ -280,7 +288,18 @@ class LearnedRanker:
         if unknown:
             raise ArtifactError(f"learned ranker uses features {sorted(unknown)} this release does "
                                 "not compute; serve it with its release or retrain")
-        return cls(booster, tuple(meta["features"]), tuple(meta["sources"]), meta.get("info", {}))
+        profile = None
+        if PROFILE_FILE in files:
+            try:
+                profile = FeatureProfile.from_json(files[PROFILE_FILE])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ArtifactError(f"learned ranker's {PROFILE_FILE} cannot be read ({exc}); "
+                                    "retrain with `python train_job.py`") from exc
+            if profile.features != tuple(meta["features"]):
+                raise ArtifactError(f"learned ranker's {PROFILE_FILE} is of other features than "
+                                    "its model; retrain with `python train_job.py`")
+        return cls(booster, tuple(meta["features"]), tuple(meta["sources"]), meta.get("info", {}),
+                   profile)
 
 
 def fit_ranker(

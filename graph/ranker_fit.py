@@ -16,6 +16,9 @@
    split 80/20 into training and early-stopping sets (:func:`split_requests`), and LambdaRank
    is fitted for the full model and each ablation (:data:`graph.ltr.ABLATIONS`), then refitted
    on both sets with the rounds early stopping chose, scaled (:data:`graph.ltr.REFIT_ON_ALL`).
+5. The full ranker keeps the distribution of its features over the validation requests'
+   candidates (:func:`training_profile`), which serving replicas compare live traffic with
+   (:mod:`graph.skew`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from graph.features import FEATURES
 from graph.ltr import ABLATIONS, LearnedRanker, RankingData, fit_ranker
 from graph.queries import simulate_query
 from graph.recommend import Recommender, Request
+from graph.skew import FeatureProfile, request_mix, sample_rows
 from graph.tasks import QueryBatch
 
 QUERY_SHARE = 0.2
@@ -59,18 +64,22 @@ def simulate_queries(requests: list[Request], targets: Sequence[np.ndarray], cat
 
 @dataclass
 class LabelledSet:
-    """Labelled candidates of many requests, with their source flags (for ablations)."""
+    """Labelled candidates of many requests, with their source flags (for ablations) and how
+    many of the request's candidates each row stands for (1, or more for a sampled negative: the
+    training profile of :mod:`graph.skew` is that of all candidates)."""
 
     data: RankingData
     sources: np.ndarray
     candidate_recall: float
+    weights: np.ndarray
 
     def subset(self, requests: np.ndarray) -> LabelledSet:
         """The rows of the given requests (indices), in that order."""
         starts = np.concatenate([[0], np.cumsum(self.data.group)])
         rows = np.concatenate([np.arange(starts[r], starts[r + 1]) for r in requests]) if len(
             requests) else np.zeros(0, dtype=np.int64)
-        return LabelledSet(self.data.subset(requests), self.sources[rows], self.candidate_recall)
+        return LabelledSet(self.data.subset(requests), self.sources[rows], self.candidate_recall,
+                           self.weights[rows])
 
 
 def label(rec: Recommender, requests: Sequence[Request], targets: Sequence[np.ndarray],
@@ -84,7 +93,7 @@ def label(rec: Recommender, requests: Sequence[Request], targets: Sequence[np.nd
     "Ranking"), most likely because many of them are items the shopper buys later.
     """
     negatives = NEGATIVES_PER_REQUEST if negatives is None else negatives
-    xs, ys, srcs, group = [], [], [], []
+    xs, ys, srcs, ws, group = [], [], [], [], []
     found = total = 0
     for req, tgt in zip(requests, targets, strict=True):
         p = rec.prepare(req)
@@ -92,16 +101,19 @@ def label(rec: Recommender, requests: Sequence[Request], targets: Sequence[np.nd
         found += int(y.sum())
         total += len(tgt)
         neg = np.flatnonzero(~y)
+        w = np.ones(len(y))
         if len(neg) > negatives:
             keep = np.sort(np.concatenate([np.flatnonzero(y), rng.choice(neg, negatives, replace=False)]))
+            w[neg] = len(neg) / negatives
         else:
             keep = np.arange(len(y))
         xs.append(p.x[keep])
+        ws.append(w[keep])
         ys.append(y[keep].astype(np.float32))
         srcs.append(p.candidates.sources[keep])
         group.append(len(keep))
     data = RankingData(np.concatenate(xs), np.concatenate(ys), np.asarray(group, dtype=np.int64))
-    return LabelledSet(data, np.concatenate(srcs), found / max(total, 1))
+    return LabelledSet(data, np.concatenate(srcs), found / max(total, 1), np.concatenate(ws))
 
 
 def fit_sets(rec: Recommender, requests: Sequence[Request], targets: Sequence[np.ndarray],
@@ -183,4 +195,26 @@ def fit_on_validation(
     for name in dict.fromkeys(("full", *ablations)):
         out[name] = fit_ranker(train, valid, ablation=name, sources=tr_src, valid_sources=va_src,
                                seed=seed, progress=progress)
+    profile = training_profile(out["full"], requests, (tr, va), seed=seed)
+    out["full"].profile = profile
+    progress(f"[ranker] feature profile for skew monitoring: {len(profile.features)} features over "
+             f"{profile.rows:,.0f} candidates; requests with a known shopper "
+             f"{profile.mix['known_shopper']:.0%}, session items {profile.mix['session']:.0%}, "
+             f"a search {profile.mix['query']:.0%}")
     return out
+
+
+def training_profile(lr: LearnedRanker, requests: Sequence[Request], sets: Sequence[LabelledSet],
+                     seed: int = 0) -> FeatureProfile:
+    """The distribution of ``lr``'s features over all candidates of the validation requests
+    (:class:`graph.skew.FeatureProfile`, from a seeded sample of the labelled rows weighted by
+    what each stands for), and the requests' mix: what a serving replica's live counts are
+    compared with."""
+    cols = np.array([FEATURES.index(f) for f in lr.features], dtype=np.int64)
+    picks = sample_rows([len(s.weights) for s in sets], seed=seed)
+    x = np.concatenate([s.data.x[i][:, cols] for s, i in zip(sets, picks, strict=True)])
+    w = np.concatenate([s.weights[i] for s, i in zip(sets, picks, strict=True)])
+    total = float(sum(s.weights.sum() for s in sets))
+    mix = request_mix([r.user is not None for r in requests], [bool(r.item_events) for r in requests],
+                      [r.query is not None or r.session_query is not None for r in requests])
+    return FeatureProfile.fit(x, lr.features, w, mix=mix, rows=total)

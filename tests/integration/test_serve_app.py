@@ -476,6 +476,34 @@ def test_online_recall_equals_offline_on_replayed_baskets(served: Served) -> Non
     assert res["online_recall@20"] > 0.0, res
 
 
+def test_the_model_reports_training_serving_skew(served: Served) -> None:
+    """GET /v1/model shows the answering ranker replica's live features against the profile the
+    training job kept with the ranker (graph.skew): a PSI per ranker feature once a request was
+    binned, and the request mix beside the training one."""
+    art = read_artifact(served.root, served.first_version)
+    profile = art.learned.profile
+    assert profile is not None and profile.features == art.learned.features
+    for u in served.users[:4]:
+        served.recommend(user_id=u, session_id=f"skew-{u}", k=5)
+    skew: dict[str, Any] = {}
+
+    def binned() -> bool:
+        nonlocal skew
+        m = served.client.get(served.url + "/v1/model").json()
+        skew = m["feature_skew"]
+        return m["version"] == served.first_version and skew["requests_binned"] >= 1
+
+    wait_for_condition(binned, timeout=30, interval=0.5,
+                       what="a ranker replica that binned a request answers GET /v1/model")
+    assert skew["status"] in ("stable", "moderate", "major"), skew
+    assert set(skew["psi"]) == set(profile.features)
+    assert all(v >= 0.0 for v in skew["psi"].values())
+    assert skew["max_psi"] == max(skew["psi"].values())
+    assert skew["requests_ranked"] >= skew["requests_binned"] >= 1
+    assert skew["request_mix"]["known_shopper"]["training"] == round(
+        profile.mix["known_shopper"], 4)
+
+
 def test_delete_user_forgets_sessions_and_personal_data(served: Served) -> None:
     user, sid = served.users[1], "to-forget"
     item = _popular_item(served)

@@ -238,7 +238,7 @@ def test_the_same_command_on_the_same_data_trains_the_same_model(run: Run,
     varying = {"manifest.json", "metrics.json"}  # compared field by field below
     files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
     assert {"user_emb.npy", "item_emb.npy", "ranker/model.txt", "ranker/item_features.npy",
-            "signals/signals.npz"} <= set(files), files
+            "ranker/feature_profile.json", "signals/signals.npz"} <= set(files), files
     assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
     differ = [f for f in files if f not in varying and (a / f).read_bytes() != (b / f).read_bytes()]
     if differ:  # say by how much, for the arrays

@@ -561,8 +561,10 @@ def test_labelled_subset_keeps_rows_and_source_flags_together() -> None:
     x = np.repeat(np.arange(6, dtype=np.float32)[:, None], len(FEATURES), axis=1)
     src = np.zeros((6, len(SOURCES)), dtype=bool)
     src[np.arange(6), np.arange(6) % len(SOURCES)] = True
-    lab = LabelledSet(RankingData(x, np.arange(6) % 2, np.array([2, 3, 1])), src, 0.5)
+    lab = LabelledSet(RankingData(x, np.arange(6) % 2, np.array([2, 3, 1])), src, 0.5,
+                      np.arange(6) + 1.0)
     sub = lab.subset(np.array([2, 0]))
+    assert sub.weights.tolist() == [6.0, 1.0, 2.0]
     assert sub.data.group.tolist() == [1, 2]
     assert sub.data.x[:, 0].tolist() == [5, 0, 1]
     assert sub.sources.argmax(axis=1).tolist() == [5 % len(SOURCES), 0, 1]
