@@ -55,9 +55,10 @@ if TYPE_CHECKING:  # heavy imports (torch, faiss) stay out of processes that onl
 log = logging.getLogger(__name__)
 
 ITEMS_POLL_S = 1.0
-# A replica's feature-skew gauge is set at the first binned request and every this many after.
-SKEW_PUBLISH_EVERY = 8
 """Seconds between a replica's listings of the added-items folder (``PUT /v1/items``)."""
+
+SKEW_PUBLISH_EVERY = 8
+"""A replica's feature-skew gauge is set at the first binned request and every this many after."""
 
 NO_MODEL = "none (cold start: no model trained yet)"
 """``model_version`` of answers given before the first model exists (first boot)."""

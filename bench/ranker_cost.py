@@ -8,7 +8,9 @@ replica ranks once per model version and then answers from its
 before every pass), ``kept`` the same requests answered from it (k = 20, reasons included; each
 figure the fastest of ``--passes`` passes), then the same requests stage by stage through
 :class:`graph.recommend.Recommender`: candidates and features (``prepare``), the LightGBM score
-(``score``) and top-k with contributions (``select``).
+(``score``) and top-k with contributions (``select``). ``no skew`` is ``recommend`` again with
+the replica's training-serving skew monitor off (:mod:`graph.skew`: one request in 64 binned),
+alternated with it pass by pass, so that the two differ by the monitor's cost alone.
 Prints a table and writes JSON.
 
     python bench/ranker_cost.py --artifacts artifacts --requests 200
@@ -73,14 +75,17 @@ def measure(artifacts: str, requests: int, seed: int = 0, passes: int = 3) -> di
         best: dict[str, float] = {}
         cands = 0
         kept = name == "nothing personal"
-        for _ in range(passes):
-            if kept:
-                m.answers = AnswerCache()  # every request of the pass is ranked
-            cpu = time.process_time()
-            for q in qs:
-                svc.recommend(q)
-            stage = {"recommend": time.process_time() - cpu, "prepare": 0.0, "score": 0.0,
-                     "select": 0.0}
+        for i in range(passes):
+            stage = {"prepare": 0.0, "score": 0.0, "select": 0.0}
+            for monitor in ((True, False) if i % 2 == 0 else (False, True)):
+                if kept:
+                    m.answers = AnswerCache()  # every request of the pass is ranked
+                svc.monitor_skew = monitor
+                cpu = time.process_time()
+                for q in qs:
+                    svc.recommend(q)
+                stage["recommend" if monitor else "no_skew"] = time.process_time() - cpu
+            svc.monitor_skew = True
             if kept:  # the same requests again, answered from what the pass kept
                 cpu = time.process_time()
                 for q in qs:
@@ -136,12 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     res["command"] = "python bench/ranker_cost.py " + " ".join(argv or sys.argv[1:])
     print(f"model {res['version']} ({res['trees']} trees); CPU ms per recommendation, one thread, "
           f"fastest of {opts.passes} passes")
-    print(f"{'mix':<18}{'recommend':>10}{'prepare':>9}{'score':>8}{'select':>8}{'candidates':>12}"
-          f"{'kept':>8}")
+    print(f"{'mix':<18}{'recommend':>10}{'no skew':>9}{'prepare':>9}{'score':>8}{'select':>8}"
+          f"{'candidates':>12}{'kept':>8}")
     for r in res["rows"]:
         kept = f"{r['kept_ms']:>8.3f}" if "kept_ms" in r else f"{'':>8}"
-        print(f"{r['mix']:<18}{r['recommend_ms']:>10.2f}{r['prepare_ms']:>9.2f}"
-              f"{r['score_ms']:>8.2f}{r['select_ms']:>8.2f}{r['candidates']:>12.0f}{kept}")
+        print(f"{r['mix']:<18}{r['recommend_ms']:>10.2f}{r['no_skew_ms']:>9.2f}"
+              f"{r['prepare_ms']:>9.2f}{r['score_ms']:>8.2f}{r['select_ms']:>8.2f}"
+              f"{r['candidates']:>12.0f}{kept}")
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(res, indent=2))
     return 0
