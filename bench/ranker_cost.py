@@ -8,9 +8,10 @@ replica ranks once per model version and then answers from its
 before every pass), ``kept`` the same requests answered from it (k = 20, reasons included; each
 figure the fastest of ``--passes`` passes), then the same requests stage by stage through
 :class:`graph.recommend.Recommender`: candidates and features (``prepare``), the LightGBM score
-(``score``) and top-k with contributions (``select``). ``no skew`` is ``recommend`` again with
-the replica's training-serving skew monitor off (:mod:`graph.skew`: one request in 64 binned),
-alternated with it pass by pass, so that the two differ by the monitor's cost alone.
+(``score``) and top-k with contributions (``select``). ``no skew`` is ``recommend`` with the
+replica's training-serving skew monitor off (:mod:`graph.skew`: one request in 64 binned): each
+request is answered with it on and off, in alternating order, and ``monitor`` is the mean of the
+paired differences over every pass, with its standard error.
 Prints a table and writes JSON.
 
     python bench/ranker_cost.py --artifacts artifacts --requests 200
@@ -75,18 +76,28 @@ def measure(artifacts: str, requests: int, seed: int = 0, passes: int = 3) -> di
         best: dict[str, float] = {}
         cands = 0
         kept = name == "nothing personal"
-        for i in range(passes):
-            stage = {"prepare": 0.0, "score": 0.0, "select": 0.0}
-            for monitor in ((True, False) if i % 2 == 0 else (False, True)):
-                if kept:
-                    m.answers = AnswerCache()  # every request of the pass is ranked
-                svc.monitor_skew = monitor
-                cpu = time.process_time()
+        diffs: list[float] = []
+        for _ in range(passes):
+            stage = {"recommend": 0.0, "no_skew": 0.0, "prepare": 0.0, "score": 0.0,
+                     "select": 0.0}
+            # Each request twice, with the skew monitor on and off, in alternating order: the
+            # pair differs by the monitor alone (a pass-level A/B drowns 0.02 ms in the noise).
+            for j, q in enumerate(qs):
+                pair = []
+                for monitor in ((True, False) if j % 2 == 0 else (False, True)):
+                    if kept:
+                        m.answers = AnswerCache()  # ranked, not answered from the cache
+                    svc.monitor_skew = monitor
+                    cpu = time.process_time()
+                    svc.recommend(q)
+                    spent = time.process_time() - cpu
+                    stage["recommend" if monitor else "no_skew"] += spent
+                    pair.append(spent if monitor else -spent)
+                diffs.append(sum(pair))
+            svc.monitor_skew = True
+            if kept:  # the same requests again, answered from what a pass kept
                 for q in qs:
                     svc.recommend(q)
-                stage["recommend" if monitor else "no_skew"] = time.process_time() - cpu
-            svc.monitor_skew = True
-            if kept:  # the same requests again, answered from what the pass kept
                 cpu = time.process_time()
                 for q in qs:
                     svc.recommend(q)
@@ -105,8 +116,11 @@ def measure(artifacts: str, requests: int, seed: int = 0, passes: int = 3) -> di
                 stage["select"] += d - c
                 cands += len(p.candidates)
             best = {k: min(v, best.get(k, v)) for k, v in stage.items()}
+        paired = np.asarray(diffs) * 1000
         rows.append({"mix": name, "requests": len(qs), "passes": passes,
                      **{f"{k}_ms": round(v / len(qs) * 1000, 3) for k, v in best.items()},
+                     "skew_monitor_ms": round(float(paired.mean()), 4),
+                     "skew_monitor_se_ms": round(float(paired.std() / np.sqrt(len(paired))), 4),
                      "candidates": round(cands / len(reqs), 1)})
     from graph import ltr
 
@@ -141,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     res["command"] = "python bench/ranker_cost.py " + " ".join(argv or sys.argv[1:])
     print(f"model {res['version']} ({res['trees']} trees); CPU ms per recommendation, one thread, "
           f"fastest of {opts.passes} passes")
-    print(f"{'mix':<18}{'recommend':>10}{'no skew':>9}{'prepare':>9}{'score':>8}{'select':>8}"
-          f"{'candidates':>12}{'kept':>8}")
+    print(f"{'mix':<18}{'recommend':>10}{'no skew':>9}{'monitor':>16}{'prepare':>9}{'score':>8}"
+          f"{'select':>8}{'candidates':>12}{'kept':>8}")
     for r in res["rows"]:
         kept = f"{r['kept_ms']:>8.3f}" if "kept_ms" in r else f"{'':>8}"
-        print(f"{r['mix']:<18}{r['recommend_ms']:>10.2f}{r['no_skew_ms']:>9.2f}"
+        monitor = f"{r['skew_monitor_ms']:+.3f} ± {r['skew_monitor_se_ms']:.3f}"
+        print(f"{r['mix']:<18}{r['recommend_ms']:>10.2f}{r['no_skew_ms']:>9.2f}{monitor:>16}"
               f"{r['prepare_ms']:>9.2f}{r['score_ms']:>8.2f}{r['select_ms']:>8.2f}"
               f"{r['candidates']:>12.0f}{kept}")
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)

@@ -36,17 +36,32 @@ def test_repeated_values_share_a_bin_and_missing_values_have_their_own() -> None
     p = FeatureProfile.fit(np.column_stack([mostly_zero, constant, missing]), ("z", "one", "nan"))
     assert p.shares.shape == (3, BINS + 1)
     np.testing.assert_allclose(p.shares.sum(axis=1), 1.0)
-    # The zeros are one bin: (-inf, 0]; the rest split at the deciles above.
-    assert p.edges[0, 0] == 0.0
+    # The zeros are one bin, up to halfway to the smallest other value; the rest split at the
+    # deciles above.
+    assert p.edges[0, 0] == pytest.approx(mostly_zero[mostly_zero > 0].min() / 2)
     assert p.shares[0, 0] == pytest.approx(np.mean(mostly_zero == 0.0))
     assert p.shares[0, BINS] == 0.0
-    # A constant feature: one finite edge, everything in bin 0, the other edges never reached.
-    assert p.edges[1, 0] == 1.0 and np.isinf(p.edges[1, 1:]).all()
+    # A constant feature: no edge (nothing above it), everything in bin 0.
+    assert np.isinf(p.edges[1]).all()
     assert p.shares[1, 0] == 1.0
     # Missing values in the last bin; the present ones in deciles of their own.
     assert p.shares[2, BINS] == pytest.approx(np.mean(np.isnan(missing)))
     present = p.shares[2, :BINS]
     np.testing.assert_allclose(present, (1 - p.shares[2, BINS]) / BINS, atol=0.002)
+
+
+def test_a_value_that_moves_by_a_rounding_error_stays_in_its_bin() -> None:
+    # Two brands: every item's brand popularity is one of two values (brand_pop on the built-in
+    # data), and refitted signals move both by a little.
+    rng = np.random.default_rng(0)
+    two = np.where(rng.random(5_000) < 0.3, 9.21, 11.53)
+    binary = (rng.random(5_000) < 0.1).astype(np.float64)
+    p = FeatureProfile.fit(np.column_stack([two, binary]), ("brand_pop", "src"))
+    moved = np.column_stack([two * 1.001, binary])
+    np.testing.assert_allclose(p.psi(p.counts(moved)), 0.0, atol=1e-12)
+    # A real move is still one: the smaller value's items now above the edge.
+    swapped = np.column_stack([np.where(two < 10, 11.0, 11.53), binary])
+    assert p.psi(p.counts(swapped))[0] > PSI_MAJOR
 
 
 def test_psi_is_zero_on_the_training_rows_and_flags_only_the_shifted_feature() -> None:
@@ -194,13 +209,37 @@ def test_a_replica_counts_ranked_requests_and_a_clock_off_by_a_year_shows(
         assert abs(late[f] - psi["in time"][f]) < 0.05, (f, psi["in time"][f], late[f])
 
 
-def test_a_ranker_without_a_profile_says_how_to_get_one(svd_artifact_root: str) -> None:
-    svc = RankerService(svd_artifact_root)
-    m = svc.model
-    m.skew = None
-    out = svc.recommend(RankQuery(user_id=next(iter(m.user_index)), k=5, now=T0))
-    assert out["items"]
-    skew = svc.model_info()["feature_skew"]
-    assert skew["status"] == "no profile" and "python train_job.py" in skew["detail"]
-    ModelInfo.model_validate(svc.model_info())
+def test_a_ranker_without_a_profile_says_how_to_get_one(fresh: RankerService) -> None:
+    m = fresh.model
+    kept, m.skew = m.skew, None  # as a version trained before profiles were kept
+    try:
+        out = fresh.recommend(RankQuery(user_id=next(iter(m.user_index)), k=5, now=T0))
+        assert out["items"]
+        skew = fresh.model_info()["feature_skew"]
+        assert skew["status"] == "no profile" and "python train_job.py" in skew["detail"]
+        ModelInfo.model_validate(fresh.model_info())
+    finally:
+        m.skew = kept
 
+
+
+def test_the_offline_bench_asks_the_test_month_in_the_training_mix(svd_artifact_root: str) -> None:
+    """bench/skew_offline.py: the version's profile against the next month's requests, drawn in
+    the shares of its training requests (what a healthy deployment's PSI looks like)."""
+    from bench.skew_offline import measure
+    from tests.conftest import SERVING_MAX_USERS
+
+    res = measure(svd_artifact_root, requests=200, max_users=SERVING_MAX_USERS)
+    art = read_artifact(svd_artifact_root)
+    assert set(res["psi"]) == set(art.learned.features)
+    val, asked = res["validation_requests"], res["requests"]
+    assert sum(asked.values()) == pytest.approx(200, abs=len(val))
+    for task, n in asked.items():
+        assert n == round(200 * val[task] / sum(val.values())), (task, asked, val)
+    # Drawn in the training shares, the test month's requests have the training mix of
+    # sessions and searches (within sampling noise), so a large PSI is not the mix's.
+    mix = res["request_mix"]
+    assert mix["known_shopper"]["live"] == pytest.approx(mix["known_shopper"]["training"], abs=0.05)
+    assert mix["session"]["live"] == pytest.approx(mix["session"]["training"], abs=0.1)
+    assert mix["query"]["live"] == pytest.approx(mix["query"]["training"], abs=0.1)
+    assert res["requests_binned"] == res["requests_ranked"] == sum(asked.values())
