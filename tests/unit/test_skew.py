@@ -51,8 +51,8 @@ def test_repeated_values_share_a_bin_and_missing_values_have_their_own() -> None
 
 
 def test_a_value_that_moves_by_a_rounding_error_stays_in_its_bin() -> None:
-    # Two brands: every item's brand popularity is one of two values (brand_pop on the built-in
-    # data), and refitted signals move both by a little.
+    # Candidates on two values (as brand_pop's on the built-in data sit on its largest brands),
+    # which refitted signals move by a little.
     rng = np.random.default_rng(0)
     two = np.where(rng.random(5_000) < 0.3, 9.21, 11.53)
     binary = (rng.random(5_000) < 0.1).astype(np.float64)
