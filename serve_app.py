@@ -857,7 +857,8 @@ class Ingress:
             return out
 
     @api.get("/v1/model", response_model=ModelInfo, responses=_ERROR_RESPONSES,
-             summary="The model version in use and its offline metrics")
+             summary="The model version in use, its offline metrics and the answering ranker "
+             "replica's training-serving skew")
     async def model(self) -> dict[str, Any]:
         async with _observed("model"):
             return await self._ranker(self.ranker.model_info.remote())

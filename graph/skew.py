@@ -18,12 +18,11 @@ moderate shift, over 0.25 a major one (:data:`PSI_MODERATE`, :data:`PSI_MAJOR`).
 Bins are the training rows' deciles, merged where a value repeats (a feature that is 0 for most
 candidates gets a bin of its own for the 0s), each edge halfway between a decile and the next
 value above it (so that a value that moves by a rounding error stays in its bin), plus one bin
-for missing values. The training rows
-are each request's bought candidates and a random sample of its others (``ranker_fit.label``);
-each sampled row is weighted by how many it stands for, so the profile is that of all candidates
-of the validation requests, the rows a replica ranks. The request mix (the share with a known
-shopper, with session items, with a search) is kept beside it, because most of a shift in the
-GNN, session and query features is a shift in that mix.
+for missing values. The training rows are each request's bought candidates and a random sample
+of its others (``ranker_fit.label``); each sampled row is weighted by how many it stands for, so
+the profile is that of all candidates of the validation requests, the rows a replica ranks.
+The request mix (the share with a known shopper, with session items, with a search) is kept
+beside it, because most of a shift in the GNN, session and query features is a shift in that mix.
 """
 
 from __future__ import annotations
