@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ablations", action="store_true",
                    help="also fit rankers without the GNN, session and context features and "
                         "print their table (about 3x the ranker's fitting time)")
+    g.add_argument("--anonymous-twins", type=float, default=0.0, metavar="SHARE",
+                   help="also fit the ranker on this share of the next-basket and in-session "
+                        "validation requests asked without their shopper (e.g. 0.2): better "
+                        "anonymous sessions and cold starts, a little lower search recall")
     g.add_argument("--require-lead", type=float, nargs="?", const=0.0, default=None,
                    metavar="MARGIN",
                    help="publish gate: move LATEST only if intentrec's recall@20 beats every "
@@ -158,7 +162,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         events=args.events, items=args.items, max_users=args.max_users, split_at=args.split_at,
         val_days=args.val_days, output=place(args.output, root), eval_max_users=args.eval_max_users,
         eval_max_baskets=args.eval_max_baskets, skip_eval=args.skip_eval,
-        eval_workers=args.eval_workers, ablations=args.ablations, require_lead=args.require_lead,
+        eval_workers=args.eval_workers, ablations=args.ablations,
+        anonymous_twins=args.anonymous_twins, require_lead=args.require_lead,
         require_no_regression=args.require_no_regression,
         forgotten=forgotten_file(args.forgotten), train=train,
         online_events=None if args.online_events is None else os.path.abspath(args.online_export),

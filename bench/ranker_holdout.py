@@ -90,7 +90,13 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
     import numpy as np
 
     from graph import ltr, ranker_fit
-    from graph.evaluate import recommender_rankings, validation_tasks
+    from graph.evaluate import (
+        BASELINES,
+        anonymous_tasks,
+        recommender_rankings,
+        task_rankings,
+        validation_tasks,
+    )
     from graph.features import item_features
     from graph.ltr import fit_ranker
     from graph.metrics import summarize
@@ -113,8 +119,11 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
                                                   replace=False)
     fit_b = [q.take(np.flatnonzero(~np.isin(q.users, held))) for q in tasks]
     eval_b = [q.take(np.flatnonzero(np.isin(q.users, held))) for q in tasks]
+    # The held-out shoppers' baskets again with the shopper withheld (graph.evaluate.anonymous_tasks).
+    anonymous = anonymous_tasks(*[q for q in eval_b if q.name in ("in_session", "in_session_blind")])
     print(f"[holdout] fitting on {sum(map(len, fit_b)):,} requests, measuring on "
-          f"{sum(map(len, eval_b)):,} ({len(held):,} held-out shoppers)")
+          f"{sum(map(len, eval_b)):,} ({len(held):,} held-out shoppers), and "
+          f"{sum(map(len, anonymous)):,} of them without their shopper")
     cascades = cascades or {}
     out: dict[str, Any] = {}
     for name, v in variants.items():
@@ -122,26 +131,23 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
         with overridden(v["set"]):
             rec = Recommender.build(d.ds.items, ranker, static, text=text)
             rng = np.random.default_rng(seed)
-            requests, targets = [], []
-            for q in fit_b:
-                reqs = q.requests()
-                if q.name == "in_session":
-                    reqs = ranker_fit.simulate_queries(reqs, q.targets, rec.catalogue.categories,
-                                                       rec.catalogue.titles, rng)
-                requests += reqs
-                targets += q.targets
-            tr, va = ranker_fit.fit_sets(rec, requests, targets, rng)
+            vr = ranker_fit.validation_requests(fit_b, rec.catalogue.categories,
+                                                rec.catalogue.titles, rng)
+            tr, va = ranker_fit.fit_sets(rec, vr.requests, vr.targets, rng, shoppers=vr.shoppers)
             lr = fit_ranker(tr.data, va.data, ablation=v["ablation"],
                             sources=tr.sources, valid_sources=va.sources, seed=seed,
                             params=v["params"], progress=print)
             rows = {}
             by_cascade: dict[str, dict[str, Any]] = {}
-            for q in eval_b:
-                ranked, report = recommender_rankings(rec, q, {name: lr}, 20)
+            for q in [*eval_b, *anonymous]:
+                ranked, report, base = task_rankings(rec, q, {name: lr}, 20,
+                                                     baselines=list(BASELINES))
                 m = summarize(ranked[name], q.targets, 20)
                 rows[q.name] = {"recall@20": m["recall@20"], "ndcg@20": m["ndcg@20"],
                                 "candidate_recall": report["candidate_recall"],
-                                "candidates": report["candidates"], "n": len(q)}
+                                "candidates": report["candidates"], "n": len(q),
+                                "baselines": {b: summarize(top, q.targets, 20)["recall@20"]
+                                              for b, top in base.items()}}
                 if not cascades:
                     continue
                 # The same ranker under other cascades, against every tree on every candidate.
@@ -234,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<14}" + "".join(
             f"{r['tasks'][t]['recall@20']:>12.4f}{r['tasks'][t]['candidate_recall']:>12.4f}"
             for t in tasks))
+    first = next(iter(res.values()))["tasks"]
+    print(f"{'best baseline':<14}" + "".join(
+        f"{max(first[t]['baselines'].values()):>12.4f}{'':>12}" for t in tasks))
     for name, r in res.items():
         for cname, c in r.get("cascades", {}).items():
             print(f"{name}/{cname} {c['stages']}: " + ", ".join(

@@ -7,8 +7,8 @@ validation window's requests, ranked with the embeddings and signals of the even
 served requests are ranked with those of all training events, and come later. This bench asks the
 version the test month's requests of the protocol's four tasks (``graph.evaluate.protocol_tasks``,
 as ``train_job.py`` evaluates them), drawn in the shares of the ranker's own training requests,
-with simulated searches on the same share of in-session requests
-(``graph.ranker_fit.simulate_queries``), bins every candidate of every request
+with simulated searches and anonymous twins (if it was trained with them) on the same shares of
+requests (``graph.ranker_fit.validation_requests``), bins every candidate of every request
 (:class:`graph.skew.SkewMonitor`, every request) and prints each feature's PSI: what a month of
 drift and the refit signals give, on the request mix the ranker was trained on.
 
@@ -39,7 +39,7 @@ def measure(artifacts: str, version: str = "latest", requests: int = 4000, seed:
     from graph.evaluate import IndexMap, protocol_tasks, validation_tasks
     from graph.features import FEATURES
     from graph.pipeline import PipelineConfig, prepare_data
-    from graph.ranker_fit import simulate_queries
+    from graph.ranker_fit import validation_requests
     from graph.skew import SkewMonitor
 
     t0 = time.perf_counter()
@@ -60,23 +60,24 @@ def measure(artifacts: str, version: str = "latest", requests: int = 4000, seed:
     rng = np.random.default_rng(seed)
     mon = SkewMonitor(profile, [FEATURES.index(f) for f in profile.features], every=1)
     per_task: dict[str, int] = {}
+    batches = []
     for q in protocol_tasks(d.train, d.test, d.inter_full, d.split_at, country=country,
                             seed=seed):
         n = min(len(q), round(requests * val.get(q.name, 0) / max(total, 1)))
         if n == 0:
             continue
-        theirs = index.to_theirs(q.take(np.sort(rng.choice(len(q), n, replace=False))))
-        reqs = theirs.requests()
-        if q.name == "in_session":
-            reqs = simulate_queries(reqs, theirs.targets, rec.catalogue.categories,
-                                    rec.catalogue.titles, rng)
-        for r in reqs:
-            p = rec.prepare(r)
-            mon.observe(p.x, user=r.user is not None, session=bool(r.item_events),
-                        query=r.query is not None or r.session_query is not None)
+        batches.append(index.to_theirs(q.take(np.sort(rng.choice(len(q), n, replace=False)))))
         per_task[q.name] = n
+    # Searches and anonymous twins as the ranker's training requests had them.
+    v = validation_requests(batches, rec.catalogue.categories, rec.catalogue.titles, rng,
+                            float(art.manifest.get("config", {}).get("anonymous_twins", 0.0)))
+    for r in v.requests:
+        p = rec.prepare(r)
+        mon.observe(p.x, user=r.user is not None, session=bool(r.item_events),
+                    query=r.query is not None or r.session_query is not None)
     report = mon.report(top=10)
-    return {"version": art.version, "requests": per_task, "validation_requests": val,
+    return {"version": art.version, "requests": per_task, "anonymous_twins": v.twins,
+            "validation_requests": val,
             "seconds": round(time.perf_counter() - t0, 1), **report}
 
 
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     res = measure(opts.artifacts, opts.version, opts.requests, opts.seed, opts.max_users)
     res["command"] = "python bench/skew_offline.py " + " ".join(argv or sys.argv[1:])
     print(f"model {res['version']}: {sum(res['requests'].values())} test-month requests "
-          f"({', '.join(f'{k} {v}' for k, v in res['requests'].items())}), "
+          f"({', '.join(f'{k} {v}' for k, v in res['requests'].items())}) and "
+          f"{res['anonymous_twins']} anonymous twins, "
           f"{res['candidates_binned']:,} candidates, {res['seconds']:.0f}s")
     print(f"status {res['status']}, largest PSI {res['max_psi']:.3f}")
     print(f"{'feature':<20}{'PSI':>8}")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -58,7 +58,12 @@ ABLATION_REQUESTS = 1000
 ABLATIONS_KEY = "ablations"
 UNCERTAINTY_KEY = "uncertainty"
 # Top-level blocks of metrics.json that are not a model's row of the main table.
-NON_MODEL_KEYS = frozenset({ABLATIONS_KEY, UNCERTAINTY_KEY, "search", "cold_items"})
+SEGMENTS_KEY = "segments"
+ANONYMOUS_KEY = "anonymous"
+NON_MODEL_KEYS = frozenset({ABLATIONS_KEY, UNCERTAINTY_KEY, SEGMENTS_KEY, ANONYMOUS_KEY, "search",
+                            "cold_items"})
+# In-session baskets asked again without their shopper (anonymous_tasks), per task.
+ANONYMOUS_REQUESTS = 2000
 # The row of the version LATEST named when the run started, on this run's tasks
 # (evaluate_version; train_job.py --require-no-regression).
 PUBLISHED = "published"
@@ -298,6 +303,9 @@ def evaluate(
         ``{model: {task: {"recall@k", "ndcg@k", "hit@k", "n"}}}``; intentrec's task entries
         also hold the candidate report of :func:`recommender_rankings`; with ``ablations``,
         ``"ablations"`` holds the same structure for the ablation rows and ``intentrec``.
+        Beside them: ``"uncertainty"`` (:func:`recall_uncertainty`), ``"segments"``
+        (:func:`segment_report`), ``"anonymous"`` (the :func:`anonymous_tasks`, in the main
+        table's structure) and ``"search"``.
     """
     say = progress or log.info
     signals = rec.ranker.signals
@@ -317,6 +325,7 @@ def evaluate(
     rng = np.random.default_rng(seed)
     per_request: dict[str, dict[str, np.ndarray]] = {}
     shoppers: dict[str, np.ndarray] = {}
+    task_users: dict[str, np.ndarray] = {}
     for q in (nb_all, nb_disc, ins, blind):
         t = time.perf_counter()
         if len(q) == 0:
@@ -327,6 +336,7 @@ def evaluate(
         per_request[q.name] = {}
         # An unknown shopper's requests are each their own cluster.
         shoppers[q.name] = np.where(q.users >= 0, q.users, -1 - np.arange(len(q)))
+        task_users[q.name] = q.users
         ranked, report, base = task_rankings(rec, q, rankers, k,  # type: ignore[arg-type]
                                              baselines=list(BASELINES), progress=say, pool=pool)
         for name, top in {**base, **ranked}.items():
@@ -353,6 +363,19 @@ def evaluate(
         out[ABLATIONS_KEY] = ablated
     out[UNCERTAINTY_KEY] = recall_uncertainty(per_request, shoppers, list(BASELINES), k=k,
                                               seed=seed)
+    out[SEGMENTS_KEY] = segment_report(per_request, shoppers, task_users,
+                                       history_breadth(signals), list(BASELINES), k=k, seed=seed)
+    anonymous: dict[str, dict[str, dict[str, float]]] = {m: {} for m in [*BASELINES, *rankers]}
+    for q in anonymous_tasks(ins, blind, max_requests=ANONYMOUS_REQUESTS, seed=seed):
+        t = time.perf_counter()
+        ranked, _, base = task_rankings(rec, q, rankers, k,  # type: ignore[arg-type]
+                                        baselines=list(BASELINES), progress=say, pool=pool)
+        for name, top in {**base, **ranked}.items():
+            anonymous[name][q.name] = {**summarize(top, q.targets, k), "n": float(len(q))}
+        say(f"evaluate {q.name}: {len(q)} requests in {time.perf_counter() - t:.1f}s; recall@{k} "
+            + ", ".join(f"{m} {v[q.name][f'recall@{k}']:.4f}" for m, v in anonymous.items()))
+    if any(anonymous.values()):
+        out[ANONYMOUS_KEY] = anonymous
     from graph.search_eval import SEARCH_KEY, evaluate_search
 
     t = time.perf_counter()
@@ -539,6 +562,141 @@ def format_uncertainty(metrics: Mapping[str, Any], k: int = S.TOP_K) -> str:
         llo, lhi = r["lead_ci95"]
         lines.append(f"{t.ljust(width)} | {r['mean']:.4f} [{lo:.4f}, {hi:.4f}]".ljust(width + 38)
                      + f"| {r['lead']:+.4f} [{llo:+.4f}, {lhi:+.4f}] over {r['best_baseline']}")
+    return "\n".join(lines)
+
+
+def anonymous_tasks(ins: QueryBatch, blind: QueryBatch, *, max_requests: int | None = None,
+                    seed: int = 0) -> list[QueryBatch]:
+    """The shoppers the protocol's tasks always know, withheld: ``anonymous_session`` is
+    ``in_session`` without the shopper (a visitor who has not signed in: the revealed items
+    only) and ``cold_start`` is ``in_session_blind`` without them (nothing personal: the
+    basket's time and context only), each a seeded sample of at most ``max_requests`` (the
+    same baskets when the two tasks hold the same ones, as the test tasks do). Empty tasks are
+    left out."""
+    out = []
+    for q, name in ((ins, "anonymous_session"), (blind, "cold_start")):
+        idx = np.arange(len(q))
+        if max_requests is not None and len(q) > max_requests:
+            idx = np.sort(np.random.default_rng(seed).choice(len(q), max_requests, replace=False))
+        if len(idx):
+            out.append(replace(q.take(idx, name=name), users=np.full(len(idx), -1, dtype=np.int64)))
+    return out
+
+
+def format_anonymous(metrics: Mapping[str, Any]) -> str:
+    """The table of the :func:`anonymous_tasks`, or "" without one."""
+    anon = metrics.get(ANONYMOUS_KEY)
+    if not anon:
+        return ""
+    return ("without a known shopper (in-session baskets asked again with the shopper withheld: "
+            "anonymous_session keeps the revealed items, cold_start has only the basket's time; "
+            "buy_again has no history to use, so it is popularity):\n" + format_table(anon))
+
+
+# ------------------------------------------------------------------------------ segments
+SEGMENTS = ("new", "light", "medium", "heavy")
+
+
+def history_breadth(signals: RankingSignals) -> np.ndarray:
+    """How many distinct items each user's history before the split holds. Shapes: ``[U]``."""
+    return np.diff(np.asarray(signals.hist_indptr)).astype(np.int64)
+
+
+def segment_edges(breadth: np.ndarray) -> tuple[int, int]:
+    """The largest breadths of the ``light`` and ``medium`` thirds of the users with a history:
+    terciles, so that the bands follow the data rather than fixed counts (a light shopper of
+    the built-in grocer has bought up to 156 distinct items; where most shoppers bought once,
+    light and medium share the edge 1 and medium is empty)."""
+    known = breadth[breadth > 0]
+    if len(known) == 0:
+        return 0, 0
+    lo, hi = np.quantile(known, [1 / 3, 2 / 3], method="inverted_cdf")  # values that occur
+    return int(lo), int(hi)
+
+
+def shopper_segments(users: np.ndarray, breadth: np.ndarray, edges: tuple[int, int]) -> np.ndarray:
+    """Each request's segment as an index of :data:`SEGMENTS`: ``new`` for an unknown shopper or
+    one without a history, then ``light`` / ``medium`` / ``heavy`` by :func:`segment_edges`.
+    Shapes: ``users`` ``[B]`` (``-1`` = unknown) -> ``[B]`` int64."""
+    users = np.asarray(users, dtype=np.int64)
+    n = np.where(users >= 0, breadth[np.maximum(users, 0)], 0) if len(breadth) else np.zeros(
+        len(users), dtype=np.int64)
+    return np.select([n <= 0, n <= edges[0], n <= edges[1]], [0, 1, 2], default=3).astype(np.int64)
+
+
+def segment_report(per_request: Mapping[str, Mapping[str, np.ndarray]],
+                   shoppers: Mapping[str, np.ndarray], users: Mapping[str, np.ndarray],
+                   breadth: np.ndarray, baselines: list[str], *, k: int = S.TOP_K,
+                   model: str = "intentrec", seed: int = 0,
+                   samples: int = BOOTSTRAP_SAMPLES) -> dict[str, Any]:
+    """Recall@k of every model by shopper segment (:func:`shopper_segments`), with ``model``'s
+    lead over the segment's best baseline and its 95% interval (shoppers resampled, paired, as
+    :func:`recall_uncertainty`). An average over all shoppers can hide a segment that a
+    baseline serves better: heavy shoppers whose next basket is mostly what they always buy,
+    or new ones that only popularity knows anything about.
+
+    Args:
+        per_request: ``{task: {model: per-request recall@k}}``.
+        shoppers: ``{task: the shopper (cluster) of each request}``.
+        users: ``{task: the user row of each request}`` (``-1`` = unknown).
+        breadth: :func:`history_breadth` of every user row.
+
+    Returns:
+        ``{"by", "edges", "samples", f"recall@{k}": {task: {segment: {"n", "shoppers",
+        "models": {model: recall}, "best_baseline", "lead", "lead_ci95"}}}}``; a segment
+        without requests is left out.
+    """
+    edges = segment_edges(breadth)
+    rows: dict[str, dict[str, Any]] = {}
+    for task, by_model in per_request.items():
+        if model not in by_model:
+            continue
+        seg = shopper_segments(users[task], breadth, edges)
+        rows[task] = {}
+        for code, name in enumerate(SEGMENTS):
+            sel = seg == code
+            if not sel.any():
+                continue
+            means = {m: float(v[sel].mean()) for m, v in by_model.items()}
+            best = max((b for b in baselines if b in by_model), key=lambda b: means[b])
+            lead = by_model[model][sel] - by_model[best][sel]
+            rows[task][name] = {
+                "n": int(sel.sum()),
+                "shoppers": len(np.unique(shoppers[task][sel])),
+                "models": means,
+                "best_baseline": best,
+                "lead": float(lead.mean()),
+                "lead_ci95": list(cluster_bootstrap(lead, shoppers[task][sel], samples=samples,
+                                                    seed=seed)),
+            }
+    return {"by": "distinct items in the shopper's history before the split; light, medium and "
+                  "heavy are thirds of the shoppers with a history",
+            "edges": list(edges), "samples": samples, f"recall@{k}": rows}
+
+
+def format_segments(metrics: Mapping[str, Any], k: int = S.TOP_K, model: str = "intentrec") -> str:
+    """The table of :func:`segment_report`, or "" without one."""
+    seg = metrics.get(SEGMENTS_KEY) or {}
+    rows = seg.get(f"recall@{k}")
+    if not rows:
+        return ""
+    lo, hi = seg["edges"]
+    bands = {"new": "new (none)", "light": f"light (1-{lo})", "medium": f"medium ({lo + 1}-{hi})",
+             "heavy": f"heavy ({hi + 1}+)"}
+    width = max(len(t) for t in rows)
+    head = (f"{'task'.ljust(width)} | {'shoppers (items bought)':<23} | {'requests':>8} | "
+            f"{model:>9} | {'best baseline':<18} | lead [95% interval]")
+    lines = [f"by shopper history (recall@{k}; items = distinct items in the shopper's history "
+             "before the split; light, medium, heavy: thirds of the shoppers with one; the lead "
+             f"is over the segment's best baseline, {seg['samples']:,} bootstrap resamples of "
+             "the shoppers):", head, "-" * len(head)]
+    for t, by_seg in rows.items():
+        for name, r in by_seg.items():
+            llo, lhi = r["lead_ci95"]
+            best = f"{r['best_baseline']} {r['models'][r['best_baseline']]:.4f}"
+            lines.append(f"{t.ljust(width)} | {bands[name]:<23} | {r['n']:>8,} | "
+                         f"{r['models'][model]:>9.4f} | {best:<18} | {r['lead']:+.4f} "
+                         f"[{llo:+.4f}, {lhi:+.4f}]")
     return "\n".join(lines)
 
 

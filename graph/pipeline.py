@@ -68,6 +68,10 @@ class PipelineConfig(BaseModel):
         None, ge=1, description="Ray actors ranking the evaluation's requests (graph.parallel); "
         "None: one per free CPU of the cluster, 1: in the driver")
     ablations: bool = Field(False, description="also fit and evaluate the ablation rankers")
+    anonymous_twins: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of the next-basket and in-session validation "
+        "requests the ranker is also fitted on without their shopper (graph.ranker_fit."
+        "validation_requests)")
     require_lead: float | None = Field(
         None, ge=0.0, le=1.0, description="publish gate: move LATEST only if intentrec's "
         "recall@20 beats every baseline's by more than this in every task (graph.evaluate."
@@ -215,6 +219,7 @@ def fit_recommender(
     *,
     seed: int = 0,
     ablations: Sequence[str] = (),
+    anonymous_twins: float = 0.0,
     progress: Progress = print,
     text: ItemText | None = None,
 ) -> tuple[Recommender, dict[str, LearnedRanker]]:
@@ -255,7 +260,8 @@ def fit_recommender(
                                 item_features(d.fit_part, d.ds.items, val_ranker), text=text)
     tasks = validation_tasks(d.fit_part, d.val_part, d.inter_full, d.val_cut,
                              country=val_ranker.signals.params.country, seed=seed)
-    rankers = fit_on_validation(val_rec, tasks, seed=seed, ablations=ablations, progress=progress)
+    rankers = fit_on_validation(val_rec, tasks, seed=seed, ablations=ablations,
+                                anonymous_share=anonymous_twins, progress=progress)
     progress("[ranker] top features by gain: " + ", ".join(
         f"{f} {g:.0%}" for f, g in importance(rankers["full"], 8)))
     del val_rec, val_ranker
@@ -381,8 +387,10 @@ def run_pipeline(
         PUBLISHED,
         evaluate,
         format_ablations,
+        format_anonymous,
         format_candidates,
         format_contributions,
+        format_segments,
         format_table,
         format_uncertainty,
         lead_shortfalls,
@@ -429,7 +437,7 @@ def run_pipeline(
     rec, rankers = fit_recommender(
         d, (result.user_emb, result.item_emb), embed(result, inter_full), seed=cfg.train.seed,
         ablations=tuple(ABLATION_ROWS.values()) if cfg.ablations and not cfg.skip_eval else (),
-        progress=progress, text=text)
+        anonymous_twins=cfg.anonymous_twins, progress=progress, text=text)
     timings["ranker_s"] = time.perf_counter() - t2
 
     from graph.item_encoder import ItemEncoder
@@ -466,6 +474,7 @@ def run_pipeline(
             main += (f"\n{PUBLISHED} = version {compared_with} (LATEST when this run started) on "
                      "the same requests")
         table = "\n\n".join(t for t in (main, format_uncertainty(metrics),
+                                          format_segments(metrics), format_anonymous(metrics),
                                           format_candidates(metrics),
                                           format_contributions(metrics),
                                           format_ablations(metrics), format_search(metrics),

@@ -16,7 +16,13 @@
    split 80/20 into training and early-stopping sets (:func:`split_requests`), and LambdaRank
    is fitted for the full model and each ablation (:data:`graph.ltr.ABLATIONS`), then refitted
    on both sets with the rounds early stopping chose, scaled (:data:`graph.ltr.REFIT_ON_ALL`).
-5. The full ranker keeps the distribution of its features over the validation requests'
+5. Anonymous twins (:func:`validation_requests`; opt-in, ``train_job.py --anonymous-twins``):
+   a seeded share of the requests is asked a second time without its shopper, as an anonymous
+   session (``in_session``) or a cold start (``next_basket_all``). Every validation request has
+   a known shopper, and a ranker that never saw one without ranks cold starts far below plain
+   popularity (README, "Shoppers it does not know"). A twin goes to the same side of the
+   early-stopping split as its original.
+6. The full ranker keeps the distribution of its features over the validation requests'
    candidates (:func:`training_profile`), which serving replicas compare live traffic with
    (:mod:`graph.skew`).
 """
@@ -40,6 +46,17 @@ QUERY_SHARE = 0.2
 NEGATIVES_PER_REQUEST = 100
 VALID_SHARE = 0.2
 SPLIT_BY_SHOPPER = True  # early-stopping requests: whole shoppers held out (split_requests)
+# The share of the requests of ANONYMOUS_TASKS also asked without their shopper
+# (validation_requests; read at call time, so `bench/ranker_holdout.py --set` reaches it).
+# Off by default: 0.2 (`train_job.py --anonymous-twins 0.2`) ranks anonymous sessions and cold
+# starts far better, but cost the search task 0.006-0.013 recall@20 (README, "Shoppers it does
+# not know").
+ANONYMOUS_SHARE = 0.0
+# Discovery is left out: its exclusions are the shopper's history, which an anonymous request
+# cannot have. Blind twins (cold starts at a basket's time) cost known shoppers' blind recall
+# on two held-out quarters of three (-0.0038 on average) for no more cold-start recall than the
+# next-basket twins give (docs/EXPERIMENTS.md, "Anonymous twins").
+ANONYMOUS_TASKS = ("next_basket_all", "in_session")
 Progress = Callable[[str], None]
 
 
@@ -116,21 +133,74 @@ def label(rec: Recommender, requests: Sequence[Request], targets: Sequence[np.nd
     return LabelledSet(data, np.concatenate(srcs), found / max(total, 1), np.concatenate(ws))
 
 
+@dataclass
+class ValidationRequests:
+    """The requests the ranker is fitted on, their targets, and the shopper each stands for
+    (an anonymous twin's is its original's; a request without one is its own, ``-1 - i``)."""
+
+    requests: list[Request]
+    targets: list[np.ndarray]
+    shoppers: np.ndarray
+    twins: int = 0
+
+
+def validation_requests(batches: Sequence[QueryBatch], categories: np.ndarray, titles: np.ndarray,
+                        rng: np.random.Generator, anonymous_share: float | None = None,
+                        ) -> ValidationRequests:
+    """The validation tasks' requests as the ranker is fitted on them: ``in_session`` with
+    simulated searches (:func:`simulate_queries`), then the anonymous twins: a seeded
+    ``anonymous_share`` (default :data:`ANONYMOUS_SHARE`) of the requests of
+    :data:`ANONYMOUS_TASKS` asked again without their shopper, appended after all the
+    originals (so the originals' negatives are drawn as without them).
+
+    The twins are drawn from a child stream of ``rng``: its own draws are left as they were.
+    """
+    share = ANONYMOUS_SHARE if anonymous_share is None else anonymous_share
+    requests: list[Request] = []
+    targets: list[np.ndarray] = []
+    eligible: list[bool] = []
+    for q in batches:
+        reqs = q.requests()
+        if q.name == "in_session":
+            reqs = simulate_queries(reqs, q.targets, categories, titles, rng)
+        requests += reqs
+        targets += q.targets
+        eligible += [q.name in ANONYMOUS_TASKS] * len(reqs)
+    shoppers = [-1 - i if r.user is None else int(r.user) for i, r in enumerate(requests)]
+    n = len(requests)
+    twins = 0
+    if share > 0:
+        # Spawned after simulate_queries spawned its own: that one's words stay as they were.
+        twin_rng = rng.spawn(1)[0]
+        for i in np.flatnonzero(np.asarray(eligible, dtype=bool)
+                                & (twin_rng.random(n) < share)).tolist():
+            if requests[i].user is None:
+                continue
+            requests.append(replace(requests[i], user=None))
+            targets.append(targets[i])
+            shoppers.append(shoppers[i])
+            twins += 1
+    return ValidationRequests(requests, targets, np.asarray(shoppers, dtype=np.int64), twins)
+
+
 def fit_sets(rec: Recommender, requests: Sequence[Request], targets: Sequence[np.ndarray],
-             rng: np.random.Generator) -> tuple[LabelledSet, LabelledSet]:
+             rng: np.random.Generator, shoppers: np.ndarray | None = None,
+             ) -> tuple[LabelledSet, LabelledSet]:
     """The labelled training and early-stopping sets of the validation requests
-    (:func:`label`, :func:`split_requests`), as ``train_job.py`` and
-    ``bench/ranker_holdout.py`` fit them."""
+    (:func:`label`, :func:`split_requests` by ``shoppers``, see :class:`ValidationRequests`),
+    as ``train_job.py`` and ``bench/ranker_holdout.py`` fit them."""
     lab = label(rec, requests, targets, rng)
-    tr_idx, va_idx = split_requests(requests, rng)
+    tr_idx, va_idx = split_requests(requests, rng, shoppers=shoppers)
     return lab.subset(tr_idx), lab.subset(va_idx)
 
 
 def split_requests(requests: Sequence[Request], rng: np.random.Generator,
-                   share: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   share: float | None = None, shoppers: np.ndarray | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the training and the early-stopping requests: a random ``share`` (default
-    :data:`VALID_SHARE`) of the shoppers and all their requests go to early stopping (a request
-    without a user is its own shopper). With :data:`SPLIT_BY_SHOPPER` off, a random share of the
+    :data:`VALID_SHARE`) of the shoppers and all their requests go to early stopping (the
+    shopper of each request is ``shoppers[i]`` when given, else its user; a request without
+    one is its own shopper). With :data:`SPLIT_BY_SHOPPER` off, a random share of the
     requests instead.
 
     Split by request, a shopper's next-basket request and in-session baskets land on both
@@ -141,8 +211,9 @@ def split_requests(requests: Sequence[Request], rng: np.random.Generator,
     share = VALID_SHARE if share is None else share
     n = len(requests)
     if SPLIT_BY_SHOPPER:
-        keys = np.array([-1 - i if r.user is None else int(r.user)
-                         for i, r in enumerate(requests)], dtype=np.int64)
+        keys = np.asarray(shoppers, dtype=np.int64) if shoppers is not None else np.array(
+            [-1 - i if r.user is None else int(r.user) for i, r in enumerate(requests)],
+            dtype=np.int64)
         shoppers = np.unique(keys)
         chosen = rng.permutation(shoppers)[:max(1, round(share * len(shoppers)))]
         valid = np.isin(keys, chosen)
@@ -158,6 +229,7 @@ def fit_on_validation(
     *,
     seed: int = 0,
     ablations: Sequence[str] = tuple(ABLATIONS),
+    anonymous_share: float | None = None,
     progress: Progress = print,
 ) -> dict[str, LearnedRanker]:
     """Fit the full ranker and the ablations on validation tasks.
@@ -169,6 +241,8 @@ def fit_on_validation(
             :func:`graph.tasks.in_session_tasks` on the validation window).
         seed: Seed of the query simulation, negative sampling, split and LightGBM.
         ablations: Which of :data:`graph.ltr.ABLATIONS` to fit (``"full"`` always).
+        anonymous_share: Share of anonymous twins (:func:`validation_requests`; default
+            :data:`ANONYMOUS_SHARE`).
         progress: Called with one line per step.
 
     Returns:
@@ -176,18 +250,13 @@ def fit_on_validation(
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    requests: list[Request] = []
-    targets: list[np.ndarray] = []
-    for q in batches:
-        reqs = q.requests()
-        if q.name == "in_session":
-            reqs = simulate_queries(reqs, q.targets, rec.catalogue.categories,
-                                        rec.catalogue.titles, rng)
-        requests += reqs
-        targets += q.targets
-    tr, va = fit_sets(rec, requests, targets, rng)
+    v = validation_requests(batches, rec.catalogue.categories, rec.catalogue.titles, rng,
+                            anonymous_share)
+    requests = v.requests
+    tr, va = fit_sets(rec, requests, v.targets, rng, shoppers=v.shoppers)
     tasks = ", ".join(f"{q.name} {len(q)}" for q in batches)
-    progress(f"[ranker] {len(requests):,} validation requests ({tasks}): "
+    twins = f" and {v.twins:,} anonymous twins" if v.twins else ""
+    progress(f"[ranker] {len(requests) - v.twins:,} validation requests ({tasks}){twins}: "
              f"{len(tr.data.y) + len(va.data.y):,} labelled candidates, candidate recall "
              f"{tr.candidate_recall:.3f} ({time.perf_counter() - t0:.0f}s)")
     train, valid, tr_src, va_src = tr.data, va.data, tr.sources, va.sources

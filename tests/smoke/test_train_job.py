@@ -118,13 +118,25 @@ def test_exits_0_prints_the_table_and_publishes_latest(run: Run) -> None:
     assert header is not None, run.log
     for task in S.TASKS:
         assert f"{task} (n=" in header, f"{task} missing from the table header:\n{header}"
-    # The main table ends where the search table (its own rows, intentrec included) begins.
+    # The main table ends at the first blank line; the tables after it have rows of their own
+    # with the same names (the shoppers withheld, the search task).
     start = lines.index(header)
+    stop = next((i for i, ln in enumerate(lines) if i > start and not ln.strip()), len(lines))
     end = next((i for i, ln in enumerate(lines) if i > start and ln.startswith("search (")),
                len(lines))
-    rows = [ln.split("|")[0].strip() for ln in lines[start:end]
+    rows = [ln.split("|")[0].strip() for ln in lines[start:stop]
             if ln.split("|")[0].strip() in S.MODEL_NAMES]
     assert rows == [m for m in S.MODEL_NAMES if m != "intentrec"] + ["intentrec"], rows
+    # By shopper history: a row per task and segment; and the in-session baskets again without
+    # their shopper, every model.
+    assert any(ln.startswith("by shopper history (recall@20") for ln in lines), run.log
+    for task in S.TASKS:
+        assert any(ln.startswith(task) and "| light (1-" in ln for ln in lines), (task, run.log)
+    anon = next(i for i, ln in enumerate(lines) if ln.startswith("without a known shopper"))
+    anon_rows = [ln.split("|")[0].strip() for ln in lines[anon:end]
+                 if ln.split("|")[0].strip() in S.MODEL_NAMES]
+    assert anon_rows == rows, lines[anon:end]
+    assert "anonymous_session (n=" in lines[anon + 1] and "cold_start (n=" in lines[anon + 1]
     # The search task's table: every comparison, intentrec included.
     search = "\n".join(lines[end:])
     for name in ("popularity_in_category", "lexical", "semantic", "intentrec"):
@@ -147,6 +159,11 @@ def test_exits_0_prints_the_table_and_publishes_latest(run: Run) -> None:
 
 def test_metrics_clear_the_smoke_bounds(metrics: dict) -> None:
     assert set(S.MODEL_NAMES) <= set(metrics), sorted(metrics)
+    # The segments split every task's requests; the withheld-shopper tasks have every model.
+    for task in S.TASKS:
+        cells = metrics["segments"]["recall@20"][task]
+        assert sum(c["n"] for c in cells.values()) == metrics["intentrec"][task]["n"], task
+    assert set(metrics["anonymous"]) == set(S.MODEL_NAMES)
     got = {key: metrics[key[0]][key[1]][key[2]] for key in BOUNDS}
     print(json.dumps({"/".join(k): round(v, 4) for k, v in got.items()}))
     for key, bound in BOUNDS.items():

@@ -17,8 +17,10 @@ from graph.evaluate import (
     evaluate,
     evaluate_version,
     format_ablations,
+    format_anonymous,
     format_candidates,
     format_contributions,
+    format_segments,
     format_table,
     format_uncertainty,
     itemknn_scores,
@@ -228,7 +230,30 @@ def test_evaluate_reports_every_model_task_and_metric() -> None:
     abl = res.pop("ablations")
     search = res.pop("search")
     unc = res.pop("uncertainty")
+    seg = res.pop("segments")
+    anon = res.pop("anonymous")
     assert list(res) == list(S.MODEL_NAMES)
+    # The segments split each task's requests: their counts add up to the task's, and their
+    # recalls, weighted by those counts, to the task's recall, for every model.
+    for task in S.TASKS:
+        cells = seg["recall@20"][task]
+        assert set(cells) <= {"new", "light", "medium", "heavy"} and cells
+        assert sum(c["n"] for c in cells.values()) == res["intentrec"][task]["n"]
+        for m in S.MODEL_NAMES:
+            assert sum(c["n"] * c["models"][m] for c in cells.values()) / res[m][task]["n"] == \
+                pytest.approx(res[m][task]["recall@20"])
+        for c in cells.values():
+            assert c["lead"] == pytest.approx(c["models"]["intentrec"]
+                                              - c["models"][c["best_baseline"]])
+    assert "next_basket_all" in format_segments({"segments": seg})
+    # Without a known shopper: the in-session baskets again, every model, both tasks, and
+    # buy_again (no history to use) is popularity.
+    assert list(anon) == list(S.MODEL_NAMES)
+    for m in S.MODEL_NAMES:
+        assert list(anon[m]) == ["anonymous_session", "cold_start"]
+        assert anon[m]["cold_start"]["n"] == res[m]["in_session"]["n"]
+    assert anon["buy_again"]["cold_start"] == anon["popularity"]["cold_start"]
+    assert "cold_start" in format_anonymous({"anonymous": anon})
     # The intervals: one per task, around intentrec's own recall, the lead over the task's best
     # baseline by mean recall, paired on the same requests.
     for task in S.TASKS:
@@ -569,3 +594,97 @@ def test_labelled_subset_keeps_rows_and_source_flags_together() -> None:
     assert sub.data.x[:, 0].tolist() == [5, 0, 1]
     assert sub.sources.argmax(axis=1).tolist() == [5 % len(SOURCES), 0, 1]
     assert sub.candidate_recall == 0.5
+
+
+def test_shopper_segments_are_thirds_of_the_shoppers_with_a_history() -> None:
+    from graph.evaluate import segment_edges, shopper_segments
+
+    # 90 users with 1..90 items in their history, 10 with none.
+    breadth = np.concatenate([np.arange(1, 91), np.zeros(10, dtype=np.int64)])
+    lo, hi = segment_edges(breadth)
+    assert (lo, hi) == (30, 60)
+    users = np.array([0, 29, 30, 59, 60, 89, 95, -1])  # 1, 30, 31, 60, 61, 90 items; none; unknown
+    np.testing.assert_array_equal(shopper_segments(users, breadth, (lo, hi)),
+                                  [1, 1, 2, 2, 3, 3, 0, 0])
+    # Ties: most shoppers bought one item (a fashion shop): light and medium share an edge, and
+    # medium is empty rather than a band that holds nobody's history length.
+    ties = np.array([1] * 80 + [2] * 10 + [5] * 10)
+    assert segment_edges(ties) == (1, 1)
+    assert set(shopper_segments(np.arange(100), ties, (1, 1)).tolist()) == {1, 3}
+    assert segment_edges(np.zeros(5, dtype=np.int64)) == (0, 0)
+
+
+def test_segment_report_finds_the_segment_a_baseline_serves_better() -> None:
+    from graph.evaluate import segment_report
+
+    # 60 shoppers, one request each: 20 light, 20 medium, 20 heavy (1, 50, 100 items). intentrec
+    # beats buy_again by 0.1 on light and medium shoppers and loses by 0.2 on heavy ones.
+    breadth = np.repeat([1, 50, 100], 20)
+    users = np.arange(60)
+    base = np.full(60, 0.3)
+    mine = np.concatenate([np.full(40, 0.4), np.full(20, 0.1)])
+    pop = np.full(60, 0.05)
+    per_request = {"t": {"popularity": pop, "buy_again": base, "intentrec": mine}}
+    out = segment_report(per_request, {"t": users}, {"t": users}, breadth,
+                         ["popularity", "buy_again"], samples=200)
+    cells = out["recall@20"]["t"]
+    assert list(cells) == ["light", "medium", "heavy"]
+    assert out["edges"] == [1, 50]
+    for name, lead in (("light", 0.1), ("medium", 0.1), ("heavy", -0.2)):
+        assert cells[name]["n"] == cells[name]["shoppers"] == 20
+        assert cells[name]["best_baseline"] == "buy_again"
+        assert cells[name]["lead"] == pytest.approx(lead)
+        lo, hi = cells[name]["lead_ci95"]
+        assert lo == pytest.approx(lead) and hi == pytest.approx(lead)  # the same lead for all
+    # The overall mean hides it: intentrec leads by 0.0 on average.
+    assert mine.mean() == pytest.approx(base.mean())
+    table = format_segments({"segments": out})
+    assert "heavy (51+)" in table and "-0.2000" in table
+
+
+def test_anonymous_twins_ask_a_share_of_requests_again_without_their_shopper() -> None:
+    from graph.ranker_fit import split_requests, validation_requests
+
+    train, _, inter, _, rec = setup()
+    val_cut = CUT - pd.Timedelta(days=21)
+    hist, window = train[train[S.TS_COL] < val_cut], train[train[S.TS_COL] >= val_cut]
+    tasks = validation_tasks(hist, window, inter, val_cut, country="US")
+    cat = rec.catalogue
+    without = validation_requests(tasks, cat.categories, cat.titles, np.random.default_rng(0),
+                                  anonymous_share=0.0)
+    every = validation_requests(tasks, cat.categories, cat.titles, np.random.default_rng(0),
+                                anonymous_share=1.0)
+    n = len(without.requests)
+    assert without.twins == 0 and n == sum(len(q) for q in tasks)
+    # The originals (simulated searches included) are the same, and come first.
+    assert all(a.user == b.user and same_but_the_shopper(a, b)
+               for a, b in zip(every.requests[:n], without.requests, strict=True))
+    # Every request of the eligible tasks has a twin, discovery's and blind's none; each twin
+    # is its original without the shopper, with its targets, and stands for that shopper in the
+    # split.
+    eligible = sum(len(q) for q in tasks if q.name in ("next_basket_all", "in_session"))
+    assert every.twins == eligible == len(every.requests) - n > 0
+    for j in range(n, len(every.requests)):
+        twin = every.requests[j]
+        assert twin.user is None
+        i = next(i for i, r in enumerate(every.requests[:n]) if r.user is not None
+                 and same_but_the_shopper(r, twin)
+                 and np.array_equal(every.targets[i], every.targets[j]))
+        assert every.shoppers[j] == every.shoppers[i] == every.requests[i].user
+    _, va = split_requests(every.requests, np.random.default_rng(0), shoppers=every.shoppers)
+    side = np.zeros(len(every.requests), dtype=bool)
+    side[va] = True
+    for s in np.unique(every.shoppers):
+        assert len(set(side[every.shoppers == s].tolist())) == 1  # a shopper on one side only
+    # A share in between: about that share of the eligible requests.
+    some = validation_requests(tasks, cat.categories, cat.titles, np.random.default_rng(0),
+                               anonymous_share=0.5)
+    assert 0 < some.twins < eligible
+
+
+def same_but_the_shopper(a: Request, b: Request) -> bool:
+    fields = ("item_events", "context", "now", "query", "session_query", "category", "k")
+    return all(getattr(a, f) == getattr(b, f) for f in fields) and (
+        (a.exclude is None and b.exclude is None)
+        or (a.exclude is not None and b.exclude is not None
+        and np.array_equal(a.exclude, b.exclude)))

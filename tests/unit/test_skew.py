@@ -242,4 +242,7 @@ def test_the_offline_bench_asks_the_test_month_in_the_training_mix(svd_artifact_
     assert mix["known_shopper"]["live"] == pytest.approx(mix["known_shopper"]["training"], abs=0.05)
     assert mix["session"]["live"] == pytest.approx(mix["session"]["training"], abs=0.1)
     assert mix["query"]["live"] == pytest.approx(mix["query"]["training"], abs=0.1)
-    assert res["requests_binned"] == res["requests_ranked"] == sum(asked.values())
+    # ... and no shopper withheld: the version was fitted without anonymous twins.
+    assert res["anonymous_twins"] == 0
+    assert res["requests_binned"] == res["requests_ranked"] == sum(asked.values()) + res[
+        "anonymous_twins"]
