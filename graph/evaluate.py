@@ -589,8 +589,9 @@ def format_anonymous(metrics: Mapping[str, Any]) -> str:
     if not anon:
         return ""
     return ("without a known shopper (in-session baskets asked again with the shopper withheld: "
-            "anonymous_session keeps the revealed items, cold_start has only the basket's time; "
-            "buy_again has no history to use, so it is popularity):\n" + format_table(anon))
+            "anonymous_session keeps the revealed items, cold_start has only the basket's time and "
+            "context; buy_again has no history to use, so it is popularity):\n"
+            + format_table(anon))
 
 
 # ------------------------------------------------------------------------------ segments

@@ -214,8 +214,8 @@ def split_requests(requests: Sequence[Request], rng: np.random.Generator,
         keys = np.asarray(shoppers, dtype=np.int64) if shoppers is not None else np.array(
             [-1 - i if r.user is None else int(r.user) for i, r in enumerate(requests)],
             dtype=np.int64)
-        shoppers = np.unique(keys)
-        chosen = rng.permutation(shoppers)[:max(1, round(share * len(shoppers)))]
+        distinct = np.unique(keys)
+        chosen = rng.permutation(distinct)[:max(1, round(share * len(distinct)))]
         valid = np.isin(keys, chosen)
     else:
         valid = np.zeros(n, dtype=bool)
