@@ -16,6 +16,10 @@ bound at import, and setting it changes nothing (a variant identical to the base
         --set peers200:graph.retrieval.PEERS_K=200
     python bench/ranker_holdout.py --cascade 'three=((20, 100), (80, 50))'
 
+Besides the four tasks it measures the held-out shoppers' in-session baskets again without the
+shopper (``anonymous_session``, ``cold_start``: :func:`graph.evaluate.anonymous_tasks`), and
+prints the best baseline of each task under the variants.
+
 ``--cascade`` ranks the held-out requests with other early-exit stages (and every tree on every
 candidate) using the same fitted ranker, so their difference is the cascade's alone.
 
@@ -120,7 +124,8 @@ def run(variants: dict[str, dict[str, Any]], emb_cache: Path, epochs: int | None
     fit_b = [q.take(np.flatnonzero(~np.isin(q.users, held))) for q in tasks]
     eval_b = [q.take(np.flatnonzero(np.isin(q.users, held))) for q in tasks]
     # The held-out shoppers' baskets again with the shopper withheld (graph.evaluate.anonymous_tasks).
-    anonymous = anonymous_tasks(*[q for q in eval_b if q.name in ("in_session", "in_session_blind")])
+    by_name = {q.name: q for q in eval_b}
+    anonymous = anonymous_tasks(by_name["in_session"], by_name["in_session_blind"])
     print(f"[holdout] fitting on {sum(map(len, fit_b)):,} requests, measuring on "
           f"{sum(map(len, eval_b)):,} ({len(held):,} held-out shoppers), and "
           f"{sum(map(len, anonymous)):,} of them without their shopper")
